@@ -1,0 +1,331 @@
+"""Runs a Plan: read, compute, write, with memory that does not grow with the model.
+
+Every output tensor is cut into chunks of a fixed number of elements (all ops are element-wise, and a run
+of elements is a contiguous byte range in every input). Worker threads read a chunk of each input with
+`pread`, check it, compute it in float32 and round it once; the main thread writes the finished chunks in
+order, so each shard is written front to back and hashed on the way. At most `window` chunks are in flight,
+which bounds the memory; the page cache behind every read and write is let go as the merge moves on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import __version__
+from .diagnostics import Distances
+from .errors import OutputError, SourceError
+from .ops import OPS
+from .plan import INDEX_NAME, Plan, Step, human_bytes
+from .sources import TensorLoc
+from .st_format import DTYPES, ITEMSIZE
+from .writer import FileRecord, atomic_folder, open_shard, write_file, write_index, write_json
+
+MANIFEST_NAME = "fluxrecipe.manifest.json"
+PROVENANCE_NAME = "fluxrecipe.json"
+RECIPE_NAME = "recipe.yaml"
+DIAGNOSTICS_NAME = "diagnostics.json"
+
+
+@dataclass(frozen=True)
+class Options:
+    device: str = "cpu"
+    threads: int = 0  # 0: chosen from the machine's cores
+    chunk_elements: int = 1 << 20
+    nonfinite: str = "error"  # "error": stop at the first NaN/Inf in an input; "warn": count them and go on
+    diagnostics: bool = True
+    progress: bool = True
+    overwrite: bool = False
+
+    @property
+    def workers(self) -> int:
+        return self.threads if self.threads > 0 else min(8, (os.cpu_count() or 1) + 2)
+
+    @property
+    def window(self) -> int:
+        """Chunks in flight at most: read, being computed, or waiting to be written."""
+        return 2 * self.workers
+
+
+@dataclass
+class Result:
+    output: Path
+    files: dict[str, FileRecord]
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    nonfinite: dict[str, int] = field(default_factory=dict)  # "source: key" -> count of NaN/Inf values
+    distances: Distances | None = None
+    peak_in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    shard: int
+    step: Step
+    start: int  # element range of the step's tensor
+    stop: int
+
+
+@dataclass
+class _Done:
+    data: torch.Tensor  # the output bytes of the chunk (uint8)
+    sums: list[tuple[float, float]]  # per input: ||merged - input||^2, ||input||^2 (empty without diagnostics)
+    nonfinite: list[int]  # per input
+
+
+def execute(plan: Plan, output: Path, options: Options) -> Result:
+    """Write the merged model to `output` (atomically); returns what was written and measured."""
+    started = time.monotonic()
+    _check_device(options.device)
+    with atomic_folder(output, options.overwrite) as tmp:
+        _check_free_space(tmp, plan)
+        result = Result(output=Path(output), files={}, seconds=0.0, bytes_read=plan.bytes_read, bytes_written=0)
+        result.distances = Distances() if options.diagnostics else None
+        _write_shards(plan, tmp, options, result)
+        _write_side_files(plan, tmp, result)
+        result.bytes_written = sum(r.size for r in result.files.values())
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise OutputError(f"device={device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OutputError(f"device={device}: this torch ({torch.__version__}) sees no CUDA GPU; use device=cpu")
+
+
+def _check_free_space(folder: Path, plan: Plan) -> None:
+    need = plan.bytes_written + (1 << 20) * (len(plan.shards) + 1)  # headers and side files
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OutputError(f"{folder.parent}: not enough free space: the output needs {human_bytes(need)}, {human_bytes(free)} are free")
+
+
+def _write_shards(plan: Plan, folder: Path, options: Options, result: Result) -> None:
+    chunks = (
+        _Chunk(i, step, start, min(start + options.chunk_elements, math.prod(step.shape)))
+        for i, shard in enumerate(plan.shards)
+        for step in shard.steps
+        for start in range(0, max(math.prod(step.shape), 1), options.chunk_elements)
+    )
+    sink = _Shards(plan, folder, result)
+    reader = _Reader()
+    device = torch.device(options.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers are the parallelism; torch's own threads would only compete
+    pending: deque[tuple[_Chunk, Future]] = deque()
+    progress = _progress(plan, options)
+    try:
+        with ThreadPoolExecutor(options.workers, thread_name_prefix="fluxrecipe") as pool:
+            try:
+                for chunk in chunks:
+                    while len(pending) >= options.window:
+                        _finish(*pending.popleft(), sink, result, progress)
+                    pending.append((chunk, pool.submit(_compute, chunk, reader, device, options)))
+                    result.peak_in_flight = max(result.peak_in_flight, len(pending))
+                while pending:
+                    _finish(*pending.popleft(), sink, result, progress)
+            except BaseException:
+                for _, future in pending:
+                    future.cancel()
+                raise
+        sink.close()
+    finally:
+        sink.abort()
+        reader.close()
+        progress.close()
+        torch.set_num_threads(threads)
+
+
+class _Shards:
+    """The shard files, opened one after the other as the chunks arrive in plan order."""
+
+    def __init__(self, plan: Plan, folder: Path, result: Result):
+        self.plan, self.folder, self.result = plan, folder, result
+        self.metadata = {"format": "pt", "fluxrecipe.version": __version__, "fluxrecipe.recipe": json.dumps(pinned_recipe(plan), separators=(",", ":"))}
+        self.index, self.file = -1, None
+
+    def write(self, shard: int, data: torch.Tensor) -> None:
+        if shard != self.index:
+            self.close()
+            steps = self.plan.shards[shard].steps
+            self.index = shard
+            self.file = open_shard(self.folder / self.plan.shards[shard].file, [(s.key, s.dtype, s.shape) for s in steps], self.metadata)
+        self.file.write(data.numpy())
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.result.files[self.plan.shards[self.index].file] = self.file.close()
+            self.file = None
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.abort()
+            self.file = None
+
+
+def _finish(chunk: _Chunk, future: Future, sink: _Shards, result: Result, progress) -> None:
+    """Write one finished chunk (in plan order), and fold its checks and sums into the result."""
+    done: _Done = future.result()
+    step = chunk.step
+    for loc, bad in zip(step.inputs, done.nonfinite):
+        if bad:
+            name = f"{loc.source}: {loc.key}"
+            result.nonfinite[name] = result.nonfinite.get(name, 0) + bad
+    for loc, (distance, norm) in zip(step.inputs, done.sums):
+        result.distances.add(step.key, loc.source, distance, norm)
+    sink.write(chunk.shard, done.data)
+    progress.update(done.data.numel())
+
+
+def _compute(chunk: _Chunk, reader: "_Reader", device: torch.device, options: Options) -> _Done:
+    """Read a chunk of every input, check it, merge it in float32, round it once to the output dtype."""
+    step = chunk.step
+    raws = [reader.read(loc, chunk.start, chunk.stop) for loc in step.inputs]
+    typed = [raw.view(DTYPES[loc.dtype]) for raw, loc in zip(raws, step.inputs)]
+    nonfinite = [_count_nonfinite(x) for x in typed]
+    if options.nonfinite == "error" and any(nonfinite):
+        i = next(i for i, n in enumerate(nonfinite) if n)
+        loc = step.inputs[i]
+        raise SourceError(
+            f"source '{loc.source}': tensor '{loc.key}' ({loc.file}) holds NaN or Inf values; "
+            "merge anyway with nonfinite=warn (they are counted and reported)"
+        )
+    if step.copies_bytes and not options.diagnostics:
+        return _Done(raws[0], [], nonfinite)
+    xs = [x.to(device=device, dtype=torch.float32) for x in typed]
+    merged = xs[0] if step.copies_bytes else OPS[step.op.name].fn(xs, step.op.args).to(DTYPES[step.dtype])
+    sums = _sums(merged, xs) if options.diagnostics else []
+    data = raws[0] if step.copies_bytes else merged.cpu().view(torch.uint8)
+    return _Done(data, sums, nonfinite)
+
+
+def _count_nonfinite(x: torch.Tensor) -> int:
+    if x.dtype.itemsize == 1:  # float8: torch checks these only after a cast
+        x = x.float()
+    finite = torch.isfinite(x)
+    return 0 if bool(finite.all()) else int(finite.numel() - finite.sum())
+
+
+def _sums(merged: torch.Tensor, xs: list[torch.Tensor]) -> list[tuple[float, float]]:
+    m = merged.float()
+    out = []
+    for x in xs:
+        d = m - x
+        out.append((float(torch.dot(d, d)), float(torch.dot(x, x))))
+    return out
+
+
+class _Reader:
+    """pread of byte ranges, from file descriptors shared by the workers; consumed pages are let go."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            if path not in self._fds:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise SourceError(f"{path}: cannot open: {e.strerror}") from None
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                self._fds[path] = fd
+            return self._fds[path]
+
+    def read(self, loc: TensorLoc, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the tensor at `loc`, as raw bytes."""
+        size = ITEMSIZE[loc.dtype]
+        offset, nbytes = loc.begin + start * size, (stop - start) * size
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        fd, got = self._fd(loc.file), 0
+        try:
+            while got < nbytes:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n == 0:
+                    raise SourceError(f"{loc.file}: the file ended while reading '{loc.key}': it was truncated or changed during the merge")
+                got += n
+        except OSError as e:
+            raise SourceError(f"{loc.file}: reading '{loc.key}' failed: {e.strerror}") from None
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        return buf
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _progress(plan: Plan, options: Options):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=sum(s.nbytes for s in plan.steps),
+        unit="B",
+        unit_scale=True,
+        desc="merging",
+        disable=None if options.progress else True,  # None: only on a terminal
+        dynamic_ncols=True,
+    )
+
+
+def pinned_recipe(plan: Plan) -> dict:
+    """The resolved recipe with every source pinned to what was read: a hub commit, a path, a demo name."""
+    recipe = dict(plan.recipe.resolved)
+    recipe["sources"] = {s.name: _pin(s.origin) for s in plan.sources}
+    return recipe
+
+
+def _pin(origin: dict[str, str]) -> dict[str, str]:
+    if "repo" in origin:
+        return {"repo": origin["repo"], "revision": origin["commit"]} | ({"subfolder": origin["subfolder"]} if "subfolder" in origin else {})
+    return {k: v for k, v in origin.items() if k in ("path", "subfolder", "demo")}
+
+
+def _write_side_files(plan: Plan, folder: Path, result: Result) -> None:
+    files = result.files
+    weight_map = {s.key: shard.file for shard in plan.shards for s in shard.steps}
+    files["config.json"] = write_json(folder / "config.json", plan.config)
+    files[INDEX_NAME] = write_index(folder / INDEX_NAME, weight_map, plan.bytes_written)
+    files[RECIPE_NAME] = write_file(folder / RECIPE_NAME, yaml.safe_dump(pinned_recipe(plan), sort_keys=False, allow_unicode=True).encode())
+    files[PROVENANCE_NAME] = write_json(folder / PROVENANCE_NAME, _provenance(plan, result))
+    if result.distances is not None:
+        files[DIAGNOSTICS_NAME] = write_json(
+            folder / DIAGNOSTICS_NAME,
+            {"metric": "relative L2 distance of the merged tensors to each source", "overall": result.distances.overall(), "blocks": result.distances.relative()},
+        )
+    manifest = {name: {"size": r.size, "sha256": r.sha256} for name, r in sorted(files.items())}
+    files[MANIFEST_NAME] = write_json(folder / MANIFEST_NAME, {"fluxrecipe": __version__, "files": manifest})
+
+
+def _provenance(plan: Plan, result: Result) -> dict:
+    """What was merged from what, by which recipe: enough to explain and rebuild the output. No times, no hosts."""
+    return {
+        "fluxrecipe": __version__,
+        "recipe": plan.recipe.name,
+        "recipe_file": plan.recipe.file,
+        "sources": {s.name: {"spec": s.spec, **s.origin} for s in plan.sources},
+        "base": plan.recipe.base,
+        "dtype": plan.recipe.dtype,
+        "tensors": len(plan.steps),
+        "dropped": [{"key": d.key, "reason": d.reason} for d in plan.dropped],
+        "notes": list(plan.notes),
+        "nonfinite_inputs": result.nonfinite,
+    }

@@ -1,0 +1,294 @@
+"""The recipe: its typed schema and every check that needs no source file.
+
+A recipe arrives as an OmegaConf node composed by Hydra. It is checked twice over: first as written (no
+interpolation may call a resolver, so a shared recipe cannot read the environment or run anything), then as
+resolved plain data: known fields and types, regexes that compile, ops that parse with arguments that fit,
+source names that exist. Errors name the recipe file and line where it can be found.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import RecipeError
+from .ops import OpCall, parse_op
+
+OUTPUT_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
+RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config")
+RULE_FIELDS = ("match", "op", "sources", "optional")
+SOURCE_FIELDS = ("repo", "revision", "subfolder", "path", "demo")
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+# The only interpolation a recipe may hold: a reference to one of its own values.
+SAFE_INTERPOLATION = re.compile(r"\$\{(?:recipe\.|\.+)[A-Za-z_][\w.-]*\}")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a source lives, as the recipe says it; `sources.py` turns it into files."""
+
+    name: str
+    path: str | None = None  # local folder or .safetensors file
+    repo: str | None = None  # hub repo id
+    revision: str | None = None
+    subfolder: str | None = None
+    demo: str | None = None  # a generated demo checkpoint (see demo.py)
+    text: str | None = None  # the string the recipe gave, when it gave one
+
+    def describe(self) -> str:
+        if self.text:
+            return self.text
+        if self.demo:
+            return f"demo:{self.demo}"
+        if self.repo:
+            return self.repo + (f"@{self.revision}" if self.revision else "") + (f" [{self.subfolder}]" if self.subfolder else "")
+        return str(self.path) + (f" [{self.subfolder}]" if self.subfolder else "")
+
+
+@dataclass(frozen=True)
+class Rule:
+    index: int
+    match: str
+    pattern: re.Pattern
+    op: OpCall
+    sources: tuple[str, ...]  # the inputs, in order (the recipe's sources unless the rule names them)
+    optional: bool
+    where: str  # "recipe 'x' (path:line) rules[i]", for messages
+
+    def describe(self) -> str:
+        return f"rules[{self.index}] (match {self.match!r}, op {self.op})"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    file: str | None
+    description: str
+    sources: dict[str, SourceSpec]
+    base: str
+    rules: tuple[Rule, ...]
+    dtype: str  # safetensors dtype code of the output
+    config: dict[str, Any] = field(default_factory=dict)  # overrides of the base's config.json
+    params: dict[str, Any] = field(default_factory=dict)  # named parameters (alpha, ...)
+    resolved: dict[str, Any] = field(default_factory=dict)  # the whole recipe as plain data
+
+
+def load_recipe(node: DictConfig | dict, name: str, file: str | None = None) -> Recipe:
+    """Check and type a composed recipe node; raises RecipeError naming the fault."""
+    if isinstance(node, dict):
+        node = OmegaConf.create(node)
+    here = _Locator(name, file)
+    raw = OmegaConf.to_container(node, resolve=False)
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{here.at(())}: a recipe is a mapping of fields, got {type(raw).__name__}")
+    if "__load_error__" in raw:
+        raise RecipeError(f"{here.at(())}: {raw['__load_error__']}")
+    _refuse_resolvers(raw, (), here)
+    try:
+        data = OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        raise RecipeError(f"{here.at(())}: cannot resolve {key or 'a value'}: {e.msg if hasattr(e, 'msg') else e}") from None
+    return _parse(data, here)
+
+
+def _refuse_resolvers(value: Any, path: tuple, here: "_Locator") -> None:
+    """Interpolations may refer to the recipe's own values, nothing else (no oc.env, no hydra:...)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_resolvers(v, path + (k,), here)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_resolvers(v, path + (i,), here)
+    elif isinstance(value, str) and "${" in value:
+        if value.count("${") != len(SAFE_INTERPOLATION.findall(value)):
+            raise RecipeError(
+                f"{here.at(path)}: {value!r}: a recipe may only refer to its own values, as ${{recipe.NAME}}; "
+                "resolvers (oc.env, oc.decode, hydra:, ...) and outside references are refused so that a shared recipe cannot read your environment"
+            )
+
+
+def _parse(data: dict, here: "_Locator") -> Recipe:
+    params = {}
+    for key, value in data.items():
+        if key in RECIPE_FIELDS:
+            continue
+        if not isinstance(key, str) or not NAME.fullmatch(key):
+            raise RecipeError(f"{here.at((key,))}: {key!r} is not a valid field or parameter name")
+        if isinstance(value, list) and value and all(_is_number(v) for v in value):
+            raise RecipeError(f"{here.at((key,))}: parameter {key!r} is a list: per-block schedules are not supported yet (recipe language v1)")
+        if not _is_number(value):
+            raise RecipeError(
+                f"{here.at((key,))}: unknown field {key!r} (fields: {', '.join(RECIPE_FIELDS)}; any other top-level value is a named parameter and must be a number)"
+            )
+        params[key] = value
+
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        raise RecipeError(f"{here.at(('description',))}: description must be text")
+
+    sources = _sources(data.get("sources"), here)
+    base = data.get("base", next(iter(sources)))
+    if base not in sources:
+        raise RecipeError(f"{here.at(('base',))}: base {base!r} is not one of the sources ({', '.join(sources)})")
+
+    dtype_text = str(data.get("dtype", "bf16")).lower()
+    if dtype_text not in OUTPUT_DTYPES:
+        raise RecipeError(f"{here.at(('dtype',))}: dtype {data.get('dtype')!r} is not one of bf16, fp16, fp32")
+
+    config = data.get("config") or {}
+    if not isinstance(config, dict):
+        raise RecipeError(f"{here.at(('config',))}: config must be a mapping of config.json values to override")
+
+    rules_data = data.get("rules")
+    if not isinstance(rules_data, list) or not rules_data:
+        raise RecipeError(f"{here.at(('rules',))}: rules must be a non-empty list of {{match, op}} entries")
+    rules = tuple(_rule(i, r, sources, here) for i, r in enumerate(rules_data))
+
+    return Recipe(
+        name=here.name,
+        file=here.file,
+        description=description,
+        sources=sources,
+        base=base,
+        rules=rules,
+        dtype=OUTPUT_DTYPES[dtype_text],
+        config=config,
+        params=params,
+        resolved=data,
+    )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _sources(value: Any, here: "_Locator") -> dict[str, SourceSpec]:
+    if not isinstance(value, dict) or not value:
+        raise RecipeError(f"{here.at(('sources',))}: sources must be a non-empty mapping of name -> path or hub repo id")
+    specs = {}
+    for name, spec in value.items():
+        where = here.at(("sources", name))
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise RecipeError(f"{where}: source name {name!r} must be letters, digits, '_' or '-', starting with a letter")
+        if spec is None or spec == "":
+            raise RecipeError(f"{where}: source {name!r} has no value: give a path or a hub repo id (recipe.sources.{name}=...)")
+        if isinstance(spec, str):
+            specs[name] = SourceSpec(name=name, text=spec)  # sources.py decides: local path or hub repo
+            continue
+        if not isinstance(spec, dict):
+            raise RecipeError(f"{where}: source {name!r} must be a path, a hub repo id, or a mapping of {', '.join(SOURCE_FIELDS)}")
+        unknown = set(spec) - set(SOURCE_FIELDS)
+        if unknown:
+            raise RecipeError(f"{where}: unknown field(s) {', '.join(map(repr, sorted(map(str, unknown))))} in source {name!r} (fields: {', '.join(SOURCE_FIELDS)})")
+        if sum(spec.get(k) is not None for k in ("repo", "path", "demo")) != 1:
+            raise RecipeError(f"{where}: source {name!r} needs exactly one of repo, path or demo")
+        for k, v in spec.items():
+            if v is not None and not isinstance(v, str):
+                raise RecipeError(f"{where}: {k} of source {name!r} must be text, got {v!r}")
+        specs[name] = SourceSpec(name=name, **{k: v for k, v in spec.items() if v is not None})
+    return specs
+
+
+def _rule(index: int, value: Any, sources: dict[str, SourceSpec], here: "_Locator") -> Rule:
+    where = here.at(("rules", index))
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: a rule is a mapping with match and op, got {value!r}")
+    unknown = set(value) - set(RULE_FIELDS)
+    if unknown:
+        raise RecipeError(f"{where}: unknown field(s) {', '.join(map(repr, sorted(map(str, unknown))))} (rule fields: {', '.join(RULE_FIELDS)})")
+    match = value.get("match")
+    if not isinstance(match, str) or not match:
+        raise RecipeError(f"{here.at(('rules', index, 'match'))}: match must be a regular expression, got {match!r}")
+    try:
+        pattern = re.compile(match)
+    except re.error as e:
+        raise RecipeError(f"{here.at(('rules', index, 'match'))}: {match!r} is not a valid regular expression: {e}") from None
+    if "op" not in value or value["op"] is None:
+        raise RecipeError(f"{where}: rule has no op")
+    try:
+        op = parse_op(value["op"])
+    except ValueError as e:
+        raise RecipeError(f"{here.at(('rules', index, 'op'))}: {e}") from None
+    optional = value.get("optional", False)
+    if not isinstance(optional, bool):
+        raise RecipeError(f"{here.at(('rules', index, 'optional'))}: optional must be true or false")
+
+    names = value.get("sources")
+    if names is not None:
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise RecipeError(f"{here.at(('rules', index, 'sources'))}: sources must be a list of source names")
+        if op.name == "take":
+            raise RecipeError(f"{here.at(('rules', index, 'sources'))}: take:NAME chooses its source itself; remove the rule's sources")
+    inputs = _inputs(op, names, sources, here.at(("rules", index, "op")))
+    return Rule(index=index, match=match, pattern=pattern, op=op, sources=inputs, optional=optional, where=where)
+
+
+def _inputs(op: OpCall, names: list[str] | None, sources: dict[str, SourceSpec], where: str) -> tuple[str, ...]:
+    spec = op.spec
+    if op.name == "take":
+        names = [op.args[0]]
+    elif op.name == "drop":
+        return ()
+    elif names is None:
+        names = list(sources)
+    for n in names:
+        if n not in sources:
+            raise RecipeError(f"{where}: {op}: unknown source {n!r} (sources: {', '.join(sources)})")
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{where}: {op}: a source is named twice in {names}")
+    if spec.inputs is not None and len(names) != spec.inputs:
+        raise RecipeError(
+            f"{where}: {op} takes {spec.inputs} sources but gets {len(names)} ({', '.join(names)}); "
+            "name them with the rule's `sources: [...]`"
+        )
+    if spec.args == "numbers" and len(op.args) != len(names):
+        raise RecipeError(f"{where}: {op} gives {len(op.args)} weights for {len(names)} sources ({', '.join(names)})")
+    return tuple(names)
+
+
+class _Locator:
+    """Turns a path inside the recipe into 'recipe NAME (FILE:LINE) path' for messages."""
+
+    def __init__(self, name: str, file: str | None):
+        self.name, self.file = name, file
+        self._root = _compose(file)
+
+    def at(self, path: tuple) -> str:
+        place = self.file or "composed config"
+        line = _line(self._root, path)
+        if line is not None:
+            place += f":{line}"
+        text = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(path))
+        return f"recipe '{self.name}' ({place})" + (f" {text}" if text else "")
+
+
+def _compose(file: str | None):
+    if not file:
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            return yaml.compose(f, Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _line(node, path: tuple) -> int | None:
+    """1-based line of `path` in a composed YAML node tree, or None where the file does not hold it."""
+    if node is None:
+        return None
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == str(part)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+        if node is None:
+            return None
+    return node.start_mark.line + 1

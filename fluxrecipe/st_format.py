@@ -1,0 +1,131 @@
+"""The safetensors file format, both ways: parse and check a header, encode one.
+
+safetensors' own Python API reads through mmap and does not say where a tensor's bytes lie. The merge needs
+exactly that (to read a tensor in row chunks with `pread`, to copy bytes undecoded, and to let go of the
+page cache behind it), so the header is parsed here. The format is small: 8 bytes of little-endian header
+length, a JSON header `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}`, then
+the data; offsets count from the end of the header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SourceError
+
+# safetensors dtype code -> torch dtype. Only floating point: a FLUX transformer holds nothing else.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+ITEMSIZE: dict[str, int] = {code: dtype.itemsize for code, dtype in DTYPES.items()}
+
+MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a file: its dtype, shape and the absolute byte range of its data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    path: str
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+def read_header(path: str) -> Header:
+    """Parse and check the header of `path`; every defect is a `SourceError` naming the file and key."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise SourceError(f"{path}: truncated safetensors file ({size} bytes, shorter than its 8-byte header length)")
+            length = int.from_bytes(f.read(8), "little")
+            if length > MAX_HEADER_BYTES:
+                raise SourceError(f"{path}: header length {length} is larger than safetensors allows ({MAX_HEADER_BYTES}); not a safetensors file?")
+            if 8 + length > size:
+                raise SourceError(f"{path}: header length {length} runs past the end of the file ({size} bytes): the file is truncated or not safetensors")
+            raw = f.read(length)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{path}: the safetensors header is not valid JSON ({e})") from e
+    if not isinstance(doc, dict):
+        raise SourceError(f"{path}: the safetensors header is not a JSON object")
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SourceError(f"{path}: __metadata__ must map strings to strings")
+    data_start = 8 + length
+    data_size = size - data_start
+    entries = {name: _entry(path, name, info, data_start, data_size) for name, info in doc.items()}
+    _check_no_overlap(path, entries.values())
+    return Header(path=path, entries=entries, metadata=metadata)
+
+
+def _entry(path: str, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
+    where = f"{path}: tensor '{name}'"
+    if not isinstance(info, dict):
+        raise SourceError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPES:
+        raise SourceError(f"{where}: unsupported dtype {dtype!r} (fluxrecipe reads {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise SourceError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+        raise SourceError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
+    begin, end = offsets
+    expected = math.prod(shape) * ITEMSIZE[dtype]
+    if end - begin != expected:
+        raise SourceError(f"{where}: data_offsets {offsets} hold {end - begin} bytes but {dtype} {shape} needs {expected}")
+    if end > data_size:
+        raise SourceError(f"{where}: data ends at byte {end} but the file holds only {data_size} bytes of data: the file is truncated")
+    return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), begin=data_start + begin, nbytes=expected)
+
+
+def _is_uint(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_no_overlap(path: str, entries) -> None:
+    previous = None
+    for e in sorted((e for e in entries if e.nbytes), key=lambda e: e.begin):
+        if previous is not None and e.begin < previous.begin + previous.nbytes:
+            raise SourceError(f"{path}: the data of tensors '{previous.name}' and '{e.name}' overlap")
+        previous = e
+
+
+def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, int]:
+    """The header (length prefix included, padded to 8 bytes) for tensors stored back to back in this order,
+    and the size of the data that follows it."""
+    doc: dict[str, object] = {"__metadata__": metadata}
+    position = 0
+    for name, dtype, shape in tensors:
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + nbytes]}
+        position += nbytes
+    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, position

@@ -1,0 +1,206 @@
+"""Writing model folders: streamed safetensors shards, small files, and the atomic swap into place.
+
+Knows files, tensor names, dtypes, shapes and bytes; nothing of recipes. A shard's header is computed from
+the list of tensors before any data exists, then the data is appended in that order. Every file is hashed
+as it is written (for the manifest) and written pages are flushed and let go of as the file grows, so the
+page cache holds a few tens of MB of this file, never the model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import OutputError
+from .st_format import encode_header
+
+FLUSH_WINDOW = 32 << 20  # bytes: writeback is started per window and awaited one window later
+
+_sync_file_range = None
+if sys.platform.startswith("linux"):
+    try:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _sync_file_range = _libc.sync_file_range
+        _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    except (OSError, AttributeError):
+        _sync_file_range = None
+_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    sha256: str
+
+
+class StreamingFile:
+    """A new file written front to back, hashed on the way, its written pages released as it goes."""
+
+    def __init__(self, path: Path, expected_size: int | None = None):
+        self.path = path
+        self.expected_size = expected_size
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot create: {e.strerror}") from None
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._released = 0  # bytes before this offset are on disk and out of the page cache
+        self._started = 0  # bytes before this offset have had their writeback started
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self.fd, view[done:])
+        except OSError as e:
+            raise OutputError(f"{self.path}: write failed: {e.strerror}") from None
+        self.size += len(view)
+        if self.size - self._started >= FLUSH_WINDOW:
+            self._flush_behind()
+
+    def _flush_behind(self) -> None:
+        """Start writeback of what was just written; wait for the window before it and drop it from the cache."""
+        if _sync_file_range is None:
+            os.fdatasync(self.fd)
+            os.posix_fadvise(self.fd, 0, self.size, os.POSIX_FADV_DONTNEED)
+            self._started = self._released = self.size
+            return
+        _sync_file_range(self.fd, self._started, self.size - self._started, _WRITE)
+        if self._started > self._released:
+            _sync_file_range(self.fd, self._released, self._started - self._released, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+            os.posix_fadvise(self.fd, self._released, self._started - self._released, os.POSIX_FADV_DONTNEED)
+            self._released = self._started
+        self._started = self.size
+
+    def close(self) -> FileRecord:
+        """Flush to disk and close; the record is the file's size and sha256."""
+        if self.expected_size is not None and self.size != self.expected_size:
+            self.abort()
+            raise OutputError(f"{self.path}: wrote {self.size} bytes, expected {self.expected_size}")
+        try:
+            os.fsync(self.fd)
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as e:
+            raise OutputError(f"{self.path}: flushing to disk failed: {e.strerror}") from None
+        finally:
+            os.close(self.fd)
+        return FileRecord(self.size, self._hash.hexdigest())
+
+    def abort(self) -> None:
+        os.close(self.fd)
+
+
+def open_shard(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> StreamingFile:
+    """A shard with its header written; the caller appends each tensor's bytes in the order given."""
+    header, data_size = encode_header(tensors, metadata)
+    f = StreamingFile(path, expected_size=len(header) + data_size)
+    f.write(header)
+    return f
+
+
+def write_file(path: Path, data: bytes) -> FileRecord:
+    f = StreamingFile(path)
+    f.write(data)
+    return f.close()
+
+
+def write_json(path: Path, value: object) -> FileRecord:
+    return write_file(path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> FileRecord:
+    """The safetensors index diffusers and transformers read: total size and key -> shard file."""
+    return write_json(path, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def partial_name(target: Path) -> Path:
+    return target.parent / f".{target.name}.fluxrecipe-partial"
+
+
+def _previous_name(target: Path) -> Path:
+    return target.parent / f".{target.name}.fluxrecipe-previous"
+
+
+def _lock_name(target: Path) -> Path:
+    return target.parent / f".{target.name}.fluxrecipe-lock"
+
+
+def check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target} already exists: choose another output=..., or pass overwrite=true to replace it")
+
+
+@contextmanager
+def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh folder beside `target` to write into; renamed to `target` only when the block succeeds.
+
+    Nothing unfinished ever stands under the target's name. A run killed at any moment leaves its temporary
+    folder behind; the next run for the same target holds the lock, so it knows the folder is stale and
+    removes it (or, if it died between the two renames of an overwrite, puts the previous model back).
+    """
+    target = Path(os.path.abspath(target))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{target.parent}: cannot create the output's parent folder: {e.strerror}") from None
+    with _lock(target):
+        tmp, previous = partial_name(target), _previous_name(target)
+        if previous.exists():
+            if target.exists():
+                shutil.rmtree(previous)
+            else:
+                previous.rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        check_target(target, overwrite)
+        tmp.mkdir()
+        try:
+            yield tmp
+            _fsync_dir(tmp)
+            if target.exists():
+                target.rename(previous)
+            tmp.rename(target)
+            _fsync_dir(target.parent)
+            shutil.rmtree(previous, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextmanager
+def _lock(target: Path) -> Iterator[None]:
+    path = _lock_name(target)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"{target}: another fluxrecipe run is writing this output right now") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the previous holder removed the lock file after we opened it: take the new one
+    try:
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
