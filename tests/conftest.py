@@ -1,0 +1,120 @@
+"""Shared test helpers: tiny FLUX models built offline, an independent reader, and two ways to run a merge.
+
+Tiny models follow DESIGN.md section 4: diffusers builds them with random weights and saves them with a
+small max_shard_size, different per source, so shard layouts never line up. The reference reader is
+safetensors' own `load_file`, independent of fluxrecipe's header parser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(
+    patch_size=1,
+    in_channels=4,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    axes_dims_rope=[4, 4, 8],
+)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_and_private_cache(tmp_path_factory):
+    """No test reaches the network, and demo checkpoints go to a cache of the session's own."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["FLUXRECIPE_CACHE"] = str(tmp_path_factory.mktemp("fluxrecipe-cache"))
+    os.environ.pop(  # a user's recipe folders must not leak into the tests
+        "FLUXRECIPE_RECIPE_PATH", None
+    )
+
+
+def make_flux(
+    folder: Path,
+    *,
+    guidance: bool,
+    seed: int,
+    shard: str = "50KB",
+    dtype: torch.dtype = torch.bfloat16,
+    num_layers: int = 2,
+    num_single_layers: int = 2,
+) -> Path:
+    """A tiny FLUX transformer with random (non-trivial) weights, saved the way diffusers saves it."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**{**TINY, "num_layers": num_layers, "num_single_layers": num_single_layers}, guidance_embeds=guidance)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    model.to(dtype).save_pretrained(folder, max_shard_size=shard)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def schnell(tmp_path_factory) -> Path:
+    """schnell-like: no guidance embedder, 50 KB shards."""
+    return make_flux(tmp_path_factory.mktemp("schnell") / "transformer", guidance=False, seed=0, shard="50KB")
+
+
+@pytest.fixture(scope="session")
+def krea(tmp_path_factory) -> Path:
+    """Krea-like: a guidance embedder, 35 KB shards (a layout that does not line up with schnell's)."""
+    return make_flux(tmp_path_factory.mktemp("krea") / "transformer", guidance=True, seed=1, shard="35KB")
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a diffusers folder, read with safetensors itself (through the index when there is one)."""
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["diffusion_pytorch_model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(folder / name))
+    return state
+
+
+def write_recipe(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m fluxrecipe ARGS` in a subprocess, importing this checkout's fluxrecipe."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fluxrecipe", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def compose(overrides: list[str]):
+    """The config `python -m fluxrecipe OVERRIDES` would run with, composed in-process (no subprocess)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from fluxrecipe.catalog import conf_dir, register_recipes
+
+    register_recipes()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def merge(overrides: list[str]):
+    """Run one merge in-process; returns run_job's Result (or the Plan for a dry run)."""
+    from fluxrecipe.run import run_job
+
+    return run_job(compose(overrides))
