@@ -30,7 +30,7 @@ from .ops import OPS
 from .plan import INDEX_NAME, Plan, Step, human_bytes
 from .sources import TensorLoc
 from .st_format import DTYPES, ITEMSIZE
-from .writer import FileRecord, atomic_folder, open_shard, write_file, write_index, write_json
+from .writer import RELEASE_ALIGN, FileRecord, align_down, atomic_folder, open_shard, write_file, write_index, write_json
 
 MANIFEST_NAME = "fluxrecipe.manifest.json"
 PROVENANCE_NAME = "fluxrecipe.json"
@@ -232,22 +232,28 @@ def _sums(merged: torch.Tensor, xs: list[torch.Tensor]) -> list[tuple[float, flo
 
 
 class _Reader:
-    """pread of byte ranges, from file descriptors shared by the workers; consumed pages are let go."""
+    """pread of byte ranges, from file descriptors shared by the workers; consumed pages are let go.
+
+    Releasing each chunk's own (unaligned) range would keep about half of every file cached (see
+    writer.RELEASE_ALIGN), so each file is released behind a frontier: up to the oldest read still in flight,
+    rounded down to RELEASE_ALIGN. A read behind the frontier (a source whose layout differs from the base's) is
+    released on its own, rounded outwards: nothing near it is still wanted.
+    """
 
     def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
+        self._files: dict[str, _InputFile] = {}
         self._lock = threading.Lock()
 
-    def _fd(self, path: str) -> int:
+    def _file(self, path: str) -> "_InputFile":
         with self._lock:
-            if path not in self._fds:
+            if path not in self._files:
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as e:
                     raise SourceError(f"{path}: cannot open: {e.strerror}") from None
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                self._fds[path] = fd
-            return self._fds[path]
+                self._files[path] = _InputFile(fd)
+            return self._files[path]
 
     def read(self, loc: TensorLoc, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the tensor at `loc`, as raw bytes."""
@@ -255,22 +261,50 @@ class _Reader:
         offset, nbytes = loc.begin + start * size, (stop - start) * size
         buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
-        fd, got = self._fd(loc.file), 0
+        f = self._file(loc.file)
+        with self._lock:
+            f.in_flight[offset] = f.in_flight.get(offset, 0) + 1
+        got = 0
         try:
             while got < nbytes:
-                n = os.preadv(fd, [view[got:]], offset + got)
+                n = os.preadv(f.fd, [view[got:]], offset + got)
                 if n == 0:
                     raise SourceError(f"{loc.file}: the file ended while reading '{loc.key}': it was truncated or changed during the merge")
                 got += n
         except OSError as e:
             raise SourceError(f"{loc.file}: reading '{loc.key}' failed: {e.strerror}") from None
-        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        finally:
+            with self._lock:
+                release = f.done(offset, offset + nbytes)
+            if release:
+                os.posix_fadvise(f.fd, release[0], release[1] - release[0], os.POSIX_FADV_DONTNEED)
         return buf
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for f in self._files.values():
+            os.close(f.fd)
+        self._files.clear()
+
+
+@dataclass
+class _InputFile:
+    fd: int
+    in_flight: dict[int, int] = field(default_factory=dict)  # start offset -> reads from there under way
+    released: int = 0  # everything before this offset has been let go
+
+    def done(self, begin: int, end: int) -> tuple[int, int] | None:
+        """Mark a read finished; the byte range to release now, if any (call under the reader's lock)."""
+        if self.in_flight[begin] == 1:
+            del self.in_flight[begin]
+        else:
+            self.in_flight[begin] -= 1
+        if end <= self.released:
+            return align_down(begin), align_down(end) + RELEASE_ALIGN
+        frontier = align_down(min(self.in_flight, default=end))
+        if frontier <= self.released:
+            return None
+        release, self.released = (self.released, frontier), frontier
+        return release
 
 
 def _progress(plan: Plan, options: Options):

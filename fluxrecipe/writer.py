@@ -23,7 +23,14 @@ from typing import Iterator
 from .errors import OutputError
 from .st_format import encode_header
 
-FLUSH_WINDOW = 32 << 20  # bytes: writeback is started per window and awaited one window later
+FLUSH_WINDOW = 16 << 20  # bytes: writeback is started per window and awaited one window later
+# The page cache holds file data in folios of up to 2 MiB, and POSIX_FADV_DONTNEED keeps any folio its range
+# only partly covers: ranges given to it are rounded to this, or about half of what they cover stays cached.
+RELEASE_ALIGN = 2 << 20
+
+
+def align_down(offset: int) -> int:
+    return offset - offset % RELEASE_ALIGN
 
 _sync_file_range = None
 if sys.platform.startswith("linux"):
@@ -78,10 +85,11 @@ class StreamingFile:
             self._started = self._released = self.size
             return
         _sync_file_range(self.fd, self._started, self.size - self._started, _WRITE)
-        if self._started > self._released:
-            _sync_file_range(self.fd, self._released, self._started - self._released, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
-            os.posix_fadvise(self.fd, self._released, self._started - self._released, os.POSIX_FADV_DONTNEED)
-            self._released = self._started
+        settled = align_down(self._started)
+        if settled > self._released:
+            _sync_file_range(self.fd, self._released, settled - self._released, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+            os.posix_fadvise(self.fd, self._released, settled - self._released, os.POSIX_FADV_DONTNEED)
+            self._released = settled
         self._started = self.size
 
     def close(self) -> FileRecord:
