@@ -26,6 +26,7 @@ import yaml
 from . import __version__
 from .diagnostics import Distances
 from .errors import OutputError, SourceError
+from .linux import keep_freed_memory
 from .ops import OPS
 from .plan import INDEX_NAME, Plan, Step, human_bytes
 from .sources import TensorLoc
@@ -89,6 +90,7 @@ def execute(plan: Plan, output: Path, options: Options) -> Result:
     """Write the merged model to `output` (atomically); returns what was written and measured."""
     started = time.monotonic()
     _check_device(options.device)
+    keep_freed_memory()
     with atomic_folder(output, options.overwrite) as tmp:
         _check_free_space(tmp, plan)
         result = Result(output=Path(output), files={}, seconds=0.0, bytes_read=plan.bytes_read, bytes_written=0)
@@ -197,38 +199,27 @@ def _compute(chunk: _Chunk, reader: "_Reader", device: torch.device, options: Op
     """Read a chunk of every input, check it, merge it in float32, round it once to the output dtype."""
     step = chunk.step
     raws = [reader.read(loc, chunk.start, chunk.stop) for loc in step.inputs]
-    typed = [raw.view(DTYPES[loc.dtype]) for raw, loc in zip(raws, step.inputs)]
-    nonfinite = [_count_nonfinite(x) for x in typed]
+    xs = [raw.view(DTYPES[loc.dtype]).to(device=device, dtype=torch.float32) for raw, loc in zip(raws, step.inputs)]
+    norms = [float(torch.dot(x, x)) for x in xs]  # ||x||^2: the diagnostics need it, and it is NaN/Inf iff x is
+    nonfinite = [0 if math.isfinite(n) else int(x.numel() - torch.isfinite(x).sum()) for n, x in zip(norms, xs)]
     if options.nonfinite == "error" and any(nonfinite):
-        i = next(i for i, n in enumerate(nonfinite) if n)
-        loc = step.inputs[i]
+        loc = step.inputs[next(i for i, n in enumerate(nonfinite) if n)]
         raise SourceError(
             f"source '{loc.source}': tensor '{loc.key}' ({loc.file}) holds NaN or Inf values; "
             "merge anyway with nonfinite=warn (they are counted and reported)"
         )
-    if step.copies_bytes and not options.diagnostics:
-        return _Done(raws[0], [], nonfinite)
-    xs = [x.to(device=device, dtype=torch.float32) for x in typed]
-    merged = xs[0] if step.copies_bytes else OPS[step.op.name].fn(xs, step.op.args).to(DTYPES[step.dtype])
-    sums = _sums(merged, xs) if options.diagnostics else []
-    data = raws[0] if step.copies_bytes else merged.cpu().view(torch.uint8)
-    return _Done(data, sums, nonfinite)
+    if step.copies_bytes:
+        data, distances = raws[0], [0.0]
+    else:
+        merged = OPS[step.op.name].fn(xs, step.op.args).to(DTYPES[step.dtype])
+        data = merged.cpu().view(torch.uint8)
+        distances = [_squared_distance(merged, x) for x in xs] if options.diagnostics else []
+    return _Done(data, list(zip(distances, norms)) if options.diagnostics else [], nonfinite)
 
 
-def _count_nonfinite(x: torch.Tensor) -> int:
-    if x.dtype.itemsize == 1:  # float8: torch checks these only after a cast
-        x = x.float()
-    finite = torch.isfinite(x)
-    return 0 if bool(finite.all()) else int(finite.numel() - finite.sum())
-
-
-def _sums(merged: torch.Tensor, xs: list[torch.Tensor]) -> list[tuple[float, float]]:
-    m = merged.float()
-    out = []
-    for x in xs:
-        d = m - x
-        out.append((float(torch.dot(d, d)), float(torch.dot(x, x))))
-    return out
+def _squared_distance(merged: torch.Tensor, x: torch.Tensor) -> float:
+    d = merged.float() - x  # not in place: for a float32 output, merged.float() is merged itself
+    return float(torch.dot(d, d))
 
 
 class _Reader:

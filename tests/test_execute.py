@@ -83,7 +83,8 @@ def test_work_in_flight_never_exceeds_the_window(recipes, schnell, krea, tmp_pat
 
 
 def test_memory_bound_does_not_grow_with_the_number_of_blocks(recipes, tmp_path, monkeypatch):
-    """A model with 3x the blocks needs 3x the chunks, but no more buffers alive at once."""
+    """A model with 3x the blocks needs 3x the chunks, but the buffers alive at once stay under the same
+    bound, which depends on the threads only (how close each run comes to it depends on scheduling)."""
     peaks = []
     for blocks in (1, 3):
         a = make_flux(tmp_path / f"a{blocks}", guidance=False, seed=2, num_layers=blocks, num_single_layers=blocks)
@@ -94,7 +95,7 @@ def test_memory_bound_does_not_grow_with_the_number_of_blocks(recipes, tmp_path,
         peaks.append(live.peak)
         monkeypatch.undo()
         monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(recipes))
-    assert peaks[0] == peaks[1] <= Options(threads=2).window * 2
+    assert max(peaks) <= Options(threads=2).window * 2
 
 
 @pytest.mark.parametrize("chunk", [97, 1 << 20])
