@@ -246,6 +246,11 @@ class Summary:
     files: list[Path]
 
     @property
+    def title(self) -> str:
+        """The sweep dir's last two parts: multirun/DATE/TIME -> DATE/TIME."""
+        return "/".join(self.sweep_dir.parts[-2:])
+
+    @property
     def failed(self) -> list[Job]:
         return [j for j in self.jobs if j.status not in (OK, DRY_RUN)]
 
@@ -279,7 +284,7 @@ class Summary:
         lines = ["| " + " | ".join(self.columns()) + " |", "|" + "---|" * len(self.columns())]
         lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self.rows()]
         ok = len(self.jobs) - len(self.failed)
-        head = f"# Sweep {self.sweep_dir.name}\n\n{len(self.jobs)} jobs: {ok} ok, {len(self.failed)} failed or unfinished. "
+        head = f"# Sweep {self.title}\n\n{len(self.jobs)} jobs: {ok} ok, {len(self.failed)} failed or unfinished. "
         head += "distance_to_S: relative L2 distance of the merged model to source S (0: S itself), over all blocks.\n\n"
         return head + "\n".join(lines) + "\n" + (f"\n![per-block distance to each source]({SUMMARY_PNG})\n" if SUMMARY_PNG in {f.name for f in self.files} else "")
 
@@ -367,7 +372,7 @@ def figure(summary: Summary):
     bottom.set_xticks(x)
     bottom.set_xticklabels([block_label(b) for b in blocks], rotation=90, fontsize=7)
     bottom.set_xlabel("block (double.N: transformer_blocks.N, single.N: single_transformer_blocks.N)")
-    fig.suptitle(f"Sweep {summary.sweep_dir.name}: relative L2 distance of each merge to each source, per block")
+    fig.suptitle(f"Sweep {summary.title}: relative L2 distance of each merge to each source, per block")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="job")
     fig.tight_layout()

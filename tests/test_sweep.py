@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -162,7 +163,8 @@ def test_basic_launcher_alpha_sweep_with_a_failing_job(tmp_path, recipes, states
         lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
         assert list(lines) == ["recipe.alpha=0", "recipe.alpha=0.5", "recipe.alpha=1"]
         assert lines[f"recipe.alpha={0 if src == 'schnell' else 1}"] == [0.0] * 6
-        assert lines["recipe.alpha=0.5"] == [b["distance"] for b in _blocks(sweep_dir / "recipe.alpha=0.5,recipe=tiny", src)]
+        half = json.loads((sweep_dir / "recipe.alpha=0.5,recipe=tiny" / "transformer" / "diagnostics.json").read_text())["blocks"]
+        assert lines["recipe.alpha=0.5"] == [by_source[src] for by_source in half.values()]
     assert [t.get_text() for t in figure.axes[1].get_xticklabels()] == ["embedders", "double.0", "double.1", "single.0", "single.1", "output"]
 
     # `summary` rebuilds the same tables from the files alone
@@ -174,11 +176,6 @@ def test_basic_launcher_alpha_sweep_with_a_failing_job(tmp_path, recipes, states
     assert {name: (sweep_dir / name).read_text() for name in before} == before
     assert (sweep_dir / sweep.SUMMARY_PNG).stat().st_size > 0
     assert before[sweep.SUMMARY_MD] in r.stdout
-
-
-def _blocks(job: Path, src: str) -> list[dict]:
-    blocks = json.loads((job / "transformer" / "diagnostics.json").read_text())["blocks"]
-    return [{"block": b, "distance": d[src]} for b, d in blocks.items()]
 
 
 def test_joblib_recipe_group_sweep_from_a_user_sweep_file(tmp_path, recipes, states, krea):
@@ -241,6 +238,33 @@ def test_builtin_sweep_files_compose():
         cfg = compose(["recipe=krea_schnell", f"hydra/launcher={name}"])
         assert cfg.hydra.launcher._target_.endswith("JoblibLauncher" if name == "joblib" else "SlurmLauncher")
     assert cfg.hydra.launcher.partition is None and cfg.hydra.launcher.timeout_min == 120 and cfg.hydra.launcher.mem_gb == 16
+
+
+@pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/joblib' is validated against ConfigStore schema")
+def test_slurm_preset_makes_an_sbatch_script(tmp_path, monkeypatch):
+    """hydra/launcher=slurm as submitit would submit it (no cluster here: a stand-in srun, and no submission)."""
+    import submitit
+    from hydra.utils import instantiate
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    cfg = compose(["recipe=krea_schnell", "hydra/launcher=slurm", "hydra.launcher.partition=cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=print, config=cfg)
+    executors = []
+
+    def capture(executor, fn, *args):
+        executors.append(executor)
+        raise StopIteration
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", capture)
+    with pytest.raises(StopIteration):
+        launcher.launch([["recipe.alpha=0.5"]], 0)
+    script = executors[0]._executor._make_submission_file_text("python -m fluxrecipe", "uid")
+    for line in ("--partition=cpu", "--time=120", "--cpus-per-task=8", "--mem=16GB", "--job-name=fluxrecipe", f"--output={tmp_path / 'sweep'}/.submitit/"):
+        assert f"#SBATCH {line}" in script
 
 
 def test_plain_recipe_overrides_of_a_multirun_become_one_value_sweeps():
