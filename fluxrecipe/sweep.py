@@ -147,8 +147,10 @@ def run_recorded(cfg: DictConfig, job: Callable[[DictConfig], Any], show_traceba
         log.error(f"fluxrecipe: error in job {job_dir.name}: {message}")
         if show_traceback or not user_error:  # an exception that is not a FluxRecipeError is a bug: show where
             log.error("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    from .execute import Result  # here, not at the top: `summary` has no use for torch
+
     status["seconds"] = round(time.monotonic() - started, 3)
-    if value is not None and hasattr(value, "bytes_written"):  # a Result; a dry run returns the Plan
+    if isinstance(value, Result):  # a dry run returns the Plan
         status.update(output=str(value.output), bytes_read=value.bytes_read, bytes_written=value.bytes_written)
     elif value is not None:
         status["status"] = DRY_RUN

@@ -227,6 +227,16 @@ def test_output_is_refused_in_a_multirun(tmp_path, recipes):
     assert not (sweep_dir / sweep.SUMMARY_PNG).exists()
 
 
+def test_dry_run_multirun_plans_every_job_and_writes_no_model(tmp_path, recipes):
+    sweep_dir = tmp_path / "sweep"
+    r = multirun(["recipe=tiny", "recipe.alpha=0,1", "dry_run=true"], sweep_dir, recipes)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("dry run: nothing written") == 2
+    rows = summary_rows(sweep_dir)
+    assert [row["status"] for row in rows.values()] == ["dry_run", "dry_run"]
+    assert not list(sweep_dir.glob("*/transformer")) and not (sweep_dir / sweep.SUMMARY_PNG).exists()
+
+
 @pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/joblib' is validated against ConfigStore schema")  # conf/hydra/launcher/joblib.yaml: on purpose
 def test_builtin_sweep_files_compose():
     cfg = compose(["recipe=krea_schnell", "sweep=alpha_grid"])
