@@ -8,10 +8,12 @@ process still exits non-zero at the end.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
 import sys
+import threading
 
 import hydra
 from omegaconf import DictConfig
@@ -49,12 +51,27 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _terminate_unwinds():
+    """SIGTERM unwinds a job like Ctrl-C (its partial output is removed) in a process of its own as well:
+    a joblib worker, a submitit or SLURM job (which SLURM ends with SIGTERM at its time limit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _task(cfg: DictConfig):
     from .run import run_job
 
     show_traceback = bool(cfg.get("traceback")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     if sweep.in_multirun():
-        return sweep.run_recorded(cfg, run_job, show_traceback)
+        with _terminate_unwinds():
+            return sweep.run_recorded(cfg, run_job, show_traceback)
     try:
         return run_job(cfg)
     except FluxRecipeError as e:

@@ -139,6 +139,10 @@ def run_recorded(cfg: DictConfig, job: Callable[[DictConfig], Any], show_traceba
                 "choose where the sweep goes with hydra.sweep.dir=FOLDER instead"
             )
         value = job(cfg)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a SLURM time limit): the sweep stops; say where it stopped
+        status.update(status=FAILED, error="interrupted (Ctrl-C or SIGTERM, e.g. a time limit)", seconds=round(time.monotonic() - started, 3))
+        _write_json_atomic(job_dir / JOB_STATUS_NAME, status)
+        raise
     except Exception as e:  # noqa: BLE001 - one job's failure, whatever it is, must not stop the sweep
         _failed_here += 1
         user_error = isinstance(e, FluxRecipeError)

@@ -215,16 +215,46 @@ def test_submitit_local_sweep_over_recipes_with_a_broken_one(tmp_path, recipes, 
     assert (sweep_dir / ".submitit").is_dir() and (sweep_dir / sweep.SUMMARY_PNG).is_file()
 
 
-def test_output_is_refused_in_a_multirun(tmp_path, recipes):
-    sweep_dir = tmp_path / "sweep"
-    r = multirun(["recipe=tiny", "recipe.alpha=0,1", f"output={tmp_path / 'one'}"], sweep_dir, recipes)
-    assert r.returncode == 1
-    assert "a multirun writes one model per job" in r.stdout + r.stderr and "hydra.sweep.dir" in r.stdout + r.stderr
-    assert not (tmp_path / "one").exists()
-    rows = summary_rows(sweep_dir)
-    assert list(rows) == ["recipe.alpha=0,recipe=tiny", "recipe.alpha=1,recipe=tiny"]  # output: not in the names
-    assert all(row["status"] == "failed" and "hydra.sweep.dir" in row["error"] for row in rows.values())
-    assert not (sweep_dir / sweep.SUMMARY_PNG).exists()
+def job_config(job_dir: Path, overrides: list[str]):
+    """A job's config as a multirun hands it to its task, composed in-process."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    cfg = compose([*overrides, "hydra.mode=MULTIRUN"])
+    with read_write(cfg.hydra.runtime):
+        cfg.hydra.runtime.output_dir = str(job_dir)
+    HydraConfig.instance().set_config(cfg)
+    assert sweep.in_multirun()
+    return cfg
+
+
+def test_output_is_refused_in_a_multirun(tmp_path):
+    """All jobs would write to that one folder: the job fails at once and says what to do instead."""
+    cfg = job_config(tmp_path, ["recipe=krea_schnell", f"output={tmp_path / 'one'}"])
+    record = sweep.run_recorded(cfg, pytest.fail, show_traceback=False)
+    assert record["status"] == "failed" and "a multirun writes one model per job" in record["error"] and "hydra.sweep.dir=" in record["error"]
+    assert json.loads((tmp_path / sweep.JOB_STATUS_NAME).read_text()) == record
+    assert "output" in cfg.hydra.job.config.override_dirname.exclude_keys  # not in the job folders' names either
+
+
+def test_a_job_records_a_bug_and_an_interruption(tmp_path, caplog):
+    """In-process: what run_recorded leaves in the job folder when the job is not a clean FluxRecipeError."""
+    cfg = job_config(tmp_path, ["recipe=krea_schnell", "recipe.alpha=0.3"])
+
+    def bug(cfg):
+        raise ValueError("boom")
+
+    assert sweep.run_recorded(cfg, bug, show_traceback=False)["error"] == "ValueError: boom"
+    status = json.loads((tmp_path / sweep.JOB_STATUS_NAME).read_text())
+    assert status["status"] == "failed" and status["overrides"] == ["recipe=krea_schnell", "recipe.alpha=0.3"]
+    assert "Traceback" in caplog.text and "in bug" in caplog.text  # a bug shows where it is
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_recorded(cfg, interrupted, show_traceback=False)
+    assert "interrupted" in json.loads((tmp_path / sweep.JOB_STATUS_NAME).read_text())["error"]
 
 
 def test_dry_run_multirun_plans_every_job_and_writes_no_model(tmp_path, recipes):
