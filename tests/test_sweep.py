@@ -215,20 +215,28 @@ def test_submitit_local_sweep_over_recipes_with_a_broken_one(tmp_path, recipes, 
     assert (sweep_dir / ".submitit").is_dir() and (sweep_dir / sweep.SUMMARY_PNG).is_file()
 
 
-def job_config(job_dir: Path, overrides: list[str]):
-    """A job's config as a multirun hands it to its task, composed in-process."""
+@pytest.fixture
+def job_config(monkeypatch):
+    """A job's config as a multirun hands it to its task, composed in-process (its failures not counted after)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import read_write
 
-    cfg = compose([*overrides, "hydra.mode=MULTIRUN"])
-    with read_write(cfg.hydra.runtime):
-        cfg.hydra.runtime.output_dir = str(job_dir)
-    HydraConfig.instance().set_config(cfg)
-    assert sweep.in_multirun()
-    return cfg
+    monkeypatch.setattr(sweep, "_failed_here", 0)
+
+    def make(job_dir: Path, overrides: list[str]):
+
+        cfg = compose([*overrides, "hydra.mode=MULTIRUN"])
+        with read_write(cfg.hydra.runtime):
+            cfg.hydra.runtime.output_dir = str(job_dir)
+        HydraConfig.instance().set_config(cfg)
+        assert sweep.in_multirun()
+        return cfg
+
+    yield make
+    compose([])  # leave Hydra's global state as a single run's
 
 
-def test_output_is_refused_in_a_multirun(tmp_path):
+def test_output_is_refused_in_a_multirun(tmp_path, job_config):
     """All jobs would write to that one folder: the job fails at once and says what to do instead."""
     cfg = job_config(tmp_path, ["recipe=krea_schnell", f"output={tmp_path / 'one'}"])
     record = sweep.run_recorded(cfg, pytest.fail, show_traceback=False)
@@ -237,7 +245,7 @@ def test_output_is_refused_in_a_multirun(tmp_path):
     assert "output" in cfg.hydra.job.config.override_dirname.exclude_keys  # not in the job folders' names either
 
 
-def test_a_job_records_a_bug_and_an_interruption(tmp_path, caplog):
+def test_a_job_records_a_bug_and_an_interruption(tmp_path, caplog, job_config):
     """In-process: what run_recorded leaves in the job folder when the job is not a clean FluxRecipeError."""
     cfg = job_config(tmp_path, ["recipe=krea_schnell", "recipe.alpha=0.3"])
 
