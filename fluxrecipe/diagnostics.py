@@ -24,7 +24,7 @@ def block_of(key: str) -> str:
     return "output" if key.startswith(OUTPUT_LAYERS) else "embedders"
 
 
-def _block_order(block: str) -> tuple:
+def block_order(block: str) -> tuple:
     m = re.fullmatch(r"((?:single_)?transformer_blocks)\.(\d+)", block)
     if m:
         return (1 if m[1] == "transformer_blocks" else 2, int(m[2]))
@@ -46,7 +46,7 @@ class Distances:
         """block -> source -> relative distance, blocks in model order, rounded to 6 significant digits."""
         return {
             block: {src: _ratio(d, n) for src, (d, n) in by_source.items()}
-            for block, by_source in sorted(self._sums.items(), key=lambda kv: _block_order(kv[0]))
+            for block, by_source in sorted(self._sums.items(), key=lambda kv: block_order(kv[0]))
         }
 
     def overall(self) -> dict[str, float | None]:

@@ -38,7 +38,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .diagnostics import _block_order
+from .diagnostics import block_order
 from .errors import FluxRecipeError, UsageError
 
 log = logging.getLogger("fluxrecipe")
@@ -361,7 +361,7 @@ def figure(summary: Summary):
 
     jobs = [j for j in summary.jobs if j.blocks]
     swept = _swept_keys(jobs)  # among the jobs plotted: a failed job's values would only add noise
-    blocks = sorted({b for j in jobs for b in j.blocks}, key=_block_order)
+    blocks = sorted({b for j in jobs for b in j.blocks}, key=block_order)
     width = min(24.0, max(7.0, 0.22 * len(blocks) + 3.5))
     fig, axes = plt.subplots(len(summary.sources), 1, figsize=(width, 2.8 * len(summary.sources) + 1.0), sharex=True, squeeze=False)
     colors = plt.get_cmap("tab10" if len(jobs) <= 10 else "viridis")
