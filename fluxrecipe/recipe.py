@@ -278,7 +278,7 @@ def _compose(file: str | None):
     try:
         with open(file, encoding="utf-8") as f:
             return yaml.compose(f, Loader=yaml.SafeLoader)
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return None
 
 
