@@ -223,9 +223,12 @@ def _count_nonfinite(x: torch.Tensor) -> int:
 
 
 def _sums(merged: torch.Tensor, xs: list[torch.Tensor]) -> list[tuple[float, float]]:
-    m = merged.float()
+    # float64: a float32 dot's rounding moves with the chunk boundaries (chunk_elements) by ~1e-7, enough to
+    # change the 6 digits diagnostics.json keeps; in float64 it moves by ~1e-16, far below them
+    m = merged.double()
     out = []
     for x in xs:
+        x = x.double()
         d = m - x
         out.append((float(torch.dot(d, d)), float(torch.dot(x, x))))
     return out
