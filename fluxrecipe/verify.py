@@ -71,7 +71,7 @@ def verify_folder(folder: Path, hash_files: bool = True) -> Report:
     """Every problem of `folder`, each a message naming its file (and key)."""
     folder = folder.expanduser()
     if not folder.is_dir():
-        return Report(folder, [f"{folder}: no such folder"])
+        return Report(folder, [f"{folder}: " + ("not a folder (verify checks a model folder)" if folder.exists() else "no such folder")])
     if not (folder / MANIFEST_NAME).exists() and not list(folder.glob("*.safetensors")) and (folder / "transformer").is_dir():
         folder = folder / "transformer"  # a pipeline folder
     report = Report(folder)

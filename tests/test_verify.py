@@ -185,6 +185,8 @@ def test_manifest_names_a_file_outside_the_folder(folder):
 def test_not_a_folder(tmp_path, capsys):
     assert main([str(tmp_path / "nothing")]) == 1
     assert f"fluxrecipe verify: {tmp_path / 'nothing'}: no such folder" in capsys.readouterr().err
+    (tmp_path / "file.safetensors").write_bytes(b"")
+    assert problems(tmp_path / "file.safetensors") == [f"{tmp_path / 'file.safetensors'}: not a folder (verify checks a model folder)"]
 
 
 def test_a_model_of_its_own_with_no_manifest(schnell):
