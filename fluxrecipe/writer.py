@@ -179,6 +179,8 @@ def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(previous, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if previous.exists() and not target.exists():  # interrupted between the two renames
+                previous.rename(target)
             raise
 
 
