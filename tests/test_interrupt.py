@@ -246,3 +246,24 @@ def test_free_space_is_checked_before_the_first_byte(tmp_path, monkeypatch, reci
         merge([recipe, *options(out)])
     assert seen == [[]]  # asked once, with the temporary folder still empty: not a byte was written
     assert_no_output(out)
+
+
+def test_interrupted_between_the_renames_of_an_overwrite(tmp_path, monkeypatch, recipe):
+    """Ctrl-C after the previous model was moved aside and before the new one is moved in: the previous
+    model is put back at once, not only by the next run."""
+    import pathlib
+
+    out = tmp_path / "out"
+    merge([recipe, *options(out)])
+    before = digests(out)
+    rename = pathlib.Path.rename
+
+    def interrupted(self, target):
+        if self.name.endswith(".fluxrecipe-partial"):
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge([recipe, *options(out, "overwrite=true", "recipe.rules.0.op=lerp:0.25")])
+    assert digests(out) == before and leftovers(out) == ["out"]
