@@ -422,4 +422,6 @@ def test_fuzz_merge(schnell, tmp_path_factory, monkeypatch, mutation):
     except FluxRecipeError:
         assert_no_output(tmp / "out")
     else:
-        assert (tmp / "out").is_dir() and leftovers(tmp / "out") == ["out"]
+        from fluxrecipe.verify import verify_folder
+
+        assert leftovers(tmp / "out") == ["out"] and verify_folder(tmp / "out", hash_files=False).problems == []
