@@ -59,7 +59,9 @@ class Distances:
 
 
 def _ratio(squared_distance: float, squared_norm: float) -> float | None:
-    """None where the source block is all zeros and the merge is not: no relative distance exists."""
+    """None where no relative distance exists: a source block of zeros, or NaN/Inf in the inputs."""
+    if not (math.isfinite(squared_distance) and math.isfinite(squared_norm)):
+        return None
     if squared_norm == 0.0:
         return 0.0 if squared_distance == 0.0 else None
     return float(f"{math.sqrt(squared_distance / squared_norm):.6g}")

@@ -26,11 +26,12 @@ import yaml
 from . import __version__
 from .diagnostics import Distances
 from .errors import OutputError, SourceError
+from .linux import keep_freed_memory
 from .ops import OPS
 from .plan import INDEX_NAME, Plan, Step, human_bytes
 from .sources import TensorLoc
 from .st_format import DTYPES, ITEMSIZE
-from .writer import FileRecord, atomic_folder, open_shard, write_file, write_index, write_json
+from .writer import RELEASE_ALIGN, FileRecord, align_down, atomic_folder, open_shard, write_file, write_index, write_json
 
 MANIFEST_NAME = "fluxrecipe.manifest.json"
 PROVENANCE_NAME = "fluxrecipe.json"
@@ -89,6 +90,7 @@ def execute(plan: Plan, output: Path, options: Options) -> Result:
     """Write the merged model to `output` (atomically); returns what was written and measured."""
     started = time.monotonic()
     _check_device(options.device)
+    keep_freed_memory()
     with atomic_folder(output, options.overwrite) as tmp:
         _check_free_space(tmp, plan)
         result = Result(output=Path(output), files={}, seconds=0.0, bytes_read=plan.bytes_read, bytes_written=0)
@@ -197,60 +199,59 @@ def _compute(chunk: _Chunk, reader: "_Reader", device: torch.device, options: Op
     """Read a chunk of every input, check it, merge it in float32, round it once to the output dtype."""
     step = chunk.step
     raws = [reader.read(loc, chunk.start, chunk.stop) for loc in step.inputs]
-    typed = [raw.view(DTYPES[loc.dtype]) for raw, loc in zip(raws, step.inputs)]
-    nonfinite = [_count_nonfinite(x) for x in typed]
+    xs = [raw.view(DTYPES[loc.dtype]).to(device=device, dtype=torch.float32) for raw, loc in zip(raws, step.inputs)]
+    # ||x||^2: the diagnostics need it (in float64, see _squared_norm), and it is NaN/Inf iff x is
+    norms = [_squared_norm(x) if options.diagnostics else float(torch.dot(x, x)) for x in xs]
+    nonfinite = [0 if math.isfinite(n) else int(x.numel() - torch.isfinite(x).sum()) for n, x in zip(norms, xs)]
     if options.nonfinite == "error" and any(nonfinite):
-        i = next(i for i, n in enumerate(nonfinite) if n)
-        loc = step.inputs[i]
+        loc = step.inputs[next(i for i, n in enumerate(nonfinite) if n)]
         raise SourceError(
             f"source '{loc.source}': tensor '{loc.key}' ({loc.file}) holds NaN or Inf values; "
             "merge anyway with nonfinite=warn (they are counted and reported)"
         )
-    if step.copies_bytes and not options.diagnostics:
-        return _Done(raws[0], [], nonfinite)
-    xs = [x.to(device=device, dtype=torch.float32) for x in typed]
-    merged = xs[0] if step.copies_bytes else OPS[step.op.name].fn(xs, step.op.args).to(DTYPES[step.dtype])
-    sums = _sums(merged, xs) if options.diagnostics else []
-    data = raws[0] if step.copies_bytes else merged.cpu().view(torch.uint8)
-    return _Done(data, sums, nonfinite)
+    if step.copies_bytes:
+        data, distances = raws[0], [0.0]
+    else:
+        merged = OPS[step.op.name].fn(xs, step.op.args).to(DTYPES[step.dtype])
+        data = merged.cpu().view(torch.uint8)
+        distances = [_squared_distance(merged, x) for x in xs] if options.diagnostics else []
+    return _Done(data, list(zip(distances, norms)) if options.diagnostics else [], nonfinite)
 
 
-def _count_nonfinite(x: torch.Tensor) -> int:
-    if x.dtype.itemsize == 1:  # float8: torch checks these only after a cast
-        x = x.float()
-    finite = torch.isfinite(x)
-    return 0 if bool(finite.all()) else int(finite.numel() - finite.sum())
+# Diagnostics sums in float64: a float32 dot's rounding moves with the chunk boundaries (chunk_elements) by ~1e-7,
+# enough to change the 6 digits diagnostics.json keeps; in float64 it moves by ~1e-16, far below them.
+def _squared_norm(x: torch.Tensor) -> float:
+    x = x.double()
+    return float(torch.dot(x, x))
 
 
-def _sums(merged: torch.Tensor, xs: list[torch.Tensor]) -> list[tuple[float, float]]:
-    # float64: a float32 dot's rounding moves with the chunk boundaries (chunk_elements) by ~1e-7, enough to
-    # change the 6 digits diagnostics.json keeps; in float64 it moves by ~1e-16, far below them
-    m = merged.double()
-    out = []
-    for x in xs:
-        x = x.double()
-        d = m - x
-        out.append((float(torch.dot(d, d)), float(torch.dot(x, x))))
-    return out
+def _squared_distance(merged: torch.Tensor, x: torch.Tensor) -> float:
+    return _squared_norm(merged.double() - x.double())
 
 
 class _Reader:
-    """pread of byte ranges, from file descriptors shared by the workers; consumed pages are let go."""
+    """pread of byte ranges, from file descriptors shared by the workers; consumed pages are let go.
+
+    Releasing each chunk's own (unaligned) range would keep about half of every file cached (see
+    writer.RELEASE_ALIGN), so each file is released behind a frontier: up to the oldest read still in flight,
+    rounded down to RELEASE_ALIGN. A read behind the frontier (a source whose layout differs from the base's) is
+    released on its own, rounded outwards: nothing near it is still wanted.
+    """
 
     def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
+        self._files: dict[str, _InputFile] = {}
         self._lock = threading.Lock()
 
-    def _fd(self, path: str) -> int:
+    def _file(self, path: str) -> "_InputFile":
         with self._lock:
-            if path not in self._fds:
+            if path not in self._files:
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as e:
                     raise SourceError(f"{path}: cannot open: {e.strerror}") from None
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                self._fds[path] = fd
-            return self._fds[path]
+                self._files[path] = _InputFile(fd)
+            return self._files[path]
 
     def read(self, loc: TensorLoc, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the tensor at `loc`, as raw bytes."""
@@ -258,22 +259,50 @@ class _Reader:
         offset, nbytes = loc.begin + start * size, (stop - start) * size
         buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
-        fd, got = self._fd(loc.file), 0
+        f = self._file(loc.file)
+        with self._lock:
+            f.in_flight[offset] = f.in_flight.get(offset, 0) + 1
+        got = 0
         try:
             while got < nbytes:
-                n = os.preadv(fd, [view[got:]], offset + got)
+                n = os.preadv(f.fd, [view[got:]], offset + got)
                 if n == 0:
                     raise SourceError(f"{loc.file}: the file ended while reading '{loc.key}': it was truncated or changed during the merge")
                 got += n
         except OSError as e:
             raise SourceError(f"{loc.file}: reading '{loc.key}' failed: {e.strerror}") from None
-        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        finally:
+            with self._lock:
+                release = f.done(offset, offset + nbytes)
+            if release:
+                os.posix_fadvise(f.fd, release[0], release[1] - release[0], os.POSIX_FADV_DONTNEED)
         return buf
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for f in self._files.values():
+            os.close(f.fd)
+        self._files.clear()
+
+
+@dataclass
+class _InputFile:
+    fd: int
+    in_flight: dict[int, int] = field(default_factory=dict)  # start offset -> reads from there under way
+    released: int = 0  # everything before this offset has been let go
+
+    def done(self, begin: int, end: int) -> tuple[int, int] | None:
+        """Mark a read finished; the byte range to release now, if any (call under the reader's lock)."""
+        if self.in_flight[begin] == 1:
+            del self.in_flight[begin]
+        else:
+            self.in_flight[begin] -= 1
+        if end <= self.released:
+            return align_down(begin), align_down(end) + RELEASE_ALIGN
+        frontier = align_down(min(self.in_flight, default=end))
+        if frontier <= self.released:
+            return None
+        release, self.released = (self.released, frontier), frontier
+        return release
 
 
 def _progress(plan: Plan, options: Options):

@@ -8,33 +8,28 @@ page cache holds a few tens of MB of this file, never the model.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
 import os
 import shutil
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from .errors import OutputError
+from .linux import SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, sync_file_range
 from .st_format import encode_header
 
-FLUSH_WINDOW = 32 << 20  # bytes: writeback is started per window and awaited one window later
+FLUSH_WINDOW = 16 << 20  # bytes: writeback is started per window and awaited one window later
+# The page cache holds file data in folios of up to 2 MiB, and POSIX_FADV_DONTNEED keeps any folio its range
+# only partly covers: ranges given to it are rounded to this, or about half of what they cover stays cached.
+RELEASE_ALIGN = 2 << 20
 
-_sync_file_range = None
-if sys.platform.startswith("linux"):
-    try:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _sync_file_range = _libc.sync_file_range
-        _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    except (OSError, AttributeError):
-        _sync_file_range = None
-_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
 
+def align_down(offset: int) -> int:
+    return offset - offset % RELEASE_ALIGN
 
 @dataclass(frozen=True)
 class FileRecord:
@@ -72,16 +67,14 @@ class StreamingFile:
 
     def _flush_behind(self) -> None:
         """Start writeback of what was just written; wait for the window before it and drop it from the cache."""
-        if _sync_file_range is None:
-            os.fdatasync(self.fd)
-            os.posix_fadvise(self.fd, 0, self.size, os.POSIX_FADV_DONTNEED)
-            self._started = self._released = self.size
-            return
-        _sync_file_range(self.fd, self._started, self.size - self._started, _WRITE)
-        if self._started > self._released:
-            _sync_file_range(self.fd, self._released, self._started - self._released, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
-            os.posix_fadvise(self.fd, self._released, self._started - self._released, os.POSIX_FADV_DONTNEED)
-            self._released = self._started
+        if not sync_file_range(self.fd, self._started, self.size - self._started, SYNC_FILE_RANGE_WRITE):
+            os.fdatasync(self.fd)  # no sync_file_range here: wait for all of it
+        settled = align_down(self._started)
+        if settled > self._released:
+            wait = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+            sync_file_range(self.fd, self._released, settled - self._released, wait)
+            os.posix_fadvise(self.fd, self._released, settled - self._released, os.POSIX_FADV_DONTNEED)
+            self._released = settled
         self._started = self.size
 
     def close(self) -> FileRecord:

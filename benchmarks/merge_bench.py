@@ -1,0 +1,231 @@
+"""Benchmark: fluxrecipe against the I/O floor and a seed-style baseline, on FLUX-shaped sources, in one run.
+
+    python benchmarks/merge_bench.py --double 1 --single 3          # FLUX width, 0.82 B parameters, 1.64 GB/source
+    python benchmarks/merge_bench.py --full --sparse --cap 1024     # 19/38 blocks, 23.8 GB/source (sparse files)
+
+Generates two sources the way the hub lays out FLUX.1-schnell and FLUX.1-Krea-dev (diffusers keys, 10 GB
+shards scaled down to the model, Krea with the 4 guidance keys more, so shard boundaries shift), then:
+  floor     read every source byte the plan uses (`cat` to /dev/null) + write as many bytes as the output, fsync'd
+  fluxrecipe  `python -m fluxrecipe recipe=krea_schnell` on those sources
+  baseline  what the seed script does: whole shards paired by position, whole merged state dict, save_file
+Each runs in a fresh memory cgroup (../shared/tools/memcap: page cache included) where it can be made, with the
+page cache dropped before each (--cache cold, needs root) or the inputs pre-read (--cache warm). Prints one
+Markdown table. `--sparse` writes sources as sparse files (zeros, no disk space, reads at memory speed): use
+it for the full size, where the point is memory, not read speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fluxrecipe.architecture import expected_parameters  # noqa: E402
+from fluxrecipe.plan import human_bytes  # noqa: E402
+from fluxrecipe.writer import open_shard, write_index, write_json  # noqa: E402
+
+MEMCAP = REPO.parent / "shared" / "tools" / "memcap"
+FLUX = dict(
+    _class_name="FluxTransformer2DModel",
+    patch_size=1,
+    in_channels=64,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    axes_dims_rope=[16, 56, 56],
+)
+HUB_SHARD = 10 * 10**9  # the hub's FLUX.1 shards: 10 GB
+
+
+def generate(folder: Path, *, double: int, single: int, guidance: bool, seed: int, sparse: bool) -> None:
+    """A diffusers folder of a FLUX-shaped model: config.json, shards, index; random bf16 (or sparse zeros)."""
+    config = {**FLUX, "num_layers": double, "num_single_layers": single, "guidance_embeds": guidance}
+    shapes = expected_parameters(config, "benchmark config")
+    total = sum(math.prod(s) * 2 for s in shapes.values())
+    shard_size = max(HUB_SHARD * total // (23_800_000_000), 1)  # the hub's shard/model ratio, scaled down
+    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for key, shape in shapes.items():
+        nbytes = math.prod(shape) * 2
+        if shards[-1] and size + nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, "BF16", shape))
+        size += nbytes
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        f = open_shard(folder / name, tensors, {"format": "pt"})
+        if sparse:
+            header = f.size
+            f.abort()
+            with open(folder / name, "r+b") as raw:
+                raw.truncate(header + sum(math.prod(t[2]) * 2 for t in tensors))
+        else:
+            for _, _, shape in tensors:
+                n = math.prod(shape)
+                for start in range(0, n, 1 << 24):
+                    chunk = torch.randn(min(1 << 24, n - start), generator=gen).mul_(0.02).to(torch.bfloat16)
+                    f.write(chunk.view(torch.uint8).numpy())
+            f.close()
+        weight_map.update({t[0]: name for t in tensors})
+    write_index(folder / "diffusion_pytorch_model.safetensors.index.json", weight_map, total)
+    write_json(folder / "config.json", config)
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def prepare_cache(mode: str, inputs: list[Path]) -> None:
+    if mode == "cold":
+        if not drop_caches():
+            sys.exit("--cache cold needs root (to write /proc/sys/vm/drop_caches); use --cache warm")
+    else:
+        drop_caches()
+        for p in inputs:
+            subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=True)
+
+
+def run_measured(cmd: list[str], cap_mib: int | None, env: dict | None = None) -> tuple[float, int | None, int, str]:
+    """Wall seconds, peak MiB (cgroup peak with memcap, else the child's max RSS), exit code, stderr tail."""
+    use_cap = cap_mib is not None and MEMCAP.exists() and os.access("/sys/fs/cgroup/memory", os.W_OK)
+    full = ([str(MEMCAP), str(cap_mib)] if use_cap else []) + cmd
+    start = time.monotonic()
+    proc = subprocess.run(full, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    wall = time.monotonic() - start
+    peak = None
+    m = re.search(r"memcap: .* peak=(\d+)MiB", proc.stderr)
+    if m:
+        peak = int(m[1])
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
+    return wall, peak, proc.returncode, proc.stderr[-2000:]
+
+
+def floor_seconds(inputs: list[Path], out_bytes: int, scratch: Path, cache: str) -> tuple[float, float]:
+    """(read s, write s): cat every input to /dev/null; write out_bytes to a new file in 16 MiB blocks, fsync."""
+    prepare_cache(cache, inputs)
+    start = time.monotonic()
+    for p in inputs:
+        subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=True)
+    read = time.monotonic() - start
+    drop_caches()
+    block = os.urandom(16 << 20)
+    path = scratch / "floor.bin"
+    start = time.monotonic()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    left = out_bytes
+    while left > 0:
+        left -= os.write(fd, block[: min(left, len(block))])
+    os.fsync(fd)
+    os.close(fd)
+    write = time.monotonic() - start
+    path.unlink()
+    drop_caches()
+    return read, write
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--double", type=int, default=1, help="double-stream blocks (FLUX.1: 19)")
+    ap.add_argument("--single", type=int, default=3, help="single-stream blocks (FLUX.1: 38)")
+    ap.add_argument("--full", action="store_true", help="FLUX.1's 19 double and 38 single blocks")
+    ap.add_argument("--sparse", action="store_true", help="sparse source files (zeros): for sizes beyond the disk's patience")
+    ap.add_argument("--cache", choices=["cold", "warm"], default="cold")
+    ap.add_argument("--cap", type=int, default=1024, help="memory cap (MiB, page cache included) for fluxrecipe")
+    ap.add_argument("--baseline-cap", type=int, default=20480, help="memory cap (MiB) for the baseline")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of fluxrecipe (the table shows the median)")
+    ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary folder under /tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated sources")
+    ap.add_argument("fluxrecipe_args", nargs="*", help="extra overrides for fluxrecipe, e.g. threads=4")
+    args = ap.parse_args()
+    if args.full:
+        args.double, args.single = 19, 38
+
+    scratch = args.dir or Path(tempfile.mkdtemp(prefix="fluxrecipe-bench-", dir="/tmp"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    schnell, krea = scratch / "schnell", scratch / "krea"
+    try:
+        for folder, guidance, seed in ((schnell, False, 0), (krea, True, 1)):
+            if not (folder / "config.json").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                generate(folder, double=args.double, single=args.single, guidance=guidance, seed=seed, sparse=args.sparse)
+        inputs = sorted(schnell.glob("*.safetensors")) + sorted(krea.glob("*.safetensors"))
+        index = json.loads((schnell / "diffusion_pytorch_model.safetensors.index.json").read_text())
+        out_bytes = index["metadata"]["total_size"]
+        params = out_bytes // 2
+        print(f"sources: FLUX width, {args.double} double + {args.single} single blocks, {params / 1e9:.2f} B parameters, "
+              f"{human_bytes(out_bytes)} per source in bf16{' (sparse)' if args.sparse else ''}; cache {args.cache}", flush=True)
+
+        read_s, write_s = floor_seconds(inputs, out_bytes, scratch, args.cache)
+        floor = read_s + write_s
+        rows = [("I/O floor (read inputs + write output, fsync)", floor, None, 0)]
+
+        walls, peak, rc, err = [], None, 0, ""
+        for i in range(args.repeat):
+            out = scratch / f"merged-{i}"
+            prepare_cache(args.cache, inputs)
+            cmd = [sys.executable, "-m", "fluxrecipe", "recipe=krea_schnell", f"recipe.sources.schnell={schnell}",
+                   f"recipe.sources.krea={krea}", f"output={out}", "progress=false", f"hydra.run.dir={scratch / 'hydra'}",
+                   *args.fluxrecipe_args]
+            wall, p, rc, err = run_measured(cmd, args.cap, env={"PYTHONPATH": str(REPO)})
+            walls.append(wall)
+            peak = max(peak or 0, p or 0)
+            shutil.rmtree(out, ignore_errors=True)
+            if rc:
+                break
+        ours = sorted(walls)[len(walls) // 2]
+        rows.append((f"fluxrecipe (cap {args.cap} MiB)", ours, peak, rc))
+        if rc:
+            print(f"fluxrecipe failed (exit {rc}):\n{err}", file=sys.stderr)
+
+        if not args.no_baseline:
+            out = scratch / "baseline"
+            prepare_cache(args.cache, inputs)
+            wall, p, brc, err = run_measured([sys.executable, str(REPO / "benchmarks" / "seed_baseline.py"), str(schnell), str(krea), str(out)], args.baseline_cap)
+            shutil.rmtree(out, ignore_errors=True)
+            rows.append((f"seed-style baseline (cap {args.baseline_cap} MiB)", wall, p, brc))
+            if brc:
+                print(f"baseline failed (exit {brc}{', killed for memory' if brc == 137 else ''}):\n{err[-400:]}", file=sys.stderr)
+
+        base_wall = rows[2][1] if len(rows) > 2 and rows[2][3] == 0 else None
+        print()
+        print(f"read {read_s:.1f} s + write {write_s:.1f} s = floor {floor:.1f} s")
+        print("| run | wall s | x floor | peak MiB | x baseline | exit |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, wall, p, code in rows:
+            vs = f"{wall / base_wall:.2f}" if base_wall and code == 0 else "-"
+            status = "ok" if code == 0 else ("killed (memory)" if code == 137 else f"failed ({code})")
+            print(f"| {name} | {wall:.1f} | {wall / floor:.2f} | {p if p is not None else '-'} | {vs} | {status} |")
+    finally:
+        if not args.keep and args.dir is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The executor's mechanisms: bounded work in flight, exact byte copies, chunking that changes no bit, and
+page-cache release on aligned ranges. Speed and memory at scale are measured by benchmarks/merge_bench.py."""
+
+from __future__ import annotations
+
+import math
+import struct
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import load_state, make_flux, merge, write_recipe
+from fluxrecipe import execute as execute_module
+from fluxrecipe import writer as writer_module
+from fluxrecipe.execute import Options, _InputFile
+from fluxrecipe.writer import RELEASE_ALIGN
+
+
+@pytest.fixture
+def recipes(tmp_path, monkeypatch):
+    """A recipe folder of the test's own, on FLUXRECIPE_RECIPE_PATH."""
+    folder = tmp_path / "recipes"
+    monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(folder))
+    return folder
+
+
+def lerp_recipe(recipes, schnell, krea, name="lerp", alpha=0.3, dtype="bf16"):
+    write_recipe(
+        recipes,
+        name,
+        f"""
+sources: {{schnell: {schnell}, krea: {krea}}}
+base: krea
+rules:
+  - {{match: guidance, op: 'take:krea'}}
+  - {{match: '.*', op: 'lerp:{alpha}'}}
+dtype: {dtype}
+""",
+    )
+    return name
+
+
+def reference_lerp(schnell, krea, alpha, dtype):
+    a, b = load_state(schnell), load_state(krea)
+    return {k: (b[k] if "guidance" in k else (a[k].float() * (1.0 - alpha) + b[k].float() * alpha)).to(dtype) for k in b}
+
+
+class LiveBuffers:
+    """Counts the reader's buffers alive at once (a buffer dies when its last reference goes)."""
+
+    def __init__(self, monkeypatch):
+        self.live = self.peak = 0
+        original = execute_module._Reader.read
+
+        def read(reader, loc, start, stop):
+            buf = original(reader, loc, start, stop)
+            self.live += 1
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(buf, self._died)
+            return buf
+
+        monkeypatch.setattr(execute_module._Reader, "read", read)
+
+    def _died(self):
+        self.live -= 1
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_work_in_flight_never_exceeds_the_window(recipes, schnell, krea, tmp_path, monkeypatch, threads):
+    """However many chunks a model has, at most `window` are read-but-not-written, and the reader's buffers
+    alive at once stay within window x inputs: the bound that keeps memory independent of the model."""
+    live = LiveBuffers(monkeypatch)
+    name = lerp_recipe(recipes, schnell, krea)
+    result = merge([f"recipe={name}", f"output={tmp_path / 'out'}", f"threads={threads}", "chunk_elements=256"])
+    window = Options(threads=threads).window
+    chunks = sum(math.ceil(max(math.prod(t.shape), 1) / 256) for t in load_state(krea).values())
+    assert chunks > 10 * window  # the bound is tested, not the size of a small model
+    assert result.peak_in_flight == window
+    assert live.peak <= window * 2
+    assert live.live == 0
+
+
+def test_memory_bound_does_not_grow_with_the_number_of_blocks(recipes, tmp_path, monkeypatch):
+    """A model with 3x the blocks needs 3x the chunks, but the buffers alive at once stay under the same
+    bound, which depends on the threads only (how close each run comes to it depends on scheduling)."""
+    peaks = []
+    for blocks in (1, 3):
+        a = make_flux(tmp_path / f"a{blocks}", guidance=False, seed=2, num_layers=blocks, num_single_layers=blocks)
+        b = make_flux(tmp_path / f"b{blocks}", guidance=True, seed=3, num_layers=blocks, num_single_layers=blocks, shard="20KB")
+        live = LiveBuffers(monkeypatch)
+        name = lerp_recipe(recipes, a, b, name=f"blocks{blocks}")
+        merge([f"recipe={name}", f"output={tmp_path / f'out{blocks}'}", "threads=2", "chunk_elements=128"])
+        peaks.append(live.peak)
+        monkeypatch.undo()
+        monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(recipes))
+    assert max(peaks) <= Options(threads=2).window * 2
+
+
+@pytest.mark.parametrize("chunk", [97, 1 << 20])
+@pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+def test_chunked_arithmetic_equals_the_whole_tensor_reference(recipes, schnell, krea, tmp_path, chunk, dtype, torch_dtype):
+    """Chunks of any size (97 elements cut rows at every offset) give the bits of the whole-tensor float32 formula."""
+    name = lerp_recipe(recipes, schnell, krea, name=f"lerp_{dtype}", alpha=0.37, dtype=dtype)
+    out = tmp_path / "out"
+    merge([f"recipe={name}", f"output={out}", f"chunk_elements={chunk}", "threads=2"])
+    got, want = load_state(out), reference_lerp(schnell, krea, 0.37, torch_dtype)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == torch_dtype and torch.equal(got[key], want[key]), key
+
+
+def odd_bits_source(folder, like):
+    """A copy of `like` whose first tensor holds bit patterns a float round trip could change:
+    NaNs with payloads, both infinities, -0.0, subnormals."""
+    state = load_state(like)
+    key = sorted(state)[0]
+    patterns = [0x7FC1, 0xFFA5, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x807F, 0x7F81]
+    raw = state[key].contiguous().view(torch.int16).flatten().clone()
+    raw[: len(patterns)] = torch.tensor([struct.unpack("<h", struct.pack("<H", p))[0] for p in patterns], dtype=torch.int16)
+    state[key] = raw.view(torch.bfloat16).reshape(state[key].shape)
+    folder.mkdir()
+    save_file(state, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text((like / "config.json").read_text())
+    return folder, key
+
+
+@pytest.mark.parametrize("diagnostics", [True, False])
+def test_take_in_the_same_dtype_copies_bytes_undecoded(recipes, krea, tmp_path, monkeypatch, diagnostics):
+    """`take` into the source's dtype writes the very bytes it read, NaN payloads and -0.0 included,
+    and never calls an op."""
+    src, key = odd_bits_source(tmp_path / "odd", krea)
+    monkeypatch.setattr(execute_module, "OPS", {})  # the executor computing any op would fail
+    write_recipe(recipes, "copy", f"sources: {{odd: {src}}}\nrules: [{{match: '.*', op: 'take:odd'}}]\n")
+    out = tmp_path / "out"
+    merge(["recipe=copy", f"output={out}", f"diagnostics={str(diagnostics).lower()}", "nonfinite=warn", "chunk_elements=37"])
+    got, want = load_state(out), load_state(src)
+    for k in want:
+        assert got[k].view(torch.int16).equal(want[k].view(torch.int16)), k
+    assert got[key].view(torch.int16).flatten()[0].item() == 0x7FC1
+
+
+def test_input_release_waits_for_reads_in_flight_and_is_aligned():
+    """The frontier moves to the oldest read still under way, rounded down to RELEASE_ALIGN; a read behind
+    the frontier is released on its own, rounded outwards."""
+    f = _InputFile(fd=-1)
+    mib = 1 << 20
+    for begin in (0, 3 * mib, 6 * mib):
+        f.in_flight[begin + 100] = 1
+    assert f.done(3 * mib + 100, 6 * mib + 100) is None  # the read at 0 is still under way
+    assert f.done(100, 3 * mib + 100) == (0, 6 * mib // RELEASE_ALIGN * RELEASE_ALIGN)
+    assert f.done(6 * mib + 100, 9 * mib + 100) == (6 * mib, 9 * mib + 100 - (9 * mib + 100) % RELEASE_ALIGN)
+    f.in_flight[mib] = 1  # a read behind the frontier
+    assert f.done(mib, 2 * mib) == (0, 2 * mib + RELEASE_ALIGN)
+
+
+def test_written_pages_are_released_on_aligned_ranges(tmp_path, monkeypatch):
+    """Every range the writer hands to POSIX_FADV_DONTNEED starts and ends on RELEASE_ALIGN, and the file
+    is released as it grows, not only at the end."""
+    calls = []
+    real = writer_module.os.posix_fadvise
+    monkeypatch.setattr(writer_module.os, "posix_fadvise", lambda fd, off, n, advice: (calls.append((off, n, advice)), real(fd, off, n, advice))[1])
+    f = writer_module.StreamingFile(tmp_path / "big.bin")
+    block = bytes(range(256)) * 4099  # not a divisor of anything aligned
+    while f.size < 6 * writer_module.FLUSH_WINDOW:
+        f.write(block)
+    assert any(off == 0 and n > 0 for off, n, _ in calls)  # released while writing
+    for off, n, advice in calls:
+        assert advice == writer_module.os.POSIX_FADV_DONTNEED
+        assert off % RELEASE_ALIGN == 0 and n % RELEASE_ALIGN == 0
+    record = f.close()
+    assert record.size == (tmp_path / "big.bin").stat().st_size

@@ -1,0 +1,356 @@
+"""Sweeps (issue 4): real multiruns through the CLI on the tiny models, with each launcher, and their summary.
+
+Every merged tensor is compared with a reference computed here from the sources (alpha 0: schnell's,
+alpha 1: Krea's, 0.5: the float32 mean rounded once); the summary's numbers are compared with what the
+jobs wrote and with distances recomputed from the tensors.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose, load_state, run_cli, write_recipe
+from fluxrecipe import sweep
+
+TINY = """\
+sources:
+  schnell: {schnell}
+  krea: {krea}
+base: schnell
+alpha: 0.5
+rules:
+  - match: '.*'
+    op: lerp:${{recipe.alpha}}
+dtype: bf16
+"""
+
+TINY_GUIDED = """\
+sources:
+  schnell: {schnell}
+  krea: {krea}
+base: krea
+alpha: 0.5
+rules:
+  - match: 'guidance'
+    op: take:krea
+  - match: '.*'
+    op: lerp:${{recipe.alpha}}
+dtype: bf16
+"""
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory, schnell, krea) -> dict[str, str]:
+    """The environment that makes the tiny recipes `tiny` and `tiny_guided` (over the conftest models) known."""
+    folder = tmp_path_factory.mktemp("sweep-recipes")
+    write_recipe(folder, "tiny", TINY.format(schnell=schnell, krea=krea))
+    write_recipe(folder, "tiny_guided", TINY_GUIDED.format(schnell=schnell, krea=krea))
+    write_recipe(folder, "tiny_broken", TINY.format(schnell=schnell, krea=folder / "no-such-krea"))
+    return {"FLUXRECIPE_RECIPE_PATH": str(folder)}
+
+
+@pytest.fixture(scope="module")
+def states(schnell, krea) -> dict[str, dict[str, torch.Tensor]]:
+    return {"schnell": load_state(schnell), "krea": load_state(krea)}
+
+
+def multirun(args: list[str], sweep_dir: Path, env: dict[str, str]):
+    return run_cli(["-m", *args, f"hydra.sweep.dir={sweep_dir}"], cwd=sweep_dir.parent, env=env)
+
+
+def summary_rows(sweep_dir: Path) -> dict[str, dict[str, str]]:
+    with open(sweep_dir / sweep.SUMMARY_CSV, newline="") as f:
+        return {row["job"]: row for row in csv.DictReader(f)}
+
+
+def check_merge(folder: Path, alpha: float, states, guided: bool = False) -> None:
+    """Every tensor of the merge is exactly what the recipe asks for, and its diagnostics are right."""
+    s, k = states["schnell"], states["krea"]
+    got = load_state(folder)
+    assert set(got) == set(k if guided else s)
+    for key, t in got.items():
+        if guided and "guidance" in key:
+            want = k[key]
+        elif alpha == 0:
+            want = s[key]
+        elif alpha == 1:
+            want = k[key]
+        else:
+            assert alpha == 0.5
+            want = ((s[key].float() + k[key].float()) / 2).to(t.dtype)
+        assert torch.equal(t, want), key
+    config = json.loads((folder / "config.json").read_text())
+    assert config["guidance_embeds"] is guided
+    assert f"alpha: {alpha}" in (folder / "recipe.yaml").read_text()  # the job's resolved recipe beside it
+
+    diagnostics = json.loads((folder / "diagnostics.json").read_text())
+    blocks = diagnostics["blocks"]
+    assert list(blocks) == ["embedders", "transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1", "output"]
+    if alpha == 0:
+        assert all(b["schnell"] == 0 for b in blocks.values()) and diagnostics["overall"]["schnell"] == 0
+    if alpha == 1:
+        assert all(b["krea"] == 0 for b in blocks.values()) and diagnostics["overall"]["krea"] == 0
+    for src, state in states.items():  # the overall distance, recomputed from the tensors
+        keys = [key for key in got if key in state and not (guided and "guidance" in key and src == "schnell")]
+        distance = sum(float((got[key].double() - state[key].double()).pow(2).sum()) for key in keys)
+        norm = sum(float(state[key].double().pow(2).sum()) for key in keys)
+        assert diagnostics["overall"][src] == pytest.approx(math.sqrt(distance / norm), rel=1e-4, abs=1e-7)
+
+
+def check_row(row: dict[str, str], sweep_dir: Path, job: str) -> None:
+    """A summary row of a finished job holds what the job wrote: output, bytes, distances."""
+    out = sweep_dir / job / "transformer"
+    assert row["status"] == "ok" and row["error"] == ""
+    assert row["output"] == f"{job}/transformer"
+    assert int(row["bytes_written"]) == sum(f.stat().st_size for f in out.iterdir())
+    assert float(row["seconds"]) > 0
+    overall = json.loads((out / "diagnostics.json").read_text())["overall"]
+    for src, value in overall.items():
+        assert float(row[f"distance_to_{src}"]) == pytest.approx(value, rel=1e-5, abs=0)
+
+
+def test_basic_launcher_alpha_sweep_with_a_failing_job(tmp_path, recipes, states):
+    """alpha 0, 0.5, 1 and a value that breaks its job: three merges, one failure reported, exit status 1."""
+    sweep_dir = tmp_path / "sweep"
+    r = multirun(["recipe=tiny", "recipe.alpha=0,0.5,1,oops", "progress=false"], sweep_dir, recipes)
+    assert r.returncode == 1, r.stderr
+    assert "error in job recipe.alpha=oops,recipe=tiny" in r.stdout + r.stderr
+    assert "4 jobs, 3 ok, 1 failed" in r.stderr
+
+    for alpha in (0, 0.5, 1):
+        check_merge(sweep_dir / f"recipe.alpha={alpha},recipe=tiny" / "transformer", alpha, states)
+    assert not (sweep_dir / "recipe.alpha=oops,recipe=tiny" / "transformer").exists()
+
+    rows = summary_rows(sweep_dir)
+    assert list(rows) == [f"recipe.alpha={a},recipe=tiny" for a in ("0", "0.5", "1", "oops")]  # in job order
+    assert [row["recipe.alpha"] for row in rows.values()] == ["0", "0.5", "1", "oops"]  # the swept key, a column
+    for job, row in list(rows.items())[:3]:
+        check_row(row, sweep_dir, job)
+        assert row["overrides"] == f"recipe=tiny recipe.alpha={row['recipe.alpha']} progress=False"  # as Hydra passes it on
+    assert rows["recipe.alpha=0,recipe=tiny"]["distance_to_schnell"] == "0"
+    assert rows["recipe.alpha=1,recipe=tiny"]["distance_to_krea"] == "0"
+    failed = rows["recipe.alpha=oops,recipe=tiny"]
+    assert failed["status"] == "failed" and failed["output"] == "" and failed["distance_to_schnell"] == ""
+    assert "alpha" in failed["error"] and "must be a number" in failed["error"]
+
+    markdown = (sweep_dir / sweep.SUMMARY_MD).read_text()
+    assert "4 jobs: 3 ok, 1 failed" in markdown and "![per-block distance to each source](summary.png)" in markdown
+    table = [line for line in markdown.splitlines() if line.startswith("| recipe.alpha=")]
+    assert len(table) == 4 and "| failed |" in table[3] and "must be a number" in table[3]
+    assert "| ok |" in table[0] and f"| {rows['recipe.alpha=0,recipe=tiny']['distance_to_krea']} |" in table[0]
+
+    with open(sweep_dir / sweep.BLOCKS_CSV, newline="") as f:
+        blocks = list(csv.DictReader(f))
+    assert len(blocks) == 3 * 6 * 2  # jobs x blocks x sources
+    for b in blocks:
+        diagnostics = json.loads((sweep_dir / b["job"] / "transformer" / "diagnostics.json").read_text())
+        assert float(b["distance"]) == diagnostics["blocks"][b["block"]][b["source"]]
+
+    # the plot: a real PNG, and the lines it draws are the per-block distances, one per finished job
+    from matplotlib import image
+
+    assert image.imread(sweep_dir / sweep.SUMMARY_PNG).shape[2] in (3, 4)
+    figure = sweep.figure(sweep.Summary(sweep_dir.resolve(), sweep.read_jobs(sweep_dir), [], ["schnell", "krea"], []))
+    for ax, src in zip(figure.axes, ["schnell", "krea"]):
+        assert ax.get_ylabel() == f"distance to {src}"
+        lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+        assert list(lines) == ["recipe.alpha=0", "recipe.alpha=0.5", "recipe.alpha=1"]
+        assert lines[f"recipe.alpha={0 if src == 'schnell' else 1}"] == [0.0] * 6
+        half = json.loads((sweep_dir / "recipe.alpha=0.5,recipe=tiny" / "transformer" / "diagnostics.json").read_text())["blocks"]
+        assert lines["recipe.alpha=0.5"] == [by_source[src] for by_source in half.values()]
+    assert [t.get_text() for t in figure.axes[1].get_xticklabels()] == ["embedders", "double.0", "double.1", "single.0", "single.1", "output"]
+
+    # `summary` rebuilds the same tables from the files alone
+    before = {name: (sweep_dir / name).read_text() for name in (sweep.SUMMARY_CSV, sweep.SUMMARY_MD, sweep.BLOCKS_CSV)}
+    for name in (*before, sweep.SUMMARY_PNG):
+        (sweep_dir / name).unlink()
+    r = run_cli(["summary", str(sweep_dir)], cwd=tmp_path)
+    assert r.returncode == 1, r.stderr  # a job failed
+    assert {name: (sweep_dir / name).read_text() for name in before} == before
+    assert (sweep_dir / sweep.SUMMARY_PNG).stat().st_size > 0
+    assert before[sweep.SUMMARY_MD] in r.stdout
+
+
+def test_joblib_recipe_group_sweep_from_a_user_sweep_file(tmp_path, recipes, states, krea):
+    """hydra/launcher=joblib, both recipes swept from a sweep file of the user's (--config-dir)."""
+    user_conf = tmp_path / "my_conf"
+    (user_conf / "sweep").mkdir(parents=True)
+    (user_conf / "sweep" / "mine.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      recipe: tiny,tiny_guided\n      recipe.alpha: 0,1\n"
+    )
+    sweep_dir = tmp_path / "sweep"
+    # the recipe is swept (in the sweep file), and a recipe.* option is set as well: applied to every job
+    r = multirun(["--config-dir", str(user_conf), "sweep=mine", f"recipe.sources.krea={krea}", "hydra/launcher=joblib"], sweep_dir, recipes)
+    assert r.returncode == 0, r.stderr
+    assert "n_jobs=2" in r.stdout + r.stderr  # our preset, not the plugin's one job per core
+    assert "validated against ConfigStore schema" not in r.stderr
+    rows = summary_rows(sweep_dir)
+    krea_dirname = "recipe.sources.krea=" + str(krea).replace("/", "_")  # a path in a folder name: made safe
+    assert set(rows) == {f"recipe.alpha={a},{krea_dirname},recipe={n}" for a in (0, 1) for n in ("tiny", "tiny_guided")}
+    assert {(row["recipe"], row["recipe.alpha"]) for row in rows.values()} == {(n, a) for a in "01" for n in ("tiny", "tiny_guided")}
+    for job, row in rows.items():
+        check_row(row, sweep_dir, job)
+        check_merge(sweep_dir / job / "transformer", int(row["recipe.alpha"]), states, guided=row["recipe"] == "tiny_guided")
+
+
+def test_submitit_local_sweep_over_recipes_with_a_broken_one(tmp_path, recipes, states):
+    """hydra/launcher=submitit_local, the recipe group swept at a fixed alpha, one recipe broken."""
+    sweep_dir = tmp_path / "sweep"
+    r = multirun(["recipe=tiny,tiny_broken", "recipe.alpha=0.5", "hydra/launcher=submitit_local"], sweep_dir, recipes)
+    assert r.returncode == 1, r.stderr
+    assert "2 jobs, 1 ok, 1 failed" in r.stderr
+    rows = summary_rows(sweep_dir)
+    assert list(rows) == ["recipe.alpha=0.5,recipe=tiny", "recipe.alpha=0.5,recipe=tiny_broken"]
+    check_row(rows["recipe.alpha=0.5,recipe=tiny"], sweep_dir, "recipe.alpha=0.5,recipe=tiny")
+    check_merge(sweep_dir / "recipe.alpha=0.5,recipe=tiny" / "transformer", 0.5, states)
+    broken = rows["recipe.alpha=0.5,recipe=tiny_broken"]
+    assert broken["status"] == "failed" and "no-such-krea" in broken["error"] and broken["recipe"] == "tiny_broken"
+    assert (sweep_dir / ".submitit").is_dir() and (sweep_dir / sweep.SUMMARY_PNG).is_file()
+
+
+@pytest.fixture
+def job_config(monkeypatch):
+    """A job's config as a multirun hands it to its task, composed in-process (its failures not counted after)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    monkeypatch.setattr(sweep, "_failed_here", 0)
+
+    def make(job_dir: Path, overrides: list[str]):
+
+        cfg = compose([*overrides, "hydra.mode=MULTIRUN"])
+        with read_write(cfg.hydra.runtime):
+            cfg.hydra.runtime.output_dir = str(job_dir)
+        HydraConfig.instance().set_config(cfg)
+        assert sweep.in_multirun()
+        return cfg
+
+    yield make
+    compose([])  # leave Hydra's global state as a single run's
+
+
+def test_output_is_refused_in_a_multirun(tmp_path, job_config):
+    """All jobs would write to that one folder: the job fails at once and says what to do instead."""
+    cfg = job_config(tmp_path, ["recipe=krea_schnell", f"output={tmp_path / 'one'}"])
+    record = sweep.run_recorded(cfg, pytest.fail, show_traceback=False)
+    assert record["status"] == "failed" and "a multirun writes one model per job" in record["error"] and "hydra.sweep.dir=" in record["error"]
+    assert json.loads((tmp_path / sweep.JOB_STATUS_NAME).read_text()) == record
+    assert "output" in cfg.hydra.job.config.override_dirname.exclude_keys  # not in the job folders' names either
+
+
+def test_a_job_records_a_bug_and_an_interruption(tmp_path, caplog, job_config):
+    """In-process: what run_recorded leaves in the job folder when the job is not a clean FluxRecipeError."""
+    cfg = job_config(tmp_path, ["recipe=krea_schnell", "recipe.alpha=0.3"])
+
+    def bug(cfg):
+        raise ValueError("boom")
+
+    assert sweep.run_recorded(cfg, bug, show_traceback=False)["error"] == "ValueError: boom"
+    status = json.loads((tmp_path / sweep.JOB_STATUS_NAME).read_text())
+    assert status["status"] == "failed" and status["overrides"] == ["recipe=krea_schnell", "recipe.alpha=0.3"]
+    assert "Traceback" in caplog.text and "in bug" in caplog.text  # a bug shows where it is
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_recorded(cfg, interrupted, show_traceback=False)
+    assert "interrupted" in json.loads((tmp_path / sweep.JOB_STATUS_NAME).read_text())["error"]
+
+
+def test_dry_run_multirun_plans_every_job_and_writes_no_model(tmp_path, recipes):
+    sweep_dir = tmp_path / "sweep"
+    r = multirun(["recipe=tiny", "recipe.alpha=0,1", "dry_run=true"], sweep_dir, recipes)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("dry run: nothing written") == 2
+    rows = summary_rows(sweep_dir)
+    assert [row["status"] for row in rows.values()] == ["dry_run", "dry_run"]
+    assert not list(sweep_dir.glob("*/transformer")) and not (sweep_dir / sweep.SUMMARY_PNG).exists()
+
+
+@pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/joblib' is validated against ConfigStore schema")  # conf/hydra/launcher/joblib.yaml: on purpose
+def test_builtin_sweep_files_compose():
+    cfg = compose(["recipe=krea_schnell", "sweep=alpha_grid"])
+    assert dict(cfg.hydra.sweeper.params) == {"recipe.alpha": "0.0,0.25,0.5,0.75,1.0"}
+    cfg = compose(["sweep=recipes_alpha"])
+    assert dict(cfg.hydra.sweeper.params) == {"recipe": "krea_schnell,krea_schnell_guided", "recipe.alpha": "0.25,0.5,0.75"}
+    assert "sweep" in cfg.hydra.job.config.override_dirname.exclude_keys
+    for name in ("joblib", "slurm"):
+        cfg = compose(["recipe=krea_schnell", f"hydra/launcher={name}"])
+        assert cfg.hydra.launcher._target_.endswith("JoblibLauncher" if name == "joblib" else "SlurmLauncher")
+    assert cfg.hydra.launcher.partition is None and cfg.hydra.launcher.timeout_min == 120 and cfg.hydra.launcher.mem_gb == 16
+
+
+@pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/joblib' is validated against ConfigStore schema")
+def test_slurm_preset_makes_an_sbatch_script(tmp_path, monkeypatch):
+    """hydra/launcher=slurm as submitit would submit it (no cluster here: a stand-in srun, and no submission)."""
+    import submitit
+    from hydra.utils import instantiate
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    cfg = compose(["recipe=krea_schnell", "hydra/launcher=slurm", "hydra.launcher.partition=cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=print, config=cfg)
+    executors = []
+
+    def capture(executor, fn, *args):
+        executors.append(executor)
+        raise StopIteration
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", capture)
+    with pytest.raises(StopIteration):
+        launcher.launch([["recipe.alpha=0.5"]], 0)
+    script = executors[0]._executor._make_submission_file_text("python -m fluxrecipe", "uid")
+    for line in ("--partition=cpu", "--time=120", "--cpus-per-task=8", "--mem=16GB", "--job-name=fluxrecipe", f"--output={tmp_path / 'sweep'}/.submitit/"):
+        assert f"#SBATCH {line}" in script
+
+
+def test_plain_recipe_overrides_of_a_multirun_become_one_value_sweeps():
+    argv = ["-m", "recipe=a,b", "recipe.alpha=0.2", "+recipe.beta=1", "recipe.alpha=0,1", "~recipe.x", "output=o", "--config-dir", "recipe.d"]
+    assert sweep.defer_recipe_overrides(argv) == [
+        "-m", "recipe=a,b", "recipe.alpha=choice(0.2)", "+recipe.beta=choice(1)", "recipe.alpha=0,1", "~recipe.x", "output=o", "--config-dir", "recipe.d"
+    ]
+    assert sweep.is_multirun(["recipe=a", "--multirun"]) and not sweep.is_multirun(["recipe=a"])
+
+
+@pytest.mark.parametrize(
+    "dirname, expected",
+    [
+        ("recipe.alpha=0.25,recipe=krea_schnell", "recipe.alpha=0.25,recipe=krea_schnell"),
+        ("recipe.alpha=-0.5", "recipe.alpha=-0.5"),
+        ("recipe.sources.krea=/data/krea", "recipe.sources.krea=_data_krea"),
+        ("recipe.sources.krea=C:\\krea dev", "recipe.sources.krea=C__krea_dev"),
+        ("", "job3"),
+    ],
+)
+def test_job_dirname_is_a_safe_folder_name(dirname, expected):
+    assert sweep.job_dirname(dirname, 3) == expected
+
+
+def test_job_dirname_of_long_overrides_is_cut_and_unique():
+    a, b = sweep.job_dirname("x=" + "a" * 300, 0), sweep.job_dirname("x=" + "a" * 299 + "b", 0)
+    assert a != b and len(a) < 200 and len(b) < 200
+
+
+def test_summary_of_an_unfinished_job_and_of_no_sweep(tmp_path):
+    """A job killed before it recorded itself (a SLURM timeout, say) is reported as unfinished."""
+    job = tmp_path / "sweep" / "recipe.alpha=0.5"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- recipe.alpha=0.5\n")
+    assert sweep.main([str(tmp_path / "sweep")]) == sweep.EXIT_FAILED
+    rows = summary_rows(tmp_path / "sweep")
+    assert rows["recipe.alpha=0.5"]["status"] == "unfinished" and "did not finish" in rows["recipe.alpha=0.5"]["error"]
+    assert not (tmp_path / "sweep" / sweep.SUMMARY_PNG).exists()
+    assert sweep.main([str(tmp_path / "nothing")]) == sweep.EXIT_USAGE
+    (tmp_path / "empty").mkdir()
+    assert sweep.main([str(tmp_path / "empty")]) == sweep.EXIT_USAGE
