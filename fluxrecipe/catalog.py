@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 PACKAGE = Path(__file__).resolve().parent
 RECIPE_PATH_ENV = "FLUXRECIPE_RECIPE_PATH"
@@ -57,5 +57,9 @@ def register_recipes() -> dict[str, Path]:
             node = OmegaConf.load(path)
         except (yaml.YAMLError, OSError, ValueError) as e:
             node = OmegaConf.create({"__load_error__": f"not a valid YAML file: {e}".replace("${", "$ {")})
+        if isinstance(node, DictConfig) and "defaults" in node:
+            # Hydra would act on it: pull other configs in at any package (`/recipe@_global_: x` puts a file's
+            # `hydra.callbacks` at the top, and Hydra instantiates those), so a recipe could run code.
+            node = OmegaConf.create({"__load_error__": "a recipe may not have a `defaults` list (Hydra would compose other configs from it); remove it"})
         store.store(group="recipe", name=name, node=node, provider="fluxrecipe")
     return files

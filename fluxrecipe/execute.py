@@ -200,7 +200,8 @@ def _compute(chunk: _Chunk, reader: "_Reader", device: torch.device, options: Op
     step = chunk.step
     raws = [reader.read(loc, chunk.start, chunk.stop) for loc in step.inputs]
     xs = [raw.view(DTYPES[loc.dtype]).to(device=device, dtype=torch.float32) for raw, loc in zip(raws, step.inputs)]
-    norms = [float(torch.dot(x, x)) for x in xs]  # ||x||^2: the diagnostics need it, and it is NaN/Inf iff x is
+    # ||x||^2: the diagnostics need it (in float64, see _squared_norm), and it is NaN/Inf iff x is
+    norms = [_squared_norm(x) if options.diagnostics else float(torch.dot(x, x)) for x in xs]
     nonfinite = [0 if math.isfinite(n) else int(x.numel() - torch.isfinite(x).sum()) for n, x in zip(norms, xs)]
     if options.nonfinite == "error" and any(nonfinite):
         loc = step.inputs[next(i for i, n in enumerate(nonfinite) if n)]
@@ -217,9 +218,15 @@ def _compute(chunk: _Chunk, reader: "_Reader", device: torch.device, options: Op
     return _Done(data, list(zip(distances, norms)) if options.diagnostics else [], nonfinite)
 
 
+# Diagnostics sums in float64: a float32 dot's rounding moves with the chunk boundaries (chunk_elements) by ~1e-7,
+# enough to change the 6 digits diagnostics.json keeps; in float64 it moves by ~1e-16, far below them.
+def _squared_norm(x: torch.Tensor) -> float:
+    x = x.double()
+    return float(torch.dot(x, x))
+
+
 def _squared_distance(merged: torch.Tensor, x: torch.Tensor) -> float:
-    d = merged.float() - x  # not in place: for a float32 output, merged.float() is merged itself
-    return float(torch.dot(d, d))
+    return _squared_norm(merged.double() - x.double())
 
 
 class _Reader:

@@ -23,6 +23,15 @@ from huggingface_hub.errors import (
 
 from .errors import SourceError
 
+try:  # huggingface_hub >= 2 talks through httpx2, 1.x through httpx; a proxy error reaches the caller as it is
+    from httpx2 import HTTPError as TransportError
+except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+    from httpx import HTTPError as TransportError
+try:
+    from huggingface_hub.errors import DisabledRepoError, IncompleteSnapshotError
+except ImportError:  # pragma: no cover - older huggingface_hub
+    DisabledRepoError = IncompleteSnapshotError = type("_Never", (Exception,), {})
+
 TRANSFORMER_SUBFOLDER = "transformer"
 
 
@@ -43,23 +52,33 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
     except GatedRepoError:
         raise SourceError(
             f"{where} is gated: accept its licence at https://huggingface.co/{repo} while logged in, then log in here "
-            "(`hf auth login`) or set HF_TOKEN"
+            "(`hf auth login`) or set HF_TOKEN to a token of that account"
         ) from None
     except RepositoryNotFoundError:
-        raise SourceError(f"{where} was not found: check the name; if it is private, log in (`hf auth login`) or set HF_TOKEN") from None
+        raise SourceError(
+            f"{where} was not found (or is private): check the name at https://huggingface.co/{repo}; "
+            "if it is private, log in (`hf auth login`) or set HF_TOKEN"
+        ) from None
     except RevisionNotFoundError:
         raise SourceError(f"{where}: no such revision (a branch, tag or commit of the repo)") from None
+    except DisabledRepoError:
+        raise SourceError(f"{where} has been disabled by its owner or the hub and cannot be downloaded") from None
+    except IncompleteSnapshotError as e:
+        raise SourceError(f"{where}: the cached copy is incomplete ({e}); run again with a network connection to complete it, or `{_download_hint(repo, revision, subfolder)}`") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        offline = constants.HF_HUB_OFFLINE
         raise SourceError(
-            f"{where} is not in the local cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached"
-            + (" (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "")
-            + f": connect and run again, download it first (`hf download {repo} --include '{TRANSFORMER_SUBFOLDER}/*'`), "
-            "set HF_HUB_CACHE to the cache that holds it, or point the source at a local folder"
+            f"{where} is not in the local cache ({constants.HF_HUB_CACHE})"
+            + (" and HF_HUB_OFFLINE is set: unset it to download" if offline else " and the hub cannot be reached: check the network and run again")
+            + f", download it first (`{_download_hint(repo, revision, subfolder)}`), set HF_HUB_CACHE (or HF_HOME) to the cache that holds it, "
+            "or point the source at a local folder"
         ) from None
     except HFValidationError as e:
         raise SourceError(f"{where}: {e}") from None
     except (HfHubHTTPError, OSError) as e:
         raise SourceError(f"{where}: the hub answered with an error: {e}") from None
+    except TransportError as e:
+        raise SourceError(f"{where}: cannot reach the hub ({type(e).__name__}: {e}): check the network or proxy settings, or set HF_HUB_OFFLINE=1 to use the local cache only") from None
     folder = snapshot / subfolder if subfolder else snapshot
     if not folder.is_dir():
         raise SourceError(f"{where} has no folder '{subfolder}'")
@@ -67,6 +86,11 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
     if subfolder:
         origin["subfolder"] = subfolder
     return folder, origin
+
+
+def _download_hint(repo: str, revision: str | None, subfolder: str | None) -> str:
+    folder = TRANSFORMER_SUBFOLDER if subfolder is None else subfolder.strip("/")
+    return f"hf download {repo}" + (f" --revision {revision}" if revision else "") + (f" --include '{folder}/*'" if folder else "")
 
 
 def _find_subfolder(repo: str, revision: str | None) -> str:

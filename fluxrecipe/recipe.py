@@ -26,6 +26,7 @@ SOURCE_FIELDS = ("repo", "revision", "subfolder", "path", "demo")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 # The only interpolation a recipe may hold: a reference to one of its own values.
 SAFE_INTERPOLATION = re.compile(r"\$\{(?:recipe\.|\.+)[A-Za-z_][\w.-]*\}")
+RELATIVE = re.compile(r"\$\{(\.+)")
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,10 @@ def _refuse_resolvers(value: Any, path: tuple, here: "_Locator") -> None:
         for i, v in enumerate(value):
             _refuse_resolvers(v, path + (i,), here)
     elif isinstance(value, str) and "${" in value:
-        if value.count("${") != len(SAFE_INTERPOLATION.findall(value)):
+        # ${.x} is a sibling of the value, each further dot one level up: more dots than the value is deep
+        # leave the recipe (${..output} in `description` reads the run's config).
+        escapes = any(len(dots) > len(path) for dots in RELATIVE.findall(value))
+        if escapes or value.count("${") != len(SAFE_INTERPOLATION.findall(value)):
             raise RecipeError(
                 f"{here.at(path)}: {value!r}: a recipe may only refer to its own values, as ${{recipe.NAME}}; "
                 "resolvers (oc.env, oc.decode, hydra:, ...) and outside references are refused so that a shared recipe cannot read your environment"
@@ -274,7 +278,7 @@ def _compose(file: str | None):
     try:
         with open(file, encoding="utf-8") as f:
             return yaml.compose(f, Loader=yaml.SafeLoader)
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return None
 
 

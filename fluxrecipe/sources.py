@@ -159,11 +159,15 @@ def _files_of_index(name: str, folder: Path, index: Path) -> dict[Path, list[str
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise SourceError(f"source '{name}': {index} is not a valid safetensors index ({e})") from None
     files: dict[Path, list[str]] = {}
     for key, shard in weight_map.items():
-        path = folder / str(shard)
+        if not key.isprintable():
+            raise SourceError(f"source '{name}': {index} names key {key!r}, which holds unprintable characters")
+        if not isinstance(shard, str) or shard in ("", ".", "..") or "/" in shard or "\\" in shard or not shard.isprintable():
+            raise SourceError(f"source '{name}': {index} names shard {shard!r} for key '{key}': a shard must be a file name in the index's own folder")
+        path = folder / shard
         if not path.is_file():
             raise SourceError(f"source '{name}': {index} names shard '{shard}' for key '{key}', but {path} does not exist")
         files.setdefault(path, []).append(key)
@@ -176,7 +180,7 @@ def _config(name: str, folder: Path) -> dict[str, Any] | None:
         return None
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise SourceError(f"source '{name}': {path} is not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise SourceError(f"source '{name}': {path} is not a JSON object")

@@ -52,6 +52,8 @@ class Header:
     path: str
     entries: dict[str, TensorEntry]
     metadata: dict[str, str]
+    data_start: int = 0  # absolute offset of the data: 8 + the header's length
+    size: int = 0  # of the whole file
 
 
 def read_header(path: str) -> Header:
@@ -70,9 +72,11 @@ def read_header(path: str) -> Header:
     except OSError as e:
         raise SourceError(f"{path}: cannot read: {e.strerror or e}") from e
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path}: the safetensors header is not valid JSON ({e})") from e
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise SourceError(f"{path}: the safetensors header gives '{e.args[0]}' twice (a tensor or field named twice)") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an integer too long, nested too deep
+        raise SourceError(f"{path}: the safetensors header is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise SourceError(f"{path}: the safetensors header is not a JSON object")
     metadata = doc.pop("__metadata__", None) or {}
@@ -82,15 +86,31 @@ def read_header(path: str) -> Header:
     data_size = size - data_start
     entries = {name: _entry(path, name, info, data_start, data_size) for name, info in doc.items()}
     _check_no_overlap(path, entries.values())
-    return Header(path=path, entries=entries, metadata=metadata)
+    return Header(path=path, entries=entries, metadata=metadata, data_start=data_start, size=size)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json's object hook that refuses a name given twice (json itself keeps the last one silently)."""
+    doc: dict[str, object] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise _DuplicateKey(key)
+        doc[key] = value
+    return doc
 
 
 def _entry(path: str, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
+    if not name.isprintable():  # control characters in a name would reach the terminal in every message about it
+        raise SourceError(f"{path}: tensor name {name!r} holds unprintable characters")
     where = f"{path}: tensor '{name}'"
     if not isinstance(info, dict):
         raise SourceError(f"{where}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise SourceError(f"{where}: unsupported dtype {dtype!r} (fluxrecipe reads {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
         raise SourceError(f"{where}: shape {shape!r} is not a list of non-negative integers")
@@ -101,7 +121,7 @@ def _entry(path: str, name: str, info: object, data_start: int, data_size: int) 
     if end - begin != expected:
         raise SourceError(f"{where}: data_offsets {offsets} hold {end - begin} bytes but {dtype} {shape} needs {expected}")
     if end > data_size:
-        raise SourceError(f"{where}: data ends at byte {end} but the file holds only {data_size} bytes of data: the file is truncated")
+        raise SourceError(f"{where}: data ends at byte {end} but the file holds only {data_size} bytes of data: the file is truncated or its header is corrupt")
     return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), begin=data_start + begin, nbytes=expected)
 
 

@@ -88,11 +88,15 @@ class StreamingFile:
         except OSError as e:
             raise OutputError(f"{self.path}: flushing to disk failed: {e.strerror}") from None
         finally:
-            os.close(self.fd)
+            self.abort()
         return FileRecord(self.size, self._hash.hexdigest())
 
     def abort(self) -> None:
-        os.close(self.fd)
+        """Close the file, once: a failed close() is aborted again by the caller's cleanup, and an fd number
+        closed twice may by then belong to another file (a source being read by a worker thread)."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
 
 
 def open_shard(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> StreamingFile:
@@ -168,6 +172,8 @@ def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(previous, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if previous.exists() and not target.exists():  # interrupted between the two renames
+                previous.rename(target)
             raise
 
 

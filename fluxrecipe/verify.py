@@ -1,0 +1,267 @@
+"""`python -m fluxrecipe verify FOLDER`: check a model folder before trusting it.
+
+Every problem is one line naming the file (and the key) at fault; the exit status is 0 when there is none, 1
+otherwise. What is checked:
+- the manifest (fluxrecipe.manifest.json, written with every merge): each file it lists is there with that
+  size and sha256, and no weight or JSON file stands in the folder that it does not list;
+- the index: every shard it names exists and holds the keys it assigns to it, every shard in the folder is
+  named, every key of every shard is in the index for that shard, and total_size is the sum of the tensors;
+- every shard's safetensors header: it parses (st_format.read_header checks dtypes, shapes and offsets) and
+  its tensors fill the data area back to back, from its first byte to its last;
+- config.json: diffusers' model class builds exactly the keys and shapes the shards hold, no more, no fewer
+  (a key a config needs but no shard holds is what diffusers fills with random weights, warning only).
+`--no-hash` skips reading the data for the sha256 (sizes are still compared): seconds instead of minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import FluxRecipeError
+from .execute import MANIFEST_NAME
+from .plan import INDEX_NAME, SHOWN, _some
+from .sources import DIFFUSERS_WEIGHTS
+from .st_format import Header, read_header
+
+BLOCK = 16 << 20  # bytes read at a time for the sha256
+
+
+@dataclass
+class Report:
+    folder: Path
+    problems: list[str] = field(default_factory=list)
+    files: int = 0  # checked against the manifest
+    shards: int = 0
+    tensors: int = 0
+    model: str | None = None  # the config's model class, when it was checked
+
+    def add(self, path: Path | str, text: str) -> None:
+        self.problems.append(f"{path}: {text}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fluxrecipe verify",
+        description="Check a merged model folder against its manifest (sizes, sha256), its index, its safetensors headers and its config.json.",
+    )
+    parser.add_argument("folder", help="the output folder of a merge (or a pipeline folder holding transformer/)")
+    parser.add_argument("--no-hash", action="store_true", help="compare sizes only, do not read the data for sha256")
+    args = parser.parse_args(argv)
+    report = verify_folder(Path(args.folder), hash_files=not args.no_hash)
+    if report.problems:
+        for problem in report.problems:
+            print(f"fluxrecipe verify: {problem}", file=sys.stderr)
+        print(f"fluxrecipe verify: {report.folder}: {len(report.problems)} problem(s): do not use this folder as it is", file=sys.stderr)
+        return 1
+    hashed = "sizes and sha256" if not args.no_hash else "sizes (sha256 not checked)"
+    print(
+        f"{report.folder}: ok: {report.files} files match the manifest ({hashed}); {report.tensors} tensors in {report.shards} shard(s) "
+        f"match the index, their headers and config.json ({report.model})"
+    )
+    return 0
+
+
+def verify_folder(folder: Path, hash_files: bool = True) -> Report:
+    """Every problem of `folder`, each a message naming its file (and key)."""
+    folder = folder.expanduser()
+    if not folder.is_dir():
+        return Report(folder, [f"{folder}: " + ("not a folder (verify checks a model folder)" if folder.exists() else "no such folder")])
+    if not (folder / MANIFEST_NAME).exists() and not list(folder.glob("*.safetensors")) and (folder / "transformer").is_dir():
+        folder = folder / "transformer"  # a pipeline folder
+    report = Report(folder)
+    _check_manifest(folder, report, hash_files)
+    keys = _check_shards(folder, report)
+    if keys is not None:
+        _check_config(folder, keys, report)
+    return report
+
+
+def _check_manifest(folder: Path, report: Report, hash_files: bool) -> None:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        report.add(path, "missing: sizes and sha256 cannot be checked (not a fluxrecipe output, or the manifest was removed)")
+        return
+    listed = _json_field(path, "files", dict, report, "manifest: 'files' must map file names to {size, sha256}")
+    if listed is None:
+        return
+    for name, record in listed.items():
+        if not _plain_name(name):
+            report.add(path, f"lists {name!r}, which is not a file name in this folder")
+            continue
+        file = folder / name
+        if not file.is_file():
+            report.add(file, "missing (the manifest lists it)")
+            continue
+        size = file.stat().st_size
+        if size != record.get("size"):
+            report.add(file, f"{size} bytes, the manifest says {record.get('size')}: the file was truncated or changed after the merge")
+            continue
+        if hash_files:
+            digest = _sha256(file)
+            if digest != record.get("sha256"):
+                report.add(file, f"sha256 {digest} differs from the manifest's {record.get('sha256')}: the file changed after the merge")
+                continue
+        report.files += 1
+    for file in sorted(folder.iterdir()):
+        if file.name not in listed and file.name != MANIFEST_NAME and file.suffix in (".safetensors", ".json") and not file.name.startswith("."):
+            report.add(file, "not listed in the manifest: added or renamed after the merge")
+
+
+def _json_field(path: Path, field: str, value_type: type, report: Report, what: str) -> dict | None:
+    """The mapping `field` of JSON file `path`, its values all of `value_type`; else None, the problem reported."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))[field]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        report.add(path, f"not a valid {what.split(':')[0]} ({type(e).__name__}: {e})")
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, value_type) for v in value.values()):
+        report.add(path, f"not a valid {what}")
+        return None
+    return value
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while chunk := os.pread(fd, BLOCK, offset):
+            digest.update(chunk)
+            os.posix_fadvise(fd, offset, len(chunk), os.POSIX_FADV_DONTNEED)  # a 24 GB check need not fill the page cache
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def _plain_name(name: object) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _check_shards(folder: Path, report: Report) -> dict[str, tuple[int, ...]] | None:
+    """Index and headers; the keys and shapes the shards hold, or None when the shards cannot be read."""
+    assigned = _weight_map(folder, report)
+    if assigned is None:
+        return None
+    owner = {key: shard for shard, wanted in assigned.items() for key in wanted}
+    keys: dict[str, tuple[int, ...]] = {}
+    index = folder / INDEX_NAME
+    total = 0
+    readable = True
+    for shard, wanted in assigned.items():
+        path = folder / shard
+        if not path.is_file():
+            report.add(index, f"names shard '{shard}' (for {_some(wanted)}), which does not exist")
+            readable = False
+            continue
+        try:
+            header = read_header(str(path))
+        except FluxRecipeError as e:
+            report.problems.append(str(e))
+            readable = False
+            continue
+        report.shards += 1
+        _check_layout(header, report)
+        for key in wanted:
+            if key not in header.entries:
+                report.add(path, f"lacks '{key}', which the index assigns to it")
+                readable = False
+        for key, entry in header.entries.items():
+            if owner.get(key) != shard:
+                elsewhere = f"the index assigns it to '{owner[key]}'" if key in owner else "the index does not list it"
+                report.add(path, f"holds '{key}', but {elsewhere}")
+                continue
+            keys[key] = entry.shape
+            total += entry.nbytes
+    report.tensors = len(keys)
+    declared = _total_size(index)
+    if readable and declared is not None and declared != total:
+        report.add(index, f"metadata.total_size is {declared}, the shards hold {total} bytes of tensors")
+    return keys if readable else None
+
+
+def _weight_map(folder: Path, report: Report) -> dict[str, list[str]] | None:
+    """Shard file name -> the keys the index assigns to it (a lone unindexed file: all of its keys)."""
+    index = folder / INDEX_NAME
+    shards = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
+    if not index.is_file():
+        if shards == [DIFFUSERS_WEIGHTS]:
+            try:
+                return {DIFFUSERS_WEIGHTS: list(read_header(str(folder / DIFFUSERS_WEIGHTS)).entries)}
+            except FluxRecipeError as e:
+                report.problems.append(str(e))
+                return None
+        report.add(index, "missing: " + ("the folder holds no .safetensors file" if not shards else f"nothing says which of {len(shards)} shards holds which key"))
+        return None
+    weight_map = _json_field(index, "weight_map", str, report, "safetensors index: 'weight_map' must map keys to shard file names")
+    if weight_map is None:
+        return None
+    assigned: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        if not _plain_name(shard):
+            report.add(index, f"names shard {shard!r} for '{key}', which is not a file name in this folder")
+            return None
+        assigned.setdefault(shard, []).append(key)
+    for shard in shards:
+        if shard not in assigned:
+            report.add(folder / shard, "is not named by the index: a stray shard (from another merge?)")
+    return assigned
+
+
+def _total_size(index: Path) -> int | None:
+    try:
+        value = json.loads(index.read_text(encoding="utf-8")).get("metadata", {}).get("total_size")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _check_layout(header: Header, report: Report) -> None:
+    """The tensors fill the data area back to back: no gap, nothing after the last one (overlaps: read_header)."""
+    position = header.data_start
+    for entry in sorted(header.entries.values(), key=lambda e: (e.begin, e.nbytes)):
+        if entry.begin != position:
+            report.add(header.path, f"tensor '{entry.name}' starts at byte {entry.begin}, {entry.begin - position} bytes after the previous one ends: a gap in the data")
+        position = entry.begin + entry.nbytes
+    if position != header.size:
+        report.add(header.path, f"{header.size - position} bytes follow the last tensor's data: the file is not what its header describes")
+
+
+def _check_config(folder: Path, keys: dict[str, tuple[int, ...]], report: Report) -> None:
+    from .architecture import expected_parameters
+
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise TypeError("not a JSON object")
+    except FileNotFoundError:
+        report.add(path, "missing: diffusers cannot load the folder without it")
+        return
+    except (OSError, ValueError, TypeError, RecursionError) as e:
+        report.add(path, f"not a valid config ({type(e).__name__}: {e})")
+        return
+    try:
+        expected = expected_parameters(config, str(path))
+    except FluxRecipeError as e:
+        report.problems.append(str(e))
+        return
+    report.model = str(config.get("_class_name"))
+    missing = [k for k in expected if k not in keys]
+    unexpected = [k for k in keys if k not in expected]
+    wrong = [k for k in keys if k in expected and tuple(expected[k]) != tuple(keys[k])]
+    if missing:
+        report.add(path, f"{report.model} needs {len(missing)} key(s) that no shard holds ({_some(missing)}): diffusers would fill them with random weights")
+    if unexpected:
+        report.add(path, f"{report.model} has no place for {len(unexpected)} key(s) the shards hold ({_some(unexpected)})")
+    for k in wrong[:SHOWN]:
+        report.add(path, f"'{k}' is {list(keys[k])} in the shards, {report.model} needs {list(expected[k])}")
+    if len(wrong) > SHOWN:
+        report.add(path, f"and {len(wrong) - SHOWN} more key(s) of the wrong shape")
+

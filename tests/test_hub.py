@@ -1,0 +1,202 @@
+"""Hub sources, offline: a huggingface_hub cache laid out by hand, and the hub's failures made to happen.
+
+huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE once, at import: in-process tests set its constants,
+the one CLI test sets the environment of a fresh process (and checks that a token never reaches the output).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli, write_recipe
+from fluxrecipe.errors import SourceError
+
+REPO = "org/flux-mini"
+OLD = "1" * 40  # commit of tag v1.0: schnell-like
+NEW = "2" * 40  # commit of main: krea-like
+SECRET = "hf_secret-value-9c1d"
+
+
+def lay_out_cache(cache: Path, repo: str, commits: dict[str, Path], refs: dict[str, str]) -> Path:
+    """The layout huggingface_hub writes: blobs named by content hash, snapshots/COMMIT/transformer/... as
+    links to them, refs/NAME holding a commit."""
+    org, name = repo.split("/")
+    root = cache / f"models--{org}--{name}"
+    for commit, model in commits.items():
+        for file in sorted(p for p in model.rglob("*") if p.is_file()):
+            data = file.read_bytes()
+            blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(data)
+            link = root / "snapshots" / commit / "transformer" / file.relative_to(model)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref, commit in refs.items():
+        (root / "refs").mkdir(exist_ok=True)
+        (root / "refs" / ref).write_text(commit)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, schnell, krea) -> Path:
+    cache = tmp_path_factory.mktemp("hf-cache")
+    lay_out_cache(cache, REPO, {OLD: schnell, NEW: krea}, {"main": NEW, "v1.0": OLD})
+    return cache
+
+
+@pytest.fixture
+def offline(monkeypatch, cache) -> Path:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def open_hub(text: str | None = None, **spec):
+    from fluxrecipe.recipe import SourceSpec
+    from fluxrecipe.sources import open_source
+
+    return open_source(SourceSpec(name="a", text=text, **spec))
+
+
+# --- resolution from the cache -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, spec, commit, revision",
+    [
+        (REPO, {}, NEW, "main"),
+        (f"{REPO}@v1.0", {}, OLD, "v1.0"),
+        (f"{REPO}@{OLD}", {}, OLD, OLD),
+        (None, {"repo": REPO, "revision": "v1.0"}, OLD, "v1.0"),
+        (None, {"repo": REPO, "subfolder": "transformer"}, NEW, "main"),
+    ],
+    ids=["main", "tag", "commit", "mapping", "subfolder"],
+)
+def test_hub_source_resolves_from_the_cache(offline, text, spec, commit, revision):
+    checkpoint = open_hub(text, **spec)
+    assert Path(checkpoint.folder) == offline / f"models--org--flux-mini/snapshots/{commit}/transformer"
+    assert checkpoint.origin == {"repo": REPO, "revision": revision, "commit": commit, "subfolder": "transformer"}
+    guidance = any("guidance" in k for k in checkpoint.tensors)
+    assert guidance == (commit == NEW)  # the tag's files, not main's
+
+
+def test_uncached_repo(offline):
+    with pytest.raises(SourceError) as e:
+        open_hub("org/absent")
+    msg = str(e.value)
+    assert "source 'a': hub repo 'org/absent' is not in the local cache" in msg and str(offline) in msg
+    assert "HF_HUB_OFFLINE is set: unset it" in msg and "`hf download org/absent --include 'transformer/*'`" in msg and "HF_HUB_CACHE" in msg
+
+
+def test_uncached_revision(offline):
+    with pytest.raises(SourceError) as e:
+        open_hub(f"{REPO}@v9")
+    assert f"hub repo '{REPO}' at revision 'v9' is not in the local cache" in str(e.value)
+    assert f"`hf download {REPO} --revision v9 --include 'transformer/*'`" in str(e.value)
+
+
+# --- failures of the hub itself (the real exception classes, raised where huggingface_hub raises them) -----
+
+
+def httpx():
+    try:
+        import httpx2 as module
+    except ImportError:  # huggingface_hub 1.x
+        import httpx as module
+    return module
+
+
+def http_error(cls, status: int, text: str):
+    request = httpx().Request("GET", f"https://huggingface.co/api/models/{REPO}")
+    return cls(f"{status} Client Error. {text}", response=httpx().Response(status, request=request))
+
+
+def hub_raises(monkeypatch, error: Exception, offline: bool = False) -> str:
+    """Every huggingface_hub call of fluxrecipe raises `error`; returns fluxrecipe's message."""
+    from huggingface_hub import constants
+
+    from fluxrecipe import hub
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(hub, "hf_hub_download", fail)
+    monkeypatch.setattr(hub, "snapshot_download", fail)
+    with pytest.raises(SourceError) as e:
+        open_hub(REPO)
+    return str(e.value)
+
+
+def test_gated_repo_without_a_token(monkeypatch):
+    from huggingface_hub.errors import GatedRepoError
+
+    msg = hub_raises(monkeypatch, http_error(GatedRepoError, 403, "Cannot access gated repo"))
+    assert f"hub repo '{REPO}' is gated" in msg and f"accept its licence at https://huggingface.co/{REPO}" in msg
+    assert "`hf auth login`" in msg and "HF_TOKEN" in msg
+
+
+def test_repo_not_found(monkeypatch):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    msg = hub_raises(monkeypatch, http_error(RepositoryNotFoundError, 404, "Repository Not Found"))
+    assert f"hub repo '{REPO}' was not found" in msg and "check the name" in msg and "`hf auth login`" in msg
+
+
+def test_revision_not_found(monkeypatch):
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    msg = hub_raises(monkeypatch, http_error(RevisionNotFoundError, 404, "Revision Not Found"))
+    assert f"hub repo '{REPO}': no such revision" in msg
+
+
+def test_no_network_and_nothing_cached(monkeypatch, cache):
+    """Not offline by choice: the hub cannot be reached, and huggingface_hub finds nothing in the cache."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    msg = hub_raises(monkeypatch, LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub"))
+    assert f"hub repo '{REPO}' is not in the local cache" in msg and "the hub cannot be reached: check the network" in msg
+    assert f"`hf download {REPO} --include 'transformer/*'`" in msg
+
+
+def test_proxy_error(monkeypatch):
+    msg = hub_raises(monkeypatch, httpx().ProxyError("407 Proxy Authentication Required"))
+    assert f"hub repo '{REPO}': cannot reach the hub (ProxyError" in msg and "proxy settings" in msg
+
+
+# --- a real run: the environment huggingface_hub reads, provenance, and no token in the output -------------
+
+
+def test_cli_merges_from_the_cache_and_keeps_no_token(tmp_path, cache, krea):
+    folder = tmp_path / "recipes"
+    write_recipe(folder, "hubmix", f"sources: {{a: '{REPO}@v1.0', b: '{krea}'}}\nbase: a\nrules: [{{match: '.*', op: 'lerp:0.5'}}]\n")
+    run_dir = tmp_path / "run"  # no output=: the model goes to <run dir>/transformer, beside Hydra's .hydra/
+    env = {
+        "FLUXRECIPE_RECIPE_PATH": str(folder),
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "HF_TOKEN": SECRET,
+        "FLUXRECIPE_CANARY": "canary-value-55e1",
+    }
+    done = run_cli(["recipe=hubmix", f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    out = run_dir / "transformer"
+    provenance = json.loads((out / "fluxrecipe.json").read_text())
+    assert provenance["sources"]["a"] == {"spec": f"{REPO}@v1.0", "repo": REPO, "revision": "v1.0", "commit": OLD, "subfolder": "transformer"}
+    pinned = yaml.safe_load((out / "recipe.yaml").read_text())["sources"]["a"]
+    assert pinned == {"repo": REPO, "revision": OLD, "subfolder": "transformer"}  # replays the exact files
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert len(files) > 8  # the model, its side files, Hydra's .hydra/*.yaml and the log
+    for p in files:
+        data = p.read_bytes()
+        assert SECRET.encode() not in data and b"canary-value-55e1" not in data, f"{p} holds an environment value"
+    assert SECRET not in done.stdout + done.stderr
+
