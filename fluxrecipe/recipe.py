@@ -225,7 +225,8 @@ def _rule(index: int, value: Any, sources: dict[str, SourceSpec], here: "_Locato
             raise RecipeError(f"{here.at(('rules', index, 'sources'))}: sources must be a list of source names")
         if op.name == "take":
             raise RecipeError(f"{here.at(('rules', index, 'sources'))}: take:NAME chooses its source itself; remove the rule's sources")
-    inputs = _inputs(op, names, sources, here.at(("rules", index, "op")))
+    # a fault in the inputs is on the rule's `sources:` line when it names them, else on its op's line
+    inputs = _inputs(op, names, sources, here.at(("rules", index, "op" if names is None else "sources")))
     return Rule(index=index, match=match, pattern=pattern, op=op, sources=inputs, optional=optional, where=where)
 
 

@@ -8,6 +8,7 @@ safetensors' own `load_file`, independent of fluxrecipe's header parser.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -118,3 +119,84 @@ def merge(overrides: list[str]):
     from fluxrecipe.run import run_job
 
     return run_job(compose(overrides))
+
+
+# --- additions for the core suite (ops, recipes, plans, merges, CLI) ---------------------------------------
+
+OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@pytest.fixture(scope="session")
+def dev(tmp_path_factory) -> Path:
+    """A third source, Krea's architecture (guidance embedder), saved as float32 in 90 KB shards."""
+    return make_flux(tmp_path_factory.mktemp("dev") / "transformer", guidance=True, seed=2, shard="90KB", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def half(tmp_path_factory) -> Path:
+    """A fourth source, Krea's architecture, saved as float16 in 25 KB shards."""
+    return make_flux(tmp_path_factory.mktemp("half") / "transformer", guidance=True, seed=3, shard="25KB", dtype=torch.float16)
+
+
+@pytest.fixture
+def recipe_dir(tmp_path, monkeypatch) -> Path:
+    """A user recipe folder on FLUXRECIPE_RECIPE_PATH for this test only."""
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(folder))
+    return folder
+
+
+def reference(op: str, inputs: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The documented formula of `op` (as `name:args`) in plain torch: inputs upcast to float32, the float32
+    operations in the order ops.py documents, one rounding to `dtype` at the end. Independent of fluxrecipe."""
+    name, _, rest = op.partition(":")
+    args = [float(a) for a in rest.split(",")] if rest and name != "take" else []
+    xs = [x.to(torch.float32) for x in inputs]
+    if name == "take":
+        out = xs[0]
+    elif name == "average":
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x
+        out = out / len(xs)
+    elif name == "lerp":
+        out = (1.0 - args[0]) * xs[0] + args[0] * xs[1]
+    elif name == "weighted":
+        out = args[0] * xs[0]
+        for w, x in zip(args[1:], xs[1:]):
+            out = out + w * x
+    elif name == "add_difference":
+        out = xs[0] + args[0] * (xs[1] - xs[2])
+    else:
+        raise ValueError(op)
+    return out.to(dtype)
+
+
+def shard_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def tiny_config(guidance: bool, **changes) -> dict:
+    """The config.json diffusers writes for a tiny FLUX model (see TINY), without building one."""
+    return {"_class_name": "FluxTransformer2DModel", **TINY, "num_layers": 2, "num_single_layers": 2, "guidance_embeds": guidance, **changes}
+
+
+def fake_checkpoint(name: str, guidance: bool, dtype: str = "BF16", *, drop=(), reshape=None, config=True):
+    """A Checkpoint of a tiny FLUX model made by hand (no file is ever read): the keys and shapes diffusers
+    builds from tiny_config, laid out in two made-up files. `drop` removes keys, `reshape` maps key -> shape."""
+    from fluxrecipe.architecture import expected_parameters
+    from fluxrecipe.sources import Checkpoint, TensorLoc
+    from fluxrecipe.st_format import ITEMSIZE
+
+    cfg = tiny_config(guidance)
+    shapes = expected_parameters(cfg, "test")
+    tensors, offset = {}, 0
+    for i, (key, shape) in enumerate(shapes.items()):
+        if key in drop:
+            continue
+        shape = tuple((reshape or {}).get(key, shape))
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
+        tensors[key] = TensorLoc(name, key, f"/nowhere/{name}/part{i % 2}.safetensors", offset, nbytes, dtype, shape)
+        offset += nbytes
+    return Checkpoint(name=name, folder=f"/nowhere/{name}", tensors=tensors, config=cfg if config else None, origin={"path": f"/nowhere/{name}"})
