@@ -123,8 +123,10 @@ def _parse(data: dict, here: "_Locator") -> Recipe:
         if isinstance(value, list) and value and all(_is_number(v) for v in value):
             raise RecipeError(f"{here.at((key,))}: parameter {key!r} is a list: per-block schedules are not supported yet (recipe language v1)")
         if not _is_number(value):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise RecipeError(
-                f"{here.at((key,))}: unknown field {key!r} (fields: {', '.join(RECIPE_FIELDS)}; any other top-level value is a named parameter and must be a number)"
+                f"{here.at((key,))}: {key!r} is not a recipe field ({', '.join(RECIPE_FIELDS)}), so it is a named parameter, "
+                f"and a parameter must be a number; got {shown}"
             )
         params[key] = value
 
