@@ -200,3 +200,51 @@ def fake_checkpoint(name: str, guidance: bool, dtype: str = "BF16", *, drop=(), 
         tensors[key] = TensorLoc(name, key, f"/nowhere/{name}/part{i % 2}.safetensors", offset, nbytes, dtype, shape)
         offset += nbytes
     return Checkpoint(name=name, folder=f"/nowhere/{name}", tensors=tensors, config=cfg if config else None, origin={"path": f"/nowhere/{name}"})
+
+
+def run_recipe(recipe_dir: Path, output: Path, recipe: dict | str, *overrides: str, name: str = "t"):
+    """Write `recipe` (fields, or YAML text) as NAME.yaml into the test's recipe folder and merge it in-process
+    into `output`; returns run_job's Result (the Plan for a dry run)."""
+    import yaml
+
+    text = recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False)
+    write_recipe(recipe_dir, name, text)
+    return merge([f"recipe={name}", f"output={output}", "progress=false", *overrides])
+
+
+@pytest.fixture(scope="session")
+def state_of():
+    """load_state, remembered per folder for the session (the source models never change)."""
+    cache: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def get(folder: Path) -> dict[str, torch.Tensor]:
+        if folder not in cache:
+            cache[folder] = load_state(folder)
+        return cache[folder]
+
+    return get
+
+
+def save_sharded(state: dict[str, torch.Tensor], folder: Path, groups: list[list[str]], config: dict) -> Path:
+    """A diffusers folder laid out by hand: shard i holds exactly the keys of groups[i], plus index and config."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    weight_map = {}
+    for i, keys in enumerate(groups, 1):
+        name = f"diffusion_pytorch_model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: state[k].contiguous() for k in keys}, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    total = sum(state[k].nbytes for k in weight_map)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def config_of(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def source_overrides(schnell: Path, krea: Path) -> list[str]:
+    return [f"recipe.sources.schnell={schnell}", f"recipe.sources.krea={krea}"]
