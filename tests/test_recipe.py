@@ -159,6 +159,8 @@ rules:
         ("  - match: x\n    op: average\n    sources: [a, nope]  # FAULT", "rules[1].sources", ["unknown source 'nope' (sources: a, b, c)"]),
         ("  - match: x\n    op: average\n    sources: [a, a]  # FAULT", "rules[1].sources", ["a source is named twice"]),
         ("  - match: x\n    op: take:a\n    sources: [a]  # FAULT", "rules[1].sources", ["take:NAME chooses its source itself"]),
+        ("  - match: x\n    op: drop\n    sources: [a, nope]  # FAULT", "rules[1].sources", ["drop reads no source"]),
+        ("  - match: x\n    op: lerp:${recipe.alhpa}  # FAULT\n    sources: [a, b]", "rules[1].op", ["cannot resolve 'lerp:${recipe.alhpa}': Interpolation key 'recipe.alhpa' not found"]),
         ("  - match: x\n    op: average\n    optional: maybe  # FAULT", "rules[1].optional", ["optional must be true or false"]),
         ("  - match: x  # FAULT\n    op: average\n    sourcse: [a]", "rules[1]", ["unknown field(s) 'sourcse'"]),
         ("  - match: x  # FAULT", "rules[1]", ["rule has no op"]),
@@ -167,7 +169,8 @@ rules:
     ids=[
         "bad-regex", "unknown-op", "lerp-not-a-number", "lerp-nan", "lerp-two-numbers", "lerp-three-sources",
         "add_difference-two-sources", "weighted-wrong-count", "average-with-argument", "take-without-source",
-        "take-unknown-source", "rule-sources-unknown", "rule-sources-twice", "take-with-rule-sources",
+        "take-unknown-source", "rule-sources-unknown", "rule-sources-twice", "take-with-rule-sources", "drop-with-rule-sources",
+        "interpolation-typo",
         "optional-not-bool", "unknown-rule-field", "no-op", "resolver-in-rule-sources",
     ],
 )

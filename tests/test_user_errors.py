@@ -64,6 +64,7 @@ CASES = [
     pytest.param(dict(rules="  - match: 'blocks.(1'  # FAULT\n    op: average\n"), RecipeError, "rules[0].match", ["'blocks.(1' is not a valid regular expression"], id="bad-regex"),
     pytest.param(dict(catch_all="mean  # FAULT"), RecipeError, "rules[0].op", ["unknown op 'mean' (ops: take:NAME, average, lerp:A"], id="unknown-op"),
     pytest.param(dict(catch_all="lerp:abc  # FAULT"), RecipeError, "rules[0].op", ["'abc' is not a number (usage: lerp:A)"], id="lerp-not-a-number"),
+    pytest.param(dict(catch_all="lerp:${recipe.alhpa}  # FAULT", head="alpha: 0.3\n"), RecipeError, "rules[0].op", ["cannot resolve 'lerp:${recipe.alhpa}': Interpolation key 'recipe.alhpa' not found"], id="interpolation-typo"),
     pytest.param(dict(catch_all="weighted:0.2,0.3,0.5  # FAULT"), RecipeError, "rules[0].op", ["weighted:0.2,0.3,0.5 gives 3 weights for 2 sources (schnell, krea)"], id="weighted-wrong-count"),
     pytest.param(dict(rules="  - match: transfomer_blocks  # FAULT\n    op: take:krea\n"), PlanError, "rules[0]", ["(match 'transfomer_blocks') decides no key", "A typo?", "optional: true"], id="rule-matches-nothing"),
     pytest.param(dict(rules="  - match: guidance  # FAULT\n    op: take:krea\n"), PlanError, "rules[0]", ["decides no key: it matches no key of the base 'schnell' (it matches 4 of krea"], id="rule-matches-only-dropped-keys"),
