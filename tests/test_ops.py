@@ -78,6 +78,12 @@ def test_drop_leaves_keys_out_and_the_rest_merged(recipe_dir, tmp_path, state_of
     assert {d["reason"] for d in dropped} == {"dropped by rules[0] (match 'guidance', op drop)"}
     assert result.bytes_read == sum(a[k].nbytes + b[k].nbytes for k in kept)
 
+    from diffusers import FluxTransformer2DModel
+
+    model, info = FluxTransformer2DModel.from_pretrained(out, output_loading_info=True)
+    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    assert model.config.guidance_embeds is False and model.time_text_embed.__class__.__name__ == "CombinedTimestepTextProjEmbeddings"
+
 
 def test_chunking_and_threads_do_not_change_a_bit(recipe_dir, tmp_path, krea, dev, half):
     """Chunks of 61 elements (a prime) cut every tensor mid-row; the shards must equal those of the default run, byte for byte."""

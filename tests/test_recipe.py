@@ -5,8 +5,12 @@ No source is opened here: a recipe is checked on its own, before any file is loo
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from omegaconf import OmegaConf
+
+from conftest import compose, write_recipe
 
 from fluxrecipe.errors import RecipeError
 from fluxrecipe.recipe import load_recipe
@@ -207,3 +211,24 @@ def test_refused_resolver_is_never_called(monkeypatch):
     finally:
         OmegaConf.clear_resolver("fluxrecipe_test_spy")
     assert calls == []
+
+
+# --- where recipes come from --------------------------------------------------------------------------------
+
+
+def test_user_recipe_shadows_a_builtin_and_the_first_folder_listed_wins(tmp_path, monkeypatch):
+    from fluxrecipe.catalog import recipe_files
+    from fluxrecipe.run import recipe_of
+
+    body = "sources: {{a: org/a, b: org/b}}\nalpha: {}\nrules:\n  - match: '.*'\n    op: lerp:${{recipe.alpha}}\n"
+    first = write_recipe(tmp_path / "first", "krea_schnell", body.format(0.1))
+    write_recipe(tmp_path / "second", "krea_schnell", body.format(0.2))
+    write_recipe(tmp_path / "second", "only_second", body.format(0.3))
+    monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", os.pathsep.join([str(tmp_path / "first"), str(tmp_path / "second")]))
+
+    files = recipe_files()
+    assert files["krea_schnell"] == first.resolve()
+    assert {"demo", "krea_schnell_guided", "only_second"} <= set(files)
+    r = recipe_of(compose(["recipe=krea_schnell"]))
+    assert (r.file, r.params, r.rules[0].op.args) == (str(first.resolve()), {"alpha": 0.1}, (0.1,))
+    assert recipe_of(compose(["recipe=only_second", "recipe.alpha=0.7"])).rules[0].op.args == (0.7,)
