@@ -20,7 +20,6 @@ from conftest import (
     load_state,
     merge,
     reference,
-    run_recipe,
     save_sharded,
     shard_files,
     source_overrides,
