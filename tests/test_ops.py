@@ -85,14 +85,25 @@ def test_drop_leaves_keys_out_and_the_rest_merged(recipe_dir, tmp_path, state_of
     assert model.config.guidance_embeds is False and model.time_text_embed.__class__.__name__ == "CombinedTimestepTextProjEmbeddings"
 
 
-def test_chunking_and_threads_do_not_change_a_bit(recipe_dir, tmp_path, krea, dev, half):
-    """Chunks of 61 elements (a prime) cut every tensor mid-row; the shards must equal those of the default run, byte for byte."""
-    recipe = {"sources": {"krea": str(krea), "dev": str(dev), "half": str(half)}, "rules": [{"match": ".*", "op": "add_difference:0.3"}], "dtype": "fp16"}
-    run_recipe(recipe_dir, tmp_path / "default", recipe, "shard_size=40KB")
-    run_recipe(recipe_dir, tmp_path / "chunked", recipe, "shard_size=40KB", "chunk_elements=61", "threads=3")
-    default, chunked = shard_files(tmp_path / "default"), shard_files(tmp_path / "chunked")
-    assert [p.name for p in default] == [p.name for p in chunked]
-    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(default, chunked))
+def test_chunking_threads_and_diagnostics_do_not_change_a_bit(recipe_dir, tmp_path, state_of, krea, dev, half):
+    """Chunks of 61 elements (a prime) cut every tensor mid-row, 3 threads finish them out of order, and without
+    diagnostics a same-dtype take copies raw bytes: the shards must still be those of the default run, byte
+    for byte, and the default run must be the reference (take:half is a byte copy, take:dev a conversion)."""
+    rules = [{"match": "attn", "op": "take:half"}, {"match": "norm", "op": "take:dev"}, {"match": ".*", "op": "add_difference:0.3"}]
+    recipe = {"sources": {"krea": str(krea), "dev": str(dev), "half": str(half)}, "rules": rules, "dtype": "fp16"}
+    runs = {"default": [], "chunked": ["chunk_elements=61", "threads=3"], "raw": ["diagnostics=false", "chunk_elements=61"]}
+    for name, options in runs.items():
+        run_recipe(recipe_dir, tmp_path / name, recipe, "shard_size=40KB", *options)
+    default = shard_files(tmp_path / "default")
+    for name in ("chunked", "raw"):
+        other = shard_files(tmp_path / name)
+        assert [p.name for p in other] == [p.name for p in default]
+        assert all(a.read_bytes() == b.read_bytes() for a, b in zip(default, other))
+
+    merged, sources = state_of(tmp_path / "default"), [state_of(krea), state_of(dev), state_of(half)]
+    for key, tensor in merged.items():
+        op, inputs = ("take", [sources[2]]) if "attn" in key else ("take", [sources[1]]) if "norm" in key else ("add_difference:0.3", sources)
+        assert torch.equal(tensor, reference(op, [s[key] for s in inputs], torch.float16)), key
 
 
 # --- the op functions themselves ----------------------------------------------------------------------------
