@@ -3,6 +3,8 @@ recipe line, key or file at fault, and nothing is written under the output's nam
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -127,11 +129,17 @@ def test_no_recipe_chosen_lists_the_recipes(out):
     refused(UsageError, ["no recipe chosen: run `python -m fluxrecipe recipe=NAME` (recipes: demo, krea_schnell, krea_schnell_guided)"], lambda: merge([f"output={out}"]), out)
 
 
-def test_output_inside_a_source_is_refused(schnell, krea):
-    out = schnell / "merged"
-    with pytest.raises(UsageError, match=f"output {out} and source 'schnell' \\({schnell}\\) overlap"):
-        merge(["recipe=krea_schnell", *source_overrides(schnell, krea), f"output={out}", "progress=false"])
-    assert not out.exists()
+@pytest.mark.parametrize("where", ["the-source", "inside-it", "its-parent"])
+def test_output_overlapping_a_source_is_refused_even_with_overwrite(tmp_path, schnell, krea, where):
+    """overwrite=true must never replace a source (or the folder holding one) with the merge."""
+    copy = tmp_path / "krea" / "transformer"
+    shutil.copytree(krea, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    out = {"the-source": copy, "inside-it": copy / "merged", "its-parent": copy.parent}[where]
+    with pytest.raises(UsageError, match=f"output {out} and source 'krea' \\({copy}\\) overlap: write the merge somewhere else"):
+        merge(["recipe=krea_schnell", *source_overrides(schnell, copy), f"output={out}", "progress=false", "overwrite=true"])
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["transformer"]
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(out, schnell, krea, state_of):
