@@ -182,15 +182,38 @@ def test_base_without_config_is_refused(checkpoints):
 # --- inputs a step needs ------------------------------------------------------------------------------------
 
 
-def test_missing_input_names_every_key_source_and_a_rule_that_fixes_it(checkpoints):
-    """Base Krea with a plain `.*` lerp: schnell lacks the guidance embedder. The hint must be a working rule."""
+def test_missing_input_names_every_key_and_the_source(checkpoints):
+    """Base Krea with a plain `.*` lerp: schnell lacks the guidance embedder."""
     message = refused(checkpoints, [{"match": ".*", "op": "lerp:0.5"}], "rules[0] (lerp:0.5) needs", "from source 's', which lacks them", sources=("s", "k"), base="k")
     for key in GUIDANCE:
         assert key in message
-    hint = re.search(r"e\.g\. \{match: '([^']+)', op: '([^']+)'\}", message)
-    assert hint.groups() == ("guidance_embedder", "take:k")
-    plan = plan_of(checkpoints, [{"match": hint[1], "op": hint[2]}, {"match": ".*", "op": "lerp:0.5"}], sources=("s", "k"), base="k")
-    assert len(plan.steps) == len(checkpoints["k"].tensors)
+    assert "e.g. {match: 'guidance_embedder', op: 'take:k'}" in message
+
+
+LACKING = {
+    "guidance": GUIDANCE,
+    "a-whole-block": [k for k in fake_checkpoint("x", guidance=True).tensors if k.startswith("single_transformer_blocks.1.")],
+    "two-unrelated-keys": ["norm_out.linear.weight", "proj_out.weight"],
+    "one-key": ["transformer_blocks.0.attn.to_q.weight"],
+}
+
+
+@pytest.mark.parametrize("lacking", LACKING.values(), ids=LACKING.keys())
+def test_the_rule_a_missing_key_error_suggests_fixes_exactly_those_keys(checkpoints, lacking):
+    """The suggested rule, put before the failing one, must take exactly the lacking keys from the base and
+    leave every other key to the rule the user wrote (a broader regex would silently stop merging them)."""
+    thin = fake_checkpoint("t", guidance=True, drop=lacking)
+    recipe = {"sources": {"k": "x", "t": "y"}, "rules": [{"match": "embedder", "op": "take:t"}, {"match": ".*", "op": "average"}]}
+    if "guidance" in lacking[0]:
+        recipe["rules"] = recipe["rules"][1:]
+    with pytest.raises(PlanError) as e:
+        make_plan(load_recipe(recipe, "t"), {"k": checkpoints["k"], "t": thin}, 10**9)
+    match, op = re.search(r"e\.g\. \{match: '([^']+)', op: '([^']+)'\}", str(e.value)).groups()
+    assert op == "take:k"
+    recipe["rules"].insert(len(recipe["rules"]) - 1, {"match": match, "op": op})
+    plan = make_plan(load_recipe(recipe, "t"), {"k": checkpoints["k"], "t": thin}, 10**9)
+    hint_rule = len(recipe["rules"]) - 2
+    assert sorted(k for k, r in rule_of(plan).items() if r == hint_rule) == sorted(lacking)
 
 
 def test_shape_mismatch_names_key_shapes_and_file(checkpoints):
