@@ -145,8 +145,8 @@ def _parse(data: dict, here: "_Locator") -> Recipe:
         if not _is_number(value):
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise RecipeError(
-                f"{here.at((key,))}: {key!r} is not a recipe field ({', '.join(RECIPE_FIELDS)}), so it is a named parameter, "
-                f"and a parameter must be a number; got {shown}"
+                f"{here.at((key,))}: unknown field {key!r}, or a parameter that is not a number: got {shown} "
+                f"(fields: {', '.join(RECIPE_FIELDS)}; any other top-level value is a named parameter and must be a number)"
             )
         params[key] = value
 

@@ -98,12 +98,12 @@ def test_a_parameter_interpolated_into_an_op_is_resolved():
 
 
 def test_a_mistyped_field_is_not_taken_for_a_parameter():
-    refused("'rule' is not a recipe field (description, sources, base, rules", "must be a number; got [{'match'", rule=[{"match": ".*", "op": "average"}])
+    refused("unknown field 'rule', or a parameter that is not a number: got [{'match'", "(fields: description, sources, base, rules", rule=[{"match": ".*", "op": "average"}])
 
 
 def test_a_parameter_that_is_not_a_number_says_so():
     """`recipe.alpha=abc` on the command line: the message must say alpha needs a number, not that it is unknown."""
-    refused("t' (composed config) alpha: 'alpha' is not a recipe field", "a parameter must be a number; got 'abc'", alpha="abc")
+    refused("t' (composed config) alpha: unknown field 'alpha', or a parameter that is not a number: got 'abc'", alpha="abc")
 
 
 def test_a_list_parameter_is_refused_until_schedules_exist():

@@ -105,7 +105,7 @@ def test_shape_mismatch_names_key_shapes_and_file(recipe_dir, out, schnell, odd_
 
 
 def test_parameter_that_is_not_a_number(out, schnell, krea):
-    refused(RecipeError, ["recipe 'krea_schnell' (", "krea_schnell.yaml:", ") alpha: ", "must be a number; got 'abc'"], lambda: merge(["recipe=krea_schnell", *source_overrides(schnell, krea), f"output={out}", "recipe.alpha=abc"]), out)
+    refused(RecipeError, ["recipe 'krea_schnell' (", "krea_schnell.yaml:", ") alpha: ", "a parameter that is not a number: got 'abc'"], lambda: merge(["recipe=krea_schnell", *source_overrides(schnell, krea), f"output={out}", "recipe.alpha=abc"]), out)
 
 
 def test_source_that_does_not_exist(out, schnell, tmp_path):
