@@ -338,6 +338,17 @@ def test_output_carries_its_pinned_recipe(plain, schnell, krea):
     assert (provenance["recipe"], provenance["base"], provenance["dtype"], provenance["tensors"]) == ("krea_schnell", "schnell", "BF16", len(load_state(plain)))
 
 
+def test_index_maps_every_key_to_the_shard_that_holds_it(guided):
+    index = json.loads((guided / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    held = {}
+    for shard in shard_files(guided):
+        with safe_open(shard, "pt") as f:
+            held.update(dict.fromkeys(f.keys(), shard.name))
+    assert len(set(held.values())) > 1
+    assert index["weight_map"] == held
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in load_state(guided).values())
+
+
 def test_written_recipe_replays_to_byte_identical_shards(plain, recipe_dir, tmp_path):
     """recipe.yaml beside the weights is a recipe: run as one, it rebuilds the same shards, byte for byte."""
     shutil.copy(plain / "recipe.yaml", recipe_dir / "replay.yaml")
