@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -185,10 +187,11 @@ def _inputs(rule: Rule, key: str, checkpoints: dict[str, Checkpoint], base: str,
         loc = checkpoints[name].tensors.get(key)
         if loc is None:
             lacking = [k for k, r in decided.items() if r is rule and k not in checkpoints[name].tensors]
+            others = [k for k, r in decided.items() if r.index >= rule.index and k not in set(lacking)]
             raise PlanError(
                 f"{rule.where} ({rule.op}) needs {_some(lacking)} from source '{name}', which lacks "
                 f"{'it' if len(lacking) == 1 else 'them'} ({checkpoints[name].folder}): add a rule before it for these keys, "
-                f"e.g. {{match: '{_common_hint(lacking)}', op: 'take:{base}'}}"
+                f"e.g. {{match: '{_hint_pattern(lacking, others)}', op: 'take:{base}'}}"
             )
         if loc.shape != shape:
             raise PlanError(f"{rule.where} ({rule.op}): '{key}' is {list(shape)} in base '{base}' but {list(loc.shape)} in '{name}' ({loc.file})")
@@ -196,11 +199,23 @@ def _inputs(rule: Rule, key: str, checkpoints: dict[str, Checkpoint], base: str,
     return tuple(inputs)
 
 
-def _common_hint(keys: list[str]) -> str:
-    """A regex fragment shared by all `keys` (the guidance embedder, typically), for the error's example."""
+def _hint_pattern(keys: list[str], others: list[str]) -> str:
+    """A regex for the error's example rule: it matches every one of `keys` and none of `others` (the keys a rule
+    placed just before the failing one must leave alone). A shared name part where one fits (the guidance
+    embedder, typically), else the keys' common prefix, else the keys themselves."""
+
+    def fits(pattern: str) -> bool:
+        rx = re.compile(pattern)
+        return all(rx.search(k) for k in keys) and not any(rx.search(k) for k in others)
+
     parts = keys[0].split(".")
-    shared = [p for p in parts if all(p in k.split(".") for k in keys) and not p.isdigit() and p not in ("weight", "bias")]
-    return max(shared, key=len) if shared else keys[0]
+    shared = {p for p in parts if all(p in k.split(".") for k in keys) and not p.isdigit() and p not in ("weight", "bias")}
+    candidates = sorted(shared, key=lambda p: (-len(p), p))
+    prefix = os.path.commonprefix(keys)
+    prefix = prefix[: prefix.rfind(".") + 1] if len(keys) > 1 else keys[0]
+    if prefix:
+        candidates.append("^" + re.escape(prefix) + ("$" if prefix == keys[0] and len(keys) == 1 else ""))
+    return next((c for c in candidates if fits(c)), "^(?:" + "|".join(re.escape(k) for k in keys) + ")$")
 
 
 def _not_in_base(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> list[Dropped]:

@@ -93,9 +93,29 @@ def load_recipe(node: DictConfig | dict, name: str, file: str | None = None) -> 
     try:
         data = OmegaConf.to_container(node, resolve=True)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", "") or ""
-        raise RecipeError(f"{here.at(())}: cannot resolve {key or 'a value'}: {e.msg if hasattr(e, 'msg') else e}") from None
+        path = _path_of(getattr(e, "full_key", "") or "", raw)
+        value = _get(raw, path)
+        reason = str(getattr(e, "msg", None) or e).splitlines()[0]  # OmegaConf appends full_key/object_type lines
+        what = f"{value!r}" if isinstance(value, str) else "a value"
+        raise RecipeError(f"{here.at(path)}: cannot resolve {what}: {reason}") from None
     return _parse(data, here)
+
+
+def _path_of(full_key: str, raw: dict) -> tuple:
+    """'recipe.rules[0].op' (as OmegaConf names a node from the config's root) -> ('rules', 0, 'op')."""
+    parts = [int(p[1:-1]) if p.startswith("[") else p for p in re.findall(r"\[\d+\]|[^.\[\]]+", full_key)]
+    if parts and parts[0] == "recipe" and "recipe" not in raw:
+        parts = parts[1:]
+    return tuple(parts) if _get(raw, tuple(parts)) is not None else ()
+
+
+def _get(value: Any, path: tuple) -> Any:
+    for part in path:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return value
 
 
 def _refuse_resolvers(value: Any, path: tuple, here: "_Locator") -> None:
@@ -127,8 +147,10 @@ def _parse(data: dict, here: "_Locator") -> Recipe:
         if isinstance(value, list) and value and all(_is_number(v) for v in value):
             raise RecipeError(f"{here.at((key,))}: parameter {key!r} is a list: per-block schedules are not supported yet (recipe language v1)")
         if not _is_number(value):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise RecipeError(
-                f"{here.at((key,))}: unknown field {key!r} (fields: {', '.join(RECIPE_FIELDS)}; any other top-level value is a named parameter and must be a number)"
+                f"{here.at((key,))}: unknown field {key!r}, or a parameter that is not a number: got {shown} "
+                f"(fields: {', '.join(RECIPE_FIELDS)}; any other top-level value is a named parameter and must be a number)"
             )
         params[key] = value
 
@@ -229,7 +251,10 @@ def _rule(index: int, value: Any, sources: dict[str, SourceSpec], here: "_Locato
             raise RecipeError(f"{here.at(('rules', index, 'sources'))}: sources must be a list of source names")
         if op.name == "take":
             raise RecipeError(f"{here.at(('rules', index, 'sources'))}: take:NAME chooses its source itself; remove the rule's sources")
-    inputs = _inputs(op, names, sources, here.at(("rules", index, "op")))
+        if op.name == "drop":
+            raise RecipeError(f"{here.at(('rules', index, 'sources'))}: drop reads no source; remove the rule's sources")
+    # a fault in the inputs is on the rule's `sources:` line when it names them, else on its op's line
+    inputs = _inputs(op, names, sources, here.at(("rules", index, "op" if names is None else "sources")))
     return Rule(index=index, match=match, pattern=pattern, op=op, sources=inputs, optional=optional, where=where)
 
 

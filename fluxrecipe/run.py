@@ -28,15 +28,18 @@ def run_job(cfg: DictConfig) -> Result | Plan:
     recipe = recipe_of(cfg)
     options = options_of(cfg)
     output = output_of(cfg)
+    shard_size = parse_size(cfg.shard_size)
     if not cfg.dry_run:
         check_target(output, options.overwrite)  # before fetching anything: an existing output fails fast
     checkpoints = {name: open_source(spec) for name, spec in recipe.sources.items()}
-    plan = make_plan(recipe, checkpoints, parse_size(cfg.shard_size))
+    plan = make_plan(recipe, checkpoints, shard_size)
+    _check_apart(output, checkpoints)  # a dry run reports every fault the real run would meet before writing
     if cfg.dry_run:
         print(format_plan(plan))
         print(f"dry run: nothing written (the output would go to {output})")
+        if output.exists() and not options.overwrite:
+            print(f"note: {output} already exists: the merge will refuse it unless you pass overwrite=true")
         return plan
-    _check_apart(output, checkpoints)
     log.info(format_plan(plan))
     result = execute(plan, output, options)
     rate = result.bytes_written / result.seconds if result.seconds else 0.0
@@ -61,7 +64,7 @@ def options_of(cfg: DictConfig) -> Options:
     if cfg.nonfinite not in ("error", "warn"):
         raise UsageError(f"nonfinite={cfg.nonfinite}: choose error or warn")
     for key in ("threads", "chunk_elements"):
-        if not isinstance(cfg[key], int) or cfg[key] < (0 if key == "threads" else 1):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < (0 if key == "threads" else 1):
             raise UsageError(f"{key}={cfg[key]}: must be a whole number" + (" (0: automatic)" if key == "threads" else " above 0"))
     return Options(
         device=str(cfg.device),

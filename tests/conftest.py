@@ -8,6 +8,7 @@ safetensors' own `load_file`, independent of fluxrecipe's header parser.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -118,3 +119,132 @@ def merge(overrides: list[str]):
     from fluxrecipe.run import run_job
 
     return run_job(compose(overrides))
+
+
+# --- additions for the core suite (ops, recipes, plans, merges, CLI) ---------------------------------------
+
+OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@pytest.fixture(scope="session")
+def dev(tmp_path_factory) -> Path:
+    """A third source, Krea's architecture (guidance embedder), saved as float32 in 90 KB shards."""
+    return make_flux(tmp_path_factory.mktemp("dev") / "transformer", guidance=True, seed=2, shard="90KB", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def half(tmp_path_factory) -> Path:
+    """A fourth source, Krea's architecture, saved as float16 in 25 KB shards."""
+    return make_flux(tmp_path_factory.mktemp("half") / "transformer", guidance=True, seed=3, shard="25KB", dtype=torch.float16)
+
+
+@pytest.fixture
+def recipe_dir(tmp_path, monkeypatch) -> Path:
+    """A user recipe folder on FLUXRECIPE_RECIPE_PATH for this test only."""
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(folder))
+    return folder
+
+
+def reference(op: str, inputs: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The documented formula of `op` (as `name:args`) in plain torch: inputs upcast to float32, the float32
+    operations in the order ops.py documents, one rounding to `dtype` at the end. Independent of fluxrecipe."""
+    name, _, rest = op.partition(":")
+    args = [float(a) for a in rest.split(",")] if rest and name != "take" else []
+    xs = [x.to(torch.float32) for x in inputs]
+    if name == "take":
+        out = xs[0]
+    elif name == "average":
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x
+        out = out / len(xs)
+    elif name == "lerp":
+        out = (1.0 - args[0]) * xs[0] + args[0] * xs[1]
+    elif name == "weighted":
+        out = args[0] * xs[0]
+        for w, x in zip(args[1:], xs[1:]):
+            out = out + w * x
+    elif name == "add_difference":
+        out = xs[0] + args[0] * (xs[1] - xs[2])
+    else:
+        raise ValueError(op)
+    return out.to(dtype)
+
+
+def shard_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def tiny_config(guidance: bool, **changes) -> dict:
+    """The config.json diffusers writes for a tiny FLUX model (see TINY), without building one."""
+    return {"_class_name": "FluxTransformer2DModel", **TINY, "num_layers": 2, "num_single_layers": 2, "guidance_embeds": guidance, **changes}
+
+
+def fake_checkpoint(name: str, guidance: bool, dtype: str = "BF16", *, drop=(), reshape=None, config=True):
+    """A Checkpoint of a tiny FLUX model made by hand (no file is ever read): the keys and shapes diffusers
+    builds from tiny_config, laid out in two made-up files. `drop` removes keys, `reshape` maps key -> shape."""
+    from fluxrecipe.architecture import expected_parameters
+    from fluxrecipe.sources import Checkpoint, TensorLoc
+    from fluxrecipe.st_format import ITEMSIZE
+
+    cfg = tiny_config(guidance)
+    shapes = expected_parameters(cfg, "test")
+    tensors, offset = {}, 0
+    for i, (key, shape) in enumerate(shapes.items()):
+        if key in drop:
+            continue
+        shape = tuple((reshape or {}).get(key, shape))
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
+        tensors[key] = TensorLoc(name, key, f"/nowhere/{name}/part{i % 2}.safetensors", offset, nbytes, dtype, shape)
+        offset += nbytes
+    return Checkpoint(name=name, folder=f"/nowhere/{name}", tensors=tensors, config=cfg if config else None, origin={"path": f"/nowhere/{name}"})
+
+
+def run_recipe(recipe_dir: Path, output: Path, recipe: dict | str, *overrides: str, name: str = "t"):
+    """Write `recipe` (fields, or YAML text) as NAME.yaml into the test's recipe folder and merge it in-process
+    into `output`; returns run_job's Result (the Plan for a dry run)."""
+    import yaml
+
+    text = recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False)
+    write_recipe(recipe_dir, name, text)
+    return merge([f"recipe={name}", f"output={output}", "progress=false", *overrides])
+
+
+@pytest.fixture(scope="session")
+def state_of():
+    """load_state, remembered per folder for the session (the source models never change)."""
+    cache: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def get(folder: Path) -> dict[str, torch.Tensor]:
+        if folder not in cache:
+            cache[folder] = load_state(folder)
+        return cache[folder]
+
+    return get
+
+
+def save_sharded(state: dict[str, torch.Tensor], folder: Path, groups: list[list[str]], config: dict) -> Path:
+    """A diffusers folder laid out by hand: shard i holds exactly the keys of groups[i], plus index and config."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    weight_map = {}
+    for i, keys in enumerate(groups, 1):
+        name = f"diffusion_pytorch_model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: state[k].contiguous() for k in keys}, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    total = sum(state[k].nbytes for k in weight_map)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def config_of(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def source_overrides(schnell: Path, krea: Path) -> list[str]:
+    return [f"recipe.sources.schnell={schnell}", f"recipe.sources.krea={krea}"]
