@@ -31,9 +31,8 @@ from .ops import OPS
 from .plan import INDEX_NAME, Plan, Step, human_bytes
 from .sources import TensorLoc
 from .st_format import DTYPES, ITEMSIZE
-from .writer import RELEASE_ALIGN, FileRecord, align_down, atomic_folder, open_shard, write_file, write_index, write_json
+from .writer import MANIFEST_NAME, RELEASE_ALIGN, FileRecord, align_down, atomic_folder, open_shard, write_file, write_index, write_json
 
-MANIFEST_NAME = "fluxrecipe.manifest.json"
 PROVENANCE_NAME = "fluxrecipe.json"
 RECIPE_NAME = "recipe.yaml"
 DIAGNOSTICS_NAME = "diagnostics.json"

@@ -96,8 +96,8 @@ def _local_folder(name: str, path: Path, subfolder: str | None) -> Path:
         if path.suffix != ".safetensors":
             raise SourceError(f"source '{name}': {path} is not a .safetensors file")
         return path
-    if not _weight_files(path) and (path / "transformer").is_dir():
-        return path / "transformer"  # a pipeline folder
+    if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
+        return path / "transformer"  # a pipeline folder (the hub's FLUX.1 repos also hold a single-file copy beside it)
     return path
 
 

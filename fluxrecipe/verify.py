@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FluxRecipeError
-from .execute import MANIFEST_NAME
+from .writer import MANIFEST_NAME
 from .plan import INDEX_NAME, SHOWN, _some
 from .sources import DIFFUSERS_WEIGHTS
 from .st_format import Header, read_header

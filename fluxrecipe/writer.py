@@ -22,6 +22,7 @@ from .errors import OutputError
 from .linux import SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, sync_file_range
 from .st_format import encode_header
 
+MANIFEST_NAME = "fluxrecipe.manifest.json"  # sha256 and size of every file of an output folder
 FLUSH_WINDOW = 16 << 20  # bytes: writeback is started per window and awaited one window later
 # The page cache holds file data in folios of up to 2 MiB, and POSIX_FADV_DONTNEED keeps any folio its range
 # only partly covers: ranges given to it are rounded to this, or about half of what they cover stays cached.
@@ -135,8 +136,13 @@ def _lock_name(target: Path) -> Path:
 
 
 def check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not overwrite:
+    """An output may replace only what a merge could have written: a model folder (or an empty one)."""
+    if not target.exists():
+        return
+    if not overwrite:
         raise OutputError(f"{target} already exists: choose another output=..., or pass overwrite=true to replace it")
+    if not target.is_dir() or any(target.iterdir()) and not ((target / "config.json").is_file() or (target / MANIFEST_NAME).is_file()):
+        raise OutputError(f"{target} exists and is not a model folder: overwrite=true replaces only a model folder, never other files")
 
 
 @contextmanager

@@ -286,12 +286,6 @@ def test_a_single_file_cannot_be_the_base(source_kinds, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sources._local_folder (not ours to edit) takes a folder for a pipeline only when it holds no .safetensors "
-    "file itself; the FLUX.1 repos hold their single-file flux1-*.safetensors beside transformer/, so a local "
-    "download of the whole repo is read as that Black Forest Labs file and refused",
-)
 def test_local_copy_of_a_whole_flux_repo_is_a_pipeline_folder(tmp_path, schnell, krea, plain, state_of):
     """`hf download black-forest-labs/FLUX.1-schnell --local-dir schnell` gives model_index.json, transformer/
     and flux1-schnell.safetensors (BFL layout) side by side; the source should be the transformer/ inside."""

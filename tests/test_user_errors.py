@@ -136,19 +136,33 @@ def test_output_overlapping_a_source_is_refused_even_with_overwrite(tmp_path, sc
     shutil.copytree(krea, copy)
     before = {p.name: p.read_bytes() for p in copy.iterdir()}
     out = {"the-source": copy, "inside-it": copy / "merged", "its-parent": copy.parent}[where]
-    with pytest.raises(UsageError, match=f"output {out} and source 'krea' \\({copy}\\) overlap: write the merge somewhere else"):
+    error, message = (UsageError, f"output {out} and source 'krea' \\({copy}\\) overlap: write the merge somewhere else")
+    if where == "its-parent":  # not a model folder: refused before the sources are even opened
+        error, message = OutputError, f"{out} exists and is not a model folder: overwrite=true replaces only a model folder"
+    with pytest.raises(error, match=message):
         merge(["recipe=krea_schnell", *source_overrides(schnell, copy), f"output={out}", "progress=false", "overwrite=true"])
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
     assert sorted(p.name for p in copy.parent.iterdir()) == ["transformer"]
 
 
+def test_overwrite_never_replaces_a_folder_that_is_not_a_model(out, schnell, krea):
+    """`output=~ overwrite=true` must not wipe a home folder: only a model folder (or an empty one) is replaced."""
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    run = ["recipe=krea_schnell", *source_overrides(schnell, krea), f"output={out}", "progress=false", "overwrite=true"]
+    with pytest.raises(OutputError, match="exists and is not a model folder: overwrite=true replaces only a model folder, never other files"):
+        merge(run)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 def test_existing_output_is_refused_then_replaced_with_overwrite(out, schnell, krea, state_of):
     out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")  # a model folder, e.g. an earlier merge
     (out / "old-model.txt").write_text("keep me unless told")
     run = ["recipe=krea_schnell", *source_overrides(schnell, krea), f"output={out}", "progress=false"]
     with pytest.raises(OutputError, match=f"{out} already exists: choose another output=..., or pass overwrite=true to replace it"):
         merge(run)
-    assert [p.name for p in out.iterdir()] == ["old-model.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "old-model.txt"]
 
     merge([*run, "overwrite=true"])
     assert not (out / "old-model.txt").exists()
@@ -200,13 +214,6 @@ def test_dry_run_warns_of_an_existing_output(out, schnell, krea, capsys):
     assert "already exists" not in capsys.readouterr().out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="writer.atomic_folder (not ours to edit): overwrite=true on an output that is a FILE moves it to "
-    ".NAME.fluxrecipe-previous and removes that with shutil.rmtree(..., ignore_errors=True), which cannot remove a "
-    "file: it stays behind, and the next run for that output calls shutil.rmtree on it and dies with "
-    "NotADirectoryError and a traceback",
-)
 def test_overwriting_an_output_that_is_a_file_leaves_nothing_behind(tmp_path, schnell, krea):
     folder = tmp_path / "o"
     folder.mkdir()
