@@ -1,14 +1,23 @@
 """What diffusers expects of a model folder: the parameters (names and shapes) its config.json implies.
 
 The model is built on torch's meta device, so this costs no memory and no weights; it is diffusers' own
-answer, not a list kept by hand, and it holds for every diffusers model class, not only FLUX.
+answer, not a list kept by hand, and it holds for every diffusers model class, not only FLUX. Importing
+diffusers and torch takes seconds on a small machine, longer than planning, so each answer is kept in the
+fluxrecipe cache, keyed by the diffusers version and the config, and later runs read it from there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
+from .demo import cache_root
 from .errors import PlanError
 
 
@@ -28,7 +37,31 @@ def config_fields(config: dict[str, Any], where: str) -> set[str]:
 
 
 def expected_parameters(config: dict[str, Any], where: str) -> dict[str, tuple[int, ...]]:
-    """Every parameter name -> shape that a model built from `config` holds."""
+    """Every parameter name -> shape that a model built from `config` holds (from the cache when known)."""
+    key = hashlib.sha256(json.dumps({"diffusers": metadata.version("diffusers"), "config": config}, sort_keys=True).encode()).hexdigest()
+    cached = cache_root() / "architectures" / f"{key}.json"
+    try:
+        return {k: tuple(v) for k, v in json.loads(cached.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        pass
+    shapes = _build_on_meta(config, where)
+    _store(cached, shapes)
+    return shapes
+
+
+def _store(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Write the cache entry atomically; a cache that cannot be written only costs the next run time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(shapes, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _build_on_meta(config: dict[str, Any], where: str) -> dict[str, tuple[int, ...]]:
     import torch
 
     cls = model_class(config, where)

@@ -12,6 +12,7 @@ import math
 import re
 from collections import defaultdict
 
+SEGMENT = 1024  # elements per partial sum; chunks of work are whole multiples of it
 BLOCK = re.compile(r"^((?:single_)?transformer_blocks)\.(\d+)\.")
 OUTPUT_LAYERS = ("norm_out.", "proj_out.")
 
@@ -32,30 +33,43 @@ def block_order(block: str) -> tuple:
 
 
 class Distances:
-    """Accumulates per (block, source): squared distance of the merge to the source, squared norm of the source."""
+    """Per (block, source): the squared distance of the merge to the source and the squared norm of the source.
+
+    The executor hands in float32 partial sums over SEGMENT-element runs at fixed places in each tensor, so
+    the partials do not depend on how the tensor was cut into chunks. Each tensor's partials are summed with
+    math.fsum, which is exact whatever the order, and so are the tensor totals of a block: the numbers depend
+    on the tensors alone, not on the chunk size or the number of threads.
+    """
 
     def __init__(self) -> None:
-        self._sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
+        self._open: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
+        self._tensors: dict[str, dict[str, tuple[list[float], list[float]]]] = defaultdict(dict)
 
-    def add(self, key: str, source: str, squared_distance: float, squared_norm: float) -> None:
-        s = self._sums[block_of(key)][source]
-        s[0] += squared_distance
-        s[1] += squared_norm
+    def add(self, key: str, source: str, distances: list[float], norms: list[float], last: bool) -> None:
+        """Partials of one chunk of tensor `key` against `source`; `last`: the tensor's last chunk."""
+        d, n = self._open.setdefault((key, source), ([], []))
+        d.extend(distances)
+        n.extend(norms)
+        if last:
+            del self._open[(key, source)]
+            block_d, block_n = self._tensors[block_of(key)].setdefault(source, ([], []))
+            block_d.append(math.fsum(d))
+            block_n.append(math.fsum(n))
 
     def relative(self) -> dict[str, dict[str, float | None]]:
         """block -> source -> relative distance, blocks in model order, rounded to 6 significant digits."""
         return {
-            block: {src: _ratio(d, n) for src, (d, n) in by_source.items()}
-            for block, by_source in sorted(self._sums.items(), key=lambda kv: block_order(kv[0]))
+            block: {src: _ratio(math.fsum(d), math.fsum(n)) for src, (d, n) in by_source.items()}
+            for block, by_source in sorted(self._tensors.items(), key=lambda kv: block_order(kv[0]))
         }
 
     def overall(self) -> dict[str, float | None]:
-        totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-        for by_source in self._sums.values():
+        totals: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+        for by_source in self._tensors.values():
             for src, (d, n) in by_source.items():
-                totals[src][0] += d
-                totals[src][1] += n
-        return {src: _ratio(d, n) for src, (d, n) in totals.items()}
+                totals[src][0].extend(d)
+                totals[src][1].extend(n)
+        return {src: _ratio(math.fsum(d), math.fsum(n)) for src, (d, n) in totals.items()}
 
 
 def _ratio(squared_distance: float, squared_norm: float) -> float | None:

@@ -24,13 +24,14 @@ import torch
 import yaml
 
 from . import __version__
-from .diagnostics import Distances
+from .diagnostics import SEGMENT, Distances
+from .options import Options
 from .errors import OutputError, SourceError
 from .linux import keep_freed_memory
 from .ops import OPS
 from .plan import INDEX_NAME, Plan, Step, human_bytes
 from .sources import TensorLoc
-from .st_format import DTYPES, ITEMSIZE
+from .st_format import ITEMSIZE
 from .writer import MANIFEST_NAME, RELEASE_ALIGN, FileRecord, align_down, atomic_folder, open_shard, write_file, write_index, write_json
 
 PROVENANCE_NAME = "fluxrecipe.json"
@@ -38,24 +39,15 @@ RECIPE_NAME = "recipe.yaml"
 DIAGNOSTICS_NAME = "diagnostics.json"
 
 
-@dataclass(frozen=True)
-class Options:
-    device: str = "cpu"
-    threads: int = 0  # 0: chosen from the machine's cores
-    chunk_elements: int = 1 << 20
-    nonfinite: str = "error"  # "error": stop at the first NaN/Inf in an input; "warn": count them and go on
-    diagnostics: bool = True
-    progress: bool = True
-    overwrite: bool = False
-
-    @property
-    def workers(self) -> int:
-        return self.threads if self.threads > 0 else min(8, (os.cpu_count() or 1) + 2)
-
-    @property
-    def window(self) -> int:
-        """Chunks in flight at most: read, being computed, or waiting to be written."""
-        return 2 * self.workers
+# safetensors dtype code -> torch dtype (st_format.ITEMSIZE lists the codes fluxrecipe reads)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 @dataclass
@@ -81,7 +73,7 @@ class _Chunk:
 @dataclass
 class _Done:
     data: torch.Tensor  # the output bytes of the chunk (uint8)
-    sums: list[tuple[float, float]]  # per input: ||merged - input||^2, ||input||^2 (empty without diagnostics)
+    sums: list[tuple[list[float], list[float]]]  # per input, per segment: ||merged - input||^2, ||input||^2 (diagnostics)
     nonfinite: list[int]  # per input
 
 
@@ -119,10 +111,10 @@ def _check_free_space(folder: Path, plan: Plan) -> None:
 
 def _write_shards(plan: Plan, folder: Path, options: Options, result: Result) -> None:
     chunks = (
-        _Chunk(i, step, start, min(start + options.chunk_elements, math.prod(step.shape)))
+        _Chunk(i, step, start, min(start + options.chunk, math.prod(step.shape)))
         for i, shard in enumerate(plan.shards)
         for step in shard.steps
-        for start in range(0, max(math.prod(step.shape), 1), options.chunk_elements)
+        for start in range(0, max(math.prod(step.shape), 1), options.chunk)
     )
     sink = _Shards(plan, folder, result)
     reader = _Reader()
@@ -188,8 +180,9 @@ def _finish(chunk: _Chunk, future: Future, sink: _Shards, result: Result, progre
         if bad:
             name = f"{loc.source}: {loc.key}"
             result.nonfinite[name] = result.nonfinite.get(name, 0) + bad
-    for loc, (distance, norm) in zip(step.inputs, done.sums):
-        result.distances.add(step.key, loc.source, distance, norm)
+    last = chunk.stop >= math.prod(step.shape)
+    for loc, (distances, norms) in zip(step.inputs, done.sums):
+        result.distances.add(step.key, loc.source, distances, norms, last)
     sink.write(chunk.shard, done.data)
     progress.update(done.data.numel())
 
@@ -199,9 +192,8 @@ def _compute(chunk: _Chunk, reader: "_Reader", device: torch.device, options: Op
     step = chunk.step
     raws = [reader.read(loc, chunk.start, chunk.stop) for loc in step.inputs]
     xs = [raw.view(DTYPES[loc.dtype]).to(device=device, dtype=torch.float32) for raw, loc in zip(raws, step.inputs)]
-    # ||x||^2: the diagnostics need it (in float64, see _squared_norm), and it is NaN/Inf iff x is
-    norms = [_squared_norm(x) if options.diagnostics else float(torch.dot(x, x)) for x in xs]
-    nonfinite = [0 if math.isfinite(n) else int(x.numel() - torch.isfinite(x).sum()) for n, x in zip(norms, xs)]
+    norms = [_segment_dots(x, x) for x in xs]  # the diagnostics need them, and they are NaN/Inf iff x holds NaN/Inf
+    nonfinite = [0 if math.isfinite(sum(n)) else int(x.numel() - torch.isfinite(x).sum()) for n, x in zip(norms, xs)]
     if options.nonfinite == "error" and any(nonfinite):
         loc = step.inputs[next(i for i, n in enumerate(nonfinite) if n)]
         raise SourceError(
@@ -209,24 +201,22 @@ def _compute(chunk: _Chunk, reader: "_Reader", device: torch.device, options: Op
             "merge anyway with nonfinite=warn (they are counted and reported)"
         )
     if step.copies_bytes:
-        data, distances = raws[0], [0.0]
+        data, distances = raws[0], [[0.0] * len(norms[0])]
     else:
         merged = OPS[step.op.name].fn(xs, step.op.args).to(DTYPES[step.dtype])
         data = merged.cpu().view(torch.uint8)
-        distances = [_squared_distance(merged, x) for x in xs] if options.diagnostics else []
+        as_float = merged.float()
+        distances = [_segment_dots(d, d) for d in (as_float - x for x in xs)] if options.diagnostics else []
     return _Done(data, list(zip(distances, norms)) if options.diagnostics else [], nonfinite)
 
 
-# Diagnostics sums in float64: a float32 dot's rounding moves with the chunk boundaries (chunk_elements) by ~1e-7,
-# enough to change the 6 digits diagnostics.json keeps; in float64 it moves by ~1e-16, far below them. The
-# difference itself is taken in float32: element-wise, so no chunking can change it (and 4x cheaper).
-def _squared_norm(x: torch.Tensor) -> float:
-    x = x.double()
-    return float(torch.dot(x, x))
-
-
-def _squared_distance(merged: torch.Tensor, x: torch.Tensor) -> float:
-    return _squared_norm(merged.float() - x)  # not in place: for a float32 output, merged.float() is merged
+def _segment_dots(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """a . b over each run of SEGMENT elements (the tensor's last run may be shorter), in float32."""
+    whole = a.numel() - a.numel() % SEGMENT
+    dots = torch.linalg.vecdot(a[:whole].view(-1, SEGMENT), b[:whole].view(-1, SEGMENT)).tolist() if whole else []
+    if whole < a.numel():
+        dots.append(float(torch.dot(a[whole:], b[whole:])))
+    return dots
 
 
 class _Reader:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from torch import Tensor
+if TYPE_CHECKING:  # the ops run on torch tensors, but planning (which parses ops) needs no torch
+    from torch import Tensor
 
-OpFn = Callable[[list[Tensor], tuple], Tensor]
+OpFn = Callable[[list["Tensor"], tuple], "Tensor"]
 
 
 def take(xs: list[Tensor], args: tuple) -> Tensor:

@@ -6,17 +6,21 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from .catalog import recipe_files
 from .errors import UsageError
-from .execute import Options, Result, execute
+from .options import Options
 from .plan import Plan, format_plan, human_bytes, make_plan
 from .recipe import Recipe, load_recipe
 from .sources import Checkpoint, open_source
 from .writer import check_target
+
+if TYPE_CHECKING:
+    from .execute import Result
 
 log = logging.getLogger("fluxrecipe")
 SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
@@ -41,6 +45,8 @@ def run_job(cfg: DictConfig) -> Result | Plan:
             print(f"note: {output} already exists: the merge will refuse it unless you pass overwrite=true")
         return plan
     log.info(format_plan(plan))
+    from .execute import execute  # torch: only a run that merges pays for importing it
+
     result = execute(plan, output, options)
     rate = result.bytes_written / result.seconds if result.seconds else 0.0
     log.info(f"wrote {output}: {len(plan.steps)} tensors in {len(plan.shards)} shard(s), {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")

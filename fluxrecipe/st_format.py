@@ -14,20 +14,11 @@ import math
 import os
 from dataclasses import dataclass
 
-import torch
-
 from .errors import SourceError
 
-# safetensors dtype code -> torch dtype. Only floating point: a FLUX transformer holds nothing else.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-ITEMSIZE: dict[str, int] = {code: dtype.itemsize for code, dtype in DTYPES.items()}
+# safetensors dtype code -> bytes per element. Only floating point: a FLUX transformer holds nothing else.
+# (Plain numbers, so that planning and dry runs need no torch; execute.py maps the codes to torch dtypes.)
+ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 
@@ -110,8 +101,8 @@ def _entry(path: str, name: str, info: object, data_start: int, data_size: int) 
     if not isinstance(info, dict):
         raise SourceError(f"{where}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise SourceError(f"{where}: unsupported dtype {dtype!r} (fluxrecipe reads {', '.join(DTYPES)})")
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise SourceError(f"{where}: unsupported dtype {dtype!r} (fluxrecipe reads {', '.join(ITEMSIZE)})")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
         raise SourceError(f"{where}: shape {shape!r} is not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
