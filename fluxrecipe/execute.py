@@ -192,7 +192,9 @@ def _compute(chunk: _Chunk, reader: "_Reader", device: torch.device, options: Op
     step = chunk.step
     raws = [reader.read(loc, chunk.start, chunk.stop) for loc in step.inputs]
     xs = [raw.view(DTYPES[loc.dtype]).to(device=device, dtype=torch.float32) for raw, loc in zip(raws, step.inputs)]
-    norms = [_segment_dots(x, x) for x in xs]  # the diagnostics need them, and they are NaN/Inf iff x holds NaN/Inf
+    # A sum over x is NaN/Inf iff x holds NaN/Inf (or overflows, which the exact count below then clears): the
+    # diagnostics' squared norms serve, and without them a plain sum is the cheapest check.
+    norms = [_squares_per_segment(x) if options.diagnostics else [float(x.sum())] for x in xs]
     nonfinite = [0 if math.isfinite(sum(n)) else int(x.numel() - torch.isfinite(x).sum()) for n, x in zip(norms, xs)]
     if options.nonfinite == "error" and any(nonfinite):
         loc = step.inputs[next(i for i, n in enumerate(nonfinite) if n)]
@@ -206,17 +208,21 @@ def _compute(chunk: _Chunk, reader: "_Reader", device: torch.device, options: Op
         merged = OPS[step.op.name].fn(xs, step.op.args).to(DTYPES[step.dtype])
         data = merged.cpu().view(torch.uint8)
         as_float = merged.float()
-        distances = [_segment_dots(d, d) for d in (as_float - x for x in xs)] if options.diagnostics else []
+        distances = [_squares_per_segment(as_float, x) for x in xs] if options.diagnostics else []
     return _Done(data, list(zip(distances, norms)) if options.diagnostics else [], nonfinite)
 
 
-def _segment_dots(a: torch.Tensor, b: torch.Tensor) -> list[float]:
-    """a . b over each run of SEGMENT elements (the tensor's last run may be shorter), in float32."""
+def _squares_per_segment(a: torch.Tensor, b: torch.Tensor | None = None) -> list[float]:
+    """Per run of SEGMENT elements (the tensor's last run may be shorter): the sum of (a - b)^2, or of a^2
+    without b, in float32. mse_loss computes the difference and its square in one pass."""
     whole = a.numel() - a.numel() % SEGMENT
-    dots = torch.linalg.vecdot(a[:whole].view(-1, SEGMENT), b[:whole].view(-1, SEGMENT)).tolist() if whole else []
-    if whole < a.numel():
-        dots.append(float(torch.dot(a[whole:], b[whole:])))
-    return dots
+    sums: list[float] = []
+    for start, stop, width in ((0, whole, SEGMENT), (whole, a.numel(), a.numel() - whole)):
+        if stop > start:
+            rows = a[start:stop].view(-1, width)
+            squares = rows.square() if b is None else torch.nn.functional.mse_loss(rows, b[start:stop].view(-1, width), reduction="none")
+            sums += squares.sum(1).tolist()
+    return sums
 
 
 class _Reader:
