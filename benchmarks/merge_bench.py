@@ -5,8 +5,9 @@
 
 Generates two sources the way the hub lays out FLUX.1-schnell and FLUX.1-Krea-dev (diffusers keys, 10 GB
 shards scaled down to the model, Krea with the 4 guidance keys more, so shard boundaries shift), then:
-  floor     read every source byte the plan uses (one `cat` per source, concurrently, as the merge reads them)
-            + write as many bytes as the output in 16 MiB blocks, fsync'd
+  floor     read every source byte the plan uses + write as many bytes as the output (16 MiB blocks, fsync),
+            the reads timed twice: `cat` of the sources one after the other (DESIGN.md's floor), and one `cat`
+            per source, concurrently, as the merge reads them (a tighter floor on disks that like parallel reads)
   fluxrecipe  `python -m fluxrecipe recipe=krea_schnell` on those sources
   baseline  what the seed script does: whole shards paired by position, whole merged state dict, save_file
 Each runs in a fresh memory cgroup (../shared/tools/memcap: page cache included) where it can be made, with the
@@ -111,32 +112,38 @@ def prepare_cache(mode: str, inputs: list[Path]) -> None:
 
 
 def run_measured(cmd: list[str], cap_mib: int | None, env: dict | None = None) -> tuple[float, int | None, int, str]:
-    """Wall seconds, peak MiB (cgroup peak with memcap, else the child's max RSS), exit code, stderr tail."""
+    """Wall seconds, peak MiB (cgroup peak with memcap, else the child's max RSS), exit code, output tail."""
     use_cap = cap_mib is not None and MEMCAP.exists() and os.access("/sys/fs/cgroup/memory", os.W_OK)
     full = ([str(MEMCAP), str(cap_mib)] if use_cap else []) + cmd
     start = time.monotonic()
-    proc = subprocess.run(full, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.run(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     wall = time.monotonic() - start
     peak = None
-    m = re.search(r"memcap: .* peak=(\d+)MiB", proc.stderr)
+    m = re.search(r"memcap: .* peak=(\d+)MiB", proc.stdout)
     if m:
         peak = int(m[1])
     else:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
-    return wall, peak, proc.returncode, proc.stderr[-2000:]
+    return wall, peak, proc.returncode, proc.stdout[-2000:]
 
 
-def floor_seconds(sources: list[list[Path]], out_bytes: int, scratch: Path, cache: str) -> tuple[float, float]:
-    """(read s, write s): cat each source's files to /dev/null, the sources concurrently; then write out_bytes
-    to a new file in 16 MiB blocks and fsync it."""
-    prepare_cache(cache, [p for files in sources for p in files])
+def floor_seconds(sources: list[list[Path]], out_bytes: int, scratch: Path, cache: str) -> tuple[float, float, float]:
+    """(sequential read s, concurrent read s, write s): cat the sources' files to /dev/null one source after
+    the other, then again with the sources concurrently; then write out_bytes to a new file in 16 MiB blocks
+    and fsync it."""
+    inputs = [p for files in sources for p in files]
+    prepare_cache(cache, inputs)
+    start = time.monotonic()
+    subprocess.run(["cat", *map(str, inputs)], stdout=subprocess.DEVNULL, check=True)
+    sequential = time.monotonic() - start
+    prepare_cache(cache, inputs)
     start = time.monotonic()
     readers = [subprocess.Popen(["cat", *map(str, files)], stdout=subprocess.DEVNULL) for files in sources]
     if any(r.wait() for r in readers):
         sys.exit("reading the sources failed")
-    read = time.monotonic() - start
+    concurrent = time.monotonic() - start
     drop_caches()
     block = os.urandom(16 << 20)
     path = scratch / "floor.bin"
@@ -150,7 +157,7 @@ def floor_seconds(sources: list[list[Path]], out_bytes: int, scratch: Path, cach
     write = time.monotonic() - start
     path.unlink()
     drop_caches()
-    return read, write
+    return sequential, concurrent, write
 
 
 def main() -> None:
@@ -188,12 +195,15 @@ def main() -> None:
         print(f"sources: FLUX width, {args.double} double + {args.single} single blocks, {params / 1e9:.2f} B parameters, "
               f"{human_bytes(out_bytes)} per source in bf16{' (sparse)' if args.sparse else ''}; cache {args.cache}", flush=True)
 
-        read_s, write_s = floor_seconds(sources, out_bytes, scratch, args.cache)
-        floor = read_s + write_s
-        rows: list[tuple[str, float, int | None, int]] = [("I/O floor", floor, None, 0)]
+        read_seq, read_par, write_s = floor_seconds(sources, out_bytes, scratch, args.cache)
+        floor_seq, floor = read_seq + write_s, read_par + write_s
+        rows: list[tuple[str, float, float | None, int | None, int]] = [
+            ("I/O floor: sources read one after the other", floor_seq, None, None, 0),
+            ("I/O floor: sources read concurrently", floor, None, None, 0),
+        ]
 
-        def merge(cap: int, repeat: int) -> tuple[float, int | None, int]:
-            walls, peak, rc = [], 0, 0
+        def merge(cap: int, repeat: int) -> tuple[float, float | None, int | None, int]:
+            walls, phases, peak, rc = [], [], 0, 0
             for i in range(repeat):
                 out = scratch / f"merged-{i}"
                 prepare_cache(args.cache, inputs)
@@ -202,12 +212,15 @@ def main() -> None:
                        *args.fluxrecipe_args]
                 wall, p, rc, err = run_measured(cmd, cap, env={"PYTHONPATH": str(REPO)})
                 walls.append(wall)
+                phase = re.search(r"wrote .* in ([\d.]+) s \(", err)
+                phases.append(float(phase[1]) if phase else math.nan)
                 peak = max(peak, p or 0)
                 shutil.rmtree(out, ignore_errors=True)
                 if rc:
                     print(f"fluxrecipe failed (exit {rc}):\n{err}", file=sys.stderr)
                     break
-            return sorted(walls)[len(walls) // 2], peak, rc
+            middle = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]
+            return walls[middle], phases[middle], peak, rc
 
         rows.append((f"fluxrecipe, cap {args.cap} MiB" + (f" (median of {args.repeat})" if args.repeat > 1 else ""), *merge(args.cap, args.repeat)))
         if args.free_cap:
@@ -218,19 +231,21 @@ def main() -> None:
             prepare_cache(args.cache, inputs)
             wall, p, brc, err = run_measured([sys.executable, str(REPO / "benchmarks" / "seed_baseline.py"), str(schnell), str(krea), str(out)], args.baseline_cap)
             shutil.rmtree(out, ignore_errors=True)
-            rows.append((f"seed-style baseline, cap {args.baseline_cap} MiB", wall, p, brc))
+            rows.append((f"seed-style baseline, cap {args.baseline_cap} MiB", wall, None, p, brc))
             if brc:
                 print(f"baseline failed (exit {brc}{', killed for memory' if brc == 137 else ''}):\n{err[-400:]}", file=sys.stderr)
 
-        baseline = rows[-1][1] if not args.no_baseline and rows[-1][3] == 0 else None
+        baseline = rows[-1][1] if not args.no_baseline and rows[-1][4] == 0 else None
         print()
-        print(f"floor: read {read_s:.1f} s (sources concurrently) + write {write_s:.1f} s (fsync) = {floor:.1f} s")
-        print("| run | wall s | / floor | peak MiB | baseline / wall | exit |")
-        print("|---|---:|---:|---:|---:|---|")
-        for name, wall, p, code in rows:
+        print(f"floor: read {read_seq:.1f} s one source after the other, {read_par:.1f} s concurrently; write {write_s:.1f} s (fsync)")
+        print("wall: the whole command (start-up included); merge: the merge itself, as fluxrecipe logs it")
+        print("| run | wall s | wall / floor (sequential, concurrent) | merge s | merge / floor (concurrent) | peak MiB | baseline wall / wall | exit |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        for name, wall, phase, p, code in rows:
             faster = f"{baseline / wall:.2f}" if baseline and code == 0 else "-"
             status = "ok" if code == 0 else ("killed (memory)" if code == 137 else f"failed ({code})")
-            print(f"| {name} | {wall:.1f} | {wall / floor:.2f} | {p or '-'} | {faster} | {status} |")
+            merge_cols = f"{phase:.1f} | {phase / floor:.2f}" if phase is not None and not math.isnan(phase) else "- | -"
+            print(f"| {name} | {wall:.1f} | {wall / floor_seq:.2f}, {wall / floor:.2f} | {merge_cols} | {p or '-'} | {faster} | {status} |")
     finally:
         if not args.keep and args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)

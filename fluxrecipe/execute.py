@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from . import __version__
+from .card import model_card
 from .diagnostics import SEGMENT, Distances
 from .options import Options
 from .errors import OutputError, SourceError
@@ -37,6 +38,7 @@ from .writer import MANIFEST_NAME, RELEASE_ALIGN, FileRecord, align_down, atomic
 PROVENANCE_NAME = "fluxrecipe.json"
 RECIPE_NAME = "recipe.yaml"
 DIAGNOSTICS_NAME = "diagnostics.json"
+CARD_NAME = "README.md"
 
 
 # safetensors dtype code -> torch dtype (st_format.ITEMSIZE lists the codes fluxrecipe reads)
@@ -230,8 +232,8 @@ class _Reader:
 
     Releasing each chunk's own (unaligned) range would keep about half of every file cached (see
     writer.RELEASE_ALIGN), so each file is released behind a frontier: up to the oldest read still in flight,
-    rounded down to RELEASE_ALIGN. A read behind the frontier (a source whose layout differs from the base's) is
-    released on its own, rounded outwards: nothing near it is still wanted.
+    rounded down to RELEASE_ALIGN. A read that reaches behind the frontier (it began before the frontier moved
+    past it, or its source's layout differs from the base's) releases everything behind the frontier again.
     """
 
     def __init__(self) -> None:
@@ -270,8 +272,8 @@ class _Reader:
         finally:
             with self._lock:
                 release = f.done(offset, offset + nbytes)
-            if release:
-                os.posix_fadvise(f.fd, release[0], release[1] - release[0], os.POSIX_FADV_DONTNEED)
+            for start, stop in release:
+                os.posix_fadvise(f.fd, start, stop - start, os.POSIX_FADV_DONTNEED)
         return buf
 
     def close(self) -> None:
@@ -286,19 +288,20 @@ class _InputFile:
     in_flight: dict[int, int] = field(default_factory=dict)  # start offset -> reads from there under way
     released: int = 0  # everything before this offset has been let go
 
-    def done(self, begin: int, end: int) -> tuple[int, int] | None:
-        """Mark a read finished; the byte range to release now, if any (call under the reader's lock)."""
+    def done(self, begin: int, end: int) -> list[tuple[int, int]]:
+        """Mark a read finished; the byte ranges to release now (call under the reader's lock)."""
         if self.in_flight[begin] == 1:
             del self.in_flight[begin]
         else:
             self.in_flight[begin] -= 1
-        if end <= self.released:
-            return align_down(begin), align_down(end) + RELEASE_ALIGN
+        ranges = []
+        if begin < self.released:  # the read reached behind the frontier (it began before the frontier passed)
+            ranges.append((align_down(begin), self.released))
         frontier = align_down(min(self.in_flight, default=end))
-        if frontier <= self.released:
-            return None
-        release, self.released = (self.released, frontier), frontier
-        return release
+        if frontier > self.released:
+            ranges.append((self.released, frontier))
+            self.released = frontier
+        return ranges
 
 
 def _progress(plan: Plan, options: Options):
@@ -315,8 +318,9 @@ def _progress(plan: Plan, options: Options):
 
 
 def pinned_recipe(plan: Plan) -> dict:
-    """The resolved recipe with every source pinned to what was read: a hub commit, a path, a demo name."""
-    recipe = dict(plan.recipe.resolved)
+    """The recipe as composed (overrides applied, ${recipe.alpha} kept, so a replay can override it again)
+    with every source pinned to what was read: a hub commit, a path, a demo name."""
+    recipe = dict(plan.recipe.written)
     recipe["sources"] = {s.name: _pin(s.origin) for s in plan.sources}
     return recipe
 
@@ -334,6 +338,7 @@ def _write_side_files(plan: Plan, folder: Path, result: Result) -> None:
     files[INDEX_NAME] = write_index(folder / INDEX_NAME, weight_map, plan.bytes_written)
     files[RECIPE_NAME] = write_file(folder / RECIPE_NAME, yaml.safe_dump(pinned_recipe(plan), sort_keys=False, allow_unicode=True).encode())
     files[PROVENANCE_NAME] = write_json(folder / PROVENANCE_NAME, _provenance(plan, result))
+    files[CARD_NAME] = write_file(folder / CARD_NAME, model_card(plan).encode())
     if result.distances is not None:
         files[DIAGNOSTICS_NAME] = write_json(
             folder / DIAGNOSTICS_NAME,
@@ -351,6 +356,7 @@ def _provenance(plan: Plan, result: Result) -> dict:
         "recipe_file": plan.recipe.file,
         "sources": {s.name: {"spec": s.spec, **s.origin} for s in plan.sources},
         "base": plan.recipe.base,
+        "rules": [{"match": r.match, "op": str(r.op), "sources": list(r.sources)} for r in plan.recipe.rules],
         "dtype": plan.recipe.dtype,
         "tensors": len(plan.steps),
         "dropped": [{"key": d.key, "reason": d.reason} for d in plan.dropped],

@@ -76,7 +76,8 @@ class Recipe:
     dtype: str  # safetensors dtype code of the output
     config: dict[str, Any] = field(default_factory=dict)  # overrides of the base's config.json
     params: dict[str, Any] = field(default_factory=dict)  # named parameters (alpha, ...)
-    resolved: dict[str, Any] = field(default_factory=dict)  # the whole recipe as plain data
+    resolved: dict[str, Any] = field(default_factory=dict)  # the whole recipe as plain data, interpolations resolved
+    written: dict[str, Any] = field(default_factory=dict)  # the same as composed, interpolations kept (${recipe.alpha})
 
 
 def load_recipe(node: DictConfig | dict, name: str, file: str | None = None) -> Recipe:
@@ -98,7 +99,7 @@ def load_recipe(node: DictConfig | dict, name: str, file: str | None = None) -> 
         reason = str(getattr(e, "msg", None) or e).splitlines()[0]  # OmegaConf appends full_key/object_type lines
         what = f"{value!r}" if isinstance(value, str) else "a value"
         raise RecipeError(f"{here.at(path)}: cannot resolve {what}: {reason}") from None
-    return _parse(data, here)
+    return _parse(data, raw, here)
 
 
 def _path_of(full_key: str, raw: dict) -> tuple:
@@ -137,7 +138,7 @@ def _refuse_resolvers(value: Any, path: tuple, here: "_Locator") -> None:
             )
 
 
-def _parse(data: dict, here: "_Locator") -> Recipe:
+def _parse(data: dict, written: dict, here: "_Locator") -> Recipe:
     params = {}
     for key, value in data.items():
         if key in RECIPE_FIELDS:
@@ -187,6 +188,7 @@ def _parse(data: dict, here: "_Locator") -> Recipe:
         config=config,
         params=params,
         resolved=data,
+        written=written,
     )
 
 

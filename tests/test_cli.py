@@ -31,6 +31,7 @@ def test_demo_runs_from_a_fresh_folder_and_writes_a_loadable_model(tmp_path):
     assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     assert model.config.guidance_embeds is True  # the demo's base is its Krea-like source
     assert yaml.safe_load((out / "recipe.yaml").read_text())["sources"] == {"schnell": {"demo": "schnell"}, "krea": {"demo": "krea"}}
+    assert "**RANDOM WEIGHTS - NOT A MODEL.**" in (out / "README.md").read_text()  # the merge says so too
 
     sources = json.loads((out / "fluxrecipe.json").read_text())["sources"]
     layouts = []

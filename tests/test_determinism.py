@@ -51,6 +51,6 @@ dtype: {dtype}
         merge([recipe, f"output={out}", "shard_size=100KB", "progress=false", *options])
         results[name] = digests(out)
     first, *others = results.values()
-    assert len(first) == 9  # 3 shards and 6 side files
+    assert len(first) == 10  # 3 shards and 7 side files
     for name, files in results.items():
         assert files == first, f"{name}: {sorted(k for k in files if files[k] != first.get(k))} differ from the first run"

@@ -142,17 +142,20 @@ def test_take_in_the_same_dtype_copies_bytes_undecoded(recipes, krea, tmp_path, 
 
 
 def test_input_release_waits_for_reads_in_flight_and_is_aligned():
-    """The frontier moves to the oldest read still under way, rounded down to RELEASE_ALIGN; a read behind
-    the frontier is released on its own, rounded outwards."""
+    """The frontier moves to the oldest read still under way, rounded down to RELEASE_ALIGN; a read that
+    reaches behind the frontier releases what lies behind it again (else those pages would stay cached)."""
     f = _InputFile(fd=-1)
     mib = 1 << 20
     for begin in (0, 3 * mib, 6 * mib):
         f.in_flight[begin + 100] = 1
-    assert f.done(3 * mib + 100, 6 * mib + 100) is None  # the read at 0 is still under way
-    assert f.done(100, 3 * mib + 100) == (0, 6 * mib // RELEASE_ALIGN * RELEASE_ALIGN)
-    assert f.done(6 * mib + 100, 9 * mib + 100) == (6 * mib, 9 * mib + 100 - (9 * mib + 100) % RELEASE_ALIGN)
-    f.in_flight[mib] = 1  # a read behind the frontier
-    assert f.done(mib, 2 * mib) == (0, 2 * mib + RELEASE_ALIGN)
+    assert f.done(3 * mib + 100, 6 * mib + 100) == []  # the read at 0 is still under way
+    assert f.done(100, 3 * mib + 100) == [(0, 6 * mib)]
+    assert f.done(6 * mib + 100, 9 * mib + 100) == [(6 * mib, 8 * mib)]
+    assert all(x % RELEASE_ALIGN == 0 for r in [(0, 6 * mib), (6 * mib, 8 * mib)] for x in r)
+    f.in_flight[7 * mib] = 1  # began before the frontier (8 MiB) moved past it, ends beyond it
+    assert f.done(7 * mib, 11 * mib) == [(6 * mib, 8 * mib), (8 * mib, 10 * mib)]
+    f.in_flight[mib] = 1  # wholly behind the frontier
+    assert f.done(mib, 2 * mib) == [(0, 10 * mib)]
 
 
 def test_written_pages_are_released_on_aligned_ranges(tmp_path, monkeypatch):

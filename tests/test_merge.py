@@ -316,11 +316,11 @@ def test_black_forest_labs_layout_is_named_as_such(tmp_path, schnell, prefix):
 def test_output_carries_its_pinned_recipe(plain, schnell, krea):
     pinned = yaml.safe_load((plain / "recipe.yaml").read_text())
     builtin_text = yaml.safe_load((REPO_ROOT / "recipes" / "krea_schnell.yaml").read_text())
-    assert pinned == {
+    assert pinned == {  # the recipe as written (its interpolations kept), its sources pinned
         **builtin_text,
         "sources": {"schnell": {"path": str(schnell.resolve())}, "krea": {"path": str(krea.resolve())}},
-        "rules": [{"match": ".*", "op": "lerp:0.5"}],
     }
+    assert pinned["rules"] == [{"match": ".*", "op": "lerp:${recipe.alpha}"}]
     for shard in shard_files(plain):
         with safe_open(shard, "pt") as f:
             assert json.loads(f.metadata()["fluxrecipe.recipe"]) == pinned
@@ -330,6 +330,7 @@ def test_output_carries_its_pinned_recipe(plain, schnell, krea):
         "krea": {"spec": str(krea), "path": str(krea.resolve())},
     }
     assert (provenance["recipe"], provenance["base"], provenance["dtype"], provenance["tensors"]) == ("krea_schnell", "schnell", "BF16", len(load_state(plain)))
+    assert provenance["rules"] == [{"match": ".*", "op": "lerp:0.5", "sources": ["schnell", "krea"]}]  # as applied
 
 
 def test_index_maps_every_key_to_the_shard_that_holds_it(guided):
@@ -353,3 +354,23 @@ def test_written_recipe_replays_to_byte_identical_shards(plain, recipe_dir, tmp_
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, again))
     for name in ("config.json", "diffusion_pytorch_model.safetensors.index.json", "recipe.yaml"):
         assert (tmp_path / "again" / name).read_bytes() == (plain / name).read_bytes()
+
+
+def test_written_recipe_replays_with_a_new_parameter(plain, recipe_dir, tmp_path, schnell, krea, state_of):
+    """recipe.yaml keeps `lerp:${recipe.alpha}`, so a replay can sweep alpha again like the original."""
+    shutil.copy(plain / "recipe.yaml", recipe_dir / "replay.yaml")
+    merge(["recipe=replay", f"output={tmp_path / 'other'}", "progress=false", "recipe.alpha=0.25"])
+    a, b, got = state_of(schnell), state_of(krea), load_state(tmp_path / "other")
+    assert all(torch.equal(got[k], (a[k].float() * 0.75 + b[k].float() * 0.25).to(torch.bfloat16)) for k in got)
+
+
+def test_model_card_says_what_was_merged_from_what(plain, schnell, guided):
+    card = (plain / "README.md").read_text()
+    assert card.startswith("# krea_schnell: a FLUX.1 transformer merged by fluxrecipe")
+    assert f"| schnell (base) | `{schnell}` | path `{schnell.resolve()}` |" in card
+    assert "| 0 | `.*` | `lerp:0.5` | schnell, krea |" in card
+    assert "RANDOM WEIGHTS" not in card
+    assert "4 keys of the sources are not in the output" in card  # Krea's guidance embedder
+    assert "| 0 | `guidance` | `take:krea` | krea | 4 |" in (guided / "README.md").read_text()
+    manifest = json.loads((plain / "fluxrecipe.manifest.json").read_text())["files"]
+    assert "README.md" in manifest

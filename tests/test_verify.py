@@ -49,7 +49,7 @@ def problems(folder: Path, *flags: str) -> list[str]:
 def test_a_merged_folder_passes(folder, capsys):
     assert main([str(folder)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{folder}: ok: 10 files match the manifest (sizes and sha256); ") and "in 5 shard(s)" in out and "(FluxTransformer2DModel)" in out
+    assert out.startswith(f"{folder}: ok: 11 files match the manifest (sizes and sha256); ") and "in 5 shard(s)" in out and "(FluxTransformer2DModel)" in out
 
 
 def test_the_command_is_dispatched(folder, monkeypatch, capsys):

@@ -1,0 +1,72 @@
+"""The model card (README.md) written beside every merged model: what it is, made from what, how to load it.
+
+A merged folder gets shared (on the hub, between people), and the card is what travels with it: the sources
+pinned to what was read, the rules as they were applied, the licence caveat, and how to rebuild it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .plan import Plan, human_bytes
+
+RANDOM_WARNING = (
+    "> **RANDOM WEIGHTS - NOT A MODEL.** This merge was made from fluxrecipe's generated demo checkpoints, whose\n"
+    "> weights are random noise. It shows the merge path; it does not make images.\n"
+)
+
+
+def model_card(plan: Plan) -> str:
+    r = plan.recipe
+    lines = [f"# {r.name}: a FLUX.1 transformer merged by fluxrecipe", ""]
+    if any("demo" in s.origin for s in plan.sources):
+        lines += [RANDOM_WARNING]
+    if r.description:
+        lines += [r.description, ""]
+    lines += [
+        f"Architecture: `{plan.config.get('_class_name')}` of source `{r.base}` "
+        f"(guidance_embeds: {json.dumps(plan.config.get('guidance_embeds'))}), {len(plan.steps)} tensors, "
+        f"{r.dtype}, {human_bytes(plan.bytes_written)}.",
+        "",
+        "## Sources",
+        "",
+        "| name | given as | read from |",
+        "|---|---|---|",
+    ]
+    for s in plan.sources:
+        origin = ", ".join(f"{k} `{v}`" for k, v in s.origin.items())
+        lines.append(f"| {s.name}{' (base)' if s.name == r.base else ''} | `{s.spec}` | {origin} |")
+    lines += ["", "## Rules (first match wins)", "", "| # | match | op | inputs | keys |", "|---|---|---|---|---|"]
+    for x in plan.rule_stats():
+        lines.append(f"| {x.rule.index} | `{x.rule.match}` | `{x.rule.op}` | {', '.join(x.rule.sources) or '-'} | {x.keys} |")
+    if plan.dropped:
+        lines += ["", f"{len(plan.dropped)} keys of the sources are not in the output (see fluxrecipe.json for each and why)."]
+    if plan.notes:
+        lines += ["", *[f"Note: {n}." for n in plan.notes]]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import FluxTransformer2DModel",
+        "",
+        'transformer = FluxTransformer2DModel.from_pretrained("PATH/TO/THIS/FOLDER", torch_dtype=torch.bfloat16)',
+        "```",
+        "",
+        "Pass it to a `FluxPipeline` of the base model's repo (`transformer=transformer`).",
+        "",
+        "## Licence",
+        "",
+        "Merged weights are derived from every source: they carry the terms of each source's licence together "
+        "(FLUX.1-schnell: Apache-2.0; FLUX.1-dev and FLUX.1-Krea-dev: the FLUX.1 [dev] Non-Commercial License).",
+        "",
+        "## Rebuild",
+        "",
+        "`recipe.yaml` here is the recipe with its sources pinned; put it in a folder and run",
+        "`FLUXRECIPE_RECIPE_PATH=FOLDER python -m fluxrecipe recipe=recipe`. `fluxrecipe.json` records what was read,",
+        "`fluxrecipe.manifest.json` the sha256 of every file (`python -m fluxrecipe verify FOLDER` checks them),",
+        "`diagnostics.json` how far each block moved from each source.",
+        "",
+    ]
+    return "\n".join(lines)
