@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,7 @@ FLUX = dict(
     axes_dims_rope=[16, 56, 56],
 )
 HUB_SHARD = 10 * 10**9  # the hub's FLUX.1 shards: 10 GB
+TIMEOUT = -1  # exit code of a run stopped at its time limit
 
 
 def generate(folder: Path, *, double: int, single: int, guidance: bool, seed: int, sparse: bool) -> None:
@@ -111,22 +113,34 @@ def prepare_cache(mode: str, inputs: list[Path]) -> None:
             subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=True)
 
 
-def run_measured(cmd: list[str], cap_mib: int | None, env: dict | None = None) -> tuple[float, int | None, int, str]:
-    """Wall seconds, peak MiB (cgroup peak with memcap, else the child's max RSS), exit code, output tail."""
+def run_measured(cmd: list[str], cap_mib: int | None, env: dict | None = None, timeout: float | None = None) -> tuple[float, int | None, int, str]:
+    """Wall seconds, peak MiB (cgroup peak with memcap, else the child's max RSS), exit code (TIMEOUT when it
+    ran past `timeout` and was killed), output tail."""
     use_cap = cap_mib is not None and MEMCAP.exists() and os.access("/sys/fs/cgroup/memory", os.W_OK)
     full = ([str(MEMCAP), str(cap_mib)] if use_cap else []) + cmd
     start = time.monotonic()
-    proc = subprocess.run(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        cgroup = Path(f"/sys/fs/cgroup/memory/memcap.{proc.pid}")  # memcap's cgroup, named by its pid
+        peak_bytes = int((cgroup / "memory.max_usage_in_bytes").read_text()) if cgroup.exists() else None
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        if cgroup.exists():
+            time.sleep(1)
+            cgroup.rmdir()
+        return time.monotonic() - start, peak_bytes and peak_bytes >> 20, TIMEOUT, output[-2000:]
     wall = time.monotonic() - start
-    peak = None
-    m = re.search(r"memcap: .* peak=(\d+)MiB", proc.stdout)
+    m = re.search(r"memcap: .* peak=(\d+)MiB", output)
     if m:
         peak = int(m[1])
     else:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
-    return wall, peak, proc.returncode, proc.stdout[-2000:]
+    return wall, peak, code, output[-2000:]
 
 
 def floor_seconds(sources: list[list[Path]], out_bytes: int, scratch: Path, cache: str) -> tuple[float, float, float]:
@@ -170,6 +184,7 @@ def main() -> None:
     ap.add_argument("--cap", type=int, default=1024, help="memory cap (MiB, page cache included) for fluxrecipe")
     ap.add_argument("--free-cap", type=int, default=8192, help="a cap (MiB) that does not press: fluxrecipe's natural peak; 0: skip")
     ap.add_argument("--baseline-cap", type=int, default=20480, help="memory cap (MiB) for the baseline")
+    ap.add_argument("--baseline-timeout", type=float, default=900, help="seconds before the baseline is stopped (near its cap it thrashes: mmap'd shards are evicted and read again)")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="runs of fluxrecipe (the table shows the median)")
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary folder under /tmp)")
@@ -229,10 +244,10 @@ def main() -> None:
         if not args.no_baseline:
             out = scratch / "baseline"
             prepare_cache(args.cache, inputs)
-            wall, p, brc, err = run_measured([sys.executable, str(REPO / "benchmarks" / "seed_baseline.py"), str(schnell), str(krea), str(out)], args.baseline_cap)
+            wall, p, brc, err = run_measured([sys.executable, str(REPO / "benchmarks" / "seed_baseline.py"), str(schnell), str(krea), str(out)], args.baseline_cap, timeout=args.baseline_timeout)
             shutil.rmtree(out, ignore_errors=True)
             rows.append((f"seed-style baseline, cap {args.baseline_cap} MiB", wall, None, p, brc))
-            if brc:
+            if brc not in (0, TIMEOUT):
                 print(f"baseline failed (exit {brc}{', killed for memory' if brc == 137 else ''}):\n{err[-400:]}", file=sys.stderr)
 
         baseline = rows[-1][1] if not args.no_baseline and rows[-1][4] == 0 else None
@@ -243,7 +258,7 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|---:|---:|---|")
         for name, wall, phase, p, code in rows:
             faster = f"{baseline / wall:.2f}" if baseline and code == 0 else "-"
-            status = "ok" if code == 0 else ("killed (memory)" if code == 137 else f"failed ({code})")
+            status = {0: "ok", 137: "killed (memory)", TIMEOUT: f"stopped at its time limit ({wall:.0f} s)"}.get(code, f"failed ({code})")
             merge_cols = f"{phase:.1f} | {phase / floor:.2f}" if phase is not None and not math.isnan(phase) else "- | -"
             print(f"| {name} | {wall:.1f} | {wall / floor_seq:.2f}, {wall / floor:.2f} | {merge_cols} | {p or '-'} | {faster} | {status} |")
     finally:

@@ -26,10 +26,10 @@ import yaml
 from . import __version__
 from .card import model_card
 from .diagnostics import SEGMENT, Distances
-from .options import Options
-from .errors import OutputError, SourceError
+from .errors import OutputError, SourceError, UsageError
 from .linux import keep_freed_memory
 from .ops import OPS
+from .options import Options
 from .plan import INDEX_NAME, Plan, Step, human_bytes
 from .sources import TensorLoc
 from .st_format import ITEMSIZE
@@ -99,9 +99,9 @@ def _check_device(device: str) -> None:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise OutputError(f"device={device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        raise UsageError(f"device={device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OutputError(f"device={device}: this torch ({torch.__version__}) sees no CUDA GPU; use device=cpu")
+        raise UsageError(f"device={device}: this torch ({torch.__version__}) sees no CUDA GPU; use device=cpu")
 
 
 def _check_free_space(folder: Path, plan: Plan) -> None:

@@ -192,6 +192,15 @@ def test_bad_run_option_fails_before_any_source_is_opened(out, tmp_path, option,
     refused(UsageError, [message], lambda: merge(["recipe=krea_schnell", *source_overrides(missing, missing), f"output={out}", option]), out)
 
 
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu", "device='gpu' is not a torch device (cpu, cuda, cuda:1, ...)"), ("cuda", "device=cuda: this torch (")],
+)
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the machine has a GPU: device=cuda is valid here")
+def test_a_device_torch_cannot_use_is_refused_before_writing(out, schnell, krea, device, message):
+    refused(UsageError, [message], lambda: merge(["recipe=krea_schnell", *source_overrides(schnell, krea), f"output={out}", f"device={device}"]), out)
+
+
 @pytest.mark.parametrize("option, size", [("shard_size=60KB", 60_000), ("shard_size=64KiB", 65_536), ("shard_size=0.1 MB", 100_000), ("shard_size=70000", 70_000)])
 def test_shard_size_units(tmp_path, schnell, krea, option, size):
     plan = merge(["recipe=krea_schnell", *source_overrides(schnell, krea), f"output={tmp_path / 'out'}", "dry_run=true", option])
