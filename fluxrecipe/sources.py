@@ -61,7 +61,12 @@ def open_source(spec: SourceSpec) -> Checkpoint:
     elif kind == "repo":
         from .hub import fetch
 
-        location, origin = fetch(spec.name, value, revision, spec.subfolder)
+        try:
+            location, origin = fetch(spec.name, value, revision, spec.subfolder)
+        except SourceError as e:
+            if spec.text and os.path.isdir(os.path.expanduser(spec.text.split("/")[0])):  # a local path, mistyped?
+                raise SourceError(f"{e} (and there is no local path '{spec.text}' either)") from None
+            raise
     else:
         location = _local_folder(spec.name, Path(value).expanduser(), spec.subfolder)
         origin = {"path": str(Path(value).expanduser().resolve())} | ({"subfolder": spec.subfolder} if spec.subfolder else {})

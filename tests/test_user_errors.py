@@ -234,3 +234,11 @@ def test_overwriting_an_output_that_is_a_file_leaves_nothing_behind(tmp_path, sc
         except FluxRecipeError:
             pass  # refusing to replace a file by a folder would do as well
         assert [p.name for p in folder.iterdir()] == ["model.safetensors"]
+
+
+def test_a_mistyped_local_path_is_named_as_such_too(tmp_path, monkeypatch, schnell):
+    """`models/krea` looks like a hub repo id; when ./models exists, the hub's error also says the path is missing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(SourceError, match=r"\(and there is no local path 'models/krea' either\)$"):
+        merge(["recipe=krea_schnell", f"recipe.sources.schnell={schnell}", "recipe.sources.krea=models/krea", f"output={tmp_path / 'out'}"])
