@@ -209,8 +209,10 @@ def _compute(chunk: _Chunk, reader: "_Reader", device: torch.device, options: Op
     else:
         merged = OPS[step.op.name].fn(xs, step.op.args).to(DTYPES[step.dtype])
         data = merged.cpu().view(torch.uint8)
-        as_float = merged.float()
-        distances = [_squares_per_segment(as_float, x) for x in xs] if options.diagnostics else []
+        distances = []
+        if options.diagnostics:  # upcast the rounded result once, and only when it is compared
+            as_float = merged.float()
+            distances = [_squares_per_segment(as_float, x) for x in xs]
     return _Done(data, list(zip(distances, norms)) if options.diagnostics else [], nonfinite)
 
 
