@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,23 @@ def _build_on_meta(config: dict[str, Any], where: str) -> dict[str, tuple[int, .
     except Exception as e:  # any complaint of the model's constructor about the config
         raise PlanError(f"{where}: diffusers cannot build {cls.__name__} from this config: {type(e).__name__}: {e}") from None
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """How a set of tensors (name -> shape) differs from what a config implies."""
+
+    missing: list[str]  # the config needs them, the tensors lack them
+    unexpected: list[str]  # the tensors hold them, the config has no place for them
+    wrong: list[str]  # both have them, in other shapes
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.wrong)
+
+
+def mismatch(expected: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]]) -> Mismatch:
+    return Mismatch(
+        missing=[k for k in expected if k not in have],
+        unexpected=[k for k in have if k not in expected],
+        wrong=[k for k in have if k in expected and tuple(expected[k]) != tuple(have[k])],
+    )

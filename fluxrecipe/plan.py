@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from .architecture import config_fields, expected_parameters
+from .architecture import config_fields, expected_parameters, mismatch
 from .errors import PlanError
 from .ops import OpCall
 from .recipe import Recipe, Rule
@@ -170,7 +170,7 @@ def _check_every_rule_used(recipe: Recipe, checkpoints: dict[str, Checkpoint], d
             continue
         base_hits = [k for k in checkpoints[recipe.base].tensors if rule.pattern.search(k)]
         if base_hits:
-            why = f"every key it matches ({_some(base_hits)}) is taken by an earlier rule"
+            why = f"every key it matches ({some_keys(base_hits)}) is taken by an earlier rule"
         else:
             why = f"it matches no key of the base '{recipe.base}'"
             elsewhere = {n: sum(bool(rule.pattern.search(k)) for k in c.tensors) for n, c in checkpoints.items() if n != recipe.base}
@@ -189,7 +189,7 @@ def _inputs(rule: Rule, key: str, checkpoints: dict[str, Checkpoint], base: str,
             lacking = [k for k, r in decided.items() if r is rule and k not in checkpoints[name].tensors]
             others = [k for k, r in decided.items() if r.index >= rule.index and k not in set(lacking)]
             raise PlanError(
-                f"{rule.where} ({rule.op}) needs {_some(lacking)} from source '{name}', which lacks "
+                f"{rule.where} ({rule.op}) needs {some_keys(lacking)} from source '{name}', which lacks "
                 f"{'it' if len(lacking) == 1 else 'them'} ({checkpoints[name].folder}): add a rule before it for these keys, "
                 f"e.g. {{match: '{_hint_pattern(lacking, others)}', op: 'take:{base}'}}"
             )
@@ -233,16 +233,15 @@ def _check_fits_config(recipe: Recipe, config: dict[str, Any], steps: list[Step]
     where = f"the output's config.json (from base '{recipe.base}'" + (" with the recipe's config overrides)" if recipe.config else ")")
     expected = expected_parameters(config, where)
     have = {s.key: s.shape for s in steps}
-    missing = [k for k in expected if k not in have]
-    unexpected = [k for k in have if k not in expected]
-    wrong = [k for k in have if k in expected and tuple(expected[k]) != tuple(have[k])]
-    if not (missing or unexpected or wrong):
+    found = mismatch(expected, have)
+    if not found:
         return
+    missing, unexpected, wrong = found.missing, found.unexpected, found.wrong
     problems = []
     if missing:
-        problems.append(f"it lacks {len(missing)} key(s) the config needs ({_some(missing)})")
+        problems.append(f"it lacks {len(missing)} key(s) the config needs ({some_keys(missing)})")
     if unexpected:
-        problems.append(f"it holds {len(unexpected)} key(s) the config has no place for ({_some(unexpected)})")
+        problems.append(f"it holds {len(unexpected)} key(s) the config has no place for ({some_keys(unexpected)})")
     if wrong:
         k = wrong[0]
         problems.append(f"{len(wrong)} key(s) have other shapes than the config implies ('{k}' is {list(have[k])}, the config says {list(expected[k])})")
@@ -287,7 +286,7 @@ def _notes(recipe: Recipe, steps: list[Step]) -> list[str]:
     return notes
 
 
-def _some(keys: list[str]) -> str:
+def some_keys(keys: list[str]) -> str:
     shown = ", ".join(f"'{k}'" for k in keys[:SHOWN])
     return shown + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
 
@@ -323,7 +322,7 @@ def format_plan(plan: Plan) -> str:
         for d in plan.dropped:
             by_reason[d.reason].append(d.key)
         for reason, keys in by_reason.items():
-            lines.append(f"  {reason}: {_some(keys)}")
+            lines.append(f"  {reason}: {some_keys(keys)}")
     copies = sum(s.copies_bytes for s in plan.steps)
     lines.append(
         f"total: {len(plan.steps)} tensors in {len(plan.shards)} shard(s), {r.dtype}; "

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FluxRecipeError
-from .writer import MANIFEST_NAME
-from .plan import INDEX_NAME, SHOWN, _some
+from .plan import INDEX_NAME, SHOWN, some_keys
 from .sources import DIFFUSERS_WEIGHTS
 from .st_format import Header, read_header
+from .writer import MANIFEST_NAME
 
 BLOCK = 16 << 20  # bytes read at a time for the sha256
 
@@ -157,7 +157,7 @@ def _check_shards(folder: Path, report: Report) -> dict[str, tuple[int, ...]] | 
     for shard, wanted in assigned.items():
         path = folder / shard
         if not path.is_file():
-            report.add(index, f"names shard '{shard}' (for {_some(wanted)}), which does not exist")
+            report.add(index, f"names shard '{shard}' (for {some_keys(wanted)}), which does not exist")
             readable = False
             continue
         try:
@@ -234,7 +234,7 @@ def _check_layout(header: Header, report: Report) -> None:
 
 
 def _check_config(folder: Path, keys: dict[str, tuple[int, ...]], report: Report) -> None:
-    from .architecture import expected_parameters
+    from .architecture import expected_parameters, mismatch
 
     path = folder / "config.json"
     try:
@@ -253,13 +253,12 @@ def _check_config(folder: Path, keys: dict[str, tuple[int, ...]], report: Report
         report.problems.append(str(e))
         return
     report.model = str(config.get("_class_name"))
-    missing = [k for k in expected if k not in keys]
-    unexpected = [k for k in keys if k not in expected]
-    wrong = [k for k in keys if k in expected and tuple(expected[k]) != tuple(keys[k])]
+    found = mismatch(expected, keys)
+    missing, unexpected, wrong = found.missing, found.unexpected, found.wrong
     if missing:
-        report.add(path, f"{report.model} needs {len(missing)} key(s) that no shard holds ({_some(missing)}): diffusers would fill them with random weights")
+        report.add(path, f"{report.model} needs {len(missing)} key(s) that no shard holds ({some_keys(missing)}): diffusers would fill them with random weights")
     if unexpected:
-        report.add(path, f"{report.model} has no place for {len(unexpected)} key(s) the shards hold ({_some(unexpected)})")
+        report.add(path, f"{report.model} has no place for {len(unexpected)} key(s) the shards hold ({some_keys(unexpected)})")
     for k in wrong[:SHOWN]:
         report.add(path, f"'{k}' is {list(keys[k])} in the shards, {report.model} needs {list(expected[k])}")
     if len(wrong) > SHOWN:
