@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-import tempfile
 from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 from .demo import cache_root
 from .errors import PlanError
+from .writer import replace_json
 
 
 def model_class(config: dict[str, Any], where: str) -> type:
@@ -54,10 +53,7 @@ def _store(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     """Write the cache entry atomically; a cache that cannot be written only costs the next run time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(shapes, f)
-        os.replace(tmp, path)
+        replace_json(path, shapes)
     except OSError:
         pass
 

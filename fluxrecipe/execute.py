@@ -33,7 +33,7 @@ from .options import Options
 from .plan import INDEX_NAME, Plan, Step, human_bytes
 from .sources import TensorLoc
 from .st_format import ITEMSIZE
-from .writer import MANIFEST_NAME, RELEASE_ALIGN, FileRecord, align_down, atomic_folder, open_shard, write_file, write_index, write_json
+from .writer import MANIFEST_NAME, FileRecord, align_down, atomic_folder, open_shard, write_file, write_index, write_json
 
 PROVENANCE_NAME = "fluxrecipe.json"
 RECIPE_NAME = "recipe.yaml"

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import sys
 import time
@@ -40,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .diagnostics import block_order
 from .errors import FluxRecipeError, UsageError
+from .writer import replace_json
 
 log = logging.getLogger("fluxrecipe")
 
@@ -141,7 +141,7 @@ def run_recorded(cfg: DictConfig, job: Callable[[DictConfig], Any], show_traceba
         value = job(cfg)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a SLURM time limit): the sweep stops; say where it stopped
         status.update(status=FAILED, error="interrupted (Ctrl-C or SIGTERM, e.g. a time limit)", seconds=round(time.monotonic() - started, 3))
-        _write_json_atomic(job_dir / JOB_STATUS_NAME, status)
+        replace_json(job_dir / JOB_STATUS_NAME, status)
         raise
     except Exception as e:  # noqa: BLE001 - one job's failure, whatever it is, must not stop the sweep
         _failed_here += 1
@@ -158,14 +158,8 @@ def run_recorded(cfg: DictConfig, job: Callable[[DictConfig], Any], show_traceba
         status.update(output=str(value.output), bytes_read=value.bytes_read, bytes_written=value.bytes_written)
     elif value is not None:
         status["status"] = DRY_RUN
-    _write_json_atomic(job_dir / JOB_STATUS_NAME, status)
+    replace_json(job_dir / JOB_STATUS_NAME, status)
     return status
-
-
-def _write_json_atomic(path: Path, value: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def failed() -> int:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,19 @@ def write_file(path: Path, data: bytes) -> FileRecord:
 
 def write_json(path: Path, value: object) -> FileRecord:
     return write_file(path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def replace_json(path: Path, value: object) -> None:
+    """Write `path` whole or not at all (a temporary file beside it, renamed over it): for files that are
+    rewritten in place, which a reader must never see half-written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> FileRecord:
