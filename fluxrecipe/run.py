@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,17 +28,35 @@ SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def run_job(cfg: DictConfig) -> Result | Plan:
-    """Plan the merge the config asks for; print it (dry run) or execute it. Returns the Plan or the Result."""
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything a job decides before reading a tensor: what to merge (the Plan), how, and where to."""
+
+    recipe: Recipe
+    options: Options
+    output: Path
+    plan: Plan
+
+
+def plan_job(cfg: DictConfig, dry_run: bool = False) -> JobPlan:
+    """Check the config and plan its merge: every check a run makes before it reads or writes tensor data.
+    A sweep's pre-flight calls this for every job before any job starts."""
     recipe = recipe_of(cfg)
     options = options_of(cfg)
     output = output_of(cfg)
     shard_size = parse_size(cfg.shard_size)
-    if not cfg.dry_run:
+    if not dry_run:
         check_target(output, options.overwrite)  # before fetching anything: an existing output fails fast
     checkpoints = {name: open_source(spec) for name, spec in recipe.sources.items()}
     plan = make_plan(recipe, checkpoints, shard_size)
     _check_apart(output, checkpoints)  # a dry run reports every fault the real run would meet before writing
+    return JobPlan(recipe, options, output, plan)
+
+
+def run_job(cfg: DictConfig) -> Result | Plan:
+    """Plan the merge the config asks for; print it (dry run) or execute it. Returns the Plan or the Result."""
+    job = plan_job(cfg, dry_run=bool(cfg.dry_run))
+    plan, options, output = job.plan, job.options, job.output
     if cfg.dry_run:
         print(format_plan(plan))
         print(f"dry run: nothing written (the output would go to {output})")
