@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FluxRecipeError
-from .plan import INDEX_NAME, SHOWN, some_keys
-from .sources import DIFFUSERS_WEIGHTS
-from .st_format import Header, read_header
+from .formats.diffusers import INDEX_NAME, WEIGHTS_NAME as DIFFUSERS_WEIGHTS
+from .formats.safetensors import Header, read_header
+from .plan import SHOWN, some_keys
 from .writer import MANIFEST_NAME
 
 BLOCK = 16 << 20  # bytes read at a time for the sha256
