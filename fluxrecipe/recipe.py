@@ -8,6 +8,7 @@ source names that exist. Errors name the recipe file and line where it can be fo
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +32,11 @@ DTYPES = {
     "fp8_scaled": ("F8_E4M3", True),
 }
 DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled"
-FORMATS = ("diffusers", "bfl", "comfyui")
-RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format")
+FORMATS = ("diffusers", "bfl", "comfyui", "lora", "lora_peft")
+RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format", "loras")
 RULE_FIELDS = ("match", "op", "sources", "optional", "dtype")
 SOURCE_FIELDS = ("repo", "revision", "subfolder", "path", "demo")
+LORA_FIELDS = ("path", "repo", "file", "revision", "strength", "ignore_unmatched")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 # The only interpolation a recipe may hold: a reference to one of its own values.
 SAFE_INTERPOLATION = re.compile(r"\$\{(?:recipe\.|\.+)[A-Za-z_][\w.-]*\}")
@@ -61,6 +63,26 @@ class SourceSpec:
         if self.repo:
             return self.repo + (f"@{self.revision}" if self.revision else "") + (f" [{self.subfolder}]" if self.subfolder else "")
         return str(self.path) + (f" [{self.subfolder}]" if self.subfolder else "")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA the recipe bakes into its result: where its file lives, how strongly it applies, and whether
+    keys of it that map to no tensor of the output only warn (`ignore_unmatched`) instead of stopping."""
+
+    name: str
+    path: str | None = None  # a local .safetensors file, or a folder holding one
+    repo: str | None = None  # a hub repo id, with `file` the file in it
+    file: str | None = None
+    revision: str | None = None
+    strength: Any = 1.0  # a number (per-block schedules: see loras.strength_of)
+    ignore_unmatched: bool = False
+    where: str = ""  # "recipe 'x' (path:line) loras.NAME", for messages
+
+    def describe(self) -> str:
+        if self.repo:
+            return f"{self.repo}/{self.file}" + (f"@{self.revision}" if self.revision else "")
+        return str(self.path)
 
 
 @dataclass(frozen=True)
@@ -93,6 +115,7 @@ class Recipe:
     params: dict[str, Any] = field(default_factory=dict)  # named parameters (alpha, ...)
     resolved: dict[str, Any] = field(default_factory=dict)  # the whole recipe as plain data, interpolations resolved
     written: dict[str, Any] = field(default_factory=dict)  # the same as composed, interpolations kept (${recipe.alpha})
+    loras: dict[str, LoraSpec] = field(default_factory=dict)  # baked into the rules' result, in this order
 
 
 def load_recipe(node: DictConfig | dict, name: str, file: str | None = None) -> Recipe:
@@ -192,6 +215,7 @@ def _parse(data: dict, written: dict, here: "_Locator") -> Recipe:
     if not isinstance(rules_data, list) or not rules_data:
         raise RecipeError(f"{here.at(('rules',))}: rules must be a non-empty list of {{match, op}} entries")
     rules = tuple(_rule(i, r, sources, here) for i, r in enumerate(rules_data))
+    loras = _loras(data.get("loras"), here)
 
     return Recipe(
         name=here.name,
@@ -206,6 +230,7 @@ def _parse(data: dict, written: dict, here: "_Locator") -> Recipe:
         params=params,
         resolved=data,
         written=written,
+        loras=loras,
     )
 
 
@@ -244,6 +269,49 @@ def _sources(value: Any, here: "_Locator") -> dict[str, SourceSpec]:
             if v is not None and not isinstance(v, str):
                 raise RecipeError(f"{where}: {k} of source {name!r} must be text, got {v!r}")
         specs[name] = SourceSpec(name=name, **{k: v for k, v in spec.items() if v is not None})
+    return specs
+
+
+def _loras(value: Any, here: "_Locator") -> dict[str, LoraSpec]:
+    """`loras:` name -> a local file (`path`, or the path as the whole value) or a hub file (`repo` + `file`),
+    with `strength` (default 1) and `ignore_unmatched` (default false)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{here.at(('loras',))}: loras must be a mapping of name -> {{path: FILE, strength: NUMBER}} or {{repo: ORG/NAME, file: FILE, ...}}")
+    specs = {}
+    for name, spec in value.items():
+        where = here.at(("loras", name))
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise RecipeError(f"{where}: LoRA name {name!r} must be letters, digits, '_' or '-', starting with a letter")
+        if isinstance(spec, str) and spec:
+            spec = {"path": spec}
+        if not isinstance(spec, dict):
+            raise RecipeError(f"{where}: LoRA {name!r} must be a path or a mapping of {', '.join(LORA_FIELDS)}")
+        unknown = set(spec) - set(LORA_FIELDS)
+        if unknown:
+            raise RecipeError(f"{where}: unknown field(s) {', '.join(map(repr, sorted(map(str, unknown))))} in LoRA {name!r} (fields: {', '.join(LORA_FIELDS)})")
+        for k in ("path", "repo", "file", "revision"):
+            if spec.get(k) is not None and (not isinstance(spec[k], str) or not spec[k]):
+                raise RecipeError(f"{here.at(('loras', name, k))}: {k} of LoRA {name!r} must be text, got {spec[k]!r}")
+        if (spec.get("path") is None) == (spec.get("repo") is None):
+            raise RecipeError(f"{where}: LoRA {name!r} needs exactly one of path (a local file) or repo (with file: the file in it)")
+        if spec.get("repo") is not None and spec.get("file") is None:
+            raise RecipeError(f"{where}: LoRA {name!r} names repo {spec['repo']!r} but no file: give the .safetensors file in it (file: NAME.safetensors)")
+        if spec.get("path") is not None and (spec.get("file") is not None or spec.get("revision") is not None):
+            raise RecipeError(f"{where}: LoRA {name!r}: file and revision go with repo, not with path")
+        strength = spec.get("strength", 1.0)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+            raise RecipeError(
+                f"{here.at(('loras', name, 'strength'))}: strength of LoRA {name!r} must be a number, got {strength!r}"
+                + (" (per-block strengths come with per-block schedules)" if isinstance(strength, (list, dict)) else "")
+            )
+        if not math.isfinite(strength):
+            raise RecipeError(f"{here.at(('loras', name, 'strength'))}: strength of LoRA {name!r} must be a finite number, got {strength!r}")
+        ignore = spec.get("ignore_unmatched", False)
+        if not isinstance(ignore, bool):
+            raise RecipeError(f"{here.at(('loras', name, 'ignore_unmatched'))}: ignore_unmatched must be true or false")
+        specs[name] = LoraSpec(name, spec.get("path"), spec.get("repo"), spec.get("file"), spec.get("revision"), float(strength), ignore, where)
     return specs
 
 

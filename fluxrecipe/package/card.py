@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from ..loras import blocks_text
 from ..plan import Plan, human_bytes
 
 RANDOM_WARNING = (
@@ -40,6 +41,10 @@ def model_card(plan: Plan) -> str:
     lines += ["", "## Rules (first match wins)", "", "| # | match | op | inputs | keys |", "|---|---|---|---|---|"]
     for x in plan.rule_stats():
         lines.append(f"| {x.rule.index} | `{x.rule.match}` | `{x.rule.op}` | {', '.join(x.rule.sources) or '-'} | {x.keys} |")
+    if plan.loras:
+        lines += ["", "## LoRAs baked in (before the one rounding)", "", "| name | file | format | strength | changes |", "|---|---|---|---|---|"]
+        for lora in plan.loras:
+            lines.append(f"| {lora.name} | `{lora.spec}` | {lora.format} | {lora.strength:g} | {lora.tensors} tensors in {blocks_text(lora.blocks)} |")
     if plan.dropped:
         lines += ["", f"{len(plan.dropped)} keys of the sources are not in the output (see fluxrecipe.json for each and why)."]
     if plan.notes:
