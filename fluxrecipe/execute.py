@@ -150,9 +150,11 @@ class _Chunk:
         if self.base is not None:
             size += n * (ITEMSIZE[self.base.dtype] + 4)
         for p in self.step.patches:
-            size += n * (ITEMSIZE[p.tensor.dtype] + 8)
-            if p.down is not None:
-                size += 2 * ROWS * row_size(self.step.shape) * 4 + p.down.numel * 4 + (n // row_size(self.step.shape) + 2 * ROWS) * p.down.shape[0] * (ITEMSIZE[p.tensor.dtype] + 4)
+            if p.down is None:  # its values, raw and decoded
+                size += n * (ITEMSIZE[p.tensor.dtype] + 4)
+            else:  # the product (whole blocks of rows), the up rows it needs, raw and decoded, and the down
+                rows_read = n // row_size(self.step.shape) + 2 * ROWS
+                size += rows_read * row_size(self.step.shape) * 4 + rows_read * p.down.shape[0] * (ITEMSIZE[p.tensor.dtype] + 4) + p.down.numel * 4
         return size
 
 

@@ -110,7 +110,7 @@ class LoraSummary:
 
     def describe(self) -> str:
         pairs = sorted(set(zip(self.ranks, self.alphas)), key=lambda p: (p[0], p[1] is None, p[1] or 0))
-        shown = ", ".join(f"rank {r} alpha {_number(a) if a is not None else f'{r} (none given)'}" for r, a in pairs[:3])
+        shown = ", ".join(f"rank {r} " + (f"alpha {_number(a)}" if a is not None else "no alpha (= rank)") for r, a in pairs[:3])
         more = f" and {len(pairs) - 3} more" if len(pairs) > 3 else ""
         return f"{self.format}, {shown or 'no low-rank modules'}{more}, strength {_number(self.strength)}: {self.tensors} tensors in {blocks_text(self.blocks)}"
 

@@ -549,3 +549,18 @@ def test_output_over_a_lora_is_refused(recipe_dir, tmp_path, krea, formats):
     with pytest.raises(UsageError, match="lora 'k'"):
         bake(recipe_dir, path, krea, {"k": str(path)}, "format=comfyui", "overwrite=true")
     assert path.read_bytes() == formats["kohya"][0].read_bytes()
+
+
+@pytest.mark.parametrize("value", ["0", "abc"])
+def test_lora_rank_must_be_a_whole_number(recipe_dir, tmp_path, tuned, value):
+    out = tmp_path / "x.safetensors"
+    refused(UsageError, f"lora_rank={value}: must be a whole number above 0", lambda: extract(recipe_dir, out, tuned, "format=lora", f"lora_rank={value}"), out)
+
+
+def test_nan_in_a_lora_stops_the_merge(recipe_dir, tmp_path, krea, formats):
+    tensors = load_file(formats["xlabs"][0])
+    tensors["double_blocks.1.processor.proj_lora2.up.weight"][3, 1] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(tensors, path)
+    out = tmp_path / "out"
+    refused(SourceError, "lora 'n': tensor 'double_blocks.1.processor.proj_lora2.up.weight'", lambda: bake(recipe_dir, out, krea, {"n": str(path)}), out)

@@ -208,7 +208,7 @@ class _Context:
             if not (up and down):
                 have, lack = ("up", "down") if up else ("down", "up")
                 raise SourceError(f"{self.where}: '{(up or down).name}' has no {lack} matrix beside it: the LoRA file is incomplete")
-            if len(up.shape) != 2 or len(down.shape) != 2 or up.shape[1] != down.shape[0]:
+            if len(up.shape) != 2 or len(down.shape) != 2 or up.shape[1] != down.shape[0] or not down.shape[0]:
                 raise SourceError(
                     f"{self.where}: '{module}' is not a LoRA module of matrices: up {list(up.shape)}, down {list(down.shape)} "
                     "(fluxrecipe bakes linear LoRAs: up [out, rank] and down [rank, in])"

@@ -23,8 +23,11 @@ POWER_ITERATIONS = 4  # enough to find a difference of rank <= R to float32 prec
 
 def product_rows(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """up @ down, for up = whole blocks of ROWS rows of a LoRA's up (the last block of a weight may be
-    shorter), block by block."""
-    return torch.cat([up[i : i + ROWS] @ down for i in range(0, up.shape[0], ROWS)]) if up.shape[0] > ROWS else up @ down
+    shorter), block by block, each into its rows of the result."""
+    out = torch.empty(up.shape[0], down.shape[1], dtype=up.dtype, device=up.device)
+    for i in range(0, up.shape[0], ROWS):
+        torch.matmul(up[i : i + ROWS], down, out=out[i : i + ROWS])
+    return out
 
 
 def factor(diff: torch.Tensor, rank: int, exact: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
