@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputError
+from .errors import FluxRecipeError, OutputError
+from .files import read_small
 from .linux import SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, sync_file_range
-from .st_format import encode_header
+from .st_format import encode_header, read_header
 
 MANIFEST_NAME = "fluxrecipe.manifest.json"  # sha256 and size of every file of an output folder
 FLUSH_WINDOW = 16 << 20  # bytes: writeback is started per window and awaited one window later
@@ -137,6 +138,9 @@ def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> File
     return write_json(path, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
 
 
+TEMPORARY_SUFFIXES = (".fluxrecipe-partial", ".fluxrecipe-previous", ".fluxrecipe-lock")
+
+
 def partial_name(target: Path) -> Path:
     return target.parent / f".{target.name}.fluxrecipe-partial"
 
@@ -150,13 +154,79 @@ def _lock_name(target: Path) -> Path:
 
 
 def check_target(target: Path, overwrite: bool) -> None:
-    """An output may replace only what a merge could have written: a model folder (or an empty one)."""
+    """An output may replace only what fluxrecipe itself wrote (a folder its manifest lists whole) or what it
+    can prove is a model (a folder of diffusers model files, a safetensors file), never anything else."""
+    if target.is_symlink():
+        raise OutputError(f"{target} is a symbolic link (to {os.readlink(target)}): give the folder it should be as output=..., not a link")
+    longest = max(len(os.fsencode(f".{target.name}{suffix}")) for suffix in TEMPORARY_SUFFIXES)
+    if longest > _name_max(target.parent):
+        room = _name_max(target.parent) - (longest - len(os.fsencode(target.name)))
+        raise OutputError(f"{target}: the output's name is {len(os.fsencode(target.name))} bytes long, longer than the {room} this folder leaves room for (fluxrecipe writes beside it as .NAME.fluxrecipe-partial)")
     if not target.exists():
         return
     if not overwrite:
         raise OutputError(f"{target} already exists: choose another output=..., or pass overwrite=true to replace it")
-    if not target.is_dir() or any(target.iterdir()) and not ((target / "config.json").is_file() or (target / MANIFEST_NAME).is_file()):
-        raise OutputError(f"{target} exists and is not a model folder: overwrite=true replaces only a model folder, never other files")
+    reason = _not_replaceable(target)
+    if reason:
+        raise OutputError(
+            f"{target} exists and is not a model folder: overwrite=true replaces only a model folder, never other files ({reason}; "
+            f"a model folder is one fluxrecipe wrote, its {MANIFEST_NAME} listing every file, or one of diffusers model files only)"
+        )
+
+
+def _name_max(folder: Path) -> int:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _not_replaceable(target: Path) -> str | None:
+    """Why `target` is not provably a model (None: it is one, or an empty folder)."""
+    if not target.is_dir():
+        return None if _is_model_file(target) else "it is a file, not a safetensors model"
+    try:
+        listed = json.loads(read_small(target / MANIFEST_NAME))["files"]
+        if not isinstance(listed, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        listed = {}
+    for entry in sorted(target.iterdir()):
+        record = listed.get(entry.name)
+        if entry.name == MANIFEST_NAME and listed:
+            continue
+        if isinstance(record, dict) and entry.is_file() and not entry.is_symlink() and entry.stat().st_size == record.get("size"):
+            continue
+        if not _is_model_file(entry):
+            return f"it holds {entry.name!r}, which fluxrecipe did not write" if listed else f"it holds {entry.name!r}, which is not a model file"
+    return None
+
+
+def _is_model_file(path: Path) -> bool:
+    """A plain file that is, by its content, part of a diffusers model: a safetensors file whose header parses,
+    a safetensors index, or a config.json that names a diffusers class."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        if path.name.endswith(".safetensors"):
+            return bool(read_header(str(path)).entries)
+        doc = json.loads(read_small(path, 1 << 24))
+    except (FluxRecipeError, OSError, ValueError, RecursionError):
+        return False
+    if path.name.endswith(".safetensors.index.json"):
+        return isinstance(doc, dict) and isinstance(doc.get("weight_map"), dict)
+    return path.name == "config.json" and isinstance(doc, dict) and "_class_name" in doc and "_diffusers_version" in doc
+
+
+def _remove(path: Path) -> None:
+    """Remove what a run of fluxrecipe left under one of its temporary names: a folder, a file or a link."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 @contextmanager
@@ -174,12 +244,12 @@ def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
         raise OutputError(f"{target.parent}: cannot create the output's parent folder: {e.strerror}") from None
     with _lock(target):
         tmp, previous = partial_name(target), _previous_name(target)
-        if previous.exists():
-            if target.exists():
-                shutil.rmtree(previous)
+        if previous.exists() or previous.is_symlink():
+            if target.exists() or target.is_symlink():
+                _remove(previous)
             else:
                 previous.rename(target)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         check_target(target, overwrite)
         tmp.mkdir()
         try:
@@ -189,7 +259,7 @@ def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
                 target.rename(previous)
             tmp.rename(target)
             _fsync_dir(target.parent)
-            shutil.rmtree(previous, ignore_errors=True)
+            _remove(previous)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             if previous.exists() and not target.exists():  # interrupted between the two renames
