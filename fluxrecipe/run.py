@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
+import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
-from .catalog import recipe_files
-from .errors import UsageError
+from .catalog import conf_dir, recipe_files
+from .errors import FileError, FluxRecipeError, UsageError
+from .files import os_errors
 from .options import Options
 from .plan import Plan, format_plan, human_bytes, make_plan
 from .recipe import Recipe, load_recipe
 from .sources import Checkpoint, open_source
+from .text import printable
 from .writer import check_target
 
 if TYPE_CHECKING:
     from .execute import Result
 
 log = logging.getLogger("fluxrecipe")
+EXIT_ERROR = 1
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -34,44 +43,63 @@ class JobPlan:
 
     recipe: Recipe
     options: Options
-    output: Path
+    output: Path | None  # None: Hydra's run folder, not made yet (a pre-flight before Hydra starts the run)
     plan: Plan
 
 
 def plan_job(cfg: DictConfig, dry_run: bool = False) -> JobPlan:
     """Check the config and plan its merge: every check a run makes before it reads or writes tensor data.
-    A sweep's pre-flight calls this for every job before any job starts."""
-    recipe = recipe_of(cfg)
-    options = options_of(cfg)
-    output = output_of(cfg)
-    shard_size = parse_size(cfg.shard_size)
-    if not dry_run:
-        check_target(output, options.overwrite)  # before fetching anything: an existing output fails fast
-    checkpoints = {name: open_source(spec) for name, spec in recipe.sources.items()}
-    plan = make_plan(recipe, checkpoints, shard_size)
-    _check_apart(output, checkpoints)  # a dry run reports every fault the real run would meet before writing
-    return JobPlan(recipe, options, output, plan)
+    A sweep's pre-flight calls this for every job before any job starts; a single run's (Preflight) calls it
+    before Hydra makes the run folder."""
+    with os_errors():
+        options = options_of(cfg)  # first: a mistyped option (+dryrun=true) must not start a merge
+        _refuse_sweep_without_multirun(cfg)
+        recipe = recipe_of(cfg)
+        output = output_of(cfg)
+        shard_size = parse_size(cfg.shard_size)
+        if not dry_run and output is not None:
+            check_target(output, options.overwrite)  # before fetching anything: an existing output fails fast
+        checkpoints = {name: open_source(spec) for name, spec in recipe.sources.items()}
+        plan = make_plan(recipe, checkpoints, shard_size)
+        if output is not None:
+            _check_apart(output, checkpoints)  # a dry run reports every fault the real run would meet before writing
+        return JobPlan(recipe, options, output, plan)
 
 
 def run_job(cfg: DictConfig) -> Result | Plan:
     """Plan the merge the config asks for; print it (dry run) or execute it. Returns the Plan or the Result."""
-    job = plan_job(cfg, dry_run=bool(cfg.dry_run))
+    with os_errors():
+        return _run(plan_job(cfg, dry_run=bool(cfg.dry_run)), bool(cfg.dry_run))
+
+
+def _run(job: JobPlan, dry_run: bool) -> Result | Plan:
     plan, options, output = job.plan, job.options, job.output
-    if cfg.dry_run:
-        print(format_plan(plan))
-        print(f"dry run: nothing written (the output would go to {output})")
+    if output is None:
+        raise UsageError("no output folder: give output=DIR")
+    shown = printable(str(output))
+    if dry_run:
+        text = [format_plan(plan), f"dry run: nothing written (the output would go to {shown})"]
         if output.exists() and not options.overwrite:
-            print(f"note: {output} already exists: the merge will refuse it unless you pass overwrite=true")
+            text.append(f"note: {shown} already exists: the merge will refuse it unless you pass overwrite=true")
+        try:
+            print("\n".join(text), flush=True)
+        except BrokenPipeError:
+            raise  # the reader is gone (`| head`): the entry point ends quietly
+        except OSError as e:
+            raise FileError(f"standard output: {e.strerror or e}") from None
         return plan
     log.info(format_plan(plan))
     from .execute import execute  # torch: only a run that merges pays for importing it
 
     result = execute(plan, output, options)
     rate = result.bytes_written / result.seconds if result.seconds else 0.0
-    log.info(f"wrote {output}: {len(plan.steps)} tensors in {len(plan.shards)} shard(s), {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
+    log.info(f"wrote {shown}: {len(plan.steps)} tensors in {len(plan.shards)} shard(s), {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
     if result.nonfinite:
         total = sum(result.nonfinite.values())
-        log.warning(f"warning: {total} NaN/Inf input values in {len(result.nonfinite)} tensor(s), listed in {output / 'fluxrecipe.json'}")
+        log.warning(f"warning: {total} NaN/Inf input values in {len(result.nonfinite)} tensor(s), listed in {shown}/fluxrecipe.json")
+    if result.nonfinite_outputs:
+        total = sum(result.nonfinite_outputs.values())
+        log.warning(f"warning: the merge wrote {total} NaN/Inf values in {len(result.nonfinite_outputs)} tensor(s), listed in {shown}/fluxrecipe.json: do not use it as it is")
     return result
 
 
@@ -79,15 +107,52 @@ def recipe_of(cfg: DictConfig) -> Recipe:
     if cfg.get("recipe") is None:
         names = ", ".join(sorted(recipe_files()))
         raise UsageError(f"no recipe chosen: run `python -m fluxrecipe recipe=NAME` (recipes: {names})")
-    name = HydraConfig.get().runtime.choices.get("recipe") if HydraConfig.initialized() else None
-    name = name or "recipe"
+    name = _hydra(cfg, "runtime.choices.recipe") or "recipe"
     file = recipe_files().get(name)
     return load_recipe(cfg.recipe, name, str(file) if file else None)
 
 
+def _hydra(cfg: DictConfig, key: str) -> Any:
+    """A value of Hydra's own config: in the composed config (a pre-flight), else where a running job has it."""
+    if "hydra" in cfg:
+        return OmegaConf.select(cfg, f"hydra.{key}")
+    return OmegaConf.select(HydraConfig.get(), key) if HydraConfig.initialized() else None
+
+
+def known_options() -> list[str]:
+    """The run options conf/config.yaml defines, and the config groups chosen as options (recipe=, sweep=)."""
+    config = OmegaConf.load(conf_dir() / "config.yaml")
+    return [k for k in config if k not in ("defaults", "hydra")] + ["recipe", "sweep"]
+
+
+def unknown_option(name: str) -> str | None:
+    """The message for an option fluxrecipe does not have (with the closest it has), or None if it has it."""
+    known = known_options()
+    if name in known:
+        return None
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else f" (options: {', '.join(known)})"
+    return f"unknown option {name!r}{hint}; `python -m fluxrecipe --help` lists them"
+
+
+def _refuse_sweep_without_multirun(cfg: DictConfig) -> None:
+    """A sweep file (sweep=NAME) sets Hydra's sweeper parameters, which only a multirun (-m) runs: without
+    -m, Hydra would quietly run one merge with the recipe's own values."""
+    params = _hydra(cfg, "sweeper.params")
+    if params and _hydra(cfg, "mode") != RunMode.MULTIRUN:
+        sweep = _hydra(cfg, "runtime.choices.sweep")
+        swept = "; ".join(f"{k}: {v}" for k, v in params.items())
+        raise UsageError(f"{f'sweep={sweep}' if sweep else 'the config'} sets a sweep ({swept}), which runs only as a multirun: add -m")
+
+
 def options_of(cfg: DictConfig) -> Options:
+    for name in cfg:
+        if name != "hydra" and (message := unknown_option(str(name))):
+            raise UsageError(message)
     if cfg.nonfinite not in ("error", "warn"):
         raise UsageError(f"nonfinite={cfg.nonfinite}: choose error or warn")
+    if not DEVICE.fullmatch(str(cfg.device)):
+        raise UsageError(f"device={str(cfg.device)!r} is not a torch device (cpu, cuda, cuda:1, ...) that fluxrecipe computes on")
     for key in ("threads", "chunk_elements"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < (0 if key == "threads" else 1):
             raise UsageError(f"{key}={cfg[key]}: must be a whole number" + (" (0: automatic)" if key == "threads" else " above 0"))
@@ -102,10 +167,11 @@ def options_of(cfg: DictConfig) -> Options:
     )
 
 
-def output_of(cfg: DictConfig) -> Path:
+def output_of(cfg: DictConfig) -> Path | None:
     if cfg.output:
         return Path(os.path.abspath(os.path.expanduser(str(cfg.output))))
-    return Path(HydraConfig.get().runtime.output_dir) / "transformer"
+    run_dir = _hydra(cfg, "runtime.output_dir")
+    return Path(run_dir) / "transformer" if run_dir else None
 
 
 def parse_size(text: object) -> int:
@@ -125,3 +191,40 @@ def _check_apart(output: Path, checkpoints: dict[str, Checkpoint]) -> None:
         src = Path(c.folder).resolve()
         if out == src or src in out.parents or out in src.parents:
             raise UsageError(f"output {output} and source '{c.name}' ({c.folder}) overlap: write the merge somewhere else")
+
+
+def fail(error: FluxRecipeError, show_traceback: bool) -> NoReturn:
+    """How the command line ends on a user's error: one line and exit status 1, or the traceback if asked for."""
+    if show_traceback:
+        raise error
+    print(f"fluxrecipe: error: {printable(str(error))}", file=sys.stderr)
+    sys.exit(EXIT_ERROR)
+
+
+def show_traceback(cfg: DictConfig) -> bool:
+    return bool(cfg.get("traceback")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+class Preflight(Callback):
+    """Registered in conf/config.yaml under hydra.callbacks: a single run's checks, before Hydra makes the run
+    folder. A run that is refused (a mistyped option, an unused recipe parameter, a sweep without -m, a bad
+    recipe or source) writes nothing at all, not even outputs/DATE/TIME/."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            plan_job(config, dry_run=bool(config.get("dry_run")))
+            _check_run_dir(Path(str(config.hydra.run.dir)))
+        except FluxRecipeError as e:
+            if show_traceback(config):
+                traceback.print_exception(e)
+                sys.exit(EXIT_ERROR)
+            fail(e, False)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """Hydra makes the run folder (its log, its .hydra/) before a job starts: say so if it cannot."""
+    existing = Path(os.path.abspath(run_dir))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{existing}: cannot create the run folder {run_dir} here (not a writable folder): run elsewhere, or choose it with hydra.run.dir=FOLDER (or output=FOLDER for the model)")
