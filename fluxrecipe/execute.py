@@ -9,6 +9,7 @@ which bounds the memory; the page cache behind every read and write is let go as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -60,6 +61,7 @@ class Result:
     bytes_read: int
     bytes_written: int
     nonfinite: dict[str, int] = field(default_factory=dict)  # "source: key" -> count of NaN/Inf values
+    nonfinite_outputs: dict[str, int] = field(default_factory=dict)  # output key -> count of NaN/Inf values written
     distances: Distances | None = None
     peak_in_flight: int = 0
 
@@ -77,6 +79,7 @@ class _Done:
     data: torch.Tensor  # the output bytes of the chunk (uint8)
     sums: list[tuple[list[float], list[float]]]  # per input, per segment: ||merged - input||^2, ||input||^2 (diagnostics)
     nonfinite: list[int]  # per input
+    nonfinite_output: int = 0  # NaN/Inf values in the rounded result
 
 
 def execute(plan: Plan, output: Path, options: Options) -> Result:
@@ -84,12 +87,13 @@ def execute(plan: Plan, output: Path, options: Options) -> Result:
     started = time.monotonic()
     _check_device(options.device)
     keep_freed_memory()
+    recorded = as_recorded(plan, Path(output))
     with atomic_folder(output, options.overwrite) as tmp:
         _check_free_space(tmp, plan)
         result = Result(output=Path(output), files={}, seconds=0.0, bytes_read=plan.bytes_read, bytes_written=0)
         result.distances = Distances() if options.diagnostics else None
-        _write_shards(plan, tmp, options, result)
-        _write_side_files(plan, tmp, result)
+        _write_shards(recorded, tmp, options, result)
+        _write_side_files(recorded, tmp, result)
         result.bytes_written = sum(r.size for r in result.files.values())
     result.seconds = time.monotonic() - started
     return result
@@ -182,6 +186,8 @@ def _finish(chunk: _Chunk, future: Future, sink: _Shards, result: Result, progre
         if bad:
             name = f"{loc.source}: {loc.key}"
             result.nonfinite[name] = result.nonfinite.get(name, 0) + bad
+    if done.nonfinite_output:
+        result.nonfinite_outputs[step.key] = result.nonfinite_outputs.get(step.key, 0) + done.nonfinite_output
     last = chunk.stop >= math.prod(step.shape)
     for loc, (distances, norms) in zip(step.inputs, done.sums):
         result.distances.add(step.key, loc.source, distances, norms, last)
@@ -204,16 +210,38 @@ def _compute(chunk: _Chunk, reader: "_Reader", device: torch.device, options: Op
             f"source '{loc.source}': tensor '{loc.key}' ({loc.file}) holds NaN or Inf values; "
             "merge anyway with nonfinite=warn (they are counted and reported)"
         )
-    if step.copies_bytes:
+    bad_output = 0
+    if step.copies_bytes:  # the input's own bytes: checked above
         data, distances = raws[0], [[0.0] * len(norms[0])]
     else:
-        merged = OPS[step.op.name].fn(xs, step.op.args).to(DTYPES[step.dtype])
+        exact = OPS[step.op.name].fn(xs, step.op.args)
+        merged = exact.to(DTYPES[step.dtype])
+        bad_output = int(merged.numel() - torch.isfinite(merged).sum())
+        if bad_output and options.nonfinite == "error":
+            raise OutputError(_nonfinite_output(step, bad_output, bool(torch.isfinite(exact).all())))
         data = merged.cpu().view(torch.uint8)
         distances = []
         if options.diagnostics:  # upcast the rounded result once, and only when it is compared
             as_float = merged.float()
             distances = [_squares_per_segment(as_float, x) for x in xs]
-    return _Done(data, list(zip(distances, norms)) if options.diagnostics else [], nonfinite)
+    return _Done(data, list(zip(distances, norms)) if options.diagnostics else [], nonfinite, bad_output)
+
+
+DTYPE_MAX = {"F16": "65504", "BF16": "3.39e38", "F32": "3.40e38"}
+
+
+def _nonfinite_output(step: Step, count: int, exact_finite: bool) -> str:
+    """Why a merge of finite inputs has NaN/Inf in its output: the float32 result overflowed the output dtype,
+    or the float32 arithmetic itself overflowed."""
+    why = (
+        f"the float32 result exceeds {step.dtype}'s range (largest value {DTYPE_MAX[step.dtype]}): choose a wider dtype (bf16 or fp32)"
+        if exact_finite
+        else "the float32 arithmetic itself overflows"
+    )
+    return (
+        f"tensor '{step.key}': rules[{step.rule}] ({step.op}) of finite inputs gives {count} Inf/NaN value(s) in this chunk: {why}; "
+        "merge anyway with nonfinite=warn (they are counted and reported)"
+    )
 
 
 def _squares_per_segment(a: torch.Tensor, b: torch.Tensor | None = None) -> list[float]:
@@ -319,6 +347,20 @@ def _progress(plan: Plan, options: Options):
     )
 
 
+def as_recorded(plan: Plan, output: Path) -> Plan:
+    """The plan as the output's files record it: an output is shared, so no absolute local path goes into it.
+    A local source is named by its path relative to the output folder (where its recipe.yaml lies, so that
+    recipe.yaml replays from anywhere: see sources.py); hub sources by repo and commit, demo ones by name."""
+    sources = []
+    for s in plan.sources:
+        if "path" in s.origin:
+            relative = os.path.relpath(s.origin["path"], os.path.abspath(output))
+            s = dataclasses.replace(s, spec=relative, origin={**s.origin, "path": relative}, folder=relative)
+        sources.append(s)
+    recipe = dataclasses.replace(plan.recipe, file=os.path.basename(plan.recipe.file) if plan.recipe.file else None)
+    return dataclasses.replace(plan, recipe=recipe, sources=tuple(sources))
+
+
 def pinned_recipe(plan: Plan) -> dict:
     """The recipe as composed (overrides applied, ${recipe.alpha} kept, so a replay can override it again)
     with every source pinned to what was read: a hub commit, a path, a demo name."""
@@ -364,4 +406,5 @@ def _provenance(plan: Plan, result: Result) -> dict:
         "dropped": [{"key": d.key, "reason": d.reason} for d in plan.dropped],
         "notes": list(plan.notes),
         "nonfinite_inputs": result.nonfinite,
+        "nonfinite_outputs": result.nonfinite_outputs,
     }

@@ -65,7 +65,13 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
         raise SourceError(f"{where} has been disabled by its owner or the hub and cannot be downloaded") from None
     except IncompleteSnapshotError as e:
         raise SourceError(f"{where}: the cached copy is incomplete ({e}); run again with a network connection to complete it, or `{_download_hint(repo, revision, subfolder)}`") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        status = _http_status(e)
+        if status is not None:  # the hub was reached and answered with an error, and nothing is cached
+            raise SourceError(
+                f"{where}: the hub answered HTTP {status}" + (" (a server error on its side: try again later)" if status >= 500 else "")
+                + f", and the repo is not in the local cache ({constants.HF_HUB_CACHE})"
+            ) from None
         offline = constants.HF_HUB_OFFLINE
         raise SourceError(
             f"{where} is not in the local cache ({constants.HF_HUB_CACHE})"
@@ -75,8 +81,12 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
         ) from None
     except HFValidationError as e:
         raise SourceError(f"{where}: {e}") from None
-    except (HfHubHTTPError, OSError) as e:
+    except HfHubHTTPError as e:
         raise SourceError(f"{where}: the hub answered with an error: {e}") from None
+    except OSError as e:  # not the hub's doing: the cache's disk (full, read-only, ...)
+        if e.filename is not None:
+            raise  # named by the path, as every file error is (files.os_errors)
+        raise SourceError(f"{where}: downloading into the hub cache ({constants.HF_HUB_CACHE}) failed: {e.strerror or e}") from None
     except TransportError as e:
         raise SourceError(f"{where}: cannot reach the hub ({type(e).__name__}: {e}): check the network or proxy settings, or set HF_HUB_OFFLINE=1 to use the local cache only") from None
     folder = snapshot / subfolder if subfolder else snapshot
@@ -86,6 +96,13 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
     if subfolder:
         origin["subfolder"] = subfolder
     return folder, origin
+
+
+def _http_status(error: BaseException) -> int | None:
+    """The HTTP status of the hub's answer behind a 'not found locally' error, if the hub answered at all."""
+    cause = error.__cause__ or error.__context__
+    response = getattr(cause, "response", None) if isinstance(cause, HfHubHTTPError) else None
+    return getattr(response, "status_code", None)
 
 
 def _download_hint(repo: str, revision: str | None, subfolder: str | None) -> str:

@@ -13,7 +13,7 @@ class Options:
     device: str = "cpu"
     threads: int = 0  # 0: chosen from the machine's cores
     chunk_elements: int = 1 << 20  # rounded up to whole diagnostics segments (see chunk)
-    nonfinite: str = "error"  # "error": stop at the first NaN/Inf in an input; "warn": count them and go on
+    nonfinite: str = "error"  # "error": stop at the first NaN/Inf in an input or output; "warn": count them and go on
     diagnostics: bool = True
     progress: bool = True
     overwrite: bool = False

@@ -167,6 +167,24 @@ def test_no_network_and_nothing_cached(monkeypatch, cache):
     assert f"`hf download {REPO} --include 'transformer/*'`" in msg
 
 
+def test_a_server_error_is_not_called_unreachable(monkeypatch):
+    """huggingface_hub reports a 500 as 'nothing cached', caused by the HTTP error: the hub was reached."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    error = LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub")
+    error.__cause__ = http_error(HfHubHTTPError, 500, "Internal Server Error")
+    msg = hub_raises(monkeypatch, error)
+    assert f"hub repo '{REPO}': the hub answered HTTP 500 (a server error on its side: try again later)" in msg
+    assert "cannot be reached" not in msg
+
+
+def test_a_full_disk_is_not_a_hub_error(monkeypatch):
+    import errno
+
+    msg = hub_raises(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    assert "downloading into the hub cache" in msg and "No space left on device" in msg and "the hub answered" not in msg
+
+
 def test_proxy_error(monkeypatch):
     msg = hub_raises(monkeypatch, httpx().ProxyError("407 Proxy Authentication Required"))
     assert f"hub repo '{REPO}': cannot reach the hub (ProxyError" in msg and "proxy settings" in msg
