@@ -1,4 +1,4 @@
-"""One merge job, from a composed Hydra config: recipe -> plan -> execution -> report."""
+"""One merge job, from a composed Hydra config: recipe -> plan -> execution -> report (through api.py)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from . import api
 from .catalog import conf_dir, recipe_files
 from .errors import FileError, FluxRecipeError, UsageError
 from .files import os_errors
+from .formats import OUTPUT_FORMATS
 from .options import Options
-from .plan import Plan, format_plan, human_bytes, make_plan
-from .recipe import Recipe, load_recipe
-from .sources import Checkpoint, open_source
+from .plan import Plan, format_plan, human_bytes
+from .recipe import FORMATS, Recipe, load_recipe
 from .text import printable
 from .writer import check_target
 
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fluxrecipe")
 EXIT_ERROR = 1
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
-SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
-UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 @dataclass(frozen=True)
@@ -55,14 +54,15 @@ def plan_job(cfg: DictConfig, dry_run: bool = False) -> JobPlan:
         options = options_of(cfg)  # first: a mistyped option (+dryrun=true) must not start a merge
         _refuse_sweep_without_multirun(cfg)
         recipe = recipe_of(cfg)
-        output = output_of(cfg)
-        shard_size = parse_size(cfg.shard_size)
-        if not dry_run and output is not None:
-            check_target(output, options.overwrite)  # before fetching anything: an existing output fails fast
-        checkpoints = {name: open_source(spec) for name, spec in recipe.sources.items()}
-        plan = make_plan(recipe, checkpoints, shard_size)
+        output_format = format_of(cfg, recipe)
+        output = output_of(cfg, recipe, output_format)
         if output is not None:
-            _check_apart(output, checkpoints)  # a dry run reports every fault the real run would meet before writing
+            output = api.output_path(output, output_format)
+            if not dry_run:  # an existing output fails fast, before any source is fetched
+                check_target(output, options.overwrite, single_file=OUTPUT_FORMATS[output_format])
+        plan = api.plan(recipe, output, output_format, parse_size(cfg.shard_size))
+        if output is not None:  # a dry run reports every fault but an existing output
+            api.check_output(plan, output, options.overwrite, dry_run)
         return JobPlan(recipe, options, output, plan)
 
 
@@ -89,17 +89,19 @@ def _run(job: JobPlan, dry_run: bool) -> Result | Plan:
             raise FileError(f"standard output: {e.strerror or e}") from None
         return plan
     log.info(format_plan(plan))
-    from .execute import execute  # torch: only a run that merges pays for importing it
-
-    result = execute(plan, output, options)
+    result = api.write(plan, output, options)
     rate = result.bytes_written / result.seconds if result.seconds else 0.0
-    log.info(f"wrote {shown}: {len(plan.steps)} tensors in {len(plan.shards)} shard(s), {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
-    if result.nonfinite:
-        total = sum(result.nonfinite.values())
-        log.warning(f"warning: {total} NaN/Inf input values in {len(result.nonfinite)} tensor(s), listed in {shown}/fluxrecipe.json")
-    if result.nonfinite_outputs:
-        total = sum(result.nonfinite_outputs.values())
-        log.warning(f"warning: the merge wrote {total} NaN/Inf values in {len(result.nonfinite_outputs)} tensor(s), listed in {shown}/fluxrecipe.json: do not use it as it is")
+    where = shown if plan.single_file else f"{shown}: {len(plan.steps)} tensors in {len(plan.files)} shard(s)"
+    log.info(f"wrote {where}, {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
+    report = shown if plan.single_file else f"{shown}/fluxrecipe.json"
+    inputs = {k: v for k, v in result.nonfinite.items() if not k.startswith("output: ")}
+    if inputs:
+        log.warning(f"warning: {sum(inputs.values())} NaN/Inf input values in {len(inputs)} tensor(s), listed in {report}")
+    if len(inputs) != len(result.nonfinite):
+        outputs = len(result.nonfinite) - len(inputs)
+        log.warning(f"warning: {outputs} tensor(s) came out with NaN/Inf values from finite inputs, listed in {report}: do not use the model as it is")
+    if result.clamped:
+        log.warning(f"warning: {sum(result.clamped.values())} values in {len(result.clamped)} tensor(s) lay beyond their dtype's finite range and were clamped to it, listed in {report}")
     return result
 
 
@@ -152,7 +154,7 @@ def options_of(cfg: DictConfig) -> Options:
     if cfg.nonfinite not in ("error", "warn"):
         raise UsageError(f"nonfinite={cfg.nonfinite}: choose error or warn")
     if not DEVICE.fullmatch(str(cfg.device)):
-        raise UsageError(f"device={str(cfg.device)!r} is not a torch device (cpu, cuda, cuda:1, ...) that fluxrecipe computes on")
+        raise UsageError(f"device={str(cfg.device)!r}: choose cpu, cuda or cuda:N")  # as execute.check_device says it, before torch
     for key in ("threads", "chunk_elements"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < (0 if key == "threads" else 1):
             raise UsageError(f"{key}={cfg[key]}: must be a whole number" + (" (0: automatic)" if key == "threads" else " above 0"))
@@ -160,6 +162,7 @@ def options_of(cfg: DictConfig) -> Options:
         device=str(cfg.device),
         threads=cfg.threads,
         chunk_elements=cfg.chunk_elements,
+        in_flight=parse_size(cfg.in_flight, "in_flight"),
         nonfinite=cfg.nonfinite,
         diagnostics=bool(cfg.diagnostics),
         progress=bool(cfg.progress),
@@ -167,30 +170,27 @@ def options_of(cfg: DictConfig) -> Options:
     )
 
 
-def output_of(cfg: DictConfig) -> Path | None:
+def format_of(cfg: DictConfig, recipe: Recipe) -> str:
+    chosen = cfg.get("format") or recipe.format or "diffusers"
+    if chosen not in FORMATS:
+        raise UsageError(f"format={chosen}: choose one of {', '.join(FORMATS)}")
+    return chosen
+
+
+def output_of(cfg: DictConfig, recipe: Recipe, output_format: str) -> Path | None:
+    """The output asked for; by default, in Hydra's run folder (None before Hydra has made it: a pre-flight)."""
     if cfg.output:
         return Path(os.path.abspath(os.path.expanduser(str(cfg.output))))
     run_dir = _hydra(cfg, "runtime.output_dir")
-    return Path(run_dir) / "transformer" if run_dir else None
+    name = f"{recipe.name}.safetensors" if OUTPUT_FORMATS[output_format] else "transformer"
+    return Path(run_dir) / name if run_dir else None
 
 
-def parse_size(text: object) -> int:
-    m = SIZE.fullmatch(str(text).strip())
-    if not m:
-        raise UsageError(f"shard_size={text}: give a size such as 10GB, 500MB or 2GiB")
-    size = int(float(m[1]) * UNITS[(m[2] or "B").upper()])
-    if size <= 0:
-        raise UsageError(f"shard_size={text}: must be above 0")
-    return size
-
-
-def _check_apart(output: Path, checkpoints: dict[str, Checkpoint]) -> None:
-    """The output may not overwrite or sit inside a source, nor hold one."""
-    out = output.resolve()
-    for c in checkpoints.values():
-        src = Path(c.folder).resolve()
-        if out == src or src in out.parents or out in src.parents:
-            raise UsageError(f"output {output} and source '{c.name}' ({c.folder}) overlap: write the merge somewhere else")
+def parse_size(text: object, option: str = "shard_size") -> int:
+    try:
+        return api.parse_size(text)
+    except UsageError as e:
+        raise UsageError(f"{option}={e}") from None
 
 
 def fail(error: FluxRecipeError, show_traceback: bool) -> NoReturn:

@@ -9,7 +9,7 @@ otherwise. What is checked:
 - every tensor's values are finite (no NaN or Inf), read in the same pass as the sha256;
 - the index: every shard it names exists and holds the keys it assigns to it, every shard in the folder is
   named, every key of every shard is in the index for that shard, and total_size is the sum of the tensors;
-- every shard's safetensors header: it parses (st_format.read_header checks dtypes, shapes and offsets) and
+- every shard's safetensors header: it parses (formats.safetensors.read_header checks dtypes, shapes and offsets) and
   its tensors fill the data area back to back, from its first byte to its last;
 - config.json: diffusers' model class builds exactly the keys and shapes the shards hold, no more, no fewer
   (a key a config needs but no shard holds is what diffusers fills with random weights, warning only).
@@ -30,9 +30,9 @@ import numpy as np
 
 from .errors import FluxRecipeError
 from .files import os_errors
-from .plan import INDEX_NAME, SHOWN, some_keys
-from .sources import DIFFUSERS_WEIGHTS
-from .st_format import ITEMSIZE, Header, read_header
+from .formats.diffusers import INDEX_NAME, WEIGHTS_NAME as DIFFUSERS_WEIGHTS
+from .formats.safetensors import ITEMSIZE, Header, read_header
+from .plan import SHOWN, some_keys
 from .text import printable
 from .writer import MANIFEST_NAME
 
