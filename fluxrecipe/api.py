@@ -86,9 +86,9 @@ def check_output(plan: Plan, output: str | Path, overwrite: bool = False, dry_ru
     if not dry_run:
         check_target(target, overwrite, single_file=plan.single_file)
     for s in plan.sources:
-        src, out = Path(s.folder).resolve(), target.resolve()
+        src, out = Path(s.location).resolve(), target.resolve()
         if out == src or src in out.parents or out in src.parents:
-            raise UsageError(f"output {output} and source '{s.name}' ({s.folder}) overlap: write the merge somewhere else")
+            raise UsageError(f"output {output} and source '{s.name}' ({s.location}) overlap: write the merge somewhere else")
     return target
 
 

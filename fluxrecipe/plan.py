@@ -85,6 +85,7 @@ class SourceSummary:
     dtypes: tuple[str, ...]
     layout: str = "diffusers"
     ignored: tuple[tuple[str, int], ...] = ()  # what its files hold besides the transformer: group, keys
+    location: str = ""  # what was read: the folder, or the single file
 
 
 @dataclass(frozen=True)
@@ -350,7 +351,7 @@ def _check_fits_config(recipe: Recipe, config: dict[str, Any], steps: list[Step]
 
 def _summary(recipe: Recipe, c: Checkpoint) -> SourceSummary:
     dtypes = tuple(sorted({t.dtype for t in c.tensors.values()}))
-    return SourceSummary(c.name, recipe.sources[c.name].describe(), c.origin, c.folder, len(c.tensors), c.nbytes, dtypes, c.layout, tuple(c.ignored.items()))
+    return SourceSummary(c.name, recipe.sources[c.name].describe(), c.origin, c.folder, len(c.tensors), c.nbytes, dtypes, c.layout, tuple(c.ignored.items()), c.location or c.folder)
 
 
 def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]) -> list[str]:

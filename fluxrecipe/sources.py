@@ -40,6 +40,7 @@ class Checkpoint:
     ignored: dict[str, int] = field(default_factory=dict)  # what the files hold besides the transformer
     notes: tuple[str, ...] = ()
     scaled: int = 0  # tensors stored as scaled fp8
+    location: str = ""  # what was read: the folder, or the single file
 
     @property
     def nbytes(self) -> int:
@@ -141,7 +142,7 @@ def _index(name: str, location: Path, origin: dict[str, str]) -> Checkpoint:
         config, notes = _derived_config(name, location, found)
     return Checkpoint(
         name=name, folder=str(folder), tensors=ordered, config=config, origin=origin, layout=found.layout,
-        config_derived=derived, ignored=found.ignored, notes=notes, scaled=found.scaled,
+        config_derived=derived, ignored=found.ignored, notes=notes, scaled=found.scaled, location=str(location),
     )
 
 
