@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 import re
@@ -121,6 +122,7 @@ def _hydra(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(HydraConfig.get(), key) if HydraConfig.initialized() else None
 
 
+@functools.cache
 def known_options() -> list[str]:
     """The run options conf/config.yaml defines, and the config groups chosen as options (recipe=, sweep=)."""
     config = OmegaConf.load(conf_dir() / "config.yaml")
