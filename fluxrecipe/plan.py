@@ -371,6 +371,10 @@ def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]
     unscaled = [s.key for s in steps if s.dtype == "BF16" and DTYPES[_rule_dtype(recipe, s.rule)][1]]
     if unscaled:
         notes.append(f"fp8_scaled applies to Linear weights (2-D '.weight' tensors); {len(unscaled)} other tensors of those rules are written in bf16 ({some_keys(unscaled)})")
+    ranges = {"F8_E4M3": "fp8 (+-448)", "F8_E5M2": "fp8_e5m2 (+-57344)"}
+    narrow = sorted({ranges[s.dtype] for s in steps if s.dtype in ranges and not s.scaled})
+    if narrow:
+        notes.append(f"values beyond {' and '.join(narrow)} are clamped to the dtype's range and counted (provenance, a warning)")
     read = sorted({(t.source, t.dtype) for s in steps for t in s.inputs})
     written = sorted({s.dtype for s in steps})
     if {d for _, d in read} != set(written):

@@ -1,5 +1,6 @@
 """The README is the front door: its recipes run (on tiny stand-ins for their hub sources) and give a model
-diffusers loads; what it tells a newcomer to install, type and expect is what the project does. The README's
+diffusers loads (a folder), or a single file fluxrecipe's verify accepts; what it tells a newcomer to install,
+type and expect is what the project does. The README's
 commands are exercised by the CLI tests and `make demo`/`make test`."""
 
 from __future__ import annotations
@@ -26,11 +27,17 @@ def test_the_readme_has_recipes():
 def test_readme_recipe_runs_and_loads(text, recipe_dir, tmp_path, schnell, krea, dev):
     from diffusers import FluxTransformer2DModel  # here, not at import: see conftest on HF_HUB_OFFLINE
 
+    from fluxrecipe.verify import verify_file
+
     stand_ins = {"schnell": schnell, "krea": krea, "dev": dev}
     recipe = yaml.safe_load(text)
     write_recipe(recipe_dir, "readme", text)
-    out = tmp_path / "out"
-    merge(["recipe=readme", f"output={out}", "progress=false", *(f"recipe.sources.{n}={stand_ins[n]}" for n in recipe["sources"])])
+    single = recipe.get("format") in ("bfl", "comfyui")
+    out = tmp_path / ("out.safetensors" if single else "out")
+    merge(["recipe=readme", f"output={out}", "progress=false", *(f"recipe.sources.{n}={stand_ins.get(n, krea)}" for n in recipe["sources"])])
+    if single:
+        assert verify_file(out).problems == []
+        return
     model, info = FluxTransformer2DModel.from_pretrained(out, output_loading_info=True)
     assert info["missing_keys"] == info["unexpected_keys"] == []
     assert model.config.guidance_embeds == recipe.get("config", {}).get("guidance_embeds", recipe.get("base") != "schnell")
