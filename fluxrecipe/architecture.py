@@ -112,9 +112,10 @@ def _whole_numbers(value: Any) -> list[int]:
 
 
 def expected_parameters(config: dict[str, Any], where: str) -> dict[str, tuple[int, ...]]:
-    """Every parameter name -> shape that a model built from `config` holds (from the cache when known)."""
-    check_config(config, where)
-    key = hashlib.sha256(json.dumps({"diffusers": metadata.version("diffusers"), "config": config}, sort_keys=True).encode()).hexdigest()
+    """Every parameter name -> shape that a model built from `config` holds (from the cache when known: a
+    config found there was checked when it was built)."""
+    # "checked": entries cached before check_config existed are not taken for checked ones
+    key = hashlib.sha256(json.dumps({"diffusers": metadata.version("diffusers"), "config": config, "checked": 1}, sort_keys=True).encode()).hexdigest()
     cached = cache_root() / "architectures" / f"{key}.json"
     try:
         shapes = json.loads(read_small(cached))
@@ -122,6 +123,7 @@ def expected_parameters(config: dict[str, Any], where: str) -> dict[str, tuple[i
             return {k: tuple(v) for k, v in shapes.items()}
     except (OSError, ValueError, RecursionError):
         pass  # not cached yet, or a damaged entry: build it again and replace it
+    check_config(config, where)
     shapes = _build_on_meta(config, where)
     _store(cached, shapes)
     return shapes
