@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from fluxrecipe.architecture import expected_parameters  # noqa: E402
 from fluxrecipe.plan import human_bytes  # noqa: E402
-from fluxrecipe.writer import open_shard, write_index, write_json  # noqa: E402
+from fluxrecipe.writer import open_safetensors, write_json  # noqa: E402
 
 MEMCAP = REPO.parent / "shared" / "tools" / "memcap"
 FLUX = dict(
@@ -76,7 +76,7 @@ def generate(folder: Path, *, double: int, single: int, guidance: bool, seed: in
     weight_map = {}
     for i, tensors in enumerate(shards):
         name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        f = open_shard(folder / name, tensors, {"format": "pt"})
+        f = open_safetensors(folder / name, tensors, {"format": "pt"})
         if sparse:
             header = f.size
             f.abort()
@@ -90,7 +90,7 @@ def generate(folder: Path, *, double: int, single: int, guidance: bool, seed: in
                     f.write(chunk.view(torch.uint8).numpy())
             f.close()
         weight_map.update({t[0]: name for t in tensors})
-    write_index(folder / "diffusion_pytorch_model.safetensors.index.json", weight_map, total)
+    write_json(folder / "diffusion_pytorch_model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     write_json(folder / "config.json", config)
 
 

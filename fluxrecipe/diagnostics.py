@@ -3,7 +3,8 @@
 For block B and source S: sqrt(sum ||merged - S||^2) / sqrt(sum ||S||^2) over B's tensors that were read
 from S, the merged tensor being what was written (after rounding). 0 means the block is S's; for
 lerp:A between two sources the distance to the first is about A * ||first - second|| / ||first||. The sums
-come from the chunks the executor has in hand anyway: no second pass over the data.
+come from the chunks the executor has in hand anyway (no second pass over the data), per fixed segment
+(segments.py), so the numbers depend on the tensors alone, not on chunks, threads or output layout.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import math
 import re
 from collections import defaultdict
 
-SEGMENT = 1024  # elements per partial sum; chunks of work are whole multiples of it
 BLOCK = re.compile(r"^((?:single_)?transformer_blocks)\.(\d+)\.")
 OUTPUT_LAYERS = ("norm_out.", "proj_out.")
 
@@ -35,26 +35,16 @@ def block_order(block: str) -> tuple:
 class Distances:
     """Per (block, source): the squared distance of the merge to the source and the squared norm of the source.
 
-    The executor hands in float32 partial sums over SEGMENT-element runs at fixed places in each tensor, so
-    the partials do not depend on how the tensor was cut into chunks. Each tensor's partials are summed with
-    math.fsum, which is exact whatever the order, and so are the tensor totals of a block: the numbers depend
-    on the tensors alone, not on the chunk size or the number of threads.
-    """
+    `add` takes each tensor's totals once they are complete: exact sums (math.fsum) of per-segment partial
+    sums, so that block totals, also summed with math.fsum, depend on the tensors alone."""
 
     def __init__(self) -> None:
-        self._open: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
         self._tensors: dict[str, dict[str, tuple[list[float], list[float]]]] = defaultdict(dict)
 
-    def add(self, key: str, source: str, distances: list[float], norms: list[float], last: bool) -> None:
-        """Partials of one chunk of tensor `key` against `source`; `last`: the tensor's last chunk."""
-        d, n = self._open.setdefault((key, source), ([], []))
-        d.extend(distances)
-        n.extend(norms)
-        if last:
-            del self._open[(key, source)]
-            block_d, block_n = self._tensors[block_of(key)].setdefault(source, ([], []))
-            block_d.append(math.fsum(d))
-            block_n.append(math.fsum(n))
+    def add(self, key: str, source: str, squared_distance: float, squared_norm: float) -> None:
+        block_d, block_n = self._tensors[block_of(key)].setdefault(source, ([], []))
+        block_d.append(squared_distance)
+        block_n.append(squared_norm)
 
     def relative(self) -> dict[str, dict[str, float | None]]:
         """block -> source -> relative distance, blocks in model order, rounded to 6 significant digits."""

@@ -1,47 +1,53 @@
-"""Runs a Plan: read, compute, write, with memory that does not grow with the model.
+"""Runs a Plan: read, decode, compute, encode, write, with memory bounded in bytes, not in tensors.
 
-Every output tensor is cut into chunks of a fixed number of elements (all ops are element-wise, and a run
-of elements is a contiguous byte range in every input). Worker threads read a chunk of each input with
-`pread`, check it, compute it in float32 and round it once; the main thread writes the finished chunks in
-order, so each shard is written front to back and hashed on the way. At most `window` chunks are in flight,
-which bounds the memory; the page cache behind every read and write is let go as the merge moves on.
+The plan's files are written one after the other, each tensor of a file as its parts (element ranges of
+canonical steps), each part in chunks of `chunk_elements`. A chunk is a unit of work: worker threads read
+its elements from every input with `pread` (byte pieces: a BFL source's fused tensors are just other
+offsets), decode them to float32 (times the scale, for scaled fp8), check them, apply the step's op, and
+encode the result (clamped to the dtype's finite range, counted; divided by the tensor's scale for scaled
+fp8; rounded once). The main thread takes finished chunks in order and appends their bytes to the file,
+so each file is written front to back and hashed on the way. Work is admitted while the bytes in flight
+stay under `in_flight`, which bounds memory whatever the model's size; the page cache behind every read
+and write is let go as the merge moves on.
+
+Some steps need the whole tensor first: an op's statistics passes (slerp's angle, ...) and the absmax
+that sets a scaled-fp8 tensor's scale. Those run as passes of the same kind of chunks before the tensor's
+values, and the chunks that need their result wait for it. Every reduction runs over fixed segments
+(segments.py), so no result depends on the chunking, the threads or the order of a layout's parts.
+
+The executor writes only the weight files, into a folder its caller owns; config files, the card, the
+manifest and the move into place belong to packaging (package/) and the writer.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import os
 import shutil
+import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from . import __version__
-from .card import model_card
-from .diagnostics import SEGMENT, Distances
+from .diagnostics import Distances
 from .errors import OutputError, SourceError, UsageError
+from .formats.layout import OutFile, OutTensor, Part, Scale, TensorRef
+from .formats.safetensors import ITEMSIZE
 from .linux import keep_freed_memory
-from .ops import OPS
+from .ops import OPS, Where
 from .options import Options
-from .plan import INDEX_NAME, Plan, Step, human_bytes
-from .sources import TensorLoc
-from .st_format import ITEMSIZE
-from .writer import MANIFEST_NAME, FileRecord, align_down, atomic_folder, open_shard, write_file, write_index, write_json
+from .plan import Plan, Step, human_bytes
+from .segments import Segments, row_sums, split
+from .writer import FileRecord, StreamingFile, align_down, open_safetensors
 
-PROVENANCE_NAME = "fluxrecipe.json"
-RECIPE_NAME = "recipe.yaml"
-DIAGNOSTICS_NAME = "diagnostics.json"
-CARD_NAME = "README.md"
-
-
-# safetensors dtype code -> torch dtype (st_format.ITEMSIZE lists the codes fluxrecipe reads)
+# safetensors dtype code -> torch dtype, and the largest finite value of each output dtype
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -50,123 +56,361 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+LIMITS = {code: float(torch.finfo(dtype).max) for code, dtype in DTYPES.items()}
+HASH_BLOCK = 1 << 20  # bytes per block of a source tensor's content hash
 
 
 @dataclass
 class Result:
-    output: Path
-    files: dict[str, FileRecord]
+    files: dict[str, FileRecord]  # file name -> size and sha256 (the data's, for a header written again)
     seconds: float
     bytes_read: int
     bytes_written: int
-    nonfinite: dict[str, int] = field(default_factory=dict)  # "source: key" -> count of NaN/Inf values
+    nonfinite: dict[str, int] = field(default_factory=dict)  # "source: key" or "output: key" -> NaN/Inf values
+    clamped: dict[str, int] = field(default_factory=dict)  # output tensor -> values beyond its dtype's range
+    scales: dict[str, float] = field(default_factory=dict)  # scaled-fp8 tensor -> its scale
+    source_hashes: dict[str, str] = field(default_factory=dict)  # source -> sha256 of the tensor bytes read
     distances: Distances | None = None
-    peak_in_flight: int = 0
+    peak_in_flight: int = 0  # bytes
+    output: Path | None = None  # where the output went (set by api.write, once it is in place)
 
 
-@dataclass(frozen=True)
-class _Chunk:
-    shard: int
-    step: Step
-    start: int  # element range of the step's tensor
-    stop: int
-
-
-@dataclass
-class _Done:
-    data: torch.Tensor  # the output bytes of the chunk (uint8)
-    sums: list[tuple[list[float], list[float]]]  # per input, per segment: ||merged - input||^2, ||input||^2 (diagnostics)
-    nonfinite: list[int]  # per input
-
-
-def execute(plan: Plan, output: Path, options: Options) -> Result:
-    """Write the merged model to `output` (atomically); returns what was written and measured."""
+def execute(plan: Plan, folder: Path, options: Options, metadata: dict[str, str] | None = None, header_size: int = 0, hash_sources: Collection[str] = ()) -> Result:
+    """Write the plan's weight files into `folder`. `metadata` goes into every file's header (padded to
+    `header_size` when given, for metadata known only at the end); the bytes read from `hash_sources` are
+    hashed, so that provenance can prove what was read."""
     started = time.monotonic()
-    _check_device(options.device)
+    device = check_device(options.device)
     keep_freed_memory()
-    with atomic_folder(output, options.overwrite) as tmp:
-        _check_free_space(tmp, plan)
-        result = Result(output=Path(output), files={}, seconds=0.0, bytes_read=plan.bytes_read, bytes_written=0)
-        result.distances = Distances() if options.diagnostics else None
-        _write_shards(plan, tmp, options, result)
-        _write_side_files(plan, tmp, result)
-        result.bytes_written = sum(r.size for r in result.files.values())
+    _check_free_space(folder, plan)
+    result = Result(files={}, seconds=0.0, bytes_read=plan.bytes_read, bytes_written=0)
+    result.distances = Distances() if options.diagnostics else None
+    _Run(plan, folder, options, device, result, metadata or {}, header_size, set(hash_sources)).run()
+    result.bytes_written = sum(r.size for r in result.files.values())
     result.seconds = time.monotonic() - started
     return result
 
 
-def _check_device(device: str) -> None:
+def check_device(name: str) -> torch.device:
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"device={device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device={device}: this torch ({torch.__version__}) sees no CUDA GPU; use device=cpu")
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device={name!r}: choose cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device={name}: this torch ({torch.__version__}) sees no CUDA GPU; use device=cpu")
+    return device
 
 
 def _check_free_space(folder: Path, plan: Plan) -> None:
-    need = plan.bytes_written + (1 << 20) * (len(plan.shards) + 1)  # headers and side files
+    need = plan.bytes_written + (1 << 20) * (len(plan.files) + 1)  # headers and side files
     free = shutil.disk_usage(folder).free
     if free < need:
         raise OutputError(f"{folder.parent}: not enough free space: the output needs {human_bytes(need)}, {human_bytes(free)} are free")
 
 
-def _write_shards(plan: Plan, folder: Path, options: Options, result: Result) -> None:
-    chunks = (
-        _Chunk(i, step, start, min(start + options.chunk, math.prod(step.shape)))
-        for i, shard in enumerate(plan.shards)
-        for step in shard.steps
-        for start in range(0, max(math.prod(step.shape), 1), options.chunk)
-    )
-    sink = _Shards(plan, folder, result)
-    reader = _Reader()
-    device = torch.device(options.device)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers are the parallelism; torch's own threads would only compete
-    pending: deque[tuple[_Chunk, Future]] = deque()
-    progress = _progress(plan, options)
-    try:
-        with ThreadPoolExecutor(options.workers, thread_name_prefix="fluxrecipe") as pool:
-            try:
-                for chunk in chunks:
-                    while len(pending) >= options.window:
-                        _finish(*pending.popleft(), sink, result, progress)
-                    pending.append((chunk, pool.submit(_compute, chunk, reader, device, options)))
-                    result.peak_in_flight = max(result.peak_in_flight, len(pending))
-                while pending:
-                    _finish(*pending.popleft(), sink, result, progress)
-            except BaseException:
-                for _, future in pending:
-                    future.cancel()
-                raise
-        sink.close()
-    finally:
-        sink.abort()
-        reader.close()
-        progress.close()
-        torch.set_num_threads(threads)
+# --- units of work -------------------------------------------------------------------------------------
 
 
-class _Shards:
-    """The shard files, opened one after the other as the chunks arrive in plan order."""
+@dataclass(frozen=True)
+class _Chunk:
+    """Elements [start, stop) of a step, for one purpose: a statistics pass, an absmax pass, or the values."""
 
-    def __init__(self, plan: Plan, folder: Path, result: Result):
-        self.plan, self.folder, self.result = plan, folder, result
-        self.metadata = {"format": "pt", "fluxrecipe.version": __version__, "fluxrecipe.recipe": json.dumps(pinned_recipe(plan), separators=(",", ":"))}
+    kind: str  # "stat", "absmax" or "value"
+    step: Step
+    start: int
+    stop: int
+    tensor: OutTensor | None = None  # absmax and value: the output tensor it is part of
+    file: int = 0  # value: the index of the output file
+    pass_index: int = 0  # stat: which of the op's passes
+
+    @property
+    def nbytes(self) -> int:
+        """Memory while in flight: the raw inputs, their float32 copies and a few float32 temporaries, the output."""
+        n = self.stop - self.start
+        return n * (sum(ITEMSIZE[t.dtype] + 4 for t in self.step.inputs) + 12 + ITEMSIZE[self.step.dtype])
+
+
+_DRAIN = object()  # from the work generator: finish everything in flight before going on
+
+
+@dataclass
+class _Done:
+    data: torch.Tensor | None = None  # value: the encoded bytes (uint8)
+    partial: object = None  # stat: the pass's partial; absmax: the chunk's absmax
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    clamped: int = 0
+    sums: list = field(default_factory=list)  # diagnostics: per input, (distance partial, norm partial)
+    hashes: list = field(default_factory=list)  # per hashed input: (source, partial of block digests)
+
+
+class _Run:
+    def __init__(self, plan: Plan, folder: Path, options: Options, device: torch.device, result: Result, metadata: dict[str, str], header_size: int, hash_sources: set[str]):
+        self.plan, self.options, self.device, self.result = plan, options, device, result
+        self.reader = _Reader()
+        self.files = _Files(plan.files, folder, metadata, header_size, result)
+        self.hash_sources = hash_sources
+        self.stats: dict[str, tuple] = {}  # step key -> the results of its op's statistics passes
+        self.folds: dict[str, object] = {}  # step key -> the statistics pass under way
+        self.absmax: dict[str, float] = {}  # output tensor -> the absmax pass under way
+        self.segments: dict[tuple[str, str, str], Segments] = {}  # (what, key, source) -> per-segment results
+        self.hashes: dict[str, dict[str, str]] = {s: {} for s in hash_sources}  # source -> key -> tensor digest
+
+    def run(self) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the workers are the parallelism; torch's own threads would only compete
+        pending: deque[tuple[_Chunk, Future]] = deque()
+        in_flight = 0
+        progress = _progress(self.plan, self.options)
+        try:
+            with ThreadPoolExecutor(self.options.workers, thread_name_prefix="fluxrecipe") as pool:
+                try:
+                    for chunk in self._work():
+                        while pending and (chunk is _DRAIN or in_flight + chunk.nbytes > self.options.in_flight or len(pending) >= self.options.most_items):
+                            done, future = pending.popleft()
+                            in_flight -= done.nbytes
+                            self._finish(done, future.result(), progress)
+                        if chunk is not _DRAIN:
+                            pending.append((chunk, pool.submit(self._compute, chunk)))
+                            in_flight += chunk.nbytes
+                            self.result.peak_in_flight = max(self.result.peak_in_flight, in_flight)
+                    while pending:
+                        done, future = pending.popleft()
+                        self._finish(done, future.result(), progress)
+                except BaseException:
+                    for _, future in pending:
+                        future.cancel()
+                    raise
+            self.files.close()
+            self._source_hashes()
+        finally:
+            self.files.abort()
+            self.reader.close()
+            progress.close()
+            torch.set_num_threads(threads)
+
+    # -- the order of work (main thread) --
+
+    def _work(self) -> Iterator[_Chunk | object]:
+        for index, file in enumerate(self.plan.files):
+            for tensor in file.tensors:
+                for step in self._steps_of(tensor):
+                    yield from self._stat_passes(step)
+                if tensor.scale_name:
+                    self.absmax[tensor.name] = 0.0
+                    yield from (_Chunk("absmax", self.plan.step(p.key), a, b, tensor) for p in tensor.parts for a, b in self._ranges(p))
+                    yield _DRAIN
+                    self.result.scales[tensor.name] = _scale_of(self.absmax.pop(tensor.name), tensor.dtype)
+                for part in tensor.parts:
+                    step = self.plan.step(part.key)
+                    yield from (_Chunk("value", step, a, b, tensor, index) for a, b in self._ranges(part))
+
+    def _steps_of(self, tensor: OutTensor) -> list[Step]:
+        return [self.plan.step(k) for k in dict.fromkeys(p.key for p in tensor.parts)]
+
+    def _stat_passes(self, step: Step) -> Iterator[_Chunk | object]:
+        passes = OPS[step.op].passes
+        if not passes or step.key in self.stats:
+            return
+        self.stats[step.key] = ()
+        whole = Part(step.key, 0, step.numel)
+        for i, stat_pass in enumerate(passes):
+            self.folds[step.key] = None
+            yield from (_Chunk("stat", step, a, b, pass_index=i) for a, b in self._ranges(whole))
+            yield _DRAIN
+            self.stats[step.key] += (stat_pass.result(self.folds.pop(step.key)),)
+
+    def _ranges(self, part: Part) -> Iterator[tuple[int, int]]:
+        size = self.options.chunk_elements
+        if part.stop == part.start:
+            yield part.start, part.stop  # an empty tensor still opens its file
+        for a in range(part.start, part.stop, size):
+            yield a, min(a + size, part.stop)
+
+    # -- a chunk's work (worker threads) --
+
+    def _compute(self, chunk: _Chunk) -> _Done:
+        step = chunk.step
+        raws = [self.reader.read(ref, chunk.start, chunk.stop) for ref in step.inputs]
+        xs = [self._decode(raw, ref) for raw, ref in zip(raws, step.inputs)]
+        done = _Done()
+        if chunk.kind == "stat":
+            where = Where(step.key, chunk.start, chunk.stop, tuple(t.source for t in step.inputs))
+            done.partial = OPS[step.op].passes[chunk.pass_index].partial(xs, where, self.stats[step.key])
+            return done
+        self._check_inputs(step, xs, done)
+        if chunk.kind == "value" and step.copies_bytes:
+            done.data, rounded = raws[0], xs[0]
+        else:
+            merged = self._apply(step, xs, chunk)
+            if chunk.kind == "absmax":
+                finite = merged[torch.isfinite(merged)]
+                done.partial = float(finite.abs().max()) if finite.numel() else 0.0
+                return done
+            scale = self.result.scales.get(chunk.tensor.name)
+            encoded, done.clamped = self._encode(step, merged, scale, done)
+            done.data = encoded.cpu().view(torch.uint8)
+            rounded = None
+            if self.options.diagnostics:  # the written values, upcast only when they are compared
+                rounded = encoded.float() if scale is None else encoded.float() * scale
+        if self.options.diagnostics:
+            n = step.numel
+            for x in xs:
+                distance = torch.nn.functional.mse_loss(rounded, x, reduction="none")
+                done.sums.append((split(distance, chunk.start, n, row_sums), split(x.square(), chunk.start, n, row_sums)))
+        for raw, ref in zip(raws, step.inputs):
+            if ref.source in self.hash_sources:
+                size = ITEMSIZE[ref.dtype]
+                done.hashes.append((ref.source, split(raw, chunk.start * size, ref.nbytes, _digests, HASH_BLOCK)))
+        return done
+
+    def _decode(self, raw: torch.Tensor, ref: TensorRef) -> torch.Tensor:
+        x = raw.view(DTYPES[ref.dtype]).to(device=self.device, dtype=torch.float32)
+        return x if ref.scale is None else x.mul_(self.reader.scale(ref.scale))
+
+    def _apply(self, step: Step, xs: list[torch.Tensor], chunk: _Chunk) -> torch.Tensor:
+        spec = OPS[step.op]
+        kwargs = step.values
+        if spec.wants("where"):
+            kwargs["where"] = Where(step.key, chunk.start, chunk.stop, tuple(t.source for t in step.inputs))
+        if spec.wants("stats"):
+            kwargs["stats"] = self.stats[step.key]
+        return spec.fn(xs, **kwargs)
+
+    def _check_inputs(self, step: Step, xs: list[torch.Tensor], done: _Done) -> None:
+        """NaN/Inf in an input: stop (nonfinite=error), or count it (warn). A sum over x is NaN/Inf iff x
+        holds NaN/Inf, or overflows, which the exact count then clears."""
+        for ref, x in zip(step.inputs, xs):
+            if math.isfinite(float(x.sum())):
+                continue
+            bad = int(x.numel() - torch.isfinite(x).sum())
+            if bad and self.options.nonfinite == "error":
+                raise SourceError(
+                    f"source '{ref.source}': tensor '{ref.file_key}' ({ref.file}) holds NaN or Inf values; "
+                    "merge anyway with nonfinite=warn (they are counted and reported)"
+                )
+            if bad:
+                done.nonfinite[f"{ref.source}: {ref.key}"] = bad
+
+    def _encode(self, step: Step, merged: torch.Tensor, scale: float | None, done: _Done) -> tuple[torch.Tensor, int]:
+        """The result in the output dtype: NaN/Inf of finite inputs stopped or counted, values beyond the
+        dtype's finite range clamped and counted, divided by the scale for scaled fp8, rounded once."""
+        x = merged if scale is None else merged / scale
+        low, high = (float(v) for v in torch.aminmax(x))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            self._nonfinite_result(step, x, done)
+            finite = x[torch.isfinite(x)]
+            low, high = (float(v) for v in torch.aminmax(finite)) if finite.numel() else (0.0, 0.0)
+        limit, clamped = LIMITS[step.dtype], 0
+        if low < -limit or high > limit:
+            if scale is None:  # a scaled tensor fits by construction, up to one rounding of the division
+                clamped = int(((x < -limit) | (x > limit)).sum())
+            x = x.clamp(-limit, limit)
+        return x.to(DTYPES[step.dtype]), clamped
+
+    def _nonfinite_result(self, step: Step, x: torch.Tensor, done: _Done) -> None:
+        """NaN/Inf in a result: expected where an input held some (already counted); from finite inputs, the
+        op's float32 arithmetic overflowed: stop (nonfinite=error) or count it (warn)."""
+        if done.nonfinite:
+            return
+        bad = int(x.numel() - torch.isfinite(x).sum())
+        if self.options.nonfinite == "error":
+            rule = self.plan.recipe.rules[step.rule]
+            raise OutputError(
+                f"'{step.key}' ({rule.describe()}) comes out with {bad} NaN/Inf values from finite inputs (float32 overflow): "
+                "check the op's parameters, or merge anyway with nonfinite=warn (they are counted and reported)"
+            )
+        done.nonfinite[f"output: {step.key}"] = bad
+
+    # -- folding finished chunks in (main thread, in order) --
+
+    def _finish(self, chunk: _Chunk, done: _Done, progress) -> None:
+        step = chunk.step
+        if chunk.kind == "stat":
+            self.folds[step.key] = OPS[step.op].passes[chunk.pass_index].fold(self.folds[step.key], done.partial)
+            return
+        if chunk.kind == "absmax":
+            self.absmax[chunk.tensor.name] = max(self.absmax[chunk.tensor.name], done.partial)
+            return
+        for name, count in done.nonfinite.items():
+            self.result.nonfinite[name] = self.result.nonfinite.get(name, 0) + count
+        if done.clamped:
+            self.result.clamped[chunk.tensor.name] = self.result.clamped.get(chunk.tensor.name, 0) + done.clamped
+        for ref, (distance, norm) in zip(step.inputs, done.sums):
+            d = self._segments("distance", step, ref.source, step.numel, row_sums, distance)
+            n = self._segments("norm", step, ref.source, step.numel, row_sums, norm)
+            if d.complete and n.complete:
+                self.result.distances.add(step.key, ref.source, d.fsum(), n.fsum())
+                del self.segments[("distance", step.key, ref.source)], self.segments[("norm", step.key, ref.source)]
+        for source, partial in done.hashes:
+            ref = next(t for t in step.inputs if t.source == source)
+            blocks = self._segments("hash", step, source, ref.nbytes, _digests, partial, HASH_BLOCK)
+            if blocks.complete:
+                self.hashes[source][step.key] = hashlib.sha256(b"".join(blocks.ordered())).hexdigest()
+                del self.segments[("hash", step.key, source)]
+        self.files.write(chunk.file, done.data)
+        progress.update(done.data.numel())
+
+    def _segments(self, what: str, step: Step, source: str, total: int, reduce, partial, size: int | None = None) -> Segments:
+        key = (what, step.key, source)
+        if key not in self.segments:
+            self.segments[key] = Segments(total, reduce, **({"size": size} if size else {}))
+        self.segments[key].add(partial)
+        return self.segments[key]
+
+    def _source_hashes(self) -> None:
+        for source, digests in self.hashes.items():
+            whole = hashlib.sha256()
+            for key in sorted(digests):
+                whole.update(f"{key}\n{digests[key]}\n".encode())
+            self.result.source_hashes[source] = whole.hexdigest()
+
+
+def _digests(rows: torch.Tensor) -> list[bytes]:
+    return [hashlib.sha256(row.numpy()).digest() for row in rows]
+
+
+def _scale_of(absmax: float, dtype: str) -> float:
+    """Scaled fp8's per-tensor scale: absmax / the dtype's largest value, in float32 (1 for a zero tensor)."""
+    if absmax == 0.0:
+        return 1.0
+    return float(torch.tensor(absmax, dtype=torch.float32) / LIMITS[dtype])
+
+
+# --- the output files ------------------------------------------------------------------------------------
+
+
+class _Files:
+    """The plan's files, opened one after the other as the chunks arrive in plan order; each file's scales
+    and constants follow its tensors."""
+
+    def __init__(self, files: tuple[OutFile, ...], folder: Path, metadata: dict[str, str], header_size: int, result: Result):
+        self.plan_files, self.folder, self.metadata, self.header_size, self.result = files, folder, metadata, header_size, result
         self.index, self.file = -1, None
 
-    def write(self, shard: int, data: torch.Tensor) -> None:
-        if shard != self.index:
-            self.close()
-            steps = self.plan.shards[shard].steps
-            self.index = shard
-            self.file = open_shard(self.folder / self.plan.shards[shard].file, [(s.key, s.dtype, s.shape) for s in steps], self.metadata)
+    def write(self, index: int, data: torch.Tensor) -> None:
+        while index > self.index:
+            self._close_current()
+            self.index += 1
+            out = self.plan_files[self.index]
+            self.file = open_safetensors(self.folder / out.name, out.entries(), {**self.metadata, **dict(out.metadata)}, self.header_size)
         self.file.write(data.numpy())
 
+    def _close_current(self) -> None:
+        if self.file is None:
+            return
+        out = self.plan_files[self.index]
+        for tensor in out.tensors:
+            if tensor.scale_name:
+                self.file.write(struct.pack("<f", self.result.scales[tensor.name]))
+        for constant in out.constants:
+            self.file.write(constant.data)
+        self.result.files[out.name] = self.file.close()
+        self.file = None
+
     def close(self) -> None:
-        if self.file is not None:
-            self.result.files[self.plan.shards[self.index].file] = self.file.close()
-            self.file = None
+        self._close_current()
 
     def abort(self) -> None:
         if self.file is not None:
@@ -174,59 +418,7 @@ class _Shards:
             self.file = None
 
 
-def _finish(chunk: _Chunk, future: Future, sink: _Shards, result: Result, progress) -> None:
-    """Write one finished chunk (in plan order), and fold its checks and sums into the result."""
-    done: _Done = future.result()
-    step = chunk.step
-    for loc, bad in zip(step.inputs, done.nonfinite):
-        if bad:
-            name = f"{loc.source}: {loc.key}"
-            result.nonfinite[name] = result.nonfinite.get(name, 0) + bad
-    last = chunk.stop >= math.prod(step.shape)
-    for loc, (distances, norms) in zip(step.inputs, done.sums):
-        result.distances.add(step.key, loc.source, distances, norms, last)
-    sink.write(chunk.shard, done.data)
-    progress.update(done.data.numel())
-
-
-def _compute(chunk: _Chunk, reader: "_Reader", device: torch.device, options: Options) -> _Done:
-    """Read a chunk of every input, check it, merge it in float32, round it once to the output dtype."""
-    step = chunk.step
-    raws = [reader.read(loc, chunk.start, chunk.stop) for loc in step.inputs]
-    xs = [raw.view(DTYPES[loc.dtype]).to(device=device, dtype=torch.float32) for raw, loc in zip(raws, step.inputs)]
-    # A sum over x is NaN/Inf iff x holds NaN/Inf (or overflows, which the exact count below then clears): the
-    # diagnostics' squared norms serve, and without them a plain sum is the cheapest check.
-    norms = [_squares_per_segment(x) if options.diagnostics else [float(x.sum())] for x in xs]
-    nonfinite = [0 if math.isfinite(sum(n)) else int(x.numel() - torch.isfinite(x).sum()) for n, x in zip(norms, xs)]
-    if options.nonfinite == "error" and any(nonfinite):
-        loc = step.inputs[next(i for i, n in enumerate(nonfinite) if n)]
-        raise SourceError(
-            f"source '{loc.source}': tensor '{loc.key}' ({loc.file}) holds NaN or Inf values; "
-            "merge anyway with nonfinite=warn (they are counted and reported)"
-        )
-    if step.copies_bytes:
-        data, distances = raws[0], [[0.0] * len(norms[0])]
-    else:
-        merged = OPS[step.op.name].fn(xs, step.op.args).to(DTYPES[step.dtype])
-        data = merged.cpu().view(torch.uint8)
-        distances = []
-        if options.diagnostics:  # upcast the rounded result once, and only when it is compared
-            as_float = merged.float()
-            distances = [_squares_per_segment(as_float, x) for x in xs]
-    return _Done(data, list(zip(distances, norms)) if options.diagnostics else [], nonfinite)
-
-
-def _squares_per_segment(a: torch.Tensor, b: torch.Tensor | None = None) -> list[float]:
-    """Per run of SEGMENT elements (the tensor's last run may be shorter): the sum of (a - b)^2, or of a^2
-    without b, in float32. mse_loss computes the difference and its square in one pass."""
-    whole = a.numel() - a.numel() % SEGMENT
-    sums: list[float] = []
-    for start, stop, width in ((0, whole, SEGMENT), (whole, a.numel(), a.numel() - whole)):
-        if stop > start:
-            rows = a[start:stop].view(-1, width)
-            squares = rows.square() if b is None else torch.nn.functional.mse_loss(rows, b[start:stop].view(-1, width), reduction="none")
-            sums += squares.sum(1).tolist()
-    return sums
+# --- reading -------------------------------------------------------------------------------------------
 
 
 class _Reader:
@@ -235,11 +427,12 @@ class _Reader:
     Releasing each chunk's own (unaligned) range would keep about half of every file cached (see
     writer.RELEASE_ALIGN), so each file is released behind a frontier: up to the oldest read still in flight,
     rounded down to RELEASE_ALIGN. A read that reaches behind the frontier (it began before the frontier moved
-    past it, or its source's layout differs from the base's) releases everything behind the frontier again.
+    past it, or its source's layout differs from the output's) releases everything behind the frontier again.
     """
 
     def __init__(self) -> None:
         self._files: dict[str, _InputFile] = {}
+        self._scales: dict[Scale, float] = {}
         self._lock = threading.Lock()
 
     def _file(self, path: str) -> "_InputFile":
@@ -253,30 +446,43 @@ class _Reader:
                 self._files[path] = _InputFile(fd)
             return self._files[path]
 
-    def read(self, loc: TensorLoc, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of the tensor at `loc`, as raw bytes."""
-        size = ITEMSIZE[loc.dtype]
-        offset, nbytes = loc.begin + start * size, (stop - start) * size
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+    def read(self, ref: TensorRef, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the tensor `ref`, as raw bytes (uint8)."""
+        ranges = ref.byte_ranges(start, stop)
+        buf = torch.empty(sum(r.nbytes for r in ranges), dtype=torch.uint8)
         view = memoryview(buf.numpy())
-        f = self._file(loc.file)
+        at = 0
+        for r in ranges:
+            self._pread(r.file, r.begin, view[at : at + r.nbytes], ref.file_key)
+            at += r.nbytes
+        return buf
+
+    def _pread(self, path: str, offset: int, view: memoryview, what: str) -> None:
+        f = self._file(path)
         with self._lock:
             f.in_flight[offset] = f.in_flight.get(offset, 0) + 1
         got = 0
         try:
-            while got < nbytes:
+            while got < len(view):
                 n = os.preadv(f.fd, [view[got:]], offset + got)
                 if n == 0:
-                    raise SourceError(f"{loc.file}: the file ended while reading '{loc.key}': it was truncated or changed during the merge")
+                    raise SourceError(f"{path}: the file ended while reading '{what}': it was truncated or changed during the merge")
                 got += n
         except OSError as e:
-            raise SourceError(f"{loc.file}: reading '{loc.key}' failed: {e.strerror}") from None
+            raise SourceError(f"{path}: reading '{what}' failed: {e.strerror}") from None
         finally:
             with self._lock:
-                release = f.done(offset, offset + nbytes)
-            for start, stop in release:
-                os.posix_fadvise(f.fd, start, stop - start, os.POSIX_FADV_DONTNEED)
-        return buf
+                release = f.done(offset, offset + len(view))
+            for begin, end in release:
+                os.posix_fadvise(f.fd, begin, end - begin, os.POSIX_FADV_DONTNEED)
+
+    def scale(self, scale: Scale) -> float:
+        """The value of a scaled-fp8 tensor's scale (read once)."""
+        if scale not in self._scales:
+            raw = torch.empty(ITEMSIZE[scale.dtype], dtype=torch.uint8)
+            self._pread(scale.file, scale.begin, memoryview(raw.numpy()), scale.file_key)
+            self._scales[scale] = float(raw.view(DTYPES[scale.dtype])[0])
+        return self._scales[scale]
 
     def close(self) -> None:
         for f in self._files.values():
@@ -310,58 +516,10 @@ def _progress(plan: Plan, options: Options):
     from tqdm import tqdm
 
     return tqdm(
-        total=sum(s.nbytes for s in plan.steps),
+        total=plan.bytes_written,
         unit="B",
         unit_scale=True,
         desc="merging",
         disable=None if options.progress else True,  # None: only on a terminal
         dynamic_ncols=True,
     )
-
-
-def pinned_recipe(plan: Plan) -> dict:
-    """The recipe as composed (overrides applied, ${recipe.alpha} kept, so a replay can override it again)
-    with every source pinned to what was read: a hub commit, a path, a demo name."""
-    recipe = dict(plan.recipe.written)
-    recipe["sources"] = {s.name: _pin(s.origin) for s in plan.sources}
-    return recipe
-
-
-def _pin(origin: dict[str, str]) -> dict[str, str]:
-    if "repo" in origin:
-        return {"repo": origin["repo"], "revision": origin["commit"]} | ({"subfolder": origin["subfolder"]} if "subfolder" in origin else {})
-    return {k: v for k, v in origin.items() if k in ("path", "subfolder", "demo")}
-
-
-def _write_side_files(plan: Plan, folder: Path, result: Result) -> None:
-    files = result.files
-    weight_map = {s.key: shard.file for shard in plan.shards for s in shard.steps}
-    files["config.json"] = write_json(folder / "config.json", plan.config)
-    files[INDEX_NAME] = write_index(folder / INDEX_NAME, weight_map, plan.bytes_written)
-    files[RECIPE_NAME] = write_file(folder / RECIPE_NAME, yaml.safe_dump(pinned_recipe(plan), sort_keys=False, allow_unicode=True).encode())
-    files[PROVENANCE_NAME] = write_json(folder / PROVENANCE_NAME, _provenance(plan, result))
-    files[CARD_NAME] = write_file(folder / CARD_NAME, model_card(plan).encode())
-    if result.distances is not None:
-        files[DIAGNOSTICS_NAME] = write_json(
-            folder / DIAGNOSTICS_NAME,
-            {"metric": "relative L2 distance of the merged tensors to each source", "overall": result.distances.overall(), "blocks": result.distances.relative()},
-        )
-    manifest = {name: {"size": r.size, "sha256": r.sha256} for name, r in sorted(files.items())}
-    files[MANIFEST_NAME] = write_json(folder / MANIFEST_NAME, {"fluxrecipe": __version__, "files": manifest})
-
-
-def _provenance(plan: Plan, result: Result) -> dict:
-    """What was merged from what, by which recipe: enough to explain and rebuild the output. No times, no hosts."""
-    return {
-        "fluxrecipe": __version__,
-        "recipe": plan.recipe.name,
-        "recipe_file": plan.recipe.file,
-        "sources": {s.name: {"spec": s.spec, **s.origin} for s in plan.sources},
-        "base": plan.recipe.base,
-        "rules": [{"match": r.match, "op": str(r.op), "sources": list(r.sources)} for r in plan.recipe.rules],
-        "dtype": plan.recipe.dtype,
-        "tensors": len(plan.steps),
-        "dropped": [{"key": d.key, "reason": d.reason} for d in plan.dropped],
-        "notes": list(plan.notes),
-        "nonfinite_inputs": result.nonfinite,
-    }

@@ -20,7 +20,8 @@ from omegaconf import DictConfig
 
 from . import preview
 from .errors import UsageError
-from .plan import INDEX_NAME, Plan, human_bytes
+from .formats.diffusers import INDEX_NAME
+from .plan import Plan, human_bytes
 
 if TYPE_CHECKING:
     from .execute import Result
@@ -35,9 +36,9 @@ def run(cfg: DictConfig) -> Result | Plan:
 
     keep = keep_weights(cfg)
     previews = preview.enabled(cfg)
-    if previews and not in_multirun():  # a sweep's pre-flight has checked every job already
+    if (previews or not keep) and not in_multirun():  # a sweep's pre-flight has checked every job already
         settings = check_single(cfg)
-        if cfg.dry_run:
+        if cfg.dry_run and settings is not None:
             print(f"previews: {settings.describe()}; into {job_folder() / preview.PREVIEW_DIR}")
     value = run_job(cfg)
     if isinstance(value, Plan):  # a dry run

@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .diagnostics import SEGMENT
-
 
 @dataclass(frozen=True)
 class Options:
     device: str = "cpu"
     threads: int = 0  # 0: chosen from the machine's cores
-    chunk_elements: int = 1 << 20  # rounded up to whole diagnostics segments (see chunk)
-    nonfinite: str = "error"  # "error": stop at the first NaN/Inf in an input; "warn": count them and go on
+    chunk_elements: int = 1 << 20  # elements per unit of work, exactly (a row-wise step rounds to whole rows)
+    in_flight: int = 256 << 20  # bytes of work in flight at most: read, being computed, or waiting to be written
+    nonfinite: str = "error"  # "error": stop at the first NaN/Inf in an input or result; "warn": count them and go on
     diagnostics: bool = True
     progress: bool = True
     overwrite: bool = False
@@ -23,11 +22,6 @@ class Options:
         return self.threads if self.threads > 0 else min(8, (os.cpu_count() or 1) + 2)
 
     @property
-    def chunk(self) -> int:
-        """Elements per chunk: a whole number of SEGMENTs, so the diagnostics' partial sums sit at fixed places."""
-        return -(-max(self.chunk_elements, 1) // SEGMENT) * SEGMENT
-
-    @property
-    def window(self) -> int:
-        """Chunks in flight at most: read, being computed, or waiting to be written."""
-        return 2 * self.workers
+    def most_items(self) -> int:
+        """Units of work in flight at most, however small: beyond a few per worker they only cost bookkeeping."""
+        return 4 * self.workers

@@ -1,8 +1,11 @@
-"""Rules x keys -> a Plan: one step per output key. Every check runs here, before any tensor byte is read.
+"""Rules x keys -> a Plan: one step per output tensor. Every check runs here, before any tensor byte is read.
 
-The plan is plain data: which rule decided each key, which source tensors feed it (file, byte range, dtype,
-shape), what is dropped and why, how the output is sharded, and the config.json the output will carry. It
-can be printed (`dry_run=true`) and tested without touching a tensor.
+The plan is plain data, in canonical keys (diffusers' names) whatever the sources' and the output's layouts:
+which rule decided each key, which source tensors feed it (byte pieces, dtype, shape), the op and its
+parameters for that key, the dtype it is rounded to; what is dropped and why; the output's files, each
+tensor of which is a list of element ranges of steps (a rename, or BFL's fused and swapped tensors); and the
+config the output carries. It can be printed (`dry_run=true`) and tested without touching a tensor, and
+the executor needs nothing else.
 """
 
 from __future__ import annotations
@@ -17,45 +20,49 @@ from typing import Any
 
 from .architecture import config_fields, expected_parameters, mismatch
 from .errors import PlanError
-from .ops import OpCall
-from .recipe import Recipe, Rule
-from .sources import Checkpoint, TensorLoc
-from .st_format import ITEMSIZE
+from .formats import OUTPUT_FORMATS, bfl, diffusers
+from .formats.flux import variant
+from .formats.layout import Constant, OutFile, OutTensor, TensorRef
+from .formats.safetensors import ITEMSIZE
+from .recipe import DTYPES, Recipe, Rule
+from .sources import Checkpoint
 
-SHARD_NAME = "diffusion_pytorch_model-{index:05d}-of-{count:05d}.safetensors"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SHOWN = 6  # how many keys a message lists before it says "and N more"
+SCALE_SUFFIX = ".weight_scale"  # ComfyUI's newer convention: <layer>.weight_scale, <layer>.comfy_quant
+MARKER_SUFFIX = ".comfy_quant"
 
 
 @dataclass(frozen=True)
 class Step:
-    """One output tensor: the rule that decided it, its inputs in order, its dtype and shape."""
+    """One canonical output tensor: the rule that decided it, its op and parameters, its inputs in order,
+    the dtype it is rounded to (scaled: fp8 with a per-tensor scale) and its shape."""
 
     key: str
     rule: int
-    op: OpCall
-    inputs: tuple[TensorLoc, ...]
+    op: str
+    params: tuple[tuple[str, Any], ...]
+    inputs: tuple[TensorRef, ...]
     dtype: str
     shape: tuple[int, ...]
+    scaled: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+        return self.numel * ITEMSIZE[self.dtype]
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return dict(self.params)
 
     @property
     def copies_bytes(self) -> bool:
-        """`take` into the same dtype: the bytes are copied as they are, never decoded."""
-        return self.op.name == "take" and self.inputs[0].dtype == self.dtype
-
-
-@dataclass(frozen=True)
-class Shard:
-    file: str
-    steps: tuple[Step, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.steps)
+        """`take` into the same dtype, unscaled either side: the bytes are copied as they are, never decoded."""
+        src = self.inputs[0] if self.inputs else None
+        return self.op == "take" and src.dtype == self.dtype and src.scale is None and not self.scaled
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,9 @@ class SourceSummary:
     tensors: int
     nbytes: int
     dtypes: tuple[str, ...]
+    layout: str = "diffusers"
+    ignored: tuple[tuple[str, int], ...] = ()  # what its files hold besides the transformer: group, keys
+    location: str = ""  # what was read: the folder, or the single file
 
 
 @dataclass(frozen=True)
@@ -87,15 +97,17 @@ class RuleStats:
 @dataclass(frozen=True)
 class Plan:
     recipe: Recipe
+    format: str  # "diffusers" (a folder), "bfl" or "comfyui" (one file)
     sources: tuple[SourceSummary, ...]
-    shards: tuple[Shard, ...]
+    steps: tuple[Step, ...]
+    files: tuple[OutFile, ...]
     dropped: tuple[Dropped, ...]
     config: dict[str, Any]
     notes: tuple[str, ...]
 
     @property
-    def steps(self) -> list[Step]:
-        return [s for shard in self.shards for s in shard.steps]
+    def single_file(self) -> bool:
+        return OUTPUT_FORMATS[self.format]
 
     @property
     def bytes_read(self) -> int:
@@ -103,7 +115,17 @@ class Plan:
 
     @property
     def bytes_written(self) -> int:
-        return sum(shard.nbytes for shard in self.shards)
+        return sum(f.nbytes for f in self.files)
+
+    def step(self, key: str) -> Step:
+        return self._by_key()[key]
+
+    def _by_key(self) -> dict[str, Step]:
+        cached = self.__dict__.get("_steps_by_key")
+        if cached is None:
+            cached = {s.key: s for s in self.steps}
+            object.__setattr__(self, "_steps_by_key", cached)
+        return cached
 
     def rule_stats(self) -> list[RuleStats]:
         keys, read, written = Counter(), Counter(), Counter()
@@ -115,11 +137,15 @@ class Plan:
         return [RuleStats(r, keys[r.index], read[r.index], written[r.index]) for r in self.recipe.rules]
 
 
-def make_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], shard_size: int) -> Plan:
-    """Decide every output key; raises PlanError when recipe and sources do not fit together."""
+def make_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], shard_size: int, output_format: str = "diffusers", file_name: str = "model.safetensors") -> Plan:
+    """Decide every output key and lay out the output's files; raises PlanError when recipe and sources do
+    not fit together, or the output could not be loaded as what it claims to be."""
     base = checkpoints[recipe.base]
     if base.config is None:
-        raise PlanError(f"base '{recipe.base}' ({base.folder}) has no config.json: the output needs one, so the base must be a diffusers folder or repo")
+        raise PlanError(
+            f"base '{recipe.base}' ({base.folder}) has no config.json: the output needs one, so the base must be a diffusers "
+            "folder or repo with its config.json, or a single .safetensors file (whose config is derived from its shapes)"
+        )
     config = _output_config(recipe, base)
 
     decided: dict[str, Rule] = {}
@@ -133,24 +159,66 @@ def make_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], shard_size: in
         decided[key] = rule
     _check_every_rule_used(recipe, checkpoints, decided)
 
-    steps, dropped = [], []
+    single = OUTPUT_FORMATS[output_format]
+    steps, dropped, notes = [], [], []
     for key, rule in decided.items():
         if rule.op.name == "drop":
             dropped.append(Dropped(key, f"dropped by {rule.describe()}", rule.index))
             continue
         inputs = _inputs(rule, key, checkpoints, recipe.base, decided)
-        steps.append(Step(key, rule.index, rule.op, inputs, recipe.dtype, base.tensors[key].shape))
+        shape = base.tensors[key].shape
+        dtype, scaled = DTYPES[rule.dtype or recipe.dtype]
+        if scaled and not single:
+            raise PlanError(f"{rule.where}: fp8_scaled is written only in the single-file formats (format=bfl or format=comfyui); diffusers cannot load it: use fp8")
+        if scaled and not _scalable(key, shape):
+            dtype, scaled = "BF16", False  # ComfyUI scales Linear weights; the rest stays in bf16, as its own exports do
+        steps.append(Step(key, rule.index, rule.op.name, tuple(rule.params.items()), inputs, dtype, shape, scaled))
     dropped += _not_in_base(recipe, checkpoints)
     _check_fits_config(recipe, config, steps)
+    files = _out_files(steps, output_format, shard_size, file_name)
 
     return Plan(
         recipe=recipe,
+        format=output_format,
         sources=tuple(_summary(recipe, c) for c in checkpoints.values()),
-        shards=_shards(steps, shard_size),
+        steps=tuple(s for f in files for s in _steps_of(f, steps)),
+        files=files,
         dropped=tuple(dropped),
         config=config,
-        notes=tuple(_notes(recipe, steps)),
+        notes=tuple(notes + _notes(recipe, steps, checkpoints)),
     )
+
+
+def _scalable(key: str, shape: tuple[int, ...]) -> bool:
+    """A Linear layer's weight: what ComfyUI's scaled fp8 quantizes."""
+    return key.endswith(".weight") and len(shape) == 2
+
+
+def _out_files(steps: list[Step], output_format: str, shard_size: int, file_name: str) -> tuple[OutFile, ...]:
+    shapes = {s.key: s.shape for s in steps}
+    dtypes = {s.key: s.dtype for s in steps}
+    if output_format == "diffusers":
+        return diffusers.out_files(diffusers.out_tensors(shapes, dtypes), shard_size, ())
+    prefix = bfl.COMFYUI_PREFIX if output_format == "comfyui" else ""
+    scaled = {s.key for s in steps if s.scaled}
+    tensors, constants, layers = [], [], {}
+    for tensor in bfl.out_tensors(shapes, dtypes, prefix):
+        if any(p.key in scaled for p in tensor.parts):
+            layer = tensor.name[: -len(".weight")]
+            tensor = OutTensor(tensor.name, tensor.dtype, tensor.shape, tensor.parts, scale_name=layer + SCALE_SUFFIX)
+            marker = bfl.quant_marker(tensor.dtype)
+            constants.append(Constant(layer + MARKER_SUFFIX, "U8", (len(marker),), marker))
+            layers[layer] = json.loads(marker)
+        tensors.append(tensor)
+    metadata = (("_quantization_metadata", json.dumps({"format_version": "1.0", "layers": layers})),) if layers else ()
+    return (OutFile(file_name, tuple(tensors), tuple(constants), metadata),)
+
+
+def _steps_of(file: OutFile, steps: list[Step]) -> list[Step]:
+    """The steps in the order the file's tensors need them (each once): the order the executor runs them."""
+    by_key = {s.key: s for s in steps}
+    order = dict.fromkeys(p.key for t in file.tensors for p in t.parts)
+    return [by_key[k] for k in order]
 
 
 def _output_config(recipe: Recipe, base: Checkpoint) -> dict[str, Any]:
@@ -180,7 +248,7 @@ def _check_every_rule_used(recipe: Recipe, checkpoints: dict[str, Checkpoint], d
         raise PlanError(f"{rule.where} (match {rule.match!r}) decides no key: {why}. A typo? If intended, mark the rule `optional: true`")
 
 
-def _inputs(rule: Rule, key: str, checkpoints: dict[str, Checkpoint], base: str, decided: dict[str, Rule]) -> tuple[TensorLoc, ...]:
+def _inputs(rule: Rule, key: str, checkpoints: dict[str, Checkpoint], base: str, decided: dict[str, Rule]) -> tuple[TensorRef, ...]:
     shape = checkpoints[base].tensors[key].shape
     inputs = []
     for name in rule.sources:
@@ -194,7 +262,14 @@ def _inputs(rule: Rule, key: str, checkpoints: dict[str, Checkpoint], base: str,
                 f"e.g. {{match: '{_hint_pattern(lacking, others)}', op: 'take:{base}'}}"
             )
         if loc.shape != shape:
-            raise PlanError(f"{rule.where} ({rule.op}): '{key}' is {list(shape)} in base '{base}' but {list(loc.shape)} in '{name}' ({loc.file})")
+            hint = ""
+            a, b = checkpoints[base].config or {}, checkpoints[name].config or {}
+            if key.startswith(("x_embedder.", "proj_out.")) and a.get("in_channels") != b.get("in_channels"):
+                hint = (
+                    f": a FLUX variant mismatch (base '{base}' is {variant(a)}, '{name}' is {variant(b)}); "
+                    f"give '{key.rsplit('.', 1)[0]}' a rule of its own before this one, e.g. {{match: '^{re.escape(key.rsplit('.', 1)[0])}\\.', op: 'take:{base}'}}"
+                )
+            raise PlanError(f"{rule.where} ({rule.op}): '{key}' is {list(shape)} in base '{base}' but {list(loc.shape)} in '{name}' ({loc.file}){hint}")
         inputs.append(loc)
     return tuple(inputs)
 
@@ -257,33 +332,42 @@ def _check_fits_config(recipe: Recipe, config: dict[str, Any], steps: list[Step]
     raise PlanError(f"recipe '{recipe.name}': the output would not load as {config.get('_class_name')}: " + "; ".join(problems) + "." + hint)
 
 
-def _shards(steps: list[Step], shard_size: int) -> tuple[Shard, ...]:
-    groups: list[list[Step]] = [[]]
-    size = 0
-    for step in steps:
-        if groups[-1] and size + step.nbytes > shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(step)
-        size += step.nbytes
-    return tuple(Shard(SHARD_NAME.format(index=i + 1, count=len(groups)), tuple(g)) for i, g in enumerate(groups))
-
-
 def _summary(recipe: Recipe, c: Checkpoint) -> SourceSummary:
     dtypes = tuple(sorted({t.dtype for t in c.tensors.values()}))
-    return SourceSummary(c.name, recipe.sources[c.name].describe(), c.origin, c.folder, len(c.tensors), c.nbytes, dtypes)
+    return SourceSummary(c.name, recipe.sources[c.name].describe(), c.origin, c.folder, len(c.tensors), c.nbytes, dtypes, c.layout, tuple(c.ignored.items()), c.location or c.folder)
 
 
-def _notes(recipe: Recipe, steps: list[Step]) -> list[str]:
+def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]) -> list[str]:
     notes = []
     for rule in recipe.rules:
-        if rule.op.name == "lerp" and not 0.0 <= rule.op.args[0] <= 1.0:
-            notes.append(f"{rule.describe()} extrapolates: A = {rule.op.args[0]} lies outside [0, 1]")
+        alpha = rule.params.get("alpha") if rule.op.name == "lerp" else None
+        if isinstance(alpha, float) and not 0.0 <= alpha <= 1.0:
+            notes.append(f"{rule.describe()} extrapolates: alpha = {alpha} lies outside [0, 1]")
+    for c in checkpoints.values():
+        if c.config_derived:
+            notes.append(f"source '{c.name}' is a single file in {c.layout} layout with no config.json: its config is derived from its shapes (guidance_embeds: {json.dumps(c.config.get('guidance_embeds'))}, {variant(c.config)})")
+        notes += [f"source '{c.name}': {n}" for n in c.notes]
+        if c.ignored:
+            notes.append(f"source '{c.name}': only the transformer is read; ignored " + ", ".join(f"{n} keys under {g}" for g, n in c.ignored.items()))
+        if c.scaled:
+            notes.append(f"source '{c.name}': {c.scaled} tensors are scaled fp8, read as fp8 value x scale")
+    unscaled = [s.key for s in steps if s.dtype == "BF16" and DTYPES[_rule_dtype(recipe, s.rule)][1]]
+    if unscaled:
+        notes.append(f"fp8_scaled applies to Linear weights (2-D '.weight' tensors); {len(unscaled)} other tensors of those rules are written in bf16 ({some_keys(unscaled)})")
+    ranges = {"F8_E4M3": "fp8 (+-448)", "F8_E5M2": "fp8_e5m2 (+-57344)"}
+    narrow = sorted({ranges[s.dtype] for s in steps if s.dtype in ranges and not s.scaled})
+    if narrow:
+        notes.append(f"values beyond {' and '.join(narrow)} are clamped to the dtype's range and counted (provenance, a warning)")
     read = sorted({(t.source, t.dtype) for s in steps for t in s.inputs})
-    if {d for _, d in read} != {recipe.dtype}:
+    written = sorted({s.dtype for s in steps})
+    if {d for _, d in read} != set(written):
         held = ", ".join(f"{src} {d}" for src, d in read)
-        notes.append(f"inputs hold {held}; all arithmetic is float32, rounded once to {recipe.dtype}")
+        notes.append(f"inputs hold {held}; all arithmetic is float32, rounded once to {'/'.join(written)}")
     return notes
+
+
+def _rule_dtype(recipe: Recipe, index: int) -> str:
+    return recipe.rules[index].dtype or recipe.dtype
 
 
 def some_keys(keys: list[str]) -> str:
@@ -304,16 +388,18 @@ def format_plan(plan: Plan) -> str:
         where = ", ".join(f"{k} {v}" for k, v in s.origin.items())
         mark = "  (base)" if s.name == r.base else ""
         lines.append(f"  {s.name:<12} {s.spec}{mark}")
-        lines.append(f"  {'':<12} {s.tensors} tensors, {human_bytes(s.nbytes)}, {'/'.join(s.dtypes)}; {where}")
+        lines.append(f"  {'':<12} {s.tensors} tensors ({s.layout} layout), {human_bytes(s.nbytes)}, {'/'.join(s.dtypes)}; {where}")
         lines.append(f"  {'':<12} {s.folder}")
     guidance = json.dumps(plan.config.get("guidance_embeds"))
-    lines.append(f"output: {r.base}'s architecture ({plan.config.get('_class_name')}, guidance_embeds: {guidance})")
+    where = f"one {plan.format} file, {plan.files[0].name}" if plan.single_file else f"a {plan.format} folder"
+    lines.append(f"output: {where}; {r.base}'s architecture ({plan.config.get('_class_name')}, guidance_embeds: {guidance})")
     lines.append("rules:")
     width = max(len(repr(x.rule.match)) for x in plan.rule_stats())
     for x in plan.rule_stats():
         src = f" over {', '.join(x.rule.sources)}" if x.rule.op.name not in ("take", "drop") else ""
+        dtype = f" -> {x.rule.dtype}" if x.rule.dtype else ""
         lines.append(
-            f"  [{x.rule.index}] {x.rule.match!r:<{width}}  {str(x.rule.op) + src:<32} {x.keys:>5} keys"
+            f"  [{x.rule.index}] {x.rule.match!r:<{width}}  {str(x.rule.op) + src + dtype:<32} {x.keys:>5} keys"
             f"  read {human_bytes(x.bytes_read):>9}  write {human_bytes(x.bytes_written):>9}"
         )
     if plan.dropped:
@@ -324,8 +410,10 @@ def format_plan(plan: Plan) -> str:
         for reason, keys in by_reason.items():
             lines.append(f"  {reason}: {some_keys(keys)}")
     copies = sum(s.copies_bytes for s in plan.steps)
+    dtypes = "/".join(sorted({s.dtype + (" scaled" if s.scaled else "") for s in plan.steps}))
+    tensors = sum(len(f.entries()) for f in plan.files)
     lines.append(
-        f"total: {len(plan.steps)} tensors in {len(plan.shards)} shard(s), {r.dtype}; "
+        f"total: {tensors} tensors in {len(plan.files)} file(s), {dtypes}; "
         f"read {human_bytes(plan.bytes_read)}, write {human_bytes(plan.bytes_written)}"
         + (f"; {copies} tensors copied byte for byte" if copies else "")
     )

@@ -137,7 +137,13 @@ def check_job(cfg: DictConfig, check: JobCheck, dry_run: bool, multirun: bool, p
         check.job = plan_job(cfg, dry_run=dry_run or (multirun and bool(cfg.get("output"))))
     except FluxRecipeError as e:
         problems.append(str(e))
-    if wants_previews and check.job is not None:
+    if check.job is not None and check.job.plan.single_file and (wants_previews or not check.keep_weights):
+        problems.append(
+            f"format={check.job.plan.format} writes one file; "
+            + ("previews load the merged model as a diffusers folder" if wants_previews else "keep_weights=false keeps the folder's recipe.yaml, which one file has no room for")
+            + ": sweep with format=diffusers (the default), then convert the merge you choose (its recipe.yaml, with format=...)"
+        )
+    elif wants_previews and check.job is not None:
         config = check.job.plan.config
         try:
             check.previews = preview.settings_of(cfg, bool(config.get("guidance_embeds")))
@@ -152,14 +158,14 @@ def check_job(cfg: DictConfig, check: JobCheck, dry_run: bool, multirun: bool, p
     return check
 
 
-def check_single(cfg: DictConfig) -> preview.PreviewSettings:
-    """A single run with previews gets the checks of a sweep's job, before it merges: one UsageError."""
+def check_single(cfg: DictConfig) -> preview.PreviewSettings | None:
+    """A single run with previews (or keep_weights=false) gets the checks of a sweep's job, before it merges:
+    one UsageError. Returns its preview settings, if it has previews."""
     from .job import job_folder
 
     check = check_job(cfg, JobCheck(0, "run", job_folder()), dry_run=bool(cfg.dry_run), multirun=False, pipelines=_PipelineChecks())
     if check.problems:
         raise UsageError("; ".join(check.problems))
-    assert check.previews is not None
     return check.previews
 
 
@@ -168,10 +174,10 @@ def _device_problems(device: str, launcher: DictConfig) -> list[str]:
     login node that may have no GPU)."""
     if "slurm" in str(launcher.get("_target_", "")).lower():
         return []
-    from .execute import _check_device  # the executor's own check (it imports torch)
+    from .execute import check_device  # the executor's own check (it imports torch)
 
     try:
-        _check_device(device)
+        check_device(device)
     except UsageError as e:
         return [str(e)]
     return []

@@ -18,10 +18,22 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import RecipeError
 from .ops import OpCall, parse_op
+from .ops.registry import check_values
 
-OUTPUT_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
-RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config")
-RULE_FIELDS = ("match", "op", "sources", "optional")
+# Output dtypes by name -> (safetensors dtype, scaled): fp8 is float8_e4m3fn; fp8_scaled stores value / scale
+# with a per-tensor scale = absmax / 448, as ComfyUI reads it (single-file formats only).
+DTYPES = {
+    "bf16": ("BF16", False), "bfloat16": ("BF16", False),
+    "fp16": ("F16", False), "float16": ("F16", False),
+    "fp32": ("F32", False), "float32": ("F32", False),
+    "fp8": ("F8_E4M3", False), "fp8_e4m3fn": ("F8_E4M3", False), "float8_e4m3fn": ("F8_E4M3", False),
+    "fp8_e5m2": ("F8_E5M2", False), "float8_e5m2": ("F8_E5M2", False),
+    "fp8_scaled": ("F8_E4M3", True),
+}
+DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled"
+FORMATS = ("diffusers", "bfl", "comfyui")
+RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format")
+RULE_FIELDS = ("match", "op", "sources", "optional", "dtype")
 SOURCE_FIELDS = ("repo", "revision", "subfolder", "path", "demo")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 # The only interpolation a recipe may hold: a reference to one of its own values.
@@ -60,6 +72,8 @@ class Rule:
     sources: tuple[str, ...]  # the inputs, in order (the recipe's sources unless the rule names them)
     optional: bool
     where: str  # "recipe 'x' (path:line) rules[i]", for messages
+    dtype: str | None = None  # the output dtype of its keys, by name (None: the recipe's)
+    params: dict[str, Any] = field(default_factory=dict)  # the op's parameters, checked, defaults filled in
 
     def describe(self) -> str:
         return f"rules[{self.index}] (match {self.match!r}, op {self.op})"
@@ -73,8 +87,9 @@ class Recipe:
     sources: dict[str, SourceSpec]
     base: str
     rules: tuple[Rule, ...]
-    dtype: str  # safetensors dtype code of the output
+    dtype: str  # the output dtype by name (DTYPES), for keys whose rule names none
     config: dict[str, Any] = field(default_factory=dict)  # overrides of the base's config.json
+    format: str | None = None  # the output format the recipe asks for (a run's `format=` wins)
     params: dict[str, Any] = field(default_factory=dict)  # named parameters (alpha, ...)
     resolved: dict[str, Any] = field(default_factory=dict)  # the whole recipe as plain data, interpolations resolved
     written: dict[str, Any] = field(default_factory=dict)  # the same as composed, interpolations kept (${recipe.alpha})
@@ -164,9 +179,10 @@ def _parse(data: dict, written: dict, here: "_Locator") -> Recipe:
     if base not in sources:
         raise RecipeError(f"{here.at(('base',))}: base {base!r} is not one of the sources ({', '.join(sources)})")
 
-    dtype_text = str(data.get("dtype", "bf16")).lower()
-    if dtype_text not in OUTPUT_DTYPES:
-        raise RecipeError(f"{here.at(('dtype',))}: dtype {data.get('dtype')!r} is not one of bf16, fp16, fp32")
+    dtype = _dtype(data.get("dtype", "bf16"), here.at(("dtype",)))
+    output_format = data.get("format")
+    if output_format is not None and output_format not in FORMATS:
+        raise RecipeError(f"{here.at(('format',))}: format {output_format!r} is not one of {', '.join(FORMATS)}")
 
     config = data.get("config") or {}
     if not isinstance(config, dict):
@@ -184,12 +200,20 @@ def _parse(data: dict, written: dict, here: "_Locator") -> Recipe:
         sources=sources,
         base=base,
         rules=rules,
-        dtype=OUTPUT_DTYPES[dtype_text],
+        dtype=dtype,
         config=config,
+        format=output_format,
         params=params,
         resolved=data,
         written=written,
     )
+
+
+def _dtype(value: Any, where: str) -> str:
+    name = str(value).lower()
+    if name not in DTYPES:
+        raise RecipeError(f"{where}: dtype {value!r} is not one of {DTYPE_NAMES}")
+    return name
 
 
 def _is_number(v: Any) -> bool:
@@ -257,15 +281,23 @@ def _rule(index: int, value: Any, sources: dict[str, SourceSpec], here: "_Locato
             raise RecipeError(f"{here.at(('rules', index, 'sources'))}: drop reads no source; remove the rule's sources")
     # a fault in the inputs is on the rule's `sources:` line when it names them, else on its op's line
     inputs = _inputs(op, names, sources, here.at(("rules", index, "op" if names is None else "sources")))
-    return Rule(index=index, match=match, pattern=pattern, op=op, sources=inputs, optional=optional, where=where)
+    try:
+        params = check_values(op.spec, op.values, inputs, str(op))
+    except ValueError as e:
+        raise RecipeError(f"{here.at(('rules', index, 'op'))}: {e}") from None
+    dtype = _dtype(value["dtype"], here.at(("rules", index, "dtype"))) if value.get("dtype") is not None else None
+    return Rule(index=index, match=match, pattern=pattern, op=op, sources=inputs, optional=optional, where=where, dtype=dtype, params=params)
 
 
 def _inputs(op: OpCall, names: list[str] | None, sources: dict[str, SourceSpec], where: str) -> tuple[str, ...]:
     spec = op.spec
-    if op.name == "take":
-        names = [op.args[0]]
-    elif op.name == "drop":
+    if spec.inputs == (0, 0):
         return ()
+    source_param = next((p.name for p in spec.params if p.kind == "source"), None)
+    if source_param:
+        if op.values.get(source_param) is None:
+            raise RecipeError(f"{where}: {spec.name}: missing parameter '{source_param}' (the source to take)")
+        names = [op.values[source_param]]
     elif names is None:
         names = list(sources)
     for n in names:
@@ -273,13 +305,13 @@ def _inputs(op: OpCall, names: list[str] | None, sources: dict[str, SourceSpec],
             raise RecipeError(f"{where}: {op}: unknown source {n!r} (sources: {', '.join(sources)})")
     if len(set(names)) != len(names):
         raise RecipeError(f"{where}: {op}: a source is named twice in {names}")
-    if spec.inputs is not None and len(names) != spec.inputs:
+    fewest, most = spec.inputs
+    if len(names) < fewest or most is not None and len(names) > most:
+        wanted = str(fewest) if fewest == most else f"{fewest} or more" if most is None else f"{fewest} to {most}"
         raise RecipeError(
-            f"{where}: {op} takes {spec.inputs} sources but gets {len(names)} ({', '.join(names)}); "
+            f"{where}: {op} takes {wanted} sources but gets {len(names)} ({', '.join(names)}); "
             "name them with the rule's `sources: [...]`"
         )
-    if spec.args == "numbers" and len(op.args) != len(names):
-        raise RecipeError(f"{where}: {op} gives {len(op.args)} weights for {len(names)} sources ({', '.join(names)})")
     return tuple(names)
 
 

@@ -1,10 +1,9 @@
-"""One merge job, from a composed Hydra config: recipe -> plan -> execution -> report."""
+"""One merge job, from a composed Hydra config: recipe -> plan -> execution -> report (through api.py)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,20 +11,19 @@ from typing import TYPE_CHECKING
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from . import api
 from .catalog import recipe_files
 from .errors import UsageError
+from .formats import OUTPUT_FORMATS
 from .options import Options
-from .plan import Plan, format_plan, human_bytes, make_plan
-from .recipe import Recipe, load_recipe
-from .sources import Checkpoint, open_source
+from .plan import Plan, format_plan, human_bytes
+from .recipe import FORMATS, Recipe, load_recipe
 from .writer import check_target
 
 if TYPE_CHECKING:
     from .execute import Result
 
 log = logging.getLogger("fluxrecipe")
-SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
-UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 @dataclass(frozen=True)
@@ -43,13 +41,12 @@ def plan_job(cfg: DictConfig, dry_run: bool = False) -> JobPlan:
     A sweep's pre-flight calls this for every job before any job starts."""
     recipe = recipe_of(cfg)
     options = options_of(cfg)
-    output = output_of(cfg)
-    shard_size = parse_size(cfg.shard_size)
-    if not dry_run:
-        check_target(output, options.overwrite)  # before fetching anything: an existing output fails fast
-    checkpoints = {name: open_source(spec) for name, spec in recipe.sources.items()}
-    plan = make_plan(recipe, checkpoints, shard_size)
-    _check_apart(output, checkpoints)  # a dry run reports every fault the real run would meet before writing
+    output_format = format_of(cfg, recipe)
+    output = api.output_path(output_of(cfg, recipe, output_format), output_format)
+    if not dry_run:  # an existing output fails fast, before any source is fetched
+        check_target(output, options.overwrite, single_file=OUTPUT_FORMATS[output_format])
+    plan = api.plan(recipe, output, output_format, parse_size(cfg.shard_size))
+    api.check_output(plan, output, options.overwrite, dry_run)  # a dry run reports every fault but an existing output
     return JobPlan(recipe, options, output, plan)
 
 
@@ -64,14 +61,19 @@ def run_job(cfg: DictConfig) -> Result | Plan:
             print(f"note: {output} already exists: the merge will refuse it unless you pass overwrite=true")
         return plan
     log.info(format_plan(plan))
-    from .execute import execute  # torch: only a run that merges pays for importing it
-
-    result = execute(plan, output, options)
+    result = api.write(plan, output, options)
     rate = result.bytes_written / result.seconds if result.seconds else 0.0
-    log.info(f"wrote {output}: {len(plan.steps)} tensors in {len(plan.shards)} shard(s), {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
-    if result.nonfinite:
-        total = sum(result.nonfinite.values())
-        log.warning(f"warning: {total} NaN/Inf input values in {len(result.nonfinite)} tensor(s), listed in {output / 'fluxrecipe.json'}")
+    where = output if plan.single_file else f"{output}: {len(plan.steps)} tensors in {len(plan.files)} shard(s)"
+    log.info(f"wrote {where}, {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
+    report = output if plan.single_file else output / "fluxrecipe.json"
+    inputs = {k: v for k, v in result.nonfinite.items() if not k.startswith("output: ")}
+    if inputs:
+        log.warning(f"warning: {sum(inputs.values())} NaN/Inf input values in {len(inputs)} tensor(s), listed in {report}")
+    if len(inputs) != len(result.nonfinite):
+        outputs = len(result.nonfinite) - len(inputs)
+        log.warning(f"warning: {outputs} tensor(s) came out with NaN/Inf values from finite inputs, listed in {report}")
+    if result.clamped:
+        log.warning(f"warning: {sum(result.clamped.values())} values in {len(result.clamped)} tensor(s) lay beyond their dtype's finite range and were clamped to it, listed in {report}")
     return result
 
 
@@ -95,6 +97,7 @@ def options_of(cfg: DictConfig) -> Options:
         device=str(cfg.device),
         threads=cfg.threads,
         chunk_elements=cfg.chunk_elements,
+        in_flight=parse_size(cfg.in_flight, "in_flight"),
         nonfinite=cfg.nonfinite,
         diagnostics=bool(cfg.diagnostics),
         progress=bool(cfg.progress),
@@ -102,26 +105,22 @@ def options_of(cfg: DictConfig) -> Options:
     )
 
 
-def output_of(cfg: DictConfig) -> Path:
+def format_of(cfg: DictConfig, recipe: Recipe) -> str:
+    chosen = cfg.get("format") or recipe.format or "diffusers"
+    if chosen not in FORMATS:
+        raise UsageError(f"format={chosen}: choose one of {', '.join(FORMATS)}")
+    return chosen
+
+
+def output_of(cfg: DictConfig, recipe: Recipe, output_format: str) -> Path:
     if cfg.output:
         return Path(os.path.abspath(os.path.expanduser(str(cfg.output))))
-    return Path(HydraConfig.get().runtime.output_dir) / "transformer"
+    name = f"{recipe.name}.safetensors" if OUTPUT_FORMATS[output_format] else "transformer"
+    return Path(HydraConfig.get().runtime.output_dir) / name
 
 
-def parse_size(text: object) -> int:
-    m = SIZE.fullmatch(str(text).strip())
-    if not m:
-        raise UsageError(f"shard_size={text}: give a size such as 10GB, 500MB or 2GiB")
-    size = int(float(m[1]) * UNITS[(m[2] or "B").upper()])
-    if size <= 0:
-        raise UsageError(f"shard_size={text}: must be above 0")
-    return size
-
-
-def _check_apart(output: Path, checkpoints: dict[str, Checkpoint]) -> None:
-    """The output may not overwrite or sit inside a source, nor hold one."""
-    out = output.resolve()
-    for c in checkpoints.values():
-        src = Path(c.folder).resolve()
-        if out == src or src in out.parents or out in src.parents:
-            raise UsageError(f"output {output} and source '{c.name}' ({c.folder}) overlap: write the merge somewhere else")
+def parse_size(text: object, option: str = "shard_size") -> int:
+    try:
+        return api.parse_size(text)
+    except UsageError as e:
+        raise UsageError(f"{option}={e}") from None

@@ -1,9 +1,10 @@
-"""A source spec -> a Checkpoint: every key of the model and where its bytes lie.
+"""A source spec -> a Checkpoint: every canonical tensor of the model and where its bytes lie.
 
 A source is a local folder (config.json + *.safetensors, with or without an index), a pipeline folder with a
-`transformer/` sub-folder, a single .safetensors file, a hub repo id, or a generated demo checkpoint. Keys
-are found through the index, never through a shard's position, so two sources never need to share a shard
-layout. Only headers are read here; no tensor data.
+`transformer/` sub-folder, a single .safetensors file (diffusers, Black Forest Labs or ComfyUI layout, an
+all-in-one ComfyUI checkpoint included), a hub repo id, or a generated demo checkpoint. The layout is
+recognised from the keys (formats/), never from a file's name. Only headers (and ComfyUI's few bytes of
+quantization markers) are read here; no tensor data.
 """
 
 from __future__ import annotations
@@ -12,39 +13,33 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .errors import SourceError
+from .formats import Recognised, diffusers, recognise
+from .formats.flux import derive_config
+from .formats.layout import TensorRef
+from .formats.safetensors import TensorEntry, read_header
 from .recipe import SourceSpec
-from .st_format import read_header
 
-INDEX_SUFFIX = ".safetensors.index.json"
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
-BFL_PREFIXES = ("double_blocks.", "single_blocks.", "model.diffusion_model.")
-
-
-@dataclass(frozen=True)
-class TensorLoc:
-    """Where one source tensor's bytes lie."""
-
-    source: str
-    key: str
-    file: str
-    begin: int
-    nbytes: int
-    dtype: str
-    shape: tuple[int, ...]
 
 
 @dataclass
 class Checkpoint:
     name: str
     folder: str
-    tensors: dict[str, TensorLoc]  # in file order, then byte order
-    config: dict[str, Any] | None
+    tensors: dict[str, TensorRef]  # canonical key -> where its bytes are, in file order
+    config: dict[str, Any] | None  # config.json, or derived from the shapes (see config_derived)
     origin: dict[str, str] = field(default_factory=dict)  # provenance: how to get these exact files again
+    layout: str = "diffusers"
+    config_derived: bool = False
+    ignored: dict[str, int] = field(default_factory=dict)  # what the files hold besides the transformer
+    notes: tuple[str, ...] = ()
+    scaled: int = 0  # tensors stored as scaled fp8
+    location: str = ""  # what was read: the folder, or the single file
 
     @property
     def nbytes(self) -> int:
@@ -106,77 +101,43 @@ def _local_folder(name: str, path: Path, subfolder: str | None) -> Path:
     return path
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
-
-
 def _index(name: str, location: Path, origin: dict[str, str]) -> Checkpoint:
-    """Map every key to its file through the index (or the headers of the files), check that they agree."""
+    """Read every header, recognise the layout from the keys, and find (or derive) the config."""
     folder = location.parent if location.is_file() else location
-    if location.is_file():
-        files = {location: None}
-    else:
-        files = _files_of_folder(name, location)
-    tensors: dict[str, TensorLoc] = {}
+    files = {location: None} if location.is_file() else diffusers.weight_files(name, location)
+    entries: dict[str, TensorEntry] = {}
+    file_metadata: dict[str, str] = {}
     for path, wanted in files.items():
         header = read_header(str(path))
-        keys = header.entries if wanted is None else wanted
-        for key in keys:
+        file_metadata.update(header.metadata)
+        for key in header.entries if wanted is None else wanted:
             entry = header.entries.get(key)
             if entry is None:
                 raise SourceError(f"source '{name}': the index says '{key}' is in {path}, which does not hold it")
-            if key in tensors:
-                raise SourceError(f"source '{name}': key '{key}' is in both {tensors[key].file} and {path}")
-            tensors[key] = TensorLoc(name, key, str(path), entry.begin, entry.nbytes, entry.dtype, entry.shape)
-    if not tensors:
+            if key in entries:
+                raise SourceError(f"source '{name}': key '{key}' is in both {entries[key].file} and {path}")
+            entries[key] = entry
+    if not entries:
         raise SourceError(f"source '{name}': {location} holds no tensors")
-    bfl = next((k for k in tensors if k.startswith(BFL_PREFIXES)), None)
-    if bfl:
-        raise SourceError(
-            f"source '{name}': {location} is in Black Forest Labs' single-file layout (key '{bfl}'), as ComfyUI uses; "
-            "fluxrecipe merges the diffusers layout: point the source at a diffusers folder or the hub repo "
-            "(its transformer/ folder), or convert the file once with diffusers' FluxTransformer2DModel.from_single_file(...).save_pretrained(...)"
-        )
-    ordered = dict(sorted(tensors.items(), key=lambda kv: (kv[1].file, kv[1].begin)))
-    return Checkpoint(name=name, folder=str(folder), tensors=ordered, config=_config(name, folder), origin=origin)
+    found = recognise(name, str(location), entries, file_metadata)
+    ordered = dict(sorted(found.tensors.items(), key=lambda kv: (kv[1].file, kv[1].pieces[0].begin if kv[1].pieces else 0)))
+    config = _config(name, folder) if found.layout == "diffusers" else None
+    derived = config is None and (location.is_file() or found.layout != "diffusers")  # a folder needs its config.json
+    notes: tuple[str, ...] = ()
+    if derived:
+        config, notes = _derived_config(name, location, found)
+    return Checkpoint(
+        name=name, folder=str(folder), tensors=ordered, config=config, origin=origin, layout=found.layout,
+        config_derived=derived, ignored=found.ignored, notes=notes, scaled=found.scaled, location=str(location),
+    )
 
 
-def _files_of_folder(name: str, folder: Path) -> dict[Path, list[str] | None]:
-    """Weight files -> the keys the index assigns them (None: all the file holds)."""
-    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
-    if len(indexes) > 1:
-        preferred = folder / (DIFFUSERS_WEIGHTS + ".index.json")
-        if preferred not in indexes:
-            raise SourceError(f"source '{name}': {folder} holds several indexes ({', '.join(p.name for p in indexes)}): name one with a path")
-        indexes = [preferred]
-    if indexes:
-        return _files_of_index(name, folder, indexes[0])
-    if (folder / DIFFUSERS_WEIGHTS).is_file():
-        return {folder / DIFFUSERS_WEIGHTS: None}
-    files = _weight_files(folder)
-    if not files:
-        raise SourceError(f"source '{name}': {folder} holds no .safetensors files")
-    return {p: None for p in files}
-
-
-def _files_of_index(name: str, folder: Path, index: Path) -> dict[Path, list[str]]:
+def _derived_config(name: str, location: Path, found: Recognised) -> tuple[dict[str, Any], tuple[str, ...]]:
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-        raise SourceError(f"source '{name}': {index} is not a valid safetensors index ({e})") from None
-    files: dict[Path, list[str]] = {}
-    for key, shard in weight_map.items():
-        if not key.isprintable():
-            raise SourceError(f"source '{name}': {index} names key {key!r}, which holds unprintable characters")
-        if not isinstance(shard, str) or shard in ("", ".", "..") or "/" in shard or "\\" in shard or not shard.isprintable():
-            raise SourceError(f"source '{name}': {index} names shard {shard!r} for key '{key}': a shard must be a file name in the index's own folder")
-        path = folder / shard
-        if not path.is_file():
-            raise SourceError(f"source '{name}': {index} names shard '{shard}' for key '{key}', but {path} does not exist")
-        files.setdefault(path, []).append(key)
-    return files
+        config, notes = derive_config({k: t.shape for k, t in found.tensors.items()}, metadata.version("diffusers"))
+    except (KeyError, ValueError, IndexError) as e:
+        raise SourceError(f"source '{name}': {location} lacks tensor {e} that every FLUX.1 transformer has: is it a whole model?") from None
+    return config, tuple(notes)
 
 
 def _config(name: str, folder: Path) -> dict[str, Any] | None:

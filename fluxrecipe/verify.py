@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FluxRecipeError
-from .plan import INDEX_NAME, SHOWN, some_keys
-from .sources import DIFFUSERS_WEIGHTS
-from .st_format import Header, read_header
+from .formats.diffusers import INDEX_NAME, WEIGHTS_NAME as DIFFUSERS_WEIGHTS
+from .formats.safetensors import Header, read_header
+from .plan import SHOWN, some_keys
 from .writer import MANIFEST_NAME
 
 BLOCK = 16 << 20  # bytes read at a time for the sha256
@@ -50,9 +50,11 @@ def main(argv: list[str]) -> int:
         prog="python -m fluxrecipe verify",
         description="Check a merged model folder against its manifest (sizes, sha256), its index, its safetensors headers and its config.json.",
     )
-    parser.add_argument("folder", help="the output folder of a merge (or a pipeline folder holding transformer/)")
+    parser.add_argument("folder", help="the output of a merge: a folder (or a pipeline folder holding transformer/), or a single .safetensors file")
     parser.add_argument("--no-hash", action="store_true", help="compare sizes only, do not read the data for sha256")
     args = parser.parse_args(argv)
+    if Path(args.folder).expanduser().is_file():
+        return _report_file(verify_file(Path(args.folder).expanduser(), hash_data=not args.no_hash), hashed=not args.no_hash)
     report = verify_folder(Path(args.folder), hash_files=not args.no_hash)
     if report.problems:
         for problem in report.problems:
@@ -126,11 +128,11 @@ def _json_field(path: Path, field: str, value_type: type, report: Report, what: 
     return value
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, offset: int = 0) -> str:
+    """The sha256 of the file from `offset` on, read without filling the page cache."""
     digest = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY)
     try:
-        offset = 0
         while chunk := os.pread(fd, BLOCK, offset):
             digest.update(chunk)
             os.posix_fadvise(fd, offset, len(chunk), os.POSIX_FADV_DONTNEED)  # a 24 GB check need not fill the page cache
@@ -222,7 +224,7 @@ def _total_size(index: Path) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _check_layout(header: Header, report: Report) -> None:
+def _check_layout(header: Header, report: Report | FileReport) -> None:
     """The tensors fill the data area back to back: no gap, nothing after the last one (overlaps: read_header)."""
     position = header.data_start
     for entry in sorted(header.entries.values(), key=lambda e: (e.begin, e.nbytes)):
@@ -264,3 +266,64 @@ def _check_config(folder: Path, keys: dict[str, tuple[int, ...]], report: Report
     if len(wrong) > SHOWN:
         report.add(path, f"and {len(wrong) - SHOWN} more key(s) of the wrong shape")
 
+
+
+# --- a single file (format=bfl or comfyui) -------------------------------------------------------------------
+
+
+@dataclass
+class FileReport:
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    tensors: int = 0
+    layout: str | None = None
+
+    def add(self, path: Path | str, text: str) -> None:
+        self.problems.append(f"{path}: {text}")
+
+
+def verify_file(path: Path, hash_data: bool = True) -> FileReport:
+    """Every problem of a single-file output: its header and data layout, its keys against the FLUX.1
+    architecture they imply (in its layout, scaled fp8 included), and the sha256 of its data against the
+    one fluxrecipe wrote into its metadata."""
+    from .architecture import expected_parameters, mismatch
+    from .formats import recognise
+    from .formats.flux import derive_config
+
+    report = FileReport(path)
+    try:
+        header = read_header(str(path))
+        report.tensors = len(header.entries)
+        _check_layout(header, report)
+        found = recognise("file", str(path), header.entries, header.metadata)
+        report.layout = found.layout
+        config, _ = derive_config({k: t.shape for k, t in found.tensors.items()})
+        expected = expected_parameters(config, str(path))
+    except (FluxRecipeError, KeyError, ValueError) as e:
+        report.problems.append(str(e) if isinstance(e, FluxRecipeError) else f"{path}: lacks tensor {e} that every FLUX.1 transformer has")
+        return report
+    found_shapes = {k: t.shape for k, t in found.tensors.items()}
+    wrong = mismatch(expected, found_shapes)
+    if wrong.missing:
+        report.add(path, f"a FLUX.1 transformer with these tensors needs {len(wrong.missing)} more ({some_keys(wrong.missing)})")
+    if wrong.unexpected or wrong.wrong:
+        report.add(path, f"{len(wrong.unexpected) + len(wrong.wrong)} tensor(s) do not fit the FLUX.1 architecture the others imply ({some_keys(wrong.unexpected + wrong.wrong)})")
+    recorded = header.metadata.get("fluxrecipe.data_sha256")
+    if recorded is None:
+        report.add(path, "no fluxrecipe.data_sha256 in its metadata: not a fluxrecipe output (or its metadata was changed), so its data cannot be checked")
+    elif hash_data:
+        digest = _sha256(path, header.data_start)
+        if digest != recorded:
+            report.add(path, f"the sha256 of its data is {digest}, its metadata says {recorded}: the file changed after the merge")
+    return report
+
+
+def _report_file(report: FileReport, hashed: bool) -> int:
+    if report.problems:
+        for problem in report.problems:
+            print(f"fluxrecipe verify: {problem}", file=sys.stderr)
+        print(f"fluxrecipe verify: {report.path}: {len(report.problems)} problem(s): do not use this file as it is", file=sys.stderr)
+        return 1
+    what = "its data matches the sha256 in its metadata" if hashed else "sha256 not checked"
+    print(f"{report.path}: ok: {report.tensors} tensors, a whole FLUX.1 transformer in {report.layout} layout; {what}")
+    return 0

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputError
+from .errors import FluxRecipeError, OutputError
 from .linux import SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, sync_file_range
-from .st_format import encode_header
+from .formats.safetensors import encode_header
 
 MANIFEST_NAME = "fluxrecipe.manifest.json"  # sha256 and size of every file of an output folder
 FLUSH_WINDOW = 16 << 20  # bytes: writeback is started per window and awaited one window later
@@ -42,9 +42,10 @@ class FileRecord:
 class StreamingFile:
     """A new file written front to back, hashed on the way, its written pages released as it goes."""
 
-    def __init__(self, path: Path, expected_size: int | None = None):
+    def __init__(self, path: Path, expected_size: int | None = None, unhashed: int = 0):
         self.path = path
         self.expected_size = expected_size
+        self.unhashed = unhashed  # bytes at the start left out of the hash (a header to be rewritten)
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as e:
@@ -56,7 +57,8 @@ class StreamingFile:
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
-        self._hash.update(view)
+        skip = max(0, min(self.unhashed - self.size, len(view)))
+        self._hash.update(view[skip:])
         done = 0
         try:
             while done < len(view):
@@ -101,12 +103,31 @@ class StreamingFile:
             os.close(fd)
 
 
-def open_shard(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> StreamingFile:
-    """A shard with its header written; the caller appends each tensor's bytes in the order given."""
-    header, data_size = encode_header(tensors, metadata)
-    f = StreamingFile(path, expected_size=len(header) + data_size)
+def open_safetensors(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str], header_size: int = 0) -> StreamingFile:
+    """A safetensors file with its header written; the caller appends each tensor's bytes in the order given.
+
+    With `header_size`, the header is padded to that size and left out of the file's hash, so that
+    `rewrite_header` can put metadata known only at the end into it; the hash is then the data's."""
+    header, data_size = encode_header(tensors, metadata, header_size)
+    f = StreamingFile(path, expected_size=len(header) + data_size, unhashed=len(header) if header_size else 0)
     f.write(header)
     return f
+
+
+def rewrite_header(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str], header_size: int) -> None:
+    """Replace the header of a file written by `open_safetensors(..., header_size)` with one holding `metadata`."""
+    header, _ = encode_header(tensors, metadata, header_size)
+    if len(header) != header_size:
+        raise OutputError(f"{path}: the metadata ({len(header)} bytes of header) does not fit the {header_size} bytes reserved for it")
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, header, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise OutputError(f"{path}: writing its header failed: {e.strerror}") from None
 
 
 def write_file(path: Path, data: bytes) -> FileRecord:
@@ -132,11 +153,6 @@ def replace_json(path: Path, value: object) -> None:
         raise
 
 
-def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> FileRecord:
-    """The safetensors index diffusers and transformers read: total size and key -> shard file."""
-    return write_json(path, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
-
-
 def partial_name(target: Path) -> Path:
     return target.parent / f".{target.name}.fluxrecipe-partial"
 
@@ -149,23 +165,38 @@ def _lock_name(target: Path) -> Path:
     return target.parent / f".{target.name}.fluxrecipe-lock"
 
 
-def check_target(target: Path, overwrite: bool) -> None:
-    """An output may replace only what a merge could have written: a model folder (or an empty one)."""
+def check_target(target: Path, overwrite: bool, single_file: bool = False) -> None:
+    """An output may replace only what a merge could have written: a model folder (or an empty one), or,
+    for a single-file format, a safetensors file."""
+    if single_file and target.is_dir():
+        raise OutputError(f"{target} is a folder: a single-file format writes one file, so output= names a .safetensors file (output=merged/model.safetensors)")
     if not target.exists():
         return
     if not overwrite:
         raise OutputError(f"{target} already exists: choose another output=..., or pass overwrite=true to replace it")
-    if not target.is_dir() or any(target.iterdir()) and not ((target / "config.json").is_file() or (target / MANIFEST_NAME).is_file()):
+    if single_file:
+        _check_model_file(target)
+    elif not target.is_dir() or any(target.iterdir()) and not ((target / "config.json").is_file() or (target / MANIFEST_NAME).is_file()):
         raise OutputError(f"{target} exists and is not a model folder: overwrite=true replaces only a model folder, never other files")
 
 
+def _check_model_file(target: Path) -> None:
+    from .formats.safetensors import read_header
+
+    try:
+        read_header(str(target))
+    except FluxRecipeError:
+        raise OutputError(f"{target} exists and is not a safetensors model: overwrite=true replaces only a model file, never other files") from None
+
+
 @contextmanager
-def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
-    """A fresh folder beside `target` to write into; renamed to `target` only when the block succeeds.
+def atomic_output(target: Path, overwrite: bool, file_name: str | None = None) -> Iterator[Path]:
+    """A fresh folder beside `target` to write into; when the block succeeds, it becomes `target` (or, for
+    a single-file output, its file `file_name` does).
 
     Nothing unfinished ever stands under the target's name. A run killed at any moment leaves its temporary
     folder behind; the next run for the same target holds the lock, so it knows the folder is stale and
-    removes it (or, if it died between the two renames of an overwrite, puts the previous model back).
+    removes it (or, if it died between the two renames of an overwrite, puts the previous output back).
     """
     target = Path(os.path.abspath(target))
     try:
@@ -176,25 +207,34 @@ def atomic_folder(target: Path, overwrite: bool) -> Iterator[Path]:
         tmp, previous = partial_name(target), _previous_name(target)
         if previous.exists():
             if target.exists():
-                shutil.rmtree(previous)
+                _remove(previous)
             else:
                 previous.rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
-        check_target(target, overwrite)
+        check_target(target, overwrite, single_file=file_name is not None)
         tmp.mkdir()
         try:
             yield tmp
+            made = tmp / file_name if file_name else tmp
             _fsync_dir(tmp)
             if target.exists():
                 target.rename(previous)
-            tmp.rename(target)
+            made.rename(target)
             _fsync_dir(target.parent)
-            shutil.rmtree(previous, ignore_errors=True)
+            _remove(previous)
+            shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             if previous.exists() and not target.exists():  # interrupted between the two renames
                 previous.rename(target)
             raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -186,8 +186,9 @@ def fake_checkpoint(name: str, guidance: bool, dtype: str = "BF16", *, drop=(), 
     """A Checkpoint of a tiny FLUX model made by hand (no file is ever read): the keys and shapes diffusers
     builds from tiny_config, laid out in two made-up files. `drop` removes keys, `reshape` maps key -> shape."""
     from fluxrecipe.architecture import expected_parameters
-    from fluxrecipe.sources import Checkpoint, TensorLoc
-    from fluxrecipe.st_format import ITEMSIZE
+    from fluxrecipe.formats.layout import Piece, TensorRef
+    from fluxrecipe.formats.safetensors import ITEMSIZE
+    from fluxrecipe.sources import Checkpoint
 
     cfg = tiny_config(guidance)
     shapes = expected_parameters(cfg, "test")
@@ -197,7 +198,7 @@ def fake_checkpoint(name: str, guidance: bool, dtype: str = "BF16", *, drop=(), 
             continue
         shape = tuple((reshape or {}).get(key, shape))
         nbytes = math.prod(shape) * ITEMSIZE[dtype]
-        tensors[key] = TensorLoc(name, key, f"/nowhere/{name}/part{i % 2}.safetensors", offset, nbytes, dtype, shape)
+        tensors[key] = TensorRef(name, key, key, dtype, shape, (Piece(f"/nowhere/{name}/part{i % 2}.safetensors", offset, nbytes),))
         offset += nbytes
     return Checkpoint(name=name, folder=f"/nowhere/{name}", tensors=tensors, config=cfg if config else None, origin={"path": f"/nowhere/{name}"})
 

@@ -3,6 +3,7 @@ page-cache release on aligned ranges. Speed and memory at scale are measured by 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 import weakref
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 from conftest import load_state, make_flux, merge, write_recipe
 from fluxrecipe import execute as execute_module
 from fluxrecipe import writer as writer_module
-from fluxrecipe.execute import Options, _InputFile
+from fluxrecipe.execute import _InputFile
 from fluxrecipe.writer import RELEASE_ALIGN
 
 
@@ -67,35 +68,38 @@ class LiveBuffers:
         self.live -= 1
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_work_in_flight_never_exceeds_the_window(recipes, schnell, krea, tmp_path, monkeypatch, threads):
-    """However many chunks a model has, at most `window` are read-but-not-written, and the reader's buffers
-    alive at once stay within window x inputs: the bound that keeps memory independent of the model."""
+@pytest.mark.parametrize("threads, budget", [(1, "16KB"), (3, "40KB")])
+def test_work_in_flight_never_exceeds_the_byte_budget(recipes, schnell, krea, tmp_path, monkeypatch, threads, budget):
+    """However many chunks a model has, the bytes of work read-but-not-written stay under `in_flight`, and
+    the reader's buffers alive at once under the items that budget admits: the bound that keeps memory
+    independent of the model."""
     live = LiveBuffers(monkeypatch)
     name = lerp_recipe(recipes, schnell, krea)
-    result = merge([f"recipe={name}", f"output={tmp_path / 'out'}", f"threads={threads}", "chunk_elements=256"])
-    window = Options(threads=threads).window
+    result = merge([f"recipe={name}", f"output={tmp_path / 'out'}", f"threads={threads}", "chunk_elements=256", f"in_flight={budget}"])
+    limit = {"16KB": 16_000, "40KB": 40_000}[budget]
     chunks = sum(math.ceil(max(math.prod(t.shape), 1) / 256) for t in load_state(krea).values())
-    assert chunks > 10 * window  # the bound is tested, not the size of a small model
-    assert result.peak_in_flight == window
-    assert live.peak <= window * 2
+    per_chunk = 256 * (2 * (2 + 4) + 12 + 2)  # two bf16 inputs, their float32 copies, temporaries, the bf16 output
+    assert chunks > 10 * (limit // per_chunk)  # the bound is tested, not the size of a small model
+    assert limit - per_chunk < result.peak_in_flight <= limit
+    assert live.peak <= 2 * (limit // (256 * 2 * 2) + 1)
     assert live.live == 0
 
 
 def test_memory_bound_does_not_grow_with_the_number_of_blocks(recipes, tmp_path, monkeypatch):
-    """A model with 3x the blocks needs 3x the chunks, but the buffers alive at once stay under the same
-    bound, which depends on the threads only (how close each run comes to it depends on scheduling)."""
+    """A model with 3x the blocks needs 3x the chunks, but the bytes in flight and the buffers alive at once
+    stay under the same bound, which depends on the budget only."""
     peaks = []
     for blocks in (1, 3):
         a = make_flux(tmp_path / f"a{blocks}", guidance=False, seed=2, num_layers=blocks, num_single_layers=blocks)
         b = make_flux(tmp_path / f"b{blocks}", guidance=True, seed=3, num_layers=blocks, num_single_layers=blocks, shard="20KB")
         live = LiveBuffers(monkeypatch)
         name = lerp_recipe(recipes, a, b, name=f"blocks{blocks}")
-        merge([f"recipe={name}", f"output={tmp_path / f'out{blocks}'}", "threads=2", "chunk_elements=128"])
-        peaks.append(live.peak)
+        result = merge([f"recipe={name}", f"output={tmp_path / f'out{blocks}'}", "threads=2", "chunk_elements=128", "in_flight=20KB"])
+        peaks.append((result.peak_in_flight, live.peak))
         monkeypatch.undo()
         monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(recipes))
-    assert max(peaks) <= Options(threads=2).window * 2
+    assert all(in_flight <= 20_000 for in_flight, _ in peaks)
+    assert max(buffers for _, buffers in peaks) <= 2 * (20_000 // (128 * 2 * 2) + 1)
 
 
 @pytest.mark.parametrize("chunk", [97, 1 << 20])
@@ -131,7 +135,10 @@ def test_take_in_the_same_dtype_copies_bytes_undecoded(recipes, krea, tmp_path, 
     """`take` into the source's dtype writes the very bytes it read, NaN payloads and -0.0 included,
     and never calls an op."""
     src, key = odd_bits_source(tmp_path / "odd", krea)
-    monkeypatch.setattr(execute_module, "OPS", {})  # the executor computing any op would fail
+    def no_arithmetic(xs, source):
+        raise AssertionError("take in the same dtype decoded and computed")
+
+    monkeypatch.setitem(execute_module.OPS, "take", dataclasses.replace(execute_module.OPS["take"], fn=no_arithmetic))
     write_recipe(recipes, "copy", f"sources: {{odd: {src}}}\nrules: [{{match: '.*', op: 'take:odd'}}]\n")
     out = tmp_path / "out"
     merge(["recipe=copy", f"output={out}", f"diagnostics={str(diagnostics).lower()}", "nonfinite=warn", "chunk_elements=37"])

@@ -8,6 +8,8 @@ the signal comes, every time.
 
 from __future__ import annotations
 
+import dataclasses
+
 import errno
 import fcntl
 import os
@@ -177,13 +179,15 @@ def test_crash_midway_leaves_nothing(tmp_path, monkeypatch, recipe):
 
     calls = []
 
-    def broken_lerp(xs, args):
+    real = ops.OPS["lerp"]
+
+    def broken_lerp(xs, alpha):
         calls.append(1)
         if len(calls) > 40:
             raise RuntimeError("a bug in an op")
-        return ops.lerp(xs, args)
+        return real.fn(xs, alpha=alpha)
 
-    monkeypatch.setitem(ops.OPS, "lerp", ops.OpSpec(broken_lerp, 2, "number", "lerp:A"))
+    monkeypatch.setitem(ops.OPS, "lerp", dataclasses.replace(real, fn=broken_lerp))
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="a bug in an op"):
         merge([recipe, *options(out, "threads=2")])

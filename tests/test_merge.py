@@ -177,14 +177,14 @@ def test_krea_schnell_is_bit_identical_to_the_seed_script(aligned, tmp_path):
 def test_seed_arithmetic_equals_lerp_half_rounded_once_on_any_bf16_pair():
     """The parity above is no accident of the tiny models' values: over 2 million random bf16 bit patterns
     (every finite magnitude below 1e38, where a + b cannot overflow), bf16 (a + b) / 2 equals lerp:0.5."""
-    from fluxrecipe.ops import lerp
+    from fluxrecipe.ops.linear import lerp
 
     bits = torch.randint(0, 1 << 16, (2, 2_000_000), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     a, b = bits.to(torch.int16).view(torch.bfloat16)
     keep = (a.float().abs() < 1e38) & (b.float().abs() < 1e38)  # NaN and Inf fail this too
     a, b = a[keep], b[keep]
     assert len(a) > 1_900_000
-    assert torch.equal((a + b) / 2, lerp([a.float(), b.float()], (0.5,)).to(torch.bfloat16))
+    assert torch.equal((a + b) / 2, lerp([a.float(), b.float()], alpha=0.5).to(torch.bfloat16))
 
 
 def test_seed_script_breaks_when_layouts_differ_and_fluxrecipe_does_not(plain, state_of, schnell, krea, tmp_path):
@@ -219,14 +219,14 @@ def test_dry_run_prints_counts_bytes_drops_and_totals_and_writes_nothing(tmp_pat
     assert re.search(rf"\[0\] 'guidance'\s+take:krea\s+4 keys\s+read\s+{kb(g_bytes)}\s+write\s+{kb(g_bytes)}\n", text)
     assert re.search(rf"\[1\] '\.\*'\s+lerp:0\.25 over schnell, krea\s+{len(s)} keys\s+read\s+{kb(read)}\s+write\s+{kb(write)}\n", text)
     assert "dropped" not in text
-    total = rf"total: {len(k)} tensors in (\d+) shard\(s\), BF16; read {kb(read + g_bytes)}, write {kb(write + g_bytes)}; 4 tensors copied byte for byte\n"
+    total = rf"total: {len(k)} tensors in (\d+) file\(s\), BF16; read {kb(read + g_bytes)}, write {kb(write + g_bytes)}; 4 tensors copied byte for byte\n"
     shards = int(re.search(total, text)[1])
     assert f"dry run: nothing written (the output would go to {out})" in text
     assert list(tmp_path.iterdir()) == []
 
     # the real run writes what the dry run announced
     builtin("krea_schnell_guided", out, schnell, krea, "shard_size=60KB", "recipe.alpha=0.25")
-    assert len(shard_files(out)) == shards == len(plan.shards)
+    assert len(shard_files(out)) == shards == len(plan.files)
     assert sum(t.nbytes for t in load_state(out).values()) == write + g_bytes == plan.bytes_written
 
 
@@ -239,7 +239,7 @@ def test_dry_run_lists_dropped_keys_and_why(tmp_path, capsys, state_of, schnell,
     assert "dropped (4 keys):" in text
     assert line.startswith("  krea has it, base 'schnell' lacks it: ")
     assert sorted(re.findall(r"'([^']+)'", line.split(": ", 1)[1])) == guidance
-    assert "output: schnell's architecture (FluxTransformer2DModel, guidance_embeds: false)" in text
+    assert "output: a diffusers folder; schnell's architecture (FluxTransformer2DModel, guidance_embeds: false)" in text
     assert not (tmp_path / "out").exists()
 
 
@@ -279,11 +279,17 @@ def test_every_kind_of_source_gives_the_same_merge(source_kinds, schnell_kind, k
     assert config_of(tmp_path / "out") == config_of(plain)
 
 
-def test_a_single_file_cannot_be_the_base(source_kinds, tmp_path):
-    """A lone .safetensors file has no config.json, and the output needs one."""
-    with pytest.raises(PlanError, match=r"base 'schnell' \(.*\) has no config.json: the output needs one"):
-        builtin("krea_schnell", tmp_path / "out", source_kinds["file"]["schnell"], source_kinds["index"]["krea"])
-    assert not (tmp_path / "out").exists()
+def test_a_single_file_base_gets_its_config_from_its_shapes(source_kinds, tmp_path, plain, state_of, capsys):
+    """A lone .safetensors file has no config.json: the output's is derived from the file's shapes, and the
+    plan says so (and what it had to assume: rope has no weights)."""
+    out = tmp_path / "out"
+    builtin("krea_schnell", out, source_kinds["file"]["schnell"], source_kinds["index"]["krea"])
+    assert_same_tensors(load_state(out), state_of(plain))
+    derived, real = config_of(out), config_of(plain)
+    assert {k: v for k, v in derived.items() if k not in ("axes_dims_rope", "_diffusers_version")} == {k: v for k, v in real.items() if k not in ("axes_dims_rope", "_diffusers_version")}
+    notes = json.loads((out / "fluxrecipe.json").read_text())["notes"]
+    assert any("its config is derived from its shapes (guidance_embeds: false, in_channels 4)" in n for n in notes)
+    assert any("axes_dims_rope cannot be read from weights" in n for n in notes)
 
 
 def test_local_copy_of_a_whole_flux_repo_is_a_pipeline_folder(tmp_path, schnell, krea, plain, state_of):
@@ -295,19 +301,6 @@ def test_local_copy_of_a_whole_flux_repo_is_a_pipeline_folder(tmp_path, schnell,
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(48, 16)}, repo / "flux1-schnell.safetensors")
     builtin("krea_schnell", tmp_path / "out", repo, krea)
     assert_same_tensors(load_state(tmp_path / "out"), state_of(plain))
-
-
-@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
-def test_black_forest_labs_layout_is_named_as_such(tmp_path, schnell, prefix):
-    bfl = tmp_path / "flux1-krea-dev.safetensors"
-    key = f"{prefix}double_blocks.0.img_attn.qkv.weight"
-    save_file({key: torch.zeros(48, 16), f"{prefix}guidance_in.in_layer.weight": torch.zeros(4, 4)}, bfl)
-    with pytest.raises(SourceError) as e:
-        builtin("krea_schnell", tmp_path / "out", schnell, bfl)
-    message = str(e.value)
-    assert message.startswith(f"source 'krea': {bfl} is in Black Forest Labs' single-file layout (key '")
-    assert "ComfyUI" in message and "diffusers" in message and "from_single_file" in message
-    assert not (tmp_path / "out").exists()
 
 
 # --- provenance ---------------------------------------------------------------------------------------------
@@ -325,10 +318,11 @@ def test_output_carries_its_pinned_recipe(plain, schnell, krea):
         with safe_open(shard, "pt") as f:
             assert json.loads(f.metadata()["fluxrecipe.recipe"]) == pinned
     provenance = json.loads((plain / "fluxrecipe.json").read_text())
-    assert provenance["sources"] == {
+    assert {name: {k: v for k, v in s.items() if k != "content_sha256"} for name, s in provenance["sources"].items()} == {
         "schnell": {"spec": str(schnell), "path": str(schnell.resolve())},
         "krea": {"spec": str(krea), "path": str(krea.resolve())},
     }
+    assert all(len(s["content_sha256"]) == 64 for s in provenance["sources"].values())  # what was read, for a replay to prove
     assert (provenance["recipe"], provenance["base"], provenance["dtype"], provenance["tensors"]) == ("krea_schnell", "schnell", "BF16", len(load_state(plain)))
     assert provenance["rules"] == [{"match": ".*", "op": "lerp:0.5", "sources": ["schnell", "krea"]}]  # as applied
 

@@ -114,23 +114,25 @@ def test_op_functions_leave_their_inputs_unchanged(text):
     """The executor hands ops views of its read buffers and measures distances to the inputs afterwards."""
     op = parse_op(text)
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(64, generator=g) for _ in range(op.spec.inputs or 3)]
+    xs = [torch.randn(64, generator=g) for _ in range(op.spec.inputs[1] or 3)]
     before = [x.clone() for x in xs]
-    op.spec.fn(xs, op.args)
+    op.spec.fn(xs, **op.values)
     assert all(torch.equal(x, y) for x, y in zip(xs, before))
 
 
 @pytest.mark.parametrize(
     "text, call",
     [
-        ("take:krea", OpCall("take", ("krea",))),
+        ("take:krea", OpCall("take", (("source", "krea"),))),
         ("average", OpCall("average")),
-        (" lerp : 0.25 ", OpCall("lerp", (0.25,))),
-        ("lerp:-1e-1", OpCall("lerp", (-0.1,))),
-        ("lerp:2", OpCall("lerp", (2.0,))),
-        ("weighted:1, 2 ,3", OpCall("weighted", (1.0, 2.0, 3.0))),
-        ("add_difference:1.5", OpCall("add_difference", (1.5,))),
+        (" lerp : 0.25 ", OpCall("lerp", (("alpha", 0.25),))),
+        ("lerp:-1e-1", OpCall("lerp", (("alpha", -0.1),))),
+        ("lerp:2", OpCall("lerp", (("alpha", 2.0),))),
+        ("weighted:1, 2 ,3", OpCall("weighted", (("weights", (1.0, 2.0, 3.0)),))),
+        ("add_difference:1.5", OpCall("add_difference", (("alpha", 1.5),))),
         ("drop", OpCall("drop")),
+        ({"lerp": {"alpha": 0.25}}, OpCall("lerp", (("alpha", 0.25),))),
+        ({"average": None}, OpCall("average")),
     ],
 )
 def test_parse_op(text, call):

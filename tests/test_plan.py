@@ -251,11 +251,12 @@ def test_optional_rule_may_match_nothing(checkpoints):
 
 def test_shards_respect_the_size_and_keep_plan_order(checkpoints):
     plan = plan_of(checkpoints, [CATCH_ALL], shard_size=20_000)
-    sizes = [shard.nbytes for shard in plan.shards]
-    assert len(plan.shards) > 3
-    assert all(size <= 20_000 or len(shard.steps) == 1 for size, shard in zip(sizes, plan.shards))
-    n = len(plan.shards)
-    assert [shard.file for shard in plan.shards] == [f"diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    sizes = [shard.nbytes for shard in plan.files]
+    assert len(plan.files) > 3
+    assert all(size <= 20_000 or len(shard.tensors) == 1 for size, shard in zip(sizes, plan.files))
+    n = len(plan.files)
+    assert [shard.name for shard in plan.files] == [f"diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert [t.name for shard in plan.files for t in shard.tensors] == [s.key for s in plan.steps]
     assert [s.key for s in plan.steps] == list(checkpoints["k"].tensors)
 
 
@@ -275,12 +276,12 @@ def test_rule_stats_count_keys_and_bytes_per_rule(checkpoints):
 def test_notes_say_extrapolation_and_mixed_dtypes(checkpoints):
     plan = plan_of(checkpoints, [{"match": "attn", "op": "lerp:1.5"}, {"match": ".*", "op": "lerp:-0.25"}])
     assert plan.notes == (
-        "rules[0] (match 'attn', op lerp:1.5) extrapolates: A = 1.5 lies outside [0, 1]",
-        "rules[1] (match '.*', op lerp:-0.25) extrapolates: A = -0.25 lies outside [0, 1]",
+        "rules[0] (match 'attn', op lerp:1.5) extrapolates: alpha = 1.5 lies outside [0, 1]",
+        "rules[1] (match '.*', op lerp:-0.25) extrapolates: alpha = -0.25 lies outside [0, 1]",
         "inputs hold f F32, k BF16; all arithmetic is float32, rounded once to BF16",
     )
     same_dtype = {**checkpoints, "k2": fake_checkpoint("k2", guidance=True)}
-    assert plan_of(same_dtype, [{"match": ".*", "op": "lerp:1"}], sources=("k", "k2")).notes == ()  # A = 1 is inside
+    assert plan_of(same_dtype, [{"match": ".*", "op": "lerp:1"}], sources=("k", "k2")).notes == ()  # alpha = 1 is inside
 
 
 def test_printed_plan_lists_rules_drops_and_totals(checkpoints):
@@ -290,4 +291,4 @@ def test_printed_plan_lists_rules_drops_and_totals(checkpoints):
     assert re.search(rf"\[0\] '\.\*'\s+lerp:0\.5 over s, k\s+{n} keys", text)
     assert "dropped (4 keys):" in text
     assert f"k has it, base 's' lacks it: '{GUIDANCE[0]}'" in text
-    assert f"total: {n} tensors in 1 shard(s), BF16" in text
+    assert f"total: {n} tensors in 1 file(s), BF16" in text

@@ -95,7 +95,7 @@ def test_dry_run_prints_every_plan_and_the_totals(sweep, tmp_path, pipeline_file
     code, out, err = sweep("recipe=tiny", "recipe.alpha=0,1", "dry_run=true", "preview=true", f"preview.pipeline={pipeline_files}", "preview.height=32", "preview.width=32")
     assert code == 0, err
     assert "== job 0: recipe.alpha=0,recipe=tiny\nrecipe tiny" in out and "== job 1: recipe.alpha=1,recipe=tiny" in out
-    assert out.count("total: 108 tensors in 1 shard(s)") == 2 and out.count("lerp:1.0 over schnell, krea") == 1
+    assert out.count("total: 108 tensors in 1 file(s)") == 2 and out.count("lerp:1.0 over schnell, krea") == 1
     assert out.count("previews: 3 prompt(s) x 2 seed(s), 4 steps, no guidance") == 2
     assert "sweep: 2 jobs into" in out and "1 at a time; reads 976.93 KB, writes 488.46 KB, renders 12 preview images" in out
     assert "disk: needs" in out and "dry run: nothing was launched and nothing written" in out
@@ -153,3 +153,16 @@ def test_constant_preview_settings_stay_out_of_folder_names(sweep, tmp_path, pip
 def test_a_gpu_sweep_on_a_machine_without_one_is_refused(sweep, tmp_path):
     err = refused(sweep("recipe=tiny", "recipe.alpha=0,1", "device=cuda"), tmp_path)
     assert "every job (2): device=cuda: this torch" in err and "sees no CUDA GPU" in err
+
+
+def test_one_file_outputs_have_no_room_for_previews_or_a_recipe(sweep, tmp_path, pipeline_files, monkeypatch, capsys):
+    """format=bfl or comfyui writes one .safetensors file: previews load a diffusers folder, and keep_weights=false
+    would leave nothing to rebuild from. Refused before anything runs, in a sweep and in a single run."""
+    err = refused(sweep("recipe=tiny", "recipe.alpha=0,1", "format=bfl", "keep_weights=false"), tmp_path)
+    assert "every job (2): format=bfl writes one file; keep_weights=false keeps the folder's recipe.yaml" in err
+    err = refused(sweep("recipe=tiny", "recipe.alpha=0,1", "format=comfyui", "preview=true", f"preview.pipeline={pipeline_files}"), tmp_path)
+    assert "every job (2): format=comfyui writes one file; previews load the merged model as a diffusers folder" in err
+    one = tmp_path / "one.safetensors"
+    assert run_main(["recipe=tiny", "format=bfl", "keep_weights=false", f"output={one}", "progress=false"], monkeypatch) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fluxrecipe: error: format=bfl writes one file") and err.count("\n") == 1 and not one.exists()

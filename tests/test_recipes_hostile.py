@@ -110,8 +110,8 @@ def test_bad_regex(tmp_path, monkeypatch, schnell, krea):
 
 
 def test_unknown_op(tmp_path, monkeypatch, schnell, krea):
-    msg = fails(tmp_path, monkeypatch, recipe_text(schnell, krea, rules="[{match: '.*', op: 'slerp:0.5'}]"))
-    assert "rules[0].op" in msg and "unknown op 'slerp'" in msg and "lerp:A" in msg
+    msg = fails(tmp_path, monkeypatch, recipe_text(schnell, krea, rules="[{match: '.*', op: 'blend:0.5'}]"))
+    assert "rules[0].op" in msg and "unknown op 'blend'" in msg and "lerp:ALPHA" in msg
 
 
 @pytest.mark.parametrize(

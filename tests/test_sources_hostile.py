@@ -142,7 +142,7 @@ def test_tensor_name_with_control_characters(tmp_path, monkeypatch, schnell, bro
     (broken / INDEX).write_text(json.dumps(index))
     msg = fails(tmp_path, monkeypatch, schnell, broken, SourceError)
     assert "unprintable characters" in msg and "\x1b" not in msg and "\\x1b[2J" in msg
-    from fluxrecipe.st_format import read_header
+    from fluxrecipe.formats.safetensors import read_header
 
     with pytest.raises(SourceError, match="tensor name .* holds unprintable characters") as e:
         read_header(str(shard))  # the header alone, without the index
@@ -394,7 +394,7 @@ def test_fuzz_parser_and_source(schnell, mutation):
     """read_header and open_source on a mutated shard: success or a SourceError, nothing else."""
     from fluxrecipe.recipe import SourceSpec
     from fluxrecipe.sources import open_source
-    from fluxrecipe.st_format import read_header
+    from fluxrecipe.formats.safetensors import read_header
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = copy_model(schnell, Path(tmp) / "m")

@@ -64,8 +64,8 @@ CASES = [
     pytest.param(dict(rules="  - match: attn\n    op: average\n    sources: [schnell, kera]  # FAULT\n"), RecipeError, "rules[0].sources", ["unknown source 'kera'"], id="unknown-source-in-rule-sources"),
     pytest.param(dict(catch_mark="  # FAULT", head="base: krea\n"), PlanError, "rules[0]", ["(lerp:0.5) needs 'time_text_embed.guidance_embedder.", "from source 'schnell', which lacks them", "{match: 'guidance_embedder', op: 'take:krea'}"], id="missing-key"),
     pytest.param(dict(rules="  - match: 'blocks.(1'  # FAULT\n    op: average\n"), RecipeError, "rules[0].match", ["'blocks.(1' is not a valid regular expression"], id="bad-regex"),
-    pytest.param(dict(catch_all="mean  # FAULT"), RecipeError, "rules[0].op", ["unknown op 'mean' (ops: take:NAME, average, lerp:A"], id="unknown-op"),
-    pytest.param(dict(catch_all="lerp:abc  # FAULT"), RecipeError, "rules[0].op", ["'abc' is not a number (usage: lerp:A)"], id="lerp-not-a-number"),
+    pytest.param(dict(catch_all="mean  # FAULT"), RecipeError, "rules[0].op", ["unknown op 'mean' (ops: take:NAME, average, lerp:ALPHA"], id="unknown-op"),
+    pytest.param(dict(catch_all="lerp:abc  # FAULT"), RecipeError, "rules[0].op", ["'abc' is not a number (usage: lerp:ALPHA)"], id="lerp-not-a-number"),
     pytest.param(dict(catch_all="lerp:${recipe.alhpa}  # FAULT", head="alpha: 0.3\n"), RecipeError, "rules[0].op", ["cannot resolve 'lerp:${recipe.alhpa}': Interpolation key 'recipe.alhpa' not found"], id="interpolation-typo"),
     pytest.param(dict(catch_all="weighted:0.2,0.3,0.5  # FAULT"), RecipeError, "rules[0].op", ["weighted:0.2,0.3,0.5 gives 3 weights for 2 sources (schnell, krea)"], id="weighted-wrong-count"),
     pytest.param(dict(rules="  - match: transfomer_blocks  # FAULT\n    op: take:krea\n"), PlanError, "rules[0]", ["(match 'transfomer_blocks') decides no key", "A typo?", "optional: true"], id="rule-matches-nothing"),
@@ -126,7 +126,7 @@ def test_resolvers_are_refused(recipe_dir, out, schnell, krea, how):
 
 
 def test_no_recipe_chosen_lists_the_recipes(out):
-    refused(UsageError, ["no recipe chosen: run `python -m fluxrecipe recipe=NAME` (recipes: demo, krea_schnell, krea_schnell_guided)"], lambda: merge([f"output={out}"]), out)
+    refused(UsageError, ["no recipe chosen: run `python -m fluxrecipe recipe=NAME` (recipes: demo, krea_schnell, krea_schnell_guided, to_comfyui_fp8, to_diffusers)"], lambda: merge([f"output={out}"]), out)
 
 
 @pytest.mark.parametrize("where", ["the-source", "inside-it", "its-parent"])
@@ -194,7 +194,7 @@ def test_bad_run_option_fails_before_any_source_is_opened(out, tmp_path, option,
 
 @pytest.mark.parametrize(
     "device, message",
-    [("gpu", "device='gpu' is not a torch device (cpu, cuda, cuda:1, ...)"), ("cuda", "device=cuda: this torch (")],
+    [("gpu", "device='gpu': choose cpu, cuda or cuda:N"), ("meta", "device='meta': choose cpu, cuda or cuda:N"), ("cuda", "device=cuda: this torch (")],
 )
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the machine has a GPU: device=cuda is valid here")
 def test_a_device_torch_cannot_use_is_refused_before_writing(out, schnell, krea, device, message):
@@ -204,9 +204,9 @@ def test_a_device_torch_cannot_use_is_refused_before_writing(out, schnell, krea,
 @pytest.mark.parametrize("option, size", [("shard_size=60KB", 60_000), ("shard_size=64KiB", 65_536), ("shard_size=0.1 MB", 100_000), ("shard_size=70000", 70_000)])
 def test_shard_size_units(tmp_path, schnell, krea, option, size):
     plan = merge(["recipe=krea_schnell", *source_overrides(schnell, krea), f"output={tmp_path / 'out'}", "dry_run=true", option])
-    assert len(plan.shards) > 1
-    assert all(shard.nbytes <= size for shard in plan.shards)
-    assert all(a.nbytes + b.steps[0].nbytes > size for a, b in zip(plan.shards, plan.shards[1:]))  # each shard as full as it can be
+    assert len(plan.files) > 1
+    assert all(shard.nbytes <= size for shard in plan.files)
+    assert all(a.nbytes + b.tensors[0].nbytes > size for a, b in zip(plan.files, plan.files[1:]))  # each shard as full as it can be
 
 
 def test_dry_run_refuses_an_output_inside_a_source(schnell, krea):

@@ -14,11 +14,14 @@ import math
 import os
 from dataclasses import dataclass
 
-from .errors import SourceError
+from ..errors import SourceError
 
-# safetensors dtype code -> bytes per element. Only floating point: a FLUX transformer holds nothing else.
-# (Plain numbers, so that planning and dry runs need no torch; execute.py maps the codes to torch dtypes.)
-ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+# safetensors dtype code -> bytes per element (plain numbers, so that planning and dry runs need no torch;
+# execute.py maps the codes to torch dtypes). A FLUX transformer's weights are floating point; the integer
+# codes are read so that files holding side data (ComfyUI's `comfy_quant` markers, a LoRA's step counter)
+# can be parsed, and the formats decide what such a tensor means.
+FLOAT_ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+ITEMSIZE: dict[str, int] = {**FLOAT_ITEMSIZE, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 
@@ -27,6 +30,7 @@ MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 class TensorEntry:
     """One tensor of a file: its dtype, shape and the absolute byte range of its data."""
 
+    file: str
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -113,7 +117,7 @@ def _entry(path: str, name: str, info: object, data_start: int, data_size: int) 
         raise SourceError(f"{where}: data_offsets {offsets} hold {end - begin} bytes but {dtype} {shape} needs {expected}")
     if end > data_size:
         raise SourceError(f"{where}: data ends at byte {end} but the file holds only {data_size} bytes of data: the file is truncated or its header is corrupt")
-    return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), begin=data_start + begin, nbytes=expected)
+    return TensorEntry(file=path, name=name, dtype=dtype, shape=tuple(shape), begin=data_start + begin, nbytes=expected)
 
 
 def _is_uint(v: object) -> bool:
@@ -128,9 +132,12 @@ def _check_no_overlap(path: str, entries) -> None:
         previous = e
 
 
-def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, int]:
-    """The header (length prefix included, padded to 8 bytes) for tensors stored back to back in this order,
-    and the size of the data that follows it."""
+def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str], size: int = 0) -> tuple[bytes, int]:
+    """The header (length prefix included, padded with spaces to 8 bytes, and to `size` bytes if it is
+    shorter) for tensors stored back to back in this order, and the size of the data that follows it.
+
+    Padding to a size given up front lets a writer put metadata that is known only at the end (a run's
+    counts, the data's hash) into the header of a file already written: see `writer.rewrite_header`."""
     doc: dict[str, object] = {"__metadata__": metadata}
     position = 0
     for name, dtype, shape in tensors:
@@ -138,5 +145,5 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dic
         doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + nbytes]}
         position += nbytes
     raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * max(-len(raw) % 8, size - 8 - len(raw))
     return len(raw).to_bytes(8, "little") + raw, position

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from .plan import Plan, human_bytes
+from ..plan import Plan, human_bytes
 
 RANDOM_WARNING = (
     "> **RANDOM WEIGHTS - NOT A MODEL.** This merge was made from fluxrecipe's generated demo checkpoints, whose\n"
@@ -23,10 +23,11 @@ def model_card(plan: Plan) -> str:
         lines += [RANDOM_WARNING]
     if r.description:
         lines += [r.description, ""]
+    dtypes = "/".join(sorted({s.dtype + (" scaled" if s.scaled else "") for s in plan.steps}))
     lines += [
         f"Architecture: `{plan.config.get('_class_name')}` of source `{r.base}` "
         f"(guidance_embeds: {json.dumps(plan.config.get('guidance_embeds'))}), {len(plan.steps)} tensors, "
-        f"{r.dtype}, {human_bytes(plan.bytes_written)}.",
+        f"{dtypes}, {human_bytes(plan.bytes_written)}, in {plan.format} layout.",
         "",
         "## Sources",
         "",

@@ -1,0 +1,138 @@
+"""fluxrecipe without Hydra: recipe -> plan -> merge into a folder or a file, from Python.
+
+    from fluxrecipe import api
+
+    recipe = api.load_recipe("recipes/krea_schnell.yaml", alpha=0.3, sources={"schnell": "/data/schnell", "krea": "/data/krea"})
+    plan = api.plan(recipe, "merged/krea30")          # every check; no tensor read
+    print(api.describe(plan))                         # what `dry_run=true` prints
+    result = api.write(plan, "merged/krea30")         # the merge; result.files, result.seconds, ...
+    api.merge(recipe, "merged/krea30.safetensors", format="comfyui", dtype="fp8")   # both at once
+
+The command line (`python -m fluxrecipe`) is a thin layer over these functions: run.py turns Hydra's
+config into their arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from . import package
+from .errors import RecipeError, UsageError
+from .formats import OUTPUT_FORMATS
+from .options import Options
+from .plan import Plan, format_plan, make_plan
+from .recipe import FORMATS, Recipe, load_recipe as _load_node
+from .sources import open_source
+from .writer import atomic_output, check_target
+
+MAX_RECIPE_BYTES = 1 << 20
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def load_recipe(recipe: str | Path | dict, name: str | None = None, sources: dict[str, Any] | None = None, **params: Any) -> Recipe:
+    """A recipe from a YAML file or a mapping, with parameters (`alpha=0.3`) and sources overridden."""
+    file = None
+    if isinstance(recipe, dict):
+        data = recipe
+    else:
+        file = Path(recipe).expanduser()
+        try:
+            if file.stat().st_size > MAX_RECIPE_BYTES:
+                raise RecipeError(f"{file}: a recipe of {file.stat().st_size} bytes is larger than the {MAX_RECIPE_BYTES} bytes a recipe may have")
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise RecipeError(f"{file}: cannot read the recipe: {e.strerror}") from None
+        except (yaml.YAMLError, ValueError) as e:
+            raise RecipeError(f"{file}: not a valid YAML file: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{file or 'recipe'}: a recipe is a mapping of fields")
+    data = {**data, **params}
+    if sources:
+        data["sources"] = {**(data.get("sources") or {}), **sources}
+    node = OmegaConf.create({"recipe": data}).recipe
+    return _load_node(node, name or (file.stem if file else "recipe"), str(file.resolve()) if file else None)
+
+
+def plan(recipe: Recipe, output: str | Path | None = None, format: str | None = None, shard_size: int | str = "10GB") -> Plan:
+    """Every check a merge makes before reading a tensor: sources opened (headers only), rules decided,
+    shapes and the output's architecture checked, the output's files laid out."""
+    output_format = format or recipe.format or "diffusers"
+    if output_format not in FORMATS:
+        raise UsageError(f"format={output_format}: choose one of {', '.join(FORMATS)}")
+    file_name = Path(output).name if output is not None and OUTPUT_FORMATS[output_format] else f"{recipe.name}.safetensors"
+    checkpoints = {name: open_source(spec) for name, spec in recipe.sources.items()}
+    return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name)
+
+
+def describe(plan: Plan) -> str:
+    return format_plan(plan)
+
+
+def output_path(output: str | Path, output_format: str) -> Path:
+    """The output as an absolute path, checked against the format: a file for a single-file format (named
+    .safetensors), a folder otherwise."""
+    target = Path(os.path.abspath(os.path.expanduser(str(output))))
+    if OUTPUT_FORMATS[output_format] and target.suffix != ".safetensors":
+        raise UsageError(f"output={output}: format={output_format} writes one file: name it, as output=merged/model.safetensors")
+    if not OUTPUT_FORMATS[output_format] and target.suffix == ".safetensors":
+        raise UsageError(f"output={output}: format={output_format} writes a folder; for one .safetensors file choose format=bfl or format=comfyui")
+    return target
+
+
+def check_output(plan: Plan, output: str | Path, overwrite: bool = False, dry_run: bool = False) -> Path:
+    """Where the merge would go, checked: its name against the format, apart from every source, and (unless
+    a dry run asks) not an existing output unless `overwrite` (and then only a model fluxrecipe recognises)."""
+    target = output_path(output, plan.format)
+    if not dry_run:
+        check_target(target, overwrite, single_file=plan.single_file)
+    for s in plan.sources:
+        src, out = Path(s.location).resolve(), target.resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise UsageError(f"output {output} and source '{s.name}' ({s.location}) overlap: write the merge somewhere else")
+    return target
+
+
+def write(plan: Plan, output: str | Path, options: Options | None = None):
+    """Execute the plan into `output`, atomically; returns the executor's Result (with `.output`)."""
+    from .execute import check_device, execute  # torch: only a run that merges pays for importing it
+
+    options = options or Options(progress=False)
+    target = check_output(plan, output, options.overwrite)
+    check_device(options.device)
+    local = [s.name for s in plan.sources if "path" in s.origin]
+    with atomic_output(target, options.overwrite, plan.files[0].name if plan.single_file else None) as folder:
+        result = execute(plan, folder, options, package.file_metadata(plan), package.header_size(plan), hash_sources=local)
+        package.finish(plan, result, folder)
+    result.output = target
+    result.bytes_written = sum(r.size for r in result.files.values())
+    return result
+
+
+def merge(recipe: Recipe | str | Path | dict, output: str | Path, format: str | None = None, shard_size: int | str = "10GB", dtype: str | None = None, **options: Any):
+    """Load (when given a file or mapping), plan and write in one call; `options` are Options' fields."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, **({"dtype": dtype} if dtype else {}))
+    elif dtype:
+        raise UsageError("dtype=: give it in the recipe (or load the recipe with api.load_recipe(..., dtype=...))")
+    if isinstance(options.get("in_flight"), str):
+        options["in_flight"] = parse_size(options["in_flight"])
+    planned = plan(recipe, output, format, shard_size)
+    return write(planned, output, Options(**{"progress": False, **options}))
+
+
+def parse_size(text: object) -> int:
+    """'10GB', '500MB', '2GiB' or a number of bytes -> bytes."""
+    import re
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", str(text).strip(), re.IGNORECASE)
+    if not m:
+        raise UsageError(f"{text}: give a size such as 10GB, 500MB or 2GiB")
+    size = int(float(m[1]) * SIZE_UNITS[(m[2] or "B").upper()])
+    if size <= 0:
+        raise UsageError(f"{text}: must be above 0")
+    return size

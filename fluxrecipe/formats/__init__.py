@@ -1,0 +1,93 @@
+"""Checkpoint formats: which layout a source's files are in (from their keys, never their names), and the
+layouts an output can be written in.
+
+Each layout is one module: diffusers.py (canonical keys, folders with an index), bfl.py (Black Forest Labs'
+single file, and ComfyUI's, which is BFL behind `model.diffusion_model.`, possibly in scaled fp8).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..errors import SourceError
+from . import bfl, diffusers
+from .layout import TensorRef
+from .safetensors import FLOAT_ITEMSIZE, TensorEntry
+
+# The output formats: name -> whether it is one file (else a folder).
+OUTPUT_FORMATS = {"diffusers": False, "bfl": True, "comfyui": True}
+LORA_KEY = re.compile(r"(lora_down|lora_up|lora_A|lora_B|lora\.(down|up)|_lora\d?\.(down|up)|^lora_unet_|^lora_te\d?_|\.alpha$)")
+UNET_KEY = re.compile(r"(^|\.)(input_blocks|output_blocks|down_blocks|up_blocks)\.\d+\.")
+TEXT_KEY = re.compile(r"(^|\.)(text_model\.encoder|encoder\.block\.\d+|shared\.weight|text_encoders?\.|cond_stage_model\.|conditioner\.)")
+VAE_KEY = re.compile(r"(^|\.)(encoder\.(down|mid)|decoder\.(up|mid)|first_stage_model\.|vae\.)")
+SHOWN = 3
+
+
+@dataclass
+class Recognised:
+    """A source's files, understood: its layout, its canonical tensors, and what else it holds."""
+
+    layout: str  # "diffusers", "bfl" or "comfyui"
+    tensors: dict[str, TensorRef]
+    ignored: dict[str, int] = field(default_factory=dict)  # what is not the transformer: group -> keys
+    scaled: int = 0  # tensors stored as scaled fp8
+
+
+def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata: dict[str, str]) -> Recognised:
+    """The layout of a source's tensors (file key -> entry) from their keys; raises SourceError, in one line
+    saying what the files look like, when they are not a FLUX.1 transformer in a layout fluxrecipe reads."""
+    prefix = next((p for p in bfl.PREFIXES if any(k.startswith(p) for k in entries)), None)
+    ignored: dict[str, int] = {}
+    model = entries
+    if prefix:
+        model = {k[len(prefix):]: e for k, e in entries.items() if k.startswith(prefix)}
+        ignored = dict(Counter(_group(k) for k in entries if not k.startswith(prefix)))
+    if any(LORA_KEY.search(k) for k in model):
+        key = next(k for k in model if LORA_KEY.search(k))
+        raise SourceError(f"source '{source}': {where} is a LoRA (it holds '{key}'), not a model: bake it into the merge with the recipe's `loras:`")
+    if bfl.is_bfl(model):
+        scales, side = bfl.read_scales(source, where, model, metadata)
+        weights = {k: e for k, e in model.items() if k not in set(side)}
+        _check_floats(source, weights)
+        tensors, unknown = bfl.to_canonical(source, weights, scales)
+        if unknown:
+            raise SourceError(
+                f"source '{source}': {where} holds {len(unknown)} key(s) a FLUX.1 transformer in Black Forest Labs' layout does not have "
+                f"({_some(unknown)}): is it a FLUX.1 model?"
+            )
+        return Recognised("comfyui" if prefix else "bfl", tensors, ignored, scaled=len(scales))
+    if diffusers.is_diffusers(model) and not prefix:
+        _check_floats(source, model)
+        return Recognised("diffusers", diffusers.to_canonical(source, model))
+    raise SourceError(f"source '{source}': {where} {_looks_like(list(entries))}")
+
+
+def _check_floats(source: str, entries: dict[str, TensorEntry]) -> None:
+    odd = next((e for e in entries.values() if e.dtype not in FLOAT_ITEMSIZE), None)
+    if odd:
+        raise SourceError(f"source '{source}': {odd.file}: tensor '{odd.name}': unsupported dtype '{odd.dtype}' (a transformer's weights are floating point)")
+
+
+def _group(key: str) -> str:
+    """What a key outside the transformer belongs to, for the plan: 'text_encoders.t5xxl', 'vae', ..."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("text_encoders", "text_encoder") and len(parts) > 2 else parts[0]
+
+
+def _looks_like(keys: list[str]) -> str:
+    """What a set of keys that is not a FLUX.1 transformer looks like, as the end of a sentence."""
+    if any(LORA_KEY.search(k) for k in keys):
+        return f"is a LoRA (it holds '{next(k for k in keys if LORA_KEY.search(k))}'), not a model: bake it into the merge with the recipe's `loras:`"
+    if any(UNET_KEY.search(k) for k in keys):
+        return f"looks like a Stable Diffusion / SDXL UNet (it holds '{next(k for k in keys if UNET_KEY.search(k))}'), not a FLUX.1 transformer"
+    kinds = [name for name, rx in (("a text encoder", TEXT_KEY), ("a VAE", VAE_KEY)) if any(rx.search(k) for k in keys)]
+    if kinds:
+        return f"holds {' and '.join(kinds)} but no FLUX.1 transformer (keys such as {_some(keys)})"
+    return f"is not a FLUX.1 transformer in a layout fluxrecipe reads (diffusers, Black Forest Labs or ComfyUI): its keys begin like {_some(keys)}"
+
+
+def _some(keys: list[str]) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:SHOWN])
+    return shown + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")

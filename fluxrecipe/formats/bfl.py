@@ -1,0 +1,302 @@
+"""Black Forest Labs' single-file layout, and ComfyUI's (the same keys behind `model.diffusion_model.`).
+
+BFL names modules differently and fuses some of diffusers' tensors along dim 0:
+- `double_blocks.N.img_attn.qkv` = rows of to_q, to_k, to_v (txt_attn.qkv: add_q/k/v_proj);
+- `single_blocks.N.linear1` = rows of to_q, to_k, to_v (hidden rows each) and proj_mlp (the rest);
+- `final_layer.adaLN_modulation.1` = norm_out.linear with its two row halves swapped (BFL: shift, scale;
+  diffusers: scale, shift), the only swap;
+- q/k norms are `.scale` here and `.weight` in diffusers.
+One table says all of it and serves both directions: reading a file into canonical tensors (byte pieces),
+and planning a file from canonical tensors (element ranges). diffusers'
+`convert_flux_transformer_checkpoint_to_diffusers` is the reference for the table; unlike it, nothing here
+assumes FLUX.1's width, so small test models convert as well.
+
+ComfyUI files may hold scaled fp8, in either of ComfyUI's conventions: a `scaled_fp8` marker tensor and a
+`<layer>.scale_weight` per layer (older), or `<layer>.weight_scale` with a `<layer>.comfy_quant` JSON tensor
+or a `_quantization_metadata` header entry (newer, which `out_tensors`' callers write). The value of such a
+weight is its fp8 value times the scale: `read_scales` finds the scales, the executor multiplies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from ..errors import PlanError, SourceError
+from .layout import OutTensor, Part, Piece, Scale, TensorRef, row_size, rows
+from .safetensors import ITEMSIZE, TensorEntry
+
+COMFYUI_PREFIX = "model.diffusion_model."
+PREFIXES = (COMFYUI_PREFIX, "diffusion_model.")
+BLOCK_KEY = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)\.(weight|bias|scale)$")
+TOP_KEY = re.compile(r"^(.+)\.(weight|bias|scale)$")
+CANONICAL_BLOCK = re.compile(r"^(single_transformer_blocks|transformer_blocks)\.(\d+)\.")
+QUANT_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+SIDE_SUFFIXES = (".scale_weight", ".weight_scale", ".comfy_quant", ".scale_input", ".input_scale")
+
+
+@dataclass(frozen=True)
+class Rename:
+    target: str
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Rows of several canonical tensors, in order: each has `hidden` rows but the last, which has the rest."""
+
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Swapped:
+    """The canonical tensor with its two row halves swapped."""
+
+    target: str
+
+
+@dataclass(frozen=True)
+class Norm:
+    """An RMSNorm: `.scale` in BFL, `.weight` in diffusers."""
+
+    target: str
+
+
+Mapping = Rename | Fused | Swapped | Norm
+
+TOP: dict[str, Mapping] = {
+    "img_in": Rename("x_embedder"),
+    "time_in.in_layer": Rename("time_text_embed.timestep_embedder.linear_1"),
+    "time_in.out_layer": Rename("time_text_embed.timestep_embedder.linear_2"),
+    "vector_in.in_layer": Rename("time_text_embed.text_embedder.linear_1"),
+    "vector_in.out_layer": Rename("time_text_embed.text_embedder.linear_2"),
+    "guidance_in.in_layer": Rename("time_text_embed.guidance_embedder.linear_1"),
+    "guidance_in.out_layer": Rename("time_text_embed.guidance_embedder.linear_2"),
+    "txt_in": Rename("context_embedder"),
+}
+DOUBLE: dict[str, Mapping] = {  # double_blocks.N.X -> transformer_blocks.N.Y
+    "img_mod.lin": Rename("norm1.linear"),
+    "txt_mod.lin": Rename("norm1_context.linear"),
+    "img_attn.qkv": Fused(("attn.to_q", "attn.to_k", "attn.to_v")),
+    "txt_attn.qkv": Fused(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+    "img_attn.norm.query_norm": Norm("attn.norm_q"),
+    "img_attn.norm.key_norm": Norm("attn.norm_k"),
+    "txt_attn.norm.query_norm": Norm("attn.norm_added_q"),
+    "txt_attn.norm.key_norm": Norm("attn.norm_added_k"),
+    "img_attn.proj": Rename("attn.to_out.0"),
+    "txt_attn.proj": Rename("attn.to_add_out"),
+    "img_mlp.0": Rename("ff.net.0.proj"),
+    "img_mlp.2": Rename("ff.net.2"),
+    "txt_mlp.0": Rename("ff_context.net.0.proj"),
+    "txt_mlp.2": Rename("ff_context.net.2"),
+}
+SINGLE: dict[str, Mapping] = {  # single_blocks.N.X -> single_transformer_blocks.N.Y
+    "modulation.lin": Rename("norm.linear"),
+    "linear1": Fused(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+    "linear2": Rename("proj_out"),
+    "norm.query_norm": Norm("attn.norm_q"),
+    "norm.key_norm": Norm("attn.norm_k"),
+}
+FINAL: dict[str, Mapping] = {
+    "final_layer.linear": Rename("proj_out"),
+    "final_layer.adaLN_modulation.1": Swapped("norm_out.linear"),
+}
+GROUPS = {"double_blocks": ("transformer_blocks", DOUBLE), "single_blocks": ("single_transformer_blocks", SINGLE)}
+
+
+def is_bfl(keys) -> bool:
+    return any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in keys)
+
+
+def _targets(mapping: Mapping) -> tuple[str, ...]:
+    return mapping.targets if isinstance(mapping, Fused) else (mapping.target,)
+
+
+def _segments(mapping: Mapping, sizes: list[int]) -> list[tuple[str, int, int]]:
+    """(canonical module, first row, end row) of each run of the BFL tensor's rows, in the BFL tensor's
+    order; `sizes`: the rows of each of the mapping's canonical tensors."""
+    if isinstance(mapping, Swapped):
+        half = sizes[0] // 2
+        return [(mapping.target, half, sizes[0]), (mapping.target, 0, half)]
+    return [(target, 0, n) for target, n in zip(_targets(mapping), sizes)]
+
+
+def _lookup(file_key: str) -> tuple[str, Mapping, str] | None:
+    """BFL key -> (canonical prefix, its mapping, parameter name), or None for a key not in the tables."""
+    m = BLOCK_KEY.match(file_key)
+    if m:
+        group, table = GROUPS[m[1]]
+        mapping = table.get(m[3])
+        return (f"{group}.{m[2]}.", mapping, m[4]) if mapping else None
+    m = TOP_KEY.match(file_key)
+    mapping = (TOP.get(m[1]) or FINAL.get(m[1])) if m else None
+    return ("", mapping, m[2]) if mapping else None
+
+
+def _canonical_param(mapping: Mapping, param: str) -> str:
+    return "weight" if isinstance(mapping, Norm) else param
+
+
+def to_canonical(source: str, entries: dict[str, TensorEntry], scales: dict[str, Scale]) -> tuple[dict[str, TensorRef], list[str]]:
+    """The canonical tensors of a BFL file (keys without prefix) as byte pieces; and the keys not in the tables."""
+    if "img_in.weight" not in entries:
+        raise SourceError(f"source '{source}': a Black Forest Labs layout without 'img_in.weight': not a whole FLUX.1 transformer")
+    hidden = entries["img_in.weight"].shape[0]
+    runs: dict[str, list[tuple[int, int, Piece, str, str]]] = {}  # canonical key -> (rows, piece, where, file key)
+    unknown = []
+    for file_key, entry in entries.items():
+        found = _lookup(file_key)
+        if found is None:
+            unknown.append(file_key)
+            continue
+        prefix, mapping, param = found
+        total = rows(entry.shape)
+        sizes = [hidden] * (len(_targets(mapping)) - 1)
+        sizes.append(total - sum(sizes))
+        if sizes[-1] <= 0 or isinstance(mapping, Swapped) and total % 2:
+            raise SourceError(f"source '{source}': '{file_key}' {list(entry.shape)} cannot be split into FLUX's tensors (hidden size {hidden})")
+        row_bytes = row_size(entry.shape) * ITEMSIZE[entry.dtype]
+        at = 0  # the BFL tensor's row where this run starts
+        for module, first, end in _segments(mapping, sizes):
+            piece = Piece(entry.file, entry.begin + at * row_bytes, (end - first) * row_bytes)
+            where = file_key if end - first == total else f"{file_key}[{at}:{at + end - first}]"
+            runs.setdefault(f"{prefix}{module}.{_canonical_param(mapping, param)}", []).append((first, end, piece, where, file_key))
+            at += end - first
+    tensors = {}
+    for key, parts in runs.items():
+        parts.sort(key=lambda p: p[1])
+        entry = entries[parts[0][4]]
+        count = sum(end - first for first, end, *_ in parts)
+        tensors[key] = TensorRef(
+            source=source,
+            key=key,
+            file_key=" + ".join(p[3] for p in parts),
+            dtype=entry.dtype,
+            shape=(count, *entry.shape[1:]) if entry.shape else entry.shape,
+            pieces=tuple(p[2] for p in parts),
+            scale=scales.get(parts[0][4]),
+        )
+    return tensors, unknown
+
+
+def out_tensors(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], prefix: str) -> list[OutTensor]:
+    """The tensors of a BFL (prefix '') or ComfyUI (COMFYUI_PREFIX) file holding these canonical tensors,
+    in model order. Raises PlanError when a canonical tensor has no place in the layout, or a fused tensor
+    would lack a part or mix dtypes."""
+    blocks = {(m[1], int(m[2])) for k in shapes if (m := CANONICAL_BLOCK.match(k))}
+    modules: list[tuple[str, str, Mapping]] = [("", name, mapping) for name, mapping in TOP.items()]
+    for bfl_group, (group, table) in GROUPS.items():
+        for index in sorted(i for g, i in blocks if g == group):
+            modules += [(f"{group}.{index}.", f"{bfl_group}.{index}.{name}", mapping) for name, mapping in table.items()]
+    modules += [("", name, mapping) for name, mapping in FINAL.items()]
+    placed: set[str] = set()
+    tensors = []
+    for canonical_prefix, bfl_module, mapping in modules:
+        for param in ("scale",) if isinstance(mapping, Norm) else ("weight", "bias"):
+            targets = [f"{canonical_prefix}{t}.{_canonical_param(mapping, param)}" for t in _targets(mapping)]
+            present = [t for t in targets if t in shapes]
+            if not present:
+                continue
+            tensors.append(_out_tensor(f"{prefix}{bfl_module}.{param}", mapping, targets, shapes, dtypes))
+            placed.update(targets)
+    stray = [k for k in shapes if k not in placed]
+    if stray:
+        raise PlanError(f"the output holds {len(stray)} tensor(s) the Black Forest Labs layout has no place for (e.g. '{stray[0]}')")
+    return tensors
+
+
+def _out_tensor(name: str, mapping: Mapping, targets: list[str], shapes: dict, dtypes: dict) -> OutTensor:
+    missing = [t for t in targets if t not in shapes]
+    if missing:
+        raise PlanError(f"{name} is made of {', '.join(targets)}; the output lacks {', '.join(missing)}, so it cannot be written in this layout")
+    kinds = {dtypes[t] for t in targets}
+    if len(kinds) != 1:
+        raise PlanError(f"{name} is made of {', '.join(targets)}, which the recipe gives different dtypes ({', '.join(f'{dtypes[t]}' for t in targets)}): a fused tensor has one dtype")
+    tail = shapes[targets[0]][1:]
+    if any(shapes[t][1:] != tail for t in targets):
+        raise PlanError(f"{name} is made of {', '.join(targets)}, whose shapes do not fit together ({', '.join(str(list(shapes[t])) for t in targets)})")
+    if isinstance(mapping, Swapped) and rows(shapes[targets[0]]) % 2:
+        raise PlanError(f"{name}: '{targets[0]}' has an odd number of rows, so its halves cannot be swapped")
+    key_of = dict(zip(_targets(mapping), targets))
+    parts, total = [], 0
+    for module, first, end in _segments(mapping, [rows(shapes[t]) for t in targets]):
+        width = row_size(shapes[key_of[module]])
+        parts.append(Part(key_of[module], first * width, end * width))
+        total += end - first
+    return OutTensor(name, kinds.pop(), (total, *tail), tuple(parts))
+
+
+# --- scaled fp8 ------------------------------------------------------------------------------------------
+
+
+def read_scales(source: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str]) -> tuple[dict[str, Scale], list[str]]:
+    """Scaled fp8, in either ComfyUI convention: weight key -> its Scale; and the keys that are side data
+    (scales, markers, activation scales), not tensors of the model. Raises SourceError when a scaled layer
+    lacks its scale, or a layer is quantized in a way fluxrecipe cannot dequantize exactly."""
+    unsupported = [k for k in entries if k.endswith((".weight_scale_2", ".pre_quant_scale"))]
+    if unsupported:
+        raise SourceError(f"source '{source}': {path} holds '{unsupported[0]}': a quantization (NVFP4, ...) fluxrecipe cannot dequantize exactly; use a bf16, fp16, fp8 or scaled-fp8 file")
+    side = [k for k in entries if k == "scaled_fp8" or k.endswith(SIDE_SUFFIXES)]
+    scales: dict[str, Scale] = {}
+    for key in entries:
+        for suffix in (".scale_weight", ".weight_scale"):
+            if key.endswith(suffix):
+                weight = key[: -len(suffix)] + ".weight"
+                scales[weight] = _scale(source, path, entries, key, weight)
+    for layer, quant in _quant_formats(source, path, entries, metadata).items():
+        if quant not in QUANT_FORMATS:
+            raise SourceError(f"source '{source}': {path}: layer '{layer}' is quantized as {quant!r}, which fluxrecipe cannot dequantize exactly (it reads {', '.join(QUANT_FORMATS)})")
+        if layer + ".weight" in entries and layer + ".weight" not in scales:
+            raise SourceError(f"source '{source}': {path}: scaled fp8 layer '{layer}' has no '{layer}.weight_scale': the file is incomplete (its weights mean nothing without their scales)")
+    if "scaled_fp8" in entries:
+        for key, entry in entries.items():
+            if key.endswith(".weight") and entry.dtype.startswith("F8") and key not in scales:
+                raise SourceError(f"source '{source}': {path} is scaled fp8 (it has a 'scaled_fp8' marker) but '{key}' has no '{key[: -len('weight')]}scale_weight': the file is incomplete")
+    return scales, side
+
+
+def _scale(source: str, path: str, entries: dict[str, TensorEntry], key: str, weight: str) -> Scale:
+    entry = entries[key]
+    if weight not in entries:
+        raise SourceError(f"source '{source}': {path} holds the scale '{key}' of a weight '{weight}' it does not hold")
+    if entry.numel != 1 or entry.dtype not in ("F32", "F16", "BF16"):
+        raise SourceError(f"source '{source}': {path}: '{key}' is {entry.dtype} {list(entry.shape)}: fluxrecipe reads per-tensor scales (one number)")
+    if not entries[weight].dtype.startswith("F8"):
+        raise SourceError(f"source '{source}': {path}: '{key}' scales '{weight}', which is {entries[weight].dtype}, not fp8")
+    return Scale(entry.file, entry.begin, entry.dtype, key)
+
+
+def _quant_formats(source: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str]) -> dict[str, str]:
+    """Layer -> quantization format, from `_quantization_metadata` and the `comfy_quant` markers."""
+    formats: dict[str, str] = {}
+    if "_quantization_metadata" in metadata:
+        try:
+            layers = json.loads(metadata["_quantization_metadata"])["layers"]
+            formats.update({layer: str(conf.get("format") if isinstance(conf, dict) else conf) for layer, conf in layers.items()})
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise SourceError(f"source '{source}': {path}: _quantization_metadata is not valid ({type(e).__name__}: {e})") from None
+    for key, entry in entries.items():
+        if key.endswith(".comfy_quant"):
+            if entry.dtype != "U8" or entry.nbytes > 4096:
+                raise SourceError(f"source '{source}': {path}: '{key}' is not a comfy_quant marker (a few U8 bytes of JSON)")
+            try:
+                conf = json.loads(_read(entry))
+                formats[key[: -len(".comfy_quant")]] = str(conf.get("format"))
+            except (ValueError, AttributeError, RecursionError) as e:
+                raise SourceError(f"source '{source}': {path}: '{key}' is not a valid comfy_quant marker ({e})") from None
+    return {layer.removeprefix(COMFYUI_PREFIX): f for layer, f in formats.items()}
+
+
+def quant_marker(dtype: str) -> bytes:
+    """The JSON bytes of a `comfy_quant` marker for a scaled layer of this dtype."""
+    name = next(n for n, code in QUANT_FORMATS.items() if code == dtype)
+    return json.dumps({"format": name}).encode()
+
+
+def _read(entry: TensorEntry) -> bytes:
+    fd = os.open(entry.file, os.O_RDONLY)
+    try:
+        return os.pread(fd, entry.nbytes, entry.begin)
+    finally:
+        os.close(fd)

@@ -1,0 +1,145 @@
+"""Tensor references, both ways: where a canonical tensor's bytes lie in the sources, and which canonical
+tensors make up each tensor of an output file.
+
+Planner and executor see canonical keys only: the parameter names of diffusers' FluxTransformer2DModel.
+A format module (diffusers.py, bfl.py) maps the keys of its files to canonical keys when a source is read,
+and canonical keys to the keys of its files when an output is planned. Every mapping FLUX needs is a rename
+or a split/concatenation along dim 0 (BFL's fused q/k/v, its single blocks' linear1, its final layer with
+the two halves swapped), and a dim-0 slice of a row-major tensor is one contiguous byte range: so a source
+tensor is a list of byte pieces, and an output tensor a list of element ranges of canonical tensors. No
+format needs arithmetic, except scaled fp8, whose stored values are multiplied by a per-tensor scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .safetensors import ITEMSIZE
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of bytes in a file: part of a tensor's data."""
+
+    file: str
+    begin: int  # absolute offset in the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Scaled fp8: where the scalar lies that multiplies every stored value of a tensor."""
+
+    file: str
+    begin: int
+    dtype: str  # F32 (as ComfyUI writes it), F16 or BF16
+    file_key: str
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One canonical tensor of a source: its dtype and shape, and its bytes, pieces concatenated along dim 0."""
+
+    source: str
+    key: str  # canonical key
+    file_key: str  # the file's key it comes from (with the row range when it is part of a fused tensor)
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+    scale: Scale | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+    @property
+    def file(self) -> str:
+        return self.pieces[0].file if self.pieces else ""
+
+    def byte_ranges(self, start: int, stop: int) -> list[Piece]:
+        """The bytes of elements [start, stop), piece by piece (a range may span the pieces' seams)."""
+        size = ITEMSIZE[self.dtype]
+        begin, end = start * size, stop * size
+        ranges, offset = [], 0
+        for piece in self.pieces:
+            lo, hi = max(begin, offset), min(end, offset + piece.nbytes)
+            if lo < hi:
+                ranges.append(Piece(piece.file, piece.begin + lo - offset, hi - lo))
+            offset += piece.nbytes
+            if offset >= end:
+                break
+        return ranges
+
+
+@dataclass(frozen=True)
+class Part:
+    """Elements [start, stop) of the canonical output tensor `key`: a slice of an output file's tensor."""
+
+    key: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of an output file: its parts concatenated in order, stored as `dtype`.
+
+    `scale_name` (scaled fp8) names the F32 scalar written after the file's tensors: stored = value / scale,
+    scale = absmax / the dtype's largest finite value, so that the tensor fills the fp8 range."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    parts: tuple[Part, ...]
+    scale_name: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A tensor whose bytes the plan already knows (ComfyUI's per-layer `comfy_quant` markers)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class OutFile:
+    """One safetensors file of the output: its tensors, then their scales (F32), then its constants."""
+
+    name: str  # relative to the output folder
+    tensors: tuple[OutTensor, ...]
+    constants: tuple[Constant, ...] = ()
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of every tensor in the order the data is stored: the header's contents."""
+        scales = [(t.scale_name, "F32", ()) for t in self.tensors if t.scale_name]
+        return [(t.name, t.dtype, t.shape) for t in self.tensors] + scales + [(c.name, c.dtype, c.shape) for c in self.constants]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(shape) * ITEMSIZE[dtype] for _, dtype, shape in self.entries())
+
+
+def whole(key: str, shape: tuple[int, ...]) -> tuple[Part, ...]:
+    return (Part(key, 0, math.prod(shape)),)
+
+
+def rows(shape: tuple[int, ...]) -> int:
+    return shape[0] if shape else 1
+
+
+def row_size(shape: tuple[int, ...]) -> int:
+    """Elements per dim-0 row (1 for a 1-D tensor)."""
+    return math.prod(shape[1:])

@@ -1,0 +1,299 @@
+"""The op registry: an op is one declared function whose signature is its schema.
+
+    @op(inputs=(2, 2), formula="(1 - alpha) * x1 + alpha * x2", shorthand=("alpha",))
+    def lerp(xs: list[Tensor], alpha: float) -> Tensor: ...
+
+The parameters after `xs` are the op's recipe parameters: their annotations give their kinds (float: a
+number, list[float]: one number per input, int: an integer, Source: a source name, a Literal: one of its
+values) and their defaults are the defaults (a trailing `_` is dropped: `lambda_` is written `lambda`).
+Two more names are passed by the executor when an op declares them: `where` (which elements of which
+tensor this call computes: for counter-based randomness) and `stats` (the results of the op's statistics
+passes over the whole tensor, for slerp's angle or TIES' threshold).
+
+A recipe writes an op as a mapping, `{lerp: {alpha: 0.3}}`, or as shorthand, `lerp:0.3`, whose values fill
+the op's `shorthand` parameters in order. Parsing needs no torch: planning and dry runs never import it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, NewType
+
+Source = NewType("Source", str)  # a parameter that names one of the recipe's sources
+REQUIRED: Any = inspect.Parameter.empty
+INJECTED = ("where", "stats")
+
+
+@dataclass(frozen=True)
+class Where:
+    """Which elements a call computes: elements [start, stop) of canonical tensor `key`, read from `sources`."""
+
+    key: str
+    start: int
+    stop: int
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StatPass:
+    """A statistic of the whole tensor, gathered before the element-wise pass. `partial` runs in a worker on
+    a chunk (the inputs in float32, their Where, the results of the passes before it); `fold` combines the
+    partials in the main thread, chunks in element order, starting from None; `result` turns the fold into
+    the statistic the op receives. A partial must not depend on how the tensor was chunked: sums go through
+    stats.SegmentSums."""
+
+    partial: Callable[..., Any]
+    fold: Callable[[Any, Any], Any]
+    result: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str  # as a recipe writes it
+    kind: str  # "number", "numbers" (one per input), "integer", "source", "choice"
+    default: Any = REQUIRED
+    choices: tuple[str, ...] = ()
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def usage(self) -> str:
+        value = {"number": "NUMBER", "numbers": "[N1, N2, ...]", "integer": "INTEGER", "source": "SOURCE"}.get(self.kind, "|".join(self.choices))
+        return f"{self.name}: {value}" + ("" if self.required else f" (default {_show(self.default)})")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    fn: Callable[..., Any]
+    inputs: tuple[int, int | None]  # fewest and most sources (None: any number)
+    params: tuple[Param, ...]
+    formula: str
+    shorthand: tuple[str, ...]  # parameters that `name:v1,v2` fills, in order
+    passes: tuple[StatPass, ...] = ()
+    check: Callable[[dict[str, Any], int], str | None] | None = None  # a fault of the values, or None
+    summary: str = ""
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def usage(self) -> str:
+        """`lerp:ALPHA`, `take:SOURCE`, `average`: the shorthand, as error messages show it."""
+        if not self.shorthand:
+            return self.name
+        kinds = [self.param(n) for n in self.shorthand]
+        return self.name + ":" + ",".join({"numbers": "W1,W2,...", "source": "NAME"}.get(p.kind, p.name.upper()) for p in kinds)
+
+    def wants(self, name: str) -> bool:
+        return name in inspect.signature(self.fn).parameters
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def op(*, inputs: tuple[int, int | None], formula: str, shorthand: tuple[str, ...] = (), passes: tuple[StatPass, ...] = (), check=None):
+    """Register the decorated function as an op named after it (a trailing `_` dropped)."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        name = fn.__name__.rstrip("_")
+        params = tuple(
+            _param(p.name.rstrip("_"), _annotation(fn, p), p.default)
+            for p in list(inspect.signature(fn).parameters.values())[1:]
+            if p.name not in INJECTED
+        )
+        summary = (inspect.getdoc(fn) or "").split("\n")[0]
+        OPS[name] = OpSpec(name, fn, inputs, params, formula, shorthand, passes, check, summary)
+        return fn
+
+    return register
+
+
+def _annotation(fn: Callable[..., Any], parameter: inspect.Parameter) -> Any:
+    """A parameter's annotation, evaluated in its module (annotations are strings under `from __future__`)."""
+    hint = parameter.annotation
+    return eval(hint, fn.__globals__) if isinstance(hint, str) else hint  # noqa: S307 - our own source code
+
+
+def _param(name: str, hint: Any, default: Any) -> Param:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `list[float] | None`: None stands for a default per input
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    if hint is Source:
+        return Param(name, "source", default)
+    if typing.get_origin(hint) is Literal:
+        return Param(name, "choice", default, tuple(typing.get_args(hint)))
+    if typing.get_origin(hint) is list:
+        return Param(name, "numbers", default)
+    kind = {float: "number", int: "integer"}.get(hint)
+    if kind is None:
+        raise TypeError(f"op parameter {name}: unsupported annotation {hint!r}")
+    return Param(name, kind, default)
+
+
+def _show(value: Any) -> str:
+    return "one per source, 1 each" if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """An op as a recipe wrote it, parsed: `lerp:0.3` or `{lerp: {alpha: 0.3}}` -> OpCall("lerp", {"alpha": 0.3}).
+
+    Values are as written: numbers, lists, source names, or (for schedules) what the recipe gave; the plan
+    resolves them per key."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def spec(self) -> OpSpec:
+        return OPS[self.name]
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def __str__(self) -> str:
+        """The shorthand (`lerp:0.3`) where the values allow it, else the mapping (`ties{density: 0.2, ...}`)."""
+        args = _shorthand_args(self.spec, self.values)
+        if args is not None:
+            return self.name + (":" + ",".join(args) if args else "")
+        return self.name + "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in self.params) + "}"
+
+
+def _shorthand_args(spec: OpSpec, values: dict[str, Any]) -> list[str] | None:
+    """The values as `name:v1,v2` writes them, or None when shorthand cannot say them."""
+    if list(values) != list(spec.shorthand[: len(values)]):
+        return None
+    args = []
+    for name, value in values.items():
+        if spec.param(name).kind == "numbers" and isinstance(value, (list, tuple)) and all(_scalar(v) for v in value):
+            args += [_fmt(v) for v in value]
+        elif _scalar(value):
+            args.append(_fmt(value))
+        else:
+            return None
+    return args
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def parse_op(value: Any) -> OpCall:
+    """Parse an op as a recipe writes it; a ValueError says what is wrong, for the caller to place."""
+    if isinstance(value, dict):
+        if len(value) != 1:
+            raise ValueError(f"an op mapping names one op, as {{lerp: {{alpha: 0.3}}}}; got {len(value)} keys ({', '.join(map(str, value))})")
+        (name, params), = value.items()
+        spec = _spec(str(name))
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ValueError(f"{name}: its parameters are a mapping, as {{{name}: {{{', '.join(p.name + ': ...' for p in spec.params) or ''}}}}}, got {params!r}")
+        for key in params:
+            if spec.param(str(key)) is None:
+                known = ", ".join(p.name for p in spec.params) or "none"
+                raise ValueError(f"{name}: unknown parameter {key!r} (parameters: {known})")
+        return OpCall(spec.name, tuple((str(k), v) for k, v in params.items()))
+    name, _, rest = str(value).strip().partition(":")
+    spec = _spec(name.strip())
+    parts = [p.strip() for p in rest.split(",")] if rest.strip() else []
+    if not spec.shorthand:
+        if parts:
+            raise ValueError(f"{spec.name} takes no argument, got {rest.strip()!r} (usage: {spec.usage})")
+        return OpCall(spec.name)
+    if not parts:
+        if any(spec.param(n).required for n in spec.shorthand):
+            raise ValueError(f"{spec.name} needs an argument (usage: {spec.usage})")
+        return OpCall(spec.name)
+    first = spec.param(spec.shorthand[0])
+    if first.kind == "source":
+        if len(parts) != 1 or not parts[0]:
+            raise ValueError(f"{spec.name} takes one source name, got {rest.strip()!r} (usage: {spec.usage})")
+        return OpCall(spec.name, ((first.name, parts[0]),))
+    numbers = [_number(p, spec.usage) for p in parts]
+    if first.kind == "numbers":
+        return OpCall(spec.name, ((first.name, tuple(numbers)),))
+    if len(numbers) > len(spec.shorthand):
+        raise ValueError(f"{spec.name} takes {_count(len(spec.shorthand))}, got {len(numbers)} (usage: {spec.usage})")
+    return OpCall(spec.name, tuple(zip(spec.shorthand, numbers)))
+
+
+def _count(n: int) -> str:
+    return "one number" if n == 1 else f"at most {n} numbers"
+
+
+def _spec(name: str) -> OpSpec:
+    if name not in OPS:
+        raise ValueError(f"unknown op {name!r} (ops: {', '.join(spec.usage for spec in OPS.values())})")
+    return OPS[name]
+
+
+def _number(text: str, usage: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number (usage: {usage})") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number (usage: {usage})")
+    return value
+
+
+def check_values(spec: OpSpec, values: dict[str, Any], sources: tuple[str, ...], label: str | None = None) -> dict[str, Any]:
+    """Every parameter of `spec` given a value of its kind (defaults filled in) for a rule over `sources`;
+    a ValueError names what is missing or wrong (`label`: the op as the recipe wrote it)."""
+    inputs, label = len(sources), label or spec.name
+    resolved = {}
+    for param in spec.params:
+        if param.name not in values:
+            if param.required:
+                raise ValueError(f"{spec.name}: missing parameter '{param.name}' ({param.usage()})")
+            resolved[param.name] = param.default
+            continue
+        resolved[param.name] = _checked(spec, param, values[param.name], sources, label)
+    fault = spec.check(resolved, inputs) if spec.check else None
+    if fault:
+        raise ValueError(f"{spec.name}: {fault}")
+    return resolved
+
+
+def _checked(spec: OpSpec, param: Param, value: Any, sources: tuple[str, ...], label: str) -> Any:
+    where = f"{spec.name}: parameter '{param.name}'"
+    if param.kind == "number":
+        if not _finite_number(value):
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
+        return float(value)
+    if param.kind == "integer":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{where} must be a whole number, got {value!r}")
+        return value
+    if param.kind == "numbers":
+        if not isinstance(value, (list, tuple)) or not all(_finite_number(v) for v in value):
+            raise ValueError(f"{where} must be a list of numbers, one per source, got {value!r}")
+        if len(value) != len(sources):
+            raise ValueError(f"{label} gives {len(value)} {param.name if param.name == 'weights' else 'numbers'} for {len(sources)} sources ({', '.join(sources)})")
+        return tuple(float(v) for v in value)
+    if param.kind == "choice":
+        if value not in param.choices:
+            raise ValueError(f"{where} must be one of {', '.join(param.choices)}, got {value!r}")
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where} must be a source name, got {value!r}")
+    return value
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,129 @@
+"""Packaging: what an output carries beside its weights, so that it explains and rebuilds itself.
+
+A diffusers folder gets config.json and the index (what diffusers needs to load it), `recipe.yaml` (the
+recipe with its sources pinned: it rebuilds the folder), `fluxrecipe.json` (provenance), a model card, the
+diagnostics and a manifest of every file's size and sha256. A single file (BFL, ComfyUI) carries the same
+in its safetensors metadata: the pinned recipe and the provenance, and the sha256 of its data. The
+executor writes the weights; this module writes the rest, and never a time or a host name, so the same
+recipe on the same inputs gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .. import __version__
+from ..formats import diffusers
+from ..formats.safetensors import encode_header
+from ..plan import Plan
+from ..recipe import DTYPES
+from ..writer import MANIFEST_NAME, rewrite_header, write_file, write_json
+from .card import model_card
+
+PROVENANCE_NAME = "fluxrecipe.json"
+RECIPE_NAME = "recipe.yaml"
+DIAGNOSTICS_NAME = "diagnostics.json"
+CARD_NAME = "README.md"
+HEADER_ROOM = 256 << 10  # bytes a single file's header keeps free for the provenance known only at the end
+LISTED = 100  # per-tensor counts a single file's provenance lists before it gives the rest as a total
+
+
+def file_metadata(plan: Plan) -> dict[str, str]:
+    """The metadata in every weight file's header, known before a byte is written."""
+    return {"format": "pt", "fluxrecipe.version": __version__, "fluxrecipe.recipe": json.dumps(pinned_recipe(plan), separators=(",", ":"))}
+
+
+def header_size(plan: Plan) -> int:
+    """The header a single file is written with: room for the provenance written into it at the end."""
+    if not plan.single_file:
+        return 0
+    out = plan.files[0]
+    header, _ = encode_header(out.entries(), {**file_metadata(plan), **dict(out.metadata)})
+    return len(header) + HEADER_ROOM
+
+
+def finish(plan: Plan, result, folder: Path) -> None:
+    """Everything beside the weights, into the output's (still partial) folder."""
+    if plan.single_file:
+        _finish_file(plan, result, folder / plan.files[0].name)
+        return
+    files = result.files
+    files["config.json"] = write_json(folder / "config.json", plan.config)
+    files[diffusers.INDEX_NAME] = write_json(folder / diffusers.INDEX_NAME, diffusers.index(plan.files))
+    files[RECIPE_NAME] = write_file(folder / RECIPE_NAME, yaml.safe_dump(pinned_recipe(plan), sort_keys=False, allow_unicode=True).encode())
+    files[PROVENANCE_NAME] = write_json(folder / PROVENANCE_NAME, provenance(plan, result))
+    files[CARD_NAME] = write_file(folder / CARD_NAME, model_card(plan).encode())
+    if result.distances is not None:
+        files[DIAGNOSTICS_NAME] = write_json(
+            folder / DIAGNOSTICS_NAME,
+            {"metric": "relative L2 distance of the merged tensors to each source", "overall": result.distances.overall(), "blocks": result.distances.relative()},
+        )
+    manifest = {name: {"size": r.size, "sha256": r.sha256} for name, r in sorted(files.items())}
+    files[MANIFEST_NAME] = write_json(folder / MANIFEST_NAME, {"fluxrecipe": __version__, "files": manifest})
+
+
+def _finish_file(plan: Plan, result, path: Path) -> None:
+    """The single file's header again, now with the provenance and the sha256 of its data."""
+    out = plan.files[0]
+    record = result.files[out.name]
+    metadata = {
+        **file_metadata(plan),
+        **dict(out.metadata),
+        "fluxrecipe.provenance": json.dumps(provenance(plan, result, LISTED), separators=(",", ":")),
+        "fluxrecipe.data_sha256": record.sha256,
+    }
+    rewrite_header(path, out.entries(), metadata, header_size(plan))
+
+
+def pinned_recipe(plan: Plan) -> dict:
+    """The recipe as composed (overrides applied, ${recipe.alpha} kept, so a replay can override it again)
+    with every source pinned to what was read: a hub commit, a path, a demo name."""
+    recipe = dict(plan.recipe.written)
+    recipe["sources"] = {s.name: _pin(s.origin) for s in plan.sources}
+    return recipe
+
+
+def _pin(origin: dict[str, str]) -> dict[str, str]:
+    if "repo" in origin:
+        return {"repo": origin["repo"], "revision": origin["commit"]} | ({"subfolder": origin["subfolder"]} if "subfolder" in origin else {})
+    return {k: v for k, v in origin.items() if k in ("path", "subfolder", "demo")}
+
+
+def provenance(plan: Plan, result, listed: int | None = None) -> dict:
+    """What was merged from what, by which recipe: enough to explain and rebuild the output. No times, no
+    hosts. `listed`: at most this many per-tensor counts (a single file's header has a size)."""
+    sources = {s.name: {"spec": s.spec, **s.origin} for s in plan.sources}
+    for name, digest in result.source_hashes.items():
+        sources[name]["content_sha256"] = digest
+    for s in plan.sources:
+        if s.layout != "diffusers":
+            sources[s.name]["layout"] = s.layout
+    inputs = {k: v for k, v in result.nonfinite.items() if not k.startswith("output: ")}
+    outputs = {k.removeprefix("output: "): v for k, v in result.nonfinite.items() if k.startswith("output: ")}
+    return {
+        "fluxrecipe": __version__,
+        "recipe": plan.recipe.name,
+        "recipe_file": plan.recipe.file,
+        "sources": sources,
+        "base": plan.recipe.base,
+        "format": plan.format,
+        "rules": [{"match": r.match, "op": str(r.op), "sources": list(r.sources)} | ({"dtype": r.dtype} if r.dtype else {}) for r in plan.recipe.rules],
+        "dtype": DTYPES[plan.recipe.dtype][0],
+        "tensors": len(plan.steps),
+        "dropped": [{"key": d.key, "reason": d.reason} for d in plan.dropped],
+        "notes": list(plan.notes),
+        "nonfinite_inputs": _counts(inputs, listed),
+        "nonfinite_outputs": _counts(outputs, listed),
+        "clamped": _counts(result.clamped, listed),
+    }
+
+
+def _counts(values: dict, listed: int | None) -> dict:
+    if listed is None or len(values) <= listed:
+        return values
+    kept = dict(list(values.items())[:listed])
+    kept["(and more)"] = len(values) - listed
+    return kept
