@@ -18,7 +18,7 @@ import threading
 import hydra
 from omegaconf import DictConfig
 
-from . import sweep
+from . import preview, sweep
 from .catalog import conf_dir, register_recipes
 from .errors import FluxRecipeError
 
@@ -34,6 +34,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         module = importlib.import_module(COMMANDS[sys.argv[1]])
         sys.exit(module.main(sys.argv[2:]))
+    sys.argv[1:] = preview.expand_switch(sys.argv[1:])
     if sweep.is_multirun(sys.argv):
         sys.argv[1:] = sweep.defer_recipe_overrides(sys.argv[1:])
     register_recipes()
@@ -66,14 +67,14 @@ def _terminate_unwinds():
 
 
 def _task(cfg: DictConfig):
-    from .run import run_job
+    from . import job  # the merge, then its previews and keep_weights
 
     show_traceback = bool(cfg.get("traceback")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     if sweep.in_multirun():
         with _terminate_unwinds():
-            return sweep.run_recorded(cfg, run_job, show_traceback)
+            return sweep.run_recorded(cfg, job.run, show_traceback)
     try:
-        return run_job(cfg)
+        return job.run(cfg)
     except FluxRecipeError as e:
         if show_traceback:
             raise
