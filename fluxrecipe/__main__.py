@@ -21,7 +21,7 @@ import threading
 import hydra
 from omegaconf import DictConfig
 
-from . import __version__, sweep
+from . import __version__, preview, sweep
 from .catalog import RECIPE_PATH_ENV, SUFFIXES, conf_dir, recipe_dirs, register_recipes
 from .errors import FluxRecipeError, UsageError
 from .files import os_errors
@@ -55,6 +55,7 @@ def main() -> None:
             sys.argv[1:] = command_line(sys.argv[1:])
     except FluxRecipeError as e:
         fail(e, "traceback=true" in sys.argv)
+    sys.argv[1:] = preview.expand_switch(sys.argv[1:])
     if sweep.is_multirun(sys.argv):
         sys.argv[1:] = sweep.defer_recipe_overrides(sys.argv[1:])
     register_recipes()
@@ -133,13 +134,13 @@ def _terminate_unwinds():
 
 
 def _task(cfg: DictConfig):
-    from .run import run_job
+    from . import job  # the merge, then its previews and keep_weights
 
     if sweep.in_multirun():
         with _terminate_unwinds():
-            return sweep.run_recorded(cfg, run_job, show_traceback(cfg))
+            return sweep.run_recorded(cfg, job.run, show_traceback(cfg))
     try:
-        return run_job(cfg)
+        return job.run(cfg)
     except FluxRecipeError as e:
         fail(e, show_traceback(cfg))
     except BrokenPipeError:  # stdout is a pipe whose reader is gone (`| head`): nothing more to say

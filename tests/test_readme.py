@@ -47,10 +47,10 @@ def test_the_readme_says_what_rendering_needs():
     """Its FluxPipeline snippet needs transformers (text encoders), sentencepiece and protobuf (tokenizers) and
     accelerate (memory): the README names the extra that installs them, and pyproject defines it so."""
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    render = {re.split(r"[<>=\[ ]", r)[0].lower() for r in extras["render"]}
-    assert {"transformers", "accelerate", "sentencepiece", "protobuf"} <= render
+    preview = {re.split(r"[<>=\[ ]", r)[0].lower() for r in extras["preview"]}
+    assert {"transformers", "accelerate", "sentencepiece", "protobuf"} <= preview
     snippet = README.index("FluxPipeline.from_pretrained")
-    assert "pip install 'fluxrecipe[render]'" in README[snippet - 800 : snippet]
+    assert "pip install 'fluxrecipe[preview]'" in README[snippet - 800 : snippet]
 
 
 def test_the_readme_documents_completion_and_sweep_disk_cost():
