@@ -316,9 +316,9 @@ def test_output_carries_its_pinned_recipe(plain, schnell, krea):
         "sources": {name: {"path": path} for name, path in relative.items()},
     }
     assert pinned["rules"] == [{"match": ".*", "op": "lerp:${recipe.alpha}"}]
-    for shard in shard_files(plain):
+    for shard in shard_files(plain):  # the shards name local sources by name: their bytes do not depend on the folder's place
         with safe_open(shard, "pt") as f:
-            assert json.loads(f.metadata()["fluxrecipe.recipe"]) == pinned
+            assert json.loads(f.metadata()["fluxrecipe.recipe"]) == {**pinned, "sources": {name: {"local": name} for name in relative}}
     provenance = json.loads((plain / "fluxrecipe.json").read_text())
     assert {name: {k: v for k, v in s.items() if k != "content_sha256"} for name, s in provenance["sources"].items()} == {
         name: {"spec": path, "path": path} for name, path in relative.items()
@@ -379,11 +379,12 @@ def test_a_replay_differs_only_where_the_readme_says(plain, tmp_path, monkeypatc
 
     monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(plain))
     monkeypatch.chdir(tmp_path)
-    again = tmp_path / "transformer"
-    assert len(again.parts) == len(plain.parts)
-    merge(["recipe=recipe", f"output={again}", "progress=false", "shard_size=60KB"])
-    first, second = digests(plain), digests(again)
-    assert first.keys() == second.keys()
-    assert {name for name in first if first[name] != second[name]} == {"fluxrecipe.json", "README.md", "fluxrecipe.manifest.json"}
-    readme = (REPO_ROOT / "README.md").read_text()
-    assert "Three files differ in any case" in readme and all(f"`{name}`" in readme for name in ("fluxrecipe.json", "README.md", "fluxrecipe.manifest.json"))
+    naming = {"fluxrecipe.json", "README.md", "fluxrecipe.manifest.json"}
+    for again, differ in ((tmp_path / "transformer", naming), (tmp_path / "deeper" / "down" / "here", naming | {"recipe.yaml"})):
+        assert (len(again.parts) == len(plain.parts)) == (differ == naming)
+        merge(["recipe=recipe", f"output={again}", "progress=false", "shard_size=60KB"])
+        first, second = digests(plain), digests(again)
+        assert first.keys() == second.keys()
+        assert {name for name in first if first[name] != second[name]} == differ, again
+    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
+    assert "Three files differ in any case" in readme and all(f"`{name}`" in readme for name in naming)

@@ -49,8 +49,13 @@ def as_recorded(plan: Plan, output: Path) -> Plan:
 
 
 def file_metadata(plan: Plan) -> dict[str, str]:
-    """The metadata in every weight file's header, known before a byte is written."""
-    return {"format": "pt", "fluxrecipe.version": __version__, "fluxrecipe.recipe": json.dumps(pinned_recipe(plan), separators=(",", ":"))}
+    """The metadata in every weight file's header, known before a byte is written. A folder's shards name a
+    local source by its name only (recipe.yaml beside them has its path), so that their bytes never depend on
+    where the folder lies: a rebuild anywhere gives the same shards. A single file has nothing beside it."""
+    recipe = pinned_recipe(plan)
+    if not plan.single_file:
+        recipe["sources"] = {name: {"local": name} if "path" in pin else pin for name, pin in recipe["sources"].items()}
+    return {"format": "pt", "fluxrecipe.version": __version__, "fluxrecipe.recipe": json.dumps(recipe, separators=(",", ":"))}
 
 
 def header_size(plan: Plan) -> int:
