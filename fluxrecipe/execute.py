@@ -317,19 +317,16 @@ class _Run:
     def _compute(self, chunk: _Chunk) -> _Done:
         step = chunk.step
         raws = [self.reader.read(ref, chunk.start, chunk.stop) for ref in step.inputs]
+        xs = [self._decode(raw, ref) for raw, ref in zip(raws, step.inputs)]
         done = _Done()
+        if chunk.kind == "stat":
+            where = Where(step.key, chunk.start, chunk.stop, tuple(t.source for t in step.inputs))
+            done.partial = OPS[step.op].passes[chunk.pass_index].partial(xs, where, self.stats[step.key])
+            return done
+        self._check_inputs(step.inputs, xs, done)
         if chunk.kind == "value" and step.copies_bytes:
-            xs = [self._decode(raws[0], step.inputs[0])]
-            self._check_inputs(step.inputs, xs, done)
-            done.data = raws[0]
-            merged = rounded = xs[0]
+            done.data, rounded = raws[0], xs[0]
         else:
-            xs = [self._decode(raw, ref) for raw, ref in zip(raws, step.inputs)]
-            if chunk.kind == "stat":
-                where = Where(step.key, chunk.start, chunk.stop, tuple(t.source for t in step.inputs))
-                done.partial = OPS[step.op].passes[chunk.pass_index].partial(xs, where, self.stats[step.key])
-                return done
-            self._check_inputs(step.inputs, xs, done)
             merged = self._apply(step, xs, chunk)
             if chunk.kind == "diff":  # the difference first, then the LoRAs' changes: (op - base) + delta loses nothing to W's size
                 base = self._decode(self.reader.read(chunk.base, chunk.start, chunk.stop), chunk.base)
@@ -348,7 +345,9 @@ class _Run:
             scale = self.result.scales.get(chunk.tensor.name)
             encoded, done.clamped = self._encode(step, merged, scale, done)
             done.data = encoded.cpu().view(torch.uint8)
-            rounded = encoded.float() if scale is None else encoded.float() * scale
+            rounded = None
+            if self.options.diagnostics:  # the written values, upcast only when they are compared
+                rounded = encoded.float() if scale is None else encoded.float() * scale
         if self.options.diagnostics:
             n = step.numel
             for x in xs:

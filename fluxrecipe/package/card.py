@@ -10,6 +10,7 @@ import json
 
 from ..loras import blocks_text
 from ..plan import Plan, human_bytes
+from ..text import markdown_code, markdown_text
 
 RANDOM_WARNING = (
     "> **RANDOM WEIGHTS - NOT A MODEL.** This merge was made from fluxrecipe's generated demo checkpoints, whose\n"
@@ -19,11 +20,11 @@ RANDOM_WARNING = (
 
 def model_card(plan: Plan) -> str:
     r = plan.recipe
-    lines = [f"# {r.name}: a FLUX.1 transformer merged by fluxrecipe", ""]
+    lines = [f"# {markdown_text(r.name)}: a FLUX.1 transformer merged by fluxrecipe", ""]
     if any("demo" in s.origin for s in plan.sources):
         lines += [RANDOM_WARNING]
-    if r.description:
-        lines += [r.description, ""]
+    if r.description:  # a stranger's text: shown as text, never as Markdown or HTML
+        lines += [markdown_text(r.description), ""]
     dtypes = "/".join(sorted({s.dtype + (" scaled" if s.scaled else "") for s in plan.steps}))
     lines += [
         f"Architecture: `{plan.config.get('_class_name')}` of source `{r.base}` "
@@ -36,19 +37,19 @@ def model_card(plan: Plan) -> str:
         "|---|---|---|",
     ]
     for s in plan.sources:
-        origin = ", ".join(f"{k} `{v}`" for k, v in s.origin.items())
-        lines.append(f"| {s.name}{' (base)' if s.name == r.base else ''} | `{s.spec}` | {origin} |")
+        origin = ", ".join(f"{k} {markdown_code(v)}" for k, v in s.origin.items())
+        lines.append(f"| {s.name}{' (base)' if s.name == r.base else ''} | {markdown_code(s.spec)} | {origin} |")
     lines += ["", "## Rules (first match wins)", "", "| # | match | op | inputs | keys |", "|---|---|---|---|---|"]
     for x in plan.rule_stats():
-        lines.append(f"| {x.rule.index} | `{x.rule.match}` | `{x.rule.op}` | {', '.join(x.rule.sources) or '-'} | {x.keys} |")
+        lines.append(f"| {x.rule.index} | {markdown_code(x.rule.match)} | {markdown_code(str(x.rule.op))} | {', '.join(x.rule.sources) or '-'} | {x.keys} |")
     if plan.loras:
         lines += ["", "## LoRAs baked in (before the one rounding)", "", "| name | file | format | strength | changes |", "|---|---|---|---|---|"]
         for lora in plan.loras:
-            lines.append(f"| {lora.name} | `{lora.spec}` | {lora.format} | {lora.strength:g} | {lora.tensors} tensors in {blocks_text(lora.blocks)} |")
+            lines.append(f"| {markdown_text(lora.name)} | {markdown_code(lora.spec)} | {lora.format} | {lora.strength:g} | {lora.tensors} tensors in {blocks_text(lora.blocks)} |")
     if plan.dropped:
         lines += ["", f"{len(plan.dropped)} keys of the sources are not in the output (see fluxrecipe.json for each and why)."]
     if plan.notes:
-        lines += ["", *[f"Note: {n}." for n in plan.notes]]
+        lines += ["", *[f"Note: {markdown_text(n)}." for n in plan.notes]]
     lines += [
         "",
         "## Use",
@@ -69,8 +70,9 @@ def model_card(plan: Plan) -> str:
         "",
         "## Rebuild",
         "",
-        "`recipe.yaml` here is the recipe with its sources pinned; put it in a folder and run",
-        "`FLUXRECIPE_RECIPE_PATH=FOLDER python -m fluxrecipe recipe=recipe`. `fluxrecipe.json` records what was read,",
+        "`recipe.yaml` here is the recipe with its sources pinned (hub repos to their commit, local folders by their",
+        "path relative to this folder); run `python -m fluxrecipe recipe=THIS_FOLDER/recipe.yaml output=NEW_FOLDER`.",
+        "`fluxrecipe.json` records what was read,",
         "`fluxrecipe.manifest.json` the sha256 of every file (`python -m fluxrecipe verify FOLDER` checks them),",
         "`diagnostics.json` how far each block moved from each source.",
         "",
