@@ -2,6 +2,7 @@
 
     python benchmarks/lora_bench.py --full --sparse --cap 1024      # FLUX.1's size, two rank-64 LoRAs
     python benchmarks/lora_bench.py --double 1 --single 3           # FLUX width, 0.82 B parameters, real data
+    python benchmarks/lora_bench.py --double 1 --single 3 --extract # a merge written as a LoRA (format=lora)
 
 Generates one source the way the hub lays out FLUX.1 (merge_bench.generate) and two kohya LoRAs of rank
 --rank on every Linear module of it (BFL's module names, fused q/k/v and linear1 included; random bf16, always
@@ -10,6 +11,9 @@ real data: a rank-64 FLUX.1 LoRA is about 0.6 GB), then, each from a cold page c
   plain     python -m fluxrecipe: the source taken as it is, bf16 to bf16 (byte copies: the merge's own floor)
   loras     the same with both LoRAs baked in (strength 0.8 and 0.5)
 fluxrecipe runs in a fresh memory cgroup capped at --cap MiB, page cache included (../shared/tools/memcap).
+With --extract it instead generates a second source (other random weights) and writes what it learned over the
+first as a kohya LoRA of rank --rank (format=lora): every matrix's whole difference is held and factored,
+so its memory is bounded by the largest matrix (BFL's linear1: 21504 x 3072 in float32, 264 MB).
 `--sparse` writes the source as a sparse file (zeros: no disk space, read at memory speed); the LoRAs and the
 output are real. Prints one Markdown table.
 """
@@ -53,6 +57,17 @@ def make_lora(path: Path, config: dict, rank: int, seed: int) -> None:
     f.close()
 
 
+EXTRACT = """\
+description: lora_bench extract
+sources:
+  tuned: {tuned}
+  base: {source}
+base: base
+rules:
+  - match: '.*'
+    op: take:tuned
+dtype: bf16
+"""
 RECIPE = """\
 description: lora_bench {what}
 sources:
@@ -71,6 +86,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="FLUX.1's 19 double and 38 single blocks")
     ap.add_argument("--sparse", action="store_true", help="a sparse source file (zeros)")
     ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--extract", action="store_true", help="write a second source's difference to the first as a LoRA, instead of baking LoRAs in")
     ap.add_argument("--cache", choices=["cold", "warm"], default="cold")
     ap.add_argument("--cap", type=int, default=1024, help="memory cap (MiB, page cache included)")
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary folder under /tmp)")
@@ -88,6 +104,13 @@ def main() -> None:
             shutil.rmtree(source, ignore_errors=True)
             generate(source, double=args.double, single=args.single, guidance=True, seed=0, sparse=args.sparse)
         config = json.loads((source / "config.json").read_text())
+        if args.extract:
+            tuned = scratch / "tuned"
+            if not (tuned / "config.json").exists():
+                shutil.rmtree(tuned, ignore_errors=True)
+                generate(tuned, double=args.double, single=args.single, guidance=True, seed=1, sparse=args.sparse)
+            extract(args, scratch, source, tuned)
+            return
         for i, path in enumerate(loras):
             if not path.exists():
                 make_lora(path, config, args.rank, seed=i + 1)
@@ -126,6 +149,36 @@ def main() -> None:
     finally:
         if args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def extract(args, scratch: Path, source: Path, tuned: Path) -> None:
+    """format=lora of `tuned` over `source`: the floor (both sources read, the LoRA written) and the run."""
+    recipes = scratch / "recipes"
+    recipes.mkdir(exist_ok=True)
+    (recipes / "extract.yaml").write_text(EXTRACT.format(tuned=tuned, source=source))
+    sources = [sorted(source.glob("*.safetensors")), sorted(tuned.glob("*.safetensors"))]
+    size = json.loads((source / "diffusion_pytorch_model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    print(f"two sources: FLUX width, {args.double} double + {args.single} single blocks, {human_bytes(size)} each in bf16{' (sparse)' if args.sparse else ''}; "
+          f"the difference as a rank-{args.rank} kohya LoRA; cache {args.cache}", flush=True)
+    read_seq, read_par, _ = floor_seconds(sources, 1, scratch, args.cache)
+    out = scratch / "extracted.safetensors"
+    prepare_cache(args.cache, sources[0] + sources[1])
+    cmd = [sys.executable, "-m", "fluxrecipe", "recipe=extract", "format=lora", f"lora_rank={args.rank}", f"output={out}", "progress=false",
+           f"hydra.run.dir={scratch / 'hydra'}", *args.fluxrecipe_args]
+    wall, peak, rc, tail = run_measured(cmd, args.cap, env={"PYTHONPATH": str(REPO), "FLUXRECIPE_RECIPE_PATH": str(recipes)})
+    written = out.stat().st_size if out.exists() else 0
+    out.unlink(missing_ok=True)
+    phase = re.search(r"wrote .* in ([\d.]+) s \(", tail)
+    errors = [float(m) for m in re.findall(r"rank +\d+ +([\d.e+-]+)$", tail, re.M)]
+    if rc:
+        print(f"fluxrecipe failed (exit {rc}{', killed for memory' if rc == 137 else ''}):\n{tail}", file=sys.stderr)
+    print()
+    print("| run | wall s | merge s | peak MiB | exit |")
+    print("|---|---:|---:|---:|---|")
+    print(f"| I/O floor: read both sources ({read_par:.1f} s concurrently, {read_seq:.1f} s one after the other) | {read_par:.1f} | | | |")
+    print(f"| fluxrecipe format=lora lora_rank={args.rank} ({human_bytes(written)} written), cap {args.cap} MiB | {wall:.1f} | {phase[1] if phase else '-'} | {peak or '-'} | {'ok' if rc == 0 else f'failed ({rc})'} |")
+    if errors:
+        print(f"relative errors of the {len(errors)} matrices logged last: median {sorted(errors)[len(errors) // 2]:.3e}, largest {max(errors):.3e} (random weights: a difference of full rank)")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ def _run(job: JobPlan, dry_run: bool) -> Result | Plan:
     result = api.write(plan, output, options)
     rate = result.bytes_written / result.seconds if result.seconds else 0.0
     where = shown if plan.single_file else f"{shown}: {len(plan.steps)} tensors in {len(plan.files)} shard(s)"
+    if plan.factors:
+        log.info(format_lora_errors(plan, result))
     log.info(f"wrote {where}, {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
     report = shown if plan.single_file else f"{shown}/fluxrecipe.json"
     inputs = {k: v for k, v in result.nonfinite.items() if not k.startswith("output: ")}
@@ -103,8 +105,6 @@ def _run(job: JobPlan, dry_run: bool) -> Result | Plan:
         log.warning(f"warning: {outputs} tensor(s) came out with NaN/Inf values from finite inputs, listed in {report}: do not use the model as it is")
     if result.clamped:
         log.warning(f"warning: {sum(result.clamped.values())} values in {len(result.clamped)} tensor(s) lay beyond their dtype's finite range and were clamped to it, listed in {report}")
-    if plan.factors:
-        log.info(format_lora_errors(plan, result))
     return result
 
 

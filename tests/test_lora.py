@@ -203,9 +203,11 @@ def test_final_layer_swap_applies_to_up_rows_only(recipe_dir, tmp_path, krea, st
 
 
 def test_diffusers_fuses_the_same_tensors(recipe_dir, tmp_path, krea, state_of, formats):
-    """diffusers' own load_lora_adapter + fuse_lora (peft), three formats at once in the recipe's order, each
+    """diffusers' own load_lora_adapter + fuse_lora (peft), five formats at once in the recipe's order, each
     at strength 0.5, on the model in float32: the same tensors after the one rounding. (diffusers reads
-    kohya's and XLabs' double blocks at any width; for linear1 it needs FLUX.1's: the next test.)"""
+    kohya's, ComfyUI's and XLabs' double blocks at any width, and of OneTrainer's keys the attention; for
+    linear1 it needs FLUX.1's width: the next test. BFL control LoRAs it reads only for all 19 + 38 blocks at
+    FLUX.1's width, so those are checked against the reference alone.)"""
     from diffusers import FluxTransformer2DModel
     from diffusers.loaders import FluxLoraLoaderMixin
 
@@ -217,25 +219,32 @@ def test_diffusers_fuses_the_same_tensors(recipe_dir, tmp_path, krea, state_of, 
     xlabs_lora = describe(state, [m for m in xlabs_modules(state) if m[0].startswith("double_blocks.")], 10)
     xlabs_path = tmp_path / "xlabs.safetensors"
     save_file(xlabs(xlabs_lora), xlabs_path)
+    comfy_lora = describe(state, doubles, 13)
+    comfy_path = tmp_path / "comfy.safetensors"
+    save_file(kohya(comfy_lora, alpha=R * 2, prefix="diffusion_model.", dotted=True), comfy_path)
+    attention = [(b, ms) for b, ms in doubles if ".img_attn." in b or ".txt_attn." in b]  # what diffusers maps of OneTrainer's keys
+    onetrainer_lora = describe(state, attention, 14)
+    onetrainer_path = tmp_path / "onetrainer.safetensors"
+    save_file(per_module(onetrainer_lora, "lora_down", "lora_up", lambda m: "lora_transformer_" + m.replace(".", "_"), alpha=1.0), onetrainer_path)
     peft_path, peft_lora, peft_ratio, *_ = formats["diffusers"]
-    loras = {"peft": {"path": str(peft_path), "strength": 0.5}, "kohya": {"path": str(kohya_path), "strength": 0.5}, "xlabs": {"path": str(xlabs_path), "strength": 0.5}}
+    files = {"peft": peft_path, "kohya": kohya_path, "xlabs": xlabs_path, "comfy": comfy_path, "onetrainer": onetrainer_path}
     out = tmp_path / "out"
-    bake(recipe_dir, out, krea, loras)
+    bake(recipe_dir, out, krea, {name: {"path": str(path), "strength": 0.5} for name, path in files.items()})
 
     model = FluxTransformer2DModel.from_pretrained(krea, torch_dtype=torch.float32)
-    for name, path in (("peft", peft_path), ("kohya", kohya_path), ("xlabs", xlabs_path)):
+    for name, path in files.items():
         # as the pipeline's load_lora_weights does: converted keys, and the header's lora_adapter_metadata
         converted, metadata = FluxLoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
         model.load_lora_adapter(converted, metadata=metadata, adapter_name=name)
-    model.set_adapters(["peft", "kohya", "xlabs"], weights=[0.5, 0.5, 0.5])
-    model.fuse_lora(adapter_names=["peft", "kohya", "xlabs"])
+    model.set_adapters(list(files), weights=[0.5] * len(files))
+    model.fuse_lora(adapter_names=list(files))
     model.unload_lora()
     fused = model.state_dict()
     got = load_state(out)
-    changed = changed_keys(peft_lora) | changed_keys(lora) | changed_keys(xlabs_lora)
+    applied = [(peft_lora, peft_ratio, 0.5), (lora, lambda m: 0.5, 0.5), (xlabs_lora, lambda m: 1.0, 0.5), (comfy_lora, lambda m: 2.0, 0.5), (onetrainer_lora, lambda m: 0.25, 0.5)]
+    changed = set().union(*(changed_keys(described) for described, _, _ in applied))
     assert [k for k in changed if not torch.equal(got[k], fused[k].to(BF16))] == []
-    ours = reference(state, [(peft_lora, peft_ratio, 0.5), (lora, lambda m: 0.5, 0.5), (xlabs_lora, lambda m: 1.0, 0.5)])
-    assert_baked(got, state, ours, changed)
+    assert_baked(got, state, reference(state, applied), changed)
 
 
 def flux_width_single_block(folder) -> dict:

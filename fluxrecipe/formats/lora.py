@@ -374,6 +374,9 @@ def _not_a_lora(keys: list[str]) -> str:
     from . import _looks_like, diffusers
 
     stripped = [k[len(p):] for k in keys for p in COMFY_PREFIXES if k.startswith(p)] or keys
+    lycoris = next((k for k in keys if re.search(r"\.(lokr|hada)_", k)), None)
+    if lycoris:
+        return f"it is a LyCORIS LoKr/LoHa (it holds '{lycoris}'), which fluxrecipe does not bake"
     if bfl.is_bfl(stripped) or diffusers.is_diffusers(keys):
         return f"it holds no lora_up/lora_down or lora_A/lora_B matrices but a model's weights ('{keys[0]}', ...): use a model as one of the recipe's sources"
     return "it holds no lora_up/lora_down or lora_A/lora_B matrices; it " + _looks_like(keys)
