@@ -178,7 +178,8 @@ def extract(args, scratch: Path, source: Path, tuned: Path) -> None:
     print(f"| I/O floor: read both sources ({read_par:.1f} s concurrently, {read_seq:.1f} s one after the other) | {read_par:.1f} | | | |")
     print(f"| fluxrecipe format=lora lora_rank={args.rank} ({human_bytes(written)} written), cap {args.cap} MiB | {wall:.1f} | {phase[1] if phase else '-'} | {peak or '-'} | {'ok' if rc == 0 else f'failed ({rc})'} |")
     if errors:
-        print(f"relative errors of the {len(errors)} matrices logged last: median {sorted(errors)[len(errors) // 2]:.3e}, largest {max(errors):.3e} (random weights: a difference of full rank)")
+        what = "zeros: no difference" if args.sparse else "random weights: a difference of full rank"
+        print(f"relative errors of the {len(errors)} matrices logged last: median {sorted(errors)[len(errors) // 2]:.3e}, largest {max(errors):.3e} ({what})")
 
 
 if __name__ == "__main__":

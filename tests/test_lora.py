@@ -398,6 +398,9 @@ def test_extraction_recovers_a_low_rank_difference_and_loads_in_diffusers(recipe
     assert provenance["rank"] == 4 and {k: v["relative_error"] for k, v in provenance["matrices"].items()} == result.lora_errors
     assert "relative error" in caplog.text and "transformer_blocks.0.attn.to_q" in caplog.text
 
+    from fluxrecipe.verify import verify_file
+
+    assert verify_file(out).problems == [] and verify_file(out).layout == "lora"
     base, model = tuned
     fused = FluxTransformer2DModel.from_pretrained(base, torch_dtype=torch.float32)
     fused.load_lora_adapter(str(out), adapter_name="x")

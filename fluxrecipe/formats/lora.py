@@ -111,14 +111,7 @@ def read(name: str, path: str, entries: dict[str, TensorEntry], metadata: dict[s
     when the file is not a LoRA, is a LoRA for another kind of model, or does not fit this model's shapes;
     keys that fit nowhere are returned (`unmatched`) for the caller to refuse or list."""
     where = f"lora '{name}' ({path})"
-    modules: dict[str, dict[str, TensorEntry]] = {}
-    whole: dict[str, TensorEntry] = {}
-    for key, entry in entries.items():
-        role = next(((key[: -len(suffix)], r) for suffix, r in ROLES if key.endswith(suffix)), None)
-        if role:
-            modules.setdefault(role[0], {})[role[1]] = entry
-        else:
-            whole[key] = entry
+    modules, whole = modules_of(entries)
     if not any({"up", "down"} & set(roles) for roles in modules.values()):
         raise SourceError(f"{where} is not a LoRA: {_not_a_lora(list(entries))}")
     unet = next((k for k in modules if UNET.search(k)), None)
@@ -145,6 +138,36 @@ def read(name: str, path: str, entries: dict[str, TensorEntry], metadata: dict[s
         schemes["bfl_control"] += schemes.pop("bfl")
     found.format = "+".join(s for s, _ in schemes.most_common()) or "unknown"
     return found
+
+
+def modules_of(entries: dict[str, TensorEntry]) -> tuple[dict[str, dict[str, TensorEntry]], dict[str, TensorEntry]]:
+    """A LoRA file's keys grouped: module path -> role ("up", "down", "alpha", ...) -> entry; and the keys
+    that have no LoRA role (whole tensors)."""
+    modules: dict[str, dict[str, TensorEntry]] = {}
+    whole: dict[str, TensorEntry] = {}
+    for key, entry in entries.items():
+        role = next(((key[: -len(suffix)], r) for suffix, r in ROLES if key.endswith(suffix)), None)
+        if role:
+            modules.setdefault(role[0], {})[role[1]] = entry
+        else:
+            whole[key] = entry
+    return modules, whole
+
+
+def module_problems(entries: dict[str, TensorEntry]) -> list[str] | None:
+    """For `verify`: None if the file is not a LoRA; else what is wrong with its modules (an up without its
+    down, matrices whose ranks differ)."""
+    modules, _ = modules_of(entries)
+    if not any({"up", "down"} & set(roles) for roles in modules.values()):
+        return None
+    problems = []
+    for module, roles in modules.items():
+        up, down = roles.get("up"), roles.get("down")
+        if bool(up) != bool(down):
+            problems.append(f"'{(up or down).name}' has no {'down' if up else 'up'} matrix beside it")
+        elif up and (len(up.shape) != 2 or len(down.shape) != 2 or up.shape[1] != down.shape[0]):
+            problems.append(f"'{module}': up {list(up.shape)} and down {list(down.shape)} are not a LoRA's matrices of one rank")
+    return problems
 
 
 class _Context:
