@@ -102,6 +102,28 @@ def test_memory_bound_does_not_grow_with_the_number_of_blocks(recipes, tmp_path,
     assert max(buffers for _, buffers in peaks) <= 2 * (20_000 // (128 * 2 * 2) + 1)
 
 
+@pytest.mark.parametrize("chunk", [61, 97, 1000])
+def test_chunk_elements_is_exact(recipes, schnell, krea, tmp_path, monkeypatch, chunk):
+    """A chunk holds exactly `chunk_elements` elements (the last of a tensor fewer): 61, 97 and 1000 are
+    three different chunkings, not one rounded-up size."""
+    sizes = []
+    original = execute_module._Reader.read
+
+    def read(reader, ref, start, stop):
+        sizes.append(stop - start)
+        return original(reader, ref, start, stop)
+
+    monkeypatch.setattr(execute_module._Reader, "read", read)
+    name = lerp_recipe(recipes, schnell, krea)
+    merge([f"recipe={name}", f"output={tmp_path / 'out'}", f"chunk_elements={chunk}", "threads=2"])
+    numels = [math.prod(t.shape) for t in load_state(krea).values()]
+    expected = sorted(s for n in numels for s in [chunk] * (n // chunk) + ([n % chunk] if n % chunk else []))
+    reads_per_chunk = {k: 1 if "guidance" in k else 2 for k in load_state(krea)}
+    assert max(sizes) == chunk
+    assert len(sizes) == sum(reads_per_chunk[k] * -(-math.prod(t.shape) // chunk) for k, t in load_state(krea).items())
+    assert sorted(set(sizes)) == sorted(set(expected))
+
+
 @pytest.mark.parametrize("chunk", [97, 1 << 20])
 @pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
 def test_chunked_arithmetic_equals_the_whole_tensor_reference(recipes, schnell, krea, tmp_path, chunk, dtype, torch_dtype):

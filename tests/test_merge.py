@@ -351,6 +351,24 @@ def test_written_recipe_replays_to_byte_identical_shards(plain, recipe_dir, tmp_
         assert (tmp_path / "again" / name).read_bytes() == (plain / name).read_bytes()
 
 
+def test_a_replay_proves_it_read_the_same_bytes(plain, recipe_dir, tmp_path, schnell, krea):
+    """fluxrecipe.json records a content hash of what was read from each local source: a replay on the same
+    files records the same; a source changed by one byte records another."""
+    shutil.copy(plain / "recipe.yaml", recipe_dir / "replay.yaml")
+    merge(["recipe=replay", f"output={tmp_path / 'again'}", "progress=false", "shard_size=60KB"])
+    hashes = {p: {n: s["content_sha256"] for n, s in json.loads((p / "fluxrecipe.json").read_text())["sources"].items()} for p in (plain, tmp_path / "again")}
+    assert hashes[plain] == hashes[tmp_path / "again"]
+    changed = tmp_path / "krea-changed"
+    shutil.copytree(krea, changed)
+    shard = sorted(changed.glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-2] ^= 0x01  # one bit of one weight
+    shard.write_bytes(bytes(data))
+    merge(["recipe=replay", f"output={tmp_path / 'other'}", "progress=false", f"recipe.sources.krea={changed}"])
+    other = {n: s["content_sha256"] for n, s in json.loads((tmp_path / "other" / "fluxrecipe.json").read_text())["sources"].items()}
+    assert other["schnell"] == hashes[plain]["schnell"] and other["krea"] != hashes[plain]["krea"]
+
+
 def test_written_recipe_replays_with_a_new_parameter(plain, recipe_dir, tmp_path, schnell, krea, state_of):
     """recipe.yaml keeps `lerp:${recipe.alpha}`, so a replay can sweep alpha again like the original."""
     shutil.copy(plain / "recipe.yaml", recipe_dir / "replay.yaml")
