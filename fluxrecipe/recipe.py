@@ -349,8 +349,10 @@ def _loras(value: Any, here: "_Locator") -> dict[str, LoraSpec]:
         for k in ("path", "repo", "file", "revision"):
             if spec.get(k) is not None and (not isinstance(spec[k], str) or not spec[k]):
                 raise RecipeError(f"{here.at(('loras', name, k))}: {k} of LoRA {name!r} must be text, got {spec[k]!r}")
-        if (spec.get("path") is None) == (spec.get("repo") is None):
-            raise RecipeError(f"{where}: LoRA {name!r} needs exactly one of path (a local file) or repo (with file: the file in it)")
+        if spec.get("path") is None and spec.get("repo") is None:
+            raise RecipeError(f"{where}: LoRA {name!r} has no file: give its path (recipe.loras.{name}.path=FILE) or a hub repo and the file in it")
+        if spec.get("path") is not None and spec.get("repo") is not None:
+            raise RecipeError(f"{where}: LoRA {name!r} gives both path and repo: give one")
         if spec.get("repo") is not None and spec.get("file") is None:
             raise RecipeError(f"{where}: LoRA {name!r} names repo {spec['repo']!r} but no file: give the .safetensors file in it (file: NAME.safetensors)")
         if spec.get("path") is not None and (spec.get("file") is not None or spec.get("revision") is not None):

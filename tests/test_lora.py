@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import config_of, load_state, run_recipe, save_sharded, tiny_config
+from conftest import config_of, load_state, merge, run_recipe, save_sharded, tiny_config
 from flux_layouts import COMFY, DOUBLE, FINAL_MOD, blocks, diffusers_to_bfl, fuse, linear_modules
 from fluxrecipe.errors import PlanError, RecipeError, SourceError, UsageError
 
@@ -415,12 +415,13 @@ def test_extraction_recovers_a_low_rank_difference_and_loads_in_diffusers(recipe
 
 
 def test_kohya_output_holds_the_fused_difference_and_bakes_back(recipe_dir, tmp_path, tuned):
-    """format=lora: kohya keys on BFL's modules with an alpha (= rank): each up @ down is the difference of the
-    BFL module's rows (the final layer in BFL's order); rank 9 holds the 3 fused q/k/v differences of rank 3
-    exactly, and baking the file into the base gives the tuned model back."""
+    """The built-in extract_lora recipe (format=lora): kohya keys on BFL's modules with an alpha (= rank): each
+    up @ down is the difference of the BFL module's rows (the final layer in BFL's order); rank 12 holds the
+    fused q/k/v (3 differences of rank 3) and linear1 (4) exactly, and baking the file into the base gives
+    the tuned model back."""
     base, model = tuned
     out = tmp_path / "kohya.safetensors"
-    result = extract(recipe_dir, out, tuned, "format=lora", "lora_rank=12")
+    result = merge(["recipe=extract_lora", f"recipe.sources.tuned={model}", f"recipe.sources.base={base}", "recipe.dtype=fp32", "lora_rank=12", f"output={out}", "progress=false"])
     assert max(result.lora_errors.values()) < 1e-5
     written = load_file(out)
     diff = {k: v - load_state(base)[k] for k, v in load_state(model).items()}
@@ -576,3 +577,13 @@ def test_nan_in_a_lora_stops_the_merge(recipe_dir, tmp_path, krea, formats):
     save_file(tensors, path)
     out = tmp_path / "out"
     refused(SourceError, "lora 'n': tensor 'double_blocks.1.processor.proj_lora2.up.weight'", lambda: bake(recipe_dir, out, krea, {"n": str(path)}), out)
+
+
+def test_bake_lora_recipe(tmp_path, krea, state_of, formats):
+    """The built-in bake_lora recipe: a model and one LoRA from the command line."""
+    path, lora, ratio, *_ = formats["onetrainer"]
+    out = tmp_path / "out"
+    merge(["recipe=bake_lora", f"recipe.sources.model={krea}", f"recipe.loras.lora.path={path}", "recipe.loras.lora.strength=0.7", f"output={out}", "progress=false"])
+    assert_baked(load_state(out), state_of(krea), reference(state_of(krea), [(lora, ratio, 0.7)]), changed_keys(lora))
+    with pytest.raises(RecipeError, match=r"LoRA 'lora' has no file: give its path \(recipe.loras.lora.path=FILE\)"):
+        merge(["recipe=bake_lora", f"recipe.sources.model={krea}", f"output={tmp_path / 'x'}", "progress=false"])
