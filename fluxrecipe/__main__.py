@@ -27,7 +27,7 @@ EXIT_INTERRUPTED = 130
 
 
 # `python -m fluxrecipe COMMAND ...`: commands beside the merge itself, each a module with main(argv) -> int.
-COMMANDS = {"verify": "fluxrecipe.verify", "summary": "fluxrecipe.sweep"}
+COMMANDS = {"verify": "fluxrecipe.verify", "summary": "fluxrecipe.sweep", "methods": "fluxrecipe.methods"}
 
 
 def main() -> None:

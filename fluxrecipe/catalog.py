@@ -16,6 +16,8 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from .schedule import string_keys
+
 PACKAGE = Path(__file__).resolve().parent
 RECIPE_PATH_ENV = "FLUXRECIPE_RECIPE_PATH"
 
@@ -57,6 +59,8 @@ def register_recipes() -> dict[str, Path]:
             node = OmegaConf.load(path)
         except (yaml.YAMLError, OSError, ValueError) as e:
             node = OmegaConf.create({"__load_error__": f"not a valid YAML file: {e}".replace("${", "$ {")})
+        if isinstance(node, DictConfig):  # {double_blocks: {7: ...}}: as '7', which `recipe.alpha.double_blocks.7=...` finds
+            node = OmegaConf.create(string_keys(OmegaConf.to_container(node, resolve=False)))
         if isinstance(node, DictConfig) and "defaults" in node:
             # Hydra would act on it: pull other configs in at any package (`/recipe@_global_: x` puts a file's
             # `hydra.callbacks` at the top, and Hydra instantiates those), so a recipe could run code.

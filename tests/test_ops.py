@@ -141,4 +141,4 @@ def test_parse_op(text, call):
 
 
 def test_every_registered_op_is_covered():
-    assert set(OPS) == {"take", "average", "lerp", "weighted", "add_difference", "drop"}
+    assert set(OPS) == {"take", "average", "lerp", "weighted", "add_difference", "drop", "slerp", "task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "train_difference"}
