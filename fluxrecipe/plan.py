@@ -441,7 +441,7 @@ def _brief(value: Any) -> str:
     if not isinstance(value, (list, dict)):
         return str(value)
     text = str(schedule.parse(value))
-    return text if len(text) <= 60 else "per block (values under the rules)"
+    return text if len(text) <= 80 else "per block (values under the rules)"
 
 
 def _op_text(rule: Rule) -> str:

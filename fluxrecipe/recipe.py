@@ -410,16 +410,20 @@ def _compose(file: str | None):
 
 
 def _line(node, path: tuple) -> int | None:
-    """1-based line of `path` in a composed YAML node tree, or None where the file does not hold it."""
+    """1-based line of `path` in a composed YAML node tree (a mapping entry's: its key's, where a block value
+    such as a schedule's mapping begins on the next line), or None where the file does not hold it."""
     if node is None:
         return None
+    line = node.start_mark.line
     for part in path:
         if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == str(part)), None)
+            key, node = next(((k, v) for k, v in node.value if k.value == str(part)), (None, None))
+            line = key.start_mark.line if key is not None else line
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
+            line = node.start_mark.line
         else:
             node = None
         if node is None:
             return None
-    return node.start_mark.line + 1
+    return line + 1

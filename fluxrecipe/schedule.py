@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from .formats.flux import EMBEDDERS, block_of
+from .formats.flux import EMBEDDERS, block_of, block_order
 
 EMBEDDER_BLOCKS = tuple(name for _, name in EMBEDDERS)  # img_in, time_in, guidance_in, vector_in, txt_in
 FINAL_LAYER = "final_layer"
@@ -232,6 +232,7 @@ def check_against(value: Any, keys: Iterable[str], blocks: Blocks) -> None:
             except ValueError:
                 missing[block] = key
     if missing:
+        missing = dict(sorted(missing.items(), key=lambda item: block_order(item[0])))
         shown = ", ".join(list(missing)[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ValueError(f"gives no value for {shown} (e.g. key '{next(iter(missing.values()))}'): name them, or add a default")
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 SLICE = 1 << 16  # elements per slice of work; a multiple of segments.SEGMENT, so slices cut no segment
 COLLINEAR = 0.9995  # slerp: above this |cos| the tensors are too close to parallel; lerp instead
+CANCEL = 1e-6  # model stock: below this 1 + (N - 1) cos the task vectors cancel out; the base
 HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16  # TIES: bins of the high 16 bits of |tau|'s float32 pattern (sign 0), then the low 16
 # SplitMix64 (Steele, Lea, Flood 2014) in signed int64 arithmetic: its increment and multipliers.
 GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -179,16 +180,15 @@ def _histogram(values: Tensor, bins: int) -> tuple[Tensor | None, Tensor]:
     return None, torch.bincount(values, minlength=bins)
 
 
-def _add_histograms(state: list | None, partial: list[list[tuple]], bins: int) -> list:
+def _add_histograms(state: list | None, partial: list[tuple], bins: int) -> list:
     import torch
 
     state = [torch.zeros(bins, dtype=torch.int64) for _ in partial] if state is None else state
-    for counts, pieces in zip(state, partial):
-        for found, n in pieces:
-            if found is None:
-                counts += n.cpu()
-            else:
-                counts.index_add_(0, found.cpu(), n.cpu())
+    for counts, (found, n) in zip(state, partial):
+        if found is None:
+            counts += n.cpu()
+        else:
+            counts.index_add_(0, found.cpu(), n.cpu())
     return state
 
 
@@ -206,12 +206,9 @@ def _kept_count(density: float, n: int) -> int:
     return math.ceil(Fraction(f"{density:.12g}") * n)
 
 
-def _high_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) -> list[list[tuple]]:
-    parts: list[list[tuple]] = [[] for _ in xs[1:]]
-    for a, b in _slices(where.start, where.stop):
-        for collected, bits in zip(parts, _magnitudes([x[a - where.start : b - where.start] for x in xs])):
-            collected.append(_histogram(bits >> 16, HIGH_BINS))
-    return parts
+def _high_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) -> list[tuple]:
+    """Per task vector: a histogram of the high 16 bits of |tau| (exact counts, whatever the chunking)."""
+    return [_histogram(bits >> 16, HIGH_BINS) for bits in _magnitudes(xs)]
 
 
 def _high_result(state: list, params: dict) -> tuple[tuple[int, int], ...]:
@@ -219,16 +216,13 @@ def _high_result(state: list, params: dict) -> tuple[tuple[int, int], ...]:
     return tuple(_kth_largest_bin(counts, _kept_count(params["density"], int(counts.sum()))) for counts in state)
 
 
-def _low_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) -> tuple[tuple, list[list[tuple]]]:
-    """Per task vector: the low 16 bits of the |tau| whose high 16 bits are those of the k-th largest."""
-    parts: list[list[tuple]] = [[] for _ in xs[1:]]
-    for a, b in _slices(where.start, where.stop):
-        for collected, bits, (high, _) in zip(parts, _magnitudes([x[a - where.start : b - where.start] for x in xs]), stats[0]):
-            collected.append(_histogram(bits[(bits >> 16) == high] & 0xFFFF, LOW_BINS))
+def _low_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) -> tuple[tuple, list[tuple]]:
+    """Per task vector: a histogram of the low 16 bits of the |tau| whose high 16 bits are the k-th largest's."""
+    parts = [_histogram(bits[(bits >> 16) == high] & 0xFFFF, LOW_BINS) for bits, (high, _) in zip(_magnitudes(xs), stats[0])]
     return stats[0], parts
 
 
-def _low_fold(state: tuple | None, partial: tuple[tuple, list[list[tuple]]]) -> tuple[tuple, list]:
+def _low_fold(state: tuple | None, partial: tuple[tuple, list[tuple]]) -> tuple[tuple, list]:
     highs, parts = partial
     return highs, _add_histograms(state[1] if state else None, parts, LOW_BINS)
 
@@ -286,14 +280,17 @@ def uniform_bits(stream: int, start: int, stop: int, device: Any = None) -> Tens
     import torch
 
     z = torch.arange(start + 1, stop + 1, dtype=torch.int64, device=device).mul_(GAMMA).add_(stream)
-    z = (z ^ _shift_right(z, 30)).mul_(MIX1)
-    z = (z ^ _shift_right(z, 27)).mul_(MIX2)
-    return _shift_right(z ^ _shift_right(z, 31), 64 - UNIFORM_BITS)
+    shifted = torch.empty_like(z)
+    for bits, multiplier in ((30, MIX1), (27, MIX2), (31, 1)):
+        z.bitwise_xor_(_shift_right(z, bits, shifted)).mul_(multiplier)
+    return _shift_right(z, 64 - UNIFORM_BITS, shifted)
 
 
-def _shift_right(z: Tensor, bits: int) -> Tensor:
-    """A logical shift of int64 (torch's >> is arithmetic on signed values)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
+def _shift_right(z: Tensor, bits: int, out: Tensor) -> Tensor:
+    """A logical shift of int64 into `out` (torch's >> is arithmetic on signed values)."""
+    import torch
+
+    return torch.bitwise_right_shift(z, bits, out=out).bitwise_and_((1 << (64 - bits)) - 1)
 
 
 def dropped_below(p: float) -> int:
@@ -344,7 +341,8 @@ def _stock_products(xs: list[Tensor]) -> list[Tensor]:
 
 def _stock_ratio(sums: tuple[float, ...], params: dict) -> float:
     """t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the N task vectors (0 for a pair with a
-    zero vector); 0 where the denominator is (the task vectors cancel out)."""
+    zero vector). Where the task vectors cancel out (cos = -1/(N - 1): the denominator below 1e-6, where t
+    diverges), t = 0: the base."""
     n = (math.isqrt(8 * len(sums) + 1) - 1) // 2
     at = {}
     for i in range(n):
@@ -353,10 +351,10 @@ def _stock_ratio(sums: tuple[float, ...], params: dict) -> float:
     cosines = [max(-1.0, min(1.0, at[i, j] / math.sqrt(at[i, i] * at[j, j]))) if at[i, i] and at[j, j] else 0.0 for i in range(n) for j in range(i + 1, n)]
     cos = math.fsum(cosines) / len(cosines)
     denominator = 1.0 + (n - 1) * cos
-    return n * cos / denominator if denominator else 0.0
+    return n * cos / denominator if denominator >= CANCEL else 0.0
 
 
-@op(inputs=(3, None), formula="t * mean(x2, x3, ...) + (1 - t) * base, t = N cos / (1 + (N - 1) cos), cos = mean pairwise cosine of the N task vectors, per tensor", passes=(_segment_sums(_stock_products, _stock_ratio),))
+@op(inputs=(3, None), formula="t * mean(x2, x3, ...) + (1 - t) * base, t = N cos / (1 + (N - 1) cos), cos = mean pairwise cosine of the N task vectors, per tensor (t = 0 where they cancel out)", passes=(_segment_sums(_stock_products, _stock_ratio),))
 def model_stock(xs: list[Tensor], stats: tuple = ()) -> Tensor:
     """Model Stock (Jang et al. 2024): the base and two or more fine-tunes of it, weighted by how their task vectors agree."""
     t, n = stats[0], len(xs) - 1
