@@ -481,7 +481,7 @@ def _run_name(first: str, last: str) -> str:
 def _number_text(value: Any) -> str:
     if isinstance(value, tuple):
         return "[" + ", ".join(_number_text(v) for v in value) + "]"
-    return f"{value:.6g}"
+    return schedule.number_text(value)
 
 
 def human_bytes(n: float) -> str:

@@ -197,7 +197,13 @@ def _text(value: Any) -> str:
         return "{" + ", ".join(f"{k}: {_text(v)}" for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_text(v) for v in value) + "]"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return number_text(value) if isinstance(value, float) else str(value)
+
+
+def number_text(value: float) -> str:
+    """A value as plans print it: 6 significant digits, and a float looks like one (1.0, not 1)."""
+    text = f"{value:.6g}"
+    return text + ".0" if text.lstrip("-").isdigit() else text
 
 
 def string_keys(value: Any) -> Any:

@@ -215,14 +215,14 @@ def test_plan_faults_name_the_parameter_s_line(tmp_path, tiny):
 
 def test_dry_run_prints_every_block_s_value_in_runs(tiny):
     text = format_plan(plan_with(tiny, {"default": 0.5, "double_blocks": {1: 0.25}, "single_blocks": [0.5, 1.0]}))
-    assert "  parameters: alpha={default: 0.5, double_blocks.1: 0.25, single_blocks: [0.5, 1]}" in text
+    assert "  parameters: alpha={default: 0.5, double_blocks.1: 0.25, single_blocks: [0.5, 1.0]}" in text
     assert "lerp{alpha: per block} over a, b" in text
     block_lines = text.split("      alpha by block:\n")[1].splitlines()[:5]
     assert [line.split() for line in block_lines] == [
         ["img_in", "..", "double_blocks.0", "0.5"],
         ["double_blocks.1", "0.25"],
         ["single_blocks.0", "0.5"],
-        ["single_blocks.1", "1"],
+        ["single_blocks.1", "1.0"],
         ["final_layer", "0.5"],
     ]
 

@@ -217,14 +217,18 @@ def _high_result(state: list, params: dict) -> tuple[tuple[int, int], ...]:
 
 
 def _low_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) -> tuple[tuple, list[tuple]]:
-    """Per task vector: a histogram of the low 16 bits of the |tau| whose high 16 bits are the k-th largest's."""
-    parts = [_histogram(bits[(bits >> 16) == high] & 0xFFFF, LOW_BINS) for bits, (high, _) in zip(_magnitudes(xs), stats[0])]
+    """Per task vector: a histogram of the low 16 bits of the |tau| whose high 16 bits are the k-th largest's
+    (every other |tau| counted in one extra bin, LOW_BINS: no data-dependent selection)."""
+    parts = []
+    for bits, (high, _) in zip(_magnitudes(xs), stats[0]):
+        other = ((bits >> 16) ^ high).clamp_(max=1)  # 0 where the high bits match, else 1
+        parts.append(_histogram(((bits & 0xFFFF) | (other << 16)).clamp_(max=LOW_BINS), LOW_BINS + 1))
     return stats[0], parts
 
 
 def _low_fold(state: tuple | None, partial: tuple[tuple, list[tuple]]) -> tuple[tuple, list]:
     highs, parts = partial
-    return highs, _add_histograms(state[1] if state else None, parts, LOW_BINS)
+    return highs, _add_histograms(state[1] if state else None, parts, LOW_BINS + 1)
 
 
 def _low_result(state: tuple, params: dict) -> tuple[float, ...]:
@@ -232,7 +236,7 @@ def _low_result(state: tuple, params: dict) -> tuple[float, ...]:
     highs, histograms = state
     thresholds = []
     for (high, rank), counts in zip(highs, histograms):
-        low, _ = _kth_largest_bin(counts, rank)
+        low, _ = _kth_largest_bin(counts[:LOW_BINS], rank)
         thresholds.append(struct.unpack("<f", struct.pack("<i", high << 16 | low))[0])
     return tuple(thresholds)
 
