@@ -2,18 +2,25 @@
 # Both create .venv on first use. TORCH names the torch to install first: the default is the CPU build on
 # machines whose pip offers it (as ours do); elsewhere, e.g.
 #   make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# A TORCH other than the one .venv holds is installed into it (the torch stamp names the TORCH it was made with).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 STAMP := $(VENV)/.installed
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
 
 .PHONY: demo test clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet $(TORCH)
-	$(VENV)/bin/pip install --quiet -e '.[test]'
-	touch $@
+$(TORCH_STAMP):
+	@test -x $(VENV)/bin/python || { echo "make: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "make: installing $(TORCH) into $(VENV) first (a few hundred MB; pip shows its progress)"
+	$(VENV)/bin/pip install --progress-bar on $(if $(wildcard $(VENV)/.torch-*),--force-reinstall --no-deps) $(TORCH)
+	@rm -f $(VENV)/.torch-* && touch $@
+
+$(STAMP): pyproject.toml $(TORCH_STAMP)
+	@echo "make: installing fluxrecipe and its dependencies (diffusers, hydra, safetensors, test tools) into $(VENV)"
+	$(VENV)/bin/pip install --progress-bar on -e '.[test]'
+	@touch $@
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m fluxrecipe recipe=demo

@@ -1,8 +1,10 @@
-"""`python -m fluxrecipe recipe=NAME [overrides]`: Hydra composes the config, run.py does the job.
+"""`python -m fluxrecipe recipe=NAME [overrides]` (or the `fluxrecipe` command): Hydra composes the config,
+run.py does the job.
 
 Errors a user can act on (FluxRecipeError) are printed as one message with a non-zero exit; `traceback=true`
-(or HYDRA_FULL_ERROR=1) shows the traceback as well. In a multirun (`-m`) a failed job is logged and recorded
-in its folder instead, so that the other jobs go on and the sweep's summary reports it (fluxrecipe.sweep); the
+(or HYDRA_FULL_ERROR=1) shows the traceback as well. A single run is checked before Hydra makes its run folder
+(run.Preflight), so a refused run writes nothing. In a multirun (`-m`) a failed job is logged and recorded in
+its folder instead, so that the other jobs go on and the sweep's summary reports it (fluxrecipe.sweep); the
 process still exits non-zero at the end.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -18,26 +21,46 @@ import threading
 import hydra
 from omegaconf import DictConfig
 
-from . import sweep
-from .catalog import conf_dir, register_recipes
-from .errors import FluxRecipeError
+from . import __version__, preview, sweep
+from .catalog import RECIPE_PATH_ENV, SUFFIXES, conf_dir, recipe_dirs, register_recipes
+from .errors import FluxRecipeError, UsageError
+from .files import os_errors
+from .run import EXIT_ERROR, fail, show_traceback, unknown_option
 
-EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+PROGRAM = "fluxrecipe"  # the console script: what Hydra's help and shell completion name
+# signals that end a run as Ctrl-C does (the partial output is removed): kill, a SLURM time limit, a closed terminal
+UNWINDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
+
+# Hydra's flags that take the next argument as their value (not an override)
+VALUE_FLAGS = {"-sc", "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package", "--info", "--experimental-rerun"}
 
 # `python -m fluxrecipe COMMAND ...`: commands beside the merge itself, each a module with main(argv) -> int.
 COMMANDS = {"verify": "fluxrecipe.verify", "summary": "fluxrecipe.sweep", "methods": "fluxrecipe.methods"}
 
 
 def main() -> None:
+    _keep_standard_streams_open()
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         module = importlib.import_module(COMMANDS[sys.argv[1]])
         sys.exit(module.main(sys.argv[2:]))
+    if "--version" in sys.argv[1:]:
+        print(f"{PROGRAM} {__version__}")
+        sys.exit(0)
+    sys.argv[0] = PROGRAM  # `python -m fluxrecipe` too: Hydra's --hydra-help and -sc name the installed command
+    try:
+        with os_errors():
+            recipe_dirs()  # a folder named in FLUXRECIPE_RECIPE_PATH that is not there: said before Hydra starts
+            sys.argv[1:] = command_line(sys.argv[1:])
+    except FluxRecipeError as e:
+        fail(e, "traceback=true" in sys.argv)
+    sys.argv[1:] = preview.expand_switch(sys.argv[1:])
     if sweep.is_multirun(sys.argv):
         sys.argv[1:] = sweep.defer_recipe_overrides(sys.argv[1:])
     register_recipes()
-    signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C, so the partial output is removed
+    for sig in UNWINDING_SIGNALS:
+        signal.signal(sig, _terminate)
     try:
         hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)()
     except KeyboardInterrupt:
@@ -47,37 +70,81 @@ def main() -> None:
         sys.exit(EXIT_ERROR)
 
 
+def command_line(args: list[str]) -> list[str]:
+    """The overrides as Hydra should see them, and the mistakes Hydra would answer with a page of text:
+    - `recipe=PATH.yaml` runs that file: its folder goes first on FLUXRECIPE_RECIPE_PATH, the override
+      becomes `recipe=NAME`;
+    - `recipe=2024` (a file 2024.yaml) is a name, not a number;
+    - `dryrun=true` or `+dryrun=true`: an option fluxrecipe does not have, named with the closest it has."""
+    out = []
+    for previous, arg in zip([None, *args], args):
+        m = re.fullmatch(r"(\+{0,2})([A-Za-z_][\w-]*)=(.*)", arg, re.S) if previous not in VALUE_FLAGS else None
+        if m and m[2] != "hydra" and (message := unknown_option(m[2])):
+            raise UsageError(message)
+        if m and m[1] == "" and m[2] == "recipe" and not re.match(r"\w+\(", m[3]):  # not a sweep function
+            arg = "recipe=" + ",".join(_recipe_choice(v) for v in m[3].split(","))
+        out.append(arg)
+    return out
+
+
+def _recipe_choice(value: str) -> str:
+    if value.endswith(SUFFIXES) or "/" in value:
+        path = os.path.abspath(os.path.expanduser(value))
+        if not os.path.isfile(path):
+            raise UsageError(f"recipe={value}: no such recipe file ({path})")
+        if not path.endswith(SUFFIXES):
+            raise UsageError(f"recipe={value}: a recipe file's name ends with .yaml")
+        folder, name = os.path.split(path)
+        os.environ[RECIPE_PATH_ENV] = os.pathsep.join(p for p in (folder, os.environ.get(RECIPE_PATH_ENV, "")) if p)
+        value = os.path.splitext(name)[0]
+    return f"'{value}'" if re.fullmatch(r"[\w-]+", value) and not re.fullmatch(r"[A-Za-z_][\w-]*", value) else value
+
+
+def _keep_standard_streams_open() -> None:
+    """A closed stdin, stdout or stderr (`2>&-`) gets /dev/null: otherwise the next file opened (an output
+    shard) would take its number, and anything written to stderr would land in it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # takes the lowest free number: this one
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
+
+
 def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def _terminate_unwinds():
-    """SIGTERM unwinds a job like Ctrl-C (its partial output is removed) in a process of its own as well:
-    a joblib worker, a submitit or SLURM job (which SLURM ends with SIGTERM at its time limit)."""
+    """SIGTERM and SIGHUP unwind a job like Ctrl-C (its partial output is removed) in a process of its own as
+    well: a joblib worker, a submitit or SLURM job (which SLURM ends with SIGTERM at its time limit)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {sig: signal.signal(sig, _terminate) for sig in UNWINDING_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _task(cfg: DictConfig):
-    from .run import run_job
+    from . import job  # the merge, then its previews and keep_weights
 
-    show_traceback = bool(cfg.get("traceback")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     if sweep.in_multirun():
         with _terminate_unwinds():
-            return sweep.run_recorded(cfg, run_job, show_traceback)
+            return sweep.run_recorded(cfg, job.run, show_traceback(cfg))
     try:
-        return run_job(cfg)
+        return job.run(cfg)
     except FluxRecipeError as e:
-        if show_traceback:
-            raise
-        print(f"fluxrecipe: error: {e}", file=sys.stderr)
+        fail(e, show_traceback(cfg))
+    except BrokenPipeError:  # stdout is a pipe whose reader is gone (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_ERROR)
 
 

@@ -18,10 +18,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import OmegaConf
 
 from . import package
+from .catalog import load_recipe_file
 from .errors import RecipeError, UsageError
 from .formats import OUTPUT_FORMATS
 from .options import Options
@@ -30,7 +30,6 @@ from .recipe import FORMATS, Recipe, load_recipe as _load_node
 from .sources import open_source
 from .writer import atomic_output, check_target
 
-MAX_RECIPE_BYTES = 1 << 20
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
@@ -41,14 +40,10 @@ def load_recipe(recipe: str | Path | dict, name: str | None = None, sources: dic
         data = recipe
     else:
         file = Path(recipe).expanduser()
-        try:
-            if file.stat().st_size > MAX_RECIPE_BYTES:
-                raise RecipeError(f"{file}: a recipe of {file.stat().st_size} bytes is larger than the {MAX_RECIPE_BYTES} bytes a recipe may have")
-            data = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise RecipeError(f"{file}: cannot read the recipe: {e.strerror}") from None
-        except (yaml.YAMLError, ValueError) as e:
-            raise RecipeError(f"{file}: not a valid YAML file: {e}") from None
+        node = load_recipe_file(file)  # bounded: size, alias expansion, only a regular file
+        if "__load_error__" in node:
+            raise RecipeError(f"{file}: {node['__load_error__']}")
+        data = OmegaConf.to_container(node, resolve=False)
     if not isinstance(data, dict):
         raise RecipeError(f"{file or 'recipe'}: a recipe is a mapping of fields")
     data = {**data, **params}
@@ -105,9 +100,10 @@ def write(plan: Plan, output: str | Path, options: Options | None = None):
     target = check_output(plan, output, options.overwrite)
     check_device(options.device)
     local = [s.name for s in plan.sources if "path" in s.origin]
+    recorded = package.as_recorded(plan, target)
     with atomic_output(target, options.overwrite, plan.files[0].name if plan.single_file else None) as folder:
-        result = execute(plan, folder, options, package.file_metadata(plan), package.header_size(plan), hash_sources=local)
-        package.finish(plan, result, folder)
+        result = execute(plan, folder, options, package.file_metadata(recorded), package.header_size(recorded), hash_sources=local)
+        package.finish(recorded, result, folder)
     result.output = target
     result.bytes_written = sum(r.size for r in result.files.values())
     return result

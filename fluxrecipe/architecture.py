@@ -4,6 +4,11 @@ The model is built on torch's meta device, so this costs no memory and no weight
 answer, not a list kept by hand, and it holds for every diffusers model class, not only FLUX. Importing
 diffusers and torch takes seconds on a small machine, longer than planning, so each answer is kept in the
 fluxrecipe cache, keyed by the diffusers version and the config, and later runs read it from there.
+
+A config comes from a stranger's file or recipe, so it is checked before anything is built from it: every
+value has the type the model class declares (`guidance_embeds: 'false'` is text, and text is true), and its
+sizes are bounded by the shapes a FLUX transformer can have (FLUX.1: 19 double and 38 single blocks, widths
+of a few thousand), so that a config of 20000 layers cannot make the planner build a huge model.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import re
+import types
+import typing
 from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +26,12 @@ from typing import Any
 
 from .demo import cache_root
 from .errors import PlanError
+from .files import read_small
 from .writer import replace_json
+
+MAX_BLOCKS = 100  # of one kind (a count field such as num_layers); FLUX.1 has 19 double and 38 single blocks
+MAX_SIZE = 1 << 16  # any other whole number of a config (a width, a channel count); FLUX.1's largest is 4096
+COUNT_FIELD = re.compile(r"num_\w*(layers|blocks)|layers_per_block")
 
 
 def model_class(config: dict[str, Any], where: str) -> type:
@@ -36,14 +49,81 @@ def config_fields(config: dict[str, Any], where: str) -> set[str]:
     return set(inspect.signature(model_class(config, where).__init__).parameters) - {"self"}
 
 
+def check_config(config: dict[str, Any], where: str) -> None:
+    """Every value the model class takes has the type it declares, and sizes are within FLUX's bounds."""
+    cls = model_class(config, where)
+    hints = _type_hints(cls)
+    for name, value in config.items():
+        if name.startswith("_"):
+            continue
+        if name in hints and not _fits(value, hints[name]):
+            raise PlanError(f"{where}: {name} is {json.dumps(value)} ({type(value).__name__}), but {cls.__name__} takes {_type_name(hints[name])}")
+        for number in _whole_numbers(value):
+            limit = MAX_BLOCKS if COUNT_FIELD.fullmatch(name) else MAX_SIZE
+            if abs(number) > limit:
+                raise PlanError(f"{where}: {name} is {json.dumps(value)}: more than the {limit} a FLUX transformer can have")
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - an annotation diffusers cannot resolve itself: check by the defaults instead
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: type(p.default) for p in params if p.default not in (None, inspect.Parameter.empty)}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value is of the declared type (float takes an integer; a tuple or list is a JSON list)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    return True  # a type JSON cannot spell (Any, a class): not checked here
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return f"a list ({str(hint).replace('typing.', '')})" if typing.get_origin(hint) in (tuple, list) else str(hint)
+
+
+def _whole_numbers(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    return [n for v in value for n in _whole_numbers(v)] if isinstance(value, list) else []
+
+
 def expected_parameters(config: dict[str, Any], where: str) -> dict[str, tuple[int, ...]]:
-    """Every parameter name -> shape that a model built from `config` holds (from the cache when known)."""
-    key = hashlib.sha256(json.dumps({"diffusers": metadata.version("diffusers"), "config": config}, sort_keys=True).encode()).hexdigest()
+    """Every parameter name -> shape that a model built from `config` holds (from the cache when known: a
+    config found there was checked when it was built)."""
+    # "checked": entries cached before check_config existed are not taken for checked ones
+    key = hashlib.sha256(json.dumps({"diffusers": metadata.version("diffusers"), "config": config, "checked": 1}, sort_keys=True).encode()).hexdigest()
     cached = cache_root() / "architectures" / f"{key}.json"
     try:
-        return {k: tuple(v) for k, v in json.loads(cached.read_text()).items()}
-    except (OSError, ValueError, AttributeError):
-        pass
+        shapes = json.loads(read_small(cached))
+        if isinstance(shapes, dict) and all(isinstance(v, list) and all(isinstance(d, int) for d in v) for v in shapes.values()):
+            return {k: tuple(v) for k, v in shapes.items()}
+    except (OSError, ValueError, RecursionError):
+        pass  # not cached yet, or a damaged entry: build it again and replace it
+    check_config(config, where)
     shapes = _build_on_meta(config, where)
     _store(cached, shapes)
     return shapes

@@ -1,25 +1,40 @@
 """Where recipe files and Hydra's config come from: the package (or the checkout), plus the user's folders.
 
-Recipe files are registered into Hydra's `recipe` config group through the ConfigStore, so a flat folder of
-YAML files is a group, and `FLUXRECIPE_RECIPE_PATH` (folders separated by os.pathsep) adds the user's own.
-A user recipe shadows a built-in one of the same name; among user folders, the first listed wins.
-A file that is not valid YAML is still registered, as a note of its error, so that choosing it gives that
-error and choosing any other recipe is not affected.
+Recipe files form Hydra's `recipe` config group through a config source of their own (`RecipeSource`), so a
+flat folder of YAML files is a group, `FLUXRECIPE_RECIPE_PATH` (folders separated by os.pathsep) adds the
+user's own, and `recipe=PATH.yaml` runs one file by its path. A user recipe shadows a built-in one of the same
+name; among user folders, the first listed wins.
+
+Recipes are files from strangers, so they are loaded lazily and within bounds: listing the group (for
+`--help` or tab completion) reads no file; only the chosen recipe is parsed, and a file that is too large,
+not UTF-8, not YAML, or whose YAML aliases would expand past a limit is registered as a note of its error,
+so that choosing it gives that error in one line and choosing any other recipe is not affected.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
-from hydra.core.config_store import ConfigStore
+from hydra.core.object_type import ObjectType
+from hydra.core.plugins import Plugins
+from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import UsageError
+from .files import os_error_text, read_small
 from .schedule import string_keys
 
 PACKAGE = Path(__file__).resolve().parent
 RECIPE_PATH_ENV = "FLUXRECIPE_RECIPE_PATH"
+GROUP = "recipe"
+SUFFIXES = (".yaml", ".yml")
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a megabyte is a thousand rules
+MAX_RECIPE_NODES = 20_000  # YAML values once aliases are expanded (a 300-byte alias bomb expands to billions)
 
 
 def _packaged_or_checkout(packaged: str, checkout: str) -> Path:
@@ -37,33 +52,116 @@ def builtin_recipe_dir() -> Path:
 
 
 def recipe_dirs() -> list[Path]:
-    """In order of precedence, highest first: the user's folders, then the built-in recipes."""
+    """In order of precedence, highest first: the user's folders, then the built-in recipes. A folder named
+    in FLUXRECIPE_RECIPE_PATH that is not there is an error, not a silence."""
     user = [Path(p).expanduser() for p in os.environ.get(RECIPE_PATH_ENV, "").split(os.pathsep) if p.strip()]
+    for folder in user:
+        if not folder.is_dir():
+            raise UsageError(f"{RECIPE_PATH_ENV} names {folder}, which is not a folder" + (" (it does not exist)" if not folder.exists() else ""))
     return user + [builtin_recipe_dir()]
 
 
 def recipe_files() -> dict[str, Path]:
-    """Recipe name -> the file that defines it (the highest-precedence one)."""
+    """Recipe name -> the file that defines it (the highest-precedence one). Reads no file."""
     found: dict[str, Path] = {}
     for folder in reversed(recipe_dirs()):
-        for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
-            found[path.stem] = path.resolve()
+        for suffix in reversed(SUFFIXES):  # .yaml wins over .yml of the same name
+            for path in sorted(folder.glob("*" + suffix)):
+                found[path.stem] = path.resolve()
     return found
 
 
-def register_recipes() -> dict[str, Path]:
-    files = recipe_files()
-    store = ConfigStore.instance()
-    for name, path in files.items():
-        try:
-            node = OmegaConf.load(path)
-        except (yaml.YAMLError, OSError, ValueError) as e:
-            node = OmegaConf.create({"__load_error__": f"not a valid YAML file: {e}".replace("${", "$ {")})
-        if isinstance(node, DictConfig):  # {double_blocks: {7: ...}}: as '7', which `recipe.alpha.double_blocks.7=...` finds
-            node = OmegaConf.create(string_keys(OmegaConf.to_container(node, resolve=False)))
-        if isinstance(node, DictConfig) and "defaults" in node:
-            # Hydra would act on it: pull other configs in at any package (`/recipe@_global_: x` puts a file's
-            # `hydra.callbacks` at the top, and Hydra instantiates those), so a recipe could run code.
-            node = OmegaConf.create({"__load_error__": "a recipe may not have a `defaults` list (Hydra would compose other configs from it); remove it"})
-        store.store(group="recipe", name=name, node=node, provider="fluxrecipe")
-    return files
+def load_recipe_file(path: Path) -> DictConfig:
+    """A recipe file as a config node, or a node holding only `__load_error__` (see recipe.load_recipe)."""
+    try:
+        text = read_small(path, MAX_RECIPE_BYTES).decode("utf-8")
+    except OSError as e:
+        return _error_node(f"cannot read it: {os_error_text(e)}")
+    except UnicodeDecodeError as e:
+        return _error_node(f"not a valid YAML file: not utf-8 text ({e})")
+    try:
+        nodes = _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader))
+        if nodes > MAX_RECIPE_NODES:
+            return _error_node(f"its YAML expands to more than {MAX_RECIPE_NODES} values (anchors and aliases?): a recipe is far smaller")
+        node = OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as e:
+        return _error_node(f"not a valid YAML file: {e}")
+    except RecursionError:
+        return _error_node("not a valid YAML file: nested too deeply")
+    except Exception as e:  # noqa: BLE001 - whatever OmegaConf refuses (a key that is not text, ...) is the file's fault
+        return _error_node(f"not a valid recipe file: {type(e).__name__}: {e}")
+    if isinstance(node, DictConfig):  # {double_blocks: {7: ...}}: as '7', which `recipe.alpha.double_blocks.7=...` finds
+        node = OmegaConf.create(string_keys(OmegaConf.to_container(node, resolve=False)))
+    if isinstance(node, DictConfig) and "defaults" in node:
+        # Hydra would act on it: pull other configs in at any package (`/recipe@_global_: x` puts a file's
+        # `hydra.callbacks` at the top, and Hydra instantiates those), so a recipe could run code.
+        return _error_node("a recipe may not have a `defaults` list (Hydra would compose other configs from it); remove it")
+    return node
+
+
+def _expanded_size(root: yaml.Node | None) -> int:
+    """How many values the YAML tree holds once every alias is expanded; stops counting past the limit (so a
+    recursive alias is caught too)."""
+    count, stack = 0, [root] if root is not None else []
+    while stack and count <= MAX_RECIPE_NODES:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(v for pair in node.value for v in pair)
+    return count
+
+
+def _error_node(message: str) -> DictConfig:
+    return OmegaConf.create({"__load_error__": message.replace("${", "$ {")})
+
+
+class RecipeSource(ConfigSource):
+    """Hydra's `recipe` group, read from the recipe folders: listing reads no file, loading parses one."""
+
+    @staticmethod
+    def scheme() -> str:
+        return "fluxrecipe"
+
+    def available(self) -> bool:
+        return True
+
+    def is_group(self, config_path: str) -> bool:
+        return config_path.strip("/") in ("", GROUP)
+
+    def is_config(self, config_path: str) -> bool:
+        return self._name(config_path) in recipe_files()
+
+    def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
+        path = config_path.strip("/")
+        if path == GROUP and results_filter in (None, ObjectType.CONFIG):
+            return sorted(recipe_files())
+        if path == "" and results_filter in (None, ObjectType.GROUP):
+            return [GROUP]
+        return []
+
+    def load_config(self, config_path: str) -> ConfigResult:
+        file = recipe_files().get(self._name(config_path))
+        if file is None:
+            raise ConfigLoadError(f"recipe not found: {config_path}")
+        return ConfigResult(config=load_recipe_file(file), path=f"{self.scheme()}://{file.parent}", provider=self.provider, header={"package": None})
+
+    @staticmethod
+    def _name(config_path: str) -> str | None:
+        group, _, name = config_path.strip("/").partition("/")
+        if group != GROUP or "/" in name:
+            return None
+        return name[: -len(".yaml")] if name.endswith(".yaml") else name
+
+
+class RecipeSearchPath(SearchPathPlugin):
+    def manipulate_search_path(self, search_path: Any) -> None:
+        search_path.append(provider="fluxrecipe", path=f"{RecipeSource.scheme()}://{GROUP}")
+
+
+def register_recipes() -> None:
+    """Make Hydra see the recipe group (idempotent; Hydra's launchers carry it into their worker processes)."""
+    plugins = Plugins.instance()
+    plugins.register(RecipeSource)
+    plugins.register(RecipeSearchPath)

@@ -28,3 +28,7 @@ class PlanError(FluxRecipeError):
 
 class OutputError(FluxRecipeError):
     """The output cannot be written: folder exists, no space, write failure, non-finite values."""
+
+
+class FileError(FluxRecipeError):
+    """The operating system refused a file operation: permissions, a read-only disk, a name too long, a full disk."""

@@ -233,18 +233,15 @@ class _Run:
     def _compute(self, chunk: _Chunk) -> _Done:
         step = chunk.step
         raws = [self.reader.read(ref, chunk.start, chunk.stop) for ref in step.inputs]
+        xs = [self._decode(raw, ref) for raw, ref in zip(raws, step.inputs)]
         done = _Done()
+        if chunk.kind == "stat":
+            done.partial = OPS[step.op].passes[chunk.pass_index].partial(xs, _where(step, chunk), self.stats[step.key], step.values)
+            return done
+        self._check_inputs(step, xs, done)
         if chunk.kind == "value" and step.copies_bytes:
-            xs = [self._decode(raws[0], step.inputs[0])]
-            self._check_inputs(step, xs, done)
-            done.data = raws[0]
-            merged = rounded = xs[0]
+            done.data, rounded = raws[0], xs[0]
         else:
-            xs = [self._decode(raw, ref) for raw, ref in zip(raws, step.inputs)]
-            if chunk.kind == "stat":
-                done.partial = OPS[step.op].passes[chunk.pass_index].partial(xs, _where(step, chunk), self.stats[step.key], step.values)
-                return done
-            self._check_inputs(step, xs, done)
             merged = self._apply(step, xs, chunk)
             if chunk.kind == "absmax":
                 finite = merged[torch.isfinite(merged)]
@@ -253,7 +250,9 @@ class _Run:
             scale = self.result.scales.get(chunk.tensor.name)
             encoded, done.clamped = self._encode(step, merged, scale, done)
             done.data = encoded.cpu().view(torch.uint8)
-            rounded = encoded.float() if scale is None else encoded.float() * scale
+            rounded = None
+            if self.options.diagnostics:  # the written values, upcast only when they are compared
+                rounded = encoded.float() if scale is None else encoded.float() * scale
         if self.options.diagnostics:
             n = step.numel
             for x in xs:

@@ -7,7 +7,10 @@ huggingface_hub always takes them (`hf auth login`, HF_TOKEN, HF_HOME, HF_HUB_CA
 
 from __future__ import annotations
 
+import logging
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
@@ -38,15 +41,18 @@ TRANSFORMER_SUBFOLDER = "transformer"
 def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> tuple[Path, dict[str, str]]:
     """The local folder holding `repo`'s transformer files, and the provenance (repo, revision, commit)."""
     where = f"source '{name}': hub repo '{repo}'" + (f" at revision '{revision}'" if revision else "")
+    _log_once()
+    local_only = not _reachable()
     try:
         if subfolder is None:
-            subfolder = _find_subfolder(repo, revision)
+            subfolder = _find_subfolder(repo, revision, local_only)
         prefix = f"{subfolder.strip('/')}/" if subfolder else ""
         snapshot = Path(
             snapshot_download(
                 repo,
                 revision=revision,
                 allow_patterns=[f"{prefix}*.json", f"{prefix}*.safetensors"],
+                local_files_only=local_only,
             )
         )
     except GatedRepoError:
@@ -65,7 +71,13 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
         raise SourceError(f"{where} has been disabled by its owner or the hub and cannot be downloaded") from None
     except IncompleteSnapshotError as e:
         raise SourceError(f"{where}: the cached copy is incomplete ({e}); run again with a network connection to complete it, or `{_download_hint(repo, revision, subfolder)}`") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        status = _http_status(e)
+        if status is not None:  # the hub was reached and answered with an error, and nothing is cached
+            raise SourceError(
+                f"{where}: the hub answered HTTP {status}" + (" (a server error on its side: try again later)" if status >= 500 else "")
+                + f", and the repo is not in the local cache ({constants.HF_HUB_CACHE})"
+            ) from None
         offline = constants.HF_HUB_OFFLINE
         raise SourceError(
             f"{where} is not in the local cache ({constants.HF_HUB_CACHE})"
@@ -75,8 +87,12 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
         ) from None
     except HFValidationError as e:
         raise SourceError(f"{where}: {e}") from None
-    except (HfHubHTTPError, OSError) as e:
+    except HfHubHTTPError as e:
         raise SourceError(f"{where}: the hub answered with an error: {e}") from None
+    except OSError as e:  # not the hub's doing: the cache's disk (full, read-only, ...)
+        if e.filename is not None:
+            raise  # named by the path, as every file error is (files.os_errors)
+        raise SourceError(f"{where}: downloading into the hub cache ({constants.HF_HUB_CACHE}) failed: {e.strerror or e}") from None
     except TransportError as e:
         raise SourceError(f"{where}: cannot reach the hub ({type(e).__name__}: {e}): check the network or proxy settings, or set HF_HUB_OFFLINE=1 to use the local cache only") from None
     folder = snapshot / subfolder if subfolder else snapshot
@@ -88,24 +104,51 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
     return folder, origin
 
 
+def _http_status(error: BaseException) -> int | None:
+    """The HTTP status of the hub's answer behind a 'not found locally' error, if the hub answered at all."""
+    cause = error.__cause__ or error.__context__
+    response = getattr(cause, "response", None) if isinstance(cause, HfHubHTTPError) else None
+    return getattr(response, "status_code", None)
+
+
 def _download_hint(repo: str, revision: str | None, subfolder: str | None) -> str:
     folder = TRANSFORMER_SUBFOLDER if subfolder is None else subfolder.strip("/")
     return f"hf download {repo}" + (f" --revision {revision}" if revision else "") + (f" --include '{folder}/*'" if folder else "")
 
 
-def _find_subfolder(repo: str, revision: str | None) -> str:
+def _reachable() -> bool:
+    """Whether the hub could be asked at all: not offline, and its host name resolves. Without a network,
+    huggingface_hub retries every request with backoff (about 25 s) before it falls back to the cache."""
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+def _log_once() -> None:
+    """huggingface_hub's warnings (a retry, a fallback to the cache) through the run's logging only: its own
+    console handler would print each of them a second time beside Hydra's."""
+    for handler in list(logging.getLogger("huggingface_hub").handlers):
+        if type(handler) is logging.StreamHandler:
+            logging.getLogger("huggingface_hub").removeHandler(handler)
+
+
+def _find_subfolder(repo: str, revision: str | None, local_only: bool) -> str:
     """'transformer' for a pipeline repo, '' for a repo that holds only the transformer."""
     for subfolder in (TRANSFORMER_SUBFOLDER, ""):
         try:
-            hf_hub_download(repo, "config.json", subfolder=subfolder or None, revision=revision)
+            hf_hub_download(repo, "config.json", subfolder=subfolder or None, revision=revision, local_files_only=local_only)
             return subfolder
         except LocalEntryNotFoundError:
-            if constants.HF_HUB_OFFLINE:
-                continue  # offline, a file that is not cached may still exist: try the other place
+            if local_only:
+                continue  # a file that is not cached may still exist: try the other place
             raise
         except EntryNotFoundError:
             continue
-    if constants.HF_HUB_OFFLINE:
+    if local_only:
         raise LocalEntryNotFoundError(f"{repo}: no config.json cached")
     raise SourceError(
         f"hub repo '{repo}' has neither {TRANSFORMER_SUBFOLDER}/config.json nor config.json: is it a diffusers FLUX repo? "

@@ -27,8 +27,10 @@ from .formats.layout import Constant, OutFile, OutTensor, TensorRef
 from .formats.safetensors import ITEMSIZE
 from .recipe import DTYPES, Recipe, Rule
 from .sources import Checkpoint
+from .text import printable
 
 SHOWN = 6  # how many keys a message lists before it says "and N more"
+MAX_HINT = 200  # characters: a suggested rule longer than this would be no help (it would list the keys)
 SCALE_SUFFIX = ".weight_scale"  # ComfyUI's newer convention: <layer>.weight_scale, <layer>.comfy_quant
 MARKER_SUFFIX = ".comfy_quant"
 
@@ -152,7 +154,7 @@ def make_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], shard_size: in
 
     decided: dict[str, Rule] = {}
     for key in base.tensors:
-        rule = next((r for r in recipe.rules if r.pattern.search(key)), None)
+        rule = next((r for r in recipe.rules if r.matches(key)), None)
         if rule is None:
             raise PlanError(
                 f"key '{key}' of base '{recipe.base}' matches no rule of recipe '{recipe.name}': "
@@ -240,12 +242,12 @@ def _check_every_rule_used(recipe: Recipe, checkpoints: dict[str, Checkpoint], d
     for rule in recipe.rules:
         if rule.index in used or rule.optional:
             continue
-        base_hits = [k for k in checkpoints[recipe.base].tensors if rule.pattern.search(k)]
+        base_hits = [k for k in checkpoints[recipe.base].tensors if rule.matches(k)]
         if base_hits:
             why = f"every key it matches ({some_keys(base_hits)}) is taken by an earlier rule"
         else:
             why = f"it matches no key of the base '{recipe.base}'"
-            elsewhere = {n: sum(bool(rule.pattern.search(k)) for k in c.tensors) for n, c in checkpoints.items() if n != recipe.base}
+            elsewhere = {n: sum(rule.matches(k) for k in c.tensors) for n, c in checkpoints.items() if n != recipe.base}
             hits = ", ".join(f"{count} of {n}" for n, count in elsewhere.items() if count)
             if hits:
                 why += f" (it matches {hits}; the output has only the base's keys)"
@@ -271,13 +273,7 @@ def _inputs(rule: Rule, key: str, checkpoints: dict[str, Checkpoint], base: str,
     for name in rule.sources:
         loc = checkpoints[name].tensors.get(key)
         if loc is None:
-            lacking = [k for k, r in decided.items() if r is rule and k not in checkpoints[name].tensors]
-            others = [k for k, r in decided.items() if r.index >= rule.index and k not in set(lacking)]
-            raise PlanError(
-                f"{rule.where} ({rule.op}) needs {some_keys(lacking)} from source '{name}', which lacks "
-                f"{'it' if len(lacking) == 1 else 'them'} ({checkpoints[name].folder}): add a rule before it for these keys, "
-                f"e.g. {{match: '{_hint_pattern(lacking, others)}', op: 'take:{base}'}}"
-            )
+            raise PlanError(_missing_input(rule, name, checkpoints, base, decided))
         if loc.shape != shape:
             hint = ""
             a, b = checkpoints[base].config or {}, checkpoints[name].config or {}
@@ -289,6 +285,27 @@ def _inputs(rule: Rule, key: str, checkpoints: dict[str, Checkpoint], base: str,
             raise PlanError(f"{rule.where} ({rule.op}): '{key}' is {list(shape)} in base '{base}' but {list(loc.shape)} in '{name}' ({loc.file}){hint}")
         inputs.append(loc)
     return tuple(inputs)
+
+
+def _missing_input(rule: Rule, name: str, checkpoints: dict[str, Checkpoint], base: str, decided: dict[str, Rule]) -> str:
+    """Why a rule cannot have its inputs from source `name`, and the rule that would fix it, if one short rule
+    can: a source that lacks most of the base's keys is another kind of model (a LoRA, another architecture)."""
+    source = checkpoints[name]
+    lacking = [k for k, r in decided.items() if r is rule and k not in source.tensors]
+    where = f"{rule.where} ({rule.op}) needs {some_keys(lacking)} from source '{name}', which lacks {'it' if len(lacking) == 1 else 'them'} ({source.folder})"
+    shared = sum(k in source.tensors for k in checkpoints[base].tensors)
+    if shared * 2 < len(checkpoints[base].tensors):
+        return (
+            f"{where}: '{name}' holds {len(source.tensors)} tensors and shares only {shared} of the {len(checkpoints[base].tensors)} keys "
+            f"of base '{base}' (e.g. '{next(iter(source.tensors))}'): it is not a model of the base's kind (a LoRA, or another architecture?); "
+            "fluxrecipe merges whole FLUX transformers in the diffusers layout"
+        )
+    lacking_set = set(lacking)
+    others = [k for k, r in decided.items() if r.index >= rule.index and k not in lacking_set]
+    hint = _hint_pattern(lacking, others)
+    if len(hint) > MAX_HINT:
+        return f"{where}: add a rule before it that takes these {len(lacking)} keys from another source"
+    return f"{where}: add a rule before it for these keys, e.g. {{match: '{hint}', op: 'take:{base}'}}"
 
 
 def _hint_pattern(keys: list[str], others: list[str]) -> str:
@@ -372,6 +389,10 @@ def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]
     unscaled = [s.key for s in steps if s.dtype == "BF16" and DTYPES[_rule_dtype(recipe, s.rule)][1]]
     if unscaled:
         notes.append(f"fp8_scaled applies to Linear weights (2-D '.weight' tensors); {len(unscaled)} other tensors of those rules are written in bf16 ({some_keys(unscaled)})")
+    ranges = {"F8_E4M3": "fp8 (+-448)", "F8_E5M2": "fp8_e5m2 (+-57344)"}
+    narrow = sorted({ranges[s.dtype] for s in steps if s.dtype in ranges and not s.scaled})
+    if narrow:
+        notes.append(f"values beyond {' and '.join(narrow)} are clamped to the dtype's range and counted (provenance, a warning)")
     read = sorted({(t.source, t.dtype) for s in steps for t in s.inputs})
     written = sorted({s.dtype for s in steps})
     if {d for _, d in read} != set(written):
@@ -433,7 +454,7 @@ def format_plan(plan: Plan) -> str:
         + (f"; {copies} tensors copied byte for byte" if copies else "")
     )
     lines += [f"note: {n}" for n in plan.notes]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def _brief(value: Any) -> str:

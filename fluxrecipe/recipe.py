@@ -3,24 +3,35 @@
 A recipe arrives as an OmegaConf node composed by Hydra. It is checked twice over: first as written (no
 interpolation may call a resolver, so a shared recipe cannot read the environment or run anything), then as
 resolved plain data: known fields and types, regexes that compile, ops that parse with arguments that fit,
-source names that exist. Errors name the recipe file and line where it can be found.
+source names that exist, parameters that a rule uses. Errors name the recipe file and line where it can be
+found.
+
+A rule's `match` is a stranger's regular expression: it is run by the `regex` package (the syntax of Python's
+`re`) with a time bound on every search, so a pattern that backtracks catastrophically is an error, not a
+hang. (google-re2 would have no backtracking at all, but it lacks the lookarounds and backreferences that
+`re` users write, such as `^(?!single_)`.)
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import regex
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import schedule
+from .catalog import MAX_RECIPE_BYTES
 from .errors import RecipeError
+from .files import read_small
 from .ops import OPS, OpCall, parse_op
 from .ops.registry import check_values
+from .text import printable
 
 # Output dtypes by name -> (safetensors dtype, scaled): fp8 is float8_e4m3fn; fp8_scaled stores value / scale
 # with a per-tensor scale = absmax / 448, as ComfyUI reads it (single-file formats only).
@@ -41,7 +52,9 @@ NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 # The only interpolation a recipe may hold: a reference to one of its own values.
 SAFE_INTERPOLATION = re.compile(r"\$\{(?:recipe\.|\.+)[A-Za-z_][\w.-]*\}")
 RELATIVE = re.compile(r"\$\{(\.+)")
-RECIPE_REFERENCE = re.compile(r"\$\{recipe\.([A-Za-z_][\w.-]*)\}")
+RECIPE_REFERENCE = re.compile(r"\$\{recipe\.([A-Za-z_][\w.-]*)\}")  # an interpolation of a recipe value, with its path
+REFERENCE = re.compile(r"\$\{(?:recipe\.|\.+)([A-Za-z_][\w-]*)")  # the recipe value an interpolation names first
+MATCH_SECONDS = 0.25  # the most one search of a rule's regex may take (a sane one takes microseconds on a key)
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,7 @@ class SourceSpec:
     subfolder: str | None = None
     demo: str | None = None  # a generated demo checkpoint (see demo.py)
     text: str | None = None  # the string the recipe gave, when it gave one
+    recipe_dir: str | None = None  # the recipe file's folder: a relative path may be found from there too
 
     def describe(self) -> str:
         if self.text:
@@ -70,7 +84,7 @@ class SourceSpec:
 class Rule:
     index: int
     match: str
-    pattern: re.Pattern
+    pattern: regex.Pattern
     op: OpCall
     sources: tuple[str, ...]  # the inputs, in order (the recipe's sources unless the rule names them)
     optional: bool
@@ -81,6 +95,16 @@ class Rule:
 
     def describe(self) -> str:
         return f"rules[{self.index}] (match {self.match!r}, op {self.op})"
+
+    def matches(self, key: str) -> bool:
+        """`match` is found in the key (re.search semantics), within MATCH_SECONDS."""
+        try:
+            return self.pattern.search(key, timeout=MATCH_SECONDS) is not None
+        except TimeoutError:
+            raise RecipeError(
+                f"{self.where}.match: {self.match!r} took more than {MATCH_SECONDS} s on the key {key!r}: it backtracks "
+                "catastrophically (a repetition of a repetition, such as (\\w+\\.?)+); write it without nested repetition"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -249,6 +273,7 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
         raise RecipeError(f"{here.at(('rules',))}: rules must be a non-empty list of {{match, op}} entries")
     written_rules = mapped["rules"] if isinstance(mapped.get("rules"), list) else [None] * len(rules_data)
     rules = tuple(_rule(i, r, w, sources, here) for i, (r, w) in enumerate(zip(rules_data, written_rules)))
+    _refuse_unused_parameters(params, written, here)
 
     return Recipe(
         name=here.name,
@@ -266,6 +291,34 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
     )
 
 
+def _refuse_unused_parameters(params: dict[str, Any], written: dict, here: "_Locator") -> None:
+    """A parameter no rule refers to changes nothing: almost always a typo (`+recipe.alhpa=0.3` merges at the
+    recipe's alpha), so it is refused. A parameter counts as used where any value of the recipe other than its
+    description refers to it, directly or through another used parameter."""
+    used = _references({k: v for k, v in written.items() if k not in params and k != "description"})
+    frontier = used
+    while frontier:
+        frontier = _references([written[k] for k in frontier if k in params]) - used
+        used |= frontier
+    for name in params:
+        if name not in used:
+            close = difflib.get_close_matches(name, sorted((used & set(written)) | set(RECIPE_FIELDS)), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise RecipeError(
+                f"{here.at((name,))}: parameter {name!r} is used by no rule{hint}: it would change nothing; "
+                f"a rule uses a parameter as ${{recipe.{name}}}"
+            )
+
+
+def _references(value: Any) -> set[str]:
+    """The names of recipe values that the interpolations inside `value` refer to."""
+    if isinstance(value, dict):
+        return set().union(*(_references(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_references(v) for v in value))
+    return set(REFERENCE.findall(value)) if isinstance(value, str) else set()
+
+
 def _dtype(value: Any, where: str) -> str:
     name = str(value).lower()
     if name not in DTYPES:
@@ -278,6 +331,7 @@ def _is_number(v: Any) -> bool:
 
 
 def _sources(value: Any, here: "_Locator") -> dict[str, SourceSpec]:
+    recipe_dir = os.path.dirname(here.file) if here.file else None
     if not isinstance(value, dict) or not value:
         raise RecipeError(f"{here.at(('sources',))}: sources must be a non-empty mapping of name -> path or hub repo id")
     specs = {}
@@ -288,7 +342,7 @@ def _sources(value: Any, here: "_Locator") -> dict[str, SourceSpec]:
         if spec is None or spec == "":
             raise RecipeError(f"{where}: source {name!r} has no value: give a path or a hub repo id (recipe.sources.{name}=...)")
         if isinstance(spec, str):
-            specs[name] = SourceSpec(name=name, text=spec)  # sources.py decides: local path or hub repo
+            specs[name] = SourceSpec(name=name, text=spec, recipe_dir=recipe_dir)  # sources.py decides: local path or hub repo
             continue
         if not isinstance(spec, dict):
             raise RecipeError(f"{where}: source {name!r} must be a path, a hub repo id, or a mapping of {', '.join(SOURCE_FIELDS)}")
@@ -300,7 +354,7 @@ def _sources(value: Any, here: "_Locator") -> dict[str, SourceSpec]:
         for k, v in spec.items():
             if v is not None and not isinstance(v, str):
                 raise RecipeError(f"{where}: {k} of source {name!r} must be text, got {v!r}")
-        specs[name] = SourceSpec(name=name, **{k: v for k, v in spec.items() if v is not None})
+        specs[name] = SourceSpec(name=name, recipe_dir=recipe_dir, **{k: v for k, v in spec.items() if v is not None})
     return specs
 
 
@@ -316,8 +370,8 @@ def _rule(index: int, value: Any, written: Any, sources: dict[str, SourceSpec], 
     if not isinstance(match, str) or not match:
         raise RecipeError(f"{here.at(('rules', index, 'match'))}: match must be a regular expression, got {match!r}")
     try:
-        pattern = re.compile(match)
-    except re.error as e:
+        pattern = regex.compile(match)
+    except (regex.error, RecursionError, OverflowError) as e:
         raise RecipeError(f"{here.at(('rules', index, 'match'))}: {match!r} is not a valid regular expression: {e}") from None
     if "op" not in value or value["op"] is None:
         raise RecipeError(f"{where}: rule has no op")
@@ -396,16 +450,15 @@ class _Locator:
         if line is not None:
             place += f":{line}"
         text = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(path))
-        return f"recipe '{self.name}' ({place})" + (f" {text}" if text else "")
+        return printable(f"recipe '{self.name}' ({place})" + (f" {text}" if text else ""))
 
 
 def _compose(file: str | None):
     if not file:
         return None
     try:
-        with open(file, encoding="utf-8") as f:
-            return yaml.compose(f, Loader=yaml.SafeLoader)
-    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
+        return yaml.compose(read_small(file, MAX_RECIPE_BYTES).decode("utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):  # ValueError: not UTF-8
         return None
 
 

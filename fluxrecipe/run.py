@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 import logging
 import os
+import re
+import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from . import api
-from .catalog import recipe_files
-from .errors import UsageError
+from .catalog import conf_dir, recipe_files
+from .errors import FileError, FluxRecipeError, UsageError
+from .files import os_errors
 from .formats import OUTPUT_FORMATS
 from .options import Options
 from .plan import Plan, format_plan, human_bytes
 from .recipe import FORMATS, Recipe, load_recipe
+from .text import printable
 from .writer import check_target
 
 if TYPE_CHECKING:
     from .execute import Result
 
 log = logging.getLogger("fluxrecipe")
+EXIT_ERROR = 1
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -32,46 +43,64 @@ class JobPlan:
 
     recipe: Recipe
     options: Options
-    output: Path
+    output: Path | None  # None: Hydra's run folder, not made yet (a pre-flight before Hydra starts the run)
     plan: Plan
 
 
 def plan_job(cfg: DictConfig, dry_run: bool = False) -> JobPlan:
     """Check the config and plan its merge: every check a run makes before it reads or writes tensor data.
-    A sweep's pre-flight calls this for every job before any job starts."""
-    recipe = recipe_of(cfg)
-    options = options_of(cfg)
-    output_format = format_of(cfg, recipe)
-    output = api.output_path(output_of(cfg, recipe, output_format), output_format)
-    if not dry_run:  # an existing output fails fast, before any source is fetched
-        check_target(output, options.overwrite, single_file=OUTPUT_FORMATS[output_format])
-    plan = api.plan(recipe, output, output_format, parse_size(cfg.shard_size))
-    api.check_output(plan, output, options.overwrite, dry_run)  # a dry run reports every fault but an existing output
-    return JobPlan(recipe, options, output, plan)
+    A sweep's pre-flight calls this for every job before any job starts; a single run's (Preflight) calls it
+    before Hydra makes the run folder."""
+    with os_errors():
+        options = options_of(cfg)  # first: a mistyped option (+dryrun=true) must not start a merge
+        _refuse_sweep_without_multirun(cfg)
+        recipe = recipe_of(cfg)
+        output_format = format_of(cfg, recipe)
+        output = output_of(cfg, recipe, output_format)
+        if output is not None:
+            output = api.output_path(output, output_format)
+            if not dry_run:  # an existing output fails fast, before any source is fetched
+                check_target(output, options.overwrite, single_file=OUTPUT_FORMATS[output_format])
+        plan = api.plan(recipe, output, output_format, parse_size(cfg.shard_size))
+        if output is not None:  # a dry run reports every fault but an existing output
+            api.check_output(plan, output, options.overwrite, dry_run)
+        return JobPlan(recipe, options, output, plan)
 
 
 def run_job(cfg: DictConfig) -> Result | Plan:
     """Plan the merge the config asks for; print it (dry run) or execute it. Returns the Plan or the Result."""
-    job = plan_job(cfg, dry_run=bool(cfg.dry_run))
+    with os_errors():
+        return _run(plan_job(cfg, dry_run=bool(cfg.dry_run)), bool(cfg.dry_run))
+
+
+def _run(job: JobPlan, dry_run: bool) -> Result | Plan:
     plan, options, output = job.plan, job.options, job.output
-    if cfg.dry_run:
-        print(format_plan(plan))
-        print(f"dry run: nothing written (the output would go to {output})")
+    if output is None:
+        raise UsageError("no output folder: give output=DIR")
+    shown = printable(str(output))
+    if dry_run:
+        text = [format_plan(plan), f"dry run: nothing written (the output would go to {shown})"]
         if output.exists() and not options.overwrite:
-            print(f"note: {output} already exists: the merge will refuse it unless you pass overwrite=true")
+            text.append(f"note: {shown} already exists: the merge will refuse it unless you pass overwrite=true")
+        try:
+            print("\n".join(text), flush=True)
+        except BrokenPipeError:
+            raise  # the reader is gone (`| head`): the entry point ends quietly
+        except OSError as e:
+            raise FileError(f"standard output: {e.strerror or e}") from None
         return plan
     log.info(format_plan(plan))
     result = api.write(plan, output, options)
     rate = result.bytes_written / result.seconds if result.seconds else 0.0
-    where = output if plan.single_file else f"{output}: {len(plan.steps)} tensors in {len(plan.files)} shard(s)"
+    where = shown if plan.single_file else f"{shown}: {len(plan.steps)} tensors in {len(plan.files)} shard(s)"
     log.info(f"wrote {where}, {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
-    report = output if plan.single_file else output / "fluxrecipe.json"
+    report = shown if plan.single_file else f"{shown}/fluxrecipe.json"
     inputs = {k: v for k, v in result.nonfinite.items() if not k.startswith("output: ")}
     if inputs:
         log.warning(f"warning: {sum(inputs.values())} NaN/Inf input values in {len(inputs)} tensor(s), listed in {report}")
     if len(inputs) != len(result.nonfinite):
         outputs = len(result.nonfinite) - len(inputs)
-        log.warning(f"warning: {outputs} tensor(s) came out with NaN/Inf values from finite inputs, listed in {report}")
+        log.warning(f"warning: {outputs} tensor(s) came out with NaN/Inf values from finite inputs, listed in {report}: do not use the model as it is")
     if result.clamped:
         log.warning(f"warning: {sum(result.clamped.values())} values in {len(result.clamped)} tensor(s) lay beyond their dtype's finite range and were clamped to it, listed in {report}")
     return result
@@ -81,15 +110,53 @@ def recipe_of(cfg: DictConfig) -> Recipe:
     if cfg.get("recipe") is None:
         names = ", ".join(sorted(recipe_files()))
         raise UsageError(f"no recipe chosen: run `python -m fluxrecipe recipe=NAME` (recipes: {names})")
-    name = HydraConfig.get().runtime.choices.get("recipe") if HydraConfig.initialized() else None
-    name = name or "recipe"
+    name = _hydra(cfg, "runtime.choices.recipe") or "recipe"
     file = recipe_files().get(name)
     return load_recipe(cfg.recipe, name, str(file) if file else None)
 
 
+def _hydra(cfg: DictConfig, key: str) -> Any:
+    """A value of Hydra's own config: in the composed config (a pre-flight), else where a running job has it."""
+    if "hydra" in cfg:
+        return OmegaConf.select(cfg, f"hydra.{key}")
+    return OmegaConf.select(HydraConfig.get(), key) if HydraConfig.initialized() else None
+
+
+@functools.cache
+def known_options() -> list[str]:
+    """The run options conf/config.yaml defines, and the config groups chosen as options (recipe=, sweep=)."""
+    config = OmegaConf.load(conf_dir() / "config.yaml")
+    return [k for k in config if k not in ("defaults", "hydra")] + ["recipe", "sweep"]
+
+
+def unknown_option(name: str) -> str | None:
+    """The message for an option fluxrecipe does not have (with the closest it has), or None if it has it."""
+    known = known_options()
+    if name in known:
+        return None
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else f" (options: {', '.join(known)})"
+    return f"unknown option {name!r}{hint}; `python -m fluxrecipe --help` lists them"
+
+
+def _refuse_sweep_without_multirun(cfg: DictConfig) -> None:
+    """A sweep file (sweep=NAME) sets Hydra's sweeper parameters, which only a multirun (-m) runs: without
+    -m, Hydra would quietly run one merge with the recipe's own values."""
+    params = _hydra(cfg, "sweeper.params")
+    if params and _hydra(cfg, "mode") != RunMode.MULTIRUN:
+        sweep = _hydra(cfg, "runtime.choices.sweep")
+        swept = "; ".join(f"{k}: {v}" for k, v in params.items())
+        raise UsageError(f"{f'sweep={sweep}' if sweep else 'the config'} sets a sweep ({swept}), which runs only as a multirun: add -m")
+
+
 def options_of(cfg: DictConfig) -> Options:
+    for name in cfg:
+        if name != "hydra" and (message := unknown_option(str(name))):
+            raise UsageError(message)
     if cfg.nonfinite not in ("error", "warn"):
         raise UsageError(f"nonfinite={cfg.nonfinite}: choose error or warn")
+    if not DEVICE.fullmatch(str(cfg.device)):
+        raise UsageError(f"device={str(cfg.device)!r}: choose cpu, cuda or cuda:N")  # as execute.check_device says it, before torch
     for key in ("threads", "chunk_elements"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < (0 if key == "threads" else 1):
             raise UsageError(f"{key}={cfg[key]}: must be a whole number" + (" (0: automatic)" if key == "threads" else " above 0"))
@@ -112,11 +179,13 @@ def format_of(cfg: DictConfig, recipe: Recipe) -> str:
     return chosen
 
 
-def output_of(cfg: DictConfig, recipe: Recipe, output_format: str) -> Path:
+def output_of(cfg: DictConfig, recipe: Recipe, output_format: str) -> Path | None:
+    """The output asked for; by default, in Hydra's run folder (None before Hydra has made it: a pre-flight)."""
     if cfg.output:
         return Path(os.path.abspath(os.path.expanduser(str(cfg.output))))
+    run_dir = _hydra(cfg, "runtime.output_dir")
     name = f"{recipe.name}.safetensors" if OUTPUT_FORMATS[output_format] else "transformer"
-    return Path(HydraConfig.get().runtime.output_dir) / name
+    return Path(run_dir) / name if run_dir else None
 
 
 def parse_size(text: object, option: str = "shard_size") -> int:
@@ -124,3 +193,40 @@ def parse_size(text: object, option: str = "shard_size") -> int:
         return api.parse_size(text)
     except UsageError as e:
         raise UsageError(f"{option}={e}") from None
+
+
+def fail(error: FluxRecipeError, show_traceback: bool) -> NoReturn:
+    """How the command line ends on a user's error: one line and exit status 1, or the traceback if asked for."""
+    if show_traceback:
+        raise error
+    print(f"fluxrecipe: error: {printable(str(error))}", file=sys.stderr)
+    sys.exit(EXIT_ERROR)
+
+
+def show_traceback(cfg: DictConfig) -> bool:
+    return bool(cfg.get("traceback")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+class Preflight(Callback):
+    """Registered in conf/config.yaml under hydra.callbacks: a single run's checks, before Hydra makes the run
+    folder. A run that is refused (a mistyped option, an unused recipe parameter, a sweep without -m, a bad
+    recipe or source) writes nothing at all, not even outputs/DATE/TIME/."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            plan_job(config, dry_run=bool(config.get("dry_run")))
+            _check_run_dir(Path(str(config.hydra.run.dir)))
+        except FluxRecipeError as e:
+            if show_traceback(config):
+                traceback.print_exception(e)
+                sys.exit(EXIT_ERROR)
+            fail(e, False)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """Hydra makes the run folder (its log, its .hydra/) before a job starts: say so if it cannot."""
+    existing = Path(os.path.abspath(run_dir))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{existing}: cannot create the run folder {run_dir} here (not a writable folder): run elsewhere, or choose it with hydra.run.dir=FOLDER (or output=FOLDER for the model)")

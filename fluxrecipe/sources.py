@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SourceError
+from .files import os_error_text, read_small
 from .formats import Recognised, diffusers, recognise
 from .formats.flux import derive_config
 from .formats.layout import TensorRef
@@ -53,6 +54,10 @@ def open_source(spec: SourceSpec) -> Checkpoint:
         from .demo import demo_checkpoint
 
         location, origin = demo_checkpoint(value), {"demo": value}
+        try:
+            return _index(spec.name, location, origin)
+        except SourceError as e:
+            raise SourceError(f"{e} (the demo checkpoint in the cache is damaged: delete {location} and run again to generate it anew)") from None
     elif kind == "repo":
         from .hub import fetch
 
@@ -74,10 +79,10 @@ def _classify(spec: SourceSpec) -> tuple[str, str, str | None]:
     if spec.repo:
         return "repo", spec.repo, spec.revision
     if spec.path:
-        return "path", spec.path, None
+        return "path", _beside_recipe(spec.path, spec), None
     text = spec.text.strip()
-    if os.path.exists(os.path.expanduser(text)):
-        return "path", text, None
+    if os.path.exists(os.path.expanduser(_beside_recipe(text, spec))):
+        return "path", _beside_recipe(text, spec), None
     looks_local = text.startswith(("/", ".", "~")) or text.endswith(".safetensors")
     m = REPO_ID.fullmatch(text)
     if m and not looks_local:
@@ -85,6 +90,15 @@ def _classify(spec: SourceSpec) -> tuple[str, str, str | None]:
     if looks_local or "/" in text:
         raise SourceError(f"source '{spec.name}': {text}: no such file or folder")
     raise SourceError(f"source '{spec.name}': {text!r} is neither an existing path nor a hub repo id (org/name[@revision])")
+
+
+def _beside_recipe(path: str, spec: SourceSpec) -> str:
+    """A relative path that is not there from the current folder but is from the recipe file's folder: an
+    output's recipe.yaml names its local sources relative to itself, so that it replays from anywhere."""
+    if os.path.isabs(os.path.expanduser(path)) or os.path.exists(path) or not spec.recipe_dir:
+        return path
+    beside = os.path.join(spec.recipe_dir, path)
+    return beside if os.path.exists(beside) else path
 
 
 def _local_folder(name: str, path: Path, subfolder: str | None) -> Path:
@@ -142,11 +156,13 @@ def _derived_config(name: str, location: Path, found: Recognised) -> tuple[dict[
 
 def _config(name: str, folder: Path) -> dict[str, Any] | None:
     path = folder / "config.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
+        config = json.loads(read_small(path))
+    except OSError as e:
+        raise SourceError(f"source '{name}': {os_error_text(e)}") from None
+    except (ValueError, RecursionError) as e:
         raise SourceError(f"source '{name}': {path} is not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise SourceError(f"source '{name}': {path} is not a JSON object")

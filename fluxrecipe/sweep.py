@@ -45,6 +45,8 @@ log = logging.getLogger("fluxrecipe")
 
 JOB_STATUS_NAME = "fluxrecipe-job.json"
 SUMMARY_CSV, SUMMARY_MD, BLOCKS_CSV, SUMMARY_PNG = "summary.csv", "summary.md", "summary_blocks.csv", "summary.png"
+MULTIRUN_YAML = "multirun.yaml"
+MAX_STATE_FILE = 1 << 20  # a job record or Hydra's overrides.yaml / hydra.yaml is a few KB
 OK, FAILED, DRY_RUN, UNFINISHED = "ok", "failed", "dry_run", "unfinished"
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -134,10 +136,7 @@ def run_recorded(cfg: DictConfig, job: Callable[[DictConfig], Any], show_traceba
     value = None
     try:
         if cfg.get("output"):
-            raise UsageError(
-                f"output={cfg.output}: a multirun writes one model per job, each to <sweep dir>/<job>/transformer; "
-                "choose where the sweep goes with hydra.sweep.dir=FOLDER instead"
-            )
+            raise UsageError(output_problem(cfg.output))
         value = job(cfg)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a SLURM time limit): the sweep stops; say where it stopped
         status.update(status=FAILED, error="interrupted (Ctrl-C or SIGTERM, e.g. a time limit)", seconds=round(time.monotonic() - started, 3))
@@ -160,6 +159,13 @@ def run_recorded(cfg: DictConfig, job: Callable[[DictConfig], Any], show_traceba
         status["status"] = DRY_RUN
     replace_json(job_dir / JOB_STATUS_NAME, status)
     return status
+
+
+def output_problem(output: object) -> str:
+    return (
+        f"output={output}: a multirun writes one model per job, each to <sweep dir>/<job>/transformer; "
+        "choose where the sweep goes with hydra.sweep.dir=FOLDER instead"
+    )
 
 
 def failed() -> int:
@@ -185,14 +191,33 @@ class Job:
     bytes_written: int | None = None
     overall: dict[str, float | None] = field(default_factory=dict)  # source -> relative distance, whole model
     blocks: dict[str, dict[str, float | None]] = field(default_factory=dict)  # block -> source -> distance
+    previews: list[dict[str, Any]] = field(default_factory=list)  # {prompt, seed, file}, from previews/previews.json
+    preview_settings: dict[str, Any] = field(default_factory=dict)
+    preview_error: str | None = None  # previews.json is there but cannot be read
 
     def override_map(self) -> dict[str, str]:
         return dict(_split_override(o) for o in self.overrides)
+
+    @property
+    def weights(self) -> str:
+        """Whether the model folder still holds its weights ('deleted': keep_weights=false, or by hand)."""
+        if self.output is None or not self.output.is_dir():
+            return ""
+        return "kept" if any(self.output.glob("*.safetensors")) else "deleted"
+
+
+class DamagedFile(ValueError):
+    """A sweep state file that cannot be what a job wrote: the job's row says which and why."""
 
 
 def _split_override(text: str) -> tuple[str, str]:
     key, _, value = text.partition("=")
     return key, value
+
+
+def is_sweep(folder: Path) -> bool:
+    """A multirun's folder: Hydra writes multirun.yaml into it before any job starts."""
+    return (folder / MULTIRUN_YAML).is_file()
 
 
 def read_jobs(sweep_dir: Path) -> list[Job]:
@@ -202,36 +227,90 @@ def read_jobs(sweep_dir: Path) -> list[Job]:
 
 
 def _read_job(sweep_dir: Path, folder: Path) -> Job:
-    overrides = [str(o) for o in (yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or [])]
-    job = Job(folder=folder, name=folder.relative_to(sweep_dir).as_posix(), num=_job_num(folder), overrides=overrides, status=UNFINISHED)
+    name = folder.relative_to(sweep_dir).as_posix()
+    try:
+        overrides = _load(folder / ".hydra" / "overrides.yaml", yaml.safe_load)
+        if overrides is None:
+            overrides = []
+        if not isinstance(overrides, list) or not all(isinstance(o, (str, int, float, bool)) for o in overrides):
+            raise DamagedFile(f"{name}/.hydra/overrides.yaml is not a list of overrides")
+    except DamagedFile as e:
+        return Job(folder=folder, name=name, num=sys.maxsize, overrides=[], status=FAILED, error=str(e))
+    job = Job(folder=folder, name=name, num=_job_num(folder), overrides=[str(o) for o in overrides], status=UNFINISHED)
     status_file = folder / JOB_STATUS_NAME
-    if not status_file.is_file():
+    if not status_file.exists():
         job.error = f"no {JOB_STATUS_NAME}: the job did not finish (killed, timed out or still running); see {job.name}/fluxrecipe.log, or .submitit/ for submitit and SLURM jobs"
         return job
     try:
-        status = json.loads(status_file.read_text())
-    except (OSError, ValueError) as e:
-        job.status, job.error = FAILED, f"{JOB_STATUS_NAME} cannot be read: {e}"
+        status = _record(_load(status_file, json.loads), f"{name}/{JOB_STATUS_NAME}")
+    except DamagedFile as e:
+        job.status, job.error = FAILED, str(e)
         return job
-    job.status, job.error, job.seconds, job.bytes_written = status.get("status", FAILED), status.get("error"), status.get("seconds"), status.get("bytes_written")
-    if status.get("output"):
+    job.status, job.error, job.seconds, job.bytes_written = status["status"], status["error"], status["seconds"], status["bytes_written"]
+    if status["output"]:
         job.output = Path(status["output"])
         if not job.output.exists() and (folder / job.output.name).exists():  # the sweep folder was moved or copied
             job.output = folder / job.output.name
-        diagnostics = job.output / "diagnostics.json"
-        try:
-            d = json.loads(diagnostics.read_text()) if diagnostics.is_file() else {}
-        except (OSError, ValueError):
-            d = {}  # a merge without readable diagnostics (diagnostics=false, or a damaged file): no distances
-        job.overall, job.blocks = d.get("overall", {}), d.get("blocks", {})
+        job.overall, job.blocks = _diagnostics(job.output / "diagnostics.json")
+    from .preview import PREVIEW_DIR, read_previews
+
+    try:
+        job.preview_settings, job.previews = read_previews(folder / PREVIEW_DIR)
+    except (OSError, ValueError) as e:
+        job.preview_error = f"{name}/{PREVIEW_DIR}/previews.json cannot be read: {e}"
     return job
+
+
+def _load(path: Path, parse: Callable[[str], Any]) -> Any:
+    """A small state file, parsed; DamagedFile for anything else (a folder, a FIFO, a huge or broken file)."""
+    try:
+        if not path.is_file():
+            raise DamagedFile(f"{path} is not a regular file")
+        if path.stat().st_size > MAX_STATE_FILE:
+            raise DamagedFile(f"{path} is larger than a sweep state file can be ({path.stat().st_size} bytes)")
+        return parse(path.read_text())
+    except DamagedFile:
+        raise
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise DamagedFile(f"{path} cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _record(value: Any, where: str) -> dict[str, Any]:
+    """A job record with the types a job writes, or DamagedFile."""
+    if not isinstance(value, dict):
+        raise DamagedFile(f"{where} is not a job record (a JSON object)")
+    kinds = {"status": (str,), "error": (str, type(None)), "seconds": (int, float, type(None)), "bytes_written": (int, type(None)), "output": (str, type(None))}
+    record = {key: value.get(key) for key in kinds}
+    record["status"] = record["status"] or FAILED
+    for key, types in kinds.items():
+        if not isinstance(record[key], types) or isinstance(record[key], bool):
+            raise DamagedFile(f"{where}: {key} is {json.dumps(record[key])[:80]}, which a job never writes")
+    if record["status"] not in (OK, FAILED, DRY_RUN):
+        raise DamagedFile(f"{where}: status {record['status']!r} is none of {OK}, {FAILED}, {DRY_RUN}")
+    return record
+
+
+def _diagnostics(path: Path) -> tuple[dict, dict]:
+    """A merge's distances (whole model, per block), or none where diagnostics are off or the file is damaged."""
+    try:
+        d = _load(path, json.loads) if path.exists() else {}
+    except DamagedFile:
+        return {}, {}
+    number = (int, float, type(None))
+    overall, blocks = (d.get("overall"), d.get("blocks")) if isinstance(d, dict) else (None, None)
+    if not isinstance(overall, dict) or not all(isinstance(v, number) for v in overall.values()):
+        return {}, {}
+    if not isinstance(blocks, dict) or not all(isinstance(b, dict) and all(isinstance(v, number) for v in b.values()) for b in blocks.values()):
+        return overall, {}
+    return overall, blocks
 
 
 def _job_num(folder: Path) -> int:
     try:
-        return int(OmegaConf.select(OmegaConf.load(folder / ".hydra" / "hydra.yaml"), "hydra.job.num"))
-    except Exception:  # noqa: BLE001 - a missing or odd hydra.yaml only loses the order
+        num = _load(folder / ".hydra" / "hydra.yaml", yaml.safe_load)["hydra"]["job"]["num"]
+    except (DamagedFile, TypeError, KeyError):  # a missing or odd hydra.yaml only loses the order
         return sys.maxsize
+    return num if isinstance(num, int) and not isinstance(num, bool) else sys.maxsize
 
 
 # --- the summary -------------------------------------------------------------------------------------
@@ -255,7 +334,8 @@ class Summary:
         return [j for j in self.jobs if j.status not in (OK, DRY_RUN)]
 
     def columns(self) -> list[str]:
-        return ["job", *self.swept, "status", "seconds", "bytes_written", *[f"distance_to_{s}" for s in self.sources], "output", "overrides", "error"]
+        distances = [f"distance_to_{s}" for s in self.sources]
+        return ["job", *self.swept, "status", "seconds", "bytes_written", *distances, "weights", "previews", "output", "overrides", "error"]
 
     def rows(self) -> list[list[str]]:
         return [self._row(j) for j in self.jobs]
@@ -272,9 +352,11 @@ class Summary:
             _text(job.seconds),
             _text(job.bytes_written),
             *[_text(job.overall.get(s)) for s in self.sources],
+            job.weights,
+            _text(len(job.previews) or None),
             output,
             " ".join(job.overrides),
-            job.error or "",
+            "; ".join(e for e in (job.error, job.preview_error) if e),
         ]
 
     def markdown(self) -> str:
@@ -286,7 +368,9 @@ class Summary:
         ok = len(self.jobs) - len(self.failed)
         head = f"# Sweep {self.title}\n\n{len(self.jobs)} jobs: {ok} ok, {len(self.failed)} failed or unfinished. "
         head += "distance_to_S: relative L2 distance of the merged model to source S (0: S itself), over all blocks.\n\n"
-        return head + "\n".join(lines) + "\n" + (f"\n![per-block distance to each source]({SUMMARY_PNG})\n" if SUMMARY_PNG in {f.name for f in self.files} else "")
+        written = {f.name for f in self.files}
+        images = [(alt, name) for alt, name in (("previews: a row per prompt and seed, a column per job", "grid.png"), ("per-block distance to each source", SUMMARY_PNG)) if name in written]
+        return head + "\n".join(lines) + "\n" + "".join(f"\n![{alt}]({name})\n" for alt, name in images)
 
 
 def _text(value: object) -> str:
@@ -297,10 +381,13 @@ def _text(value: object) -> str:
     return str(value)
 
 
-def summarize(sweep_dir: Path, plot: bool = True) -> Summary:
-    """Read the sweep folder and write summary.csv, summary.md, summary_blocks.csv and summary.png into it."""
+def summarize(sweep_dir: Path, plot: bool = True, jobs: list[Job] | None = None) -> Summary:
+    """Read the sweep folder and write summary.csv, summary.md, summary_blocks.csv, summary.png, grid.png (the
+    previews) and index.html into it. `plot=False` leaves out (and leaves as they are) the two PNGs."""
+    from . import grid
+
     sweep_dir = Path(sweep_dir).resolve()
-    jobs = read_jobs(sweep_dir)
+    jobs = read_jobs(sweep_dir) if jobs is None else jobs
     summary = Summary(sweep_dir, jobs, _swept_keys(jobs), _sources(jobs), files=[])
     _write_csv(sweep_dir / SUMMARY_CSV, summary.columns(), summary.rows())
     summary.files.append(sweep_dir / SUMMARY_CSV)
@@ -313,8 +400,17 @@ def summarize(sweep_dir: Path, plot: bool = True) -> Summary:
             summary.files.append(png)
     elif plot:
         png.unlink(missing_ok=True)  # no job has diagnostics (any more): no plot, and no stale one
+    previews = grid.build(summary)
+    grid_png = sweep_dir / grid.GRID_PNG
+    if plot and previews is not None:
+        grid.draw(previews, summary, grid_png)
+        summary.files.append(grid_png)
+    elif plot:
+        grid_png.unlink(missing_ok=True)  # no job has previews (any more)
     summary.files.insert(0, sweep_dir / SUMMARY_MD)
     (sweep_dir / SUMMARY_MD).write_text(summary.markdown())
+    summary.files.append(sweep_dir / grid.INDEX_HTML)
+    (sweep_dir / grid.INDEX_HTML).write_text(grid.index_html(summary, previews))
     return summary
 
 
@@ -400,6 +496,7 @@ def report(summary: Summary) -> str:
     ok = len(summary.jobs) - len(summary.failed)
     lines = [f"fluxrecipe: sweep {summary.sweep_dir}: {len(summary.jobs)} jobs, {ok} ok, {len(summary.failed)} failed or unfinished"]
     lines += [f"  {j.status}: {j.name}: {j.error}" for j in summary.failed]
+    lines += [f"  warning: {j.name}: {j.preview_error}" for j in summary.jobs if j.preview_error and j not in summary.failed]
     lines += [f"  summary: {f}" for f in summary.files]
     return "\n".join(lines)
 
@@ -439,18 +536,31 @@ def main(argv: list[str]) -> int:
     """`python -m fluxrecipe summary SWEEP_DIR`: write the summary of an existing sweep folder again."""
     parser = argparse.ArgumentParser(
         prog="python -m fluxrecipe summary",
-        description="Rebuild summary.csv, summary.md, summary_blocks.csv and summary.png of a sweep folder from its job folders. "
-        "Exit status 1 when a job failed or did not finish.",
+        description="Rebuild summary.csv, summary.md, summary_blocks.csv, summary.png, grid.png (the previews) and index.html "
+        "of a sweep folder from its job folders. Exit status 1 when a job failed or did not finish.",
     )
     parser.add_argument("sweep_dir", type=Path, help="the folder of a multirun (multirun/DATE/TIME, or hydra.sweep.dir)")
-    parser.add_argument("--no-plot", action="store_true", help="write the tables only")
+    parser.add_argument("--no-plot", action="store_true", help="write the tables only (no summary.png, no grid.png)")
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"fluxrecipe summary: {args.sweep_dir}: no such folder", file=sys.stderr)
+    folder = args.sweep_dir
+    refusal = None
+    if not folder.is_dir():
+        refusal = "no such folder"
+    elif not is_sweep(folder):
+        refusal = (
+            f"a single run, not a sweep: there is nothing to summarize (its model is in {folder / 'transformer'} unless output= was given)"
+            if (folder / ".hydra" / "hydra.yaml").is_file()
+            else f"not a sweep folder (no {MULTIRUN_YAML}): give the folder of a multirun (multirun/DATE/TIME, or its hydra.sweep.dir)"
+        )
+    elif not (jobs := read_jobs(folder.resolve())):
+        refusal = "no job folders (.hydra/overrides.yaml) found: the sweep started no job"
+    if refusal:
+        print(f"fluxrecipe summary: {folder}: {refusal}; nothing was written", file=sys.stderr)
         return EXIT_USAGE
-    summary = summarize(args.sweep_dir, plot=not args.no_plot)
-    if not summary.jobs:
-        print(f"fluxrecipe summary: {args.sweep_dir}: no job folders (.hydra/overrides.yaml) found", file=sys.stderr)
+    try:
+        summary = summarize(folder, plot=not args.no_plot, jobs=jobs)
+    except OSError as e:
+        print(f"fluxrecipe summary: {folder}: cannot write the summary: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
     print(summary.markdown())
     print(report(summary), file=sys.stderr if summary.failed else sys.stdout)

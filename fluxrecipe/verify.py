@@ -3,14 +3,17 @@
 Every problem is one line naming the file (and the key) at fault; the exit status is 0 when there is none, 1
 otherwise. What is checked:
 - the manifest (fluxrecipe.manifest.json, written with every merge): each file it lists is there with that
-  size and sha256, and no weight or JSON file stands in the folder that it does not list;
+  size and sha256, and nothing stands in the folder that it does not list (a folder without a manifest, such
+  as a hub download, is checked without it: this is said, not counted as a problem);
+- no file that could run code when loaded (a pickle: .bin, .ckpt, .pt, ...; a script) is in the folder;
+- every tensor's values are finite (no NaN or Inf), read in the same pass as the sha256;
 - the index: every shard it names exists and holds the keys it assigns to it, every shard in the folder is
   named, every key of every shard is in the index for that shard, and total_size is the sum of the tensors;
-- every shard's safetensors header: it parses (st_format.read_header checks dtypes, shapes and offsets) and
+- every shard's safetensors header: it parses (formats.safetensors.read_header checks dtypes, shapes and offsets) and
   its tensors fill the data area back to back, from its first byte to its last;
 - config.json: diffusers' model class builds exactly the keys and shapes the shards hold, no more, no fewer
   (a key a config needs but no shard holds is what diffusers fills with random weights, warning only).
-`--no-hash` skips reading the data for the sha256 (sizes are still compared): seconds instead of minutes.
+`--no-hash` skips reading the data (sha256 and values; sizes are still compared): seconds instead of minutes.
 """
 
 from __future__ import annotations
@@ -23,13 +26,29 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .errors import FluxRecipeError
+from .files import os_errors
 from .formats.diffusers import INDEX_NAME, WEIGHTS_NAME as DIFFUSERS_WEIGHTS
-from .formats.safetensors import Header, read_header
+from .formats.safetensors import ITEMSIZE, Header, read_header
 from .plan import SHOWN, some_keys
+from .text import printable
 from .writer import MANIFEST_NAME
 
 BLOCK = 16 << 20  # bytes read at a time for the sha256
+# Files that can run code when they are loaded (pickles) or run: fluxrecipe never writes one.
+CODE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle", ".npy", ".npz", ".joblib", ".py", ".sh", ".bat", ".ps1", ".exe", ".so", ".dll")
+# dtype -> (unsigned view, exponent mask): a value is NaN or Inf where all its exponent bits are set (float8
+# e4m3fn has no Inf, and its NaN also has all mantissa bits set).
+NONFINITE_BITS = {
+    "F64": (np.uint64, 0x7FF0000000000000),
+    "F32": (np.uint32, 0x7F800000),
+    "F16": (np.uint16, 0x7C00),
+    "BF16": (np.uint16, 0x7F80),
+    "F8_E4M3": (np.uint8, 0x7F),
+    "F8_E5M2": (np.uint8, 0x7C),
+}
 
 
 @dataclass
@@ -40,6 +59,8 @@ class Report:
     shards: int = 0
     tensors: int = 0
     model: str | None = None  # the config's model class, when it was checked
+    manifest: bool = True  # the folder has a fluxrecipe manifest (a hub download has none)
+    digests: dict[str, str] = field(default_factory=dict)  # file name -> sha256, of the files read
 
     def add(self, path: Path | str, text: str) -> None:
         self.problems.append(f"{path}: {text}")
@@ -53,18 +74,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("folder", help="the output of a merge: a folder (or a pipeline folder holding transformer/), or a single .safetensors file")
     parser.add_argument("--no-hash", action="store_true", help="compare sizes only, do not read the data for sha256")
     args = parser.parse_args(argv)
-    if Path(args.folder).expanduser().is_file():
-        return _report_file(verify_file(Path(args.folder).expanduser(), hash_data=not args.no_hash), hashed=not args.no_hash)
-    report = verify_folder(Path(args.folder), hash_files=not args.no_hash)
+    with os_errors():
+        if Path(args.folder).expanduser().is_file():
+            return _report_file(verify_file(Path(args.folder).expanduser(), hash_data=not args.no_hash), hashed=not args.no_hash)
+        report = verify_folder(Path(args.folder), hash_files=not args.no_hash)
     if report.problems:
         for problem in report.problems:
-            print(f"fluxrecipe verify: {problem}", file=sys.stderr)
-        print(f"fluxrecipe verify: {report.folder}: {len(report.problems)} problem(s): do not use this folder as it is", file=sys.stderr)
+            print(f"fluxrecipe verify: {printable(problem)}", file=sys.stderr)
+        print(f"fluxrecipe verify: {printable(str(report.folder))}: {len(report.problems)} problem(s): do not use this folder as it is", file=sys.stderr)
         return 1
     hashed = "sizes and sha256" if not args.no_hash else "sizes (sha256 not checked)"
+    files = f"{report.files} files match the manifest ({hashed})" if report.manifest else "no fluxrecipe manifest (not a fluxrecipe output): sizes and sha256 not checked"
+    values = "; their values are finite" if not args.no_hash else "; values not read"
     print(
-        f"{report.folder}: ok: {report.files} files match the manifest ({hashed}); {report.tensors} tensors in {report.shards} shard(s) "
-        f"match the index, their headers and config.json ({report.model})"
+        printable(
+            f"{report.folder}: ok: {files}; {report.tensors} tensors in {report.shards} shard(s) "
+            f"match the index, their headers and config.json ({report.model}){values}"
+        )
     )
     return 0
 
@@ -76,18 +102,24 @@ def verify_folder(folder: Path, hash_files: bool = True) -> Report:
         return Report(folder, [f"{folder}: " + ("not a folder (verify checks a model folder)" if folder.exists() else "no such folder")])
     if not (folder / MANIFEST_NAME).exists() and not list(folder.glob("*.safetensors")) and (folder / "transformer").is_dir():
         folder = folder / "transformer"  # a pipeline folder
-    report = Report(folder)
+    report = Report(folder, manifest=(folder / MANIFEST_NAME).exists())
     _check_manifest(folder, report, hash_files)
-    keys = _check_shards(folder, report)
+    _check_code_files(folder, report)
+    keys = _check_shards(folder, report, hash_files)
     if keys is not None:
         _check_config(folder, keys, report)
     return report
 
 
+def _check_code_files(folder: Path, report: Report) -> None:
+    for file in sorted(folder.iterdir()):
+        if file.name.lower().endswith(CODE_SUFFIXES):
+            report.add(file, "a file that can run code when it is loaded (a pickle) or run (a script): neither fluxrecipe nor a diffusers safetensors model has one; remove it")
+
+
 def _check_manifest(folder: Path, report: Report, hash_files: bool) -> None:
     path = folder / MANIFEST_NAME
-    if not path.is_file():
-        report.add(path, "missing: sizes and sha256 cannot be checked (not a fluxrecipe output, or the manifest was removed)")
+    if not report.manifest:
         return
     listed = _json_field(path, "files", dict, report, "manifest: 'files' must map file names to {size, sha256}")
     if listed is None:
@@ -105,13 +137,13 @@ def _check_manifest(folder: Path, report: Report, hash_files: bool) -> None:
             report.add(file, f"{size} bytes, the manifest says {record.get('size')}: the file was truncated or changed after the merge")
             continue
         if hash_files:
-            digest = _sha256(file)
+            digest = _read_checked(file, report)
             if digest != record.get("sha256"):
                 report.add(file, f"sha256 {digest} differs from the manifest's {record.get('sha256')}: the file changed after the merge")
                 continue
         report.files += 1
     for file in sorted(folder.iterdir()):
-        if file.name not in listed and file.name != MANIFEST_NAME and file.suffix in (".safetensors", ".json") and not file.name.startswith("."):
+        if file.name not in listed and file.name != MANIFEST_NAME and not file.name.startswith(".") and not file.name.lower().endswith(CODE_SUFFIXES):
             report.add(file, "not listed in the manifest: added or renamed after the merge")
 
 
@@ -128,25 +160,57 @@ def _json_field(path: Path, field: str, value_type: type, report: Report, what: 
     return value
 
 
-def _sha256(path: Path, offset: int = 0) -> str:
-    """The sha256 of the file from `offset` on, read without filling the page cache."""
+def _read_checked(path: Path, report: Report, header: Header | None = None) -> str:
+    """Read a file once: its sha256 (returned and kept), and for a safetensors file the values of its tensors
+    (each tensor with NaN or Inf is a problem)."""
+    if header is None and path.name.endswith(".safetensors"):
+        try:
+            header = read_header(str(path))
+        except FluxRecipeError:
+            header = None  # the shard check reports it
+    digest, nonfinite = _read(path, header)
+    report.digests[path.name] = digest
+    for key, count in nonfinite.items():
+        report.add(path, f"tensor '{key}' holds {count} NaN/Inf value(s): the model would compute NaN")
+    return digest
+
+
+def _read(path: Path, header: Header | None = None, offset: int = 0) -> tuple[str, dict[str, int]]:
+    """The sha256 of the file from `offset` on and, given its header, the count of NaN/Inf values of each
+    tensor that has some: one pass over the file, without filling the page cache. A block boundary may cut an
+    element; its bytes wait for the next block."""
     digest = hashlib.sha256()
+    entries = sorted((e for e in header.entries.values() if e.nbytes), key=lambda e: e.begin) if header else []
+    nonfinite: dict[str, int] = {}
+    carry: dict[str, bytes] = {}
     fd = os.open(path, os.O_RDONLY)
     try:
         while chunk := os.pread(fd, BLOCK, offset):
             digest.update(chunk)
+            end = offset + len(chunk)
+            for e in entries:
+                lo, hi = max(e.begin, offset), min(e.begin + e.nbytes, end)
+                if lo >= hi:
+                    continue
+                piece = carry.pop(e.name, b"") + chunk[lo - offset : hi - offset]
+                whole = len(piece) - len(piece) % ITEMSIZE[e.dtype]
+                carry[e.name] = piece[whole:]
+                unsigned, mask = NONFINITE_BITS[e.dtype]
+                bad = int(np.count_nonzero(np.frombuffer(piece[:whole], dtype=unsigned) & unsigned(mask) == unsigned(mask)))
+                if bad:
+                    nonfinite[e.name] = nonfinite.get(e.name, 0) + bad
             os.posix_fadvise(fd, offset, len(chunk), os.POSIX_FADV_DONTNEED)  # a 24 GB check need not fill the page cache
-            offset += len(chunk)
+            offset = end
     finally:
         os.close(fd)
-    return digest.hexdigest()
+    return digest.hexdigest(), nonfinite
 
 
 def _plain_name(name: object) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
-def _check_shards(folder: Path, report: Report) -> dict[str, tuple[int, ...]] | None:
+def _check_shards(folder: Path, report: Report, read_values: bool) -> dict[str, tuple[int, ...]] | None:
     """Index and headers; the keys and shapes the shards hold, or None when the shards cannot be read."""
     assigned = _weight_map(folder, report)
     if assigned is None:
@@ -170,6 +234,8 @@ def _check_shards(folder: Path, report: Report) -> dict[str, tuple[int, ...]] | 
             continue
         report.shards += 1
         _check_layout(header, report)
+        if read_values and shard not in report.digests:
+            _read_checked(path, report, header)
         for key in wanted:
             if key not in header.entries:
                 report.add(path, f"lacks '{key}', which the index assigns to it")
@@ -183,7 +249,9 @@ def _check_shards(folder: Path, report: Report) -> dict[str, tuple[int, ...]] | 
             total += entry.nbytes
     report.tensors = len(keys)
     declared = _total_size(index)
-    if readable and declared is not None and declared != total:
+    if readable and index.is_file() and not (isinstance(declared, int) and not isinstance(declared, bool)):
+        report.add(index, f"metadata.total_size is {json.dumps(declared)}, not a number of bytes (the shards hold {total})")
+    elif readable and declared is not None and declared != total:
         report.add(index, f"metadata.total_size is {declared}, the shards hold {total} bytes of tensors")
     return keys if readable else None
 
@@ -216,12 +284,11 @@ def _weight_map(folder: Path, report: Report) -> dict[str, list[str]] | None:
     return assigned
 
 
-def _total_size(index: Path) -> int | None:
+def _total_size(index: Path) -> object:
     try:
-        value = json.loads(index.read_text(encoding="utf-8")).get("metadata", {}).get("total_size")
+        return json.loads(index.read_text(encoding="utf-8")).get("metadata", {}).get("total_size")
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
-    return value if isinstance(value, int) else None
 
 
 def _check_layout(header: Header, report: Report | FileReport) -> None:
@@ -312,7 +379,9 @@ def verify_file(path: Path, hash_data: bool = True) -> FileReport:
     if recorded is None:
         report.add(path, "no fluxrecipe.data_sha256 in its metadata: not a fluxrecipe output (or its metadata was changed), so its data cannot be checked")
     elif hash_data:
-        digest = _sha256(path, header.data_start)
+        digest, nonfinite = _read(path, header, header.data_start)
+        for key, count in nonfinite.items():
+            report.add(path, f"tensor '{key}' holds {count} NaN/Inf value(s): the model would compute NaN")
         if digest != recorded:
             report.add(path, f"the sha256 of its data is {digest}, its metadata says {recorded}: the file changed after the merge")
     return report
@@ -321,9 +390,9 @@ def verify_file(path: Path, hash_data: bool = True) -> FileReport:
 def _report_file(report: FileReport, hashed: bool) -> int:
     if report.problems:
         for problem in report.problems:
-            print(f"fluxrecipe verify: {problem}", file=sys.stderr)
-        print(f"fluxrecipe verify: {report.path}: {len(report.problems)} problem(s): do not use this file as it is", file=sys.stderr)
+            print(f"fluxrecipe verify: {printable(problem)}", file=sys.stderr)
+        print(f"fluxrecipe verify: {printable(str(report.path))}: {len(report.problems)} problem(s): do not use this file as it is", file=sys.stderr)
         return 1
-    what = "its data matches the sha256 in its metadata" if hashed else "sha256 not checked"
-    print(f"{report.path}: ok: {report.tensors} tensors, a whole FLUX.1 transformer in {report.layout} layout; {what}")
+    what = "its data matches the sha256 in its metadata and its values are finite" if hashed else "sha256 and values not checked"
+    print(printable(f"{report.path}: ok: {report.tensors} tensors, a whole FLUX.1 transformer in {report.layout} layout; {what}"))
     return 0

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import FluxRecipeError, OutputError
+from .files import read_small
+from .formats.safetensors import encode_header, read_header
 from .linux import SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, sync_file_range
-from .formats.safetensors import encode_header
 
 MANIFEST_NAME = "fluxrecipe.manifest.json"  # sha256 and size of every file of an output folder
 FLUSH_WINDOW = 16 << 20  # bytes: writeback is started per window and awaited one window later
@@ -153,6 +154,9 @@ def replace_json(path: Path, value: object) -> None:
         raise
 
 
+TEMPORARY_SUFFIXES = (".fluxrecipe-partial", ".fluxrecipe-previous", ".fluxrecipe-lock")
+
+
 def partial_name(target: Path) -> Path:
     return target.parent / f".{target.name}.fluxrecipe-partial"
 
@@ -166,8 +170,15 @@ def _lock_name(target: Path) -> Path:
 
 
 def check_target(target: Path, overwrite: bool, single_file: bool = False) -> None:
-    """An output may replace only what a merge could have written: a model folder (or an empty one), or,
-    for a single-file format, a safetensors file."""
+    """An output may replace only what fluxrecipe itself wrote (a folder its manifest lists whole) or what it
+    can prove is a model (a folder of diffusers model files; for a single-file format, a safetensors file),
+    never anything else."""
+    if target.is_symlink():
+        raise OutputError(f"{target} is a symbolic link (to {os.readlink(target)}): give the folder it should be as output=..., not a link")
+    longest = max(len(os.fsencode(f".{target.name}{suffix}")) for suffix in TEMPORARY_SUFFIXES)
+    if longest > _name_max(target.parent):
+        room = _name_max(target.parent) - (longest - len(os.fsencode(target.name)))
+        raise OutputError(f"{target}: the output's name is {len(os.fsencode(target.name))} bytes long, longer than the {room} this folder leaves room for (fluxrecipe writes beside it as .NAME.fluxrecipe-partial)")
     if single_file and target.is_dir():
         raise OutputError(f"{target} is a folder: a single-file format writes one file, so output= names a .safetensors file (output=merged/model.safetensors)")
     if not target.exists():
@@ -176,13 +187,65 @@ def check_target(target: Path, overwrite: bool, single_file: bool = False) -> No
         raise OutputError(f"{target} already exists: choose another output=..., or pass overwrite=true to replace it")
     if single_file:
         _check_model_file(target)
-    elif not target.is_dir() or any(target.iterdir()) and not ((target / "config.json").is_file() or (target / MANIFEST_NAME).is_file()):
-        raise OutputError(f"{target} exists and is not a model folder: overwrite=true replaces only a model folder, never other files")
+        return
+    reason = _not_replaceable(target)
+    if reason:
+        raise OutputError(
+            f"{target} exists and is not a model folder: overwrite=true replaces only a model folder, never other files ({reason}; "
+            f"a model folder is one fluxrecipe wrote, its {MANIFEST_NAME} listing every file, or one of diffusers model files only)"
+        )
+
+
+def _name_max(folder: Path) -> int:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _not_replaceable(target: Path) -> str | None:
+    """Why `target` is not provably a model (None: it is one, or an empty folder)."""
+    if not target.is_dir():
+        return None if _is_model_file(target) else "it is a file, not a safetensors model"
+    try:
+        listed = json.loads(read_small(target / MANIFEST_NAME))["files"]
+        if not isinstance(listed, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        listed = {}
+    for entry in sorted(target.iterdir()):
+        record = listed.get(entry.name)
+        if entry.name == MANIFEST_NAME and listed:
+            continue
+        if isinstance(record, dict) and entry.is_file() and not entry.is_symlink() and entry.stat().st_size == record.get("size"):
+            continue
+        if not _is_model_file(entry):
+            return f"it holds {entry.name!r}, which fluxrecipe did not write" if listed else f"it holds {entry.name!r}, which is not a model file"
+    return None
+
+
+def _is_model_file(path: Path) -> bool:
+    """A plain file that is, by its content, part of a diffusers model: a safetensors file whose header parses,
+    a safetensors index, or a config.json that names a diffusers class."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        if path.name.endswith(".safetensors"):
+            return bool(read_header(str(path)).entries)
+        doc = json.loads(read_small(path, 1 << 24))
+    except (FluxRecipeError, OSError, ValueError, RecursionError):
+        return False
+    if path.name.endswith(".safetensors.index.json"):
+        return isinstance(doc, dict) and isinstance(doc.get("weight_map"), dict)
+    return path.name == "config.json" and isinstance(doc, dict) and "_class_name" in doc and "_diffusers_version" in doc
+
+
 
 
 def _check_model_file(target: Path) -> None:
-    from .formats.safetensors import read_header
-
     try:
         read_header(str(target))
     except FluxRecipeError:
@@ -205,12 +268,12 @@ def atomic_output(target: Path, overwrite: bool, file_name: str | None = None) -
         raise OutputError(f"{target.parent}: cannot create the output's parent folder: {e.strerror}") from None
     with _lock(target):
         tmp, previous = partial_name(target), _previous_name(target)
-        if previous.exists():
-            if target.exists():
+        if previous.exists() or previous.is_symlink():
+            if target.exists() or target.is_symlink():
                 _remove(previous)
             else:
                 previous.rename(target)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         check_target(target, overwrite, single_file=file_name is not None)
         tmp.mkdir()
         try:

@@ -10,13 +10,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import load_file
+# Offline before anything imports huggingface_hub (diffusers does), which reads this once, at import: a test
+# module imported first (collection order is random) must not decide whether the suite reaches the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("FLUXRECIPE_RECIPE_PATH", None)  # a user's recipe folders must not leak into the tests
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(
@@ -32,14 +39,27 @@ TINY = dict(
 )
 
 
+class NetworkUsed(AssertionError):
+    pass
+
+
+def _no_network(sock: socket.socket, address) -> None:
+    """socket.connect for the tests: a local socket (a Unix socket, the loopback) only. A test that reaches out
+    fails at once and says so, instead of passing or waiting on a network that may not be there."""
+    host = address[0] if isinstance(address, tuple) else None
+    if host is not None and host not in ("127.0.0.1", "::1", "localhost"):
+        raise NetworkUsed(f"a test tried to reach the network ({address})")
+    return _real_connect(sock, address)
+
+
+_real_connect = socket.socket.connect
+socket.socket.connect = _no_network
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _offline_and_private_cache(tmp_path_factory):
-    """No test reaches the network, and demo checkpoints go to a cache of the session's own."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
+def _private_cache(tmp_path_factory):
+    """Demo checkpoints and cached architectures go to a cache of the session's own."""
     os.environ["FLUXRECIPE_CACHE"] = str(tmp_path_factory.mktemp("fluxrecipe-cache"))
-    os.environ.pop(  # a user's recipe folders must not leak into the tests
-        "FLUXRECIPE_RECIPE_PATH", None
-    )
 
 
 def make_flux(

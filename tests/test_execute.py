@@ -102,6 +102,28 @@ def test_memory_bound_does_not_grow_with_the_number_of_blocks(recipes, tmp_path,
     assert max(buffers for _, buffers in peaks) <= 2 * (20_000 // (128 * 2 * 2) + 1)
 
 
+@pytest.mark.parametrize("chunk", [61, 97, 1000])
+def test_chunk_elements_is_exact(recipes, schnell, krea, tmp_path, monkeypatch, chunk):
+    """A chunk holds exactly `chunk_elements` elements (the last of a tensor fewer): 61, 97 and 1000 are
+    three different chunkings, not one rounded-up size."""
+    sizes = []
+    original = execute_module._Reader.read
+
+    def read(reader, ref, start, stop):
+        sizes.append(stop - start)
+        return original(reader, ref, start, stop)
+
+    monkeypatch.setattr(execute_module._Reader, "read", read)
+    name = lerp_recipe(recipes, schnell, krea)
+    merge([f"recipe={name}", f"output={tmp_path / 'out'}", f"chunk_elements={chunk}", "threads=2"])
+    numels = [math.prod(t.shape) for t in load_state(krea).values()]
+    expected = sorted(s for n in numels for s in [chunk] * (n // chunk) + ([n % chunk] if n % chunk else []))
+    reads_per_chunk = {k: 1 if "guidance" in k else 2 for k in load_state(krea)}
+    assert max(sizes) == chunk
+    assert len(sizes) == sum(reads_per_chunk[k] * -(-math.prod(t.shape) // chunk) for k, t in load_state(krea).items())
+    assert sorted(set(sizes)) == sorted(set(expected))
+
+
 @pytest.mark.parametrize("chunk", [97, 1 << 20])
 @pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
 def test_chunked_arithmetic_equals_the_whole_tensor_reference(recipes, schnell, krea, tmp_path, chunk, dtype, torch_dtype):
@@ -153,16 +175,25 @@ def test_input_release_waits_for_reads_in_flight_and_is_aligned():
     reaches behind the frontier releases what lies behind it again (else those pages would stay cached)."""
     f = _InputFile(fd=-1)
     mib = 1 << 20
+    released = []
+
+    def done(begin, end):
+        ranges = f.done(begin, end)
+        released.extend(ranges)
+        return ranges
+
     for begin in (0, 3 * mib, 6 * mib):
         f.in_flight[begin + 100] = 1
-    assert f.done(3 * mib + 100, 6 * mib + 100) == []  # the read at 0 is still under way
-    assert f.done(100, 3 * mib + 100) == [(0, 6 * mib)]
-    assert f.done(6 * mib + 100, 9 * mib + 100) == [(6 * mib, 8 * mib)]
-    assert all(x % RELEASE_ALIGN == 0 for r in [(0, 6 * mib), (6 * mib, 8 * mib)] for x in r)
+    assert done(3 * mib + 100, 6 * mib + 100) == []  # the read at 0 is still under way
+    assert done(100, 3 * mib + 100) == [(0, 6 * mib)]
+    assert done(6 * mib + 100, 9 * mib + 100) == [(6 * mib, 8 * mib)]
     f.in_flight[7 * mib] = 1  # began before the frontier (8 MiB) moved past it, ends beyond it
-    assert f.done(7 * mib, 11 * mib) == [(6 * mib, 8 * mib), (8 * mib, 10 * mib)]
+    assert done(7 * mib, 11 * mib) == [(6 * mib, 8 * mib), (8 * mib, 10 * mib)]
     f.in_flight[mib] = 1  # wholly behind the frontier
-    assert f.done(mib, 2 * mib) == [(0, 10 * mib)]
+    assert done(mib, 2 * mib) == [(0, 10 * mib)]
+    # every range handed out for release (not the test's own numbers) starts and ends on RELEASE_ALIGN,
+    # though no read above began or ended on it
+    assert len(released) == 5 and all(x % RELEASE_ALIGN == 0 for r in released for x in r)
 
 
 def test_written_pages_are_released_on_aligned_ranges(tmp_path, monkeypatch):

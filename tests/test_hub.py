@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,7 @@ def hub_raises(monkeypatch, error: Exception, offline: bool = False) -> str:
         raise error
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 443))])  # the hub's name resolves
     monkeypatch.setattr(hub, "hf_hub_download", fail)
     monkeypatch.setattr(hub, "snapshot_download", fail)
     with pytest.raises(SourceError) as e:
@@ -165,6 +167,47 @@ def test_no_network_and_nothing_cached(monkeypatch, cache):
     msg = hub_raises(monkeypatch, LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub"))
     assert f"hub repo '{REPO}' is not in the local cache" in msg and "the hub cannot be reached: check the network" in msg
     assert f"`hf download {REPO} --include 'transformer/*'`" in msg
+
+
+def test_a_server_error_is_not_called_unreachable(monkeypatch):
+    """huggingface_hub reports a 500 as 'nothing cached', caused by the HTTP error: the hub was reached."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    error = LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub")
+    error.__cause__ = http_error(HfHubHTTPError, 500, "Internal Server Error")
+    msg = hub_raises(monkeypatch, error)
+    assert f"hub repo '{REPO}': the hub answered HTTP 500 (a server error on its side: try again later)" in msg
+    assert "cannot be reached" not in msg
+
+
+def test_a_full_disk_is_not_a_hub_error(monkeypatch):
+    import errno
+
+    msg = hub_raises(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    assert "downloading into the hub cache" in msg and "No space left on device" in msg and "the hub answered" not in msg
+
+
+@pytest.fixture
+def unreachable(monkeypatch, cache):
+    """Not offline by choice, but no network: the hub's name does not resolve."""
+    from huggingface_hub import constants
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def test_no_network_uses_the_cache_without_retrying(unreachable, caplog):
+    """huggingface_hub would retry each request for about 25 s (printing each retry twice) before it falls
+    back to the cache: without a resolvable hub, the cache is used at once, and no request is made."""
+    checkpoint = open_hub(f"{REPO}@v1.0")
+    assert checkpoint.origin["commit"] == OLD
+    with pytest.raises(SourceError, match="is not in the local cache .* and the hub cannot be reached"):
+        open_hub("org/absent")
+    assert not any("Retrying" in r.getMessage() for r in caplog.records)
 
 
 def test_proxy_error(monkeypatch):

@@ -96,7 +96,7 @@ def verified(out: Path) -> None:
     assert leftovers(out) == [out.name]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGHUP", "SIGKILL"])
 def test_interrupted_merge_leaves_nothing_and_rerun_succeeds(tmp_path, recipe, sig):
     out = tmp_path / "out"
     proc, marker = start_paused_merge(tmp_path, recipe, out)

@@ -4,6 +4,7 @@ the seed script's parity, dry runs, the kinds of sources, and the provenance tha
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -309,18 +310,18 @@ def test_local_copy_of_a_whole_flux_repo_is_a_pipeline_folder(tmp_path, schnell,
 def test_output_carries_its_pinned_recipe(plain, schnell, krea):
     pinned = yaml.safe_load((plain / "recipe.yaml").read_text())
     builtin_text = yaml.safe_load((REPO_ROOT / "recipes" / "krea_schnell.yaml").read_text())
-    assert pinned == {  # the recipe as written (its interpolations kept), its sources pinned
+    relative = {name: os.path.relpath(folder.resolve(), plain) for name, folder in (("schnell", schnell), ("krea", krea))}
+    assert pinned == {  # the recipe as written (its interpolations kept), its sources pinned, relative to the output
         **builtin_text,
-        "sources": {"schnell": {"path": str(schnell.resolve())}, "krea": {"path": str(krea.resolve())}},
+        "sources": {name: {"path": path} for name, path in relative.items()},
     }
     assert pinned["rules"] == [{"match": ".*", "op": "lerp:${recipe.alpha}"}]
-    for shard in shard_files(plain):
+    for shard in shard_files(plain):  # the shards name local sources by name: their bytes do not depend on the folder's place
         with safe_open(shard, "pt") as f:
-            assert json.loads(f.metadata()["fluxrecipe.recipe"]) == pinned
+            assert json.loads(f.metadata()["fluxrecipe.recipe"]) == {**pinned, "sources": {name: {"local": name} for name in relative}}
     provenance = json.loads((plain / "fluxrecipe.json").read_text())
     assert {name: {k: v for k, v in s.items() if k != "content_sha256"} for name, s in provenance["sources"].items()} == {
-        "schnell": {"spec": str(schnell), "path": str(schnell.resolve())},
-        "krea": {"spec": str(krea), "path": str(krea.resolve())},
+        name: {"spec": path, "path": path} for name, path in relative.items()
     }
     assert all(len(s["content_sha256"]) == 64 for s in provenance["sources"].values())  # what was read, for a replay to prove
     assert (provenance["recipe"], provenance["base"], provenance["dtype"], provenance["tensors"]) == ("krea_schnell", "schnell", "BF16", len(load_state(plain)))
@@ -350,6 +351,24 @@ def test_written_recipe_replays_to_byte_identical_shards(plain, recipe_dir, tmp_
         assert (tmp_path / "again" / name).read_bytes() == (plain / name).read_bytes()
 
 
+def test_a_replay_proves_it_read_the_same_bytes(plain, recipe_dir, tmp_path, schnell, krea):
+    """fluxrecipe.json records a content hash of what was read from each local source: a replay on the same
+    files records the same; a source changed by one byte records another."""
+    shutil.copy(plain / "recipe.yaml", recipe_dir / "replay.yaml")
+    merge(["recipe=replay", f"output={tmp_path / 'again'}", "progress=false", "shard_size=60KB"])
+    hashes = {p: {n: s["content_sha256"] for n, s in json.loads((p / "fluxrecipe.json").read_text())["sources"].items()} for p in (plain, tmp_path / "again")}
+    assert hashes[plain] == hashes[tmp_path / "again"]
+    changed = tmp_path / "krea-changed"
+    shutil.copytree(krea, changed)
+    shard = sorted(changed.glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-2] ^= 0x01  # one bit of one weight
+    shard.write_bytes(bytes(data))
+    merge(["recipe=replay", f"output={tmp_path / 'other'}", "progress=false", f"recipe.sources.krea={changed}"])
+    other = {n: s["content_sha256"] for n, s in json.loads((tmp_path / "other" / "fluxrecipe.json").read_text())["sources"].items()}
+    assert other["schnell"] == hashes[plain]["schnell"] and other["krea"] != hashes[plain]["krea"]
+
+
 def test_written_recipe_replays_with_a_new_parameter(plain, recipe_dir, tmp_path, schnell, krea, state_of):
     """recipe.yaml keeps `lerp:${recipe.alpha}`, so a replay can sweep alpha again like the original."""
     shutil.copy(plain / "recipe.yaml", recipe_dir / "replay.yaml")
@@ -361,10 +380,29 @@ def test_written_recipe_replays_with_a_new_parameter(plain, recipe_dir, tmp_path
 def test_model_card_says_what_was_merged_from_what(plain, schnell, guided):
     card = (plain / "README.md").read_text()
     assert card.startswith("# krea_schnell: a FLUX.1 transformer merged by fluxrecipe")
-    assert f"| schnell (base) | `{schnell}` | path `{schnell.resolve()}` |" in card
+    relative = os.path.relpath(schnell.resolve(), plain)
+    assert f"| schnell (base) | `{relative}` | path `{relative}` |" in card
     assert "| 0 | `.*` | `lerp:0.5` | schnell, krea |" in card
     assert "RANDOM WEIGHTS" not in card
     assert "4 keys of the sources are not in the output" in card  # Krea's guidance embedder
     assert "| 0 | `guidance` | `take:krea` | krea | 4 |" in (guided / "README.md").read_text()
     manifest = json.loads((plain / "fluxrecipe.manifest.json").read_text())["files"]
     assert "README.md" in manifest
+
+
+def test_a_replay_differs_only_where_the_readme_says(plain, tmp_path, monkeypatch):
+    """The README: run from the output's own recipe.yaml into a folder at the same depth, every file is byte
+    for byte the original's except fluxrecipe.json and README.md (the recipe's name as run) and the manifest."""
+    from reliability_helpers import digests
+
+    monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(plain))
+    monkeypatch.chdir(tmp_path)
+    naming = {"fluxrecipe.json", "README.md", "fluxrecipe.manifest.json"}
+    for again, differ in ((tmp_path / "transformer", naming), (tmp_path / "deeper" / "down" / "here", naming | {"recipe.yaml"})):
+        assert (len(again.parts) == len(plain.parts)) == (differ == naming)
+        merge(["recipe=recipe", f"output={again}", "progress=false", "shard_size=60KB"])
+        first, second = digests(plain), digests(again)
+        assert first.keys() == second.keys()
+        assert {name for name in first if first[name] != second[name]} == differ, again
+    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
+    assert "Three files differ in any case" in readme and all(f"`{name}`" in readme for name in naming)

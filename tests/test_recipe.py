@@ -84,9 +84,25 @@ def test_rules_keep_their_order_and_index():
 
 
 def test_top_level_numbers_are_named_parameters():
-    r = recipe(alpha=0.25, steps=3, description="d")
+    r = recipe(alpha=0.25, steps=3, description="d", rules=[{"match": ".*", "op": "weighted:${...alpha},${...steps},1"}])
     assert r.params == {"alpha": 0.25, "steps": 3}
+    assert r.rules[0].params == {"weights": (0.25, 3.0, 1.0)}
     assert r.description == "d"
+
+
+@pytest.mark.parametrize(
+    "fields, says",
+    [
+        ({"alhpa": 0.3, "alpha": 0.5, "rules": [{"match": ".*", "op": "lerp:${...alpha}", "sources": ["a", "b"]}]}, "parameter 'alhpa' is used by no rule (did you mean alpha?)"),
+        ({"alpha": 0.5}, "parameter 'alpha' is used by no rule: it would change nothing"),
+        ({"alpha": 0.5, "description": "alpha is ${.alpha}"}, "parameter 'alpha' is used by no rule"),
+        ({"bsae": 2}, "parameter 'bsae' is used by no rule (did you mean base?)"),
+    ],
+    ids=["typo", "unused", "only-in-the-description", "mistyped-field"],
+)
+def test_a_parameter_no_rule_uses_is_refused(fields, says):
+    """`+recipe.alhpa=0.3` used to merge at the recipe's alpha without a word."""
+    refused(says, **fields)
 
 
 def test_a_parameter_interpolated_into_an_op_is_resolved():

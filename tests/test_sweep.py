@@ -16,44 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose, load_state, run_cli, write_recipe
-from fluxrecipe import sweep
-
-TINY = """\
-sources:
-  schnell: {schnell}
-  krea: {krea}
-base: schnell
-alpha: 0.5
-rules:
-  - match: '.*'
-    op: lerp:${{recipe.alpha}}
-dtype: bf16
-"""
-
-TINY_GUIDED = """\
-sources:
-  schnell: {schnell}
-  krea: {krea}
-base: krea
-alpha: 0.5
-rules:
-  - match: 'guidance'
-    op: take:krea
-  - match: '.*'
-    op: lerp:${{recipe.alpha}}
-dtype: bf16
-"""
-
+from conftest import compose, load_state, run_cli
+from fluxrecipe import grid, sweep
+from sweep_helpers import with_nan, write_recipes
 
 @pytest.fixture(scope="module")
 def recipes(tmp_path_factory, schnell, krea) -> dict[str, str]:
-    """The environment that makes the tiny recipes `tiny` and `tiny_guided` (over the conftest models) known."""
-    folder = tmp_path_factory.mktemp("sweep-recipes")
-    write_recipe(folder, "tiny", TINY.format(schnell=schnell, krea=krea))
-    write_recipe(folder, "tiny_guided", TINY_GUIDED.format(schnell=schnell, krea=krea))
-    write_recipe(folder, "tiny_broken", TINY.format(schnell=schnell, krea=folder / "no-such-krea"))
-    return {"FLUXRECIPE_RECIPE_PATH": str(folder)}
+    """The environment that makes the tiny recipes `tiny`, `tiny_guided`, `tiny_nan` (a NaN in Krea: its jobs
+    fail while merging) and `tiny_broken` (a missing source) over the conftest models known."""
+    nan_krea = with_nan(krea, tmp_path_factory.mktemp("nan") / "krea")
+    return write_recipes(tmp_path_factory.mktemp("sweep-recipes"), schnell, krea, nan_krea)
 
 
 @pytest.fixture(scope="module")
@@ -116,34 +88,36 @@ def check_row(row: dict[str, str], sweep_dir: Path, job: str) -> None:
         assert float(row[f"distance_to_{src}"]) == pytest.approx(value, rel=1e-5, abs=0)
 
 
-def test_basic_launcher_alpha_sweep_with_a_failing_job(tmp_path, recipes, states):
-    """alpha 0, 0.5, 1 and a value that breaks its job: three merges, one failure reported, exit status 1."""
+def test_basic_launcher_alpha_sweep_with_failing_jobs(tmp_path, recipes, states):
+    """alpha 0, 0.5, 1 over a good recipe and one whose source holds a NaN (found only while merging, so the
+    pre-flight passes it): three merges, three failures reported, exit status 1."""
     sweep_dir = tmp_path / "sweep"
-    r = multirun(["recipe=tiny", "recipe.alpha=0,0.5,1,oops", "progress=false"], sweep_dir, recipes)
+    r = multirun(["recipe=tiny,tiny_nan", "recipe.alpha=0,0.5,1", "progress=false"], sweep_dir, recipes)
     assert r.returncode == 1, r.stderr
-    assert "error in job recipe.alpha=oops,recipe=tiny" in r.stdout + r.stderr
-    assert "4 jobs, 3 ok, 1 failed" in r.stderr
+    assert "error in job recipe.alpha=0,recipe=tiny_nan" in r.stdout + r.stderr
+    assert "6 jobs, 3 ok, 3 failed" in r.stderr
 
     for alpha in (0, 0.5, 1):
         check_merge(sweep_dir / f"recipe.alpha={alpha},recipe=tiny" / "transformer", alpha, states)
-    assert not (sweep_dir / "recipe.alpha=oops,recipe=tiny" / "transformer").exists()
+        assert not (sweep_dir / f"recipe.alpha={alpha},recipe=tiny_nan" / "transformer").exists()
 
     rows = summary_rows(sweep_dir)
-    assert list(rows) == [f"recipe.alpha={a},recipe=tiny" for a in ("0", "0.5", "1", "oops")]  # in job order
-    assert [row["recipe.alpha"] for row in rows.values()] == ["0", "0.5", "1", "oops"]  # the swept key, a column
+    assert list(rows) == [f"recipe.alpha={a},recipe={n}" for n in ("tiny", "tiny_nan") for a in ("0", "0.5", "1")]  # in job order
+    assert [row["recipe.alpha"] for row in rows.values()] == ["0", "0.5", "1"] * 2  # the swept keys, columns
+    assert [row["recipe"] for row in rows.values()] == ["tiny"] * 3 + ["tiny_nan"] * 3
     for job, row in list(rows.items())[:3]:
         check_row(row, sweep_dir, job)
         assert row["overrides"] == f"recipe=tiny recipe.alpha={row['recipe.alpha']} progress=False"  # as Hydra passes it on
     assert rows["recipe.alpha=0,recipe=tiny"]["distance_to_schnell"] == "0"
     assert rows["recipe.alpha=1,recipe=tiny"]["distance_to_krea"] == "0"
-    failed = rows["recipe.alpha=oops,recipe=tiny"]
-    assert failed["status"] == "failed" and failed["output"] == "" and failed["distance_to_schnell"] == ""
-    assert "alpha" in failed["error"] and "must be a number" in failed["error"]
+    failed = rows["recipe.alpha=0.5,recipe=tiny_nan"]
+    assert failed["status"] == "failed" and failed["output"] == "" and failed["distance_to_schnell"] == "" and failed["weights"] == ""
+    assert "source 'krea': tensor 'x_embedder.weight'" in failed["error"] and "holds NaN or Inf" in failed["error"]
 
     markdown = (sweep_dir / sweep.SUMMARY_MD).read_text()
-    assert "4 jobs: 3 ok, 1 failed" in markdown and "![per-block distance to each source](summary.png)" in markdown
+    assert "6 jobs: 3 ok, 3 failed" in markdown and "![per-block distance to each source](summary.png)" in markdown
     table = [line for line in markdown.splitlines() if line.startswith("| recipe.alpha=")]
-    assert len(table) == 4 and "| failed |" in table[3] and "must be a number" in table[3]
+    assert len(table) == 6 and all("| failed |" in line and "holds NaN" in line for line in table[3:])
     assert "| ok |" in table[0] and f"| {rows['recipe.alpha=0,recipe=tiny']['distance_to_krea']} |" in table[0]
 
     with open(sweep_dir / sweep.BLOCKS_CSV, newline="") as f:
@@ -176,6 +150,7 @@ def test_basic_launcher_alpha_sweep_with_a_failing_job(tmp_path, recipes, states
     assert {name: (sweep_dir / name).read_text() for name in before} == before
     assert (sweep_dir / sweep.SUMMARY_PNG).stat().st_size > 0
     assert before[sweep.SUMMARY_MD] in r.stdout
+    assert not (sweep_dir / grid.GRID_PNG).exists() and "summary.png" in (sweep_dir / grid.INDEX_HTML).read_text()  # no previews: no grid
 
 
 def test_joblib_recipe_group_sweep_from_a_user_sweep_file(tmp_path, recipes, states, krea):
@@ -200,18 +175,18 @@ def test_joblib_recipe_group_sweep_from_a_user_sweep_file(tmp_path, recipes, sta
         check_merge(sweep_dir / job / "transformer", int(row["recipe.alpha"]), states, guided=row["recipe"] == "tiny_guided")
 
 
-def test_submitit_local_sweep_over_recipes_with_a_broken_one(tmp_path, recipes, states):
-    """hydra/launcher=submitit_local, the recipe group swept at a fixed alpha, one recipe broken."""
+def test_submitit_local_sweep_over_recipes_with_a_failing_one(tmp_path, recipes, states):
+    """hydra/launcher=submitit_local, the recipe group swept at a fixed alpha, one recipe failing in its job."""
     sweep_dir = tmp_path / "sweep"
-    r = multirun(["recipe=tiny,tiny_broken", "recipe.alpha=0.5", "hydra/launcher=submitit_local"], sweep_dir, recipes)
+    r = multirun(["recipe=tiny,tiny_nan", "recipe.alpha=0.5", "hydra/launcher=submitit_local"], sweep_dir, recipes)
     assert r.returncode == 1, r.stderr
     assert "2 jobs, 1 ok, 1 failed" in r.stderr
     rows = summary_rows(sweep_dir)
-    assert list(rows) == ["recipe.alpha=0.5,recipe=tiny", "recipe.alpha=0.5,recipe=tiny_broken"]
+    assert list(rows) == ["recipe.alpha=0.5,recipe=tiny", "recipe.alpha=0.5,recipe=tiny_nan"]
     check_row(rows["recipe.alpha=0.5,recipe=tiny"], sweep_dir, "recipe.alpha=0.5,recipe=tiny")
     check_merge(sweep_dir / "recipe.alpha=0.5,recipe=tiny" / "transformer", 0.5, states)
-    broken = rows["recipe.alpha=0.5,recipe=tiny_broken"]
-    assert broken["status"] == "failed" and "no-such-krea" in broken["error"] and broken["recipe"] == "tiny_broken"
+    broken = rows["recipe.alpha=0.5,recipe=tiny_nan"]
+    assert broken["status"] == "failed" and "holds NaN or Inf" in broken["error"] and broken["recipe"] == "tiny_nan"
     assert (sweep_dir / ".submitit").is_dir() and (sweep_dir / sweep.SUMMARY_PNG).is_file()
 
 
@@ -265,14 +240,6 @@ def test_a_job_records_a_bug_and_an_interruption(tmp_path, caplog, job_config):
     assert "interrupted" in json.loads((tmp_path / sweep.JOB_STATUS_NAME).read_text())["error"]
 
 
-def test_dry_run_multirun_plans_every_job_and_writes_no_model(tmp_path, recipes):
-    sweep_dir = tmp_path / "sweep"
-    r = multirun(["recipe=tiny", "recipe.alpha=0,1", "dry_run=true"], sweep_dir, recipes)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("dry run: nothing written") == 2
-    rows = summary_rows(sweep_dir)
-    assert [row["status"] for row in rows.values()] == ["dry_run", "dry_run"]
-    assert not list(sweep_dir.glob("*/transformer")) and not (sweep_dir / sweep.SUMMARY_PNG).exists()
 
 
 @pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/joblib' is validated against ConfigStore schema")  # conf/hydra/launcher/joblib.yaml: on purpose
@@ -347,6 +314,7 @@ def test_summary_of_an_unfinished_job_and_of_no_sweep(tmp_path):
     job = tmp_path / "sweep" / "recipe.alpha=0.5"
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text("- recipe.alpha=0.5\n")
+    (tmp_path / "sweep" / sweep.MULTIRUN_YAML).write_text("hydra: {}\n")
     assert sweep.main([str(tmp_path / "sweep")]) == sweep.EXIT_FAILED
     rows = summary_rows(tmp_path / "sweep")
     assert rows["recipe.alpha=0.5"]["status"] == "unfinished" and "did not finish" in rows["recipe.alpha=0.5"]["error"]
@@ -354,3 +322,71 @@ def test_summary_of_an_unfinished_job_and_of_no_sweep(tmp_path):
     assert sweep.main([str(tmp_path / "nothing")]) == sweep.EXIT_USAGE
     (tmp_path / "empty").mkdir()
     assert sweep.main([str(tmp_path / "empty")]) == sweep.EXIT_USAGE
+
+
+def test_summary_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    """Nothing of a folder that is not a sweep is overwritten or deleted (issue 12), and a single run is
+    called what it is, not an unfinished sweep."""
+    mine = tmp_path / "project"
+    (mine / "notes" / ".hydra").mkdir(parents=True)
+    (mine / "notes" / ".hydra" / "overrides.yaml").write_text("- x=1\n")
+    files = {sweep.SUMMARY_MD: b"# my notes\n", sweep.SUMMARY_CSV: b"a,b\n", sweep.SUMMARY_PNG: b"\x89PNG mine"}
+    for name, data in files.items():
+        (mine / name).write_bytes(data)
+    assert sweep.main([str(mine)]) == sweep.EXIT_USAGE
+    assert {name: (mine / name).read_bytes() for name in files} == files and not (mine / grid.INDEX_HTML).exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a sweep folder (no multirun.yaml)" in err and "nothing was written" in err
+
+    single = tmp_path / "outputs" / "12-00-00"  # what `python -m fluxrecipe recipe=demo` leaves
+    (single / ".hydra").mkdir(parents=True)
+    (single / ".hydra" / "overrides.yaml").write_text("- recipe=demo\n")
+    (single / ".hydra" / "hydra.yaml").write_text("hydra:\n  mode: RUN\n")
+    assert sweep.main([str(single)]) == sweep.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "a single run, not a sweep" in err and "unfinished" not in err and not (single / sweep.SUMMARY_CSV).exists()
+
+
+def test_summary_of_damaged_sweep_state_files(tmp_path, capsys):
+    """Damaged job records and Hydra files: one line per job, no traceback, never a hang (a FIFO)."""
+    root = tmp_path / "sweep"
+    root.mkdir()
+    (root / sweep.MULTIRUN_YAML).write_text("hydra: {}\n")
+    damage = {
+        "list": {"fluxrecipe-job.json": "[1, 2]"},
+        "types": {"fluxrecipe-job.json": json.dumps({"status": "ok", "seconds": "soon", "output": None})},
+        "status": {"fluxrecipe-job.json": json.dumps({"status": "done"})},
+        "garbage": {"fluxrecipe-job.json": "{not json"},
+        "fifo": {"fluxrecipe-job.json": None},
+        "overrides": {".hydra/overrides.yaml": "{a: [1, 2"},
+        "overrides_dict": {".hydra/overrides.yaml": "a: 1\n"},
+        "hydra_fifo": {".hydra/hydra.yaml": None, "fluxrecipe-job.json": json.dumps({"status": "ok"})},
+        "previews": {"fluxrecipe-job.json": json.dumps({"status": "ok"}), "previews/previews.json": "[]"},
+    }
+    for num, (name, files) in enumerate(damage.items()):
+        (root / name / ".hydra").mkdir(parents=True)
+        (root / name / ".hydra" / "overrides.yaml").write_text(f"- case={name}\n")
+        (root / name / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {num}\n")
+        for file, text in files.items():
+            path = root / name / file
+            path.parent.mkdir(exist_ok=True)
+            path.unlink(missing_ok=True)
+            if text is None:
+                os.mkfifo(path)
+            else:
+                path.write_text(text)
+    assert sweep.main([str(root)]) == sweep.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    rows = summary_rows(root)
+    assert set(rows) == set(damage)
+    expected = {
+        "list": "is not a job record", "types": "seconds is \"soon\"", "status": "status 'done' is none of",
+        "garbage": "cannot be read", "fifo": "is not a regular file", "overrides": "overrides.yaml cannot be read",
+        "overrides_dict": "is not a list of overrides", "previews": "previews.json cannot be read",
+    }
+    for name, text in expected.items():
+        assert text in rows[name]["error"], (name, rows[name]["error"])
+        assert f"{name}: " in err and err.count(f"{name}: ") == 1
+    assert rows["hydra_fifo"]["status"] == "ok"  # a hydra.yaml that cannot be read only loses the job's place
+    assert rows["previews"]["status"] == "ok" and rows["previews"]["previews"] == ""

@@ -156,20 +156,30 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_model(out, schnell, kre
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(out, schnell, krea, state_of):
-    out.mkdir(parents=True)
-    (out / "config.json").write_text("{}")  # a model folder, e.g. an earlier merge
-    (out / "old-model.txt").write_text("keep me unless told")
     run = ["recipe=krea_schnell", *source_overrides(schnell, krea), f"output={out}", "progress=false"]
+    merge([*run, "recipe.alpha=0.2"])  # an earlier merge
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(OutputError, match=f"{out} already exists: choose another output=..., or pass overwrite=true to replace it"):
         merge(run)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "old-model.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
     merge([*run, "overwrite=true"])
-    assert not (out / "old-model.txt").exists()
     assert load_state(out).keys() == state_of(schnell).keys()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} != before
     assert config_of(out)["guidance_embeds"] is False
     assert sorted(p.name for p in out.parent.iterdir()) == ["transformer"]  # no partial or previous folder left
     assert shard_files(out)
+
+
+def test_overwrite_never_replaces_a_folder_that_merely_holds_a_config_json(out, schnell, krea):
+    """A folder holding a config.json is not a model: `output=. overwrite=true` in a project deleted it all."""
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "old-model.txt").write_text("keep me")
+    run = ["recipe=krea_schnell", *source_overrides(schnell, krea), f"output={out}", "progress=false", "overwrite=true"]
+    with pytest.raises(OutputError, match="exists and is not a model folder"):
+        merge(run)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "old-model.txt"]
 
 
 # --- run options --------------------------------------------------------------------------------------------
@@ -224,16 +234,16 @@ def test_dry_run_warns_of_an_existing_output(out, schnell, krea, capsys):
 
 
 def test_overwriting_an_output_that_is_a_file_leaves_nothing_behind(tmp_path, schnell, krea):
+    """A user's file under the output's name is never replaced by the merge's folder, however often asked."""
     folder = tmp_path / "o"
     folder.mkdir()
-    (folder / "model.safetensors").write_text("not a model folder")
-    run = ["recipe=krea_schnell", *source_overrides(schnell, krea), f"output={folder / 'model.safetensors'}", "progress=false", "overwrite=true"]
+    (folder / "model").write_text("not a model folder")
+    run = ["recipe=krea_schnell", *source_overrides(schnell, krea), f"output={folder / 'model'}", "progress=false", "overwrite=true"]
     for _ in range(2):
-        try:
+        with pytest.raises(OutputError, match="is not a model folder: .*it is a file, not a safetensors model"):
             merge(run)
-        except FluxRecipeError:
-            pass  # refusing to replace a file by a folder would do as well
-        assert [p.name for p in folder.iterdir()] == ["model.safetensors"]
+        assert [p.name for p in folder.iterdir()] == ["model"]
+        assert (folder / "model").read_text() == "not a model folder"
 
 
 def test_a_mistyped_local_path_is_named_as_such_too(tmp_path, monkeypatch, schnell):

@@ -164,9 +164,12 @@ def test_a_broken_header(folder):
     assert found.startswith(f"{shard}: tensor '{key}': unsupported dtype 'Q8'")
 
 
-def test_manifest_missing(folder):
+def test_manifest_missing(folder, capsys):
+    """Without a manifest the folder is checked as any diffusers folder is, and the ok line says what was not."""
     (folder / MANIFEST).unlink()
-    assert problems(folder) == [f"{folder / MANIFEST}: missing: sizes and sha256 cannot be checked (not a fluxrecipe output, or the manifest was removed)"]
+    assert problems(folder) == []
+    assert main([str(folder)]) == 0
+    assert "no fluxrecipe manifest (not a fluxrecipe output): sizes and sha256 not checked" in capsys.readouterr().out
 
 
 def test_manifest_not_json(folder):
@@ -189,7 +192,52 @@ def test_not_a_folder(tmp_path, capsys):
     assert problems(tmp_path / "file.safetensors") == [f"{tmp_path / 'file.safetensors'}: not a folder (verify checks a model folder)"]
 
 
-def test_a_model_of_its_own_with_no_manifest(schnell):
-    """A folder diffusers wrote (no manifest): the index, headers and config are still checked, and pass."""
+def test_a_model_of_its_own_with_no_manifest(schnell, capsys):
+    """A good folder diffusers wrote (a hub download has no manifest): the index, headers, values and config
+    are checked, and pass; verify does not call it unusable."""
     assert weight_map(schnell)
-    assert problems(schnell) == [f"{schnell / MANIFEST}: missing: sizes and sha256 cannot be checked (not a fluxrecipe output, or the manifest was removed)"]
+    assert problems(schnell) == []
+    assert main([str(schnell)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{schnell}: ok: no fluxrecipe manifest") and "their values are finite" in out
+
+
+@pytest.mark.parametrize("name", ["diffusion_pytorch_model.bin", "model.ckpt", "convert.py"])
+def test_a_file_that_can_run_code_is_a_problem(folder, schnell, name):
+    """An unlisted pickle or script beside the weights: with or without a manifest, verify does not pass it."""
+    (folder / name).write_bytes(b"\x80\x04cos\nsystem\n")
+    (found,) = problems(folder)
+    assert found.startswith(f"{folder / name}: a file that can run code when it is loaded (a pickle) or run (a script)")
+    hub = Path(shutil.copytree(schnell, folder.parent / "hub"))
+    (hub / name).write_bytes(b"x")
+    assert [p.split(": ")[0] for p in problems(hub)] == [str(hub / name)]
+
+
+def test_any_unlisted_file_is_a_problem(folder):
+    (folder / "notes.txt").write_text("added later")
+    assert problems(folder) == [f"{folder / 'notes.txt'}: not listed in the manifest: added or renamed after the merge"]
+
+
+def test_index_total_size_that_is_not_a_number(folder):
+    index = json.loads((folder / INDEX).read_text())
+    total = index["metadata"]["total_size"]
+    index["metadata"]["total_size"] = "a lot"
+    (folder / INDEX).write_text(json.dumps(index))
+    resign(folder)
+    assert problems(folder) == [f'{folder / INDEX}: metadata.total_size is "a lot", not a number of bytes (the shards hold {total})']
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_nonfinite_values_are_a_problem_even_when_the_manifest_agrees(folder, value):
+    """The values are read in the same pass as the sha256, element by element, across read blocks."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shard = shards(folder)[1]
+    state = load_file(shard)
+    key = sorted(state)[0]
+    state[key] = state[key].flatten().index_fill(0, torch.tensor([0, 2]), value).view(state[key].shape)
+    save_file(state, shard, metadata={"format": "pt"})
+    resign(folder)
+    assert problems(folder) == [f"{shard}: tensor '{key}' holds 2 NaN/Inf value(s): the model would compute NaN"]
+    assert problems(folder, "--no-hash") == []  # sizes only: values are not read

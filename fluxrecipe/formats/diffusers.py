@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from ..errors import SourceError
+from ..files import os_error_text, read_small
 from .layout import OutFile, OutTensor, Piece, TensorRef, whole
 from .safetensors import TensorEntry
 
@@ -33,7 +34,7 @@ def to_canonical(source: str, entries: dict[str, TensorEntry]) -> dict[str, Tens
 
 def weight_files(name: str, folder: Path) -> dict[Path, list[str] | None]:
     """The folder's weight files -> the keys its index assigns them (None: all the file holds)."""
-    indexes = sorted(p for p in folder.glob("*" + INDEX_SUFFIX) if p.is_file())
+    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))  # one that is not a regular file is refused when read
     if len(indexes) > 1:
         preferred = folder / INDEX_NAME
         if preferred not in indexes:
@@ -51,10 +52,12 @@ def weight_files(name: str, folder: Path) -> dict[Path, list[str] | None]:
 
 def _files_of_index(name: str, folder: Path, index: Path) -> dict[Path, list[str]]:
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json.loads(read_small(index))["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+    except OSError as e:  # not a regular file (a FIFO would block), too large, unreadable
+        raise SourceError(f"source '{name}': {os_error_text(e)}") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise SourceError(f"source '{name}': {index} is not a valid safetensors index ({e})") from None
     files: dict[Path, list[str]] = {}
     for key, shard in weight_map.items():

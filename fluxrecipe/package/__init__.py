@@ -10,7 +10,9 @@ recipe on the same inputs gives the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -32,9 +34,29 @@ HEADER_ROOM = 256 << 10  # bytes a single file's header keeps free for the prove
 LISTED = 100  # per-tensor counts a single file's provenance lists before it gives the rest as a total
 
 
+def as_recorded(plan: Plan, output: Path) -> Plan:
+    """The plan as the output's files record it: an output is shared, so no absolute local path goes into it.
+    A local source is named by its path relative to the output's folder (where its recipe.yaml lies, so that
+    recipe.yaml replays from anywhere: see sources.py); hub sources by repo and commit, demo ones by name."""
+    folder = os.path.abspath(output.parent if plan.single_file else output)
+    sources = []
+    for s in plan.sources:
+        if "path" in s.origin:
+            relative = os.path.relpath(s.origin["path"], folder)
+            s = dataclasses.replace(s, spec=relative, origin={**s.origin, "path": relative}, folder=relative)
+        sources.append(s)
+    recipe = dataclasses.replace(plan.recipe, file=os.path.basename(plan.recipe.file) if plan.recipe.file else None)
+    return dataclasses.replace(plan, recipe=recipe, sources=tuple(sources))
+
+
 def file_metadata(plan: Plan) -> dict[str, str]:
-    """The metadata in every weight file's header, known before a byte is written."""
-    return {"format": "pt", "fluxrecipe.version": __version__, "fluxrecipe.recipe": json.dumps(pinned_recipe(plan), separators=(",", ":"))}
+    """The metadata in every weight file's header, known before a byte is written. A folder's shards name a
+    local source by its name only (recipe.yaml beside them has its path), so that their bytes never depend on
+    where the folder lies: a rebuild anywhere gives the same shards. A single file has nothing beside it."""
+    recipe = pinned_recipe(plan)
+    if not plan.single_file:
+        recipe["sources"] = {name: {"local": name} if "path" in pin else pin for name, pin in recipe["sources"].items()}
+    return {"format": "pt", "fluxrecipe.version": __version__, "fluxrecipe.recipe": json.dumps(recipe, separators=(",", ":"))}
 
 
 def header_size(plan: Plan) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from ..plan import Plan, human_bytes
+from ..text import markdown_code, markdown_text
 
 RANDOM_WARNING = (
     "> **RANDOM WEIGHTS - NOT A MODEL.** This merge was made from fluxrecipe's generated demo checkpoints, whose\n"
@@ -18,11 +19,11 @@ RANDOM_WARNING = (
 
 def model_card(plan: Plan) -> str:
     r = plan.recipe
-    lines = [f"# {r.name}: a FLUX.1 transformer merged by fluxrecipe", ""]
+    lines = [f"# {markdown_text(r.name)}: a FLUX.1 transformer merged by fluxrecipe", ""]
     if any("demo" in s.origin for s in plan.sources):
         lines += [RANDOM_WARNING]
-    if r.description:
-        lines += [r.description, ""]
+    if r.description:  # a stranger's text: shown as text, never as Markdown or HTML
+        lines += [markdown_text(r.description), ""]
     dtypes = "/".join(sorted({s.dtype + (" scaled" if s.scaled else "") for s in plan.steps}))
     lines += [
         f"Architecture: `{plan.config.get('_class_name')}` of source `{r.base}` "
@@ -35,15 +36,15 @@ def model_card(plan: Plan) -> str:
         "|---|---|---|",
     ]
     for s in plan.sources:
-        origin = ", ".join(f"{k} `{v}`" for k, v in s.origin.items())
-        lines.append(f"| {s.name}{' (base)' if s.name == r.base else ''} | `{s.spec}` | {origin} |")
+        origin = ", ".join(f"{k} {markdown_code(v)}" for k, v in s.origin.items())
+        lines.append(f"| {s.name}{' (base)' if s.name == r.base else ''} | {markdown_code(s.spec)} | {origin} |")
     lines += ["", "## Rules (first match wins)", "", "| # | match | op | inputs | keys |", "|---|---|---|---|---|"]
     for x in plan.rule_stats():
-        lines.append(f"| {x.rule.index} | `{x.rule.match}` | `{x.rule.op}` | {', '.join(x.rule.sources) or '-'} | {x.keys} |")
+        lines.append(f"| {x.rule.index} | {markdown_code(x.rule.match)} | {markdown_code(str(x.rule.op))} | {', '.join(x.rule.sources) or '-'} | {x.keys} |")
     if plan.dropped:
         lines += ["", f"{len(plan.dropped)} keys of the sources are not in the output (see fluxrecipe.json for each and why)."]
     if plan.notes:
-        lines += ["", *[f"Note: {n}." for n in plan.notes]]
+        lines += ["", *[f"Note: {markdown_text(n)}." for n in plan.notes]]
     lines += [
         "",
         "## Use",
@@ -64,8 +65,9 @@ def model_card(plan: Plan) -> str:
         "",
         "## Rebuild",
         "",
-        "`recipe.yaml` here is the recipe with its sources pinned; put it in a folder and run",
-        "`FLUXRECIPE_RECIPE_PATH=FOLDER python -m fluxrecipe recipe=recipe`. `fluxrecipe.json` records what was read,",
+        "`recipe.yaml` here is the recipe with its sources pinned (hub repos to their commit, local folders by their",
+        "path relative to this folder); run `python -m fluxrecipe recipe=THIS_FOLDER/recipe.yaml output=NEW_FOLDER`.",
+        "`fluxrecipe.json` records what was read,",
         "`fluxrecipe.manifest.json` the sha256 of every file (`python -m fluxrecipe verify FOLDER` checks them),",
         "`diagnostics.json` how far each block moved from each source.",
         "",

@@ -1,0 +1,226 @@
+"""The XY grid of a sweep's previews, built from the files the jobs left (it is rebuilt by `summary DIR`).
+
+`grid.png`: a row per prompt and seed, a column per job in sweep order, each column labelled with the job's
+swept values; a job that failed (or left no image) is a labelled empty cell. Its layout (labels, and the box
+and file of every cell) is stored in the PNG itself, as the text chunk `fluxrecipe.grid`, so a program can
+tell what it shows. `index.html` shows the grid, every image at full size (a link each), and the summary
+table.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from .sweep import Job, Summary
+
+GRID_PNG, INDEX_HTML = "grid.png", "index.html"
+GRID_KEY = "fluxrecipe.grid"  # the PNG text chunk that holds the layout
+MAX_CELL = 512  # larger previews are scaled down in the grid (index.html links the full images)
+MIN_COLUMN, ROW_HEADER, PAD, FONT_SIZE = 150, 240, 6, 13
+BACKGROUND, EMPTY, TEXT, FAINT = (255, 255, 255), (228, 228, 228), (20, 20, 20), (150, 40, 40)
+HEADER_LINES, ROW_LINES, NOTE_LINES = 4, 8, 5
+
+
+@dataclass(frozen=True)
+class Cell:
+    file: Path | None  # the image, or None: an empty cell
+    note: str = ""  # why a cell is empty ("failed: ...", "no image")
+    image: Any = None  # the image as drawn in the grid (a PIL image, scaled down to MAX_CELL at most)
+
+
+@dataclass(frozen=True)
+class Grid:
+    columns: list[tuple[Job, str]]  # job, its label, in sweep order
+    rows: list[tuple[str, int]]  # (prompt, seed)
+    cells: list[list[Cell]]  # [row][column]
+
+
+def build(summary: Summary) -> Grid | None:
+    """The grid of the jobs' previews, or None when no job has any."""
+    from .sweep import OK, label
+
+    if not any(j.previews for j in summary.jobs):
+        return None
+    rows = list(dict.fromkeys((p["prompt"], p["seed"]) for j in summary.jobs for p in j.previews))
+    columns, cells = [], [[] for _ in rows]
+    for job in summary.jobs:
+        status = "" if job.status == OK else f" ({job.status})"
+        columns.append((job, label(summary.swept, job) + status))
+        files = {(p["prompt"], p["seed"]): p["file"] for p in job.previews}
+        for i, row in enumerate(rows):
+            cells[i].append(_cell(job, files.get(row)))
+    return Grid(columns, rows, cells)
+
+
+def _cell(job: Job, file: Path | None) -> Cell:
+    from PIL import Image, UnidentifiedImageError
+
+    from .sweep import OK
+
+    if job.status != OK:
+        return Cell(None, f"{job.status}: {job.error or ''}".strip(": "))
+    if file is None or not file.exists():
+        return Cell(None, job.preview_error or "no image")
+    try:
+        if not file.is_file():
+            raise ValueError("not a regular file")
+        with Image.open(file) as image:
+            image = image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        return Cell(None, f"{file.name} cannot be read: {e}")
+    if max(image.size) > MAX_CELL:
+        image.thumbnail((MAX_CELL, MAX_CELL))
+    return Cell(file, image=image)
+
+
+def draw(grid: Grid, summary: Summary, path: Path) -> None:
+    """grid.png, with its layout in the text chunk GRID_KEY."""
+    from PIL import Image, ImageDraw
+    from PIL.PngImagePlugin import PngInfo
+
+    images = [[c.image for c in row] for row in grid.cells]
+    sizes = [im.size for row in images for im in row if im is not None] or [(64, 64)]
+    cell_w, cell_h = max(w for w, _ in sizes), max(h for _, h in sizes)
+    column_w = max(cell_w, MIN_COLUMN) + PAD
+    font = _font()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = FONT_SIZE + 4
+    labels = [_wrap(measure, text, font, column_w - PAD, HEADER_LINES) for _, text in grid.columns]
+    header_h = line_h * max(len(lines) for lines in labels) + 2 * PAD
+    row_h = cell_h + PAD
+    width, height = ROW_HEADER + column_w * len(grid.columns), header_h + row_h * len(grid.rows)
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    pen = ImageDraw.Draw(canvas)
+    layout = {"columns": [], "rows": [{"prompt": p, "seed": s} for p, s in grid.rows], "cells": []}
+    for c, ((job, text), lines) in enumerate(zip(grid.columns, labels)):
+        x = ROW_HEADER + c * column_w
+        _text(pen, x, PAD, lines, font, line_h, TEXT)
+        layout["columns"].append({"job": job.name, "label": text, "status": job.status})
+    for r, (prompt, seed) in enumerate(grid.rows):
+        y = header_h + r * row_h
+        lines = _wrap(measure, f"seed {seed}: {prompt}", font, ROW_HEADER - 2 * PAD, min(ROW_LINES, max(1, cell_h // line_h)))
+        _text(pen, PAD, y, lines, font, line_h, TEXT)
+        layout_row = []
+        for c, (cell, image) in enumerate(zip(grid.cells[r], images[r])):
+            x = ROW_HEADER + c * column_w
+            if image is not None:
+                canvas.paste(image, (x, y))
+                box = [x, y, image.width, image.height]
+            else:
+                pen.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], fill=EMPTY)
+                _text(pen, x + PAD, y + PAD, _wrap(measure, cell.note, font, cell_w - 2 * PAD, max(1, min(NOTE_LINES, (cell_h - PAD) // line_h))), font, line_h, FAINT)
+                box = [x, y, cell_w, cell_h]
+            layout_row.append({"box": box, "file": _relative(cell.file, summary.sweep_dir), "note": cell.note})
+        layout["cells"].append(layout_row)
+    info = PngInfo()
+    info.add_text(GRID_KEY, json.dumps(layout, ensure_ascii=False))
+    canvas.save(path, pnginfo=info)
+
+
+def read_layout(path: Path) -> dict:
+    """The layout stored in a grid.png (labels, rows, and the box and file of every cell)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return json.loads(image.text[GRID_KEY])
+
+
+def _font():
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=FONT_SIZE)
+    except (TypeError, OSError):  # Pillow < 10.1, or without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(measure, text: str, font, width: int, max_lines: int) -> list[str]:
+    """`text` in lines no wider than `width` (breaking long words), at most `max_lines`, the last one cut with '…'."""
+    lines: list[str] = []
+    line = ""
+    for word in text.replace("\n", " ").split(" "):
+        candidate = f"{line} {word}" if line else word
+        if measure.textlength(candidate, font=font) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        while measure.textlength(word, font=font) > width and len(word) > 1:
+            cut = len(word)
+            while cut > 1 and measure.textlength(word[:cut], font=font) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: max(0, len(lines[-1]) - 1)] + "…"
+    return lines
+
+
+def _text(pen, x: int, y: int, lines: list[str], font, line_h: int, color) -> None:
+    for i, line in enumerate(lines):
+        pen.text((x, y + i * line_h), line, font=font, fill=color)
+
+
+def _relative(file: Path | None, root: Path) -> str | None:
+    if file is None:
+        return None
+    return file.relative_to(root).as_posix() if file.is_relative_to(root) else str(file)
+
+
+# --- index.html -------------------------------------------------------------------------------------------
+
+
+def index_html(summary: Summary, grid: Grid | None) -> str:
+    """The page of the sweep: the grid, every preview (linked at full size), and the summary table."""
+    esc = html.escape
+    ok = len(summary.jobs) - len(summary.failed)
+    parts = [
+        "<!doctype html>",
+        f'<html><head><meta charset="utf-8"><title>Sweep {esc(summary.title)}</title>',
+        "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+        "padding:4px;vertical-align:top;font-size:13px}td.empty{background:#e4e4e4;color:#962828;max-width:16em}"
+        "img.cell{max-width:256px;display:block}img.grid{max-width:100%}</style></head><body>",
+        f"<h1>Sweep {esc(summary.title)}</h1>",
+        f"<p>{len(summary.jobs)} jobs: {ok} ok, {len(summary.failed)} failed or unfinished.</p>",
+    ]
+    if grid is not None:
+        settings = _settings_line(summary)
+        parts += [f"<h2>Previews</h2><p>{esc(settings)}</p>", f'<p><a href="{GRID_PNG}"><img class="grid" src="{GRID_PNG}" alt="grid of previews"></a></p>']
+        parts.append("<table><tr><th>prompt, seed</th>" + "".join(f"<th>{esc(text)}</th>" for _, text in grid.columns) + "</tr>")
+        for (prompt, seed), cells in zip(grid.rows, grid.cells):
+            row = [f"<td>seed {seed}: {esc(prompt)}</td>"]
+            for cell in cells:
+                if cell.file is None:
+                    row.append(f'<td class="empty">{esc(cell.note)}</td>')
+                else:
+                    href = esc(quote(_relative(cell.file, summary.sweep_dir) or ""))
+                    row.append(f'<td><a href="{href}"><img class="cell" src="{href}" alt="{esc(prompt)}, seed {seed}"></a></td>')
+            parts.append("<tr>" + "".join(row) + "</tr>")
+        parts.append("</table>")
+    columns = summary.columns()
+    parts.append("<h2>Summary</h2><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in summary.rows()]
+    parts.append("</table>")
+    links = [f'<a href="{esc(quote(f.name))}">{esc(f.name)}</a>' for f in summary.files if f.name != INDEX_HTML]
+    parts.append(f"<p>{' · '.join(links)}</p></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _settings_line(summary: Summary) -> str:
+    """The preview settings of the jobs (those of the first job that has them; swept ones are in the labels)."""
+    for job in summary.jobs:
+        if job.preview_settings:
+            s = job.preview_settings
+            guidance = f"guidance {s.get('guidance')}" if s.get("guidance") is not None else "no guidance"
+            return f"{s.get('steps')} steps, {guidance}, {s.get('width')}x{s.get('height')}, pipeline {s.get('pipeline')}"
+    return ""

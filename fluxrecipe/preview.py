@@ -1,0 +1,433 @@
+"""Previews: sample images of a merged model, the way people choose between merges.
+
+`preview=true` renders a fixed set of prompts with fixed seeds through diffusers' `FluxPipeline`: the merged
+transformer, loaded from the job's output folder, with the text encoders, tokenizers, VAE and scheduler of
+`preview.pipeline` (a hub repo or a local pipeline folder; FLUX.1-schnell's by default). The settings that
+are not given follow the merged model: few steps and no guidance for a model without a guidance embedder
+(schnell-like), guidance 3.5 for one with (`guidance_embeds: true`).
+
+The prompts are encoded once per process and the text encoders let go before the transformer is loaded: the
+embeddings do not depend on the transformer, so a sweep run by the basic launcher encodes them once, and the
+GPU never holds T5 and the transformer at once. Every image is drawn from a CPU generator seeded with its
+seed, so the same settings give the same pixels wherever the latents are then denoised.
+
+Each job writes `previews/`: one PNG per prompt and seed, and `previews.json` (the settings, and the prompt,
+seed and file of every image), from which the sweep's grid is built (grid.py). The folder appears whole or not
+at all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import re
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .errors import OutputError, UsageError
+from .plan import human_bytes
+from .writer import replace_json
+
+log = logging.getLogger("fluxrecipe")
+
+PREVIEW_DIR = "previews"
+PREVIEWS_JSON = "previews.json"
+DEFAULT_STEPS = {False: 4, True: 20}  # by guidance_embeds: schnell is distilled to ~4 steps, dev needs ~20+
+DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's (and diffusers') default distilled guidance
+MAX_SEQUENCE_LENGTH = 256  # T5 tokens per prompt: FLUX.1-schnell's limit, plenty for preview prompts
+OFFLOAD = ("none", "model", "sequential")  # diffusers' enable_model_cpu_offload / enable_sequential_cpu_offload
+MAX_IMAGES = 256  # per job: prompts x seeds
+MAX_STEPS = 500
+MAX_SIDE = 4096
+TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+NEEDED_COMPONENTS = (*TEXT_COMPONENTS, "vae", "scheduler")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+SWITCH = "preview.enabled"
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    """What one job renders: plain data, written to previews.json beside the images."""
+
+    pipeline: str
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    guidance: float | None  # None: the model has no guidance embedder, so there is nothing to set
+    height: int
+    width: int
+    offload: str
+
+    def images(self) -> list[tuple[int, str, int, str]]:
+        """(prompt index, prompt, seed, file name) of every image, prompt by prompt, seed by seed."""
+        return [(i, prompt, seed, f"p{i}-s{seed}.png") for i, prompt in enumerate(self.prompts) for seed in self.seeds]
+
+    def describe(self) -> str:
+        guidance = f"guidance {self.guidance}" if self.guidance is not None else "no guidance (the model has no guidance embedder)"
+        offload = f", offload {self.offload}" if self.offload != "none" else ""
+        return (
+            f"{len(self.prompts)} prompt(s) x {len(self.seeds)} seed(s), {self.steps} steps, {guidance}, "
+            f"{self.width}x{self.height}{offload}, pipeline {self.pipeline}"
+        )
+
+    @property
+    def disk_bytes(self) -> int:
+        """An upper bound of the PNGs' size (uncompressed RGB), for the sweep's disk check."""
+        return len(self.images()) * (self.width * self.height * 3 + 4096)
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+
+def expand_switch(argv: list[str]) -> list[str]:
+    """`preview=true` is short for `preview.enabled=true` (`preview` also holds the settings, `preview.steps=8`).
+
+    Hydra can neither assign a value to a node that holds settings nor choose a config group by a boolean,
+    so the short form is spelled out before Hydra sees it (a sweep, `preview=true,false`, as well).
+    """
+    return [re.sub(r"^\+{0,2}preview=", f"{SWITCH}=", arg) for arg in argv]
+
+
+# --- settings ---------------------------------------------------------------------------------------------
+
+
+def enabled(cfg: DictConfig) -> bool:
+    node = cfg.get("preview")
+    value = node.get("enabled") if isinstance(node, DictConfig) else node
+    if not isinstance(value, bool):
+        raise UsageError(f"preview={value}: choose true or false")
+    return value
+
+
+def settings_of(cfg: DictConfig, guidance_embeds: bool) -> PreviewSettings:
+    """The job's preview settings, checked, with the defaults that suit a model with (or without) guidance."""
+    node = cfg.preview
+    pipeline = node.get("pipeline")
+    if not isinstance(pipeline, str) or not pipeline.strip():
+        raise UsageError(f"preview.pipeline={pipeline}: give a hub repo id (org/name) or a local pipeline folder")
+    prompts = _list(node.get("prompts"), "prompts")
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise UsageError(f"preview.prompts={_show(prompts)}: give a list of non-empty prompts, e.g. preview.prompts='[a red fox in snow, a city at night]'")
+    seeds = _list(node.get("seeds"), "seeds")
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in seeds):
+        raise UsageError(f"preview.seeds={_show(seeds)}: give a list of whole numbers from 0, e.g. preview.seeds='[0,1,2]'")
+    for name, values in (("prompts", prompts), ("seeds", seeds)):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            raise UsageError(f"preview.{name} lists {', '.join(repr(t) for t in twice)} more than once")
+    if len(prompts) * len(seeds) > MAX_IMAGES:
+        raise UsageError(f"preview: {len(prompts)} prompts x {len(seeds)} seeds = {len(prompts) * len(seeds)} images per job; at most {MAX_IMAGES}")
+    steps = node.get("steps")
+    if steps is None:
+        steps = DEFAULT_STEPS[guidance_embeds]
+    elif not _whole(steps) or not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"preview.steps={steps}: a whole number of denoising steps from 1 to {MAX_STEPS} (null: {DEFAULT_STEPS[False]} without guidance embedder, {DEFAULT_STEPS[True]} with)")
+    guidance = node.get("guidance")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0):
+        raise UsageError(f"preview.guidance={guidance}: a number from 0 (null: {DEFAULT_GUIDANCE} for a model with a guidance embedder)")
+    if not guidance_embeds:
+        if guidance is not None:
+            log.warning(f"fluxrecipe: preview.guidance={guidance} has no effect: the merged model has no guidance embedder (guidance_embeds: false)")
+        guidance = None
+    elif guidance is None:
+        guidance = DEFAULT_GUIDANCE
+    size = {}
+    for side in ("height", "width"):
+        value = node.get(side)
+        if not _whole(value) or not 16 <= value <= MAX_SIDE or value % 16:
+            raise UsageError(f"preview.{side}={value}: a multiple of 16 from 16 to {MAX_SIDE} (FLUX works in 16-pixel patches)")
+        size[side] = value
+    offload = node.get("offload") or "none"
+    if offload not in OFFLOAD:
+        raise UsageError(f"preview.offload={offload}: choose none, model (whole models move to the GPU in turn) or sequential (layer by layer: least GPU memory, slowest)")
+    if offload != "none" and not str(cfg.device).startswith("cuda"):
+        raise UsageError(f"preview.offload={offload} offloads to the CPU from a GPU: use it with device=cuda")
+    return PreviewSettings(
+        pipeline=pipeline.strip(),
+        prompts=tuple(p.strip() for p in prompts),
+        seeds=tuple(seeds),
+        steps=steps,
+        guidance=float(guidance) if guidance is not None else None,
+        offload=offload,
+        **size,
+    )
+
+
+def _list(value: Any, name: str) -> list:
+    if isinstance(value, ListConfig):
+        return list(OmegaConf.to_container(value))
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return [value]  # preview.seeds=3, preview.prompts='a red fox': one of each
+    if value is None:
+        return []
+    raise UsageError(f"preview.{name}={_show(value)}: give a list")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)[:200]
+
+
+# --- the pipeline: where it is, and whether it fits the merged model -------------------------------------
+
+
+def locate(spec: str) -> tuple[str, str | None, bool]:
+    """(local folder or repo id, revision, is_local) of `preview.pipeline`."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "model_index.json").is_file():
+            raise UsageError(f"preview.pipeline={spec}: not a diffusers pipeline folder (it has no model_index.json)")
+        return str(path.resolve()), None, True
+    if spec.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(spec):
+        raise UsageError(f"preview.pipeline={spec}: no such folder, and not a hub repo id (org/name or org/name@revision)")
+    repo, _, revision = spec.partition("@")
+    return repo, revision or None, False
+
+
+def check(settings: PreviewSettings, config: dict[str, Any], fetch: bool) -> list[str]:
+    """Problems that would stop this job's previews, found before any merge: the libraries, the pipeline (its
+    files, and whether its text encoders and VAE fit the merged model's config) and, unless `fetch` is false
+    (a dry run), everything the rendering will read from the hub, downloaded now, once for the whole sweep."""
+    missing = [name for name in ("transformers", "accelerate", "PIL") if importlib.util.find_spec(name) is None]
+    if missing:
+        return [f"preview=true needs {', '.join(missing)}: pip install 'fluxrecipe[preview]'"]
+    try:
+        location, revision, local = locate(settings.pipeline)
+        configs = {name: _component_config(location, revision, local, name) for name in ("model_index", "text_encoder", "text_encoder_2", "vae")}
+        problems = _fit(settings.pipeline, configs, config)
+        if fetch and not local and not problems:
+            _download(location, revision)
+    except UsageError as e:
+        return [str(e)]
+    return problems
+
+
+def _fit(spec: str, configs: dict[str, dict], config: dict[str, Any]) -> list[str]:
+    index = configs["model_index"]
+    lacking = [name for name in NEEDED_COMPONENTS if not (isinstance(index.get(name), list) and index[name][0])]
+    if lacking:
+        return [f"preview.pipeline={spec} has no {', '.join(lacking)}: give a FLUX pipeline (e.g. black-forest-labs/FLUX.1-schnell)"]
+    pairs = [
+        ("text_encoder_2", "d_model", "joint_attention_dim", "T5's embeddings"),
+        ("text_encoder", "hidden_size", "pooled_projection_dim", "CLIP's pooled embedding"),
+    ]
+    problems = []
+    for component, key, model_key, what in pairs:
+        if configs[component].get(key) != config.get(model_key):
+            problems.append(
+                f"preview.pipeline={spec}: {what} are {configs[component].get(key)} wide ({component}/config.json {key}), "
+                f"the merged transformer takes {model_key}={config.get(model_key)}: give the pipeline of this model's family"
+            )
+    channels = configs["vae"].get("latent_channels")
+    if not isinstance(channels, int) or channels * 4 != config.get("in_channels"):
+        problems.append(
+            f"preview.pipeline={spec}: its VAE has {channels} latent channels (vae/config.json), the merged transformer takes "
+            f"in_channels={config.get('in_channels')} (4 x the VAE's): give the pipeline of this model's family"
+        )
+    return problems
+
+
+def _component_config(location: str, revision: str | None, local: bool, name: str) -> dict:
+    filename = "model_index.json" if name == "model_index" else f"{name}/config.json"
+    path = Path(location) / filename if local else _hub_file(location, revision, filename)
+    try:
+        value = json.loads(path.read_text()) if path.is_file() and path.stat().st_size < (1 << 20) else None
+    except (OSError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        raise UsageError(f"preview.pipeline={location}: {filename} is missing or not a JSON object")
+    return value
+
+
+def _hub_file(repo: str, revision: str | None, filename: str) -> Path:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"preview.pipeline={repo}" + (f"@{revision}" if revision else "")
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except GatedRepoError:
+        raise UsageError(f"{where} is gated: accept its licence at https://huggingface.co/{repo} while logged in, then `hf auth login` or set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise UsageError(f"{where} was not found on the hub (or is private: log in with `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise UsageError(f"{where}: no such revision") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise UsageError(
+            f"{where}: {filename} is not in the local cache ({constants.HF_HUB_CACHE})"
+            + (" and HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else " and the hub cannot be reached")
+            + f": download it first (`hf download {repo}" + (f" --revision {revision}" if revision else "")
+            + " --include model_index.json --include '*/*' --exclude 'transformer/*'`) or give a local pipeline folder"
+        ) from None
+    except EntryNotFoundError:
+        raise UsageError(f"{where} has no {filename}: is it a diffusers FLUX pipeline repo?") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise UsageError(f"{where}: {type(e).__name__}: {e}") from None
+
+
+def _download(repo: str, revision: str | None) -> None:
+    """The pipeline's files but its transformer, into the hub cache, before any job needs them."""
+    try:
+        with _quiet():
+            from diffusers import FluxPipeline
+
+            FluxPipeline.download(repo, revision=revision, transformer=None)
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's and diffusers' errors alike: the job cannot render
+        raise UsageError(f"preview.pipeline={repo}: cannot download its text encoders, VAE and scheduler: {type(e).__name__}: {e}") from None
+
+
+# --- rendering ---------------------------------------------------------------------------------------------
+
+_embeddings: dict[tuple, list[tuple[Any, Any]]] = {}  # (pipeline, prompts, device) -> per prompt (T5, pooled CLIP)
+
+
+def render(transformer_dir: Path, settings: PreviewSettings, device: str, folder: Path) -> Path:
+    """Render every image of `settings` with the transformer in `transformer_dir` into `folder`, whole or not
+    at all; returns the folder."""
+    import torch
+
+    with _quiet():  # transformers warns about optional image backends as FluxPipeline's module is imported
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    if folder.exists():
+        raise OutputError(f"{folder} already exists: previews are written once per job folder")
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    started = time.monotonic()
+    location, revision, _ = locate(settings.pipeline)
+    dtype = torch.bfloat16
+    embeddings = _prompt_embeddings(settings, location, revision, device, dtype)
+    try:
+        with _quiet():
+            transformer = FluxTransformer2DModel.from_pretrained(transformer_dir, torch_dtype=dtype)
+            pipe = FluxPipeline.from_pretrained(
+                location, revision=revision, transformer=transformer, torch_dtype=dtype, **dict.fromkeys(TEXT_COMPONENTS)
+            )
+        _place(pipe, device, settings.offload)
+        pipe.set_progress_bar_config(disable=True)
+        partial.mkdir(parents=True)
+        images = []
+        for index, prompt, seed, name in settings.images():
+            t5, pooled = embeddings[index]
+            with torch.inference_mode():
+                image = pipe(
+                    prompt_embeds=t5.to(device),
+                    pooled_prompt_embeds=pooled.to(device),
+                    num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance if settings.guidance is not None else 0.0,
+                    height=settings.height,
+                    width=settings.width,
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    max_sequence_length=MAX_SEQUENCE_LENGTH,
+                ).images[0]
+            image.save(partial / name)
+            images.append({"prompt": prompt, "seed": seed, "file": name})
+        seconds = round(time.monotonic() - started, 3)
+        replace_json(partial / PREVIEWS_JSON, {"settings": asdict(settings), "device": device, "seconds": seconds, "images": images})
+        partial.rename(folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    log.info(f"previews: {len(images)} image(s) in {folder} ({human_bytes(size)}, {seconds:.1f} s)")
+    return folder
+
+
+def _prompt_embeddings(settings: PreviewSettings, location: str, revision: str | None, device: str, dtype) -> list[tuple[Any, Any]]:
+    """T5 and pooled CLIP embeddings of every prompt (on the CPU), encoded once per process and pipeline."""
+    import torch
+
+    with _quiet():
+        from diffusers import FluxPipeline
+
+    key = (location, revision, settings.prompts, device, str(dtype))
+    if key not in _embeddings:
+        with _quiet():
+            text = FluxPipeline.from_pretrained(location, revision=revision, transformer=None, vae=None, torch_dtype=dtype)
+        _place(text, device, settings.offload)
+        with torch.inference_mode():
+            encoded = [text.encode_prompt(prompt, prompt_2=None, device=torch.device(device), max_sequence_length=MAX_SEQUENCE_LENGTH) for prompt in settings.prompts]
+        _embeddings.clear()  # one set at a time: another sweep's prompts need not stay in memory
+        _embeddings[key] = [(t5.cpu(), pooled.cpu()) for t5, pooled, _ in encoded]
+        del text
+    return _embeddings[key]
+
+
+def _place(pipe, device: str, offload: str) -> None:
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+
+
+class _quiet:
+    """diffusers' and transformers' loading bars and notices (deprecations, optional backends) stay out of
+    the run's output; their errors still raise."""
+
+    def __enter__(self):
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        self._loggers = (diffusers_logging, transformers_logging)
+        self._levels = [lib.get_verbosity() for lib in self._loggers]
+        for lib in self._loggers:
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore", FutureWarning)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._warnings.__exit__(*exc)
+        for lib, level in zip(self._loggers, self._levels):
+            lib.set_verbosity(level)
+            lib.enable_progress_bar()
+
+
+# --- reading previews back -------------------------------------------------------------------------------
+
+
+def read_previews(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The settings and the images a job's previews.json lists (each {prompt, seed, file (a Path)}); nothing
+    when there is no such file. Raises ValueError for a damaged one (the summary reports it on the job's row)."""
+    path = folder / PREVIEWS_JSON
+    if not path.exists():
+        return {}, []
+    if not path.is_file() or path.stat().st_size > (4 << 20):
+        raise ValueError(f"{path} is not a small regular file")
+    data = json.loads(path.read_text())
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise ValueError(f"{path} has no list of images")
+    out = []
+    for image in images:
+        if not (isinstance(image, dict) and isinstance(image.get("prompt"), str) and _whole(image.get("seed")) and isinstance(image.get("file"), str)):
+            raise ValueError(f"{path}: an image entry is not {{prompt, seed, file}}: {_show(image)}")
+        out.append({"prompt": image["prompt"], "seed": image["seed"], "file": folder / Path(image["file"]).name})  # never a path elsewhere
+    settings = data.get("settings")
+    return (settings if isinstance(settings, dict) else {}), out

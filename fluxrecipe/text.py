@@ -1,0 +1,37 @@
+"""Text from recipes and files, made safe to show: on a terminal, and in the model card's Markdown.
+
+A recipe or a file name comes from a stranger. Written raw, an ANSI escape could clear the screen or fake a
+plan line, and a bidi override could make a rule read as another; in the card, Markdown could fake a heading
+or a link. Every such text is shown through these functions where it leaves the program.
+"""
+
+from __future__ import annotations
+
+import re
+
+# what starts Markdown or HTML anywhere in a line (an underscore only at a word's edge), and at its start
+MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]<>|~]|(?<!\w)_|_(?!\w))")
+MARKDOWN_LINE_START = re.compile(r"^(?:([#=+-])|(\d+)([.)]))")
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable (control characters, escapes, line breaks, bidi
+    controls) written as its Python escape, e.g. '\\x1b'. Printable text, of any script, stays as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def markdown_text(text: str) -> str:
+    """Printable text that Markdown shows as it is (no emphasis, heading, list, link, HTML or table cell break)."""
+    text = MARKDOWN_SPECIAL.sub(r"\\\1", printable(text))
+    return MARKDOWN_LINE_START.sub(lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", text)
+
+
+def markdown_code(text: str) -> str:
+    """Printable text as an inline code span that no backtick in it can end early; `|` is escaped, as GitHub's
+    tables need inside a cell."""
+    text = printable(text).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"

@@ -1,0 +1,27 @@
+"""fluxrecipe's Hydra sweeper: Hydra's basic sweeper behind a pre-flight (fluxrecipe/preflight.py).
+
+Hydra instantiates plugins only from the `hydra_plugins` namespace package, so the class lives here;
+conf/config.yaml selects it as `hydra.sweeper._target_`. It makes the same jobs, in the same order, as the
+basic sweeper, and hands them to whichever launcher is configured (basic, joblib, submitit), but only after
+every job was composed and planned in this process and nothing was found wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+
+class PreflightSweeper(BasicSweeper):
+    def sweep(self, arguments: list[str]) -> Any:
+        from fluxrecipe.preflight import before_launch  # here: Hydra imports every plugin of every app it starts
+
+        assert self.config is not None and self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        all_jobs = self.split_arguments(parser.parse_overrides([*self._parse_config(), *arguments]), None)[0]
+        extra = before_launch(self.config, self.hydra_context.config_loader, all_jobs)
+        if extra is None:
+            return []  # a dry run: every job planned and printed, none launched
+        return super().sweep([*arguments, *extra])

@@ -1,0 +1,135 @@
+"""Shared by the sweep tests: a tiny FLUX pipeline built offline, a source with a NaN, recipes over the tiny
+models, and ways to run fluxrecipe in-process as the command line would."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY, compose, write_recipe
+
+LERP = """\
+sources:
+  schnell: {schnell}
+  krea: {krea}
+base: {base}
+alpha: 0.5
+rules:
+{guidance}  - match: '.*'
+    op: lerp:${{recipe.alpha}}
+dtype: bf16
+"""
+WORDS = "a photo of the cat red house on hill in snow".split()
+
+
+def write_recipes(folder: Path, schnell: Path, krea: Path, nan_krea: Path) -> dict[str, str]:
+    """`tiny` (schnell's architecture), `tiny_guided` (Krea's, guidance embedder kept), `tiny_nan` (a NaN in
+    Krea: found only while merging, so it passes the pre-flight and fails its job) and `tiny_broken` (a
+    missing source). Returns the environment that makes them known."""
+    guided = "  - match: 'guidance'\n    op: take:krea\n"
+    write_recipe(folder, "tiny", LERP.format(schnell=schnell, krea=krea, base="schnell", guidance=""))
+    write_recipe(folder, "tiny_guided", LERP.format(schnell=schnell, krea=krea, base="krea", guidance=guided))
+    write_recipe(folder, "tiny_nan", LERP.format(schnell=schnell, krea=nan_krea, base="schnell", guidance=""))
+    write_recipe(folder, "tiny_broken", LERP.format(schnell=schnell, krea=folder / "no-such-krea", base="schnell", guidance=""))
+    return {"FLUXRECIPE_RECIPE_PATH": str(folder)}
+
+
+def with_nan(source: Path, folder: Path, key: str = "x_embedder.weight") -> Path:
+    """A copy of a diffusers folder with one NaN in `key` (same shapes, dtypes and layout otherwise)."""
+    shutil.copytree(source, folder)
+    index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shard = folder / index["weight_map"][key]
+    state = load_file(shard)
+    state[key] = state[key].clone()
+    state[key].view(-1)[3] = float("nan")
+    save_file(state, shard, metadata={"format": "pt"})
+    return folder
+
+
+def build_pipeline(folder: Path) -> Path:
+    """A tiny FLUX pipeline, as diffusers saves one, built offline: CLIP and T5 encoders from transformers
+    configs, their tokenizers made here from a small vocabulary (CLIP: characters, BPE without merges; T5: a
+    Unigram model of words and characters), a VAE with one latent channel (the tiny transformer takes 4 =
+    2x2 packed latents), FLUX's scheduler, and a tiny transformer (which previews replace by the merge)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    scratch = folder.parent / f"{folder.name}-tokenizers"
+    (scratch / "clip").mkdir(parents=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(chars)}}
+    vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate(chars)})
+    (scratch / "clip" / "vocab.json").write_text(json.dumps(vocab))
+    (scratch / "clip" / "merges.txt").write_text("#version: 0.2\n")
+    clip_tokenizer = CLIPTokenizer.from_pretrained(scratch / "clip", model_max_length=77)
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [(f"\u2581{w}", -1.0) for w in WORDS] + [(c, -5.0) for c in chars]
+    t5 = Tokenizer(models.Unigram(pieces, unk_id=2))
+    t5.pre_tokenizer = pre_tokenizers.Metaspace()
+    t5.decoder = decoders.Metaspace()
+    t5.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    t5.save(str(scratch / "t5.json"))
+    t5_tokenizer = T5TokenizerFast(tokenizer_file=str(scratch / "t5.json"), extra_ids=0, model_max_length=512)
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=TINY["pooled_projection_dim"], intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32,
+    ))
+    t5_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(pieces), d_model=TINY["joint_attention_dim"], d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=TINY["in_channels"] // 4,
+        norm_num_groups=1, sample_size=32, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    transformer = FluxTransformer2DModel(**TINY)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tokenizer,
+        text_encoder_2=t5_encoder, tokenizer_2=t5_tokenizer, transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+    shutil.rmtree(scratch)
+    return folder
+
+
+def run_single(overrides: list[str], run_dir: Path):
+    """One run as `python -m fluxrecipe OVERRIDES` makes it, in-process, with `run_dir` as Hydra's run folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    from fluxrecipe import job, preview
+
+    cfg = compose(preview.expand_switch(overrides))
+    with read_write(cfg.hydra.runtime):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    return job.run(cfg)
+
+
+def run_main(argv: list[str], monkeypatch) -> int:
+    """`python -m fluxrecipe ARGV` in-process (Hydra and all); returns its exit status."""
+    from fluxrecipe import __main__ as entry
+    from fluxrecipe import sweep
+
+    monkeypatch.setattr(sys, "argv", ["fluxrecipe", *argv])
+    for name, value in (("_failed_here", 0), ("_last_summary", None), ("_summary_error", None)):
+        monkeypatch.setattr(sweep, name, value)  # what an earlier in-process sweep counted
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        entry.main()
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        compose([])  # leave Hydra's global state as a single run's

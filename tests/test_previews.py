@@ -1,0 +1,250 @@
+"""Previews (issue 11): sample images per job through a real (tiny) FluxPipeline, the XY grid, index.html,
+keep_weights=false, and the same pixels on a rerun.
+
+One real `python -m fluxrecipe -m ... preview=true` sweep runs in a subprocess (two recipes x two ratios, one
+recipe with a NaN in a source, so its jobs pass the pre-flight and fail while merging); everything else runs
+in-process against it or on its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import compose, load_state, merge, run_cli
+from fluxrecipe import grid, preview, sweep
+from fluxrecipe.errors import UsageError
+from sweep_helpers import build_pipeline, run_single, with_nan, write_recipes
+
+PROMPTS = ["a photo of the cat", "a red house on the hill"]
+SEEDS = [0, 1]
+SIZE = 32
+PREVIEW = [
+    "preview=true",
+    f"preview.prompts=[{','.join(PROMPTS)}]",
+    f"preview.seeds=[{','.join(map(str, SEEDS))}]",
+    f"preview.height={SIZE}",
+    f"preview.width={SIZE}",
+    "preview.steps=2",
+]
+ROWS = [(p, s) for p in PROMPTS for s in SEEDS]
+JOBS = ["recipe.alpha=0,recipe=tiny", "recipe.alpha=0.5,recipe=tiny", "recipe.alpha=0,recipe=tiny_nan", "recipe.alpha=0.5,recipe=tiny_nan"]
+LABELS = ["recipe=tiny, recipe.alpha=0", "recipe=tiny, recipe.alpha=0.5", "recipe=tiny_nan, recipe.alpha=0 (failed)", "recipe=tiny_nan, recipe.alpha=0.5 (failed)"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    return build_pipeline(tmp_path_factory.mktemp("pipeline") / "tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, schnell, krea) -> dict[str, str]:
+    nan_krea = with_nan(krea, tmp_path_factory.mktemp("nan") / "krea")
+    return write_recipes(tmp_path_factory.mktemp("preview-recipes"), schnell, krea, nan_krea)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, pipeline, env) -> tuple[Path, object]:
+    """The sweep, run once for the module: `-m recipe=tiny,tiny_nan recipe.alpha=0,0.5 preview=true keep_weights=false`."""
+    sweep_dir = tmp_path_factory.mktemp("preview-sweep") / "sweep"
+    args = ["-m", "recipe=tiny,tiny_nan", "recipe.alpha=0,0.5", *PREVIEW, f"preview.pipeline={pipeline}", "keep_weights=false", "progress=false"]
+    r = run_cli([*args, f"hydra.sweep.dir={sweep_dir}"], cwd=sweep_dir.parent, env=env)
+    return sweep_dir, r
+
+
+@pytest.fixture
+def single_env(monkeypatch, env):
+    monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", env["FLUXRECIPE_RECIPE_PATH"])
+    yield
+    compose([])
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_sweep_renders_previews_per_job_and_keeps_no_weights(swept):
+    sweep_dir, r = swept
+    assert r.returncode == 1, r.stderr  # the tiny_nan jobs failed
+    assert "4 jobs, 2 ok, 2 failed" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == sorted(JOBS)  # constant preview.* settings stay out of the names
+    for name in JOBS[:2]:
+        folder = sweep_dir / name / "previews"
+        record = json.loads((folder / "previews.json").read_text())
+        assert record["settings"]["steps"] == 2 and record["settings"]["guidance"] is None  # no guidance embedder: none to set
+        assert [(i["prompt"], i["seed"]) for i in record["images"]] == ROWS
+        for image in record["images"]:
+            array = pixels(folder / image["file"])
+            assert array.shape == (SIZE, SIZE, 3) and array.std() > 0
+        # keep_weights=false: no weights, but the recipe that rebuilds them and the manifest that proves it
+        out = sweep_dir / name / "transformer"
+        assert not list(out.glob("*.safetensors")) and not (out / "diffusion_pytorch_model.safetensors.index.json").exists()
+        assert {"recipe.yaml", "config.json", "fluxrecipe.manifest.json", "diagnostics.json"} <= {p.name for p in out.iterdir()}
+    # the merge matters: alpha 0 and 0.5 draw different images from the same seeds
+    assert not np.array_equal(pixels(sweep_dir / JOBS[0] / "previews" / "p0-s0.png"), pixels(sweep_dir / JOBS[1] / "previews" / "p0-s0.png"))
+    for name in JOBS[2:]:
+        assert not (sweep_dir / name / "previews").exists() and not (sweep_dir / name / "transformer").exists()
+
+    with open(sweep_dir / sweep.SUMMARY_CSV, newline="") as f:
+        rows = {row["job"]: row for row in csv.DictReader(f)}
+    assert [rows[j]["weights"] for j in JOBS] == ["deleted", "deleted", "", ""]
+    assert [rows[j]["previews"] for j in JOBS] == ["4", "4", "", ""]
+    assert "holds NaN or Inf" in rows[JOBS[2]]["error"]
+
+
+def test_grid_has_a_column_per_job_and_a_row_per_prompt_and_seed(swept):
+    sweep_dir, _ = swept
+    layout = grid.read_layout(sweep_dir / grid.GRID_PNG)
+    assert [c["label"] for c in layout["columns"]] == LABELS  # sweep order, labelled with the swept values
+    assert [c["job"] for c in layout["columns"]] == JOBS
+    assert [(r["prompt"], r["seed"]) for r in layout["rows"]] == ROWS
+    canvas = pixels(sweep_dir / grid.GRID_PNG)
+    for r, (prompt, seed) in enumerate(ROWS):
+        for c, job in enumerate(JOBS):
+            cell = layout["cells"][r][c]
+            x, y, w, h = cell["box"]
+            if c < 2:  # the image of that job, prompt and seed, pixel for pixel
+                file = f"{job}/previews/p{PROMPTS.index(prompt)}-s{seed}.png"
+                assert cell["file"] == file
+                assert np.array_equal(canvas[y : y + h, x : x + w], pixels(sweep_dir / file))
+            else:  # a failed job: a labelled empty cell
+                assert cell["file"] is None and cell["note"].startswith("failed:") and "NaN" in cell["note"]
+                assert tuple(canvas[y + h - 1, x + w - 1]) == grid.EMPTY and tuple(canvas[y, x]) == grid.EMPTY
+
+    page = (sweep_dir / grid.INDEX_HTML).read_text()
+    assert f'src="{grid.GRID_PNG}"' in page and "holds NaN or Inf" in page
+    for label in LABELS:
+        assert f"<th>{label}</th>" in page
+    assert page.count('<img class="cell"') == 8 and "recipe.alpha%3D0.5%2Crecipe%3Dtiny/previews/p1-s1.png" in page
+    assert page.count("<tr><td>recipe.alpha=") == 4  # the summary table: a row per job
+    assert "![previews: a row per prompt and seed, a column per job](grid.png)" in (sweep_dir / sweep.SUMMARY_MD).read_text()
+
+
+def test_summary_rebuilds_the_grid_from_the_images(swept, tmp_path):
+    sweep_dir, _ = swept
+    copy = tmp_path / "moved"  # a copied sweep folder: its job records still name the old place
+    shutil.copytree(sweep_dir, copy)
+    before = (pixels(copy / grid.GRID_PNG), grid.read_layout(copy / grid.GRID_PNG))
+    (copy / grid.GRID_PNG).unlink()
+    (copy / grid.INDEX_HTML).unlink()
+    assert sweep.main([str(copy)]) == sweep.EXIT_FAILED  # two jobs failed
+    assert np.array_equal(pixels(copy / grid.GRID_PNG), before[0])
+    assert grid.read_layout(copy / grid.GRID_PNG) == before[1]
+    assert (copy / grid.INDEX_HTML).is_file()
+
+
+def test_recipe_of_a_job_without_weights_rebuilds_them_byte_for_byte(swept, tmp_path, monkeypatch, state_of, schnell, krea):
+    sweep_dir, _ = swept
+    job = sweep_dir / JOBS[1] / "transformer"  # alpha 0.5
+    manifest = json.loads((job / "fluxrecipe.manifest.json").read_text())["files"]
+    monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(job))
+    rebuilt = tmp_path / "rebuilt"
+    merge(["recipe=recipe", f"output={rebuilt}", "progress=false"])
+    weights = [name for name in manifest if name.endswith(".safetensors") or name.endswith(".index.json")]
+    assert len(weights) >= 2
+    for name in weights:
+        assert hashlib.sha256((rebuilt / name).read_bytes()).hexdigest() == manifest[name]["sha256"], name
+    s, k = state_of(schnell), state_of(krea)
+    for key, t in load_state(rebuilt).items():
+        assert torch.equal(t, ((s[key].float() + k[key].float()) / 2).to(torch.bfloat16)), key
+
+
+def test_single_run_previews_are_the_sweeps_pixels(swept, pipeline, single_env, tmp_path):
+    """A rerun with the same seeds (here: a single run, in another process than the sweep) gives the same
+    pixels; a single run keeps its weights by default and puts its previews into its run folder."""
+    sweep_dir, _ = swept
+    out, run_dir = tmp_path / "merged", tmp_path / "run"
+    result = run_single(["recipe=tiny", "recipe.alpha=0.5", f"output={out}", "progress=false", *PREVIEW, f"preview.pipeline={pipeline}"], run_dir)
+    assert result.output == out and list(out.glob("*.safetensors"))
+    for i, prompt in enumerate(PROMPTS):
+        for seed in SEEDS:
+            name = f"p{i}-s{seed}.png"
+            assert np.array_equal(pixels(run_dir / "previews" / name), pixels(sweep_dir / JOBS[1] / "previews" / name)), name
+
+
+def test_guided_merge_previews_with_guidance_by_default(pipeline, single_env, tmp_path):
+    """A guidance_embeds: true merge gets guidance (3.5) and more steps (20) by default, and guidance changes
+    its images; a schnell-like one gets 4 steps and no guidance, and a guidance set for it changes nothing."""
+    common = ["recipe.alpha=0.5", "progress=false", "preview=true", "preview.prompts=[a photo of the cat]", "preview.seeds=[0]",
+              f"preview.height={SIZE}", f"preview.width={SIZE}", f"preview.pipeline={pipeline}"]
+    runs = {}
+    for name, extra in [("guided", []), ("guided_1", ["preview.guidance=1.0"]), ("plain", []), ("plain_7", ["preview.guidance=7"])]:
+        recipe = "recipe=tiny_guided" if name.startswith("guided") else "recipe=tiny"
+        run_single([recipe, *common, *extra, f"output={tmp_path / name / 'model'}"], tmp_path / name)
+        runs[name] = json.loads((tmp_path / name / "previews" / "previews.json").read_text())["settings"]
+        runs[name]["pixels"] = pixels(tmp_path / name / "previews" / "p0-s0.png")
+    assert (runs["guided"]["steps"], runs["guided"]["guidance"]) == (20, 3.5)
+    assert runs["guided_1"]["guidance"] == 1.0 and not np.array_equal(runs["guided"]["pixels"], runs["guided_1"]["pixels"])
+    assert (runs["plain"]["steps"], runs["plain"]["guidance"]) == (4, None)
+    assert runs["plain_7"]["guidance"] is None and np.array_equal(runs["plain"]["pixels"], runs["plain_7"]["pixels"])
+
+
+def test_single_run_checks_previews_before_merging(pipeline, single_env, tmp_path):
+    """A wrong preview setting or pipeline stops a single run before anything is merged."""
+    out = tmp_path / "merged"
+    for bad, message in [
+        ("preview.height=30", "preview.height=30: a multiple of 16"),
+        (f"preview.pipeline={tmp_path / 'nowhere'}", "no such folder"),
+        ("preview.pipeline=nobody/no-such-flux", "not in the local cache"),
+        ("preview.offload=model", "use it with device=cuda"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            run_single(["recipe=tiny", f"output={out}", "preview=true", f"preview.pipeline={pipeline}", bad], tmp_path / "run")
+        assert not out.exists() and not (tmp_path / "run" / "previews").exists()
+
+
+def test_preview_settings_and_the_switch():
+    assert preview.expand_switch(["-m", "preview=true", "+preview=false", "preview=true,false", "preview.steps=3", "~preview"]) == [
+        "-m", "preview.enabled=true", "preview.enabled=false", "preview.enabled=true,false", "preview.steps=3", "~preview"
+    ]
+    cfg = compose(["recipe=demo", "preview.enabled=true"])
+    schnell_like, guided = preview.settings_of(cfg, False), preview.settings_of(cfg, True)
+    assert (schnell_like.steps, schnell_like.guidance, guided.steps, guided.guidance) == (4, None, 20, 3.5)
+    assert (schnell_like.height, schnell_like.width, schnell_like.seeds, schnell_like.pipeline) == (512, 512, (0, 1), "black-forest-labs/FLUX.1-schnell")
+    assert len(schnell_like.images()) == len(schnell_like.prompts) * 2
+    for override, message in [
+        ("preview.seeds=[0,0]", "lists '0' more than once"),
+        ("preview.seeds=[-1]", "whole numbers from 0"),
+        ("preview.prompts=[]", "non-empty prompts"),
+        ("preview.steps=0", "from 1 to"),
+        ("preview.guidance=-1", "a number from 0"),
+        ("preview.width=1000", "multiple of 16"),
+        ("preview.offload=cpu", "choose none, model"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            preview.settings_of(compose(["recipe=demo", "preview.enabled=true", override]), True)
+    with pytest.raises(UsageError, match="preview=yes: choose true or false"):
+        preview.enabled(compose(["recipe=demo", "preview.enabled=yes"]))
+    compose([])
+
+
+def test_pipeline_that_does_not_fit_the_model_is_named():
+    configs = {
+        "model_index": {n: ["transformers", "X"] for n in preview.NEEDED_COMPONENTS},
+        "text_encoder": {"hidden_size": 768},
+        "text_encoder_2": {"d_model": 4096},
+        "vae": {"latent_channels": 16},
+    }
+    flux = {"joint_attention_dim": 4096, "pooled_projection_dim": 768, "in_channels": 64}
+    assert preview._fit("p", configs, flux) == []
+    problems = preview._fit("p", configs, {**flux, "joint_attention_dim": 32, "in_channels": 4})
+    assert len(problems) == 2 and "joint_attention_dim=32" in problems[0] and "in_channels=4" in problems[1]
+    del configs["model_index"]["vae"]
+    assert preview._fit("p", configs, flux) == ["preview.pipeline=p has no vae: give a FLUX pipeline (e.g. black-forest-labs/FLUX.1-schnell)"]
+
+
+def test_read_previews_refuses_paths_outside_the_folder(tmp_path):
+    (tmp_path / "previews.json").write_text(json.dumps({"settings": {}, "images": [{"prompt": "p", "seed": 0, "file": "../../etc/x.png"}]}))
+    assert preview.read_previews(tmp_path)[1][0]["file"] == tmp_path / "x.png"
+    (tmp_path / "previews.json").write_text(json.dumps({"images": [{"prompt": "p", "seed": "zero", "file": "x.png"}]}))
+    with pytest.raises(ValueError, match="not \\{prompt, seed, file\\}"):
+        preview.read_previews(tmp_path)

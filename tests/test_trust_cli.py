@@ -1,0 +1,110 @@
+"""Issue 12 through the command line, in subprocesses from fresh folders: runs that a user's habit (Hydra's
+`+key=value`, a sweep file without -m) would have made silently wrong are refused before anything is
+written (not even Hydra's outputs/ folder), and the first hour's commands (a recipe file by its path, the
+version, tab completion, a closed pipe) do what they say.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, run_cli, write_recipe
+
+
+def one_error_line(done) -> str:
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr + done.stdout
+    assert "Traceback" not in done.stderr + done.stdout
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("fluxrecipe: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["recipe=demo", "+dryrun=true"], "unknown option 'dryrun' (did you mean dry_run?)"),
+        (["recipe=demo", "dryrun=true"], "unknown option 'dryrun' (did you mean dry_run?)"),
+        (["recipe=demo", "+recipe.alhpa=0.3"], "parameter 'alhpa' is used by no rule (did you mean alpha?)"),
+        (["recipe=demo", "sweep=alpha_grid"], "sweep=alpha_grid sets a sweep (recipe.alpha: 0.0,0.25,0.5,0.75,1.0), which runs only as a multirun: add -m"),
+    ],
+    ids=["plus-dryrun", "dryrun", "parameter-typo", "sweep-without-m"],
+)
+def test_a_silently_wrong_run_is_refused_and_writes_nothing(tmp_path, args, says):
+    done = run_cli(args, cwd=tmp_path)
+    assert says in one_error_line(done)
+    assert list(tmp_path.iterdir()) == []  # no outputs/ folder, no merge
+
+
+def test_a_recipe_file_runs_by_its_path(tmp_path, schnell, krea):
+    """`recipe=./mine.yaml`, a newcomer's first try; its sources relative to the recipe file."""
+    folder = tmp_path / "work"
+    write_recipe(folder / "recipes", "mine", "sources: {a: ../models/a, b: ../models/b}\nrules: [{match: '.*', op: average}]\n")
+    (folder / "models").mkdir()
+    (folder / "models" / "a").symlink_to(schnell)
+    (folder / "models" / "b").symlink_to(krea)
+    done = run_cli(["recipe=./recipes/mine.yaml", "dry_run=true", "output=out"], cwd=folder)
+    assert done.returncode == 0, done.stderr
+    assert "recipe mine (" in done.stdout and "average over a, b" in done.stdout
+
+
+def test_a_recipe_named_like_a_number(tmp_path, schnell):
+    write_recipe(tmp_path / "r", "2024", f"sources: {{a: '{schnell}'}}\nrules: [{{match: '.*', op: 'take:a'}}]\n")
+    done = run_cli(["recipe=2024", "dry_run=true", "output=out"], cwd=tmp_path, env={"FLUXRECIPE_RECIPE_PATH": str(tmp_path / "r")})
+    assert done.returncode == 0, done.stderr
+    assert "recipe 2024 (" in done.stdout
+
+
+def test_a_missing_recipe_folder_is_named(tmp_path):
+    done = run_cli(["recipe=demo", "dry_run=true"], cwd=tmp_path, env={"FLUXRECIPE_RECIPE_PATH": str(tmp_path / "nowhere")})
+    assert f"FLUXRECIPE_RECIPE_PATH names {tmp_path / 'nowhere'}, which is not a folder" in one_error_line(done)
+
+
+def test_an_alias_bomb_in_a_recipe_folder_stalls_nothing(tmp_path):
+    """A 300-byte YAML file whose aliases expand to 10^9 values, in FLUXRECIPE_RECIPE_PATH: --help still lists
+    the recipes (no file is parsed to list them), and choosing it is one error."""
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    write_recipe(tmp_path / "r", "bomb", "\n".join(levels) + "\n")
+    env = {"FLUXRECIPE_RECIPE_PATH": str(tmp_path / "r")}
+    listed = run_cli(["--help"], cwd=tmp_path, env=env, timeout=120)
+    assert listed.returncode == 0 and "recipe: bomb, demo" in listed.stdout
+    chosen = run_cli(["recipe=bomb"], cwd=tmp_path, env=env, timeout=120)
+    assert "expands to more than" in one_error_line(chosen)
+
+
+def test_version_is_fluxrecipe_s(tmp_path):
+    from fluxrecipe import __version__
+
+    done = run_cli(["--version"], cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == f"fluxrecipe {__version__}"
+
+
+def test_tab_completion_through_the_fluxrecipe_command(tmp_path):
+    """Hydra's completion, as its bash function calls it: the recipe names complete, and --hydra-help's
+    install line names the `fluxrecipe` command (not `python .../__main__.py`, which cannot run)."""
+    done = run_cli(["-sc", "query=bash"], cwd=tmp_path, env={"COMP_LINE": "fluxrecipe recipe="})
+    assert done.returncode == 0, done.stderr
+    assert {"recipe=demo", "recipe=krea_schnell"} <= set(done.stdout.split())
+    hydra_help = run_cli(["--hydra-help"], cwd=tmp_path)
+    assert 'eval "$(fluxrecipe -sc install=bash)"' in hydra_help.stdout
+    assert "__main__.py" not in hydra_help.stdout
+
+
+def test_stdout_a_closed_pipe_is_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        f"{sys.executable} -m fluxrecipe recipe=demo dry_run=true output=out | head -c0", shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
+def test_stderr_closed_is_no_crash(tmp_path):
+    """`2>&-`: the error has nowhere to go, but the exit status still says it, and nothing is written."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(f"{sys.executable} -m fluxrecipe recipe=demo +dryrun=true 2>&-", shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stdout
+    assert list(tmp_path.iterdir()) == []
