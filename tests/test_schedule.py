@@ -138,9 +138,11 @@ def tiny():
     return {"a": fake_checkpoint("a", guidance=True), "b": fake_checkpoint("b", guidance=True, dtype="F32")}
 
 
-def plan_with(checkpoints, alpha, rules=None, **fields):
+def plan_with(checkpoints, alpha=None, rules=None, **fields):
+    """A plan of the recipe whose rules (default: lerp:${recipe.alpha} on every key) use `alpha`, if given."""
     rules = rules or [{"match": ".*", "op": "lerp:${recipe.alpha}"}]
-    root = OmegaConf.create({"recipe": {"sources": {n: f"/nowhere/{n}" for n in checkpoints}, "alpha": alpha, "rules": rules, **fields}})
+    fields = {"alpha": alpha, **fields} if alpha is not None else fields
+    root = OmegaConf.create({"recipe": {"sources": {n: f"/nowhere/{n}" for n in checkpoints}, "rules": rules, **fields}})
     return make_plan(load_recipe(root.recipe, "t"), checkpoints, 10**9)
 
 
@@ -170,14 +172,14 @@ def test_each_step_holds_its_block_s_plain_number(tiny, alpha, want):
 
 def test_a_schedule_written_in_the_op_itself(tiny):
     rules = [{"match": "^single", "op": {"lerp": {"alpha": [0.0, 1.0]}}}, {"match": ".*", "op": {"lerp": {"alpha": {"default": 0.5, "txt_in": 0.25}}}}]
-    got = alpha_by_block(plan_with(tiny, 0.0, rules))
+    got = alpha_by_block(plan_with(tiny, rules=rules))
     assert got["single_blocks.0"] == pytest.approx(2 / 3) and got["single_blocks.1"] == 1.0  # over all 4 blocks, though the rule decides 2
     assert got["txt_in"] == 0.25 and got["double_blocks.1"] == 0.5
 
 
 def test_a_schedule_in_a_list_of_weights(tiny):
     rules = [{"match": ".*", "op": {"weighted": {"weights": [{"default": 1.0, "double_blocks": 0.0}, [0.0, 1.0]]}}}]
-    plan = plan_with(tiny, 0.0, rules)
+    plan = plan_with(tiny, rules=rules)
     by_block = {block_of(s.key): s.values["weights"] for s in plan.steps}
     assert by_block["img_in"] == (1.0, 0.0) and by_block["double_blocks.1"] == pytest.approx((0.0, 1 / 3)) and by_block["final_layer"] == (1.0, 1.0)
 
