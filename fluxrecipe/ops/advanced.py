@@ -103,13 +103,14 @@ def _segment_sums(products: Callable[[list[Tensor]], list[Tensor]], result: Call
     def partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) -> tuple[int, list[list]]:
         from ..segments import row_sums, split
 
+        total = where.stop if where.total is None else where.total
         parts: list[list] = []
         for a, b in _slices(where.start, where.stop):
             terms = products([x[a - where.start : b - where.start] for x in xs])
             parts = [[] for _ in terms] if not parts else parts
             for collected, term in zip(parts, terms):
-                collected.append(split(term, a, where.total, row_sums))
-        return where.total, parts
+                collected.append(split(term, a, total, row_sums))
+        return total, parts
 
     def fold(state: list | None, partial: tuple[int, list[list]]) -> list:
         from ..segments import Segments, row_sums

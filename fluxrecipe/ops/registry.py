@@ -42,7 +42,7 @@ class Where:
     start: int
     stop: int
     sources: tuple[str, ...]
-    total: int  # the tensor's elements (a statistic over fixed segments needs to know where the last one ends)
+    total: int | None = None  # the tensor's elements (None: it ends at `stop`); sums over fixed segments need it
 
 
 @dataclass(frozen=True)
