@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import OUT_DTYPES, config_of, load_state, make_flux, run_recipe, save_sharded, shard_files
+from conftest import OUT_DTYPES, compose, config_of, load_state, make_flux, run_recipe, save_sharded, shard_files
 from fluxrecipe.errors import PlanError, RecipeError
 from fluxrecipe.ops import OPS
 from fluxrecipe.ops.advanced import dare_kept, stream_key, uniform_bits
@@ -401,3 +401,7 @@ def test_methods_lists_every_op_with_parameters_and_formula(capsys):
     assert "density: NUMBER" in text and "sign: sum|count (default sum)" in text and "seed: INTEGER (default 0)" in text
     assert main(["ties", "slerp"]) == 0 and "dare" not in capsys.readouterr().out
     assert main(["tie"]) == 1 and "no method 'tie'" in capsys.readouterr().err
+
+
+def test_help_names_the_methods_listing():
+    assert "python -m fluxrecipe methods" in compose([]).hydra.help.header

@@ -232,8 +232,14 @@ def test_dry_run_prints_every_block_s_value_in_runs(tiny):
 # --- both layouts, through the merge ---------------------------------------------------------------------
 
 
-SCHEDULED = {"default": 0.5, "double_blocks": {1: 0.0}, "single_blocks": [0.25, 1.0], "txt_in": 1.0}
-WANT = {**dict.fromkeys(EMBEDDERS, 0.5), "txt_in": 1.0, "double_blocks.0": 0.5, "double_blocks.1": 0.0, "single_blocks.0": 0.25, "single_blocks.1": 1.0, "final_layer": 0.5}
+FORMS = {
+    "number": (0.3, dict.fromkeys(TINY_BLOCKS, 0.3)),
+    "list": ([0.1, 0.7], {**dict.fromkeys(EMBEDDERS, 0.1), "double_blocks.0": 0.1, "double_blocks.1": 0.3, "single_blocks.0": 0.5, "single_blocks.1": 0.7, "final_layer": 0.7}),
+    "mapping": (
+        {"default": 0.5, "double_blocks": {1: 0.0}, "single_blocks": [0.25, 1.0], "txt_in": 1.0},
+        {**dict.fromkeys(EMBEDDERS, 0.5), "txt_in": 1.0, "double_blocks.0": 0.5, "double_blocks.1": 0.0, "single_blocks.0": 0.25, "single_blocks.1": 1.0, "final_layer": 0.5},
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -246,19 +252,21 @@ def bfl_sources(tmp_path_factory, krea, dev, state_of):
     return files
 
 
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("layout", ["diffusers", "bfl"])
-def test_a_scheduled_merge_gives_each_block_its_value_in_either_source_layout(recipe_dir, tmp_path, state_of, krea, dev, bfl_sources, layout):
-    """The same per-block schedule on diffusers folders and on BFL single files: block names are the same in
-    both, so the outputs are the same bytes, and each tensor is the lerp at its block's alpha."""
+def test_a_scheduled_merge_gives_each_block_its_value_in_either_source_layout(recipe_dir, tmp_path, state_of, krea, dev, bfl_sources, layout, form):
+    """Every form, on diffusers folders and on BFL single files (block names are the same in both): the plan
+    gives each block its value, and each merged tensor is the lerp at its block's alpha."""
+    alpha, want = FORMS[form]
     sources = {"krea": str(krea), "dev": str(dev)} if layout == "diffusers" else {n: str(p) for n, p in bfl_sources.items()}
-    recipe = {"sources": sources, "alpha": SCHEDULED, "rules": [{"match": ".*", "op": "lerp:${recipe.alpha}"}], "dtype": "fp32"}
-    plan = run_recipe(recipe_dir, tmp_path / "plan", recipe, "dry_run=true")
-    assert alpha_by_block(plan) == WANT
+    recipe = {"sources": sources, "alpha": alpha, "rules": [{"match": ".*", "op": "lerp:${recipe.alpha}"}], "dtype": "fp32"}
+    got_alpha = alpha_by_block(run_recipe(recipe_dir, tmp_path / "plan", recipe, "dry_run=true"))
+    assert got_alpha == pytest.approx(want)
     out = tmp_path / "out"
     run_recipe(recipe_dir, out, recipe)
     got, a, b = state_of(out), state_of(krea), state_of(dev)
     assert got.keys() == a.keys()
-    wrong = [k for k in got if not torch.equal(got[k], reference(f"lerp:{WANT[block_of(k)]}", [a[k], b[k]], torch.float32))]
+    wrong = [k for k in got if not torch.equal(got[k], reference(f"lerp:{got_alpha[block_of(k)]!r}", [a[k], b[k]], torch.float32))]
     assert wrong == []
 
 
