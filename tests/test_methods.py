@@ -405,3 +405,28 @@ def test_methods_lists_every_op_with_parameters_and_formula(capsys):
 
 def test_help_names_the_methods_listing():
     assert "python -m fluxrecipe methods" in compose([]).hydra.help.header
+
+
+def test_a_scheduled_dare_merge_replays_from_its_recipe_yaml(recipe_dir, tmp_path, krea, half, dev):
+    """recipe.yaml beside the weights rebuilds a merge with a per-block schedule and a seed, byte for byte (the
+    schedule's block numbers, nested under their group, come back as the strings Hydra overrides find)."""
+    import shutil
+
+    from conftest import merge
+
+    text = f"""\
+sources: {{krea: {krea}, half: {half}, dev: {dev}}}
+lam:
+  default: 1.0
+  double_blocks: {{0: 0.5, 1: 0.75}}
+rules:
+  - match: '.*'
+    op: {{dare: {{p: 0.5, seed: 11, lambda: '${{recipe.lam}}'}}}}
+"""
+    run_recipe(recipe_dir, tmp_path / "first", text, name="scheduled")
+    shutil.copy(tmp_path / "first" / "recipe.yaml", recipe_dir / "replay.yaml")
+    merge(["recipe=replay", f"output={tmp_path / 'again'}", "progress=false"])
+    assert [p.read_bytes() for p in shard_files(tmp_path / "again")] == [p.read_bytes() for p in shard_files(tmp_path / "first")]
+    merge(["recipe=replay", f"output={tmp_path / 'other'}", "progress=false", "recipe.lam.double_blocks.1=0.25"])
+    a, b = load_state(tmp_path / "first"), load_state(tmp_path / "other")
+    assert {k for k in a if not torch.equal(a[k], b[k])} == {k for k in a if k.startswith("transformer_blocks.1.")}
