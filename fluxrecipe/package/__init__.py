@@ -22,6 +22,7 @@ from ..formats import diffusers
 from ..formats.safetensors import encode_header
 from ..plan import Plan
 from ..recipe import DTYPES
+from ..schedule import plain
 from ..writer import MANIFEST_NAME, rewrite_header, write_file, write_json
 from .card import model_card
 
@@ -132,7 +133,7 @@ def provenance(plan: Plan, result, listed: int | None = None) -> dict:
         "sources": sources,
         "base": plan.recipe.base,
         "format": plan.format,
-        "rules": [{"match": r.match, "op": str(r.op), "sources": list(r.sources)} | ({"dtype": r.dtype} if r.dtype else {}) for r in plan.recipe.rules],
+        "rules": [_rule(r) for r in plan.recipe.rules],
         "dtype": DTYPES[plan.recipe.dtype][0],
         "tensors": len(plan.steps),
         "dropped": [{"key": d.key, "reason": d.reason} for d in plan.dropped],
@@ -141,6 +142,13 @@ def provenance(plan: Plan, result, listed: int | None = None) -> dict:
         "nonfinite_outputs": _counts(outputs, listed),
         "clamped": _counts(result.clamped, listed),
     }
+
+
+def _rule(rule) -> dict:
+    """A rule as applied: its op with every parameter, defaults filled in (DARE's seed among them), so that a
+    replay does not depend on this version's defaults; schedules as written."""
+    params = {name: plain(value) for name, value in rule.params.items()}
+    return {"match": rule.match, "op": str(rule.op), "params": params, "sources": list(rule.sources)} | ({"dtype": rule.dtype} if rule.dtype else {})
 
 
 def _counts(values: dict, listed: int | None) -> dict:
