@@ -174,28 +174,39 @@ def floor_seconds(sources: list[list[Path]], out_bytes: int, scratch: Path, cach
     return sequential, concurrent, write
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark here shares: the model's size, the sources, the cache, the cap, the scratch folder."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--double", type=int, default=1, help="double-stream blocks (FLUX.1: 19)")
     ap.add_argument("--single", type=int, default=3, help="single-stream blocks (FLUX.1: 38)")
     ap.add_argument("--full", action="store_true", help="FLUX.1's 19 double and 38 single blocks")
     ap.add_argument("--sparse", action="store_true", help="sparse source files (zeros): for sizes beyond the disk's patience")
     ap.add_argument("--cache", choices=["cold", "warm"], default="cold")
     ap.add_argument("--cap", type=int, default=1024, help="memory cap (MiB, page cache included) for fluxrecipe")
+    ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary folder under /tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated sources")
+    ap.add_argument("fluxrecipe_args", nargs="*", help="extra overrides for fluxrecipe, e.g. threads=4")
+    return ap
+
+
+def parsed(ap: argparse.ArgumentParser) -> tuple[argparse.Namespace, Path]:
+    """The arguments (--full as 19 and 38 blocks) and the scratch folder, made."""
+    args = ap.parse_args()
+    if args.full:
+        args.double, args.single = 19, 38
+    scratch = args.dir or Path(tempfile.mkdtemp(prefix="fluxrecipe-bench-", dir="/tmp"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    return args, scratch
+
+
+def main() -> None:
+    ap = arguments(__doc__)
     ap.add_argument("--free-cap", type=int, default=8192, help="a cap (MiB) that does not press: fluxrecipe's natural peak; 0: skip")
     ap.add_argument("--baseline-cap", type=int, default=20480, help="memory cap (MiB) for the baseline")
     ap.add_argument("--baseline-timeout", type=float, default=900, help="seconds before the baseline is stopped (near its cap it thrashes: mmap'd shards are evicted and read again)")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="runs of fluxrecipe (the table shows the median)")
-    ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary folder under /tmp)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated sources")
-    ap.add_argument("fluxrecipe_args", nargs="*", help="extra overrides for fluxrecipe, e.g. threads=4")
-    args = ap.parse_args()
-    if args.full:
-        args.double, args.single = 19, 38
-
-    scratch = args.dir or Path(tempfile.mkdtemp(prefix="fluxrecipe-bench-", dir="/tmp"))
-    scratch.mkdir(parents=True, exist_ok=True)
+    args, scratch = parsed(ap)
     schnell, krea = scratch / "schnell", scratch / "krea"
     try:
         for folder, guidance, seed in ((schnell, False, 0), (krea, True, 1)):

@@ -37,7 +37,7 @@ UNWINDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 VALUE_FLAGS = {"-sc", "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package", "--info", "--experimental-rerun"}
 
 # `python -m fluxrecipe COMMAND ...`: commands beside the merge itself, each a module with main(argv) -> int.
-COMMANDS = {"verify": "fluxrecipe.verify", "summary": "fluxrecipe.sweep"}
+COMMANDS = {"verify": "fluxrecipe.verify", "summary": "fluxrecipe.sweep", "methods": "fluxrecipe.methods"}
 
 
 def main() -> None:

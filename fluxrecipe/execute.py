@@ -292,7 +292,7 @@ class _Run:
             self.folds[step.key] = None
             yield from (_Chunk("stat", step, a, b, pass_index=i) for a, b in self._ranges(whole, step))
             yield _DRAIN
-            self.stats[step.key] += (stat_pass.result(self.folds.pop(step.key)),)
+            self.stats[step.key] += (stat_pass.result(self.folds.pop(step.key), step.values),)
 
     def _ranges(self, part: Part, step: Step) -> Iterator[tuple[int, int]]:
         """The chunks of a part: chunk_elements each; for a step with a LoRA product, whole blocks of ROWS rows
@@ -320,8 +320,7 @@ class _Run:
         xs = [self._decode(raw, ref) for raw, ref in zip(raws, step.inputs)]
         done = _Done()
         if chunk.kind == "stat":
-            where = Where(step.key, chunk.start, chunk.stop, tuple(t.source for t in step.inputs))
-            done.partial = OPS[step.op].passes[chunk.pass_index].partial(xs, where, self.stats[step.key])
+            done.partial = OPS[step.op].passes[chunk.pass_index].partial(xs, _where(step, chunk), self.stats[step.key], step.values)
             return done
         self._check_inputs(step.inputs, xs, done)
         if chunk.kind == "value" and step.copies_bytes:
@@ -407,10 +406,10 @@ class _Run:
         spec = OPS[step.op]
         kwargs = step.values
         if spec.wants("where"):
-            kwargs["where"] = Where(step.key, chunk.start, chunk.stop, tuple(t.source for t in step.inputs))
+            kwargs["where"] = _where(step, chunk)
         if spec.wants("stats"):
             kwargs["stats"] = self.stats[step.key]
-        return spec.fn(xs, **kwargs)
+        return spec.call(xs, kwargs)
 
     def _check_inputs(self, refs: tuple[TensorRef, ...], xs: list[torch.Tensor], done: _Done) -> None:
         """NaN/Inf in an input: stop (nonfinite=error), or count it (warn). A sum over x is NaN/Inf iff x
@@ -502,6 +501,10 @@ class _Run:
             for key in sorted(digests):
                 whole.update(f"{key}\n{digests[key]}\n".encode())
             self.result.source_hashes[source] = whole.hexdigest()
+
+
+def _where(step: Step, chunk: _Chunk) -> Where:
+    return Where(step.key, chunk.start, chunk.stop, tuple(t.source for t in step.inputs), step.numel)
 
 
 class _Downs:

@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import schedule
 from .errors import PlanError, SourceError
 from .formats import bfl
 from .formats import lora as lora_format
@@ -25,6 +26,7 @@ from .formats.flux import block_of, block_order
 from .formats.layout import Constant, OutFile, OutTensor, Part, TensorRef, whole
 from .formats.safetensors import TensorEntry, read_header
 from .recipe import LoraSpec
+from .schedule import Blocks, Schedule
 
 LORA_FORMATS = {"lora": "kohya", "lora_peft": "diffusers"}  # output format -> the key scheme it writes
 LORA_DTYPES = ("BF16", "F16", "F32")
@@ -102,7 +104,7 @@ class LoraSummary:
     format: str
     ranks: tuple[int, ...]
     alphas: tuple[float | None, ...]  # one per rank above; None: the file gives none (alpha = rank)
-    strength: float
+    strength: float | Schedule
     tensors: int  # how many tensors of the output it changes
     blocks: tuple[str, ...]
     unmatched: tuple[tuple[str, str], ...]  # keys that change nothing, with why (ignore_unmatched)
@@ -112,12 +114,14 @@ class LoraSummary:
         pairs = sorted(set(zip(self.ranks, self.alphas)), key=lambda p: (p[0], p[1] is None, p[1] or 0))
         shown = ", ".join(f"rank {r} " + (f"alpha {_number(a)}" if a is not None else "no alpha (= rank)") for r, a in pairs[:3])
         more = f" and {len(pairs) - 3} more" if len(pairs) > 3 else ""
-        return f"{self.format}, {shown or 'no low-rank modules'}{more}, strength {_number(self.strength)}: {self.tensors} tensors in {blocks_text(self.blocks)}"
+        strength = f"per block {self.strength}" if isinstance(self.strength, Schedule) else _number(self.strength)
+        return f"{self.format}, {shown or 'no low-rank modules'}{more}, strength {strength}: {self.tensors} tensors in {blocks_text(self.blocks)}"
 
 
-def strength_of(spec: LoraSpec, key: str) -> float:
-    """The strength a LoRA applies with on canonical tensor `key` (one number for every key, for now)."""
-    return spec.strength
+def strength_of(spec: LoraSpec, key: str, blocks: Blocks) -> float:
+    """The strength a LoRA applies with on canonical tensor `key`: its number, or its schedule's for the
+    key's block (issue 9's schedules, as op parameters take them)."""
+    return schedule.value_for(spec.strength, key, blocks)
 
 
 def plan_patches(loras: dict[str, LoraFile], shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, tuple[Patch, ...]], list[LoraSummary]]:
@@ -126,9 +130,14 @@ def plan_patches(loras: dict[str, LoraFile], shapes: dict[str, tuple[int, ...]])
     LoRA says `ignore_unmatched: true`) or the LoRA changes nothing at all."""
     patches: dict[str, list[Patch]] = {}
     summaries = []
+    blocks = Blocks.of(shapes)
     for name, file in loras.items():
         spec = file.spec
         found = lora_format.read(name, file.location, file.entries, file.metadata, shapes)
+        try:
+            schedule.check_against(spec.strength, {c.key for c in found.changes}, blocks)
+        except ValueError as e:
+            raise PlanError(f"{spec.where}.strength: LoRA '{name}' strength {e}") from None
         if found.unmatched and not spec.ignore_unmatched:
             raise PlanError(
                 f"{spec.where} ({file.location}, {found.format} format): {len(found.unmatched)} of its keys change no tensor of the output: "
@@ -136,7 +145,7 @@ def plan_patches(loras: dict[str, LoraFile], shapes: dict[str, tuple[int, ...]])
             )
         changed = set()
         for c in found.changes:
-            strength = strength_of(spec, c.key)
+            strength = strength_of(spec, c.key, blocks)
             if strength == 0.0:
                 continue
             scale = 1.0 if c.kind == "replace" else c.ratio * strength  # as PEFT: (alpha / rank) * scale
@@ -144,11 +153,11 @@ def plan_patches(loras: dict[str, LoraFile], shapes: dict[str, tuple[int, ...]])
             changed.add(c.key)
         if not found.changes:
             raise PlanError(f"{spec.where} ({file.location}): none of its keys changes a tensor of the output ({_unmatched_text(found.unmatched)}): is it a LoRA for FLUX.1?")
-        blocks = tuple(sorted({b for k in changed if (b := block_of(k))}, key=block_order))
         summaries.append(LoraSummary(
             name, spec.describe(), file.origin, file.location, found.format,
             tuple(m.rank for m in found.modules), tuple(m.alpha for m in found.modules),
-            spec.strength, len(changed), blocks, tuple(found.unmatched), found.ignored,
+            spec.strength, len(changed), tuple(sorted({b for k in changed if (b := block_of(k))}, key=block_order)),
+            tuple(found.unmatched), found.ignored,
         ))
     return {k: tuple(v) for k, v in patches.items()}, summaries
 

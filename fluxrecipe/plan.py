@@ -18,10 +18,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from typing import Any
 
+from . import schedule
 from .architecture import config_fields, expected_parameters, mismatch
 from .errors import PlanError
 from .formats import OUTPUT_FORMATS, bfl, diffusers
-from .formats.flux import variant
+from .formats.flux import block_of, block_order, variant
 from .formats.layout import Constant, OutFile, OutTensor, TensorRef
 from .formats.safetensors import ITEMSIZE
 from .loras import LORA_FORMATS, Factor, LoraFile, LoraSummary, Patch, lora_notes, lora_output, plan_patches
@@ -37,8 +38,9 @@ MARKER_SUFFIX = ".comfy_quant"
 
 @dataclass(frozen=True)
 class Step:
-    """One canonical output tensor: the rule that decided it, its op and parameters, its inputs in order,
-    the dtype it is rounded to (scaled: fp8 with a per-tensor scale) and its shape."""
+    """One canonical output tensor: the rule that decided it, its op and parameters (plain numbers: a
+    per-block schedule resolved for this key), its inputs in order, the dtype it is rounded to (scaled: fp8
+    with a per-tensor scale) and its shape."""
 
     key: str
     rule: int
@@ -173,6 +175,8 @@ def make_plan(
             )
         decided[key] = rule
     _check_every_rule_used(recipe, checkpoints, decided)
+    blocks = schedule.Blocks.of(base.tensors)
+    _check_schedules(recipe, decided, blocks)
 
     single = OUTPUT_FORMATS[output_format]
     steps, dropped, notes = [], [], []
@@ -187,7 +191,7 @@ def make_plan(
             raise PlanError(f"{rule.where}: fp8_scaled is written only in the single-file formats (format=bfl or format=comfyui); diffusers cannot load it: use fp8")
         if scaled and not _scalable(key, shape):
             dtype, scaled = "BF16", False  # ComfyUI scales Linear weights; the rest stays in bf16, as its own exports do
-        steps.append(Step(key, rule.index, rule.op.name, tuple(rule.params.items()), inputs, dtype, shape, scaled))
+        steps.append(Step(key, rule.index, rule.op.name, schedule.resolve(rule.params, key, blocks), inputs, dtype, shape, scaled))
     dropped += _not_in_base(recipe, checkpoints)
     _check_fits_config(recipe, config, steps)
     summaries: list[LoraSummary] = []
@@ -303,6 +307,19 @@ def _check_every_rule_used(recipe: Recipe, checkpoints: dict[str, Checkpoint], d
         raise PlanError(f"{rule.where} (match {rule.match!r}) decides no key: {why}. A typo? If intended, mark the rule `optional: true`")
 
 
+def _check_schedules(recipe: Recipe, decided: dict[str, Rule], blocks: schedule.Blocks) -> None:
+    """Every per-block schedule against the model: the blocks it names exist, and it gives every key of its
+    rule a value."""
+    for rule in recipe.rules:
+        keys = [k for k, r in decided.items() if r is rule]
+        for name, value in rule.params.items():
+            for one in schedule.schedules_in(value):
+                try:
+                    schedule.check_against(one, keys, blocks)
+                except ValueError as e:
+                    raise PlanError(f"{rule.param_where[name]}: {rule.op.name} parameter '{name}' {e}") from None
+
+
 def _inputs(rule: Rule, key: str, checkpoints: dict[str, Checkpoint], base: str, decided: dict[str, Rule]) -> tuple[TensorRef, ...]:
     shape = checkpoints[base].tensors[key].shape
     inputs = []
@@ -411,8 +428,9 @@ def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]
     notes = []
     for rule in recipe.rules:
         alpha = rule.params.get("alpha") if rule.op.name == "lerp" else None
-        if isinstance(alpha, float) and not 0.0 <= alpha <= 1.0:
-            notes.append(f"{rule.describe()} extrapolates: alpha = {alpha} lies outside [0, 1]")
+        outside = [a for a in (alpha.numbers() if isinstance(alpha, schedule.Schedule) else [alpha]) if a is not None and not 0.0 <= a <= 1.0]
+        if outside:
+            notes.append(f"{rule.describe()} extrapolates: alpha = {outside[0]} lies outside [0, 1]")
     for c in checkpoints.values():
         if c.config_derived:
             notes.append(f"source '{c.name}' is a single file in {c.layout} layout with no config.json: its config is derived from its shapes (guidance_embeds: {json.dumps(c.config.get('guidance_embeds'))}, {variant(c.config)})")
@@ -452,7 +470,7 @@ def format_plan(plan: Plan) -> str:
     if r.description:
         lines.append(f"  {r.description}")
     if r.params:
-        lines.append("  parameters: " + ", ".join(f"{k}={v}" for k, v in r.params.items()))
+        lines.append("  parameters: " + ", ".join(f"{k}={_brief(v)}" for k, v in r.params.items()))
     lines.append("sources:")
     for s in plan.sources:
         where = ", ".join(f"{k} {v}" for k, v in s.origin.items())
@@ -477,9 +495,10 @@ def format_plan(plan: Plan) -> str:
         src = f" over {', '.join(x.rule.sources)}" if x.rule.op.name not in ("take", "drop") else ""
         dtype = f" -> {x.rule.dtype}" if x.rule.dtype else ""
         lines.append(
-            f"  [{x.rule.index}] {x.rule.match!r:<{width}}  {str(x.rule.op) + src + dtype:<32} {x.keys:>5} keys"
+            f"  [{x.rule.index}] {x.rule.match!r:<{width}}  {_op_text(x.rule) + src + dtype:<32} {x.keys:>5} keys"
             f"  read {human_bytes(x.bytes_read):>9}  write {human_bytes(x.bytes_written):>9}"
         )
+        lines += _block_values(plan, x.rule)
     if plan.loras:
         lines.append("loras (added to the rules' result in float32, before the one rounding):")
         for lora in plan.loras:
@@ -502,6 +521,54 @@ def format_plan(plan: Plan) -> str:
     )
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(printable(line) for line in lines)
+
+
+def _brief(value: Any) -> str:
+    """A recipe parameter for the plan's header: a long schedule is printed block by block under its rules."""
+    if not isinstance(value, (list, dict)):
+        return str(value)
+    text = str(schedule.parse(value))
+    return text if len(text) <= 80 else "per block (values under the rules)"
+
+
+def _op_text(rule: Rule) -> str:
+    """The op as the rules table shows it: a schedule (printed block by block below) as `per block`."""
+    scheduled = {n for n, v in rule.params.items() if schedule.schedules_in(v)}
+    if not scheduled:
+        return str(rule.op)
+    shown = ", ".join(f"{n}: per block" if n in scheduled else f"{n}: {v}" for n, v in rule.op.params)
+    return f"{rule.op.name}{{{shown}}}"
+
+
+def _block_values(plan: Plan, rule: Rule) -> list[str]:
+    """The value each block gets from the rule's scheduled parameters, in model order; a run of blocks with
+    the same value on one line."""
+    lines = []
+    for name in (n for n, v in rule.params.items() if schedule.schedules_in(v)):
+        per_block = {}
+        for step in plan.steps:
+            if step.rule == rule.index:
+                per_block.setdefault(block_of(step.key) or step.key, step.values[name])
+        runs: list[list] = []  # [first block, last block, value]
+        for block in sorted(per_block, key=block_order):
+            if runs and runs[-1][2] == per_block[block]:
+                runs[-1][1] = block
+            else:
+                runs.append([block, block, per_block[block]])
+        lines.append(f"      {name} by block:")
+        width = max(len(_run_name(a, b)) for a, b, _ in runs)
+        lines += [f"        {_run_name(a, b):<{width}}  {_number_text(v)}" for a, b, v in runs]
+    return lines
+
+
+def _run_name(first: str, last: str) -> str:
+    return first if first == last else f"{first} .. {last}"
+
+
+def _number_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_number_text(v) for v in value) + "]"
+    return schedule.number_text(value)
 
 
 def human_bytes(n: float) -> str:

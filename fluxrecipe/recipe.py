@@ -15,7 +15,6 @@ hang. (google-re2 would have no backtracking at all, but it lacks the lookaround
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,10 +25,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import schedule
 from .catalog import MAX_RECIPE_BYTES
 from .errors import RecipeError
 from .files import read_small
-from .ops import OpCall, parse_op
+from .ops import OPS, OpCall, parse_op
 from .ops.registry import check_values
 from .text import printable
 
@@ -53,6 +53,7 @@ NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 # The only interpolation a recipe may hold: a reference to one of its own values.
 SAFE_INTERPOLATION = re.compile(r"\$\{(?:recipe\.|\.+)[A-Za-z_][\w.-]*\}")
 RELATIVE = re.compile(r"\$\{(\.+)")
+RECIPE_REFERENCE = re.compile(r"\$\{recipe\.([A-Za-z_][\w.-]*)\}")  # an interpolation of a recipe value, with its path
 REFERENCE = re.compile(r"\$\{(?:recipe\.|\.+)([A-Za-z_][\w-]*)")  # the recipe value an interpolation names first
 MATCH_SECONDS = 0.25  # the most one search of a rule's regex may take (a sane one takes microseconds on a key)
 
@@ -90,7 +91,7 @@ class LoraSpec:
     repo: str | None = None  # a hub repo id, with `file` the file in it
     file: str | None = None
     revision: str | None = None
-    strength: Any = 1.0  # a number (per-block schedules: see loras.strength_of)
+    strength: Any = 1.0  # a number or a per-block schedule.Schedule (loras.strength_of gives a key its number)
     ignore_unmatched: bool = False
     where: str = ""  # "recipe 'x' (path:line) loras.NAME", for messages
 
@@ -110,7 +111,8 @@ class Rule:
     optional: bool
     where: str  # "recipe 'x' (path:line) rules[i]", for messages
     dtype: str | None = None  # the output dtype of its keys, by name (None: the recipe's)
-    params: dict[str, Any] = field(default_factory=dict)  # the op's parameters, checked, defaults filled in
+    params: dict[str, Any] = field(default_factory=dict)  # the op's parameters, checked, defaults filled in (schedules as schedule.Schedule)
+    param_where: dict[str, str] = field(default_factory=dict)  # parameter -> where the recipe gives it, for plan-time messages
 
     def describe(self) -> str:
         return f"rules[{self.index}] (match {self.match!r}, op {self.op})"
@@ -154,23 +156,71 @@ def load_recipe(node: DictConfig | dict, name: str, file: str | None = None) -> 
     if "__load_error__" in raw:
         raise RecipeError(f"{here.at(())}: {raw['__load_error__']}")
     _refuse_resolvers(raw, (), here)
+    mapped = _schedule_arguments_as_mappings(raw)
+    if mapped is not raw:
+        node = OmegaConf.create({"recipe": mapped}).recipe
     try:
         data = OmegaConf.to_container(node, resolve=True)
     except OmegaConfBaseException as e:
-        path = _path_of(getattr(e, "full_key", "") or "", raw)
+        path = _path_of(getattr(e, "full_key", "") or "", mapped)
         value = _get(raw, path)
         reason = str(getattr(e, "msg", None) or e).splitlines()[0]  # OmegaConf appends full_key/object_type lines
         what = f"{value!r}" if isinstance(value, str) else "a value"
         raise RecipeError(f"{here.at(path)}: cannot resolve {what}: {reason}") from None
-    return _parse(data, raw, here)
+    return _parse(data, raw, mapped, here)
 
 
 def _path_of(full_key: str, raw: dict) -> tuple:
-    """'recipe.rules[0].op' (as OmegaConf names a node from the config's root) -> ('rules', 0, 'op')."""
+    """'recipe.rules[0].op' (as OmegaConf names a node from the config's root) -> ('rules', 0, 'op'); the
+    nearest path the recipe holds."""
     parts = [int(p[1:-1]) if p.startswith("[") else p for p in re.findall(r"\[\d+\]|[^.\[\]]+", full_key)]
     if parts and parts[0] == "recipe" and "recipe" not in raw:
         parts = parts[1:]
-    return tuple(parts) if _get(raw, tuple(parts)) is not None else ()
+    while parts and _get(raw, tuple(parts)) is None:
+        parts.pop()
+    return tuple(parts)
+
+
+def _schedule_arguments_as_mappings(raw: dict) -> dict:
+    """`op: lerp:${recipe.alpha}` where alpha is a list or a mapping (a per-block schedule) becomes
+    `op: {lerp: {alpha: ${recipe.alpha}}}`: OmegaConf would format the schedule into the op's text
+    ('lerp:[0, 1]'), while as the parameter's whole value it resolves to the schedule itself. Only an
+    argument that is exactly one ${recipe.NAME} is moved; `raw` itself is returned when nothing changes."""
+    rules = raw.get("rules")
+    if not isinstance(rules, list):
+        return raw
+    mapped = [_op_as_mapping(rule, raw) for rule in rules]
+    return raw if all(m is r for m, r in zip(mapped, rules)) else {**raw, "rules": mapped}
+
+
+def _op_as_mapping(rule: Any, raw: dict) -> Any:
+    op = rule.get("op") if isinstance(rule, dict) else None
+    name, colon, rest = op.partition(":") if isinstance(op, str) else ("", "", "")
+    spec = OPS.get(name.strip())
+    if not colon or spec is None or not spec.shorthand:
+        return rule
+    args = [a.strip() for a in rest.split(",")]
+    references = [RECIPE_REFERENCE.fullmatch(a) for a in args]
+    if not any(m and isinstance(_get(raw, tuple(m[1].split("."))), (list, dict)) for m in references):
+        return rule
+    values = [a if m else _literal(a) for a, m in zip(args, references)]
+    first = spec.param(spec.shorthand[0])
+    if first.kind in ("numbers", "task_weights"):
+        params = {first.name: values}
+    elif len(values) <= len(spec.shorthand):
+        params = dict(zip(spec.shorthand, values))
+    else:
+        return rule  # too many arguments: parse_op says so
+    return {**rule, "op": {spec.name: params}}
+
+
+def _literal(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _get(value: Any, path: tuple) -> Any:
@@ -201,20 +251,24 @@ def _refuse_resolvers(value: Any, path: tuple, here: "_Locator") -> None:
             )
 
 
-def _parse(data: dict, written: dict, here: "_Locator") -> Recipe:
+def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
     params = {}
     for key, value in data.items():
         if key in RECIPE_FIELDS:
             continue
         if not isinstance(key, str) or not NAME.fullmatch(key):
             raise RecipeError(f"{here.at((key,))}: {key!r} is not a valid field or parameter name")
-        if isinstance(value, list) and value and all(_is_number(v) for v in value):
-            raise RecipeError(f"{here.at((key,))}: parameter {key!r} is a list: per-block schedules are not supported yet (recipe language v1)")
-        if not _is_number(value):
+        close = difflib.get_close_matches(key, RECIPE_FIELDS, n=1, cutoff=0.8)
+        if schedule.is_schedule_like(value) and not close:
+            try:
+                schedule.parse(value)
+            except ValueError as e:
+                raise RecipeError(f"{here.at((key,))}: parameter {key!r}: {e}") from None
+        elif not _is_number(value):
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise RecipeError(
-                f"{here.at((key,))}: unknown field {key!r}, or a parameter that is not a number: got {shown} "
-                f"(fields: {', '.join(RECIPE_FIELDS)}; any other top-level value is a named parameter and must be a number)"
+                f"{here.at((key,))}: unknown field {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}, or a parameter that is not a number: got {shown} "
+                f"(fields: {', '.join(RECIPE_FIELDS)}; any other top-level value is a named parameter and must be a number or a per-block schedule)"
             )
         params[key] = value
 
@@ -239,7 +293,8 @@ def _parse(data: dict, written: dict, here: "_Locator") -> Recipe:
     rules_data = data.get("rules")
     if not isinstance(rules_data, list) or not rules_data:
         raise RecipeError(f"{here.at(('rules',))}: rules must be a non-empty list of {{match, op}} entries")
-    rules = tuple(_rule(i, r, sources, here) for i, r in enumerate(rules_data))
+    written_rules = mapped["rules"] if isinstance(mapped.get("rules"), list) else [None] * len(rules_data)
+    rules = tuple(_rule(i, r, w, sources, here) for i, (r, w) in enumerate(zip(rules_data, written_rules)))
     loras = _loras(data.get("loras"), here)
     _refuse_unused_parameters(params, written, here)
 
@@ -357,22 +412,19 @@ def _loras(value: Any, here: "_Locator") -> dict[str, LoraSpec]:
             raise RecipeError(f"{where}: LoRA {name!r} names repo {spec['repo']!r} but no file: give the .safetensors file in it (file: NAME.safetensors)")
         if spec.get("path") is not None and (spec.get("file") is not None or spec.get("revision") is not None):
             raise RecipeError(f"{where}: LoRA {name!r}: file and revision go with repo, not with path")
-        strength = spec.get("strength", 1.0)
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-            raise RecipeError(
-                f"{here.at(('loras', name, 'strength'))}: strength of LoRA {name!r} must be a number, got {strength!r}"
-                + (" (per-block strengths come with per-block schedules)" if isinstance(strength, (list, dict)) else "")
-            )
-        if not math.isfinite(strength):
-            raise RecipeError(f"{here.at(('loras', name, 'strength'))}: strength of LoRA {name!r} must be a finite number, got {strength!r}")
+        try:
+            strength = schedule.parse(spec.get("strength", 1.0))
+        except ValueError as e:
+            raise RecipeError(f"{here.at(('loras', name, 'strength'))}: strength of LoRA {name!r} {e}") from None
         ignore = spec.get("ignore_unmatched", False)
         if not isinstance(ignore, bool):
             raise RecipeError(f"{here.at(('loras', name, 'ignore_unmatched'))}: ignore_unmatched must be true or false")
-        specs[name] = LoraSpec(name, spec.get("path"), spec.get("repo"), spec.get("file"), spec.get("revision"), float(strength), ignore, where)
+        specs[name] = LoraSpec(name, spec.get("path"), spec.get("repo"), spec.get("file"), spec.get("revision"), strength, ignore, where)
     return specs
 
 
-def _rule(index: int, value: Any, sources: dict[str, SourceSpec], here: "_Locator") -> Rule:
+def _rule(index: int, value: Any, written: Any, sources: dict[str, SourceSpec], here: "_Locator") -> Rule:
+    """One rule, checked: `value` as resolved, `written` as the recipe gives it (interpolations kept)."""
     where = here.at(("rules", index))
     if not isinstance(value, dict):
         raise RecipeError(f"{where}: a rule is a mapping with match and op, got {value!r}")
@@ -411,7 +463,17 @@ def _rule(index: int, value: Any, sources: dict[str, SourceSpec], here: "_Locato
     except ValueError as e:
         raise RecipeError(f"{here.at(('rules', index, 'op'))}: {e}") from None
     dtype = _dtype(value["dtype"], here.at(("rules", index, "dtype"))) if value.get("dtype") is not None else None
-    return Rule(index=index, match=match, pattern=pattern, op=op, sources=inputs, optional=optional, where=where, dtype=dtype, params=params)
+    param_where = {name: here.at(_param_path(written, index, op.name, name)) for name in params}
+    return Rule(index=index, match=match, pattern=pattern, op=op, sources=inputs, optional=optional, where=where, dtype=dtype, params=params, param_where=param_where)
+
+
+def _param_path(written: Any, index: int, op: str, name: str) -> tuple:
+    """Where a rule's parameter is written: the recipe parameter it refers to (`${recipe.alpha}`), else the op."""
+    value = _get(written, ("op", op, name))
+    m = RECIPE_REFERENCE.fullmatch(value) if isinstance(value, str) else None
+    if m:
+        return tuple(m[1].split("."))
+    return ("rules", index, "op") + ((op, name) if value is not None else ())
 
 
 def _inputs(op: OpCall, names: list[str] | None, sources: dict[str, SourceSpec], where: str) -> tuple[str, ...]:
@@ -466,16 +528,20 @@ def _compose(file: str | None):
 
 
 def _line(node, path: tuple) -> int | None:
-    """1-based line of `path` in a composed YAML node tree, or None where the file does not hold it."""
+    """1-based line of `path` in a composed YAML node tree (a mapping entry's: its key's, where a block value
+    such as a schedule's mapping begins on the next line), or None where the file does not hold it."""
     if node is None:
         return None
+    line = node.start_mark.line
     for part in path:
         if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == str(part)), None)
+            key, node = next(((k, v) for k, v in node.value if k.value == str(part)), (None, None))
+            line = key.start_mark.line if key is not None else line
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
+            line = node.start_mark.line
         else:
             node = None
         if node is None:
             return None
-    return node.start_mark.line + 1
+    return line + 1

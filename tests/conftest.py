@@ -202,15 +202,16 @@ def tiny_config(guidance: bool, **changes) -> dict:
     return {"_class_name": "FluxTransformer2DModel", **TINY, "num_layers": 2, "num_single_layers": 2, "guidance_embeds": guidance, **changes}
 
 
-def fake_checkpoint(name: str, guidance: bool, dtype: str = "BF16", *, drop=(), reshape=None, config=True):
+def fake_checkpoint(name: str, guidance: bool, dtype: str = "BF16", *, drop=(), reshape=None, config=True, **changes):
     """A Checkpoint of a tiny FLUX model made by hand (no file is ever read): the keys and shapes diffusers
-    builds from tiny_config, laid out in two made-up files. `drop` removes keys, `reshape` maps key -> shape."""
+    builds from tiny_config (with `changes`, e.g. num_layers=19), laid out in two made-up files. `drop`
+    removes keys, `reshape` maps key -> shape."""
     from fluxrecipe.architecture import expected_parameters
     from fluxrecipe.formats.layout import Piece, TensorRef
     from fluxrecipe.formats.safetensors import ITEMSIZE
     from fluxrecipe.sources import Checkpoint
 
-    cfg = tiny_config(guidance)
+    cfg = tiny_config(guidance, **changes)
     shapes = expected_parameters(cfg, "test")
     tensors, offset = {}, 0
     for i, (key, shape) in enumerate(shapes.items()):

@@ -57,7 +57,7 @@ def error_line(done) -> str:
 def test_bad_recipe_is_one_line_naming_the_file_and_line(tmp_path, schnell, krea):
     path = write_recipe(tmp_path / "mine", "mine", f"sources: {{schnell: {schnell}, krea: {krea}}}\nrules:\n  - match: '.*'\n    op: mean\n")
     done = run_cli(["recipe=mine", "output=out"], cwd=tmp_path, env={"FLUXRECIPE_RECIPE_PATH": str(path.parent)})
-    assert error_line(done) == f"fluxrecipe: error: recipe 'mine' ({path}:4) rules[0].op: unknown op 'mean' (ops: take:NAME, average, lerp:ALPHA, weighted:W1,W2,..., add_difference:ALPHA, drop)"
+    assert error_line(done) == f"fluxrecipe: error: recipe 'mine' ({path}:4) rules[0].op: unknown op 'mean' (ops: take:NAME, average, lerp:ALPHA, weighted:W1,W2,..., add_difference:ALPHA, drop, slerp:T, task_arithmetic:LAMBDA, ties:DENSITY, dare:P, dare_ties:P, model_stock, train_difference:ALPHA; python -m fluxrecipe methods describes them)"
     assert not (tmp_path / "out").exists()
 
 

@@ -587,3 +587,46 @@ def test_bake_lora_recipe(tmp_path, krea, state_of, formats):
     assert_baked(load_state(out), state_of(krea), reference(state_of(krea), [(lora, ratio, 0.7)]), changed_keys(lora))
     with pytest.raises(RecipeError, match=r"LoRA 'lora' has no file: give its path \(recipe.loras.lora.path=FILE\)"):
         merge(["recipe=bake_lora", f"recipe.sources.model={krea}", f"output={tmp_path / 'x'}", "progress=false"])
+
+
+def test_strength_per_block(recipe_dir, tmp_path, krea, state_of, formats):
+    """`strength` takes the per-block schedules op parameters take: here 1 by default, 0.5 on the single
+    blocks and 0 (untouched) on double block 1."""
+    path, lora, ratio, *_ = formats["kohya"]
+    state = state_of(krea)
+    strength = {"default": 1.0, "single_blocks": 0.5, "double_blocks.1": 0.0}
+    out = tmp_path / "out"
+    plan = bake(recipe_dir, out, krea, {"k": {"path": str(path), "strength": strength}}, "dry_run=true")
+    assert "strength per block {default: 1.0, double_blocks.1: 0.0, single_blocks: 0.5}" in plan.loras[0].describe()
+    bake(recipe_dir, out, krea, {"k": {"path": str(path), "strength": strength}})
+    ref = {k: v.float() for k, v in state.items()}
+    for down, ups in lora.values():
+        for module, up in ups.items():
+            s = 0.0 if module.startswith("transformer_blocks.1.") else 0.5 if module.startswith("single_transformer_blocks.") else 1.0
+            if s:
+                ref[f"{module}.weight"] = ref[f"{module}.weight"] + (up.float() @ down.float()) * (ratio(module) * s)
+    changed = {k for k in changed_keys(lora) if not k.startswith("transformer_blocks.1.")}
+    assert_baked(load_state(out), state, ref, changed)
+
+
+@pytest.mark.parametrize("strength, error, fragment", [
+    ({"default": 1.0, "singel_blocks": 0.5}, RecipeError, "'singel_blocks' is not a FLUX block name (did you mean 'single_blocks'?)"),
+    ({"double_blocks": 1.0}, PlanError, "strength gives no value for"),
+    ([0.5], RecipeError, "needs 2 or more numbers"),
+])
+def test_bad_strength_schedules(recipe_dir, tmp_path, krea, formats, strength, error, fragment):
+    out = tmp_path / "out"
+    message = refused(error, fragment, lambda: bake(recipe_dir, out, krea, {"k": {"path": str(formats["kohya"][0]), "strength": strength}}), out)
+    assert "loras.k" in message
+
+
+def test_a_lora_on_a_method_with_statistics_passes(recipe_dir, tmp_path, schnell, krea, formats):
+    """The LoRAs are added to whatever the rule computes, here slerp (a statistics pass over each whole tensor
+    first, in whole blocks of rows for a patched step): in fp32, the merge without the LoRA plus its products."""
+    path, lora, ratio, *_ = formats["kohya"]
+    recipe = {"sources": {"schnell": str(schnell), "krea": str(krea)}, "base": "krea", "dtype": "fp32",
+              "rules": [{"match": "guidance", "op": "take:krea"}, {"match": ".*", "op": {"slerp": {"t": 0.3}}}]}
+    run_recipe(recipe_dir, tmp_path / "plain", recipe)
+    run_recipe(recipe_dir, tmp_path / "lora", {**recipe, "loras": {"k": str(path)}}, "chunk_elements=300")
+    plain = load_state(tmp_path / "plain")
+    assert_baked(load_state(tmp_path / "lora"), plain, reference(plain, [(lora, ratio, 1.0)]), changed_keys(lora), dtype=torch.float32)

@@ -325,7 +325,7 @@ def test_output_carries_its_pinned_recipe(plain, schnell, krea):
     }
     assert all(len(s["content_sha256"]) == 64 for s in provenance["sources"].values())  # what was read, for a replay to prove
     assert (provenance["recipe"], provenance["base"], provenance["dtype"], provenance["tensors"]) == ("krea_schnell", "schnell", "BF16", len(load_state(plain)))
-    assert provenance["rules"] == [{"match": ".*", "op": "lerp:0.5", "sources": ["schnell", "krea"]}]  # as applied
+    assert provenance["rules"] == [{"match": ".*", "op": "lerp:0.5", "params": {"alpha": 0.5}, "sources": ["schnell", "krea"]}]  # as applied
 
 
 def test_index_maps_every_key_to_the_shard_that_holds_it(guided):

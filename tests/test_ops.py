@@ -142,7 +142,10 @@ def test_parse_op(text, call):
 
 def test_every_registered_op_is_covered():
     """Every op in the registry is run through a whole merge and checked against the reference above (CASES),
-    or, for drop, by test_drop_leaves_keys_out_and_the_rest_merged: a new op without a case fails here."""
-    tested = {case.values[0].split(":")[0] for case in CASES} | {"drop"}
+    or, for drop, by test_drop_leaves_keys_out_and_the_rest_merged, or, for the advanced methods, against
+    their float64 references in test_methods.py (METHODS): a new op without a case fails here."""
+    from test_methods import METHODS
+
+    tested = {case.values[0].split(":")[0] for case in CASES} | {"drop"} | {case.values[0] for case in METHODS}
     assert tested == set(OPS)
     assert all(op.split(":")[0] in tested for op in ("take", "average", "lerp", "weighted", "add_difference"))

@@ -114,7 +114,8 @@ def test_a_parameter_interpolated_into_an_op_is_resolved():
 
 
 def test_a_mistyped_field_is_not_taken_for_a_parameter():
-    refused("unknown field 'rule', or a parameter that is not a number: got [{'match'", "(fields: description, sources, base, rules", rule=[{"match": ".*", "op": "average"}])
+    refused("unknown field 'rule' (did you mean 'rules'?), or a parameter that is not a number: got [{'match'", "(fields: description, sources, base, rules", rule=[{"match": ".*", "op": "average"}])
+    refused("unknown field 'sourcez' (did you mean 'sources'?)", sourcez={"a": 1.0})  # a mapping of numbers, but named like a field
 
 
 def test_a_parameter_that_is_not_a_number_says_so():
@@ -122,8 +123,8 @@ def test_a_parameter_that_is_not_a_number_says_so():
     refused("t' (composed config) alpha: unknown field 'alpha', or a parameter that is not a number: got 'abc'", alpha="abc")
 
 
-def test_a_list_parameter_is_refused_until_schedules_exist():
-    refused("parameter 'alpha' is a list", alpha=[0.0, 1.0])
+def test_a_list_parameter_of_one_number_is_refused():
+    refused("t' (composed config) alpha: parameter 'alpha': a list is a gradient over the blocks and needs 2 or more numbers, got [0.5]", alpha=[0.5])
 
 
 def test_source_mapping_spec():

@@ -4,8 +4,10 @@
     def lerp(xs: list[Tensor], alpha: float) -> Tensor: ...
 
 The parameters after `xs` are the op's recipe parameters: their annotations give their kinds (float: a
-number, list[float]: one number per input, int: an integer, Source: a source name, a Literal: one of its
-values) and their defaults are the defaults (a trailing `_` is dropped: `lambda_` is written `lambda`).
+number, list[float]: one number per input, TaskWeights: one number per source after the first (per task
+vector), int: an integer, Source: a source name, a Literal: one of its values) and their defaults are the
+defaults (a trailing `_` is dropped: `lambda_` is written `lambda`). A number may be a per-block schedule
+(schedule.py), also each number of a list: the plan gives every key its own plain number.
 Two more names are passed by the executor when an op declares them: `where` (which elements of which
 tensor this call computes: for counter-based randomness) and `stats` (the results of the op's statistics
 passes over the whole tensor, for slerp's angle or TIES' threshold).
@@ -16,6 +18,7 @@ the op's `shorthand` parameters in order. Parsing needs no torch: planning and d
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import types
@@ -23,7 +26,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, NewType
 
+from .. import schedule
+
 Source = NewType("Source", str)  # a parameter that names one of the recipe's sources
+TaskWeights = NewType("TaskWeights", tuple)  # one number per source after the first: a weight per task vector
 REQUIRED: Any = inspect.Parameter.empty
 INJECTED = ("where", "stats")
 
@@ -36,15 +42,16 @@ class Where:
     start: int
     stop: int
     sources: tuple[str, ...]
+    total: int | None = None  # the tensor's elements (None: it ends at `stop`); sums over fixed segments need it
 
 
 @dataclass(frozen=True)
 class StatPass:
-    """A statistic of the whole tensor, gathered before the element-wise pass. `partial` runs in a worker on
-    a chunk (the inputs in float32, their Where, the results of the passes before it); `fold` combines the
-    partials in the main thread, chunks in element order, starting from None; `result` turns the fold into
-    the statistic the op receives. A partial must not depend on how the tensor was chunked: sums go through
-    stats.SegmentSums."""
+    """A statistic of the whole tensor, gathered before the element-wise pass. `partial(xs, where, stats,
+    params)` runs in a worker on a chunk (the inputs in float32, their Where, the results of the passes
+    before it, the step's parameters); `fold(state, partial)` combines the partials in the main thread,
+    chunks in element order, starting from None; `result(state, params)` turns the fold into the statistic
+    the op receives. A partial must not depend on how the tensor was chunked: sums go through segments.py."""
 
     partial: Callable[..., Any]
     fold: Callable[[Any, Any], Any]
@@ -63,8 +70,8 @@ class Param:
         return self.default is REQUIRED
 
     def usage(self) -> str:
-        value = {"number": "NUMBER", "numbers": "[N1, N2, ...]", "integer": "INTEGER", "source": "SOURCE"}.get(self.kind, "|".join(self.choices))
-        return f"{self.name}: {value}" + ("" if self.required else f" (default {_show(self.default)})")
+        value = {"number": "NUMBER", "numbers": "[N1, N2, ...]", "task_weights": "[W2, W3, ...]", "integer": "INTEGER", "source": "SOURCE"}.get(self.kind, "|".join(self.choices))
+        return f"{self.name}: {value}" + ("" if self.required else f" (default {_show(self.default, self.kind)})")
 
 
 @dataclass(frozen=True)
@@ -76,8 +83,11 @@ class OpSpec:
     formula: str
     shorthand: tuple[str, ...]  # parameters that `name:v1,v2` fills, in order
     passes: tuple[StatPass, ...] = ()
-    check: Callable[[dict[str, Any], int], str | None] | None = None  # a fault of the values, or None
+    # A fault of the values (numbers: one value per schedule), or None. Checks are bounds, so that a
+    # schedule whose numbers pass gives only values that pass: interpolation stays between its numbers.
+    check: Callable[[dict[str, Any], int], str | None] | None = None
     summary: str = ""
+    arguments: tuple[tuple[str, str], ...] = ()  # recipe name -> the function's name, where they differ (lambda -> lambda_)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -92,6 +102,11 @@ class OpSpec:
 
     def wants(self, name: str) -> bool:
         return name in inspect.signature(self.fn).parameters
+
+    def call(self, xs: list[Any], values: dict[str, Any]) -> Any:
+        """The op on `xs` with its parameters (and injected `where`/`stats`) by their recipe names."""
+        renamed = dict(self.arguments)
+        return self.fn(xs, **{renamed.get(k, k): v for k, v in values.items()})
 
 
 OPS: dict[str, OpSpec] = {}
@@ -108,7 +123,8 @@ def op(*, inputs: tuple[int, int | None], formula: str, shorthand: tuple[str, ..
             if p.name not in INJECTED
         )
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
-        OPS[name] = OpSpec(name, fn, inputs, params, formula, shorthand, passes, check, summary)
+        renamed = tuple((p.rstrip("_"), p) for p in inspect.signature(fn).parameters if p.endswith("_"))
+        OPS[name] = OpSpec(name, fn, inputs, params, formula, shorthand, passes, check, summary, renamed)
         return fn
 
     return register
@@ -125,6 +141,8 @@ def _param(name: str, hint: Any, default: Any) -> Param:
         hint = next(h for h in typing.get_args(hint) if h is not type(None))
     if hint is Source:
         return Param(name, "source", default)
+    if hint is TaskWeights:
+        return Param(name, "task_weights", default)
     if typing.get_origin(hint) is Literal:
         return Param(name, "choice", default, tuple(typing.get_args(hint)))
     if typing.get_origin(hint) is list:
@@ -135,8 +153,10 @@ def _param(name: str, hint: Any, default: Any) -> Param:
     return Param(name, kind, default)
 
 
-def _show(value: Any) -> str:
-    return "one per source, 1 each" if value is None else str(value)
+def _show(value: Any, kind: str) -> str:
+    if value is None:
+        return "1 for each source after the first" if kind == "task_weights" else "one per source, 1 each"
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -189,6 +209,9 @@ def _fmt(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, dict):  # a per-block schedule: its first names, enough to recognise it in a message
+        text = "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) + "}"
+        return text if len(text) <= 60 else text[:52].rsplit(", ", 1)[0] + ", ...}"
     return str(value)
 
 
@@ -205,8 +228,10 @@ def parse_op(value: Any) -> OpCall:
             raise ValueError(f"{name}: its parameters are a mapping, as {{{name}: {{{', '.join(p.name + ': ...' for p in spec.params) or ''}}}}}, got {params!r}")
         for key in params:
             if spec.param(str(key)) is None:
-                known = ", ".join(p.name for p in spec.params) or "none"
-                raise ValueError(f"{name}: unknown parameter {key!r} (parameters: {known})")
+                known = [p.name for p in spec.params]
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(f"{name}: unknown parameter {key!r} ({hint}parameters: {', '.join(known) or 'none'})")
         return OpCall(spec.name, tuple((str(k), v) for k, v in params.items()))
     name, _, rest = str(value).strip().partition(":")
     spec = _spec(name.strip())
@@ -238,7 +263,9 @@ def _count(n: int) -> str:
 
 def _spec(name: str) -> OpSpec:
     if name not in OPS:
-        raise ValueError(f"unknown op {name!r} (ops: {', '.join(spec.usage for spec in OPS.values())})")
+        close = difflib.get_close_matches(name, OPS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(f"unknown op {name!r} ({hint}ops: {', '.join(spec.usage for spec in OPS.values())}; python -m fluxrecipe methods describes them)")
     return OPS[name]
 
 
@@ -264,28 +291,46 @@ def check_values(spec: OpSpec, values: dict[str, Any], sources: tuple[str, ...],
             resolved[param.name] = param.default
             continue
         resolved[param.name] = _checked(spec, param, values[param.name], sources, label)
-    fault = spec.check(resolved, inputs) if spec.check else None
-    if fault:
-        raise ValueError(f"{spec.name}: {fault}")
+    for sample in _samples(resolved) if spec.check else ():
+        fault = spec.check(sample, inputs)
+        if fault:
+            raise ValueError(f"{spec.name}: {fault}")
     return resolved
+
+
+def _samples(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The values with plain numbers for the op's check: each schedule's every number in turn (the others at
+    their first); one sample when there is no schedule."""
+
+    def first(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(first(v) for v in value)
+        return value.numbers()[0] if isinstance(value, schedule.Schedule) else value
+
+    base = {k: first(v) for k, v in values.items()}
+    samples = [{**base, name: n} for name, v in values.items() if isinstance(v, schedule.Schedule) for n in v.numbers()]
+    return samples or [base]
 
 
 def _checked(spec: OpSpec, param: Param, value: Any, sources: tuple[str, ...], label: str) -> Any:
     where = f"{spec.name}: parameter '{param.name}'"
     if param.kind == "number":
-        if not _finite_number(value):
-            raise ValueError(f"{where} must be a finite number, got {value!r}")
-        return float(value)
+        return _number_or_schedule(value, where)
     if param.kind == "integer":
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{where} must be a whole number, got {value!r}")
         return value
-    if param.kind == "numbers":
-        if not isinstance(value, (list, tuple)) or not all(_finite_number(v) for v in value):
-            raise ValueError(f"{where} must be a list of numbers, one per source, got {value!r}")
-        if len(value) != len(sources):
-            raise ValueError(f"{label} gives {len(value)} {param.name if param.name == 'weights' else 'numbers'} for {len(sources)} sources ({', '.join(sources)})")
-        return tuple(float(v) for v in value)
+    if param.kind in ("numbers", "task_weights"):
+        per_task = param.kind == "task_weights"
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list of numbers, one per source{' after the first' if per_task else ''}, got {value!r}")
+        wanted = sources[1:] if per_task else sources
+        if len(value) != len(wanted):
+            what = param.name if param.name == "weights" else "numbers"
+            if per_task:
+                raise ValueError(f"{label} gives {len(value)} {what} for {len(wanted)} task vectors (the sources after the base '{sources[0]}': {', '.join(wanted)})")
+            raise ValueError(f"{label} gives {len(value)} {what} for {len(sources)} sources ({', '.join(sources)})")
+        return tuple(_number_or_schedule(v, f"{where}[{i}]") for i, v in enumerate(value))
     if param.kind == "choice":
         if value not in param.choices:
             raise ValueError(f"{where} must be one of {', '.join(param.choices)}, got {value!r}")
@@ -295,5 +340,33 @@ def _checked(spec: OpSpec, param: Param, value: Any, sources: tuple[str, ...], l
     return value
 
 
+def _number_or_schedule(value: Any, where: str) -> float | schedule.Schedule:
+    if isinstance(value, (list, tuple, dict)):
+        try:
+            return schedule.parse(value)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    if not _finite_number(value):
+        raise ValueError(f"{where} must be a finite number (or a per-block schedule), got {value!r}")
+    return float(value)
+
+
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def listing(names: list[str] | None = None) -> str:
+    """Every op (or the named ones) with its sources, parameters and formula: `python -m fluxrecipe methods`."""
+    lines = [
+        "Merge methods (ops). A rule writes one as shorthand, `op: lerp:0.3`, or as a mapping, `op: {ties: {density: 0.2}}`.",
+        "x1, x2, ... are the rule's sources in order (its `sources:`, else the recipe's); base = x1, tau_i = x_i - base.",
+        "All arithmetic is float32, rounded once to the output dtype; statistics are exact or float64.",
+        "Any NUMBER may be a per-block schedule: a list (a gradient over the blocks) or a mapping of block names",
+        "(img_in, time_in, guidance_in, vector_in, txt_in, double_blocks[.N], single_blocks[.N], final_layer, default).",
+    ]
+    for spec in (OPS[n] for n in names or OPS):
+        fewest, most = spec.inputs
+        sources = "no source" if most == 0 else f"{fewest} source{'s' if fewest != 1 else ''}" if fewest == most else f"{fewest} or more sources" if most is None else f"{fewest} to {most} sources"
+        lines += ["", f"{spec.usage}  ({sources})", f"    {spec.summary}", f"    = {spec.formula}"]
+        lines += [f"    {p.usage()}" for p in spec.params]
+    return "\n".join(lines)

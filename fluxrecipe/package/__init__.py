@@ -22,6 +22,7 @@ from ..formats import diffusers
 from ..formats.safetensors import encode_header
 from ..plan import Plan
 from ..recipe import DTYPES
+from ..schedule import plain
 from ..writer import MANIFEST_NAME, rewrite_header, write_file, write_json
 from .card import model_card
 
@@ -138,7 +139,7 @@ def provenance(plan: Plan, result, listed: int | None = None) -> dict:
         "sources": sources,
         "base": plan.recipe.base,
         "format": plan.format,
-        "rules": [{"match": r.match, "op": str(r.op), "sources": list(r.sources)} | ({"dtype": r.dtype} if r.dtype else {}) for r in plan.recipe.rules],
+        "rules": [_rule(r) for r in plan.recipe.rules],
         "dtype": DTYPES[plan.recipe.dtype][0],
         "tensors": len(plan.steps),
         "dropped": [{"key": d.key, "reason": d.reason} for d in plan.dropped],
@@ -154,7 +155,7 @@ def provenance(plan: Plan, result, listed: int | None = None) -> dict:
 def _lora(summary) -> dict:
     """A baked-in LoRA: what was read and what it changed."""
     return {
-        "name": summary.name, "spec": summary.spec, **summary.origin, "format": summary.format, "strength": summary.strength,
+        "name": summary.name, "spec": summary.spec, **summary.origin, "format": summary.format, "strength": plain(summary.strength),
         "ranks": sorted(set(summary.ranks)), "tensors": summary.tensors, "blocks": list(summary.blocks),
         "unmatched": [{"key": k, "why": why} for k, why in summary.unmatched], "ignored_text_encoder_keys": summary.ignored,
     }
@@ -169,6 +170,13 @@ def _lora_output(plan: Plan, result) -> dict:
         "matrices": {f.module: {"rank": f.rank, "svd": "exact" if f.exact else "randomized", "relative_error": result.lora_errors.get(f.module)} for f in plan.factors if f.rank},
         "not_held": {f.module: result.lora_unheld.get(f.module) for f in plan.factors if not f.rank},
     }
+
+
+def _rule(rule) -> dict:
+    """A rule as applied: its op with every parameter, defaults filled in (DARE's seed among them), so that a
+    replay does not depend on this version's defaults; schedules as written."""
+    params = {name: plain(value) for name, value in rule.params.items()}
+    return {"match": rule.match, "op": str(rule.op), "params": params, "sources": list(rule.sources)} | ({"dtype": rule.dtype} if rule.dtype else {})
 
 
 def _counts(values: dict, listed: int | None) -> dict:

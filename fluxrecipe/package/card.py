@@ -45,7 +45,7 @@ def model_card(plan: Plan) -> str:
     if plan.loras:
         lines += ["", "## LoRAs baked in (before the one rounding)", "", "| name | file | format | strength | changes |", "|---|---|---|---|---|"]
         for lora in plan.loras:
-            lines.append(f"| {markdown_text(lora.name)} | {markdown_code(lora.spec)} | {lora.format} | {lora.strength:g} | {lora.tensors} tensors in {blocks_text(lora.blocks)} |")
+            lines.append(f"| {markdown_text(lora.name)} | {markdown_code(lora.spec)} | {lora.format} | {markdown_text(str(lora.strength))} | {lora.tensors} tensors in {blocks_text(lora.blocks)} |")
     if plan.dropped:
         lines += ["", f"{len(plan.dropped)} keys of the sources are not in the output (see fluxrecipe.json for each and why)."]
     if plan.notes:

@@ -1,0 +1,279 @@
+"""Per-block schedules: a numeric parameter whose value depends on the FLUX block of the key.
+
+A recipe gives any numeric op parameter (or a recipe parameter an op uses) as
+- a number: every key gets it;
+- a list of 2 or more numbers: a gradient over the blocks in model order (double_blocks.0..N-1, then
+  single_blocks.0..M-1), the numbers spread evenly over them and interpolated linearly; the keys before the
+  blocks (img_in, time_in, guidance_in, vector_in, txt_in) take the first number, final_layer the last;
+- a mapping from block names (those above, ComfyUI ModelMergeFlux1's), the groups double_blocks and
+  single_blocks, and default, to numbers or lists: the most specific name wins (a block over its group over
+  default), a list under a group is a gradient over that group (under default, over all blocks), and a
+  mapping without default must name every block of the keys it decides. A group may also hold a mapping
+  of block numbers, `{double_blocks: {7: 0.5}}`, the same as `{double_blocks.7: 0.5}`: that is how Hydra
+  addresses `recipe.alpha.double_blocks.7` on the command line.
+
+Block names are the same in every layout (canonical keys are diffusers' names; formats/flux.block_of maps
+them). `parse` checks what needs no model (at recipe time); `check_against` what needs the model's blocks
+and the keys a rule decides, and `value_for` gives a key its number (at plan time), so a plan holds plain
+numbers per key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from .formats.flux import EMBEDDERS, block_of, block_order
+
+EMBEDDER_BLOCKS = tuple(name for _, name in EMBEDDERS)  # img_in, time_in, guidance_in, vector_in, txt_in
+FINAL_LAYER = "final_layer"
+GROUPS = ("double_blocks", "single_blocks")
+DEFAULT = "default"
+NAMES = (DEFAULT, *EMBEDDER_BLOCKS, *GROUPS, FINAL_LAYER)  # the vocabulary, besides GROUP.N
+INDEXED = re.compile(r"(double_blocks|single_blocks)\.(\d+)")
+
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The blocks a model has: how many double-stream and single-stream blocks (gradients spread over them)."""
+
+    double: int
+    single: int
+
+    @classmethod
+    def of(cls, keys: Iterable[str]) -> Blocks:
+        counts = {group: 0 for group in GROUPS}
+        for key in keys:
+            m = INDEXED.fullmatch(block_of(key) or "")
+            if m:
+                counts[m[1]] = max(counts[m[1]], int(m[2]) + 1)
+        return cls(counts["double_blocks"], counts["single_blocks"])
+
+    def count(self, group: str) -> int:
+        return self.double if group == "double_blocks" else self.single
+
+    def order(self) -> list[str]:
+        """Every block name in model order."""
+        return [*EMBEDDER_BLOCKS, *(f"double_blocks.{i}" for i in range(self.double)), *(f"single_blocks.{i}" for i in range(self.single)), FINAL_LAYER]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A number per block, as name -> number or gradient (a top-level list is {default: list})."""
+
+    entries: tuple[tuple[str, Any], ...]
+
+    @cached_property
+    def mapping(self) -> dict[str, Any]:
+        return dict(self.entries)
+
+    def at(self, block: str | None, blocks: Blocks) -> float:
+        """The number of `block` in a model with `blocks`; a ValueError when the schedule gives it none."""
+        entries = self.mapping
+        if block in entries:
+            return entries[block]
+        m = INDEXED.fullmatch(block or "")
+        if m and m[1] in entries:
+            return _along(entries[m[1]], int(m[2]), blocks.count(m[1]))
+        if DEFAULT in entries:
+            value = entries[DEFAULT]
+            if isinstance(value, float):
+                return value
+            if m:  # the blocks in model order: double then single
+                return _along(value, int(m[2]) + (blocks.double if m[1] == "single_blocks" else 0), blocks.double + blocks.single)
+            return value[-1] if block == FINAL_LAYER else value[0]
+        raise ValueError(f"gives no value for {block or 'a key outside the FLUX blocks'}")
+
+    def numbers(self) -> list[float]:
+        """Every number the schedule holds: any value it gives lies between two of them."""
+        return [n for _, v in self.entries for n in (v if isinstance(v, tuple) else (v,))]
+
+    def plain(self) -> list | dict:
+        """As a recipe would write it (JSON-able): a list, or a mapping of flat block names."""
+        if len(self.entries) == 1 and self.entries[0][0] == DEFAULT and isinstance(self.entries[0][1], tuple):
+            return list(self.entries[0][1])
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.entries}
+
+    def __str__(self) -> str:
+        return _text(self.plain())
+
+
+def _along(value: float | tuple[float, ...], index: int, length: int) -> float:
+    """A gradient's value at position `index` of `length` positions (anchors spread evenly), or a number."""
+    if isinstance(value, float):
+        return value
+    if length <= 1:
+        return value[0]
+    segment, rest = divmod(index * (len(value) - 1), length - 1)
+    if segment >= len(value) - 1:
+        return value[-1]
+    a, b = value[segment], value[segment + 1]
+    return a + (b - a) * (rest / (length - 1))
+
+
+# --- recipe time -----------------------------------------------------------------------------------------
+
+
+def parse(value: Any) -> float | Schedule:
+    """A number, or a schedule checked for all that needs no model; a ValueError says what is wrong."""
+    if _is_number(value):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return Schedule(((DEFAULT, _gradient(value, "a list")),))
+    if isinstance(value, dict):
+        entries: dict[str, Any] = {}
+        for name, item in value.items():
+            _add(str(name), item, entries)
+        if not entries:
+            raise ValueError("an empty mapping gives no value to any block")
+        order = {name: i for i, name in enumerate(NAMES)}
+        return Schedule(tuple(sorted(entries.items(), key=lambda e: _rank(e[0], order))))
+    raise ValueError(f"must be a number, a list of numbers (a gradient over the blocks) or a mapping of block names to numbers, got {value!r}")
+
+
+def is_schedule_like(value: Any) -> bool:
+    """Whether a value has a schedule's shape (numbers in a list, or in a mapping, nested at most once), to
+    tell a malformed schedule from something else altogether (a mistyped recipe field)."""
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_is_number(v) for v in value)
+    return isinstance(value, dict) and bool(value) and all(_is_number(v) or is_schedule_like(v) for v in value.values())
+
+
+def _add(name: str, item: Any, entries: dict[str, Any]) -> None:
+    if name in GROUPS and isinstance(item, dict):  # {double_blocks: {7: 0.5}}: block numbers under their group
+        for index, number in item.items():
+            if not re.fullmatch(r"\d+", str(index)):
+                raise ValueError(f"under '{name}', name blocks by their number ({name}: {{0: ..., 7: ...}}), got {str(index)!r}")
+            _add(f"{name}.{index}", number, entries)
+        return
+    m = INDEXED.fullmatch(name)
+    if m:
+        name = f"{m[1]}.{int(m[2])}"
+    elif name not in NAMES:
+        raise ValueError(f"{name!r} is not a FLUX block name{_suggestion(name)} (names: {', '.join(NAMES[1:])}, double_blocks.N, single_blocks.N, default)")
+    if name in entries:
+        raise ValueError(f"'{name}' is given twice")
+    if isinstance(item, (list, tuple)):
+        if name not in GROUPS and name != DEFAULT:
+            raise ValueError(f"'{name}' is one block: give it a number (a list is a gradient over double_blocks, single_blocks or default)")
+        entries[name] = _gradient(item, f"the list under '{name}'")
+    elif _is_number(item):
+        entries[name] = float(item)
+    else:
+        raise ValueError(f"'{name}' must be a number" + (" or a list of numbers" if name in GROUPS or name == DEFAULT else "") + f", got {item!r}")
+
+
+def _gradient(items: list | tuple, what: str) -> tuple[float, ...]:
+    if not all(_is_number(v) for v in items):
+        raise ValueError(f"{what} must hold numbers only, got {list(items)!r}")
+    if len(items) < 2:
+        raise ValueError(f"{what} is a gradient over the blocks and needs 2 or more numbers, got {list(items)!r} (for one value, give the number)")
+    return tuple(float(v) for v in items)
+
+
+def _suggestion(name: str) -> str:
+    stem, dot, index = name.rpartition(".") if re.search(r"\.\d+$", name) else (name, "", "")
+    close = difflib.get_close_matches(stem, GROUPS if index else NAMES, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}{dot}{index}'?)" if close else ""
+
+
+def _rank(name: str, order: dict[str, int]) -> tuple[int, int]:
+    m = INDEXED.fullmatch(name)
+    return (order[m[1]], int(m[2]) + 1) if m else (order[name], 0)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_text(v) for v in value) + "]"
+    return number_text(value) if isinstance(value, float) else str(value)
+
+
+def number_text(value: float) -> str:
+    """A value as plans print it: 6 significant digits, and a float looks like one (1.0, not 1)."""
+    text = f"{value:.6g}"
+    return text + ".0" if text.lstrip("-").isdigit() else text
+
+
+def string_keys(value: Any) -> Any:
+    """The same data with every mapping key a string: YAML reads `7:` as the integer 7, but Hydra's
+    `recipe.alpha.double_blocks.7=...` looks up the string '7'."""
+    if isinstance(value, dict):
+        return {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: string_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [string_keys(v) for v in value]
+    return value
+
+
+# --- plan time -------------------------------------------------------------------------------------------
+
+
+def check_against(value: Any, keys: Iterable[str], blocks: Blocks) -> None:
+    """A schedule against a model with `blocks`, for the canonical `keys` it decides: every block it names
+    exists, and every key gets a value. A ValueError names the first fault; a number always fits."""
+    if not isinstance(value, Schedule):
+        return
+    for name, _ in value.entries:
+        m = INDEXED.fullmatch(name)
+        if m and int(m[2]) >= blocks.count(m[1]):
+            have = f"{m[1]}.0..{blocks.count(m[1]) - 1}" if blocks.count(m[1]) else f"no {m[1]}"
+            raise ValueError(f"names {name}, but the model has {have}")
+    missing: dict[str, str] = {}
+    for key in keys:
+        block = block_of(key) or key
+        if block not in missing:
+            try:
+                value.at(block_of(key), blocks)
+            except ValueError:
+                missing[block] = key
+    if missing:
+        missing = dict(sorted(missing.items(), key=lambda item: block_order(item[0])))
+        shown = ", ".join(list(missing)[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"gives no value for {shown} (e.g. key '{next(iter(missing.values()))}'): name them, or add a default")
+
+
+def value_for(value: float | Schedule, key: str, blocks: Blocks) -> float:
+    """The number a parameter gives canonical key `key` of a model with `blocks`: the number itself, or the
+    schedule's value for the key's block (check_against first: a key it does not cover is a ValueError)."""
+    if isinstance(value, Schedule):
+        return value.at(block_of(key), blocks)
+    return value
+
+
+def resolve(params: dict[str, Any], key: str, blocks: Blocks) -> tuple[tuple[str, Any], ...]:
+    """An op's checked parameters with every schedule (also inside a list of weights) turned into the
+    number for `key`: what a plan step holds."""
+
+    def one(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(one(v) for v in value)
+        return value_for(value, key, blocks) if isinstance(value, Schedule) else value
+
+    return tuple((name, one(value)) for name, value in params.items())
+
+
+def schedules_in(value: Any) -> list[Schedule]:
+    """The schedules a parameter value holds: itself, or those in its list of weights."""
+    if isinstance(value, Schedule):
+        return [value]
+    return [v for v in value if isinstance(v, Schedule)] if isinstance(value, tuple) else []
+
+
+def plain(value: Any) -> Any:
+    """A parameter value as JSON-able data (schedules as written, normalised)."""
+    if isinstance(value, Schedule):
+        return value.plain()
+    if isinstance(value, tuple):
+        return [plain(v) for v in value]
+    return value
