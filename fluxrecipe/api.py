@@ -24,6 +24,7 @@ from . import package
 from .catalog import load_recipe_file
 from .errors import RecipeError, UsageError
 from .formats import OUTPUT_FORMATS
+from .loras import open_lora
 from .options import Options
 from .plan import Plan, format_plan, make_plan
 from .recipe import FORMATS, Recipe, load_recipe as _load_node
@@ -53,15 +54,17 @@ def load_recipe(recipe: str | Path | dict, name: str | None = None, sources: dic
     return _load_node(node, name or (file.stem if file else "recipe"), str(file.resolve()) if file else None)
 
 
-def plan(recipe: Recipe, output: str | Path | None = None, format: str | None = None, shard_size: int | str = "10GB") -> Plan:
-    """Every check a merge makes before reading a tensor: sources opened (headers only), rules decided,
-    shapes and the output's architecture checked, the output's files laid out."""
+def plan(recipe: Recipe, output: str | Path | None = None, format: str | None = None, shard_size: int | str = "10GB", lora_rank: int = 16) -> Plan:
+    """Every check a merge makes before reading a tensor: sources and LoRAs opened (headers only), rules
+    decided, shapes and the output's architecture checked, the output's files laid out. `lora_rank`: the
+    rank of a merge written as a LoRA (format=lora, lora_peft)."""
     output_format = format or recipe.format or "diffusers"
     if output_format not in FORMATS:
         raise UsageError(f"format={output_format}: choose one of {', '.join(FORMATS)}")
     file_name = Path(output).name if output is not None and OUTPUT_FORMATS[output_format] else f"{recipe.name}.safetensors"
     checkpoints = {name: open_source(spec) for name, spec in recipe.sources.items()}
-    return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name)
+    loras = {name: open_lora(spec) for name, spec in recipe.loras.items()}
+    return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name, loras, lora_rank)
 
 
 def describe(plan: Plan) -> str:
@@ -75,7 +78,7 @@ def output_path(output: str | Path, output_format: str) -> Path:
     if OUTPUT_FORMATS[output_format] and target.suffix != ".safetensors":
         raise UsageError(f"output={output}: format={output_format} writes one file: name it, as output=merged/model.safetensors")
     if not OUTPUT_FORMATS[output_format] and target.suffix == ".safetensors":
-        raise UsageError(f"output={output}: format={output_format} writes a folder; for one .safetensors file choose format=bfl or format=comfyui")
+        raise UsageError(f"output={output}: format={output_format} writes a folder; for one .safetensors file choose format=bfl, comfyui, lora or lora_peft")
     return target
 
 
@@ -85,10 +88,11 @@ def check_output(plan: Plan, output: str | Path, overwrite: bool = False, dry_ru
     target = output_path(output, plan.format)
     if not dry_run:
         check_target(target, overwrite, single_file=plan.single_file)
-    for s in plan.sources:
-        src, out = Path(s.location).resolve(), target.resolve()
+    inputs = [(f"source '{s.name}'", s.location) for s in plan.sources] + [(f"lora '{lora.name}'", lora.location) for lora in plan.loras]
+    for what, location in inputs:
+        src, out = Path(location).resolve(), target.resolve()
         if out == src or src in out.parents or out in src.parents:
-            raise UsageError(f"output {output} and source '{s.name}' ({s.location}) overlap: write the merge somewhere else")
+            raise UsageError(f"output {output} and {what} ({location}) overlap: write the merge somewhere else")
     return target
 
 
@@ -109,7 +113,10 @@ def write(plan: Plan, output: str | Path, options: Options | None = None):
     return result
 
 
-def merge(recipe: Recipe | str | Path | dict, output: str | Path, format: str | None = None, shard_size: int | str = "10GB", dtype: str | None = None, **options: Any):
+def merge(
+    recipe: Recipe | str | Path | dict, output: str | Path, format: str | None = None, shard_size: int | str = "10GB", dtype: str | None = None,
+    lora_rank: int = 16, **options: Any,
+):
     """Load (when given a file or mapping), plan and write in one call; `options` are Options' fields."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, **({"dtype": dtype} if dtype else {}))
@@ -117,7 +124,7 @@ def merge(recipe: Recipe | str | Path | dict, output: str | Path, format: str | 
         raise UsageError("dtype=: give it in the recipe (or load the recipe with api.load_recipe(..., dtype=...))")
     if isinstance(options.get("in_flight"), str):
         options["in_flight"] = parse_size(options["in_flight"])
-    planned = plan(recipe, output, format, shard_size)
+    planned = plan(recipe, output, format, shard_size, lora_rank)
     return write(planned, output, Options(**{"progress": False, **options}))
 
 

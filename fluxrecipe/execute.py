@@ -15,6 +15,13 @@ that sets a scaled-fp8 tensor's scale. Those run as passes of the same kind of c
 values, and the chunks that need their result wait for it. Every reduction runs over fixed segments
 (segments.py), so no result depends on the chunking, the threads or the order of a layout's parts.
 
+LoRAs baked into a step (its patches) are added to the op's result in the same chunk, before the encode:
+rows of W with the matching rows of up and all of down (kept decoded in a small cache while its steps run),
+the product computed in fixed blocks of rows (ops/lora.py), so a patched step's chunks are whole blocks.
+A merge written as a LoRA needs each matrix's whole difference to the base at once: "diff" chunks fill a
+float32 buffer of one factor (the largest is the largest tensor, not the model), then a truncated SVD
+factors it and its up and down are written; nothing else is held.
+
 The executor writes only the weight files, into a folder its caller owns; config files, the card, the
 manifest and the move into place belong to packaging (package/) and the writer.
 """
@@ -28,7 +35,8 @@ import shutil
 import struct
 import threading
 import time
-from collections import deque
+import zlib
+from collections import OrderedDict, deque
 from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,10 +46,12 @@ import torch
 
 from .diagnostics import Distances
 from .errors import OutputError, SourceError, UsageError
-from .formats.layout import OutFile, OutTensor, Part, Scale, TensorRef
+from .formats.layout import OutFile, OutTensor, Part, Scale, TensorRef, row_size, rows
 from .formats.safetensors import ITEMSIZE
 from .linux import keep_freed_memory
+from .loras import Factor, Patch
 from .ops import OPS, Where
+from .ops.lora import ROWS, factor, product_rows, relative_error
 from .options import Options
 from .plan import Plan, Step, human_bytes
 from .segments import Segments, row_sums, split
@@ -73,6 +83,8 @@ class Result:
     distances: Distances | None = None
     peak_in_flight: int = 0  # bytes
     output: Path | None = None  # where the output went (set by api.write, once it is in place)
+    lora_errors: dict[str, float] = field(default_factory=dict)  # a LoRA output: module -> relative error of its factors
+    lora_unheld: dict[str, float] = field(default_factory=dict)  # a LoRA output: 1-D tensor -> largest |difference| to the base
 
 
 def execute(plan: Plan, folder: Path, options: Options, metadata: dict[str, str] | None = None, header_size: int = 0, hash_sources: Collection[str] = ()) -> Result:
@@ -115,21 +127,35 @@ def _check_free_space(folder: Path, plan: Plan) -> None:
 
 @dataclass(frozen=True)
 class _Chunk:
-    """Elements [start, stop) of a step, for one purpose: a statistics pass, an absmax pass, or the values."""
+    """Elements [start, stop) of a step, for one purpose: a statistics pass, an absmax pass, the values, or
+    (a LoRA output) the difference to the base."""
 
-    kind: str  # "stat", "absmax" or "value"
+    kind: str  # "stat", "absmax", "value" or "diff"
     step: Step
     start: int
     stop: int
     tensor: OutTensor | None = None  # absmax and value: the output tensor it is part of
     file: int = 0  # value: the index of the output file
     pass_index: int = 0  # stat: which of the op's passes
+    base: TensorRef | None = None  # diff: the base's tensor
+    factor: int = 0  # diff: the plan's factor it fills, from element `at` of its buffer
+    at: int = 0
 
     @property
     def nbytes(self) -> int:
-        """Memory while in flight: the raw inputs, their float32 copies and a few float32 temporaries, the output."""
+        """Memory while in flight: the raw inputs, their float32 copies and a few float32 temporaries, the output;
+        for a LoRA, its rows of up (whole blocks) and their product, and its down."""
         n = self.stop - self.start
-        return n * (sum(ITEMSIZE[t.dtype] + 4 for t in self.step.inputs) + 12 + ITEMSIZE[self.step.dtype])
+        size = n * (sum(ITEMSIZE[t.dtype] + 4 for t in self.step.inputs) + 12 + ITEMSIZE[self.step.dtype])
+        if self.base is not None:
+            size += n * (ITEMSIZE[self.base.dtype] + 4)
+        for p in self.step.patches:
+            if p.down is None:  # its values, raw and decoded
+                size += n * (ITEMSIZE[p.tensor.dtype] + 4)
+            else:  # the product (whole blocks of rows), the up rows it needs, raw and decoded, and the down
+                rows_read = n // row_size(self.step.shape) + 2 * ROWS
+                size += rows_read * row_size(self.step.shape) * 4 + rows_read * p.down.shape[0] * (ITEMSIZE[p.tensor.dtype] + 4) + p.down.numel * 4
+        return size
 
 
 _DRAIN = object()  # from the work generator: finish everything in flight before going on
@@ -156,13 +182,17 @@ class _Run:
         self.absmax: dict[str, float] = {}  # output tensor -> the absmax pass under way
         self.segments: dict[tuple[str, str, str], Segments] = {}  # (what, key, source) -> per-segment results
         self.hashes: dict[str, dict[str, str]] = {s: {} for s in hash_sources}  # source -> key -> tensor digest
+        self.downs = _Downs(options.in_flight // 4)
+        self.buffers: dict[int, torch.Tensor] = {}  # a LoRA output: factor -> its difference, being filled
+        self.threads = torch.get_num_threads()
+        self.progress = None
 
     def run(self) -> None:
-        threads = torch.get_num_threads()
+        threads = self.threads
         torch.set_num_threads(1)  # the workers are the parallelism; torch's own threads would only compete
         pending: deque[tuple[_Chunk, Future]] = deque()
         in_flight = 0
-        progress = _progress(self.plan, self.options)
+        progress = self.progress = _progress(self.plan, self.options)
         try:
             with ThreadPoolExecutor(self.options.workers, thread_name_prefix="fluxrecipe") as pool:
                 try:
@@ -193,18 +223,61 @@ class _Run:
     # -- the order of work (main thread) --
 
     def _work(self) -> Iterator[_Chunk | object]:
+        if self.plan.factors:
+            yield from self._factor_work()
+            return
         for index, file in enumerate(self.plan.files):
             for tensor in file.tensors:
                 for step in self._steps_of(tensor):
                     yield from self._stat_passes(step)
                 if tensor.scale_name:
                     self.absmax[tensor.name] = 0.0
-                    yield from (_Chunk("absmax", self.plan.step(p.key), a, b, tensor) for p in tensor.parts for a, b in self._ranges(p))
+                    for p in tensor.parts:
+                        step = self.plan.step(p.key)
+                        yield from (_Chunk("absmax", step, a, b, tensor) for a, b in self._ranges(p, step))
                     yield _DRAIN
                     self.result.scales[tensor.name] = _scale_of(self.absmax.pop(tensor.name), tensor.dtype)
                 for part in tensor.parts:
                     step = self.plan.step(part.key)
-                    yield from (_Chunk("value", step, a, b, tensor, index) for a, b in self._ranges(part))
+                    yield from (_Chunk("value", step, a, b, tensor, index) for a, b in self._ranges(part, step))
+
+    def _factor_work(self) -> Iterator[_Chunk | object]:
+        """A merge written as a LoRA: per factor, its whole difference to the base (diff chunks into one
+        buffer), then, with every chunk in, its truncated SVD; down and up go into the file in plan order."""
+        for index, f in enumerate(self.plan.factors):
+            self.buffers[index] = torch.zeros(f.shape, dtype=torch.float32, device=self.device)
+            at = 0
+            for part, base, changed in zip(f.parts, f.bases, f.changed):
+                if changed:
+                    step = self.plan.step(part.key)
+                    yield from self._stat_passes(step)
+                    yield from (_Chunk("diff", step, a, b, base=base, factor=index, at=at + a - part.start) for a, b in self._ranges(part, step))
+                at += part.stop - part.start
+            yield _DRAIN
+            diff = self.buffers.pop(index)
+            if not f.rank:
+                self.result.lora_unheld[f.module] = float(diff.abs().max()) if diff.numel() else 0.0
+                continue
+            for data in self._factor(f, diff):
+                self.files.write(0, data)
+                self.progress.update(data.numel())
+
+    def _factor(self, f: Factor, diff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoded down and up of one factor; its relative error goes into the result. Runs while the
+        workers wait, so the SVD gets torch's own threads."""
+        dtype = DTYPES[next(t.dtype for t in self.plan.files[0].tensors if t.name == f.down)]
+        if not math.isfinite(float(diff.sum())) and not bool(torch.isfinite(diff).all()):  # the sum first: no whole-size mask
+            raise OutputError(f"'{f.module}': its difference to the base holds NaN/Inf values (from the inputs): a LoRA cannot be factored from it")
+        torch.set_num_threads(self.threads)
+        try:
+            up, down = factor(diff, f.rank, f.exact, zlib.crc32(f.module.encode()))
+            up, down = up.to(dtype), down.to(dtype)
+            if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+                raise OutputError(f"'{f.module}': its LoRA factors do not fit {dtype} (values beyond its range): write the LoRA in fp32 (dtype=fp32)")
+            self.result.lora_errors[f.module] = relative_error(diff, up.float(), down.float())
+        finally:
+            torch.set_num_threads(1)
+        return down.contiguous().cpu().view(torch.uint8).reshape(-1), up.contiguous().cpu().view(torch.uint8).reshape(-1)
 
     def _steps_of(self, tensor: OutTensor) -> list[Step]:
         return [self.plan.step(k) for k in dict.fromkeys(p.key for p in tensor.parts)]
@@ -217,14 +290,25 @@ class _Run:
         whole = Part(step.key, 0, step.numel)
         for i, stat_pass in enumerate(passes):
             self.folds[step.key] = None
-            yield from (_Chunk("stat", step, a, b, pass_index=i) for a, b in self._ranges(whole))
+            yield from (_Chunk("stat", step, a, b, pass_index=i) for a, b in self._ranges(whole, step))
             yield _DRAIN
             self.stats[step.key] += (stat_pass.result(self.folds.pop(step.key), step.values),)
 
-    def _ranges(self, part: Part) -> Iterator[tuple[int, int]]:
+    def _ranges(self, part: Part, step: Step) -> Iterator[tuple[int, int]]:
+        """The chunks of a part: chunk_elements each; for a step with a LoRA product, whole blocks of ROWS rows
+        (chunk_elements rounded down to them, at least one), on the tensor's grid of blocks."""
         size = self.options.chunk_elements
         if part.stop == part.start:
             yield part.start, part.stop  # an empty tensor still opens its file
+        if any(p.down is not None for p in step.patches):
+            block = ROWS * row_size(step.shape)
+            size = max(block, size // block * block)
+            a = part.start
+            while a < part.stop:
+                b = min((a // size + 1) * size, part.stop)
+                yield a, b
+                a = b
+            return
         for a in range(part.start, part.stop, size):
             yield a, min(a + size, part.stop)
 
@@ -238,11 +322,21 @@ class _Run:
         if chunk.kind == "stat":
             done.partial = OPS[step.op].passes[chunk.pass_index].partial(xs, _where(step, chunk), self.stats[step.key], step.values)
             return done
-        self._check_inputs(step, xs, done)
+        self._check_inputs(step.inputs, xs, done)
         if chunk.kind == "value" and step.copies_bytes:
             done.data, rounded = raws[0], xs[0]
         else:
             merged = self._apply(step, xs, chunk)
+            if chunk.kind == "diff":  # the difference first, then the LoRAs' changes: (op - base) + delta loses nothing to W's size
+                base = self._decode(self.reader.read(chunk.base, chunk.start, chunk.stop), chunk.base)
+                self._check_inputs((chunk.base,), [base], done)
+                merged = merged - base
+            if step.patches:
+                merged = self._patch(step, merged, xs, chunk, done)
+            if chunk.kind == "diff":
+                done.data = merged
+                self._hash_inputs(step, raws, chunk, done)
+                return done
             if chunk.kind == "absmax":
                 finite = merged[torch.isfinite(merged)]
                 done.partial = float(finite.abs().max()) if finite.numel() else 0.0
@@ -258,11 +352,51 @@ class _Run:
             for x in xs:
                 distance = torch.nn.functional.mse_loss(rounded, x, reduction="none")
                 done.sums.append((split(distance, chunk.start, n, row_sums), split(x.square(), chunk.start, n, row_sums)))
+        self._hash_inputs(step, raws, chunk, done)
+        return done
+
+    def _hash_inputs(self, step: Step, raws: list[torch.Tensor], chunk: _Chunk, done: _Done) -> None:
         for raw, ref in zip(raws, step.inputs):
             if ref.source in self.hash_sources:
                 size = ITEMSIZE[ref.dtype]
                 done.hashes.append((ref.source, split(raw, chunk.start * size, ref.nbytes, _digests, HASH_BLOCK)))
-        return done
+
+    def _patch(self, step: Step, merged: torch.Tensor, xs: list[torch.Tensor], chunk: _Chunk, done: _Done) -> torch.Tensor:
+        """The step's LoRAs applied to its op's result, in order, in float32, as PEFT fuses them:
+        W + (up @ down) * scale for a product, W + tensor * scale for a bias, the tensor for a replacement."""
+        if any(merged is x for x in xs):
+            merged = merged.clone()  # `take` returns its input, which the diagnostics still compare
+        width = row_size(step.shape)
+        for p in step.patches:
+            if p.down is None:
+                values = self._lora_values(p, p.tensor, chunk.start, chunk.stop, done)
+                merged = values if p.kind == "replace" else merged.add_(values.mul_(p.scale))
+                continue
+            first, end = chunk.start // width, -(-chunk.stop // width)
+            lo, hi = first // ROWS * ROWS, min(-(-end // ROWS) * ROWS, rows(step.shape))  # whole blocks of rows
+            rank = p.down.shape[0]
+            up = self._lora_values(p, p.tensor, lo * rank, hi * rank, done).view(hi - lo, rank)
+            delta = product_rows(up, self._down(p, done)).view(-1)
+            merged.add_(delta[chunk.start - lo * width : chunk.stop - lo * width].mul_(p.scale))
+        return merged
+
+    def _down(self, p: Patch, done: _Done) -> torch.Tensor:
+        down = self.downs.get(p.down)
+        if down is None:
+            down = self._lora_values(p, p.down, 0, p.down.numel, done).view(p.down.shape)
+            self.downs.put(p.down, down)
+        return down
+
+    def _lora_values(self, p: Patch, ref: TensorRef, start: int, stop: int, done: _Done) -> torch.Tensor:
+        """Elements [start, stop) of a LoRA's tensor in float32, checked for NaN/Inf as inputs are."""
+        x = self._decode(self.reader.read(ref, start, stop), ref)
+        if not math.isfinite(float(x.sum())):
+            bad = int(x.numel() - torch.isfinite(x).sum())
+            if bad and self.options.nonfinite == "error":
+                raise SourceError(f"lora '{p.lora}': tensor '{ref.file_key}' ({ref.file}) holds NaN or Inf values; merge anyway with nonfinite=warn (they are counted and reported)")
+            if bad:
+                done.nonfinite[f"lora {p.lora}: {ref.file_key}"] = bad
+        return x
 
     def _decode(self, raw: torch.Tensor, ref: TensorRef) -> torch.Tensor:
         x = raw.view(DTYPES[ref.dtype]).to(device=self.device, dtype=torch.float32)
@@ -277,10 +411,10 @@ class _Run:
             kwargs["stats"] = self.stats[step.key]
         return spec.call(xs, kwargs)
 
-    def _check_inputs(self, step: Step, xs: list[torch.Tensor], done: _Done) -> None:
+    def _check_inputs(self, refs: tuple[TensorRef, ...], xs: list[torch.Tensor], done: _Done) -> None:
         """NaN/Inf in an input: stop (nonfinite=error), or count it (warn). A sum over x is NaN/Inf iff x
         holds NaN/Inf, or overflows, which the exact count then clears."""
-        for ref, x in zip(step.inputs, xs):
+        for ref, x in zip(refs, xs):
             if math.isfinite(float(x.sum())):
                 continue
             bad = int(x.numel() - torch.isfinite(x).sum())
@@ -348,6 +482,9 @@ class _Run:
             if blocks.complete:
                 self.hashes[source][step.key] = hashlib.sha256(b"".join(blocks.ordered())).hexdigest()
                 del self.segments[("hash", step.key, source)]
+        if chunk.kind == "diff":
+            self.buffers[chunk.factor].view(-1)[chunk.at : chunk.at + chunk.stop - chunk.start] = done.data
+            return
         self.files.write(chunk.file, done.data)
         progress.update(done.data.numel())
 
@@ -368,6 +505,33 @@ class _Run:
 
 def _where(step: Step, chunk: _Chunk) -> Where:
     return Where(step.key, chunk.start, chunk.stop, tuple(t.source for t in step.inputs), step.numel)
+
+
+class _Downs:
+    """The decoded down matrices of the LoRAs in use (float32), shared by the chunks and steps that need one
+    (a fused module's down serves q, k and v): the least recently used go past `limit` bytes."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size = limit, 0
+        self._items: OrderedDict[TensorRef, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, ref: TensorRef) -> torch.Tensor | None:
+        with self._lock:
+            if ref in self._items:
+                self._items.move_to_end(ref)
+            return self._items.get(ref)
+
+    def put(self, ref: TensorRef, value: torch.Tensor) -> None:
+        nbytes = value.numel() * 4
+        with self._lock:
+            if ref in self._items or nbytes > self.limit:
+                return
+            self._items[ref] = value
+            self.size += nbytes
+            while self.size > self.limit:
+                _, old = self._items.popitem(last=False)
+                self.size -= old.numel() * 4
 
 
 def _digests(rows: torch.Tensor) -> list[bytes]:

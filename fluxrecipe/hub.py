@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import socket
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 from huggingface_hub import constants, hf_hub_download, snapshot_download
@@ -43,7 +45,7 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
     where = f"source '{name}': hub repo '{repo}'" + (f" at revision '{revision}'" if revision else "")
     _log_once()
     local_only = not _reachable()
-    try:
+    with _hub_errors(where, repo, lambda: _download_hint(repo, revision, subfolder), "point the source at a local folder"):
         if subfolder is None:
             subfolder = _find_subfolder(repo, revision, local_only)
         prefix = f"{subfolder.strip('/')}/" if subfolder else ""
@@ -55,6 +57,33 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
                 local_files_only=local_only,
             )
         )
+    folder = snapshot / subfolder if subfolder else snapshot
+    if not folder.is_dir():
+        raise SourceError(f"{where} has no folder '{subfolder}'")
+    origin = {"repo": repo, "revision": revision or "main", "commit": snapshot.name}
+    if subfolder:
+        origin["subfolder"] = subfolder
+    return folder, origin
+
+
+def fetch_file(what: str, repo: str, file: str, revision: str | None) -> tuple[Path, dict[str, str]]:
+    """One file of a hub repo (a LoRA), fetched into the cache: its local path and provenance. `what` names
+    it in messages ("lora 'style'")."""
+    where = f"{what}: hub repo '{repo}'" + (f" at revision '{revision}'" if revision else "")
+    _log_once()
+    hint = f"hf download {repo} {file}" + (f" --revision {revision}" if revision else "")
+    with _hub_errors(where, repo, lambda: hint, "give it as a local path", file):
+        path = Path(hf_hub_download(repo, file, revision=revision, local_files_only=not _reachable()))
+    snapshot = path.parents[file.strip("/").count("/")]  # the cache's snapshots/<commit>/ folder
+    return path, {"repo": repo, "file": file, "revision": revision or "main", "commit": snapshot.name}
+
+
+@contextmanager
+def _hub_errors(where: str, repo: str, hint: Callable[[], str], local: str, file: str | None = None) -> Iterator[None]:
+    """huggingface_hub's exceptions -> one SourceError line that says what to do (`hint`: the download
+    command; `local`: how to do without the hub)."""
+    try:
+        yield
     except GatedRepoError:
         raise SourceError(
             f"{where} is gated: accept its licence at https://huggingface.co/{repo} while logged in, then log in here "
@@ -70,7 +99,7 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
     except DisabledRepoError:
         raise SourceError(f"{where} has been disabled by its owner or the hub and cannot be downloaded") from None
     except IncompleteSnapshotError as e:
-        raise SourceError(f"{where}: the cached copy is incomplete ({e}); run again with a network connection to complete it, or `{_download_hint(repo, revision, subfolder)}`") from None
+        raise SourceError(f"{where}: the cached copy is incomplete ({e}); run again with a network connection to complete it, or `{hint()}`") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         status = _http_status(e)
         if status is not None:  # the hub was reached and answered with an error, and nothing is cached
@@ -82,9 +111,10 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
         raise SourceError(
             f"{where} is not in the local cache ({constants.HF_HUB_CACHE})"
             + (" and HF_HUB_OFFLINE is set: unset it to download" if offline else " and the hub cannot be reached: check the network and run again")
-            + f", download it first (`{_download_hint(repo, revision, subfolder)}`), set HF_HUB_CACHE (or HF_HOME) to the cache that holds it, "
-            "or point the source at a local folder"
+            + f", download it first (`{hint()}`), set HF_HUB_CACHE (or HF_HOME) to the cache that holds it, or {local}"
         ) from None
+    except EntryNotFoundError:  # after LocalEntryNotFoundError, which is one
+        raise SourceError(f"{where} has no file '{file}'") from None
     except HFValidationError as e:
         raise SourceError(f"{where}: {e}") from None
     except HfHubHTTPError as e:
@@ -95,13 +125,6 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
         raise SourceError(f"{where}: downloading into the hub cache ({constants.HF_HUB_CACHE}) failed: {e.strerror or e}") from None
     except TransportError as e:
         raise SourceError(f"{where}: cannot reach the hub ({type(e).__name__}: {e}): check the network or proxy settings, or set HF_HUB_OFFLINE=1 to use the local cache only") from None
-    folder = snapshot / subfolder if subfolder else snapshot
-    if not folder.is_dir():
-        raise SourceError(f"{where} has no folder '{subfolder}'")
-    origin = {"repo": repo, "revision": revision or "main", "commit": snapshot.name}
-    if subfolder:
-        origin["subfolder"] = subfolder
-    return folder, origin
 
 
 def _http_status(error: BaseException) -> int | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 class Options:
     device: str = "cpu"
     threads: int = 0  # 0: chosen from the machine's cores
-    chunk_elements: int = 1 << 20  # elements per unit of work, exactly (a row-wise step rounds to whole rows)
+    chunk_elements: int = 1 << 20  # elements per unit of work, exactly (a step with a LoRA rounds it to whole blocks of 64 rows)
     in_flight: int = 256 << 20  # bytes of work in flight at most: read, being computed, or waiting to be written
     nonfinite: str = "error"  # "error": stop at the first NaN/Inf in an input or result; "warn": count them and go on
     diagnostics: bool = True

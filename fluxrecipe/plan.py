@@ -15,7 +15,7 @@ import math
 import os
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import schedule
@@ -25,6 +25,7 @@ from .formats import OUTPUT_FORMATS, bfl, diffusers
 from .formats.flux import block_of, block_order, variant
 from .formats.layout import Constant, OutFile, OutTensor, TensorRef
 from .formats.safetensors import ITEMSIZE
+from .loras import LORA_FORMATS, Factor, LoraFile, LoraSummary, Patch, lora_notes, lora_output, plan_patches
 from .recipe import DTYPES, Recipe, Rule
 from .sources import Checkpoint
 from .text import printable
@@ -49,6 +50,7 @@ class Step:
     dtype: str
     shape: tuple[int, ...]
     scaled: bool = False
+    patches: tuple[Patch, ...] = ()  # the LoRAs baked into this tensor, in order (loras.py)
 
     @property
     def numel(self) -> int:
@@ -66,7 +68,11 @@ class Step:
     def copies_bytes(self) -> bool:
         """`take` into the same dtype, unscaled either side: the bytes are copied as they are, never decoded."""
         src = self.inputs[0] if self.inputs else None
-        return self.op == "take" and src.dtype == self.dtype and src.scale is None and not self.scaled
+        return self.op == "take" and src.dtype == self.dtype and src.scale is None and not self.scaled and not self.patches
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(t.nbytes for t in self.inputs) + sum(p.nbytes for p in self.patches)
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,9 @@ class Plan:
     dropped: tuple[Dropped, ...]
     config: dict[str, Any]
     notes: tuple[str, ...]
+    loras: tuple[LoraSummary, ...] = ()  # the LoRAs baked in
+    factors: tuple[Factor, ...] = ()  # format=lora / lora_peft: the matrices of the LoRA file, in order
+    lora_rank: int | None = None  # format=lora / lora_peft: the rank asked for
 
     @property
     def single_file(self) -> bool:
@@ -115,7 +124,7 @@ class Plan:
 
     @property
     def bytes_read(self) -> int:
-        return sum(t.nbytes for s in self.steps for t in s.inputs)
+        return sum(s.bytes_read for s in self.steps) + sum(b.nbytes for f in self.factors for b, c in zip(f.bases, f.changed) if c)
 
     @property
     def bytes_written(self) -> int:
@@ -135,15 +144,19 @@ class Plan:
         keys, read, written = Counter(), Counter(), Counter()
         for s in self.steps:
             keys[s.rule] += 1
-            read[s.rule] += sum(t.nbytes for t in s.inputs)
-            written[s.rule] += s.nbytes
+            read[s.rule] += s.bytes_read
+            written[s.rule] += 0 if self.factors else s.nbytes  # a LoRA output writes factors, not steps
         keys.update(d.rule for d in self.dropped if d.rule is not None)
         return [RuleStats(r, keys[r.index], read[r.index], written[r.index]) for r in self.recipe.rules]
 
 
-def make_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], shard_size: int, output_format: str = "diffusers", file_name: str = "model.safetensors") -> Plan:
+def make_plan(
+    recipe: Recipe, checkpoints: dict[str, Checkpoint], shard_size: int, output_format: str = "diffusers", file_name: str = "model.safetensors",
+    loras: dict[str, LoraFile] | None = None, lora_rank: int = 16,
+) -> Plan:
     """Decide every output key and lay out the output's files; raises PlanError when recipe and sources do
-    not fit together, or the output could not be loaded as what it claims to be."""
+    not fit together, or the output could not be loaded as what it claims to be. `loras`: the recipe's
+    LoRAs, opened; `lora_rank`: the rank of a LoRA output (format=lora, lora_peft)."""
     base = checkpoints[recipe.base]
     if base.config is None:
         raise PlanError(
@@ -181,18 +194,58 @@ def make_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint], shard_size: in
         steps.append(Step(key, rule.index, rule.op.name, schedule.resolve(rule.params, key, blocks), inputs, dtype, shape, scaled))
     dropped += _not_in_base(recipe, checkpoints)
     _check_fits_config(recipe, config, steps)
-    files = _out_files(steps, output_format, shard_size, file_name)
+    summaries: list[LoraSummary] = []
+    if loras:
+        patches, summaries = plan_patches(loras, {s.key: s.shape for s in steps})
+        steps = [replace(s, patches=patches[s.key]) if s.key in patches else s for s in steps]
+        notes += lora_notes(summaries)
+    factors: tuple[Factor, ...] = ()
+    if output_format in LORA_FORMATS:
+        file, factors, factor_notes = _lora_file(recipe, steps, checkpoints, output_format, lora_rank, file_name)
+        files = (file,)
+        by_key = {s.key: s for s in steps}
+        ordered = [by_key[k] for k in dict.fromkeys(p.key for f in factors for p, changed in zip(f.parts, f.changed) if changed)]
+        notes += factor_notes
+    else:
+        files = _out_files(steps, output_format, shard_size, file_name)
+        ordered = [s for f in files for s in _steps_of(f, steps)]
 
     return Plan(
         recipe=recipe,
         format=output_format,
         sources=tuple(_summary(recipe, c) for c in checkpoints.values()),
-        steps=tuple(s for f in files for s in _steps_of(f, steps)),
+        steps=tuple(ordered),
         files=files,
         dropped=tuple(dropped),
         config=config,
         notes=tuple(notes + _notes(recipe, steps, checkpoints)),
+        loras=tuple(summaries),
+        factors=factors,
+        lora_rank=lora_rank if factors else None,
     )
+
+
+def _lora_file(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint], output_format: str, rank: int, file_name: str):
+    """format=lora / lora_peft: the difference of the result to the base, as a LoRA file (loras.lora_output)."""
+    if len(recipe.sources) > 1 and "base" not in recipe.resolved:
+        raise PlanError(
+            f"recipe '{recipe.name}': format={output_format} writes the difference between the recipe's result and its base: "
+            f"name the base with `base: SOURCE` (one of {', '.join(recipe.sources)})"
+        )
+    base = recipe.base
+    changed = {s.key: not (s.op == "take" and s.inputs[0].source == base and not s.patches) for s in steps}
+    file, factors = lora_output(
+        output_format, {s.key: s.shape for s in steps}, changed, checkpoints[base].tensors, rank,
+        DTYPES[recipe.dtype][0], file_name, f"recipe '{recipe.name}' (format={output_format})",
+    )
+    notes = []
+    clamped = [f.module for f in factors if 0 < f.rank < rank]
+    if clamped:
+        notes.append(f"lora_rank={rank}: {len(clamped)} matrices are smaller and are written at their full rank, exactly ({some_keys(clamped)})")
+    flat = [f.module for f in factors if not f.rank]
+    if flat:
+        notes.append(f"a LoRA holds weight matrices only: {len(flat)} 1-D tensors (biases, norms) that the recipe may change are not written; the run says how much each differs ({some_keys(flat)})")
+    return file, factors, notes
 
 
 def _scalable(key: str, shape: tuple[int, ...]) -> bool:
@@ -427,7 +480,15 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {'':<12} {s.folder}")
     guidance = json.dumps(plan.config.get("guidance_embeds"))
     where = f"one {plan.format} file, {plan.files[0].name}" if plan.single_file else f"a {plan.format} folder"
-    lines.append(f"output: {where}; {r.base}'s architecture ({plan.config.get('_class_name')}, guidance_embeds: {guidance})")
+    if plan.factors:
+        matrices = [f for f in plan.factors if f.rank]
+        exact = sum(f.exact for f in matrices)
+        lines.append(
+            f"output: {where}: a LoRA of rank {plan.lora_rank}, the difference between the recipe's result and base '{r.base}'; "
+            f"{len(matrices)} matrices factored ({exact} by exact SVD, {len(matrices) - exact} by randomized SVD), the relative error of each reported after the run"
+        )
+    else:
+        lines.append(f"output: {where}; {r.base}'s architecture ({plan.config.get('_class_name')}, guidance_embeds: {guidance})")
     lines.append("rules:")
     width = max(len(repr(x.rule.match)) for x in plan.rule_stats())
     for x in plan.rule_stats():
@@ -438,6 +499,11 @@ def format_plan(plan: Plan) -> str:
             f"  read {human_bytes(x.bytes_read):>9}  write {human_bytes(x.bytes_written):>9}"
         )
         lines += _block_values(plan, x.rule)
+    if plan.loras:
+        lines.append("loras (added to the rules' result in float32, before the one rounding):")
+        for lora in plan.loras:
+            lines.append(f"  {lora.name:<12} {lora.spec}")
+            lines.append(f"  {'':<12} {lora.describe()}")
     if plan.dropped:
         lines.append(f"dropped ({len(plan.dropped)} keys):")
         by_reason: dict[str, list[str]] = defaultdict(list)
@@ -445,7 +511,7 @@ def format_plan(plan: Plan) -> str:
             by_reason[d.reason].append(d.key)
         for reason, keys in by_reason.items():
             lines.append(f"  {reason}: {some_keys(keys)}")
-    copies = sum(s.copies_bytes for s in plan.steps)
+    copies = 0 if plan.factors else sum(s.copies_bytes for s in plan.steps)
     dtypes = "/".join(sorted({s.dtype + (" scaled" if s.scaled else "") for s in plan.steps}))
     tensors = sum(len(f.entries()) for f in plan.files)
     lines.append(

@@ -44,10 +44,11 @@ DTYPES = {
     "fp8_scaled": ("F8_E4M3", True),
 }
 DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled"
-FORMATS = ("diffusers", "bfl", "comfyui")
-RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format")
+FORMATS = ("diffusers", "bfl", "comfyui", "lora", "lora_peft")
+RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format", "loras")
 RULE_FIELDS = ("match", "op", "sources", "optional", "dtype")
 SOURCE_FIELDS = ("repo", "revision", "subfolder", "path", "demo")
+LORA_FIELDS = ("path", "repo", "file", "revision", "strength", "ignore_unmatched")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 # The only interpolation a recipe may hold: a reference to one of its own values.
 SAFE_INTERPOLATION = re.compile(r"\$\{(?:recipe\.|\.+)[A-Za-z_][\w.-]*\}")
@@ -78,6 +79,26 @@ class SourceSpec:
         if self.repo:
             return self.repo + (f"@{self.revision}" if self.revision else "") + (f" [{self.subfolder}]" if self.subfolder else "")
         return str(self.path) + (f" [{self.subfolder}]" if self.subfolder else "")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA the recipe bakes into its result: where its file lives, how strongly it applies, and whether
+    keys of it that map to no tensor of the output only warn (`ignore_unmatched`) instead of stopping."""
+
+    name: str
+    path: str | None = None  # a local .safetensors file, or a folder holding one
+    repo: str | None = None  # a hub repo id, with `file` the file in it
+    file: str | None = None
+    revision: str | None = None
+    strength: Any = 1.0  # a number or a per-block schedule.Schedule (loras.strength_of gives a key its number)
+    ignore_unmatched: bool = False
+    where: str = ""  # "recipe 'x' (path:line) loras.NAME", for messages
+
+    def describe(self) -> str:
+        if self.repo:
+            return f"{self.repo}/{self.file}" + (f"@{self.revision}" if self.revision else "")
+        return str(self.path)
 
 
 @dataclass(frozen=True)
@@ -121,6 +142,7 @@ class Recipe:
     params: dict[str, Any] = field(default_factory=dict)  # named parameters (alpha, ...)
     resolved: dict[str, Any] = field(default_factory=dict)  # the whole recipe as plain data, interpolations resolved
     written: dict[str, Any] = field(default_factory=dict)  # the same as composed, interpolations kept (${recipe.alpha})
+    loras: dict[str, LoraSpec] = field(default_factory=dict)  # baked into the rules' result, in this order
 
 
 def load_recipe(node: DictConfig | dict, name: str, file: str | None = None) -> Recipe:
@@ -273,6 +295,7 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
         raise RecipeError(f"{here.at(('rules',))}: rules must be a non-empty list of {{match, op}} entries")
     written_rules = mapped["rules"] if isinstance(mapped.get("rules"), list) else [None] * len(rules_data)
     rules = tuple(_rule(i, r, w, sources, here) for i, (r, w) in enumerate(zip(rules_data, written_rules)))
+    loras = _loras(data.get("loras"), here)
     _refuse_unused_parameters(params, written, here)
 
     return Recipe(
@@ -288,6 +311,7 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
         params=params,
         resolved=data,
         written=written,
+        loras=loras,
     )
 
 
@@ -355,6 +379,47 @@ def _sources(value: Any, here: "_Locator") -> dict[str, SourceSpec]:
             if v is not None and not isinstance(v, str):
                 raise RecipeError(f"{where}: {k} of source {name!r} must be text, got {v!r}")
         specs[name] = SourceSpec(name=name, recipe_dir=recipe_dir, **{k: v for k, v in spec.items() if v is not None})
+    return specs
+
+
+def _loras(value: Any, here: "_Locator") -> dict[str, LoraSpec]:
+    """`loras:` name -> a local file (`path`, or the path as the whole value) or a hub file (`repo` + `file`),
+    with `strength` (default 1) and `ignore_unmatched` (default false)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{here.at(('loras',))}: loras must be a mapping of name -> {{path: FILE, strength: NUMBER}} or {{repo: ORG/NAME, file: FILE, ...}}")
+    specs = {}
+    for name, spec in value.items():
+        where = here.at(("loras", name))
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise RecipeError(f"{where}: LoRA name {name!r} must be letters, digits, '_' or '-', starting with a letter")
+        if isinstance(spec, str) and spec:
+            spec = {"path": spec}
+        if not isinstance(spec, dict):
+            raise RecipeError(f"{where}: LoRA {name!r} must be a path or a mapping of {', '.join(LORA_FIELDS)}")
+        unknown = set(spec) - set(LORA_FIELDS)
+        if unknown:
+            raise RecipeError(f"{where}: unknown field(s) {', '.join(map(repr, sorted(map(str, unknown))))} in LoRA {name!r} (fields: {', '.join(LORA_FIELDS)})")
+        for k in ("path", "repo", "file", "revision"):
+            if spec.get(k) is not None and (not isinstance(spec[k], str) or not spec[k]):
+                raise RecipeError(f"{here.at(('loras', name, k))}: {k} of LoRA {name!r} must be text, got {spec[k]!r}")
+        if spec.get("path") is None and spec.get("repo") is None:
+            raise RecipeError(f"{where}: LoRA {name!r} has no file: give its path (recipe.loras.{name}.path=FILE) or a hub repo and the file in it")
+        if spec.get("path") is not None and spec.get("repo") is not None:
+            raise RecipeError(f"{where}: LoRA {name!r} gives both path and repo: give one")
+        if spec.get("repo") is not None and spec.get("file") is None:
+            raise RecipeError(f"{where}: LoRA {name!r} names repo {spec['repo']!r} but no file: give the .safetensors file in it (file: NAME.safetensors)")
+        if spec.get("path") is not None and (spec.get("file") is not None or spec.get("revision") is not None):
+            raise RecipeError(f"{where}: LoRA {name!r}: file and revision go with repo, not with path")
+        try:
+            strength = schedule.parse(spec.get("strength", 1.0))
+        except ValueError as e:
+            raise RecipeError(f"{here.at(('loras', name, 'strength'))}: strength of LoRA {name!r} {e}") from None
+        ignore = spec.get("ignore_unmatched", False)
+        if not isinstance(ignore, bool):
+            raise RecipeError(f"{here.at(('loras', name, 'ignore_unmatched'))}: ignore_unmatched must be true or false")
+        specs[name] = LoraSpec(name, spec.get("path"), spec.get("repo"), spec.get("file"), spec.get("revision"), strength, ignore, where)
     return specs
 
 

@@ -61,7 +61,7 @@ def plan_job(cfg: DictConfig, dry_run: bool = False) -> JobPlan:
             output = api.output_path(output, output_format)
             if not dry_run:  # an existing output fails fast, before any source is fetched
                 check_target(output, options.overwrite, single_file=OUTPUT_FORMATS[output_format])
-        plan = api.plan(recipe, output, output_format, parse_size(cfg.shard_size))
+        plan = api.plan(recipe, output, output_format, parse_size(cfg.shard_size), lora_rank_of(cfg))
         if output is not None:  # a dry run reports every fault but an existing output
             api.check_output(plan, output, options.overwrite, dry_run)
         return JobPlan(recipe, options, output, plan)
@@ -93,6 +93,8 @@ def _run(job: JobPlan, dry_run: bool) -> Result | Plan:
     result = api.write(plan, output, options)
     rate = result.bytes_written / result.seconds if result.seconds else 0.0
     where = shown if plan.single_file else f"{shown}: {len(plan.steps)} tensors in {len(plan.files)} shard(s)"
+    if plan.factors:
+        log.info(format_lora_errors(plan, result))
     log.info(f"wrote {where}, {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
     report = shown if plan.single_file else f"{shown}/fluxrecipe.json"
     inputs = {k: v for k, v in result.nonfinite.items() if not k.startswith("output: ")}
@@ -104,6 +106,21 @@ def _run(job: JobPlan, dry_run: bool) -> Result | Plan:
     if result.clamped:
         log.warning(f"warning: {sum(result.clamped.values())} values in {len(result.clamped)} tensor(s) lay beyond their dtype's finite range and were clamped to it, listed in {report}")
     return result
+
+
+def format_lora_errors(plan: Plan, result: Result) -> str:
+    """A merge written as a LoRA: the relative error of each factored matrix, and what the LoRA could not hold."""
+    lines = [f"lora: rank {plan.lora_rank}; relative error ||difference - up @ down|| / ||difference|| of each matrix, after rounding to {plan.files[0].tensors[0].dtype}:"]
+    width = max((len(f.module) for f in plan.factors), default=0)
+    lines += [f"  {f.module:<{width}}  rank {f.rank:>4}  {result.lora_errors[f.module]:.3e}" for f in plan.factors if f.rank]
+    differ = {k: v for k, v in result.lora_unheld.items() if v}
+    if result.lora_unheld:
+        worst = max(differ, key=differ.get, default=None)
+        lines.append(
+            f"not held by the LoRA (1-D): {len(differ)} of {len(result.lora_unheld)} tensors differ from the base"
+            + (f", the most '{worst}' (largest |difference| {differ[worst]:.3e})" if worst else "")
+        )
+    return "\n".join(lines)
 
 
 def recipe_of(cfg: DictConfig) -> Recipe:
@@ -170,6 +187,13 @@ def options_of(cfg: DictConfig) -> Options:
         progress=bool(cfg.progress),
         overwrite=bool(cfg.overwrite),
     )
+
+
+def lora_rank_of(cfg: DictConfig) -> int:
+    rank = cfg.get("lora_rank", 16)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise UsageError(f"lora_rank={rank}: must be a whole number above 0 (the rank of a merge written as a LoRA)")
+    return rank
 
 
 def format_of(cfg: DictConfig, recipe: Recipe) -> str:

@@ -31,6 +31,7 @@ import numpy as np
 from .errors import FluxRecipeError
 from .files import os_errors
 from .formats.diffusers import INDEX_NAME, WEIGHTS_NAME as DIFFUSERS_WEIGHTS
+from .formats.lora import module_problems
 from .formats.safetensors import ITEMSIZE, Header, read_header
 from .plan import SHOWN, some_keys
 from .text import printable
@@ -362,6 +363,13 @@ def verify_file(path: Path, hash_data: bool = True) -> FileReport:
         header = read_header(str(path))
         report.tensors = len(header.entries)
         _check_layout(header, report)
+        lora_problems = module_problems(header.entries)
+        if lora_problems is not None:  # a merge written as a LoRA (format=lora, lora_peft): its modules, its data
+            report.layout = "lora"
+            for problem in lora_problems:
+                report.add(path, problem)
+            _check_data(path, header, report, hash_data)
+            return report
         found = recognise("file", str(path), header.entries, header.metadata)
         report.layout = found.layout
         config, _ = derive_config({k: t.shape for k, t in found.tensors.items()})
@@ -375,6 +383,12 @@ def verify_file(path: Path, hash_data: bool = True) -> FileReport:
         report.add(path, f"a FLUX.1 transformer with these tensors needs {len(wrong.missing)} more ({some_keys(wrong.missing)})")
     if wrong.unexpected or wrong.wrong:
         report.add(path, f"{len(wrong.unexpected) + len(wrong.wrong)} tensor(s) do not fit the FLUX.1 architecture the others imply ({some_keys(wrong.unexpected + wrong.wrong)})")
+    _check_data(path, header, report, hash_data)
+    return report
+
+
+def _check_data(path: Path, header, report: FileReport, hash_data: bool) -> None:
+    """The sha256 of a single file's data against its metadata's, and its values finite."""
     recorded = header.metadata.get("fluxrecipe.data_sha256")
     if recorded is None:
         report.add(path, "no fluxrecipe.data_sha256 in its metadata: not a fluxrecipe output (or its metadata was changed), so its data cannot be checked")
@@ -384,7 +398,6 @@ def verify_file(path: Path, hash_data: bool = True) -> FileReport:
             report.add(path, f"tensor '{key}' holds {count} NaN/Inf value(s): the model would compute NaN")
         if digest != recorded:
             report.add(path, f"the sha256 of its data is {digest}, its metadata says {recorded}: the file changed after the merge")
-    return report
 
 
 def _report_file(report: FileReport, hashed: bool) -> int:
@@ -394,5 +407,6 @@ def _report_file(report: FileReport, hashed: bool) -> int:
         print(f"fluxrecipe verify: {printable(str(report.path))}: {len(report.problems)} problem(s): do not use this file as it is", file=sys.stderr)
         return 1
     what = "its data matches the sha256 in its metadata and its values are finite" if hashed else "sha256 and values not checked"
-    print(printable(f"{report.path}: ok: {report.tensors} tensors, a whole FLUX.1 transformer in {report.layout} layout; {what}"))
+    kind = "a LoRA" if report.layout == "lora" else f"a whole FLUX.1 transformer in {report.layout} layout"
+    print(printable(f"{report.path}: ok: {report.tensors} tensors, {kind}; {what}"))
     return 0

@@ -18,51 +18,67 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([shift, scale])
 
 
+TOP = {  # BFL module -> diffusers module, renamed as they are
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+}
+DOUBLE = {  # double_blocks.N.X -> the transformer_blocks.N. modules whose rows it holds, in order
+    "img_mod.lin": ("norm1.linear",),
+    "txt_mod.lin": ("norm1_context.linear",),
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+}
+SINGLE = {"modulation.lin": ("norm.linear",), "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",)}
+FINAL_MOD = "final_layer.adaLN_modulation.1"  # norm_out.linear, halves swapped
+
+
+def blocks(state: dict, group: str) -> list[int]:
+    return sorted({int(m[1]) for k in state if (m := re.match(rf"{group}\.(\d+)\.", k))})
+
+
+def linear_modules(state: dict) -> list[tuple[str, tuple[str, ...]]]:
+    """Every Linear module of a FLUX model (diffusers keys) in BFL's names, with the diffusers modules whose
+    rows it holds in order (FINAL_MOD: norm_out.linear, its halves swapped)."""
+    modules = [(bfl, (dif,)) for bfl, dif in TOP.items() if f"{dif}.weight" in state]
+    for i in blocks(state, "transformer_blocks"):
+        modules += [(f"double_blocks.{i}.{b}", tuple(f"transformer_blocks.{i}.{d}" for d in ds)) for b, ds in DOUBLE.items()]
+    for i in blocks(state, "single_transformer_blocks"):
+        modules += [(f"single_blocks.{i}.{b}", tuple(f"single_transformer_blocks.{i}.{d}" for d in ds)) for b, ds in SINGLE.items()]
+    return modules + [(FINAL_MOD, ("norm_out.linear",))]
+
+
+def fuse(bfl_module: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The rows of a BFL module's tensor from its diffusers modules' rows."""
+    return _swap(parts[0]) if bfl_module == FINAL_MOD else torch.cat(parts)
+
+
 def diffusers_to_bfl(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
     """The inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers."""
     out: dict[str, torch.Tensor] = {}
-    top = {
-        "img_in": "x_embedder",
-        "txt_in": "context_embedder",
-        "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-        "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-        "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-        "final_layer.linear": "proj_out",
-    }
-    for bfl, dif in top.items():
+    for bfl, difs in linear_modules(state):
         for p in ("weight", "bias"):
-            if f"{dif}.{p}" in state:
-                out[f"{bfl}.{p}"] = state[f"{dif}.{p}"]
-    for p in ("weight", "bias"):
-        out[f"final_layer.adaLN_modulation.1.{p}"] = _swap(state[f"norm_out.linear.{p}"])
-    doubles = sorted({int(m[1]) for k in state if (m := re.match(r"transformer_blocks\.(\d+)\.", k))})
-    for i in doubles:
+            out[f"{bfl}.{p}"] = fuse(bfl, [state[f"{d}.{p}"] for d in difs])
+    for i in blocks(state, "transformer_blocks"):
         d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for p in ("weight", "bias"):
-            out[f"{b}img_mod.lin.{p}"] = state[f"{d}norm1.linear.{p}"]
-            out[f"{b}txt_mod.lin.{p}"] = state[f"{d}norm1_context.linear.{p}"]
-            out[f"{b}img_attn.qkv.{p}"] = torch.cat([state[f"{d}attn.to_{x}.{p}"] for x in "qkv"])
-            out[f"{b}txt_attn.qkv.{p}"] = torch.cat([state[f"{d}attn.add_{x}_proj.{p}"] for x in "qkv"])
-            out[f"{b}img_attn.proj.{p}"] = state[f"{d}attn.to_out.0.{p}"]
-            out[f"{b}txt_attn.proj.{p}"] = state[f"{d}attn.to_add_out.{p}"]
-            out[f"{b}img_mlp.0.{p}"] = state[f"{d}ff.net.0.proj.{p}"]
-            out[f"{b}img_mlp.2.{p}"] = state[f"{d}ff.net.2.{p}"]
-            out[f"{b}txt_mlp.0.{p}"] = state[f"{d}ff_context.net.0.proj.{p}"]
-            out[f"{b}txt_mlp.2.{p}"] = state[f"{d}ff_context.net.2.{p}"]
         out[f"{b}img_attn.norm.query_norm.scale"] = state[f"{d}attn.norm_q.weight"]
         out[f"{b}img_attn.norm.key_norm.scale"] = state[f"{d}attn.norm_k.weight"]
         out[f"{b}txt_attn.norm.query_norm.scale"] = state[f"{d}attn.norm_added_q.weight"]
         out[f"{b}txt_attn.norm.key_norm.scale"] = state[f"{d}attn.norm_added_k.weight"]
-    singles = sorted({int(m[1]) for k in state if (m := re.match(r"single_transformer_blocks\.(\d+)\.", k))})
-    for i in singles:
+    for i in blocks(state, "single_transformer_blocks"):
         s, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for p in ("weight", "bias"):
-            out[f"{b}modulation.lin.{p}"] = state[f"{s}norm.linear.{p}"]
-            out[f"{b}linear1.{p}"] = torch.cat([state[f"{s}attn.to_{x}.{p}"] for x in "qkv"] + [state[f"{s}proj_mlp.{p}"]])
-            out[f"{b}linear2.{p}"] = state[f"{s}proj_out.{p}"]
         out[f"{b}norm.query_norm.scale"] = state[f"{s}attn.norm_q.weight"]
         out[f"{b}norm.key_norm.scale"] = state[f"{s}attn.norm_k.weight"]
     return {prefix + k: v.contiguous() for k, v in out.items()}

@@ -2,7 +2,8 @@
 layouts an output can be written in.
 
 Each layout is one module: diffusers.py (canonical keys, folders with an index), bfl.py (Black Forest Labs'
-single file, and ComfyUI's, which is BFL behind `model.diffusion_model.`, possibly in scaled fp8).
+single file, and ComfyUI's, which is BFL behind `model.diffusion_model.`, possibly in scaled fp8), lora.py
+(LoRA files in every FLUX trainer's keys, read as changes of canonical tensors; a merge written as a LoRA).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .layout import TensorRef
 from .safetensors import FLOAT_ITEMSIZE, TensorEntry
 
 # The output formats: name -> whether it is one file (else a folder).
-OUTPUT_FORMATS = {"diffusers": False, "bfl": True, "comfyui": True}
+OUTPUT_FORMATS = {"diffusers": False, "bfl": True, "comfyui": True, "lora": True, "lora_peft": True}
 LORA_KEY = re.compile(r"(lora_down|lora_up|lora_A|lora_B|lora\.(down|up)|_lora\d?\.(down|up)|^lora_unet_|^lora_te\d?_|\.alpha$)")
 UNET_KEY = re.compile(r"(^|\.)(input_blocks|output_blocks|down_blocks|up_blocks)\.\d+\.")
 TEXT_KEY = re.compile(r"(^|\.)(text_model\.encoder|encoder\.block\.\d+|shared\.weight|text_encoders?\.|cond_stage_model\.|conditioner\.)")

@@ -122,7 +122,7 @@ def _segments(mapping: Mapping, sizes: list[int]) -> list[tuple[str, int, int]]:
     return [(target, 0, n) for target, n in zip(_targets(mapping), sizes)]
 
 
-def _lookup(file_key: str) -> tuple[str, Mapping, str] | None:
+def lookup(file_key: str) -> tuple[str, Mapping, str] | None:
     """BFL key -> (canonical prefix, its mapping, parameter name), or None for a key not in the tables."""
     m = BLOCK_KEY.match(file_key)
     if m:
@@ -142,11 +142,17 @@ def to_canonical(source: str, entries: dict[str, TensorEntry], scales: dict[str,
     """The canonical tensors of a BFL file (keys without prefix) as byte pieces; and the keys not in the tables."""
     if "img_in.weight" not in entries:
         raise SourceError(f"source '{source}': a Black Forest Labs layout without 'img_in.weight': not a whole FLUX.1 transformer")
-    hidden = entries["img_in.weight"].shape[0]
+    return split(source, entries, entries["img_in.weight"].shape[0], scales)
+
+
+def split(source: str, entries: dict[str, TensorEntry], hidden: int, scales: dict[str, Scale] | None = None, find=lookup) -> tuple[dict[str, TensorRef], list[str]]:
+    """Tensors under BFL keys -> canonical tensors as byte pieces (rows of each BFL tensor split, renamed,
+    swapped as the table says; `hidden`: the model's hidden size, which sizes the fused parts); and the keys
+    `find` does not know. A LoRA's up matrices and biases split the same way as the weights they change."""
     runs: dict[str, list[tuple[int, int, Piece, str, str]]] = {}  # canonical key -> (rows, piece, where, file key)
     unknown = []
     for file_key, entry in entries.items():
-        found = _lookup(file_key)
+        found = find(file_key)
         if found is None:
             unknown.append(file_key)
             continue
@@ -155,12 +161,12 @@ def to_canonical(source: str, entries: dict[str, TensorEntry], scales: dict[str,
         sizes = [hidden] * (len(_targets(mapping)) - 1)
         sizes.append(total - sum(sizes))
         if sizes[-1] <= 0 or isinstance(mapping, Swapped) and total % 2:
-            raise SourceError(f"source '{source}': '{file_key}' {list(entry.shape)} cannot be split into FLUX's tensors (hidden size {hidden})")
+            raise SourceError(f"source '{source}': '{entry.name}' {list(entry.shape)} cannot be split into FLUX's tensors (hidden size {hidden})")
         row_bytes = row_size(entry.shape) * ITEMSIZE[entry.dtype]
         at = 0  # the BFL tensor's row where this run starts
         for module, first, end in _segments(mapping, sizes):
             piece = Piece(entry.file, entry.begin + at * row_bytes, (end - first) * row_bytes)
-            where = file_key if end - first == total else f"{file_key}[{at}:{at + end - first}]"
+            where = entry.name if end - first == total else f"{entry.name}[{at}:{at + end - first}]"
             runs.setdefault(f"{prefix}{module}.{_canonical_param(mapping, param)}", []).append((first, end, piece, where, file_key))
             at += end - first
     tensors = {}
@@ -175,7 +181,7 @@ def to_canonical(source: str, entries: dict[str, TensorEntry], scales: dict[str,
             dtype=entry.dtype,
             shape=(count, *entry.shape[1:]) if entry.shape else entry.shape,
             pieces=tuple(p[2] for p in parts),
-            scale=scales.get(parts[0][4]),
+            scale=(scales or {}).get(parts[0][4]),
         )
     return tensors, unknown
 

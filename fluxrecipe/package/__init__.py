@@ -103,15 +103,21 @@ def _finish_file(plan: Plan, result, path: Path) -> None:
 
 def pinned_recipe(plan: Plan) -> dict:
     """The recipe as composed (overrides applied, ${recipe.alpha} kept, so a replay can override it again)
-    with every source pinned to what was read: a hub commit, a path, a demo name."""
+    with every source and LoRA pinned to what was read: a hub commit, a path, a demo name."""
     recipe = dict(plan.recipe.written)
     recipe["sources"] = {s.name: _pin(s.origin) for s in plan.sources}
+    if plan.loras:
+        written = {name: spec if isinstance(spec, dict) else {} for name, spec in (recipe.get("loras") or {}).items()}
+        recipe["loras"] = {
+            lora.name: _pin(lora.origin) | {k: v for k, v in written.get(lora.name, {}).items() if k in ("strength", "ignore_unmatched")}
+            for lora in plan.loras
+        }
     return recipe
 
 
 def _pin(origin: dict[str, str]) -> dict[str, str]:
     if "repo" in origin:
-        return {"repo": origin["repo"], "revision": origin["commit"]} | ({"subfolder": origin["subfolder"]} if "subfolder" in origin else {})
+        return {"repo": origin["repo"], "revision": origin["commit"]} | {k: origin[k] for k in ("subfolder", "file") if k in origin}
     return {k: v for k, v in origin.items() if k in ("path", "subfolder", "demo")}
 
 
@@ -141,6 +147,28 @@ def provenance(plan: Plan, result, listed: int | None = None) -> dict:
         "nonfinite_inputs": _counts(inputs, listed),
         "nonfinite_outputs": _counts(outputs, listed),
         "clamped": _counts(result.clamped, listed),
+        **({"loras": [_lora(s) for s in plan.loras]} if plan.loras else {}),
+        **({"lora": _lora_output(plan, result)} if plan.factors else {}),
+    }
+
+
+def _lora(summary) -> dict:
+    """A baked-in LoRA: what was read and what it changed."""
+    return {
+        "name": summary.name, "spec": summary.spec, **summary.origin, "format": summary.format, "strength": plain(summary.strength),
+        "ranks": sorted(set(summary.ranks)), "tensors": summary.tensors, "blocks": list(summary.blocks),
+        "unmatched": [{"key": k, "why": why} for k, why in summary.unmatched], "ignored_text_encoder_keys": summary.ignored,
+    }
+
+
+def _lora_output(plan: Plan, result) -> dict:
+    """A merge written as a LoRA: its rank, and per matrix its rank and the relative error of its factors
+    (||difference - up @ down|| / ||difference||); per 1-D tensor it cannot hold, the largest |difference|."""
+    return {
+        "rank": plan.lora_rank,
+        "base": plan.recipe.base,
+        "matrices": {f.module: {"rank": f.rank, "svd": "exact" if f.exact else "randomized", "relative_error": result.lora_errors.get(f.module)} for f in plan.factors if f.rank},
+        "not_held": {f.module: result.lora_unheld.get(f.module) for f in plan.factors if not f.rank},
     }
 
 

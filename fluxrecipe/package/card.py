@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from ..loras import blocks_text
 from ..plan import Plan, human_bytes
 from ..text import markdown_code, markdown_text
 
@@ -41,6 +42,10 @@ def model_card(plan: Plan) -> str:
     lines += ["", "## Rules (first match wins)", "", "| # | match | op | inputs | keys |", "|---|---|---|---|---|"]
     for x in plan.rule_stats():
         lines.append(f"| {x.rule.index} | {markdown_code(x.rule.match)} | {markdown_code(str(x.rule.op))} | {', '.join(x.rule.sources) or '-'} | {x.keys} |")
+    if plan.loras:
+        lines += ["", "## LoRAs baked in (before the one rounding)", "", "| name | file | format | strength | changes |", "|---|---|---|---|---|"]
+        for lora in plan.loras:
+            lines.append(f"| {markdown_text(lora.name)} | {markdown_code(lora.spec)} | {lora.format} | {markdown_text(str(lora.strength))} | {lora.tensors} tensors in {blocks_text(lora.blocks)} |")
     if plan.dropped:
         lines += ["", f"{len(plan.dropped)} keys of the sources are not in the output (see fluxrecipe.json for each and why)."]
     if plan.notes:

@@ -1,0 +1,428 @@
+"""LoRA files, both ways: read one in any FLUX trainer's key scheme into changes of canonical tensors, and
+name the tensors of a merge written as a LoRA.
+
+A LoRA module holds down (rank x in) and up (out x rank), and maybe an alpha: it changes a weight W by
+(alpha / rank) * up @ down. The key schemes in the wild, told apart by their keys (diffusers'
+`FluxLoraLoaderMixin.lora_state_dict` detects the same ones):
+- kohya sd-scripts: `lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight` / `.lora_down.weight` / `.alpha`,
+  on Black Forest Labs' module names with `_` for `.`;
+- ComfyUI: the same behind `diffusion_model.`, BFL's names with their dots (`lora_up`/`lora_down` or
+  `lora_A`/`lora_B`);
+- diffusers / PEFT: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight` / `lora_B`, on diffusers'
+  names (the canonical ones), alpha absent (= rank), as `.alpha` tensors, or in the header's
+  `lora_adapter_metadata` (PEFT's LoraConfig: lora_alpha, alpha_pattern, use_rslora);
+- OneTrainer: `lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight`: diffusers' names with `_`;
+- XLabs: `double_blocks.0.processor.qkv_lora1.down.weight` (lora1: image stream, lora2: text), no alpha;
+- BFL's control LoRAs: `lora_A`/`lora_B` on BFL's names, a `lora_B.bias` (added to the layer's bias), and
+  whole replacement tensors for the q/k norms (`...query_norm.scale`).
+Text-encoder parts (`lora_te*`, `text_encoder*`) are counted and left alone.
+
+A LoRA on a fused BFL module (`img_attn.qkv`, `linear1`, the final layer) changes the canonical tensors it
+covers: its up rows are split, renamed and swapped by bfl.py's own table, as that module's weight rows are
+(so the final layer's swap applies to up only), and its down is shared whole. Every change is a TensorRef of
+byte pieces of the LoRA file: nothing here reads tensor data but alphas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..errors import SourceError
+from . import bfl
+from .layout import Piece, TensorRef
+from .safetensors import TensorEntry
+
+ROLES = (  # longest suffix first: `.lora.up.weight` before `.up.weight`
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_B.bias", "up_bias"),
+    (".lora_A.bias", "down_bias"),
+    (".down.weight", "down"),
+    (".up.weight", "up"),
+    (".alpha", "alpha"),
+    (".diff_b", "diff_b"),
+    (".diff", "diff"),
+    (".dora_scale", "dora"),
+    (".lora_magnitude_vector", "dora"),
+)
+TEXT = re.compile(r"^(lora_te\d*_|text_encoders?(_\d+)?\.|lora_te\d*\.)")
+UNET = re.compile(r"(^|[._])(input_blocks|output_blocks|middle_block|down_blocks|up_blocks|mid_block)[._]\d")
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+DIFFUSERS_PREFIXES = ("transformer.", "base_model.model.")
+NORM = re.compile(r"\.norm_(added_)?[qk]\.weight$")  # the q/k RMSNorms: what a control LoRA replaces
+# XLabs' processors: lora1 works on the image stream, lora2 on the text stream; the single blocks' qkv_lora
+# adds to the first 3 x hidden rows of linear1 (q, k, v; not the MLP part).
+XLABS = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.processor\.(qkv_lora1|qkv_lora2|proj_lora1|proj_lora2|qkv_lora|proj_lora)$")
+XLABS_DOUBLE = {"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv", "proj_lora1": "img_attn.proj", "proj_lora2": "txt_attn.proj"}
+XLABS_SINGLE_QKV = bfl.Fused(("attn.to_q", "attn.to_k", "attn.to_v"))
+KOHYA_PREFIX, ONETRAINER_PREFIX = "lora_unet_", "lora_transformer_"
+PEFT_PREFIX = "transformer."
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # LoraConfig's, which diffusers uses when the metadata omits them
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one module of a LoRA file does to one canonical tensor of the model.
+
+    kind "product": W + ratio * up @ down, `tensor` the up rows for this tensor (rows x rank), `down` the whole
+    down (rank x in); "add": W + ratio * tensor (a control LoRA's lora_B.bias, ComfyUI's .diff / .diff_b);
+    "replace": the tensor itself (a control LoRA's q/k norms). `ratio` is alpha / rank (alpha / sqrt(rank) for
+    rsLoRA) for a LoRA module and its bias, 1 for a difference."""
+
+    key: str
+    kind: str
+    tensor: TensorRef
+    down: TensorRef | None
+    ratio: float
+    module: str  # the module as the file names it, for messages
+
+
+@dataclass(frozen=True)
+class Module:
+    """One LoRA module of the file, for the plan's summary."""
+
+    name: str
+    rank: int
+    alpha: float | None  # None: the file gives none (alpha = rank)
+
+
+@dataclass
+class LoraRead:
+    """A LoRA file understood against a model: its key scheme, its changes, and what it holds besides."""
+
+    format: str
+    changes: list[Change]
+    modules: list[Module]
+    unmatched: list[tuple[str, str]] = field(default_factory=list)  # (file key, why it changes nothing)
+    ignored: int = 0  # text-encoder keys
+
+
+def read(name: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> LoraRead:
+    """The changes a LoRA file makes to a model whose canonical tensors have `shapes`. Raises SourceError
+    when the file is not a LoRA, is a LoRA for another kind of model, or does not fit this model's shapes;
+    keys that fit nowhere are returned (`unmatched`) for the caller to refuse or list."""
+    where = f"lora '{name}' ({path})"
+    modules, whole = modules_of(entries)
+    if not any({"up", "down"} & set(roles) for roles in modules.values()):
+        raise SourceError(f"{where} is not a LoRA: {_not_a_lora(list(entries))}")
+    unet = next((k for k in modules if UNET.search(k)), None)
+    if unet:
+        raise SourceError(f"{where} is a LoRA for a Stable Diffusion / SDXL UNet (it holds '{unet}...'), not for FLUX.1")
+    alphas = _peft_alphas(where, metadata)
+    hidden = shapes["x_embedder.weight"][0]
+    context = _Context(name, where, shapes, hidden, alphas)
+    found = LoraRead("", [], [])
+    schemes: Counter[str] = Counter()
+    for module, roles in modules.items():
+        if TEXT.match(module):
+            found.ignored += len(roles)
+            continue
+        scheme = context.module(module, roles, found)
+        if scheme:
+            schemes[scheme] += 1
+    for key, entry in whole.items():
+        if TEXT.match(key):
+            found.ignored += 1
+        elif context.replacement(key, entry, found):
+            schemes["bfl_control" if not key.startswith(DIFFUSERS_PREFIXES) else "diffusers"] += 1
+    if schemes["bfl"] and (schemes["bfl_control"] or any(c.kind == "add" for c in found.changes)):
+        schemes["bfl_control"] += schemes.pop("bfl")
+    found.format = "+".join(s for s, _ in schemes.most_common()) or "unknown"
+    return found
+
+
+def modules_of(entries: dict[str, TensorEntry]) -> tuple[dict[str, dict[str, TensorEntry]], dict[str, TensorEntry]]:
+    """A LoRA file's keys grouped: module path -> role ("up", "down", "alpha", ...) -> entry; and the keys
+    that have no LoRA role (whole tensors)."""
+    modules: dict[str, dict[str, TensorEntry]] = {}
+    whole: dict[str, TensorEntry] = {}
+    for key, entry in entries.items():
+        role = next(((key[: -len(suffix)], r) for suffix, r in ROLES if key.endswith(suffix)), None)
+        if role:
+            modules.setdefault(role[0], {})[role[1]] = entry
+        else:
+            whole[key] = entry
+    return modules, whole
+
+
+def module_problems(entries: dict[str, TensorEntry]) -> list[str] | None:
+    """For `verify`: None if the file is not a LoRA; else what is wrong with its modules (an up without its
+    down, matrices whose ranks differ)."""
+    modules, _ = modules_of(entries)
+    if not any({"up", "down"} & set(roles) for roles in modules.values()):
+        return None
+    problems = []
+    for module, roles in modules.items():
+        up, down = roles.get("up"), roles.get("down")
+        if bool(up) != bool(down):
+            problems.append(f"'{(up or down).name}' has no {'down' if up else 'up'} matrix beside it")
+        elif up and (len(up.shape) != 2 or len(down.shape) != 2 or up.shape[1] != down.shape[0]):
+            problems.append(f"'{module}': up {list(up.shape)} and down {list(down.shape)} are not a LoRA's matrices of one rank")
+    return problems
+
+
+class _Context:
+    """What resolving a file's modules needs: the model's shapes and names, the file's PEFT alphas."""
+
+    def __init__(self, name: str, where: str, shapes: dict[str, tuple[int, ...]], hidden: int, alphas: "_PeftAlphas | None"):
+        self.name, self.where, self.shapes, self.hidden, self.alphas = name, where, shapes, hidden, alphas
+        self.canonical = {k.rsplit(".", 1)[0] for k in shapes}
+        self.underscored = {m.replace(".", "_"): m for m in self.canonical}
+        self.bfl_underscored = {n.replace(".", "_"): n for table in (bfl.TOP, bfl.FINAL) for n in table}
+        self.block_underscored = {n.replace(".", "_"): n for table in (bfl.DOUBLE, bfl.SINGLE) for n in table}
+
+    def resolve(self, module: str) -> tuple[str, str, str] | None:
+        """A module path -> (scheme, "bfl" or "canonical" or "xlabs", the module in that naming)."""
+        if module.startswith(KOHYA_PREFIX):
+            rest = module[len(KOHYA_PREFIX):]
+            m = re.fullmatch(r"(double|single)_blocks_(\d+)_(.+)", rest)
+            if m and m[3] in self.block_underscored:
+                return "kohya", "bfl", f"{m[1]}_blocks.{m[2]}.{self.block_underscored[m[3]]}"
+            if rest in self.bfl_underscored:
+                return "kohya", "bfl", self.bfl_underscored[rest]
+            return ("kohya", "canonical", self.underscored[rest]) if rest in self.underscored else None
+        if module.startswith(ONETRAINER_PREFIX):
+            rest = module[len(ONETRAINER_PREFIX):]
+            return ("onetrainer", "canonical", self.underscored[rest]) if rest in self.underscored else None
+        scheme = "bfl"
+        for prefix in COMFY_PREFIXES:
+            if module.startswith(prefix):
+                module, scheme = module[len(prefix):], "comfyui"
+                break
+        if XLABS.match(module):
+            return "xlabs", "xlabs", module
+        for prefix in DIFFUSERS_PREFIXES:
+            if module.startswith(prefix):
+                module = module[len(prefix):]
+                return ("diffusers", "canonical", module) if module in self.canonical else None
+        if bfl.lookup(module + ".weight") or bfl.lookup(module + ".scale"):
+            return scheme, "bfl", module
+        return ("diffusers", "canonical", module) if module in self.canonical else None
+
+    def module(self, module: str, roles: dict[str, TensorEntry], found: LoraRead) -> str | None:
+        """Resolve one LoRA module into changes (appended to `found`); its scheme, or None if it fits nowhere."""
+        keys = sorted(e.name for e in roles.values())
+        resolved = self.resolve(module)
+        if resolved is None:
+            found.unmatched += [(k, "no FLUX.1 module has this name") for k in keys]
+            return None
+        scheme, naming, target = resolved
+        if "dora" in roles:
+            found.unmatched += [(k, "a DoRA module: its magnitude rescales the whole weight, which a LoRA bake-in does not do") for k in keys]
+            return None
+        if "down_bias" in roles:
+            found.unmatched += [(k, "a bias on lora_A, which no FLUX trainer writes and fluxrecipe does not bake") for k in keys]
+            return None
+        if naming == "xlabs" and target.endswith(".proj_lora"):
+            found.unmatched += [(k, "XLabs' single-block proj_lora acts on linear2's output, not on a weight") for k in keys]
+            return None
+        up, down = roles.get("up"), roles.get("down")
+        changes: list[Change] = []
+        if up or down:
+            if not (up and down):
+                have, lack = ("up", "down") if up else ("down", "up")
+                raise SourceError(f"{self.where}: '{(up or down).name}' has no {lack} matrix beside it: the LoRA file is incomplete")
+            if len(up.shape) != 2 or len(down.shape) != 2 or up.shape[1] != down.shape[0] or not down.shape[0]:
+                raise SourceError(
+                    f"{self.where}: '{module}' is not a LoRA module of matrices: up {list(up.shape)}, down {list(down.shape)} "
+                    "(fluxrecipe bakes linear LoRAs: up [out, rank] and down [rank, in])"
+                )
+            rank = down.shape[0]
+            alpha = self._alpha(module, roles.get("alpha"), target if naming == "canonical" else None)
+            ratio = (alpha if alpha is not None else rank) / (math.sqrt(rank) if self.alphas and self.alphas.rslora else rank)
+            down_ref = TensorRef(self.name, "", down.name, down.dtype, down.shape, _pieces(down))
+            for key, ref in self._split(module, naming, target, "weight", up).items():
+                changes.append(Change(key, "product", ref, down_ref, ratio, module))
+            if "up_bias" in roles:
+                changes += [Change(k, "add", ref, None, ratio, module) for k, ref in self._split(module, naming, target, "bias", roles["up_bias"]).items()]
+            found.modules.append(Module(module, rank, alpha))
+        elif "alpha" in roles and not ({"diff", "diff_b"} & set(roles)):
+            found.unmatched.append((roles["alpha"].name, "an alpha without up and down matrices"))
+            return None
+        for role, param in (("diff", "weight"), ("diff_b", "bias")):
+            if role in roles:
+                changes += [Change(k, "add", ref, None, 1.0, module) for k, ref in self._split(module, naming, target, param, roles[role]).items()]
+        found.changes += self._fitting(changes, found)
+        return scheme
+
+    def replacement(self, key: str, entry: TensorEntry, found: LoraRead) -> bool:
+        """A whole tensor in the file: a control LoRA's q/k norm (replaced), or a key that fits nowhere."""
+        module, _, param = key.rpartition(".")
+        resolved = self.resolve(module) if module else None
+        if resolved and resolved[1] != "xlabs":
+            refs = self._split(module, resolved[1], resolved[2], param, entry)
+            if refs and all(NORM.search(k) for k in refs):
+                found.changes += self._fitting([Change(k, "replace", ref, None, 1.0, module) for k, ref in refs.items()], found)
+                return True
+        why = "a whole tensor, not a LoRA module (fluxrecipe replaces only the q/k norm scales of control LoRAs)" if resolved else "no FLUX.1 module has this name"
+        found.unmatched.append((key, why))
+        return False
+
+    def _split(self, module: str, naming: str, target: str, param: str, entry: TensorEntry) -> dict[str, TensorRef]:
+        """The canonical tensors (key -> rows of `entry`) that `entry`, the module's `param`, changes."""
+        if naming == "canonical":
+            key = f"{target}.{param}"
+            return {key: TensorRef(self.name, key, entry.name, entry.dtype, entry.shape, _pieces(entry))}
+        find = bfl.lookup
+        if naming == "xlabs":
+            group, index, processor = XLABS.match(target).groups()
+            if group == "double_blocks":
+                target = f"double_blocks.{index}.{XLABS_DOUBLE[processor]}"
+            else:  # single blocks' qkv_lora: rows of linear1's q, k and v
+                target = f"single_blocks.{index}.linear1_qkv"
+                prefix = f"single_transformer_blocks.{index}."
+                find = lambda k: (prefix, XLABS_SINGLE_QKV, k.rsplit(".", 1)[1])  # noqa: E731
+        try:
+            refs, unknown = bfl.split(self.name, {f"{target}.{param}": entry}, self.hidden, find=find)
+        except SourceError:
+            raise SourceError(
+                f"{self.where}: '{entry.name}' {list(entry.shape)} does not fit FLUX.1 of hidden size {self.hidden}: a LoRA for a model of another width?"
+            ) from None
+        return {} if unknown else refs
+
+    def _fitting(self, changes: list[Change], found: LoraRead) -> list[Change]:
+        """The changes whose tensor the output has; the others are listed as unmatched. A change whose shapes
+        do not fit its tensor means the LoRA is for another model: an error."""
+        fitting = []
+        for c in changes:
+            shape = self.shapes.get(c.key)
+            if shape is None:
+                found.unmatched.append((c.tensor.file_key, f"it changes '{c.key}', which the output does not have"))
+                continue
+            if c.kind == "product":
+                fits = len(shape) == 2 and c.tensor.shape[0] == shape[0] and c.down.shape[1] == shape[1]
+                got = f"up {list(c.tensor.shape)} x down {list(c.down.shape)}"
+            else:
+                fits, got = c.tensor.shape == shape, str(list(c.tensor.shape))
+            if not fits:
+                hint = ""
+                if c.key.startswith("x_embedder.") and c.kind == "product" and c.down.shape[1] != shape[1]:
+                    hint = f" (the LoRA's input layer takes {c.down.shape[1]} channels, the model {shape[1]}: a control LoRA for FLUX.1 Canny/Depth/Fill? bake it into a model of that input size)"
+                raise SourceError(
+                    f"{self.where}: '{c.module}' does not fit '{c.key}' {list(shape)}: it is {got}; a LoRA for another model (width, variant)?{hint}"
+                )
+            fitting.append(c)
+        return fitting
+
+    def _alpha(self, module: str, entry: TensorEntry | None, canonical: str | None) -> float | None:
+        if entry is not None:
+            if entry.numel != 1 or entry.dtype not in SCALARS:
+                raise SourceError(f"{self.where}: '{entry.name}' is {entry.dtype} {list(entry.shape)}: an alpha is one number")
+            value = _scalar(entry)
+            if not math.isfinite(value):
+                raise SourceError(f"{self.where}: '{entry.name}' is {value}: an alpha must be a finite number")
+            return value
+        if self.alphas and canonical is not None:
+            return self.alphas.alpha(canonical)
+        return None
+
+
+@dataclass(frozen=True)
+class _PeftAlphas:
+    """PEFT's LoraConfig as diffusers stores it in the header (`lora_adapter_metadata`): a module's alpha is
+    the first `alpha_pattern` entry naming it (a module name, or a suffix of one after a dot; `^` anchors
+    it at the start), else `lora_alpha`."""
+
+    lora_alpha: float
+    patterns: tuple[tuple[str, float], ...]
+    rslora: bool
+
+    def alpha(self, module: str) -> float:
+        for pattern, value in self.patterns:
+            if pattern.startswith("^") and module == pattern[1:] or module == pattern or module.endswith("." + pattern):
+                return value
+        return self.lora_alpha
+
+
+def _peft_alphas(where: str, metadata: dict[str, str]) -> _PeftAlphas | None:
+    raw = metadata.get("lora_adapter_metadata")
+    if raw is None:
+        return None
+    try:
+        config = json.loads(raw)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, RecursionError) as e:
+        raise SourceError(f"{where}: lora_adapter_metadata is not valid JSON ({e})") from None
+    if any(k.startswith(PEFT_PREFIX) for k in config):  # a pipeline's file: one config per component
+        config = {k[len(PEFT_PREFIX):]: v for k, v in config.items() if k.startswith(PEFT_PREFIX)}
+    config = {**PEFT_DEFAULTS, **config}
+    if config.get("use_dora"):
+        raise SourceError(f"{where} is a DoRA (lora_adapter_metadata says use_dora): its magnitude rescales whole weights, which a LoRA bake-in does not do")
+    patterns = config.get("alpha_pattern") or {}
+    if not _is_number(config["lora_alpha"]) or not isinstance(patterns, dict) or not all(_is_number(v) for v in patterns.values()):
+        raise SourceError(f"{where}: lora_adapter_metadata's lora_alpha / alpha_pattern are not numbers")
+    for pattern in patterns:
+        if re.search(r"[\\()\[\]{}*+?|$]", pattern.lstrip("^")):
+            raise SourceError(f"{where}: lora_adapter_metadata's alpha_pattern {pattern!r} is a regular expression; fluxrecipe reads module names (optionally ^-anchored)")
+    literal = tuple((p, float(v)) for p, v in patterns.items())
+    return _PeftAlphas(float(config["lora_alpha"]), literal, bool(config.get("use_rslora")))
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pieces(entry: TensorEntry) -> tuple[Piece, ...]:
+    return (Piece(entry.file, entry.begin, entry.nbytes),) if entry.nbytes else ()
+
+
+SCALARS = {"F64": "<d", "F32": "<f", "F16": "<e", "BF16": "bf16", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
+
+
+def _scalar(entry: TensorEntry) -> float:
+    """The one value of a scalar tensor (an alpha), read without torch."""
+    with open(entry.file, "rb") as f:
+        f.seek(entry.begin)
+        raw = f.read(entry.nbytes)
+    if len(raw) != entry.nbytes:
+        raise SourceError(f"{entry.file}: the file ended inside '{entry.name}'")
+    fmt = SCALARS[entry.dtype]
+    if fmt == "bf16":
+        return struct.unpack("<f", b"\x00\x00" + raw)[0]
+    return float(struct.unpack(fmt, raw)[0])
+
+
+def _not_a_lora(keys: list[str]) -> str:
+    """What a file without LoRA modules holds, as the end of a sentence."""
+    from . import _looks_like, diffusers
+
+    stripped = [k[len(p):] for k in keys for p in COMFY_PREFIXES if k.startswith(p)] or keys
+    lycoris = next((k for k in keys if re.search(r"\.(lokr|hada)_", k)), None)
+    if lycoris:
+        return f"it is a LyCORIS LoKr/LoHa (it holds '{lycoris}'), which fluxrecipe does not bake"
+    if bfl.is_bfl(stripped) or diffusers.is_diffusers(keys):
+        return f"it holds no lora_up/lora_down or lora_A/lora_B matrices but a model's weights ('{keys[0]}', ...): use a model as one of the recipe's sources"
+    return "it holds no lora_up/lora_down or lora_A/lora_B matrices; it " + _looks_like(keys)
+
+
+# --- a merge written as a LoRA -----------------------------------------------------------------------------
+
+
+def kohya_names(bfl_module: str) -> tuple[str, str, str]:
+    """(down, up, alpha) tensor names of a BFL module in kohya's FLUX scheme."""
+    base = KOHYA_PREFIX + bfl_module.replace(".", "_")
+    return f"{base}.lora_down.weight", f"{base}.lora_up.weight", f"{base}.alpha"
+
+
+def peft_names(module: str) -> tuple[str, str]:
+    """(down, up) tensor names of a canonical module as diffusers' `save_lora_weights` writes them."""
+    return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
+
+
+def peft_metadata(ranks: dict[str, int], rank: int) -> str:
+    """`lora_adapter_metadata` for `load_lora_weights` / `load_lora_adapter`: PEFT's LoraConfig of the
+    transformer (alpha = rank everywhere, so the scale is 1), under diffusers' `transformer.` prefix."""
+    odd = {f"^{m}": r for m, r in ranks.items() if r != rank}
+    config = {"r": rank, "lora_alpha": rank, "rank_pattern": odd, "alpha_pattern": odd, "target_modules": sorted(ranks), "lora_bias": False, "use_dora": False, "use_rslora": False}
+    return json.dumps({f"{PEFT_PREFIX}{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
+
