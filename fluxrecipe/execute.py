@@ -28,7 +28,6 @@ manifest and the move into place belong to packaging (package/) and the writer.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import xxhash
 
 from .diagnostics import Distances
 from .errors import OutputError, SourceError, UsageError
@@ -67,7 +67,7 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 LIMITS = {code: float(torch.finfo(dtype).max) for code, dtype in DTYPES.items()}
-HASH_BLOCK = 1 << 20  # bytes per block of a source tensor's content hash
+HASH_BLOCK = 1 << 20  # bytes per block of a source tensor's content hash (XXH3-128: ~20 GB/s; sha256 cost a third of a merge)
 
 
 @dataclass
@@ -79,7 +79,7 @@ class Result:
     nonfinite: dict[str, int] = field(default_factory=dict)  # "source: key" or "output: key" -> NaN/Inf values
     clamped: dict[str, int] = field(default_factory=dict)  # output tensor -> values beyond its dtype's range
     scales: dict[str, float] = field(default_factory=dict)  # scaled-fp8 tensor -> its scale
-    source_hashes: dict[str, str] = field(default_factory=dict)  # source -> sha256 of the tensor bytes read
+    source_hashes: dict[str, str] = field(default_factory=dict)  # source -> "xxh3-128:HEX" of the tensor bytes read
     distances: Distances | None = None
     peak_in_flight: int = 0  # bytes
     output: Path | None = None  # where the output went (set by api.write, once it is in place)
@@ -480,7 +480,7 @@ class _Run:
             ref = next(t for t in step.inputs if t.source == source)
             blocks = self._segments("hash", step, source, ref.nbytes, _digests, partial, HASH_BLOCK)
             if blocks.complete:
-                self.hashes[source][step.key] = hashlib.sha256(b"".join(blocks.ordered())).hexdigest()
+                self.hashes[source][step.key] = xxhash.xxh3_128_hexdigest(b"".join(blocks.ordered()))
                 del self.segments[("hash", step.key, source)]
         if chunk.kind == "diff":
             self.buffers[chunk.factor].view(-1)[chunk.at : chunk.at + chunk.stop - chunk.start] = done.data
@@ -497,10 +497,10 @@ class _Run:
 
     def _source_hashes(self) -> None:
         for source, digests in self.hashes.items():
-            whole = hashlib.sha256()
+            whole = xxhash.xxh3_128()
             for key in sorted(digests):
                 whole.update(f"{key}\n{digests[key]}\n".encode())
-            self.result.source_hashes[source] = whole.hexdigest()
+            self.result.source_hashes[source] = "xxh3-128:" + whole.hexdigest()
 
 
 def _where(step: Step, chunk: _Chunk) -> Where:
@@ -535,7 +535,7 @@ class _Downs:
 
 
 def _digests(rows: torch.Tensor) -> list[bytes]:
-    return [hashlib.sha256(row.numpy()).digest() for row in rows]
+    return [xxhash.xxh3_128_digest(row.numpy()) for row in rows]
 
 
 def _scale_of(absmax: float, dtype: str) -> float:

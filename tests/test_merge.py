@@ -320,10 +320,10 @@ def test_output_carries_its_pinned_recipe(plain, schnell, krea):
         with safe_open(shard, "pt") as f:
             assert json.loads(f.metadata()["fluxrecipe.recipe"]) == {**pinned, "sources": {name: {"local": name} for name in relative}}
     provenance = json.loads((plain / "fluxrecipe.json").read_text())
-    assert {name: {k: v for k, v in s.items() if k != "content_sha256"} for name, s in provenance["sources"].items()} == {
+    assert {name: {k: v for k, v in s.items() if k != "content_hash"} for name, s in provenance["sources"].items()} == {
         name: {"spec": path, "path": path} for name, path in relative.items()
     }
-    assert all(len(s["content_sha256"]) == 64 for s in provenance["sources"].values())  # what was read, for a replay to prove
+    assert all(re.fullmatch("xxh3-128:[0-9a-f]{32}", s["content_hash"]) for s in provenance["sources"].values())  # what was read, for a replay to prove
     assert (provenance["recipe"], provenance["base"], provenance["dtype"], provenance["tensors"]) == ("krea_schnell", "schnell", "BF16", len(load_state(plain)))
     assert provenance["rules"] == [{"match": ".*", "op": "lerp:0.5", "params": {"alpha": 0.5}, "sources": ["schnell", "krea"]}]  # as applied
 
@@ -356,7 +356,7 @@ def test_a_replay_proves_it_read_the_same_bytes(plain, recipe_dir, tmp_path, sch
     files records the same; a source changed by one byte records another."""
     shutil.copy(plain / "recipe.yaml", recipe_dir / "replay.yaml")
     merge(["recipe=replay", f"output={tmp_path / 'again'}", "progress=false", "shard_size=60KB"])
-    hashes = {p: {n: s["content_sha256"] for n, s in json.loads((p / "fluxrecipe.json").read_text())["sources"].items()} for p in (plain, tmp_path / "again")}
+    hashes = {p: {n: s["content_hash"] for n, s in json.loads((p / "fluxrecipe.json").read_text())["sources"].items()} for p in (plain, tmp_path / "again")}
     assert hashes[plain] == hashes[tmp_path / "again"]
     changed = tmp_path / "krea-changed"
     shutil.copytree(krea, changed)
@@ -365,7 +365,7 @@ def test_a_replay_proves_it_read_the_same_bytes(plain, recipe_dir, tmp_path, sch
     data[-2] ^= 0x01  # one bit of one weight
     shard.write_bytes(bytes(data))
     merge(["recipe=replay", f"output={tmp_path / 'other'}", "progress=false", f"recipe.sources.krea={changed}"])
-    other = {n: s["content_sha256"] for n, s in json.loads((tmp_path / "other" / "fluxrecipe.json").read_text())["sources"].items()}
+    other = {n: s["content_hash"] for n, s in json.loads((tmp_path / "other" / "fluxrecipe.json").read_text())["sources"].items()}
     assert other["schnell"] == hashes[plain]["schnell"] and other["krea"] != hashes[plain]["krea"]
 
 

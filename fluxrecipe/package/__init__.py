@@ -126,7 +126,7 @@ def provenance(plan: Plan, result, listed: int | None = None) -> dict:
     hosts. `listed`: at most this many per-tensor counts (a single file's header has a size)."""
     sources = {s.name: {"spec": s.spec, **s.origin} for s in plan.sources}
     for name, digest in result.source_hashes.items():
-        sources[name]["content_sha256"] = digest
+        sources[name]["content_hash"] = digest
     for s in plan.sources:
         if s.layout != "diffusers":
             sources[s.name]["layout"] = s.layout
