@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from . import __version__, preview, sweep
 from .catalog import RECIPE_PATH_ENV, SUFFIXES, conf_dir, recipe_dirs, register_recipes
+from .recipe import BLOCK_OVERRIDES_ENV
 from .errors import FluxRecipeError, UsageError
 from .files import os_errors
 from .run import EXIT_ERROR, fail, show_traceback, unknown_option
@@ -33,6 +34,12 @@ PROGRAM = "fluxrecipe"  # the console script: what Hydra's help and shell comple
 UNWINDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
+# `recipe.alpha.double_blocks.7=V`, `recipe.loras.style.strength.single_blocks=V`: one block of a schedule
+BLOCK_OVERRIDE = re.compile(
+    r"\+?recipe\.(?P<param>[A-Za-z_][\w-]*|loras\.[A-Za-z_][\w-]*\.strength)\."
+    r"(default|img_in|time_in|guidance_in|vector_in|txt_in|final_layer|(double_blocks|single_blocks)(\.\w+)?)=.*",
+    re.S,
+)
 # Hydra's flags that take the next argument as their value (not an override)
 VALUE_FLAGS = {"-sc", "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package", "--info", "--experimental-rerun"}
 
@@ -76,14 +83,19 @@ def command_line(args: list[str]) -> list[str]:
       becomes `recipe=NAME`;
     - `recipe=2024` (a file 2024.yaml) is a name, not a number;
     - `dryrun=true` or `+dryrun=true`: an option fluxrecipe does not have, named with the closest it has."""
-    out = []
+    out, blocks = [], []
     for previous, arg in zip([None, *args], args):
+        block = BLOCK_OVERRIDE.fullmatch(arg) if previous not in VALUE_FLAGS else None
+        if block:  # the recipe loader gives this parameter a shape the block can be added to
+            blocks.append(block["param"])
         m = re.fullmatch(r"(\+{0,2})([A-Za-z_][\w-]*)=(.*)", arg, re.S) if previous not in VALUE_FLAGS else None
         if m and m[2] != "hydra" and (message := unknown_option(m[2])):
             raise UsageError(message)
         if m and m[1] == "" and m[2] == "recipe" and not re.match(r"\w+\(", m[3]):  # not a sweep function
             arg = "recipe=" + ",".join(_recipe_choice(v) for v in m[3].split(","))
         out.append(arg)
+    if blocks:
+        os.environ[BLOCK_OVERRIDES_ENV] = ",".join(dict.fromkeys(blocks))
     return out
 
 

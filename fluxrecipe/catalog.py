@@ -90,8 +90,13 @@ def load_recipe_file(path: Path) -> DictConfig:
         return _error_node("not a valid YAML file: nested too deeply")
     except Exception as e:  # noqa: BLE001 - whatever OmegaConf refuses (a key that is not text, ...) is the file's fault
         return _error_node(f"not a valid recipe file: {type(e).__name__}: {e}")
-    if isinstance(node, DictConfig):  # {double_blocks: {7: ...}}: as '7', which `recipe.alpha.double_blocks.7=...` finds
-        node = OmegaConf.create(string_keys(OmegaConf.to_container(node, resolve=False)))
+    if isinstance(node, DictConfig):  # schedules as Hydra can override one block of (recipe.addressable_schedules)
+        from .recipe import addressable_schedules
+
+        node, schedules = addressable_schedules(string_keys(OmegaConf.to_container(node, resolve=False)))
+        node = OmegaConf.create(node)
+        for path in schedules:  # a block a schedule does not name yet may be set without `+`
+            OmegaConf.set_struct(OmegaConf.select(node, path), False)
     if isinstance(node, DictConfig) and "defaults" in node:
         # Hydra would act on it: pull other configs in at any package (`/recipe@_global_: x` puts a file's
         # `hydra.callbacks` at the top, and Hydra instantiates those), so a recipe could run code.

@@ -46,6 +46,10 @@ DTYPES = {
 DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled"
 FORMATS = ("diffusers", "bfl", "comfyui", "lora", "lora_peft")
 RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format", "loras")
+# Recipe parameters the command line overrides one block of (`recipe.alpha.double_blocks.7=V`), set by
+# __main__ for the recipe loader in this process and the sweep's job processes: numbers among them become
+# `{default: N}`, so that the block can be added to them.
+BLOCK_OVERRIDES_ENV = "FLUXRECIPE_BLOCK_OVERRIDES"
 RULE_FIELDS = ("match", "op", "sources", "optional", "dtype")
 SOURCE_FIELDS = ("repo", "revision", "subfolder", "path", "demo")
 LORA_FIELDS = ("path", "repo", "file", "revision", "strength", "ignore_unmatched")
@@ -143,6 +147,27 @@ class Recipe:
     resolved: dict[str, Any] = field(default_factory=dict)  # the whole recipe as plain data, interpolations resolved
     written: dict[str, Any] = field(default_factory=dict)  # the same as composed, interpolations kept (${recipe.alpha})
     loras: dict[str, LoraSpec] = field(default_factory=dict)  # baked into the rules' result, in this order
+
+
+def addressable_schedules(data: dict) -> tuple[dict, list[str]]:
+    """The recipe with each schedule (a parameter's list or mapping, a LoRA's strength) in the shape whose
+    blocks Hydra can override one by one (schedule.addressable), and the dotted paths of those schedules."""
+    if not isinstance(data, dict):
+        return data, []
+    wanted = set(filter(None, os.environ.get(BLOCK_OVERRIDES_ENV, "").split(",")))
+    places = [(data, key, key) for key in data if key not in RECIPE_FIELDS]
+    loras = data.get("loras")
+    if isinstance(loras, dict):
+        places += [(spec, "strength", f"loras.{name}.strength") for name, spec in loras.items() if isinstance(spec, dict) and "strength" in spec]
+    paths = []
+    for holder, key, path in places:
+        value = holder[key]
+        if _is_number(value) and path in wanted:
+            value = {"default": value}
+        if schedule.is_schedule_like(value):
+            holder[key] = schedule.addressable(value)
+            paths.append(path)
+    return data, paths
 
 
 def load_recipe(node: DictConfig | dict, name: str, file: str | None = None) -> Recipe:

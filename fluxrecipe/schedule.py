@@ -146,10 +146,13 @@ def is_schedule_like(value: Any) -> bool:
 
 
 def _add(name: str, item: Any, entries: dict[str, Any]) -> None:
-    if name in GROUPS and isinstance(item, dict):  # {double_blocks: {7: 0.5}}: block numbers under their group
+    if name in GROUPS and isinstance(item, dict):  # {double_blocks: {default: ..., 7: 0.5}}: blocks under their group
         for index, number in item.items():
+            if str(index) == DEFAULT:
+                _add(name, number, entries)
+                continue
             if not re.fullmatch(r"\d+", str(index)):
-                raise ValueError(f"under '{name}', name blocks by their number ({name}: {{0: ..., 7: ...}}), got {str(index)!r}")
+                raise ValueError(f"under '{name}', name blocks by their number ({name}: {{default: ..., 0: ..., 7: ...}}), got {str(index)!r}")
             _add(f"{name}.{index}", number, entries)
         return
     m = INDEXED.fullmatch(name)
@@ -204,6 +207,19 @@ def number_text(value: float) -> str:
     """A value as plans print it: 6 significant digits, and a float looks like one (1.0, not 1)."""
     text = f"{value:.6g}"
     return text + ".0" if text.lstrip("-").isdigit() else text
+
+
+def addressable(value: Any) -> Any:
+    """A schedule in the shape Hydra can override one block of (`recipe.alpha.double_blocks.7=V`): mapping
+    keys as strings (YAML reads `7:` as an int, Hydra looks up '7'), and a list, or a group's list or
+    number, moved under `default` (`[0, 1]` -> `{default: [0, 1]}`), so that `.7` names block 7 rather than
+    a list position or a child of a number. The meaning is the same."""
+    if isinstance(value, list):
+        return {DEFAULT: value}
+    if isinstance(value, dict):
+        value = string_keys(value)
+        return {k: {DEFAULT: v} if k in GROUPS and not isinstance(v, dict) else v for k, v in value.items()}
+    return value
 
 
 def string_keys(value: Any) -> Any:

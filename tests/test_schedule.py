@@ -314,6 +314,31 @@ def test_a_plain_alpha_becomes_a_schedule_from_the_command_line(recipe_dir, tmp_
     assert got["img_in"] == 0.0 and got["final_layer"] == 1.0
 
 
+@pytest.mark.parametrize(
+    "alpha, others",
+    [
+        ("0.5", 0.5),  # a plain number: the override makes it {default: 0.5, double_blocks.1: V}
+        ("[0, 1]", None),  # a gradient over all blocks
+        ("{default: 0.5, double_blocks: [0, 1]}", None),  # a gradient over a group: `.1` must not be its second anchor
+        ("{default: 0.5}", 0.5),  # a mapping that does not name the block yet: no `+` needed
+    ],
+)
+def test_one_block_of_any_schedule_is_overridden_alone(recipe_dir, tmp_path, schnell, krea, monkeypatch, alpha, others):
+    """`recipe.alpha.double_blocks.1=V` sets that block and no other, whatever shape alpha has in the recipe."""
+    from fluxrecipe.__main__ import command_line
+    from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
+
+    monkeypatch.setenv(BLOCK_OVERRIDES_ENV, "")  # command_line sets it; the test's end takes it away again
+    write_recipe(recipe_dir, "shaped", f"sources: {{schnell: {schnell}, krea: {krea}}}\nalpha: {alpha}\nrules:\n  - match: '.*'\n    op: lerp:${{recipe.alpha}}\n")
+    common = ["recipe=shaped", "dry_run=true", f"output={tmp_path / 'o'}"]
+    before = alpha_by_block(merge(command_line(common)))
+    after = alpha_by_block(merge(command_line([*common, "recipe.alpha.double_blocks.1=0.125"])))
+    assert after["double_blocks.1"] == 0.125
+    assert {k: v for k, v in after.items() if k != "double_blocks.1"} == {k: v for k, v in before.items() if k != "double_blocks.1"}
+    if others is not None:
+        assert set(before.values()) == {others}
+
+
 def test_a_sweep_over_one_block(tmp_path, schnell, krea, state_of):
     """`-m recipe.alpha.double_blocks.1=0,1`: two merges, double block 1 is schnell's in one and Krea's in
     the other; every other tensor is the lerp at 0.5 in both."""
