@@ -7,9 +7,11 @@ source names that exist, parameters that a rule uses. Errors name the recipe fil
 found.
 
 A rule's `match` is a stranger's regular expression: it is run by the `regex` package (the syntax of Python's
-`re`) with a time bound on every search, so a pattern that backtracks catastrophically is an error, not a
-hang. (google-re2 would have no backtracking at all, but it lacks the lookarounds and backreferences that
-`re` users write, such as `^(?!single_)`.)
+`re`) with a time bound on every search and one on all the searches of a recipe together, so a pattern that
+backtracks catastrophically is an error, not a hang, however many rules and keys there are. A search's
+result is remembered, so planning again (a sweep's jobs, the API) costs no second search. (google-re2 would
+have no backtracking at all, but it lacks the lookarounds and backreferences that `re` users write, such as
+`^(?!single_)`.)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +63,9 @@ RELATIVE = re.compile(r"\$\{(\.+)")
 RECIPE_REFERENCE = re.compile(r"\$\{recipe\.([A-Za-z_][\w.-]*)\}")  # an interpolation of a recipe value, with its path
 REFERENCE = re.compile(r"\$\{(?:recipe\.|\.+)([A-Za-z_][\w-]*)")  # the recipe value an interpolation names first
 MATCH_SECONDS = 0.25  # the most one search of a rule's regex may take (a sane one takes microseconds on a key)
+MATCH_BUDGET_SECONDS = 5.0  # the most all the searches of one recipe's rules may take together (FLUX: 1,156 keys x its rules)
+MATCH_MEMORY = 1 << 17  # (regex, key) results remembered at most: a FLUX plan with 100 rules needs ~1e5
+_matched: dict[tuple[str, str], bool] = {}  # (regex, key) -> whether it matches, for every recipe of the process
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,14 @@ class LoraSpec:
         return str(self.path)
 
 
+@dataclass
+class MatchBudget:
+    """The search time of one recipe's rules, shared by them: all of it is bounded, not only each search."""
+
+    spent: float = 0.0
+    by_rule: dict[tuple[str, str], float] = field(default_factory=dict)  # (rule's location, its regex) -> seconds
+
+
 @dataclass(frozen=True)
 class Rule:
     index: int
@@ -117,19 +131,45 @@ class Rule:
     dtype: str | None = None  # the output dtype of its keys, by name (None: the recipe's)
     params: dict[str, Any] = field(default_factory=dict)  # the op's parameters, checked, defaults filled in (schedules as schedule.Schedule)
     param_where: dict[str, str] = field(default_factory=dict)  # parameter -> where the recipe gives it, for plan-time messages
+    budget: MatchBudget = field(default_factory=MatchBudget, compare=False, repr=False)  # shared by the recipe's rules
 
     def describe(self) -> str:
         return f"rules[{self.index}] (match {self.match!r}, op {self.op})"
 
     def matches(self, key: str) -> bool:
-        """`match` is found in the key (re.search semantics), within MATCH_SECONDS."""
+        """`match` is found in the key (re.search semantics), within MATCH_SECONDS, and within what is left of
+        the MATCH_BUDGET_SECONDS of all the recipe's searches."""
+        found = _matched.get((self.match, key))
+        if found is not None:
+            return found
+        left = MATCH_BUDGET_SECONDS - self.budget.spent
+        started = time.perf_counter()
         try:
-            return self.pattern.search(key, timeout=MATCH_SECONDS) is not None
+            if left <= 0:
+                raise TimeoutError
+            found = self.pattern.search(key, timeout=min(MATCH_SECONDS, left)) is not None
         except TimeoutError:
-            raise RecipeError(
-                f"{self.where}.match: {self.match!r} took more than {MATCH_SECONDS} s on the key {key!r}: it backtracks "
-                "catastrophically (a repetition of a repetition, such as (\\w+\\.?)+); write it without nested repetition"
-            ) from None
+            if left > MATCH_SECONDS:
+                raise RecipeError(
+                    f"{self.where}.match: {self.match!r} took more than {MATCH_SECONDS} s on the key {key!r}: it backtracks "
+                    "catastrophically (a repetition of a repetition, such as (\\w+\\.?)+); write it without nested repetition"
+                ) from None
+            raise RecipeError(self._over_budget()) from None
+        finally:
+            elapsed = time.perf_counter() - started
+            self.budget.spent += elapsed
+            self.budget.by_rule[self.where, self.match] = self.budget.by_rule.get((self.where, self.match), 0.0) + elapsed
+        if len(_matched) < MATCH_MEMORY:
+            _matched[(self.match, key)] = found
+        return found
+
+    def _over_budget(self) -> str:
+        (where, match), seconds = max(self.budget.by_rule.items(), key=lambda item: item[1])
+        return (
+            f"{where}.match: {match!r} took {seconds:.1f} s of the {MATCH_BUDGET_SECONDS} s all the recipe's regexes may take on the "
+            "model's keys: it backtracks on every key (as (.*)(.*)\\2\\1, or a repetition of a repetition such as (\\w+\\.?)+ does); "
+            "write it without that"
+        )
 
 
 @dataclass(frozen=True)
@@ -319,7 +359,8 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
     if not isinstance(rules_data, list) or not rules_data:
         raise RecipeError(f"{here.at(('rules',))}: rules must be a non-empty list of {{match, op}} entries")
     written_rules = mapped["rules"] if isinstance(mapped.get("rules"), list) else [None] * len(rules_data)
-    rules = tuple(_rule(i, r, w, sources, here) for i, (r, w) in enumerate(zip(rules_data, written_rules)))
+    budget = MatchBudget()
+    rules = tuple(_rule(i, r, w, sources, here, budget) for i, (r, w) in enumerate(zip(rules_data, written_rules)))
     loras = _loras(data.get("loras"), here)
     _refuse_unused_parameters(params, written, here)
 
@@ -448,7 +489,7 @@ def _loras(value: Any, here: "_Locator") -> dict[str, LoraSpec]:
     return specs
 
 
-def _rule(index: int, value: Any, written: Any, sources: dict[str, SourceSpec], here: "_Locator") -> Rule:
+def _rule(index: int, value: Any, written: Any, sources: dict[str, SourceSpec], here: "_Locator", budget: MatchBudget) -> Rule:
     """One rule, checked: `value` as resolved, `written` as the recipe gives it (interpolations kept)."""
     where = here.at(("rules", index))
     if not isinstance(value, dict):
@@ -489,7 +530,7 @@ def _rule(index: int, value: Any, written: Any, sources: dict[str, SourceSpec], 
         raise RecipeError(f"{here.at(('rules', index, 'op'))}: {e}") from None
     dtype = _dtype(value["dtype"], here.at(("rules", index, "dtype"))) if value.get("dtype") is not None else None
     param_where = {name: here.at(_param_path(written, index, op.name, name)) for name in params}
-    return Rule(index=index, match=match, pattern=pattern, op=op, sources=inputs, optional=optional, where=where, dtype=dtype, params=params, param_where=param_where)
+    return Rule(index, match, pattern, op, inputs, optional, where, dtype, params, param_where, budget)
 
 
 def _param_path(written: Any, index: int, op: str, name: str) -> tuple:
