@@ -57,13 +57,12 @@ def plan_job(cfg: DictConfig, dry_run: bool = False) -> JobPlan:
         recipe = recipe_of(cfg)
         output_format = format_of(cfg, recipe)
         output = output_of(cfg, recipe, output_format)
-        if output is not None:
+        if output is not None:  # fails fast, before any source is fetched; a dry run reports every fault but an existing output
             output = api.output_path(output, output_format)
-            if not dry_run:  # an existing output fails fast, before any source is fetched
-                check_target(output, options.overwrite, single_file=OUTPUT_FORMATS[output_format])
+            check_target(output, options.overwrite, single_file=OUTPUT_FORMATS[output_format], dry_run=dry_run)
         plan = api.plan(recipe, output, output_format, parse_size(cfg.shard_size), lora_rank_of(cfg))
-        if output is not None:  # a dry run reports every fault but an existing output
-            api.check_output(plan, output, options.overwrite, dry_run)
+        if output is not None:  # apart from every source (the target itself was checked above)
+            api.check_output(plan, output, options.overwrite, dry_run=True)
         return JobPlan(recipe, options, output, plan)
 
 

@@ -169,19 +169,22 @@ def _lock_name(target: Path) -> Path:
     return target.parent / f".{target.name}.fluxrecipe-lock"
 
 
-def check_target(target: Path, overwrite: bool, single_file: bool = False) -> None:
+def check_target(target: Path, overwrite: bool, single_file: bool = False, dry_run: bool = False) -> None:
     """An output may replace only what fluxrecipe itself wrote (a folder its manifest lists whole) or what it
     can prove is a model (a folder of diffusers model files; for a single-file format, a safetensors file),
-    never anything else."""
+    never anything else, and never a place of the user's (the working or home folder). A dry run checks the
+    place only: that the output exists is what it reports, not a fault."""
     if target.is_symlink():
         raise OutputError(f"{target} is a symbolic link (to {os.readlink(target)}): give the folder it should be as output=..., not a link")
+    if (place := _users_place(target)) is not None:
+        raise OutputError(f"{target} is {place}: an output never goes there, whatever it holds (overwrite=true would replace the whole folder); choose a folder of its own, e.g. output=merged/NAME")
     longest = max(len(os.fsencode(f".{target.name}{suffix}")) for suffix in TEMPORARY_SUFFIXES)
     if longest > _name_max(target.parent):
         room = _name_max(target.parent) - (longest - len(os.fsencode(target.name)))
         raise OutputError(f"{target}: the output's name is {len(os.fsencode(target.name))} bytes long, longer than the {room} this folder leaves room for (fluxrecipe writes beside it as .NAME.fluxrecipe-partial)")
     if single_file and target.is_dir():
         raise OutputError(f"{target} is a folder: a single-file format writes one file, so output= names a .safetensors file (output=merged/model.safetensors)")
-    if not target.exists():
+    if dry_run or not target.exists():
         return
     if not overwrite:
         raise OutputError(f"{target} already exists: choose another output=..., or pass overwrite=true to replace it")
@@ -194,6 +197,19 @@ def check_target(target: Path, overwrite: bool, single_file: bool = False) -> No
             f"{target} exists and is not a model folder: overwrite=true replaces only a model folder, never other files ({reason}; "
             f"a model folder is one fluxrecipe wrote, its {MANIFEST_NAME} listing every file, or one of diffusers model files only)"
         )
+
+
+def _users_place(target: Path) -> str | None:
+    """What `target` is, if it is the working folder, the home folder, or a folder that holds either: places
+    that are the user's, not a model's."""
+    resolved = target.resolve()
+    for name, folder in (("the working folder", Path.cwd()), ("your home folder", Path.home())):
+        folder = folder.resolve()
+        if resolved == folder:
+            return name
+        if resolved in folder.parents:
+            return f"a folder that holds {name} ({folder})"
+    return None
 
 
 def _name_max(folder: Path) -> int:
