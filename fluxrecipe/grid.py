@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
+
+from .preview import PREVIEW_DIR
 
 if TYPE_CHECKING:
     from .sweep import Job, Summary
@@ -222,5 +225,8 @@ def _settings_line(summary: Summary) -> str:
         if job.preview_settings:
             s = job.preview_settings
             guidance = f"guidance {s.get('guidance')}" if s.get("guidance") is not None else "no guidance"
-            return f"{s.get('steps')} steps, {guidance}, {s.get('width')}x{s.get('height')}, pipeline {s.get('pipeline')}"
+            pipeline = str(s.get("pipeline"))
+            if pipeline.startswith("../"):  # a local folder, relative to the job's previews folder: say it from the sweep's
+                pipeline = os.path.relpath(os.path.normpath(job.folder / PREVIEW_DIR / pipeline), summary.sweep_dir)
+            return f"{s.get('steps')} steps, {guidance}, {s.get('width')}x{s.get('height')}, pipeline {pipeline}"
     return ""

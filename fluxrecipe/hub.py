@@ -43,9 +43,7 @@ TRANSFORMER_SUBFOLDER = "transformer"
 def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> tuple[Path, dict[str, str]]:
     """The local folder holding `repo`'s transformer files, and the provenance (repo, revision, commit)."""
     where = f"source '{name}': hub repo '{repo}'" + (f" at revision '{revision}'" if revision else "")
-    _log_once()
-    local_only = not _reachable()
-    with _hub_errors(where, repo, lambda: _download_hint(repo, revision, subfolder), "point the source at a local folder"):
+    with hub_access(where, repo, lambda: _download_hint(repo, revision, subfolder), "point the source at a local folder") as local_only:
         if subfolder is None:
             subfolder = _find_subfolder(repo, revision, local_only)
         prefix = f"{subfolder.strip('/')}/" if subfolder else ""
@@ -66,16 +64,26 @@ def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> 
     return folder, origin
 
 
-def fetch_file(what: str, repo: str, file: str, revision: str | None) -> tuple[Path, dict[str, str]]:
-    """One file of a hub repo (a LoRA), fetched into the cache: its local path and provenance. `what` names
-    it in messages ("lora 'style'")."""
+def fetch_file(what: str, repo: str, file: str, revision: str | None, hint: str | None = None, local: str = "give it as a local path") -> tuple[Path, dict[str, str]]:
+    """One file of a hub repo (a LoRA, a pipeline's config), fetched into the cache: its local path and
+    provenance. `what` names it in messages ("lora 'style'"); `hint` is the download command to suggest
+    (default: this file's), `local` how to do without the hub."""
     where = f"{what}: hub repo '{repo}'" + (f" at revision '{revision}'" if revision else "")
-    _log_once()
-    hint = f"hf download {repo} {file}" + (f" --revision {revision}" if revision else "")
-    with _hub_errors(where, repo, lambda: hint, "give it as a local path", file):
-        path = Path(hf_hub_download(repo, file, revision=revision, local_files_only=not _reachable()))
+    hint = hint or f"hf download {repo} {file}" + (f" --revision {revision}" if revision else "")
+    with hub_access(where, repo, lambda: hint, local, file) as local_only:
+        path = Path(hf_hub_download(repo, file, revision=revision, local_files_only=local_only))
     snapshot = path.parents[file.strip("/").count("/")]  # the cache's snapshots/<commit>/ folder
     return path, {"repo": repo, "file": file, "revision": revision or "main", "commit": snapshot.name}
+
+
+@contextmanager
+def hub_access(where: str, repo: str, hint: Callable[[], str], local: str, file: str | None = None) -> Iterator[bool]:
+    """Every call to the hub goes through here: huggingface_hub's messages logged once, its errors as one
+    line (see _hub_errors), and the cache alone used at once when the hub cannot be reached (yields True
+    then: pass it on as `local_files_only`)."""
+    _log_once()
+    with _hub_errors(where, repo, hint, local, file):
+        yield not _reachable()
 
 
 @contextmanager

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -32,7 +33,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .errors import OutputError, UsageError
+from .errors import FluxRecipeError, OutputError, UsageError
+from .files import read_small
 from .plan import human_bytes
 from .writer import replace_json
 
@@ -195,6 +197,13 @@ def locate(spec: str) -> tuple[str, str | None, bool]:
     return repo, revision or None, False
 
 
+def recorded_pipeline(spec: str, folder: Path) -> str:
+    """The pipeline as previews.json names it: a hub repo by its id, a local folder by its path relative to
+    the previews folder (a file of the output names no absolute local path)."""
+    location, revision, local = locate(spec)
+    return os.path.relpath(location, folder) if local else spec
+
+
 def check(settings: PreviewSettings, config: dict[str, Any], fetch: bool) -> list[str]:
     """Problems that would stop this job's previews, found before any merge: the libraries, the pipeline (its
     files, and whether its text encoders and VAE fit the merged model's config) and, unless `fetch` is false
@@ -207,8 +216,8 @@ def check(settings: PreviewSettings, config: dict[str, Any], fetch: bool) -> lis
         configs = {name: _component_config(location, revision, local, name) for name in ("model_index", "text_encoder", "text_encoder_2", "vae")}
         problems = _fit(settings.pipeline, configs, config)
         if fetch and not local and not problems:
-            _download(location, revision)
-    except UsageError as e:
+            pipeline_folder(settings)
+    except FluxRecipeError as e:
         return [str(e)]
     return problems
 
@@ -239,60 +248,42 @@ def _fit(spec: str, configs: dict[str, dict], config: dict[str, Any]) -> list[st
 
 
 def _component_config(location: str, revision: str | None, local: bool, name: str) -> dict:
+    from .hub import fetch_file
+
     filename = "model_index.json" if name == "model_index" else f"{name}/config.json"
-    path = Path(location) / filename if local else _hub_file(location, revision, filename)
+    if local:
+        path = Path(location) / filename
+    else:
+        hint = f"hf download {location}" + (f" --revision {revision}" if revision else "") + " --include model_index.json --include '*/*' --exclude 'transformer/*'"
+        path, _ = fetch_file(f"preview.pipeline={location}", location, filename, revision, hint, "give a local pipeline folder")
     try:
-        value = json.loads(path.read_text()) if path.is_file() and path.stat().st_size < (1 << 20) else None
-    except (OSError, ValueError):
+        value = json.loads(read_small(path, 1 << 20))
+    except (OSError, ValueError, RecursionError):
         value = None
     if not isinstance(value, dict):
         raise UsageError(f"preview.pipeline={location}: {filename} is missing or not a JSON object")
     return value
 
 
-def _hub_file(repo: str, revision: str | None, filename: str) -> Path:
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+def pipeline_folder(settings: PreviewSettings) -> Path:
+    """The local folder of the preview pipeline: a local one as it is; from the hub, its files but the
+    transformer, downloaded into the cache (the cache alone where the hub cannot be reached)."""
+    from .hub import hub_access
 
-    where = f"preview.pipeline={repo}" + (f"@{revision}" if revision else "")
+    location, revision, local = locate(settings.pipeline)
+    if local:
+        return Path(location)
+    where = f"preview.pipeline={settings.pipeline}"
+    hint = f"hf download {location}" + (f" --revision {revision}" if revision else "") + " --exclude 'transformer/*'"
     try:
-        return Path(hf_hub_download(repo, filename, revision=revision))
-    except GatedRepoError:
-        raise UsageError(f"{where} is gated: accept its licence at https://huggingface.co/{repo} while logged in, then `hf auth login` or set HF_TOKEN") from None
-    except RepositoryNotFoundError:
-        raise UsageError(f"{where} was not found on the hub (or is private: log in with `hf auth login`)") from None
-    except RevisionNotFoundError:
-        raise UsageError(f"{where}: no such revision") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise UsageError(
-            f"{where}: {filename} is not in the local cache ({constants.HF_HUB_CACHE})"
-            + (" and HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else " and the hub cannot be reached")
-            + f": download it first (`hf download {repo}" + (f" --revision {revision}" if revision else "")
-            + " --include model_index.json --include '*/*' --exclude 'transformer/*'`) or give a local pipeline folder"
-        ) from None
-    except EntryNotFoundError:
-        raise UsageError(f"{where} has no {filename}: is it a diffusers FLUX pipeline repo?") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise UsageError(f"{where}: {type(e).__name__}: {e}") from None
-
-
-def _download(repo: str, revision: str | None) -> None:
-    """The pipeline's files but its transformer, into the hub cache, before any job needs them."""
-    try:
-        with _quiet():
+        with hub_access(where, location, lambda: hint, "give a local pipeline folder") as local_only, _quiet():
             from diffusers import FluxPipeline
 
-            FluxPipeline.download(repo, revision=revision, transformer=None)
-    except Exception as e:  # noqa: BLE001 - huggingface_hub's and diffusers' errors alike: the job cannot render
-        raise UsageError(f"preview.pipeline={repo}: cannot download its text encoders, VAE and scheduler: {type(e).__name__}: {e}") from None
+            return Path(FluxPipeline.download(location, revision=revision, transformer=None, local_files_only=local_only))
+    except FluxRecipeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - diffusers' own errors (a file it cannot find, ...): the job cannot render
+        raise UsageError(f"{where}: cannot download its text encoders, VAE and scheduler: {type(e).__name__}: {e}") from None
 
 
 # --- rendering ---------------------------------------------------------------------------------------------
@@ -313,14 +304,14 @@ def render(transformer_dir: Path, settings: PreviewSettings, device: str, folder
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     started = time.monotonic()
-    location, revision, _ = locate(settings.pipeline)
+    location = pipeline_folder(settings)  # local: loading it never asks the hub again
     dtype = torch.bfloat16
-    embeddings = _prompt_embeddings(settings, location, revision, device, dtype)
+    embeddings = _prompt_embeddings(settings, location, device, dtype)
     try:
         with _quiet():
             transformer = FluxTransformer2DModel.from_pretrained(transformer_dir, torch_dtype=dtype)
             pipe = FluxPipeline.from_pretrained(
-                location, revision=revision, transformer=transformer, torch_dtype=dtype, **dict.fromkeys(TEXT_COMPONENTS)
+                location, transformer=transformer, torch_dtype=dtype, **dict.fromkeys(TEXT_COMPONENTS)
             )
         _place(pipe, device, settings.offload)
         pipe.set_progress_bar_config(disable=True)
@@ -342,7 +333,8 @@ def render(transformer_dir: Path, settings: PreviewSettings, device: str, folder
             image.save(partial / name)
             images.append({"prompt": prompt, "seed": seed, "file": name})
         seconds = round(time.monotonic() - started, 3)
-        replace_json(partial / PREVIEWS_JSON, {"settings": asdict(settings), "device": device, "seconds": seconds, "images": images})
+        recorded = {**asdict(settings), "pipeline": recorded_pipeline(settings.pipeline, folder)}
+        replace_json(partial / PREVIEWS_JSON, {"settings": recorded, "device": device, "seconds": seconds, "images": images})
         partial.rename(folder)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -355,17 +347,17 @@ def render(transformer_dir: Path, settings: PreviewSettings, device: str, folder
     return folder
 
 
-def _prompt_embeddings(settings: PreviewSettings, location: str, revision: str | None, device: str, dtype) -> list[tuple[Any, Any]]:
+def _prompt_embeddings(settings: PreviewSettings, location: Path, device: str, dtype) -> list[tuple[Any, Any]]:
     """T5 and pooled CLIP embeddings of every prompt (on the CPU), encoded once per process and pipeline."""
     import torch
 
     with _quiet():
         from diffusers import FluxPipeline
 
-    key = (location, revision, settings.prompts, device, str(dtype))
+    key = (location, settings.prompts, device, str(dtype))
     if key not in _embeddings:
         with _quiet():
-            text = FluxPipeline.from_pretrained(location, revision=revision, transformer=None, vae=None, torch_dtype=dtype)
+            text = FluxPipeline.from_pretrained(location, transformer=None, vae=None, torch_dtype=dtype)
         _place(text, device, settings.offload)
         with torch.inference_mode():
             encoded = [text.encode_prompt(prompt, prompt_2=None, device=torch.device(device), max_sequence_length=MAX_SEQUENCE_LENGTH) for prompt in settings.prompts]

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -154,7 +155,8 @@ def run_recorded(cfg: DictConfig, job: Callable[[DictConfig], Any], show_traceba
 
     status["seconds"] = round(time.monotonic() - started, 3)
     if isinstance(value, Result):  # a dry run returns the Plan
-        status.update(output=str(value.output), bytes_read=value.bytes_read, bytes_written=value.bytes_written)
+        output = os.path.relpath(value.output, job_dir)  # no absolute local path in a file of the sweep
+        status.update(output=output, bytes_read=value.bytes_read, bytes_written=value.bytes_written)
     elif value is not None:
         status["status"] = DRY_RUN
     replace_json(job_dir / JOB_STATUS_NAME, status)
@@ -236,7 +238,8 @@ def _read_job(sweep_dir: Path, folder: Path) -> Job:
             raise DamagedFile(f"{name}/.hydra/overrides.yaml is not a list of overrides")
     except DamagedFile as e:
         return Job(folder=folder, name=name, num=sys.maxsize, overrides=[], status=FAILED, error=str(e))
-    job = Job(folder=folder, name=name, num=_job_num(folder), overrides=[str(o) for o in overrides], status=UNFINISHED)
+    shown = [_without_local_prefix(str(o), sweep_dir) for o in overrides]
+    job = Job(folder=folder, name=name, num=_job_num(folder), overrides=shown, status=UNFINISHED)
     status_file = folder / JOB_STATUS_NAME
     if not status_file.exists():
         job.error = f"no {JOB_STATUS_NAME}: the job did not finish (killed, timed out or still running); see {job.name}/fluxrecipe.log, or .submitit/ for submitit and SLURM jobs"
@@ -248,7 +251,7 @@ def _read_job(sweep_dir: Path, folder: Path) -> Job:
         return job
     job.status, job.error, job.seconds, job.bytes_written = status["status"], status["error"], status["seconds"], status["bytes_written"]
     if status["output"]:
-        job.output = Path(status["output"])
+        job.output = folder / status["output"]  # relative to the job folder (an absolute one: as a job wrote it before)
         if not job.output.exists() and (folder / job.output.name).exists():  # the sweep folder was moved or copied
             job.output = folder / job.output.name
         job.overall, job.blocks = _diagnostics(job.output / "diagnostics.json")
@@ -259,6 +262,16 @@ def _read_job(sweep_dir: Path, folder: Path) -> Job:
     except (OSError, ValueError) as e:
         job.preview_error = f"{name}/{PREVIEW_DIR}/previews.json cannot be read: {e}"
     return job
+
+
+def _without_local_prefix(override: str, sweep_dir: Path) -> str:
+    """An override as the summary shows it: a local absolute path in its value (`recipe.sources.krea=/data/k`)
+    relative to the sweep folder, as every file of an output names local paths."""
+    key, sep, value = override.partition("=")
+    m = re.fullmatch(r"(['\"]?)([/~].*?)\1", value, re.S)
+    if not sep or not m:
+        return override
+    return f"{key}={m[1]}{os.path.relpath(os.path.expanduser(m[2]), sweep_dir)}{m[1]}"
 
 
 def _load(path: Path, parse: Callable[[str], Any]) -> Any:

@@ -270,3 +270,20 @@ def config_of(folder: Path) -> dict:
 
 def source_overrides(schnell: Path, krea: Path) -> list[str]:
     return [f"recipe.sources.schnell={schnell}", f"recipe.sources.krea={krea}"]
+
+
+@pytest.fixture
+def pipeline_files(tmp_path) -> Path:
+    """A pipeline folder as far as a dry run reads one: model_index.json and its components' configs."""
+    folder = tmp_path / "pipeline"
+    index = {"_class_name": "FluxPipeline", **{n: ["x", "Y"] for n in ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "transformer")}}
+    configs = {
+        "model_index.json": index,
+        "text_encoder/config.json": {"hidden_size": TINY["pooled_projection_dim"]},
+        "text_encoder_2/config.json": {"d_model": TINY["joint_attention_dim"]},
+        "vae/config.json": {"latent_channels": TINY["in_channels"] // 4},
+    }
+    for name, value in configs.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(value))
+    return folder

@@ -243,3 +243,36 @@ def test_cli_merges_from_the_cache_and_keeps_no_token(tmp_path, cache, krea):
         assert SECRET.encode() not in data and b"canary-value-55e1" not in data, f"{p} holds an environment value"
     assert SECRET not in done.stdout + done.stderr
 
+
+
+# --- the preview pipeline: through the same hub access ----------------------------------------------------
+
+
+def test_a_preview_pipeline_goes_through_the_hub_access_of_sources(unreachable, cache, pipeline_files, monkeypatch, caplog):
+    """Its config files came through a second path to the hub, without the reachability check: without a
+    network, huggingface_hub retried every request for ~25 s, printing each retry twice. Now: the cache at
+    once, and a repo that is not there is one line that says what to do."""
+    from conftest import TINY
+    from fluxrecipe import hub, preview
+
+    root = cache / "models--org--tiny-pipeline"
+    for file in sorted(p for p in pipeline_files.rglob("*") if p.is_file()):
+        link = root / "snapshots" / NEW / file.relative_to(pipeline_files)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.write_bytes(file.read_bytes())
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(NEW)
+    asked = []
+    real = hub.hf_hub_download
+    monkeypatch.setattr(hub, "hf_hub_download", lambda *a, **k: asked.append(k["local_files_only"]) or real(*a, **k))
+    model = {"joint_attention_dim": TINY["joint_attention_dim"], "pooled_projection_dim": TINY["pooled_projection_dim"], "in_channels": TINY["in_channels"]}
+
+    def settings(pipeline: str) -> preview.PreviewSettings:
+        return preview.PreviewSettings(pipeline, ("a cat",), (0,), 2, None, 32, 32, "none")
+
+    assert preview.check(settings("org/tiny-pipeline"), model, fetch=False) == []
+    problems = preview.check(settings("org/absent"), model, fetch=False)
+    assert asked and all(asked)  # every file from the cache alone
+    assert len(problems) == 1 and problems[0].startswith("preview.pipeline=org/absent: hub repo 'org/absent' is not in the local cache")
+    assert "the hub cannot be reached" in problems[0] and "or give a local pipeline folder" in problems[0]
+    assert not any("Retrying" in r.getMessage() for r in caplog.records)

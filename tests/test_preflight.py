@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import TINY, compose
+from conftest import compose
 from fluxrecipe import preflight
 from sweep_helpers import run_main, with_nan, write_recipes
 
@@ -34,23 +34,6 @@ def sweep(monkeypatch, env, tmp_path, capsys):
         return code, out.out, out.err
 
     return run
-
-
-@pytest.fixture
-def pipeline_files(tmp_path) -> Path:
-    """A pipeline folder as far as a dry run reads one: model_index.json and its components' configs."""
-    folder = tmp_path / "pipeline"
-    index = {"_class_name": "FluxPipeline", **{n: ["x", "Y"] for n in ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "transformer")}}
-    configs = {
-        "model_index.json": index,
-        "text_encoder/config.json": {"hidden_size": TINY["pooled_projection_dim"]},
-        "text_encoder_2/config.json": {"d_model": TINY["joint_attention_dim"]},
-        "vae/config.json": {"latent_channels": TINY["in_channels"] // 4},
-    }
-    for name, value in configs.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(json.dumps(value))
-    return folder
 
 
 def refused(result: tuple[int, str, str], tmp_path: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -127,6 +128,21 @@ def test_grid_has_a_column_per_job_and_a_row_per_prompt_and_seed(swept):
     assert page.count('<img class="cell"') == 8 and "recipe.alpha%3D0.5%2Crecipe%3Dtiny/previews/p1-s1.png" in page
     assert page.count("<tr><td>recipe.alpha=") == 4  # the summary table: a row per job
     assert "![previews: a row per prompt and seed, a column per job](grid.png)" in (sweep_dir / sweep.SUMMARY_MD).read_text()
+
+
+def test_the_sweep_names_local_paths_relative_to_itself(swept, pipeline):
+    """No absolute local path in what the sweep writes: the pipeline in previews.json (relative to the
+    previews folder), in index.html and in the overrides column (relative to the sweep folder), a job's output
+    (relative to its folder)."""
+    sweep_dir, _ = swept
+    for name in JOBS[:2]:
+        settings = json.loads((sweep_dir / name / "previews" / "previews.json").read_text())["settings"]
+        assert settings["pipeline"] == os.path.relpath(pipeline, sweep_dir / name / "previews")
+        assert json.loads((sweep_dir / name / sweep.JOB_STATUS_NAME).read_text())["output"] == "transformer"
+    for file in (sweep.SUMMARY_MD, sweep.SUMMARY_CSV, grid.INDEX_HTML):
+        assert str(pipeline) not in (sweep_dir / file).read_text(), file
+    assert f"preview.pipeline={os.path.relpath(pipeline, sweep_dir)}" in (sweep_dir / sweep.SUMMARY_CSV).read_text()
+    assert f"pipeline {os.path.relpath(pipeline, sweep_dir)}" in (sweep_dir / grid.INDEX_HTML).read_text()
 
 
 def test_summary_rebuilds_the_grid_from_the_images(swept, tmp_path):
