@@ -17,16 +17,17 @@ import re
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
 
 from . import __version__, preview, sweep
-from .catalog import RECIPE_PATH_ENV, SUFFIXES, conf_dir, recipe_dirs, register_recipes
+from .catalog import conf_dir, is_recipe_path, recipe_dirs, recipe_file, recipe_problem, register_recipes
 from .recipe import BLOCK_OVERRIDES_ENV
 from .errors import FluxRecipeError, UsageError
 from .files import os_errors
-from .run import EXIT_ERROR, fail, show_traceback, unknown_option
+from .run import EXIT_ERROR, deleted_option, fail, option_default, show_traceback, unknown_option
 
 EXIT_INTERRUPTED = 130
 PROGRAM = "fluxrecipe"  # the console script: what Hydra's help and shell completion name
@@ -49,6 +50,7 @@ COMMANDS = {"verify": "fluxrecipe.verify", "summary": "fluxrecipe.sweep", "metho
 
 def main() -> None:
     _keep_standard_streams_open()
+    sys.stdout = _ReaderMayLeave(sys.stdout)
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         module = importlib.import_module(COMMANDS[sys.argv[1]])
         sys.exit(module.main(sys.argv[2:]))
@@ -79,37 +81,57 @@ def main() -> None:
 
 def command_line(args: list[str]) -> list[str]:
     """The overrides as Hydra should see them, and the mistakes Hydra would answer with a page of text:
-    - `recipe=PATH.yaml` runs that file: its folder goes first on FLUXRECIPE_RECIPE_PATH, the override
-      becomes `recipe=NAME`;
-    - `recipe=2024` (a file 2024.yaml) is a name, not a number;
+    - `recipe=NAME` is a recipe on the search path, and a mistyped name is one line ("did you mean");
+    - `recipe=PATH.yaml` runs that exact file (a whole value that is a file is one path, commas and all);
+    - a recipe choice that Hydra would read as something else goes to it quoted: `recipe=2024`, `recipe=true`
+      or `recipe=null` is a name, not a number, a boolean or no recipe, and `recipe=a/x=y.yaml` a path;
     - `dryrun=true` or `+dryrun=true`: an option fluxrecipe does not have, named with the closest it has."""
     out, blocks = [], []
     for previous, arg in zip([None, *args], args):
         block = BLOCK_OVERRIDE.fullmatch(arg) if previous not in VALUE_FLAGS else None
         if block:  # the recipe loader gives this parameter a shape the block can be added to
             blocks.append(block["param"])
-        m = re.fullmatch(r"(\+{0,2})([A-Za-z_][\w-]*)=(.*)", arg, re.S) if previous not in VALUE_FLAGS else None
-        if m and m[2] != "hydra" and (message := unknown_option(m[2])):
+        m = re.fullmatch(r"(\+{0,2})([A-Za-z_][\w-]*(?:\.[\w-]+)*)=(.*)", arg, re.S) if previous not in VALUE_FLAGS else None
+        if m and (message := unknown_option(m[2])):
             raise UsageError(message)
+        deleted = re.fullmatch(r"~([A-Za-z_][\w-]*(?:\.[\w-]+)*)(=.*)?", arg, re.S) if previous not in VALUE_FLAGS else None
+        if deleted and (default := option_default(deleted[1])) is not None:
+            raise UsageError(deleted_option(deleted[1], default[0]))
         if m and m[1] == "" and m[2] == "recipe" and not re.match(r"\w+\(", m[3]):  # not a sweep function
-            arg = "recipe=" + ",".join(_recipe_choice(v) for v in m[3].split(","))
+            arg = "recipe=" + ",".join(_recipe_choice(v, sweep.is_multirun(args)) for v in _recipe_values(m[3]))
         out.append(arg)
     if blocks:
         os.environ[BLOCK_OVERRIDES_ENV] = ",".join(dict.fromkeys(blocks))
     return out
 
 
-def _recipe_choice(value: str) -> str:
-    if value.endswith(SUFFIXES) or "/" in value:
-        path = os.path.abspath(os.path.expanduser(value))
-        if not os.path.isfile(path):
-            raise UsageError(f"recipe={value}: no such recipe file ({path})")
-        if not path.endswith(SUFFIXES):
-            raise UsageError(f"recipe={value}: a recipe file's name ends with .yaml")
-        folder, name = os.path.split(path)
-        os.environ[RECIPE_PATH_ENV] = os.pathsep.join(p for p in (folder, os.environ.get(RECIPE_PATH_ENV, "")) if p)
-        value = os.path.splitext(name)[0]
-    return f"'{value}'" if re.fullmatch(r"[\w-]+", value) and not re.fullmatch(r"[A-Za-z_][\w-]*", value) else value
+def _recipe_values(value: str) -> list[str]:
+    """The recipes of `recipe=VALUE`: one file, when the whole value is one (a sweep's job folder has commas
+    in its name), else the comma-separated choices of a sweep."""
+    return [value] if is_recipe_path(value) and recipe_file(value) is not None else value.split(",")
+
+
+def _recipe_choice(value: str, multirun: bool) -> str:
+    """One recipe choice, checked (a sweep's pre-flight reports it with the sweep's other problems), as Hydra
+    should read it."""
+    if not multirun and (problem := recipe_problem(value)):
+        raise UsageError(problem)
+    return _hydra_string(value)
+
+
+def _hydra_string(text: str) -> str:
+    """`text` written so that Hydra's override parser reads back that very string: as it is where it would
+    (a plain name keeps the job folders' names plain), else quoted (a backslash escapes a quote, and itself
+    before a quote or at the end)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        if OverridesParser.create().parse_override(f"recipe={text}").value() == text:
+            return text
+    except Exception:  # noqa: BLE001 - any value the parser refuses is quoted
+        pass
+    escaped = re.sub(r"(\\*)('|$)", lambda q: q[1] * 2 + ("\\'" if q[2] else ""), text)
+    return f"'{escaped}'"
 
 
 def _keep_standard_streams_open() -> None:
@@ -124,6 +146,36 @@ def _keep_standard_streams_open() -> None:
         sys.stdout = open(1, "w", closefd=False)
     if sys.stderr is None:
         sys.stderr = open(2, "w", closefd=False)
+
+
+class _ReaderMayLeave:
+    """Standard output for the whole command: when it is a pipe whose reader is gone (`| head`), the command
+    ends there, quietly, with status 1, whatever was printing (a plan, a log line, Hydra's help, a summary).
+    A BrokenPipeError would otherwise reach Hydra, which prints it as a traceback, or Python's exit, which
+    prints 'Exception ignored'. SystemExit passes through Hydra and through a job's own error handling."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    @staticmethod
+    def _reader_gone() -> NoReturn:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())  # what is still buffered goes nowhere
+        raise SystemExit(EXIT_ERROR)
 
 
 def _terminate(signum, frame) -> None:
@@ -155,9 +207,6 @@ def _task(cfg: DictConfig):
         return job.run(cfg)
     except FluxRecipeError as e:
         fail(e, show_traceback(cfg))
-    except BrokenPipeError:  # stdout is a pipe whose reader is gone (`| head`): nothing more to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(EXIT_ERROR)
 
 
 if __name__ == "__main__":

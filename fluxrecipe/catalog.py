@@ -2,8 +2,11 @@
 
 Recipe files form Hydra's `recipe` config group through a config source of their own (`RecipeSource`), so a
 flat folder of YAML files is a group, `FLUXRECIPE_RECIPE_PATH` (folders separated by os.pathsep) adds the
-user's own, and `recipe=PATH.yaml` runs one file by its path. A user recipe shadows a built-in one of the same
-name; among user folders, the first listed wins.
+user's own, and `recipe=PATH.yaml` runs that exact file by its path (a choice that names a folder or ends
+with .yaml or .yml is a path, from the current folder; any other is a name). A user recipe shadows a built-in
+one of the same name; among user folders, the first listed wins. A file whose name is not plain
+(A-Z, a-z, 0-9, `_`, `.`, `-`) is not a recipe name: it is ignored and listed as such in `--help`, so that a
+name that holds a terminal escape never reaches the terminal raw.
 
 Recipes are files from strangers, so they are loaded lazily and within bounds: listing the group (for
 `--help` or tab completion) reads no file; only the chosen recipe is parsed, and a file that is too large,
@@ -13,8 +16,10 @@ so that choosing it gives that error in one line and choosing any other recipe i
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import UsageError
 from .files import os_error_text, read_small
 from .schedule import string_keys
+from .text import printable
 
 PACKAGE = Path(__file__).resolve().parent
 RECIPE_PATH_ENV = "FLUXRECIPE_RECIPE_PATH"
@@ -35,6 +41,7 @@ GROUP = "recipe"
 SUFFIXES = (".yaml", ".yml")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a megabyte is a thousand rules
 MAX_RECIPE_NODES = 20_000  # YAML values once aliases are expanded (a 300-byte alias bomb expands to billions)
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a recipe file's name on the search path
 
 
 def _packaged_or_checkout(packaged: str, checkout: str) -> Path:
@@ -62,13 +69,66 @@ def recipe_dirs() -> list[Path]:
 
 
 def recipe_files() -> dict[str, Path]:
-    """Recipe name -> the file that defines it (the highest-precedence one). Reads no file."""
+    """Recipe name -> the file that defines it (the highest-precedence one). Reads no file, and follows no
+    link (a link that loops is a file that cannot be read, said when it is chosen)."""
     found: dict[str, Path] = {}
-    for folder in reversed(recipe_dirs()):
-        for suffix in reversed(SUFFIXES):  # .yaml wins over .yml of the same name
-            for path in sorted(folder.glob("*" + suffix)):
-                found[path.stem] = path.resolve()
+    for path in _files_on_search_path():
+        if PLAIN_NAME.fullmatch(path.name):
+            found[path.stem] = path
     return found
+
+
+def ignored_recipe_files() -> list[Path]:
+    """Files on the search path that look like recipes but whose names are not plain (see PLAIN_NAME)."""
+    return sorted({p for p in _files_on_search_path() if not PLAIN_NAME.fullmatch(p.name)})
+
+
+def _files_on_search_path() -> list[Path]:
+    """Every *.yaml and *.yml of the recipe folders, lowest precedence first (.yaml wins over .yml)."""
+    return [
+        Path(os.path.abspath(path))
+        for folder in reversed(recipe_dirs())
+        for suffix in reversed(SUFFIXES)
+        for path in sorted(folder.glob("*" + suffix))
+    ]
+
+
+def is_recipe_path(choice: str) -> bool:
+    """`recipe=CHOICE` names a file by its path (it names a folder, or ends with .yaml or .yml), not a recipe
+    on the search path."""
+    return "/" in choice or choice.endswith(SUFFIXES)
+
+
+def recipe_file(choice: str) -> Path | None:
+    """The file a recipe choice means: a path is that exact file (from the current folder), a name the
+    recipe of that name on the search path; None when there is no such file."""
+    if is_recipe_path(choice):
+        path = Path(os.path.abspath(os.path.expanduser(choice)))
+        return path if path.is_file() and path.name.endswith(SUFFIXES) else None
+    return recipe_files().get(choice)
+
+
+def recipe_problem(choice: str) -> str | None:
+    """Why `recipe=CHOICE` names no recipe, in one line (with the closest name); None when it names one."""
+    if recipe_file(choice) is not None:
+        return None
+    if is_recipe_path(choice):
+        path = os.path.abspath(os.path.expanduser(choice))
+        if not choice.endswith(SUFFIXES):
+            return f"recipe={choice}: a recipe file's name ends with .yaml" + ("" if os.path.isfile(path) else f" (and there is no file {path})")
+        return f"recipe={choice}: no such recipe file ({path})"
+    known = sorted(recipe_files())
+    close = difflib.get_close_matches(choice, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"recipes: {', '.join(known)}"
+    ignored = [p for p in ignored_recipe_files() if p.stem == choice]
+    if ignored:
+        hint = f"{printable(str(ignored[0]))} is ignored: a recipe name may hold only A-Z a-z 0-9 _ . -; run it as recipe=PATH"
+    return f"no recipe {choice!r} ({hint}); `fluxrecipe --help` lists the recipes, and recipe=PATH.yaml runs a file"
+
+
+def recipe_name(choice: str) -> str:
+    """What a recipe is called: its file's name without .yaml for a path, else the name chosen."""
+    return os.path.splitext(os.path.basename(choice))[0] if is_recipe_path(choice) else choice
 
 
 def load_recipe_file(path: Path) -> DictConfig:
@@ -136,7 +196,8 @@ class RecipeSource(ConfigSource):
         return config_path.strip("/") in ("", GROUP)
 
     def is_config(self, config_path: str) -> bool:
-        return self._name(config_path) in recipe_files()
+        choice = self._choice(config_path)
+        return choice is not None and recipe_file(choice) is not None
 
     def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
         path = config_path.strip("/")
@@ -147,17 +208,17 @@ class RecipeSource(ConfigSource):
         return []
 
     def load_config(self, config_path: str) -> ConfigResult:
-        file = recipe_files().get(self._name(config_path))
+        choice = self._choice(config_path)
+        file = recipe_file(choice) if choice is not None else None
         if file is None:
             raise ConfigLoadError(f"recipe not found: {config_path}")
         return ConfigResult(config=load_recipe_file(file), path=f"{self.scheme()}://{file.parent}", provider=self.provider, header={"package": None})
 
     @staticmethod
-    def _name(config_path: str) -> str | None:
-        group, _, name = config_path.strip("/").partition("/")
-        if group != GROUP or "/" in name:
-            return None
-        return name[: -len(".yaml")] if name.endswith(".yaml") else name
+    def _choice(config_path: str) -> str | None:
+        """`recipe/NAME` or `recipe/PATH` (as given, `recipe//abs/x.yaml` for an absolute one) -> NAME or PATH."""
+        group, _, choice = config_path.partition("/")
+        return choice if group == GROUP and choice else None
 
 
 class RecipeSearchPath(SearchPathPlugin):
@@ -165,8 +226,19 @@ class RecipeSearchPath(SearchPathPlugin):
         search_path.append(provider="fluxrecipe", path=f"{RecipeSource.scheme()}://{GROUP}")
 
 
+def ignored_note() -> str:
+    """For `--help` (conf/config.yaml's help footer): the recipe files ignored for their names, escaped."""
+    ignored = ignored_recipe_files()
+    if not ignored:
+        return ""
+    names = ", ".join(printable(repr(p.name)) for p in ignored)
+    text = f"\nIgnored (a recipe file's name may hold only A-Z a-z 0-9 _ . -; rename it, or give it as recipe=PATH): {names}"
+    return text.replace("$", "$$")  # Hydra fills the help template with string.Template: a $ of a name is text
+
+
 def register_recipes() -> None:
     """Make Hydra see the recipe group (idempotent; Hydra's launchers carry it into their worker processes)."""
     plugins = Plugins.instance()
     plugins.register(RecipeSource)
     plugins.register(RecipeSearchPath)
+    OmegaConf.register_new_resolver("fluxrecipe.ignored_recipes", ignored_note, replace=True)

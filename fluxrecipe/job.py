@@ -1,15 +1,15 @@
-"""One job as the command line asks for it: the merge (run.run_job), then its previews, then `keep_weights`.
+"""One job as the command line asks for it: the merge (run.execute_job), then its previews, then `keep_weights`.
 
-A single run with `preview=true` is checked like a sweep's job before anything is merged (preflight.py), so a
-wrong preview setting or an unreachable pipeline costs seconds, not a merge. `keep_weights=false` deletes the
-weight files the merge wrote once its previews are done (or failed): the folder keeps config.json, the model
-card, `recipe.yaml` (which rebuilds the weights byte for byte), the provenance, the diagnostics and the
-manifest (the sha256 of every deleted file, so a rebuild can be checked against it).
+A job runs on the check and plan its pre-flight made (preflight.py: a sweep's before any job starts, a single
+run's before Hydra makes its run folder), so a wrong preview setting or an unreachable pipeline costs seconds,
+not a merge, and nothing is planned twice. `keep_weights=false` deletes the weight files the merge wrote once
+its previews are done (or failed): the folder keeps config.json, the model card, `recipe.yaml` (which rebuilds
+the weights byte for byte), the provenance, the diagnostics and the manifest (the sha256 of every deleted
+file, so a rebuild can be checked against it).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -19,7 +19,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from . import preview
-from .errors import UsageError
 from .formats.diffusers import INDEX_NAME
 from .plan import Plan, human_bytes
 
@@ -30,35 +29,29 @@ log = logging.getLogger("fluxrecipe")
 
 
 def run(cfg: DictConfig) -> Result | Plan:
-    from .preflight import check_single
-    from .run import run_job
-    from .sweep import in_multirun
+    from .preflight import checked_job
+    from .run import dry_run_of, execute_job
 
-    keep = keep_weights(cfg)
-    previews = preview.enabled(cfg)
-    if (previews or not keep) and not in_multirun():  # a sweep's pre-flight has checked every job already
-        settings = check_single(cfg)
-        if cfg.dry_run and settings is not None:
-            print(f"previews: {settings.describe()}; into {job_folder() / preview.PREVIEW_DIR}")
-    value = run_job(cfg)
+    dry_run = dry_run_of(cfg)
+    check = checked_job(cfg, job_folder())
+    if dry_run and check.previews is not None:
+        print(f"previews: {check.previews.describe()}; into {job_folder() / preview.PREVIEW_DIR}")
+    value = execute_job(check.job, dry_run)
     if isinstance(value, Plan):  # a dry run
         return value
     try:
-        if previews:
-            config = json.loads((value.output / "config.json").read_text())
-            settings = preview.settings_of(cfg, bool(config.get("guidance_embeds")))
-            preview.render(value.output, settings, str(cfg.device), job_folder() / preview.PREVIEW_DIR)
+        if check.previews is not None:
+            preview.render(value.output, check.previews, str(cfg.device), job_folder() / preview.PREVIEW_DIR)
     finally:
-        if not keep:
+        if not check.keep_weights:
             drop_weights(value)
     return value
 
 
 def keep_weights(cfg: DictConfig) -> bool:
-    value = cfg.get("keep_weights", True)
-    if not isinstance(value, bool):
-        raise UsageError(f"keep_weights={value}: choose true or false")
-    return value
+    from .run import boolean
+
+    return boolean(cfg.get("keep_weights", True), "keep_weights")
 
 
 def job_folder() -> Path:

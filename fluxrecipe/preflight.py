@@ -24,10 +24,11 @@ from typing import Any, Iterable, Sequence
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from . import preview
+from .catalog import recipe_problem
 from .errors import FluxRecipeError, UsageError
 from .plan import format_plan, human_bytes
 
@@ -35,10 +36,12 @@ EXIT_PROBLEMS = 1
 SIDE_FILES = 4 << 20  # config, card, recipe, provenance, diagnostics, manifest, shard headers: a bound
 SHOWN_JOBS = 4  # job names listed for a problem several jobs share
 
+_checked: dict[str, "JobCheck"] = {}  # job folder -> its pre-flight check, for the job when it runs in this process
+
 
 @dataclass
 class JobCheck:
-    """One job of the sweep as planned before it runs."""
+    """One job (of a sweep, or a single run) as checked and planned before it runs."""
 
     num: int
     name: str  # its folder relative to the sweep folder, or its overrides where it could not be composed
@@ -47,6 +50,7 @@ class JobCheck:
     previews: preview.PreviewSettings | None = None
     keep_weights: bool = True
     problems: list[str] = field(default_factory=list)
+    task: dict | None = None  # the job's config as its task gets it (without `hydra`): which job this check is for
 
     @property
     def model_bytes(self) -> int:
@@ -54,7 +58,9 @@ class JobCheck:
 
 
 @dataclass
-class Preflight:
+class SweepReport:
+    """The pre-flight of a whole sweep: every job's check, and the sweep's own problems and disk."""
+
     sweep_dir: Path
     jobs: list[JobCheck]
     at_once: int  # jobs the launcher runs at the same time
@@ -118,12 +124,14 @@ class _PipelineChecks:
         return self.done[key]
 
 
-def check_job(cfg: DictConfig, check: JobCheck, dry_run: bool, multirun: bool, pipelines: _PipelineChecks) -> JobCheck:
-    """Every problem of one job that can be found without reading a tensor, into `check.problems`."""
+def check_job(cfg: DictConfig, check: JobCheck, dry_run: bool, multirun: bool, pipelines: _PipelineChecks | None) -> JobCheck:
+    """Every problem of one job that can be found without reading a tensor, into `check.problems`.
+    `pipelines`: None leaves the preview pipeline unchecked (a sweep's pre-flight checked it for every job)."""
     from .job import keep_weights
     from .run import plan_job
     from .sweep import output_problem
 
+    check.task = task_config(cfg)
     problems = check.problems
     if multirun and cfg.get("output"):
         problems.append(output_problem(cfg.output))
@@ -141,32 +149,58 @@ def check_job(cfg: DictConfig, check: JobCheck, dry_run: bool, multirun: bool, p
         problems.append(
             f"format={check.job.plan.format} writes one file; "
             + ("previews load the merged model as a diffusers folder" if wants_previews else "keep_weights=false keeps the folder's recipe.yaml, which one file has no room for")
-            + ": sweep with format=diffusers (the default), then convert the merge you choose (its recipe.yaml, with format=...)"
+            + f": {'sweep' if multirun else 'merge'} with format=diffusers (the default), then convert the merge you choose (its recipe.yaml, with format=...)"
         )
+    elif not multirun and not check.keep_weights and not wants_previews:
+        problems.append("keep_weights=false deletes a merge's weights once its previews are done: without preview=true it would delete the merge as soon as it is written")
     elif wants_previews and check.job is not None:
         config = check.job.plan.config
         try:
             check.previews = preview.settings_of(cfg, bool(config.get("guidance_embeds")))
         except UsageError as e:
             problems.append(str(e))
-        if check.previews is not None:
+        if check.previews is not None and pipelines is not None:
             problems += pipelines(check.previews, config, fetch=not dry_run)
-            if (check.folder / preview.PREVIEW_DIR).exists():
-                problems.append(f"{check.folder / preview.PREVIEW_DIR} already exists (an earlier sweep in this folder): choose another hydra.sweep.dir")
+        if check.previews is not None and (check.folder / preview.PREVIEW_DIR).exists():
+            problems.append(f"{check.folder / preview.PREVIEW_DIR} already exists (an earlier run in this folder): choose another " + ("hydra.sweep.dir" if multirun else "hydra.run.dir"))
     if multirun and str(cfg.device) != "cpu":
         problems += _device_problems(str(cfg.device), cfg.hydra.launcher)
     return check
 
 
-def check_single(cfg: DictConfig) -> preview.PreviewSettings | None:
-    """A single run with previews (or keep_weights=false) gets the checks of a sweep's job, before it merges:
-    one UsageError. Returns its preview settings, if it has previews."""
-    from .job import job_folder
+def check_run(config: DictConfig) -> None:
+    """A single run's pre-flight (run.Preflight, before Hydra makes the run folder): the checks of a sweep's
+    job, its preview pipeline included, as one UsageError. The job then runs on this check's plan."""
+    from .run import dry_run_of
 
-    check = check_job(cfg, JobCheck(0, "run", job_folder()), dry_run=bool(cfg.dry_run), multirun=False, pipelines=_PipelineChecks())
+    folder = Path(str(config.hydra.runtime.output_dir))
+    check = check_job(config, JobCheck(0, "run", folder), dry_run_of(config), multirun=False, pipelines=_PipelineChecks())
     if check.problems:
         raise UsageError("; ".join(check.problems))
-    return check.previews
+    _checked[str(folder)] = check
+
+
+def checked_job(cfg: DictConfig, folder: Path) -> JobCheck:
+    """The check and plan of the job about to run in `folder`: the pre-flight's, where this process made it
+    for this very config, else made now (a job that a launcher runs in another process, or a run started
+    without Hydra's callbacks). Raises one UsageError listing the job's problems."""
+    from .run import dry_run_of
+    from .sweep import in_multirun
+
+    check = _checked.pop(str(folder), None)
+    if check is None or check.task != task_config(cfg):
+        multirun = in_multirun()
+        check = check_job(cfg, JobCheck(0, "run", folder), dry_run_of(cfg), multirun, pipelines=None if multirun else _PipelineChecks())
+    if check.problems:
+        raise UsageError("; ".join(check.problems))
+    return check
+
+
+def task_config(cfg: DictConfig) -> dict:
+    """A job's config as plain data, without Hydra's own part: what tells a job's task from another's."""
+    data = OmegaConf.to_container(cfg, resolve=False)
+    data.pop("hydra", None)
+    return data
 
 
 def _device_problems(device: str, launcher: DictConfig) -> list[str]:
@@ -186,7 +220,7 @@ def _device_problems(device: str, launcher: DictConfig) -> list[str]:
 # --- the whole sweep -------------------------------------------------------------------------------------
 
 
-def preflight(configs: Iterable[tuple[int, Sequence[str], DictConfig | None, str | None]], sweep_dir: Path, at_once: int, dry_run: bool) -> Preflight:
+def preflight(configs: Iterable[tuple[int, Sequence[str], DictConfig | None, str | None]], sweep_dir: Path, launcher: DictConfig, dry_run: bool) -> SweepReport:
     """Check every job (num, overrides, composed config or None, composition error) and the sweep as a whole."""
     pipelines = _PipelineChecks()
     jobs: list[JobCheck] = []
@@ -197,13 +231,28 @@ def preflight(configs: Iterable[tuple[int, Sequence[str], DictConfig | None, str
         folder = Path(cfg.hydra.runtime.output_dir)
         name = os.path.relpath(folder, sweep_dir.absolute())
         jobs.append(check_job(cfg, JobCheck(num, name, folder), dry_run, multirun=True, pipelines=pipelines))
-    report = Preflight(sweep_dir, jobs, max(1, min(at_once, len(jobs))))
+    report = SweepReport(sweep_dir, jobs, max(1, min(jobs_at_once(launcher, len(jobs)), len(jobs))))
+    report.problems += _launcher_problems(launcher)
     _check_folders(report)
     _check_disk(report)
     return report
 
 
-def _check_folders(report: Preflight) -> None:
+def _launcher_problems(launcher: DictConfig) -> list[str]:
+    """A launcher that cannot start here fails only once the sweep folder exists (submitit looks for SLURM's
+    `srun` as it starts): say it before."""
+    if str(launcher.get("_target_", "")).endswith("SlurmLauncher") and shutil.which("srun") is None:
+        return ["hydra/launcher=slurm: this machine has no SLURM (no `srun` on the PATH): launch the sweep from a node of the cluster, "
+                "or run it here with hydra/launcher=basic (the default), joblib or submitit_local"]
+    return []
+
+
+def _in_process(launcher: DictConfig) -> bool:
+    """The launcher runs every job in this process (Hydra's basic launcher), one after the other."""
+    return str(launcher.get("_target_", "")).endswith("BasicLauncher")
+
+
+def _check_folders(report: SweepReport) -> None:
     seen: dict[Path, JobCheck] = {}
     for job in report.jobs:
         if job.folder is None:
@@ -213,7 +262,7 @@ def _check_folders(report: Preflight) -> None:
         seen.setdefault(job.folder, job)
 
 
-def _check_disk(report: Preflight) -> None:
+def _check_disk(report: SweepReport) -> None:
     """The sweep's disk at its fullest: every model kept, plus the largest ones that exist at once before their
     previews are done and their weights deleted (keep_weights=false), plus the previews."""
     kept = sum(j.model_bytes for j in report.jobs if j.keep_weights)
@@ -241,8 +290,7 @@ def _check_disk(report: Preflight) -> None:
 
 def jobs_at_once(launcher: DictConfig, jobs: int) -> int:
     """How many jobs the launcher runs at the same time (each holds a model until it is done)."""
-    target = str(launcher.get("_target_", ""))
-    if target.endswith("BasicLauncher"):
+    if _in_process(launcher):
         return 1
     n_jobs = launcher.get("n_jobs")  # joblib: -1 one per core, -2 all but one, ...
     if isinstance(n_jobs, int) and n_jobs != 0:
@@ -259,11 +307,11 @@ def before_launch(master: DictConfig, loader: Any, all_jobs: list[list[str]]) ->
     prints every plan and the totals and returns None (launch nothing); else returns the overrides to add to
     every job (see quiet_folder_names)."""
     sweep_dir = Path(str(master.hydra.sweep.dir))
-    dry_run = bool(master.get("dry_run"))
+    dry_run = master.get("dry_run") is True  # any other value than true or false: every job says so
     extra = quiet_folder_names(master, all_jobs)
     try:
         jobs = [[*overrides, *extra] for overrides in all_jobs]
-        report = preflight(_job_configs(master, loader, jobs), sweep_dir, jobs_at_once(master.hydra.launcher, len(jobs)), dry_run)
+        report = preflight(_job_configs(master, loader, jobs), sweep_dir, master.hydra.launcher, dry_run)
     finally:
         HydraConfig.instance().set_config(master)
     if dry_run:
@@ -280,6 +328,8 @@ def before_launch(master: DictConfig, loader: Any, all_jobs: list[list[str]]) ->
     if dry_run:
         print("dry run: nothing was launched and nothing written")
         return None
+    if _in_process(master.hydra.launcher):  # each job runs here, on the plan its check made
+        _checked.update((str(job.folder), job) for job in report.jobs)
     return extra
 
 
@@ -297,6 +347,14 @@ def quiet_folder_names(master: DictConfig, all_jobs: list[list[str]]) -> list[st
 
 
 
+def _recipe_problem(overrides: Sequence[str]) -> str | None:
+    """Why the recipe a job chooses is none (a mistyped name, a missing file), as a single run says it."""
+    parser = OverridesParser.create()
+    for override in parser.parse_overrides([o for o in overrides if o.startswith("recipe=")]):
+        return recipe_problem(str(override.value()))
+    return None
+
+
 def _job_configs(master: DictConfig, loader: Any, all_jobs: list[list[str]]) -> Iterable[tuple[int, Sequence[str], DictConfig | None, str | None]]:
     """Each job's config as its launcher will compose it (Hydra's load_sweep_config), with its number and folder
     set as Hydra's run_job sets them, and made Hydra's current config, so that run.plan_job sees the job."""
@@ -312,6 +370,6 @@ def _job_configs(master: DictConfig, loader: Any, all_jobs: list[list[str]]) -> 
             HydraConfig.instance().set_config(cfg)
         except (HydraException, OmegaConfBaseException) as e:
             task = [o for o in overrides if not o.startswith("hydra.")]
-            yield num, task, None, " ".join(str(e).split("Config search path:")[0].split())
+            yield num, task, None, _recipe_problem(overrides) or " ".join(str(e).split("Config search path:")[0].split())
             continue
         yield num, overrides, cfg, None

@@ -102,11 +102,10 @@ def expand_switch(argv: list[str]) -> list[str]:
 
 
 def enabled(cfg: DictConfig) -> bool:
+    from .run import boolean
+
     node = cfg.get("preview")
-    value = node.get("enabled") if isinstance(node, DictConfig) else node
-    if not isinstance(value, bool):
-        raise UsageError(f"preview={value}: choose true or false")
-    return value
+    return boolean(node.get("enabled") if isinstance(node, DictConfig) else node, "preview")
 
 
 def settings_of(cfg: DictConfig, guidance_embeds: bool) -> PreviewSettings:

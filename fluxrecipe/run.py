@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import logging
 import os
 import re
@@ -16,10 +17,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from . import api
-from .catalog import conf_dir, recipe_files
+from .catalog import conf_dir, recipe_file, recipe_files, recipe_name
 from .errors import FileError, FluxRecipeError, UsageError
 from .files import os_errors
 from .formats import OUTPUT_FORMATS
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .execute import Result
 
 log = logging.getLogger("fluxrecipe")
+_MISSING = object()
 EXIT_ERROR = 1
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
@@ -68,11 +70,13 @@ def plan_job(cfg: DictConfig, dry_run: bool = False) -> JobPlan:
 
 def run_job(cfg: DictConfig) -> Result | Plan:
     """Plan the merge the config asks for; print it (dry run) or execute it. Returns the Plan or the Result."""
+    dry_run = dry_run_of(cfg)
     with os_errors():
-        return _run(plan_job(cfg, dry_run=bool(cfg.dry_run)), bool(cfg.dry_run))
+        return execute_job(plan_job(cfg, dry_run), dry_run)
 
 
-def _run(job: JobPlan, dry_run: bool) -> Result | Plan:
+def execute_job(job: JobPlan, dry_run: bool) -> Result | Plan:
+    """A planned job: its plan printed (dry run), or merged into its output."""
     plan, options, output = job.plan, job.options, job.output
     if output is None:
         raise UsageError("no output folder: give output=DIR")
@@ -83,8 +87,6 @@ def _run(job: JobPlan, dry_run: bool) -> Result | Plan:
             text.append(f"note: {shown} already exists: the merge will refuse it unless you pass overwrite=true")
         try:
             print("\n".join(text), flush=True)
-        except BrokenPipeError:
-            raise  # the reader is gone (`| head`): the entry point ends quietly
         except OSError as e:
             raise FileError(f"standard output: {e.strerror or e}") from None
         return plan
@@ -126,9 +128,9 @@ def recipe_of(cfg: DictConfig) -> Recipe:
     if cfg.get("recipe") is None:
         names = ", ".join(sorted(recipe_files()))
         raise UsageError(f"no recipe chosen: run `python -m fluxrecipe recipe=NAME` (recipes: {names})")
-    name = _hydra(cfg, "runtime.choices.recipe") or "recipe"
-    file = recipe_files().get(name)
-    return load_recipe(cfg.recipe, name, str(file) if file else None)
+    choice = _hydra(cfg, "runtime.choices.recipe") or "recipe"
+    file = recipe_file(choice)
+    return load_recipe(cfg.recipe, recipe_name(choice), str(file) if file else None)
 
 
 def _hydra(cfg: DictConfig, key: str) -> Any:
@@ -139,20 +141,43 @@ def _hydra(cfg: DictConfig, key: str) -> Any:
 
 
 @functools.cache
+def option_defaults() -> dict[str, Any]:
+    """The run options conf/config.yaml defines, with their defaults (`preview`: a mapping of its settings)."""
+    config = OmegaConf.to_container(OmegaConf.load(conf_dir() / "config.yaml"))
+    return {k: v for k, v in config.items() if k not in ("defaults", "hydra")}
+
+
+def option_default(name: str) -> tuple[Any] | None:
+    """(default,) of an option or a setting of one (`preview.steps`); None for any other name."""
+    head, _, rest = name.partition(".")
+    defaults = option_defaults()
+    if head not in defaults or (rest and not (isinstance(defaults[head], dict) and rest in defaults[head])):
+        return None
+    return (defaults[head][rest] if rest else defaults[head],)
+
+
 def known_options() -> list[str]:
-    """The run options conf/config.yaml defines, and the config groups chosen as options (recipe=, sweep=)."""
-    config = OmegaConf.load(conf_dir() / "config.yaml")
-    return [k for k in config if k not in ("defaults", "hydra")] + ["recipe", "sweep"]
+    """The run options, and the config groups chosen as options (recipe=, sweep=)."""
+    return [*option_defaults(), "recipe", "sweep"]
 
 
 def unknown_option(name: str) -> str | None:
-    """The message for an option fluxrecipe does not have (with the closest it has), or None if it has it."""
+    """The message for an option fluxrecipe does not have (with the closest it has), or None if it has it.
+    `name` may be a setting of an option (`preview.steps`); a recipe's own values (`recipe.alpha`) are the
+    recipe loader's to check."""
+    head, _, rest = name.partition(".")
+    if head in ("recipe", "hydra", "sweep") and rest:
+        return None
     known = known_options()
+    if head in known and rest:
+        settings = option_defaults().get(head)
+        known = [f"{head}.{k}" for k in settings] if isinstance(settings, dict) else []
+        name = f"{head}.{rest.partition('.')[0]}"
     if name in known:
         return None
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]}?)" if close else f" (options: {', '.join(known)})"
-    return f"unknown option {name!r}{hint}; `python -m fluxrecipe --help` lists them"
+    hint = f" (did you mean {close[0]}?)" if close else f" (options: {', '.join(known)})" if known else f" ({head} has no settings)"
+    return f"unknown option {name!r}{hint}; `fluxrecipe --help` lists them"
 
 
 def _refuse_sweep_without_multirun(cfg: DictConfig) -> None:
@@ -166,9 +191,7 @@ def _refuse_sweep_without_multirun(cfg: DictConfig) -> None:
 
 
 def options_of(cfg: DictConfig) -> Options:
-    for name in cfg:
-        if name != "hydra" and (message := unknown_option(str(name))):
-            raise UsageError(message)
+    _check_option_names(cfg)
     if cfg.nonfinite not in ("error", "warn"):
         raise UsageError(f"nonfinite={cfg.nonfinite}: choose error or warn")
     if not DEVICE.fullmatch(str(cfg.device)):
@@ -176,16 +199,48 @@ def options_of(cfg: DictConfig) -> Options:
     for key in ("threads", "chunk_elements"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < (0 if key == "threads" else 1):
             raise UsageError(f"{key}={cfg[key]}: must be a whole number" + (" (0: automatic)" if key == "threads" else " above 0"))
+    boolean(cfg.dry_run, "dry_run")
+    boolean(cfg.traceback, "traceback")
     return Options(
         device=str(cfg.device),
         threads=cfg.threads,
         chunk_elements=cfg.chunk_elements,
         in_flight=parse_size(cfg.in_flight, "in_flight"),
         nonfinite=cfg.nonfinite,
-        diagnostics=bool(cfg.diagnostics),
-        progress=bool(cfg.progress),
-        overwrite=bool(cfg.overwrite),
+        diagnostics=boolean(cfg.diagnostics, "diagnostics"),
+        progress=boolean(cfg.progress, "progress"),
+        overwrite=boolean(cfg.overwrite, "overwrite"),
     )
+
+
+def boolean(value: object, option: str) -> bool:
+    """A yes-or-no option, as Hydra gives it: true or false only. (`overwrite=no` reaches the program as the
+    text 'no', which Python's bool() calls true.)"""
+    if not isinstance(value, bool):
+        raise UsageError(f"{option}={value}: choose true or false")
+    return value
+
+
+def dry_run_of(cfg: DictConfig) -> bool:
+    return boolean(cfg.get("dry_run", False), "dry_run")
+
+
+def _check_option_names(cfg: DictConfig) -> None:
+    """Every option (and setting of one) is one fluxrecipe has, and none was deleted (`~threads`)."""
+    names = [str(name) for name in cfg if name != "hydra"]
+    names += [f"{name}.{key}" for name in option_defaults() if isinstance(cfg.get(name), DictConfig) for key in cfg[name]]
+    for name in names:
+        if message := unknown_option(name):
+            raise UsageError(message)
+    for name, default in option_defaults().items():
+        for key, value in [(f"{name}.{k}", v) for k, v in default.items()] if isinstance(default, dict) else [(name, default)]:
+            if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+                raise UsageError(deleted_option(key, value))
+
+
+def deleted_option(name: str, default: Any) -> str:
+    instead = f"its settings ({name}.NAME=VALUE)" if isinstance(default, dict) else f"it ({name}={json.dumps(default)} is its default)"
+    return f"option {name!r} has no value (~{name} deletes it): every option needs one; set {instead} instead"
 
 
 def lora_rank_of(cfg: DictConfig) -> int:
@@ -227,17 +282,22 @@ def fail(error: FluxRecipeError, show_traceback: bool) -> NoReturn:
 
 
 def show_traceback(cfg: DictConfig) -> bool:
-    return bool(cfg.get("traceback")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    return cfg.get("traceback") is True or os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 class Preflight(Callback):
     """Registered in conf/config.yaml under hydra.callbacks: a single run's checks, before Hydra makes the run
-    folder. A run that is refused (a mistyped option, an unused recipe parameter, a sweep without -m, a bad
-    recipe or source) writes nothing at all, not even outputs/DATE/TIME/."""
+    folder (preflight.check_run: the plan, the previews, keep_weights). A run that is refused (a mistyped
+    option, an unused recipe parameter, a sweep without -m, a bad recipe, source or preview setting) writes
+    nothing at all, not even outputs/DATE/TIME/; one that passes runs on the plan made here."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from .preflight import check_run
+
         try:
-            plan_job(config, dry_run=bool(config.get("dry_run")))
+            with read_write(config.hydra.runtime):  # the run folder, as Hydra's run_job will set it
+                config.hydra.runtime.output_dir = os.path.abspath(str(config.hydra.run.dir))
+            check_run(config)
             _check_run_dir(Path(str(config.hydra.run.dir)))
         except FluxRecipeError as e:
             if show_traceback(config):

@@ -122,6 +122,7 @@ def run_main(argv: list[str], monkeypatch) -> int:
     from fluxrecipe import sweep
 
     monkeypatch.setattr(sys, "argv", ["fluxrecipe", *argv])
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main() wraps it (a reader that leaves a pipe): unwrapped after the test
     for name, value in (("_failed_here", 0), ("_last_summary", None), ("_summary_error", None)):
         monkeypatch.setattr(sweep, name, value)  # what an earlier in-process sweep counted
     previous = signal.getsignal(signal.SIGTERM)

@@ -69,7 +69,7 @@ def test_every_problem_of_every_job_in_one_message(sweep, tmp_path):
     assert "job 1 (recipe.alpha=oops,recipe=tiny): recipe 'tiny'" in lines[2] and "got 'oops'" in lines[2]
     assert "job 2 (recipe.alpha=0.5,recipe=tiny_broken): source 'krea'" in lines[3] and "no-such-krea" in lines[3]
     assert "job 3 (recipe.alpha=oops,recipe=tiny_broken): recipe 'tiny_broken'" in lines[4]
-    assert lines[5].startswith("  jobs 4 (recipe=nope recipe.alpha=0.5 output=one") and "Could not find 'recipe/nope'" in lines[5]  # not even composed
+    assert lines[5].startswith("  jobs 4 (recipe=nope recipe.alpha=0.5 output=one") and "no recipe 'nope' (recipes: " in lines[5]  # not even composed
     assert "Config search path" not in lines[5] and "exclude_keys" not in lines[5]
     assert len(lines) == 6 and "found 6 problems (6 jobs)" in err.splitlines()[0]
 
@@ -102,7 +102,7 @@ def test_need_counts_the_models_that_exist_at_once(tmp_path):
 
     sizes = [10**9, 3 * 10**9, 2 * 10**9]
     for keep, at_once, need in [(True, 1, sum(sizes)), (False, 1, 3 * 10**9), (False, 2, 5 * 10**9), (False, 9, sum(sizes))]:
-        report = preflight.Preflight(tmp_path / "sweep", [job(i, keep, s) for i, s in enumerate(sizes)], at_once)
+        report = preflight.SweepReport(tmp_path / "sweep", [job(i, keep, s) for i, s in enumerate(sizes)], at_once)
         preflight._check_disk(report)
         assert report.need == need + preflight.SIDE_FILES * (len(sizes) if keep else min(at_once, 3)), (keep, at_once)
 

@@ -23,7 +23,7 @@ from PIL import Image
 from conftest import compose, load_state, merge, run_cli
 from fluxrecipe import grid, preview, sweep
 from fluxrecipe.errors import UsageError
-from sweep_helpers import build_pipeline, run_single, with_nan, write_recipes
+from sweep_helpers import build_pipeline, run_main, run_single, with_nan, write_recipes
 
 PROMPTS = ["a photo of the cat", "a red house on the hill"]
 SEEDS = [0, 1]
@@ -216,6 +216,18 @@ def test_single_run_checks_previews_before_merging(pipeline, single_env, tmp_pat
         with pytest.raises(UsageError, match=message):
             run_single(["recipe=tiny", f"output={out}", "preview=true", f"preview.pipeline={pipeline}", bad], tmp_path / "run")
         assert not out.exists() and not (tmp_path / "run" / "previews").exists()
+
+
+def test_a_guidance_without_effect_is_said_once_before_the_merge(pipeline, single_env, tmp_path, monkeypatch, capsys):
+    """preview.guidance for a model without a guidance embedder: the warning comes with the pre-flight's
+    checks, not again after the merge (the job used to work its settings out a second time)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["recipe=tiny", "output=out", "progress=false", *PREVIEW, f"preview.pipeline={pipeline}", "preview.seeds=[0]", "preview.prompts=[a cat]", "preview.guidance=7"]
+    assert run_main(args, monkeypatch) == 0
+    out = capsys.readouterr()
+    said = "fluxrecipe: preview.guidance=7 has no effect: the merged model has no guidance embedder (guidance_embeds: false)"
+    assert (out.out + out.err).count(said) == 1, out.out + out.err
+    assert (out.out + out.err).index(said) < (out.out + out.err).index("wrote ")
 
 
 def test_preview_settings_and_the_switch():

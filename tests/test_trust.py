@@ -352,10 +352,9 @@ def test_a_recipe_name_with_escapes_is_shown_escaped(tmp_path, monkeypatch, caps
     from fluxrecipe.run import fail
 
     folder = tmp_path / "recipes"
-    write_recipe(folder, "bad\x1b[31m", "sources: {a: x}\nrules: []\n")
-    monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(folder))
+    path = write_recipe(folder, "bad\x1b[31m", "sources: {a: x}\nrules: []\n")  # not a recipe name (see test_cli_recipes): run by its path
     with pytest.raises(RecipeError) as e:
-        merge(["recipe='bad\x1b[31m'", f"output={tmp_path / 'out'}"])
+        merge([f"recipe='{path}'", f"output={tmp_path / 'out'}"])
     with pytest.raises(SystemExit):
         fail(e.value, False)
     err = capsys.readouterr().err

@@ -1,0 +1,293 @@
+"""The command line as a reviewer found it (review-cli): options Hydra hands over as text, the user's own
+folders as an output, recipe files chosen by name or by path, a reader that leaves the pipe, options and
+settings that do not exist or were deleted, a launcher that cannot start, a run planned once and refused
+before Hydra writes anything. Runs `python -m fluxrecipe` in-process (Hydra and all) unless a test needs a
+process of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, shard_files, write_recipe
+from sweep_helpers import run_main
+
+TINY = "description: {description}\nsources: {{schnell: '{schnell}', krea: '{krea}'}}\nbase: schnell\nalpha: 0.5\nrules: [{{match: '.*', op: 'lerp:${{recipe.alpha}}'}}]\n"
+
+
+@pytest.fixture
+def recipes(tmp_path, monkeypatch, schnell, krea) -> Path:
+    """A recipe folder on FLUXRECIPE_RECIPE_PATH holding `tiny` (a lerp of the tiny schnell and krea)."""
+    folder = tmp_path / "recipes"
+    write_recipe(folder, "tiny", tiny_recipe(schnell, krea))
+    monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(folder))
+    return folder
+
+
+def tiny_recipe(schnell: Path, krea: Path, description: str = "tiny") -> str:
+    return TINY.format(description=description, schnell=schnell, krea=krea)
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path, capsys):
+    """`fluxrecipe ARGS` in-process, from tmp_path unless the test moves; returns (exit status, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = run_main([*args], monkeypatch)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def one_line(result: tuple[int, str, str]) -> str:
+    """Refused: status 1 and one line on stderr, no traceback."""
+    code, out, err = result
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1, err
+    assert "Traceback" not in err + out and len(lines) == 1, err
+    assert lines[0].startswith("fluxrecipe: error: "), err
+    return lines[0]
+
+
+def ran(result: tuple[int, str, str]) -> str:
+    code, out, err = result
+    assert code == 0, err
+    return out
+
+
+# --- yes-or-no options (finding 2) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["overwrite=no", "dry_run=off", "diagnostics=maybe", "progress=yes", "traceback=maybe", "keep_weights=no", "preview.enabled=yes"])
+def test_a_yes_or_no_option_is_true_or_false_only(cli, recipes, tmp_path, option):
+    """Hydra hands `overwrite=no` over as the text 'no', which bool() calls true: it overwrote the output."""
+    out = tmp_path / "out"
+    ran(cli("recipe=tiny", f"output={out}", "progress=false", f"hydra.run.dir={tmp_path / 'first'}"))
+    before = [p.read_bytes() for p in shard_files(out)]
+    line = one_line(cli("recipe=tiny", f"output={out}", "recipe.alpha=0.9", option))
+    assert f"{option.replace('.enabled', '')}: choose true or false" in line
+    assert [p.read_bytes() for p in shard_files(out)] == before
+    assert not (tmp_path / "outputs").exists()
+
+
+# --- the user's own folders as an output (finding 4) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["working", "parent", "home"])
+def test_the_working_and_home_folders_are_never_an_output(cli, recipes, tmp_path, monkeypatch, where):
+    """A folder holding only a diffusers config.json counts as a model folder: output=. overwrite=true replaced
+    the working folder with the merge."""
+    home = tmp_path / "home"
+    work = home / "project"
+    work.mkdir(parents=True)
+    (work / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.31.0"}))
+    for folder in (home, work):
+        (folder / "notes.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work if where != "home" else tmp_path)
+    output = {"working": ".", "parent": "..", "home": "'~'"}[where]  # quoted: Hydra's grammar reads a bare ~ as a deletion
+    says = {"working": "is the working folder", "parent": "is a folder that holds the working folder", "home": "is your home folder"}[where]
+    for dry_run in ("false", "true"):
+        line = one_line(cli("recipe=tiny", f"output={output}", "overwrite=true", f"dry_run={dry_run}", f"hydra.run.dir={tmp_path / 'run'}", "progress=false"))
+        assert says in line
+    assert sorted(p.name for p in work.iterdir()) == ["config.json", "notes.txt"]
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt", "project"]
+
+
+# --- recipe files, by name and by path (findings 5, 9, 10, 11, 15, 19) ------------------------------------
+
+
+def test_a_symlink_loop_in_a_recipe_folder_breaks_nothing_else(cli, recipes):
+    (recipes / "a.yaml").symlink_to("b.yaml")
+    (recipes / "b.yaml").symlink_to("a.yaml")
+    code, out, _ = cli("--help")
+    assert code == 0 and "recipe: a, b, bake_lora" in out
+    assert "a.yaml: Too many levels of symbolic links" in one_line(cli("recipe=a", "dry_run=true"))
+    assert "recipe tiny (" in ran(cli("recipe=tiny", "dry_run=true", "output=out"))
+
+
+@pytest.mark.parametrize("name", ["true", "False", "null", "nan", "inf", "2024", "1e3"])
+def test_a_recipe_named_like_a_value_of_hydra(cli, recipes, schnell, krea, name):
+    write_recipe(recipes, name, tiny_recipe(schnell, krea))
+    assert f"recipe {name} (" in ran(cli(f"recipe={name}", "dry_run=true", "output=out"))
+
+
+@pytest.mark.parametrize("name", ["null", "true"])
+def test_no_recipe_of_such_a_name_is_one_line(cli, name):
+    assert f"no recipe '{name}' (recipes: bake_lora, demo" in one_line(cli(f"recipe={name}"))
+
+
+def test_a_mistyped_recipe_name_is_one_line(cli):
+    assert "no recipe 'demoo' (did you mean demo?)" in one_line(cli("recipe=demoo"))
+
+
+def test_a_recipe_path_with_an_equals_sign_or_commas(cli, tmp_path, schnell, krea):
+    """A sweep's job folder is named like `recipe.alpha=0.5,recipe=tiny`: the model card's rebuild command,
+    recipe=THAT_FOLDER/transformer/recipe.yaml, must run."""
+    for path in (tmp_path / "a" / "x=y.yaml", tmp_path / "sweep" / "recipe.alpha=0.5,recipe=tiny" / "transformer" / "recipe.yaml"):
+        write_recipe(path.parent, path.stem, tiny_recipe(schnell, krea))
+        relative = path.relative_to(tmp_path)
+        assert f"recipe {path.stem} ({path})" in ran(cli(f"recipe={relative}", "dry_run=true", "output=out"))
+
+
+def test_a_recipe_path_is_that_exact_file(cli, tmp_path, schnell, krea):
+    """Two files of the same name in two folders are two recipes in a sweep; mine.yml is not mine.yaml."""
+    for folder, text in (("a", "from a"), ("b", "from b")):
+        write_recipe(tmp_path / folder, "mine", tiny_recipe(schnell, krea, text))
+    (tmp_path / "a" / "mine.yml").write_text(tiny_recipe(schnell, krea, "from a, yml"))
+    out = ran(cli("-m", "recipe=a/mine.yaml,b/mine.yaml", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}"))
+    assert "== job 0: recipe=a_mine.yaml\nrecipe mine" in out and "== job 1: recipe=b_mine.yaml\nrecipe mine" in out
+    assert "\n  from a\n" in out and "\n  from b\n" in out
+    assert "\n  from a, yml\n" in ran(cli("recipe=./a/mine.yml", "dry_run=true", "output=out"))
+
+
+def test_a_recipe_file_named_with_an_escape_is_ignored_and_listed(cli, recipes, schnell, krea):
+    """A name holding a terminal escape would reach the terminal raw through --help and tab completion."""
+    write_recipe(recipes, "x\x1b[31mRED", tiny_recipe(schnell, krea))
+    code, out, _ = cli("--help")
+    assert code == 0 and "\x1b" not in out
+    assert "recipe: bake_lora, demo" in out and "tiny, to_comfyui_fp8" in out
+    assert "Ignored (a recipe file's name may hold only A-Z a-z 0-9 _ . -; rename it, or give it as recipe=PATH): 'x\\x1b[31mRED.yaml'" in out
+    os.environ["COMP_LINE"] = "fluxrecipe recipe="
+    try:
+        code, out, _ = cli("-sc", "query=bash")
+    finally:
+        del os.environ["COMP_LINE"]
+    assert code == 0 and "recipe=tiny" in out.split() and "\x1b" not in out
+
+
+# --- a reader that leaves the pipe (finding 6) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["methods"], ["verify", "{out}"], ["--help"], ["-m", "recipe=demo", "recipe.alpha=0.1,0.2", "dry_run=true", "hydra.sweep.dir={tmp}/sweep"], ["recipe=demo", "dry_run=true", "output={tmp}/o"]],
+    ids=["methods", "verify", "help", "sweep-dry-run", "dry-run"],
+)
+def test_a_reader_that_leaves_the_pipe_is_no_traceback(tmp_path, schnell, args):
+    """`fluxrecipe methods | head -1`: stdout is a pipe whose reader is gone (closed here before the command
+    starts, so that the first write fails, whatever its size)."""
+    read, write = os.pipe()
+    os.close(read)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    argv = [a.format(out=schnell, tmp=tmp_path) for a in args]
+    try:
+        done = subprocess.run([sys.executable, "-m", "fluxrecipe", *argv], cwd=tmp_path, env=env, stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and done.stderr == "", done.stderr
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "o").exists()
+
+
+# --- options: settings that do not exist, options deleted (findings 8, 16) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("+preview.stepz=8", "unknown option 'preview.stepz' (did you mean preview.steps?)"),
+        ("+preview.prompt=[a fox]", "unknown option 'preview.prompt' (did you mean preview.prompts?)"),
+        ("threads.x=1", "unknown option 'threads.x' (threads has no settings)"),
+        ("~threads", "option 'threads' has no value (~threads deletes it): every option needs one; set it (threads=0 is its default) instead"),
+        ("~preview.steps", "option 'preview.steps' has no value (~preview.steps deletes it)"),
+        ("~preview", "option 'preview' has no value (~preview deletes it): every option needs one; set its settings (preview.NAME=VALUE) instead"),
+    ],
+)
+def test_an_option_setting_that_does_not_exist_or_is_deleted(cli, override, says):
+    assert says in one_line(cli("recipe=demo", override, "dry_run=true"))
+
+
+def test_options_are_checked_in_the_composed_config_too():
+    """The same checks where no command line came first (a config composed by a launcher, or by hand)."""
+    from conftest import compose
+    from fluxrecipe.errors import UsageError
+    from fluxrecipe.run import options_of
+
+    with pytest.raises(UsageError, match=r"unknown option 'preview.stepz' \(did you mean preview.steps\?\)"):
+        options_of(compose(["recipe=demo", "+preview.stepz=8"]))
+    with pytest.raises(UsageError, match="option 'threads' has no value"):
+        options_of(compose(["recipe=demo", "~threads"]))
+    compose([])
+
+
+# --- a launcher that cannot start (finding 14) --------------------------------------------------------------
+
+
+def test_slurm_without_slurm_is_refused_by_the_preflight(cli, recipes, tmp_path, monkeypatch):
+    """submitit looked for `srun` only as it launched: a traceback, after the sweep folder was made."""
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # python, and no srun
+    code, _, err = cli("-m", "recipe=tiny", "recipe.alpha=0.2,0.4", "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert code == 1 and "Traceback" not in err
+    assert "sweep: hydra/launcher=slurm: this machine has no SLURM (no `srun` on the PATH)" in err and "nothing was started" in err
+    assert not (tmp_path / "sweep").exists()
+
+
+# --- planned once, refused before Hydra writes (findings 12, 17) ---------------------------------------------
+
+
+@pytest.fixture
+def plans(monkeypatch) -> list[str]:
+    """The recipes planned (api.plan called) from now on."""
+    from fluxrecipe import api
+
+    planned, real = [], api.plan
+    monkeypatch.setattr(api, "plan", lambda recipe, *a, **k: planned.append(recipe.name) or real(recipe, *a, **k))
+    return planned
+
+
+def test_a_run_is_planned_once(cli, recipes, tmp_path, plans, pipeline_files):
+    """Its pre-flight plans it (sources opened, every regex run, hub sources fetched); the job runs on that plan.
+    A single run planned two or three times, a sweep's job twice."""
+    ran(cli("recipe=tiny", "output=out", "progress=false"))
+    assert plans == ["tiny"] and shard_files(tmp_path / "out")
+    plans.clear()
+    out = ran(cli("recipe=tiny", "output=out2", "dry_run=true", "preview=true", f"preview.pipeline={pipeline_files}"))
+    assert plans == ["tiny"] and "previews: 3 prompt(s) x 2 seed(s)" in out
+    plans.clear()
+    ran(cli("-m", "recipe=tiny", "recipe.alpha=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}", "progress=false"))
+    assert plans == ["tiny", "tiny"] and len(list((tmp_path / "sweep").glob("*/transformer/*.safetensors"))) == 2
+
+
+def test_a_refused_preview_run_writes_nothing(cli, recipes, tmp_path, pipeline_files):
+    """Its checks ran inside the job, after Hydra had made outputs/DATE/TIME."""
+    for bad, says in [("preview.steps=0", "preview.steps=0: a whole number"), (f"preview.pipeline={tmp_path / 'none'}", "no such folder"), ("keep_weights=false", "keep_weights=false deletes")]:
+        preview = [] if bad.startswith("keep") else ["preview=true", f"preview.pipeline={pipeline_files}"] if not bad.startswith("preview.pipeline") else ["preview=true"]
+        assert says in one_line(cli("recipe=tiny", *preview, bad))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline", "recipes"]
+
+
+def test_regexes_have_a_budget_for_the_whole_recipe(cli, recipes, tmp_path, schnell, krea, monkeypatch):
+    """Each search of a slow regex stays under its own bound (0.25 s); all of them together did not: optional
+    rules with backtracking regexes took minutes on a small model, and longer at FLUX's size."""
+    from fluxrecipe import recipe
+
+    monkeypatch.setattr(recipe, "MATCH_BUDGET_SECONDS", 0.5, raising=False)
+    slow = "".join(f"  - {{match: '(.*)(.*)(.*)\\3\\2\\1\\d{{{n}}}', op: 'take:krea', optional: true}}\n" for n in range(3, 9))
+    write_recipe(recipes, "slow", f"sources: {{schnell: '{schnell}', krea: '{krea}'}}\nbase: schnell\nrules:\n{slow}  - {{match: '.*', op: 'lerp:0.5'}}\n")
+    line = one_line(cli("recipe=slow", "dry_run=true", "output=out"))
+    assert "rules[" in line and "of the 0.5 s all the recipe's regexes may take on the model's keys: it backtracks on every key" in line
+
+
+def test_a_regex_is_searched_once_per_key(recipes, monkeypatch):
+    """Planned again (a sweep's jobs, the API), a recipe's regexes are not searched again."""
+    from fluxrecipe import api
+    from fluxrecipe import recipe as recipe_module
+
+    monkeypatch.setattr(recipe_module, "_matched", {})  # what other tests searched
+    recipe = api.load_recipe(recipes / "tiny.yaml")
+    rule, searched = recipe.rules[0], []
+    real = rule.pattern
+    counting = type("Counting", (), {"search": lambda self, key, timeout=None: searched.append(key) or real.search(key, timeout=timeout)})
+    object.__setattr__(rule, "pattern", counting())
+    api.plan(recipe)
+    first = len(searched)
+    api.plan(recipe)
+    assert first == 108 and len(searched) == first  # every key of the tiny base, once
