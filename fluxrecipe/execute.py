@@ -319,10 +319,12 @@ class _Run:
         raws = [self.reader.read(ref, chunk.start, chunk.stop) for ref in step.inputs]
         xs = [self._decode(raw, ref) for raw, ref in zip(raws, step.inputs)]
         done = _Done()
+        self._check_inputs(step.inputs, xs, done)  # nonfinite=error stops at the first pass that reads a NaN
         if chunk.kind == "stat":
+            if done.nonfinite:  # nonfinite=warn: a NaN/Inf counts as 0 in a statistic, so it spoils its own elements only
+                xs = [torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in xs]
             done.partial = OPS[step.op].passes[chunk.pass_index].partial(xs, _where(step, chunk), self.stats[step.key], step.values)
             return done
-        self._check_inputs(step.inputs, xs, done)
         if chunk.kind == "value" and step.copies_bytes:
             done.data, rounded = raws[0], xs[0]
         else:

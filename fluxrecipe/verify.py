@@ -181,7 +181,8 @@ def _read(path: Path, header: Header | None = None, offset: int = 0) -> tuple[st
     tensor that has some: one pass over the file, without filling the page cache. A block boundary may cut an
     element; its bytes wait for the next block."""
     digest = hashlib.sha256()
-    entries = sorted((e for e in header.entries.values() if e.nbytes), key=lambda e: e.begin) if header else []
+    floats = (e for e in header.entries.values() if e.nbytes and e.dtype in NONFINITE_BITS) if header else ()  # not U8 markers
+    entries = sorted(floats, key=lambda e: e.begin)
     nonfinite: dict[str, int] = {}
     carry: dict[str, bytes] = {}
     fd = os.open(path, os.O_RDONLY)

@@ -215,6 +215,14 @@ def test_fp8_scaled_output_stores_absmax_over_448_and_dequantizes_to_the_referen
         assert json.loads(bytes(got[f"{layer}.comfy_quant"].tolist())) == {"format": "float8_e4m3fn"} == layers[layer]
 
 
+def test_verify_accepts_a_scaled_fp8_file_with_its_markers(recipe_dir, tmp_path, schnell, krea):
+    from fluxrecipe.verify import verify_file
+
+    out = tmp_path / "scaled.safetensors"
+    run_recipe(recipe_dir, out, guided_recipe(schnell, krea, dtype="fp8_scaled"), "format=comfyui")
+    assert verify_file(out).problems == []
+
+
 def test_fp8_scaled_needs_a_single_file_format(recipe_dir, tmp_path, krea):
     with pytest.raises(PlanError, match="fp8_scaled is written only in the single-file formats"):
         run_recipe(recipe_dir, tmp_path / "out", {"sources": {"k": str(krea)}, "rules": [{"match": ".*", "op": "take:k"}], "dtype": "fp8_scaled"})
@@ -237,16 +245,17 @@ def test_scaled_fp8_sources_are_dequantized_exactly(tmp_path, krea, state_of, co
     assert [k for k in meaning if not torch.equal(bfl_back[k], meaning[k])] == []
 
 
+@pytest.mark.parametrize("prefix", [COMFY, "diffusion_model."])
 @pytest.mark.parametrize("convention, missing", [("old", ".scale_weight"), ("new", ".weight_scale"), ("metadata", ".weight_scale")])
-def test_a_scaled_fp8_file_missing_a_scale_is_refused(tmp_path, krea, state_of, convention, missing):
-    tensors, metadata, _ = scaled_fp8(diffusers_to_bfl(state_of(krea), COMFY), convention)
+def test_a_scaled_fp8_file_missing_a_scale_is_refused(tmp_path, krea, state_of, convention, missing, prefix):
+    tensors, metadata, _ = scaled_fp8(diffusers_to_bfl(state_of(krea), prefix), convention)
     gone = next(k for k in tensors if k.endswith(missing))
     del tensors[gone]
     path = tmp_path / "broken.safetensors"
     save_file(tensors, path, metadata=metadata)
     with pytest.raises(SourceError) as e:
         to_diffusers(tmp_path / "out", path)
-    assert str(path) in str(e.value) and gone.removesuffix(missing).removeprefix(COMFY) in str(e.value) and "\n" not in str(e.value)
+    assert str(path) in str(e.value) and gone.removesuffix(missing).removeprefix(prefix) in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
 
 

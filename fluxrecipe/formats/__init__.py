@@ -49,7 +49,7 @@ def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata
         key = next(k for k in model if LORA_KEY.search(k))
         raise SourceError(f"source '{source}': {where} is a LoRA (it holds '{key}'), not a model: bake it into the merge with the recipe's `loras:`")
     if bfl.is_bfl(model):
-        scales, side = bfl.read_scales(source, where, model, metadata)
+        scales, side = bfl.read_scales(source, where, model, metadata, prefix or "")
         weights = {k: e for k, e in model.items() if k not in set(side)}
         _check_floats(source, weights)
         tensors, unknown = bfl.to_canonical(source, weights, scales)

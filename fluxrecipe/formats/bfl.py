@@ -236,7 +236,7 @@ def _out_tensor(name: str, mapping: Mapping, targets: list[str], shapes: dict, d
 # --- scaled fp8 ------------------------------------------------------------------------------------------
 
 
-def read_scales(source: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str]) -> tuple[dict[str, Scale], list[str]]:
+def read_scales(source: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str], prefix: str = "") -> tuple[dict[str, Scale], list[str]]:
     """Scaled fp8, in either ComfyUI convention: weight key -> its Scale; and the keys that are side data
     (scales, markers, activation scales), not tensors of the model. Raises SourceError when a scaled layer
     lacks its scale, or a layer is quantized in a way fluxrecipe cannot dequantize exactly."""
@@ -250,7 +250,7 @@ def read_scales(source: str, path: str, entries: dict[str, TensorEntry], metadat
             if key.endswith(suffix):
                 weight = key[: -len(suffix)] + ".weight"
                 scales[weight] = _scale(source, path, entries, key, weight)
-    for layer, quant in _quant_formats(source, path, entries, metadata).items():
+    for layer, quant in _quant_formats(source, path, entries, metadata, prefix).items():
         if quant not in QUANT_FORMATS:
             raise SourceError(f"source '{source}': {path}: layer '{layer}' is quantized as {quant!r}, which fluxrecipe cannot dequantize exactly (it reads {', '.join(QUANT_FORMATS)})")
         if layer + ".weight" in entries and layer + ".weight" not in scales:
@@ -273,7 +273,7 @@ def _scale(source: str, path: str, entries: dict[str, TensorEntry], key: str, we
     return Scale(entry.file, entry.begin, entry.dtype, key)
 
 
-def _quant_formats(source: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str]) -> dict[str, str]:
+def _quant_formats(source: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str], prefix: str) -> dict[str, str]:
     """Layer -> quantization format, from `_quantization_metadata` and the `comfy_quant` markers."""
     formats: dict[str, str] = {}
     if "_quantization_metadata" in metadata:
@@ -291,7 +291,7 @@ def _quant_formats(source: str, path: str, entries: dict[str, TensorEntry], meta
                 formats[key[: -len(".comfy_quant")]] = str(conf.get("format"))
             except (ValueError, AttributeError, RecursionError) as e:
                 raise SourceError(f"source '{source}': {path}: '{key}' is not a valid comfy_quant marker ({e})") from None
-    return {layer.removeprefix(COMFYUI_PREFIX): f for layer, f in formats.items()}
+    return {layer.removeprefix(prefix): f for layer, f in formats.items()}  # `entries` are without the file's prefix
 
 
 def quant_marker(dtype: str) -> bytes:
