@@ -378,3 +378,23 @@ def test_single_file_output_over_an_existing_file(recipe_dir, tmp_path, krea):
     run_recipe(recipe_dir, out, recipe, "format=comfyui", "overwrite=true")
     assert out.read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "recipes"]
+
+
+def test_a_single_file_header_holds_whatever_the_plan_lists(recipe_dir, tmp_path, krea, state_of):
+    """A single file's metadata (provenance included) is sized from the plan before a byte is written: a LoRA
+    with thousands of keys that map nowhere (ignore_unmatched: true) cannot make the run fail at its end."""
+    from safetensors.torch import save_file as save
+
+    w = state_of(krea)["transformer_blocks.0.attn.to_q.weight"]
+    lora = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, w.shape[1]).to(torch.bfloat16),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(w.shape[0], 4).to(torch.bfloat16)}
+    for i in range(3000):
+        for part in ("lora_A", "lora_B"):
+            lora[f"transformer.other_architecture_block_{i}.attention.projection_layer.{part}.weight"] = torch.zeros(1, 1)
+    save(lora, tmp_path / "big.safetensors")
+    recipe = {"sources": {"k": str(krea)}, "rules": [{"match": ".*", "op": "take:k"}], "loras": {"x": {"path": str(tmp_path / "big.safetensors"), "ignore_unmatched": True}}}
+    out = tmp_path / "out.safetensors"
+    run_recipe(recipe_dir, out, recipe, "format=comfyui")
+    with safe_open(out, "pt") as f:
+        unmatched = json.loads(f.metadata()["fluxrecipe.provenance"])["loras"][0]["unmatched"]
+    assert len(unmatched) == 101 and unmatched[-1] == {"and more": 6000 - 100}  # every key of the 3000 modules
