@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from . import package
 from .catalog import load_recipe_file
-from .errors import RecipeError, UsageError
+from .errors import RecipeError, SourceError, UsageError
 from .formats import OUTPUT_FORMATS
 from .loras import open_lora
 from .options import Options
@@ -107,10 +107,24 @@ def write(plan: Plan, output: str | Path, options: Options | None = None):
     recorded = package.as_recorded(plan, target)
     with atomic_output(target, options.overwrite, plan.files[0].name if plan.single_file else None) as folder:
         result = execute(plan, folder, options, package.file_metadata(recorded), package.header_size(recorded), hash_sources=local)
+        _check_replay(plan, result)
         package.finish(recorded, result, folder)
     result.output = target
     result.bytes_written = sum(r.size for r in result.files.values())
     return result
+
+
+def _check_replay(plan: Plan, result) -> None:
+    """A recipe pinned by an earlier merge names the content hash of each local source it read: a replay that
+    read other bytes there is not that merge, and its output is not kept."""
+    for name, spec in plan.recipe.sources.items():
+        read = result.source_hashes.get(name)
+        if spec.content_hash and read and read != spec.content_hash:
+            where = next(s.location for s in plan.sources if s.name == name)
+            raise SourceError(
+                f"source '{name}' ({where}) is not what this recipe was made from: its content hash is {read}, the recipe "
+                f"says {spec.content_hash}; nothing was written (remove content_hash from the recipe to merge these files anyway)"
+            )
 
 
 def merge(

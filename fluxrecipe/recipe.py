@@ -51,8 +51,8 @@ RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "
 # `{default: N}`, so that the block can be added to them.
 BLOCK_OVERRIDES_ENV = "FLUXRECIPE_BLOCK_OVERRIDES"
 RULE_FIELDS = ("match", "op", "sources", "optional", "dtype")
-SOURCE_FIELDS = ("repo", "revision", "subfolder", "path", "demo")
-LORA_FIELDS = ("path", "repo", "file", "revision", "strength", "ignore_unmatched")
+SOURCE_FIELDS = ("repo", "revision", "subfolder", "path", "demo", "content_hash")
+LORA_FIELDS = ("path", "repo", "file", "revision", "strength", "ignore_unmatched", "content_hash")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 # The only interpolation a recipe may hold: a reference to one of its own values.
 SAFE_INTERPOLATION = re.compile(r"\$\{(?:recipe\.|\.+)[A-Za-z_][\w.-]*\}")
@@ -73,7 +73,8 @@ class SourceSpec:
     subfolder: str | None = None
     demo: str | None = None  # a generated demo checkpoint (see demo.py)
     text: str | None = None  # the string the recipe gave, when it gave one
-    recipe_dir: str | None = None  # the recipe file's folder: a relative path may be found from there too
+    recipe_dir: str | None = None  # the recipe file's folder: a relative path is found from there first
+    content_hash: str | None = None  # what a pinned recipe read before: a replay must read the same bytes
 
     def describe(self) -> str:
         if self.text:
@@ -98,6 +99,8 @@ class LoraSpec:
     strength: Any = 1.0  # a number or a per-block schedule.Schedule (loras.strength_of gives a key its number)
     ignore_unmatched: bool = False
     where: str = ""  # "recipe 'x' (path:line) loras.NAME", for messages
+    recipe_dir: str | None = None  # the recipe file's folder: a relative path is found from there first
+    content_hash: str | None = None  # what a pinned recipe read before: a replay must read the same bytes
 
     def describe(self) -> str:
         if self.repo:
@@ -426,7 +429,7 @@ def _loras(value: Any, here: "_Locator") -> dict[str, LoraSpec]:
         unknown = set(spec) - set(LORA_FIELDS)
         if unknown:
             raise RecipeError(f"{where}: unknown field(s) {', '.join(map(repr, sorted(map(str, unknown))))} in LoRA {name!r} (fields: {', '.join(LORA_FIELDS)})")
-        for k in ("path", "repo", "file", "revision"):
+        for k in ("path", "repo", "file", "revision", "content_hash"):
             if spec.get(k) is not None and (not isinstance(spec[k], str) or not spec[k]):
                 raise RecipeError(f"{here.at(('loras', name, k))}: {k} of LoRA {name!r} must be text, got {spec[k]!r}")
         if spec.get("path") is None and spec.get("repo") is None:
@@ -444,7 +447,10 @@ def _loras(value: Any, here: "_Locator") -> dict[str, LoraSpec]:
         ignore = spec.get("ignore_unmatched", False)
         if not isinstance(ignore, bool):
             raise RecipeError(f"{here.at(('loras', name, 'ignore_unmatched'))}: ignore_unmatched must be true or false")
-        specs[name] = LoraSpec(name, spec.get("path"), spec.get("repo"), spec.get("file"), spec.get("revision"), strength, ignore, where)
+        specs[name] = LoraSpec(
+            name, spec.get("path"), spec.get("repo"), spec.get("file"), spec.get("revision"), strength, ignore, where,
+            os.path.dirname(here.file) if here.file else None, spec.get("content_hash"),
+        )
     return specs
 
 

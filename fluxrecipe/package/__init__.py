@@ -46,15 +46,21 @@ def as_recorded(plan: Plan, output: Path) -> Plan:
             relative = os.path.relpath(s.origin["path"], folder)
             s = dataclasses.replace(s, spec=relative, origin={**s.origin, "path": relative}, folder=relative)
         sources.append(s)
+    loras = []
+    for lora in plan.loras:
+        if "path" in lora.origin:
+            relative = os.path.relpath(lora.origin["path"], folder)
+            lora = dataclasses.replace(lora, spec=relative, origin={**lora.origin, "path": relative})
+        loras.append(lora)
     recipe = dataclasses.replace(plan.recipe, file=os.path.basename(plan.recipe.file) if plan.recipe.file else None)
-    return dataclasses.replace(plan, recipe=recipe, sources=tuple(sources))
+    return dataclasses.replace(plan, recipe=recipe, sources=tuple(sources), loras=tuple(loras))
 
 
-def file_metadata(plan: Plan) -> dict[str, str]:
+def file_metadata(plan: Plan, result=None) -> dict[str, str]:
     """The metadata in every weight file's header, known before a byte is written. A folder's shards name a
     local source by its name only (recipe.yaml beside them has its path), so that their bytes never depend on
     where the folder lies: a rebuild anywhere gives the same shards. A single file has nothing beside it."""
-    recipe = pinned_recipe(plan)
+    recipe = pinned_recipe(plan, result)
     if not plan.single_file:
         recipe["sources"] = {name: {"local": name} if "path" in pin else pin for name, pin in recipe["sources"].items()}
     return {"format": "pt", "fluxrecipe.version": __version__, "fluxrecipe.recipe": json.dumps(recipe, separators=(",", ":"))}
@@ -78,7 +84,7 @@ def finish(plan: Plan, result, folder: Path) -> None:
     files = result.files
     files["config.json"] = write_json(folder / "config.json", plan.config)
     files[diffusers.INDEX_NAME] = write_json(folder / diffusers.INDEX_NAME, diffusers.index(plan.files))
-    files[RECIPE_NAME] = write_file(folder / RECIPE_NAME, yaml.safe_dump(pinned_recipe(plan), sort_keys=False, allow_unicode=True).encode())
+    files[RECIPE_NAME] = write_file(folder / RECIPE_NAME, yaml.safe_dump(pinned_recipe(plan, result), sort_keys=False, allow_unicode=True).encode())
     files[PROVENANCE_NAME] = write_json(folder / PROVENANCE_NAME, provenance(plan, result))
     files[CARD_NAME] = write_file(folder / CARD_NAME, model_card(plan).encode())
     if result.distances is not None:
@@ -93,24 +99,26 @@ def finish(plan: Plan, result, folder: Path) -> None:
 def _finish_file(plan: Plan, result, path: Path) -> None:
     """The single file's header again, now with the provenance and the sha256 of its data."""
     out = plan.files[0]
-    metadata = _single_file_metadata(plan, provenance(plan, result, LISTED), result.files[out.name].sha256)
+    metadata = _single_file_metadata(plan, provenance(plan, result, LISTED), result.files[out.name].sha256, result)
     rewrite_header(path, out.entries(), metadata, header_size(plan))
 
 
-def _single_file_metadata(plan: Plan, record: dict, data_sha256: str) -> dict[str, str]:
+def _single_file_metadata(plan: Plan, record: dict, data_sha256: str, result=None) -> dict[str, str]:
     return {
-        **file_metadata(plan),
+        **file_metadata(plan, result),
         **dict(plan.files[0].metadata),
         "fluxrecipe.provenance": json.dumps(record, separators=(",", ":")),
         "fluxrecipe.data_sha256": data_sha256,
     }
 
 
-def pinned_recipe(plan: Plan) -> dict:
+def pinned_recipe(plan: Plan, result=None) -> dict:
     """The recipe as composed (overrides applied, ${recipe.alpha} kept, so a replay can override it again)
-    with every source and LoRA pinned to what was read: a hub commit, a path, a demo name."""
+    with every source and LoRA pinned to what was read: a hub commit, a demo name, or a path with the content
+    hash of what was read there (given the run's `result`), which a replay must match."""
     recipe = dict(plan.recipe.written)
-    recipe["sources"] = {s.name: _pin(s.origin) for s in plan.sources}
+    hashes = result.source_hashes if result is not None else {}
+    recipe["sources"] = {s.name: _pin(s.origin) | ({"content_hash": hashes[s.name]} if s.name in hashes else {}) for s in plan.sources}
     if plan.loras:
         written = {name: spec if isinstance(spec, dict) else {} for name, spec in (recipe.get("loras") or {}).items()}
         recipe["loras"] = {
@@ -123,7 +131,7 @@ def pinned_recipe(plan: Plan) -> dict:
 def _pin(origin: dict[str, str]) -> dict[str, str]:
     if "repo" in origin:
         return {"repo": origin["repo"], "revision": origin["commit"]} | {k: origin[k] for k in ("subfolder", "file") if k in origin}
-    return {k: v for k, v in origin.items() if k in ("path", "subfolder", "demo")}
+    return {k: v for k, v in origin.items() if k in ("path", "subfolder", "demo", "content_hash")}
 
 
 def provenance(plan: Plan, result, listed: int | None = None) -> dict:
