@@ -218,7 +218,7 @@ def make_plan(
         files=files,
         dropped=tuple(dropped),
         config=config,
-        notes=tuple(notes + _notes(recipe, steps, checkpoints)),
+        notes=tuple(notes + _notes(recipe, steps, checkpoints, output_format)),
         loras=tuple(summaries),
         factors=factors,
         lora_rank=lora_rank if factors else None,
@@ -262,7 +262,10 @@ def _out_files(steps: list[Step], output_format: str, shard_size: int, file_name
     scaled = {s.key for s in steps if s.scaled}
     tensors, constants, layers = [], [], {}
     for tensor in bfl.out_tensors(shapes, dtypes, prefix):
-        if any(p.key in scaled for p in tensor.parts):
+        parts = {p.key for p in tensor.parts}
+        if parts & scaled and not parts <= scaled:
+            raise PlanError(f"{tensor.name} is made of {', '.join(sorted(parts))}, which the recipe gives fp8 and fp8_scaled: a fused tensor has one scale, so give them one dtype")
+        if parts & scaled:
             layer = tensor.name[: -len(".weight")]
             tensor = OutTensor(tensor.name, tensor.dtype, tensor.shape, tensor.parts, scale_name=layer + SCALE_SUFFIX)
             marker = bfl.quant_marker(tensor.dtype)
@@ -424,7 +427,7 @@ def _summary(recipe: Recipe, c: Checkpoint) -> SourceSummary:
     return SourceSummary(c.name, recipe.sources[c.name].describe(), c.origin, c.folder, len(c.tensors), c.nbytes, dtypes, c.layout, tuple(c.ignored.items()), c.location or c.folder)
 
 
-def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]) -> list[str]:
+def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint], output_format: str) -> list[str]:
     notes = []
     for rule in recipe.rules:
         alpha = rule.params.get("alpha") if rule.op.name == "lerp" else None
@@ -442,6 +445,8 @@ def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]
     unscaled = [s.key for s in steps if s.dtype == "BF16" and DTYPES[_rule_dtype(recipe, s.rule)][1]]
     if unscaled:
         notes.append(f"fp8_scaled applies to Linear weights (2-D '.weight' tensors); {len(unscaled)} other tensors of those rules are written in bf16 ({some_keys(unscaled)})")
+    if output_format == "bfl" and any(s.scaled for s in steps):
+        notes.append("fp8_scaled is ComfyUI's convention: readers that do not know it (diffusers' from_single_file, BFL's code) would read the fp8 values unscaled; format=comfyui says what the file is")
     ranges = {"F8_E4M3": "fp8 (+-448)", "F8_E5M2": "fp8_e5m2 (+-57344)"}
     narrow = sorted({ranges[s.dtype] for s in steps if s.dtype in ranges and not s.scaled})
     if narrow:

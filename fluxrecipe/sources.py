@@ -22,7 +22,7 @@ import xxhash
 from .errors import SourceError
 from .files import os_error_text, read_small
 from .formats import Recognised, diffusers, recognise
-from .formats.flux import derive_config
+from .formats.flux import ShapeError, derive_config
 from .formats.layout import TensorRef
 from .formats.safetensors import TensorEntry, read_header
 from .recipe import SourceSpec
@@ -168,8 +168,8 @@ def _index(name: str, location: Path, origin: dict[str, str]) -> Checkpoint:
 def _derived_config(name: str, location: Path, found: Recognised) -> tuple[dict[str, Any], tuple[str, ...]]:
     try:
         config, notes = derive_config({k: t.shape for k, t in found.tensors.items()}, metadata.version("diffusers"))
-    except (KeyError, ValueError, IndexError) as e:
-        raise SourceError(f"source '{name}': {location} lacks tensor {e} that every FLUX.1 transformer has: is it a whole model?") from None
+    except ShapeError as e:
+        raise SourceError(f"source '{name}': {location} {e}: is it a whole FLUX.1 transformer?") from None
     return config, tuple(notes)
 
 

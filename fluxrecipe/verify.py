@@ -357,7 +357,7 @@ def verify_file(path: Path, hash_data: bool = True) -> FileReport:
     one fluxrecipe wrote into its metadata."""
     from .architecture import expected_parameters, mismatch
     from .formats import recognise
-    from .formats.flux import derive_config
+    from .formats.flux import ShapeError, derive_config
 
     report = FileReport(path)
     try:
@@ -375,8 +375,11 @@ def verify_file(path: Path, hash_data: bool = True) -> FileReport:
         report.layout = found.layout
         config, _ = derive_config({k: t.shape for k, t in found.tensors.items()})
         expected = expected_parameters(config, str(path))
-    except (FluxRecipeError, KeyError, ValueError) as e:
-        report.problems.append(str(e) if isinstance(e, FluxRecipeError) else f"{path}: lacks tensor {e} that every FLUX.1 transformer has")
+    except FluxRecipeError as e:
+        report.problems.append(str(e))
+        return report
+    except ShapeError as e:
+        report.add(path, f"{e}: not a whole FLUX.1 transformer")
         return report
     found_shapes = {k: t.shape for k, t in found.tensors.items()}
     wrong = mismatch(expected, found_shapes)

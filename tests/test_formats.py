@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 
 import pytest
@@ -286,6 +287,10 @@ def test_python_api_without_hydra(tmp_path, schnell, krea, state_of):
     assert_same(load_file(result.output), diffusers_to_bfl(lerp_reference(state_of(schnell), state_of(krea), 0.3), COMFY))
     api.merge(recipe, tmp_path / "folder", threads=1)
     assert_same(load_state(tmp_path / "folder"), lerp_reference(state_of(schnell), state_of(krea), 0.3))
+    for bad, message in (({"chunk_elements": 0}, "chunk_elements=0: must be a whole number above 0"), ({"chunkelements": 9}, "unknown option(s) chunkelements")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            api.merge(guided_recipe(schnell, krea), tmp_path / "refused", **bad)
+    assert not (tmp_path / "refused").exists()
 
 
 # --- verify on a single file ------------------------------------------------------------------------------
@@ -398,3 +403,20 @@ def test_a_single_file_header_holds_whatever_the_plan_lists(recipe_dir, tmp_path
     with safe_open(out, "pt") as f:
         unmatched = json.loads(f.metadata()["fluxrecipe.provenance"])["loras"][0]["unmatched"]
     assert len(unmatched) == 101 and unmatched[-1] == {"and more": 6000 - 100}  # every key of the 3000 modules
+
+
+@pytest.mark.parametrize("key, shape", [("img_in.weight", ()), ("double_blocks.0.img_attn.norm.query_norm.scale", (0,)), ("txt_in.weight", (32,))])
+def test_a_single_file_with_impossible_shapes(tmp_path, krea, state_of, key, shape):
+    """Shapes no FLUX.1 transformer has, where the config is derived from them: one line, not a traceback."""
+    state = diffusers_to_bfl(state_of(krea))
+    state[key] = torch.zeros(shape, dtype=torch.bfloat16)
+    path = tmp_path / "odd.safetensors"
+    save_file(state, path)
+    message = refused(SourceError, "FLUX.1 transformer", lambda: to_diffusers(tmp_path / "out", path), tmp_path / "out")
+    assert str(path) in message
+
+
+def test_a_fused_tensor_with_fp8_and_fp8_scaled_parts_is_refused(recipe_dir, tmp_path, krea):
+    rules = [{"match": "attn\\.to_q\\.weight", "op": "take:k", "dtype": "fp8"}, {"match": ".*", "op": "take:k", "dtype": "fp8_scaled"}]
+    out = tmp_path / "x.safetensors"
+    refused(PlanError, "which the recipe gives fp8 and fp8_scaled: a fused tensor has one scale", lambda: run_recipe(recipe_dir, out, {"sources": {"k": str(krea)}, "rules": rules}, "format=comfyui"), out)

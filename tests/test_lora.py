@@ -479,6 +479,16 @@ def refused(error: type, fragment: str, run, out) -> str:
     return message
 
 
+def test_a_rank_larger_than_the_matrices_allow(recipe_dir, tmp_path, krea, state_of):
+    """A hostile rank (more than min(out, in)) would only cost memory: refused before anything is read."""
+    w = state_of(krea)["transformer_blocks.0.attn.to_q.weight"]
+    rank = min(w.shape) + 8
+    path = tmp_path / "big.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(rank, w.shape[1]), "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(w.shape[0], rank)}, path)
+    out = tmp_path / "out"
+    refused(SourceError, f"has rank {rank}, more than its matrices allow", lambda: bake(recipe_dir, out, krea, {"x": str(path)}), out)
+
+
 def test_lora_of_another_width(recipe_dir, tmp_path, krea):
     """A LoRA made for a FLUX twice as wide (64: 4 heads of 16) on the 32-wide model."""
     from fluxrecipe.architecture import expected_parameters

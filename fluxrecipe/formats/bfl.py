@@ -140,9 +140,11 @@ def _canonical_param(mapping: Mapping, param: str) -> str:
 
 def to_canonical(source: str, entries: dict[str, TensorEntry], scales: dict[str, Scale]) -> tuple[dict[str, TensorRef], list[str]]:
     """The canonical tensors of a BFL file (keys without prefix) as byte pieces; and the keys not in the tables."""
-    if "img_in.weight" not in entries:
-        raise SourceError(f"source '{source}': a Black Forest Labs layout without 'img_in.weight': not a whole FLUX.1 transformer")
-    return split(source, entries, entries["img_in.weight"].shape[0], scales)
+    img_in = entries.get("img_in.weight")
+    if img_in is None or len(img_in.shape) != 2 or not all(img_in.shape):
+        what = "without 'img_in.weight'" if img_in is None else f"whose 'img_in.weight' is {list(img_in.shape)}"
+        raise SourceError(f"source '{source}': {img_in.file if img_in else 'a file'} is in Black Forest Labs' layout {what}: not a whole FLUX.1 transformer")
+    return split(source, entries, img_in.shape[0], scales)
 
 
 def split(source: str, entries: dict[str, TensorEntry], hidden: int, scales: dict[str, Scale] | None = None, find=lookup) -> tuple[dict[str, TensorRef], list[str]]:
@@ -161,7 +163,7 @@ def split(source: str, entries: dict[str, TensorEntry], hidden: int, scales: dic
         sizes = [hidden] * (len(_targets(mapping)) - 1)
         sizes.append(total - sum(sizes))
         if sizes[-1] <= 0 or isinstance(mapping, Swapped) and total % 2:
-            raise SourceError(f"source '{source}': '{entry.name}' {list(entry.shape)} cannot be split into FLUX's tensors (hidden size {hidden})")
+            raise SourceError(f"source '{source}': {entry.file}: '{entry.name}' {list(entry.shape)} cannot be split into a FLUX.1 transformer's tensors (hidden size {hidden})")
         row_bytes = row_size(entry.shape) * ITEMSIZE[entry.dtype]
         at = 0  # the BFL tensor's row where this run starts
         for module, first, end in _segments(mapping, sizes):

@@ -237,6 +237,11 @@ class _Context:
                     "(fluxrecipe bakes linear LoRAs: up [out, rank] and down [rank, in])"
                 )
             rank = down.shape[0]
+            if rank > min(up.shape[0], down.shape[1]):  # a hostile rank would only cost memory: down is decoded whole
+                raise SourceError(
+                    f"{self.where}: '{module}' has rank {rank}, more than its matrices allow (up {list(up.shape)}, down {list(down.shape)}): "
+                    "not a LoRA fluxrecipe can bake"
+                )
             alpha = self._alpha(module, roles.get("alpha"), target if naming == "canonical" else None)
             ratio = (alpha if alpha is not None else rank) / (math.sqrt(rank) if self.alphas and self.alphas.rslora else rank)
             down_ref = TensorRef(self.name, "", down.name, down.dtype, down.shape, _pieces(down))
