@@ -19,6 +19,7 @@ the op's `shorthand` parameters in order. Parsing needs no torch: planning and d
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 import types
@@ -101,7 +102,12 @@ class OpSpec:
         return self.name + ":" + ",".join({"numbers": "W1,W2,...", "source": "NAME"}.get(p.kind, p.name.upper()) for p in kinds)
 
     def wants(self, name: str) -> bool:
-        return name in inspect.signature(self.fn).parameters
+        """Whether the function takes `name` (`where`, `stats`): asked per chunk, so read once."""
+        return name in self._arguments
+
+    @functools.cached_property
+    def _arguments(self) -> frozenset[str]:
+        return frozenset(inspect.signature(self.fn).parameters)
 
     def call(self, xs: list[Any], values: dict[str, Any]) -> Any:
         """The op on `xs` with its parameters (and injected `where`/`stats`) by their recipe names."""
