@@ -55,7 +55,7 @@ from .ops.lora import ROWS, factor, product_rows, relative_error
 from .options import Options
 from .plan import Plan, Step, human_bytes
 from .segments import Segments, row_sums, split
-from .writer import FileRecord, StreamingFile, align_down, align_up, open_safetensors
+from .writer import FileRecord, align_down, align_up, open_safetensors
 
 # safetensors dtype code -> torch dtype, and the largest finite value of each output dtype
 DTYPES: dict[str, torch.dtype] = {

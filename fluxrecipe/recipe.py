@@ -165,7 +165,7 @@ def addressable_schedules(data: dict) -> tuple[dict, list[str]]:
     paths = []
     for holder, key, path in places:
         value = holder[key]
-        if _is_number(value) and path in wanted:
+        if schedule.is_number(value) and path in wanted:
             value = {"default": value}
         if schedule.is_schedule_like(value):
             holder[key] = schedule.addressable(value)
@@ -292,7 +292,7 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
                 schedule.parse(value)
             except ValueError as e:
                 raise RecipeError(f"{here.at((key,))}: parameter {key!r}: {e}") from None
-        elif not _is_number(value):
+        elif not schedule.is_number(value):
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise RecipeError(
                 f"{here.at((key,))}: unknown field {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}, or a parameter that is not a number: got {shown} "
@@ -376,10 +376,6 @@ def _dtype(value: Any, where: str) -> str:
     if name not in DTYPES:
         raise RecipeError(f"{where}: dtype {value!r} is not one of {DTYPE_NAMES}")
     return name
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _sources(value: Any, here: "_Locator") -> dict[str, SourceSpec]:

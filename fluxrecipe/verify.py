@@ -336,7 +336,6 @@ def _check_config(folder: Path, keys: dict[str, tuple[int, ...]], report: Report
         report.add(path, f"and {len(wrong) - SHOWN} more key(s) of the wrong shape")
 
 
-
 # --- a single file (format=bfl or comfyui) -------------------------------------------------------------------
 
 

@@ -352,13 +352,9 @@ def _number_or_schedule(value: Any, where: str) -> float | schedule.Schedule:
             return schedule.parse(value)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    if not _finite_number(value):
+    if not schedule.is_number(value):
         raise ValueError(f"{where} must be a finite number (or a per-block schedule), got {value!r}")
     return float(value)
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def listing(names: list[str] | None = None) -> str:
