@@ -28,12 +28,10 @@ from .formats.safetensors import ITEMSIZE
 from .loras import LORA_FORMATS, Factor, LoraFile, LoraSummary, Patch, lora_notes, lora_output, plan_patches
 from .recipe import DTYPES, Recipe, Rule
 from .sources import Checkpoint
-from .text import printable
+from .text import printable, some_keys
 
 SHOWN = 6  # how many keys a message lists before it says "and N more"
 MAX_HINT = 200  # characters: a suggested rule longer than this would be no help (it would list the keys)
-SCALE_SUFFIX = ".weight_scale"  # ComfyUI's newer convention: <layer>.weight_scale, <layer>.comfy_quant
-MARKER_SUFFIX = ".comfy_quant"
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,7 @@ class RuleStats:
 @dataclass(frozen=True)
 class Plan:
     recipe: Recipe
-    format: str  # "diffusers" (a folder), "bfl" or "comfyui" (one file)
+    format: str  # "diffusers" (a folder); "bfl", "comfyui", "lora" or "lora_peft" (one file)
     sources: tuple[SourceSummary, ...]
     steps: tuple[Step, ...]
     files: tuple[OutFile, ...]
@@ -267,9 +265,9 @@ def _out_files(steps: list[Step], output_format: str, shard_size: int, file_name
             raise PlanError(f"{tensor.name} is made of {', '.join(sorted(parts))}, which the recipe gives fp8 and fp8_scaled: a fused tensor has one scale, so give them one dtype")
         if parts & scaled:
             layer = tensor.name[: -len(".weight")]
-            tensor = OutTensor(tensor.name, tensor.dtype, tensor.shape, tensor.parts, scale_name=layer + SCALE_SUFFIX)
+            tensor = OutTensor(tensor.name, tensor.dtype, tensor.shape, tensor.parts, scale_name=layer + bfl.SCALE_SUFFIX)
             marker = bfl.quant_marker(tensor.dtype)
-            constants.append(Constant(layer + MARKER_SUFFIX, "U8", (len(marker),), marker))
+            constants.append(Constant(layer + bfl.MARKER_SUFFIX, "U8", (len(marker),), marker))
             layers[layer] = json.loads(marker)
         tensors.append(tensor)
     metadata = (("_quantization_metadata", json.dumps({"format_version": "1.0", "layers": layers})),) if layers else ()
@@ -461,11 +459,6 @@ def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]
 
 def _rule_dtype(recipe: Recipe, index: int) -> str:
     return recipe.rules[index].dtype or recipe.dtype
-
-
-def some_keys(keys: list[str]) -> str:
-    shown = ", ".join(f"'{k}'" for k in keys[:SHOWN])
-    return shown + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
 
 
 def format_plan(plan: Plan) -> str:

@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import schedule
 from .catalog import MAX_RECIPE_BYTES
 from .errors import RecipeError
+from .formats import OUTPUT_FORMATS
 from .files import read_small
 from .ops import OPS, OpCall, parse_op
 from .ops.registry import check_values
@@ -44,7 +45,7 @@ DTYPES = {
     "fp8_scaled": ("F8_E4M3", True),
 }
 DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled"
-FORMATS = ("diffusers", "bfl", "comfyui", "lora", "lora_peft")
+FORMATS = tuple(OUTPUT_FORMATS)
 RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format", "loras")
 # Recipe parameters the command line overrides one block of (`recipe.alpha.double_blocks.7=V`), set by
 # __main__ for the recipe loader in this process and the sweep's job processes: numbers among them become

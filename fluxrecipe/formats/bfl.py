@@ -34,6 +34,8 @@ BLOCK_KEY = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)\.(weight|bi
 TOP_KEY = re.compile(r"^(.+)\.(weight|bias|scale)$")
 CANONICAL_BLOCK = re.compile(r"^(single_transformer_blocks|transformer_blocks)\.(\d+)\.")
 QUANT_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+SCALE_SUFFIX = ".weight_scale"  # the newer convention, which fp8_scaled outputs write: <layer>.weight_scale,
+MARKER_SUFFIX = ".comfy_quant"  # <layer>.comfy_quant (and _quantization_metadata in the header)
 SIDE_SUFFIXES = (".scale_weight", ".weight_scale", ".comfy_quant", ".scale_input", ".input_scale")
 
 

@@ -54,15 +54,15 @@ class StatPass:
     chunks in element order, starting from None; `result(state, params)` turns the fold into the statistic
     the op receives. A partial must not depend on how the tensor was chunked: sums go through segments.py."""
 
-    partial: Callable[..., Any]
-    fold: Callable[[Any, Any], Any]
-    result: Callable[[Any], Any]
+    partial: Callable[..., Any]  # (xs, where, stats, params) -> a partial
+    fold: Callable[[Any, Any], Any]  # (state or None, partial) -> state
+    result: Callable[[Any, dict[str, Any]], Any]  # (state, params) -> the statistic
 
 
 @dataclass(frozen=True)
 class Param:
     name: str  # as a recipe writes it
-    kind: str  # "number", "numbers" (one per input), "integer", "source", "choice"
+    kind: str  # "number", "numbers" (one per input), "task_weights" (one per task vector), "integer", "source", "choice"
     default: Any = REQUIRED
     choices: tuple[str, ...] = ()
 
