@@ -545,10 +545,10 @@ def _digests(rows: torch.Tensor) -> list[bytes]:
 
 
 def _scale_of(absmax: float, dtype: str) -> float:
-    """Scaled fp8's per-tensor scale: absmax / the dtype's largest value, in float32 (1 for a zero tensor)."""
-    if absmax == 0.0:
-        return 1.0
-    return float(torch.tensor(absmax, dtype=torch.float32) / LIMITS[dtype])
+    """Scaled fp8's per-tensor scale: absmax / the dtype's largest value, in float32 (1 where that is 0: a zero
+    tensor, or one so small that the division underflows, whose values then round to 0 as they would anyway)."""
+    scale = float(torch.tensor(absmax, dtype=torch.float32) / LIMITS[dtype])
+    return scale if scale > 0.0 else 1.0
 
 
 # --- the output files ------------------------------------------------------------------------------------
