@@ -6,7 +6,7 @@
     plan = api.plan(recipe, "merged/krea30")          # every check; no tensor read
     print(api.describe(plan))                         # what `dry_run=true` prints
     result = api.write(plan, "merged/krea30")         # the merge; result.files, result.seconds, ...
-    api.merge(recipe, "merged/krea30.safetensors", format="comfyui", dtype="fp8")   # both at once
+    api.merge("recipes/to_comfyui_fp8.yaml", "flux-fp8.safetensors", sources={"model": "/data/flux1-dev.safetensors"})  # both at once
 
 The command line (`python -m fluxrecipe`) is a thin layer over these functions: run.py turns Hydra's
 config into their arguments.
@@ -14,6 +14,7 @@ config into their arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from omegaconf import OmegaConf
 
 from . import package
 from .catalog import load_recipe_file
-from .errors import RecipeError, UsageError
+from .errors import RecipeError, SourceError, UsageError
 from .formats import OUTPUT_FORMATS
 from .loras import open_lora
 from .options import Options
@@ -107,21 +108,39 @@ def write(plan: Plan, output: str | Path, options: Options | None = None):
     recorded = package.as_recorded(plan, target)
     with atomic_output(target, options.overwrite, plan.files[0].name if plan.single_file else None) as folder:
         result = execute(plan, folder, options, package.file_metadata(recorded), package.header_size(recorded), hash_sources=local)
+        _check_replay(plan, result)
         package.finish(recorded, result, folder)
     result.output = target
     result.bytes_written = sum(r.size for r in result.files.values())
     return result
 
 
+def _check_replay(plan: Plan, result) -> None:
+    """A recipe pinned by an earlier merge names the content hash of each local source it read: a replay that
+    read other bytes there is not that merge, and its output is not kept."""
+    for name, spec in plan.recipe.sources.items():
+        read = result.source_hashes.get(name)
+        if spec.content_hash and read and read != spec.content_hash:
+            where = next(s.location for s in plan.sources if s.name == name)
+            raise SourceError(
+                f"source '{name}' ({where}) is not what this recipe was made from: its content hash is {read}, the recipe "
+                f"says {spec.content_hash}; nothing was written (remove content_hash from the recipe to merge these files anyway)"
+            )
+
+
 def merge(
     recipe: Recipe | str | Path | dict, output: str | Path, format: str | None = None, shard_size: int | str = "10GB", dtype: str | None = None,
-    lora_rank: int = 16, **options: Any,
+    lora_rank: int = 16, sources: dict[str, Any] | None = None, params: dict[str, Any] | None = None, **options: Any,
 ):
-    """Load (when given a file or mapping), plan and write in one call; `options` are Options' fields."""
+    """Load (when given a file or mapping, with `sources`, `params` and `dtype` overriding its own), plan and
+    write in one call; `options` are Options' fields (threads=4, in_flight="128MB", ...)."""
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, **({"dtype": dtype} if dtype else {}))
-    elif dtype:
-        raise UsageError("dtype=: give it in the recipe (or load the recipe with api.load_recipe(..., dtype=...))")
+        recipe = load_recipe(recipe, sources=sources, **(params or {}), **({"dtype": dtype} if dtype else {}))
+    elif dtype or sources or params:
+        raise UsageError("dtype, sources and params change a recipe as it is loaded: pass the recipe's file or mapping, or use api.load_recipe(...)")
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(Options)})
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(unknown)} (options: {', '.join(f.name for f in dataclasses.fields(Options))})")
     if isinstance(options.get("in_flight"), str):
         options["in_flight"] = parse_size(options["in_flight"])
     planned = plan(recipe, output, format, shard_size, lora_rank)

@@ -55,7 +55,7 @@ from .ops.lora import ROWS, factor, product_rows, relative_error
 from .options import Options
 from .plan import Plan, Step, human_bytes
 from .segments import Segments, row_sums, split
-from .writer import FileRecord, StreamingFile, align_down, open_safetensors
+from .writer import FileRecord, align_down, align_up, open_safetensors
 
 # safetensors dtype code -> torch dtype, and the largest finite value of each output dtype
 DTYPES: dict[str, torch.dtype] = {
@@ -319,20 +319,22 @@ class _Run:
         raws = [self.reader.read(ref, chunk.start, chunk.stop) for ref in step.inputs]
         xs = [self._decode(raw, ref) for raw, ref in zip(raws, step.inputs)]
         done = _Done()
+        self._check_inputs(step.inputs, xs, done)  # nonfinite=error stops at the first pass that reads a NaN
         if chunk.kind == "stat":
+            if done.nonfinite:  # nonfinite=warn: a NaN/Inf counts as 0 in a statistic, so it spoils its own elements only
+                xs = [torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in xs]
             done.partial = OPS[step.op].passes[chunk.pass_index].partial(xs, _where(step, chunk), self.stats[step.key], step.values)
             return done
-        self._check_inputs(step.inputs, xs, done)
         if chunk.kind == "value" and step.copies_bytes:
             done.data, rounded = raws[0], xs[0]
         else:
-            merged = self._apply(step, xs, chunk)
+            merged, base = self._apply(step, xs, chunk), None
             if chunk.kind == "diff":  # the difference first, then the LoRAs' changes: (op - base) + delta loses nothing to W's size
                 base = self._decode(self.reader.read(chunk.base, chunk.start, chunk.stop), chunk.base)
                 self._check_inputs((chunk.base,), [base], done)
                 merged = merged - base
             if step.patches:
-                merged = self._patch(step, merged, xs, chunk, done)
+                merged = self._patch(step, merged, xs, chunk, done, base)
             if chunk.kind == "diff":
                 done.data = merged
                 self._hash_inputs(step, raws, chunk, done)
@@ -361,16 +363,20 @@ class _Run:
                 size = ITEMSIZE[ref.dtype]
                 done.hashes.append((ref.source, split(raw, chunk.start * size, ref.nbytes, _digests, HASH_BLOCK)))
 
-    def _patch(self, step: Step, merged: torch.Tensor, xs: list[torch.Tensor], chunk: _Chunk, done: _Done) -> torch.Tensor:
+    def _patch(self, step: Step, merged: torch.Tensor, xs: list[torch.Tensor], chunk: _Chunk, done: _Done, base: torch.Tensor | None = None) -> torch.Tensor:
         """The step's LoRAs applied to its op's result, in order, in float32, as PEFT fuses them:
-        W + (up @ down) * scale for a product, W + tensor * scale for a bias, the tensor for a replacement."""
+        W + (up @ down) * scale for a product, W + tensor * scale for a bias, the tensor for a replacement.
+        With `base` (a diff chunk: `merged` is the result minus base), a replacement is its difference to base."""
         if any(merged is x for x in xs):
             merged = merged.clone()  # `take` returns its input, which the diagnostics still compare
         width = row_size(step.shape)
         for p in step.patches:
             if p.down is None:
                 values = self._lora_values(p, p.tensor, chunk.start, chunk.stop, done)
-                merged = values if p.kind == "replace" else merged.add_(values.mul_(p.scale))
+                if p.kind == "replace":
+                    merged = values if base is None else values - base
+                else:
+                    merged = merged.add_(values.mul_(p.scale))
                 continue
             first, end = chunk.start // width, -(-chunk.stop // width)
             lo, hi = first // ROWS * ROWS, min(-(-end // ROWS) * ROWS, rows(step.shape))  # whole blocks of rows
@@ -539,10 +545,10 @@ def _digests(rows: torch.Tensor) -> list[bytes]:
 
 
 def _scale_of(absmax: float, dtype: str) -> float:
-    """Scaled fp8's per-tensor scale: absmax / the dtype's largest value, in float32 (1 for a zero tensor)."""
-    if absmax == 0.0:
-        return 1.0
-    return float(torch.tensor(absmax, dtype=torch.float32) / LIMITS[dtype])
+    """Scaled fp8's per-tensor scale: absmax / the dtype's largest value, in float32 (1 where that is 0: a zero
+    tensor, or one so small that the division underflows, whose values then round to 0 as they would anyway)."""
+    scale = float(torch.tensor(absmax, dtype=torch.float32) / LIMITS[dtype])
+    return scale if scale > 0.0 else 1.0
 
 
 # --- the output files ------------------------------------------------------------------------------------
@@ -670,8 +676,8 @@ class _InputFile:
         else:
             self.in_flight[begin] -= 1
         ranges = []
-        if begin < self.released:  # the read reached behind the frontier (it began before the frontier passed)
-            ranges.append((align_down(begin), self.released))
+        if begin < self.released:  # the read reached behind the frontier: let go of what it brought back, no more
+            ranges.append((align_down(begin), min(align_up(end), self.released)))
         frontier = align_down(min(self.in_flight, default=end))
         if frontier > self.released:
             ranges.append((self.released, frontier))

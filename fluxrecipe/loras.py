@@ -26,6 +26,7 @@ from .formats.flux import block_of, block_order
 from .formats.layout import Constant, OutFile, OutTensor, Part, TensorRef, whole
 from .formats.safetensors import TensorEntry, read_header
 from .recipe import LoraSpec
+from .sources import file_hash, local_path
 from .schedule import Blocks, Schedule
 
 LORA_FORMATS = {"lora": "kohya", "lora_peft": "diffusers"}  # output format -> the key scheme it writes
@@ -54,7 +55,7 @@ def open_lora(spec: LoraSpec) -> LoraFile:
 
         path, origin = fetch_file(what, spec.repo, spec.file, spec.revision)
     else:
-        path = Path(spec.path).expanduser()
+        path = Path(local_path(spec.path, spec.recipe_dir)).expanduser()
         if path.is_dir():
             files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
             preferred = [p for p in files if p.name == PEFT_FILE]
@@ -66,7 +67,12 @@ def open_lora(spec: LoraSpec) -> LoraFile:
             raise SourceError(f"{what}: {path}: no such file")
         elif path.suffix != ".safetensors":
             raise SourceError(f"{what}: {path} is not a .safetensors file")
-        origin = {"path": str(path.resolve())}
+        origin = {"path": str(path.resolve()), "content_hash": file_hash(path)}
+        if spec.content_hash and spec.content_hash != origin["content_hash"]:
+            raise SourceError(
+                f"{what}: {path} is not the file this recipe was made with (content hash {origin['content_hash']}, "
+                f"the recipe says {spec.content_hash}): remove content_hash from the recipe to use it anyway"
+            )
     header = read_header(str(path))
     if not header.entries:
         raise SourceError(f"{what}: {path} holds no tensors")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class Options:
@@ -16,6 +18,20 @@ class Options:
     diagnostics: bool = True
     progress: bool = True
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        """Every option of its kind and range, whoever builds Options (the command line, or the Python API)."""
+        for name, least in (("threads", 0), ("chunk_elements", 1), ("in_flight", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise UsageError(f"{name}={value!r}: must be a whole number" + (" (0: automatic)" if least == 0 else " above 0"))
+        if self.nonfinite not in ("error", "warn"):
+            raise UsageError(f"nonfinite={self.nonfinite!r}: choose error or warn")
+        for name in ("diagnostics", "progress", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name}={getattr(self, name)!r}: must be true or false")
+        if not isinstance(self.device, str):
+            raise UsageError(f"device={self.device!r}: choose cpu, cuda or cuda:N")
 
     @property
     def workers(self) -> int:

@@ -28,12 +28,10 @@ from .formats.safetensors import ITEMSIZE
 from .loras import LORA_FORMATS, Factor, LoraFile, LoraSummary, Patch, lora_notes, lora_output, plan_patches
 from .recipe import DTYPES, Recipe, Rule
 from .sources import Checkpoint
-from .text import printable
+from .text import printable, some_keys
 
 SHOWN = 6  # how many keys a message lists before it says "and N more"
 MAX_HINT = 200  # characters: a suggested rule longer than this would be no help (it would list the keys)
-SCALE_SUFFIX = ".weight_scale"  # ComfyUI's newer convention: <layer>.weight_scale, <layer>.comfy_quant
-MARKER_SUFFIX = ".comfy_quant"
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,7 @@ class RuleStats:
 @dataclass(frozen=True)
 class Plan:
     recipe: Recipe
-    format: str  # "diffusers" (a folder), "bfl" or "comfyui" (one file)
+    format: str  # "diffusers" (a folder); "bfl", "comfyui", "lora" or "lora_peft" (one file)
     sources: tuple[SourceSummary, ...]
     steps: tuple[Step, ...]
     files: tuple[OutFile, ...]
@@ -218,7 +216,7 @@ def make_plan(
         files=files,
         dropped=tuple(dropped),
         config=config,
-        notes=tuple(notes + _notes(recipe, steps, checkpoints)),
+        notes=tuple(notes + _notes(recipe, steps, checkpoints, output_format)),
         loras=tuple(summaries),
         factors=factors,
         lora_rank=lora_rank if factors else None,
@@ -262,11 +260,14 @@ def _out_files(steps: list[Step], output_format: str, shard_size: int, file_name
     scaled = {s.key for s in steps if s.scaled}
     tensors, constants, layers = [], [], {}
     for tensor in bfl.out_tensors(shapes, dtypes, prefix):
-        if any(p.key in scaled for p in tensor.parts):
+        parts = {p.key for p in tensor.parts}
+        if parts & scaled and not parts <= scaled:
+            raise PlanError(f"{tensor.name} is made of {', '.join(sorted(parts))}, which the recipe gives fp8 and fp8_scaled: a fused tensor has one scale, so give them one dtype")
+        if parts & scaled:
             layer = tensor.name[: -len(".weight")]
-            tensor = OutTensor(tensor.name, tensor.dtype, tensor.shape, tensor.parts, scale_name=layer + SCALE_SUFFIX)
+            tensor = OutTensor(tensor.name, tensor.dtype, tensor.shape, tensor.parts, scale_name=layer + bfl.SCALE_SUFFIX)
             marker = bfl.quant_marker(tensor.dtype)
-            constants.append(Constant(layer + MARKER_SUFFIX, "U8", (len(marker),), marker))
+            constants.append(Constant(layer + bfl.MARKER_SUFFIX, "U8", (len(marker),), marker))
             layers[layer] = json.loads(marker)
         tensors.append(tensor)
     metadata = (("_quantization_metadata", json.dumps({"format_version": "1.0", "layers": layers})),) if layers else ()
@@ -424,7 +425,7 @@ def _summary(recipe: Recipe, c: Checkpoint) -> SourceSummary:
     return SourceSummary(c.name, recipe.sources[c.name].describe(), c.origin, c.folder, len(c.tensors), c.nbytes, dtypes, c.layout, tuple(c.ignored.items()), c.location or c.folder)
 
 
-def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]) -> list[str]:
+def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint], output_format: str) -> list[str]:
     notes = []
     for rule in recipe.rules:
         alpha = rule.params.get("alpha") if rule.op.name == "lerp" else None
@@ -442,6 +443,8 @@ def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]
     unscaled = [s.key for s in steps if s.dtype == "BF16" and DTYPES[_rule_dtype(recipe, s.rule)][1]]
     if unscaled:
         notes.append(f"fp8_scaled applies to Linear weights (2-D '.weight' tensors); {len(unscaled)} other tensors of those rules are written in bf16 ({some_keys(unscaled)})")
+    if output_format == "bfl" and any(s.scaled for s in steps):
+        notes.append("fp8_scaled is ComfyUI's convention: readers that do not know it (diffusers' from_single_file, BFL's code) would read the fp8 values unscaled; format=comfyui says what the file is")
     ranges = {"F8_E4M3": "fp8 (+-448)", "F8_E5M2": "fp8_e5m2 (+-57344)"}
     narrow = sorted({ranges[s.dtype] for s in steps if s.dtype in ranges and not s.scaled})
     if narrow:
@@ -456,11 +459,6 @@ def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]
 
 def _rule_dtype(recipe: Recipe, index: int) -> str:
     return recipe.rules[index].dtype or recipe.dtype
-
-
-def some_keys(keys: list[str]) -> str:
-    shown = ", ".join(f"'{k}'" for k in keys[:SHOWN])
-    return shown + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
 
 
 def format_plan(plan: Plan) -> str:

@@ -31,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import schedule
 from .catalog import MAX_RECIPE_BYTES
 from .errors import RecipeError
+from .formats import OUTPUT_FORMATS
 from .files import read_small
 from .ops import OPS, OpCall, parse_op
 from .ops.registry import check_values
@@ -47,15 +48,15 @@ DTYPES = {
     "fp8_scaled": ("F8_E4M3", True),
 }
 DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled"
-FORMATS = ("diffusers", "bfl", "comfyui", "lora", "lora_peft")
+FORMATS = tuple(OUTPUT_FORMATS)
 RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format", "loras")
 # Recipe parameters the command line overrides one block of (`recipe.alpha.double_blocks.7=V`), set by
 # __main__ for the recipe loader in this process and the sweep's job processes: numbers among them become
 # `{default: N}`, so that the block can be added to them.
 BLOCK_OVERRIDES_ENV = "FLUXRECIPE_BLOCK_OVERRIDES"
 RULE_FIELDS = ("match", "op", "sources", "optional", "dtype")
-SOURCE_FIELDS = ("repo", "revision", "subfolder", "path", "demo")
-LORA_FIELDS = ("path", "repo", "file", "revision", "strength", "ignore_unmatched")
+SOURCE_FIELDS = ("repo", "revision", "subfolder", "path", "demo", "content_hash")
+LORA_FIELDS = ("path", "repo", "file", "revision", "strength", "ignore_unmatched", "content_hash")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 # The only interpolation a recipe may hold: a reference to one of its own values.
 SAFE_INTERPOLATION = re.compile(r"\$\{(?:recipe\.|\.+)[A-Za-z_][\w.-]*\}")
@@ -79,7 +80,8 @@ class SourceSpec:
     subfolder: str | None = None
     demo: str | None = None  # a generated demo checkpoint (see demo.py)
     text: str | None = None  # the string the recipe gave, when it gave one
-    recipe_dir: str | None = None  # the recipe file's folder: a relative path may be found from there too
+    recipe_dir: str | None = None  # the recipe file's folder: a relative path is found from there first
+    content_hash: str | None = None  # what a pinned recipe read before: a replay must read the same bytes
 
     def describe(self) -> str:
         if self.text:
@@ -104,6 +106,8 @@ class LoraSpec:
     strength: Any = 1.0  # a number or a per-block schedule.Schedule (loras.strength_of gives a key its number)
     ignore_unmatched: bool = False
     where: str = ""  # "recipe 'x' (path:line) loras.NAME", for messages
+    recipe_dir: str | None = None  # the recipe file's folder: a relative path is found from there first
+    content_hash: str | None = None  # what a pinned recipe read before: a replay must read the same bytes
 
     def describe(self) -> str:
         if self.repo:
@@ -202,7 +206,7 @@ def addressable_schedules(data: dict) -> tuple[dict, list[str]]:
     paths = []
     for holder, key, path in places:
         value = holder[key]
-        if _is_number(value) and path in wanted:
+        if schedule.is_number(value) and path in wanted:
             value = {"default": value}
         if schedule.is_schedule_like(value):
             holder[key] = schedule.addressable(value)
@@ -329,7 +333,7 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
                 schedule.parse(value)
             except ValueError as e:
                 raise RecipeError(f"{here.at((key,))}: parameter {key!r}: {e}") from None
-        elif not _is_number(value):
+        elif not schedule.is_number(value):
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise RecipeError(
                 f"{here.at((key,))}: unknown field {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}, or a parameter that is not a number: got {shown} "
@@ -416,10 +420,6 @@ def _dtype(value: Any, where: str) -> str:
     return name
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _sources(value: Any, here: "_Locator") -> dict[str, SourceSpec]:
     recipe_dir = os.path.dirname(here.file) if here.file else None
     if not isinstance(value, dict) or not value:
@@ -467,7 +467,7 @@ def _loras(value: Any, here: "_Locator") -> dict[str, LoraSpec]:
         unknown = set(spec) - set(LORA_FIELDS)
         if unknown:
             raise RecipeError(f"{where}: unknown field(s) {', '.join(map(repr, sorted(map(str, unknown))))} in LoRA {name!r} (fields: {', '.join(LORA_FIELDS)})")
-        for k in ("path", "repo", "file", "revision"):
+        for k in ("path", "repo", "file", "revision", "content_hash"):
             if spec.get(k) is not None and (not isinstance(spec[k], str) or not spec[k]):
                 raise RecipeError(f"{here.at(('loras', name, k))}: {k} of LoRA {name!r} must be text, got {spec[k]!r}")
         if spec.get("path") is None and spec.get("repo") is None:
@@ -485,7 +485,10 @@ def _loras(value: Any, here: "_Locator") -> dict[str, LoraSpec]:
         ignore = spec.get("ignore_unmatched", False)
         if not isinstance(ignore, bool):
             raise RecipeError(f"{here.at(('loras', name, 'ignore_unmatched'))}: ignore_unmatched must be true or false")
-        specs[name] = LoraSpec(name, spec.get("path"), spec.get("repo"), spec.get("file"), spec.get("revision"), strength, ignore, where)
+        specs[name] = LoraSpec(
+            name, spec.get("path"), spec.get("repo"), spec.get("file"), spec.get("revision"), strength, ignore, where,
+            os.path.dirname(here.file) if here.file else None, spec.get("content_hash"),
+        )
     return specs
 
 

@@ -38,7 +38,6 @@ NAMES = (DEFAULT, *EMBEDDER_BLOCKS, *GROUPS, FINAL_LAYER)  # the vocabulary, bes
 INDEXED = re.compile(r"(double_blocks|single_blocks)\.(\d+)")
 
 
-
 @dataclass(frozen=True)
 class Blocks:
     """The blocks a model has: how many double-stream and single-stream blocks (gradients spread over them)."""
@@ -122,7 +121,7 @@ def _along(value: float | tuple[float, ...], index: int, length: int) -> float:
 
 def parse(value: Any) -> float | Schedule:
     """A number, or a schedule checked for all that needs no model; a ValueError says what is wrong."""
-    if _is_number(value):
+    if is_number(value):
         return float(value)
     if isinstance(value, (list, tuple)):
         return Schedule(((DEFAULT, _gradient(value, "a list")),))
@@ -141,8 +140,8 @@ def is_schedule_like(value: Any) -> bool:
     """Whether a value has a schedule's shape (numbers in a list, or in a mapping, nested at most once), to
     tell a malformed schedule from something else altogether (a mistyped recipe field)."""
     if isinstance(value, (list, tuple)):
-        return bool(value) and all(_is_number(v) for v in value)
-    return isinstance(value, dict) and bool(value) and all(_is_number(v) or is_schedule_like(v) for v in value.values())
+        return bool(value) and all(is_number(v) for v in value)
+    return isinstance(value, dict) and bool(value) and all(is_number(v) or is_schedule_like(v) for v in value.values())
 
 
 def _add(name: str, item: Any, entries: dict[str, Any]) -> None:
@@ -166,14 +165,14 @@ def _add(name: str, item: Any, entries: dict[str, Any]) -> None:
         if name not in GROUPS and name != DEFAULT:
             raise ValueError(f"'{name}' is one block: give it a number (a list is a gradient over double_blocks, single_blocks or default)")
         entries[name] = _gradient(item, f"the list under '{name}'")
-    elif _is_number(item):
+    elif is_number(item):
         entries[name] = float(item)
     else:
         raise ValueError(f"'{name}' must be a number" + (" or a list of numbers" if name in GROUPS or name == DEFAULT else "") + f", got {item!r}")
 
 
 def _gradient(items: list | tuple, what: str) -> tuple[float, ...]:
-    if not all(_is_number(v) for v in items):
+    if not all(is_number(v) for v in items):
         raise ValueError(f"{what} must hold numbers only, got {list(items)!r}")
     if len(items) < 2:
         raise ValueError(f"{what} is a gradient over the blocks and needs 2 or more numbers, got {list(items)!r} (for one value, give the number)")
@@ -191,7 +190,8 @@ def _rank(name: str, order: dict[str, int]) -> tuple[int, int]:
     return (order[m[1]], int(m[2]) + 1) if m else (order[name], 0)
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A finite real number as a recipe writes one (YAML's true is not 1)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -211,15 +211,20 @@ def number_text(value: float) -> str:
 
 def addressable(value: Any) -> Any:
     """A schedule in the shape Hydra can override one block of (`recipe.alpha.double_blocks.7=V`): mapping
-    keys as strings (YAML reads `7:` as an int, Hydra looks up '7'), and a list, or a group's list or
+    keys as strings (YAML reads `7:` as an int, Hydra looks up '7'), and a gradient, or a group's gradient or
     number, moved under `default` (`[0, 1]` -> `{default: [0, 1]}`), so that `.7` names block 7 rather than
-    a list position or a child of a number. The meaning is the same."""
-    if isinstance(value, list):
+    a list position or a child of a number. The meaning is the same; what is malformed is left for parse()
+    to name as written."""
+    if _gradient_like(value):
         return {DEFAULT: value}
     if isinstance(value, dict):
         value = string_keys(value)
-        return {k: {DEFAULT: v} if k in GROUPS and not isinstance(v, dict) else v for k, v in value.items()}
+        return {k: {DEFAULT: v} if k in GROUPS and (is_number(v) or _gradient_like(v)) else v for k, v in value.items()}
     return value
+
+
+def _gradient_like(value: Any) -> bool:
+    return isinstance(value, list) and len(value) >= 2 and all(is_number(v) for v in value)
 
 
 def string_keys(value: Any) -> Any:

@@ -17,10 +17,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from .errors import SourceError
 from .files import os_error_text, read_small
 from .formats import Recognised, diffusers, recognise
-from .formats.flux import derive_config
+from .formats.flux import ShapeError, derive_config
 from .formats.layout import TensorRef
 from .formats.safetensors import TensorEntry, read_header
 from .recipe import SourceSpec
@@ -93,11 +95,28 @@ def _classify(spec: SourceSpec) -> tuple[str, str, str | None]:
 
 
 def _beside_recipe(path: str, spec: SourceSpec) -> str:
-    """A relative path that is not there from the current folder but is from the recipe file's folder: an
-    output's recipe.yaml names its local sources relative to itself, so that it replays from anywhere."""
-    if os.path.isabs(os.path.expanduser(path)) or os.path.exists(path) or not spec.recipe_dir:
+    return local_path(path, spec.recipe_dir)
+
+
+def file_hash(path: Path) -> str:
+    """The content hash of a whole (small) file, as provenance records what was read: 'xxh3-128:HEX'."""
+    digest = xxhash.xxh3_128()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(16 << 20):
+                digest.update(block)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read: {e.strerror}") from None
+    return "xxh3-128:" + digest.hexdigest()
+
+
+def local_path(path: str, recipe_dir: str | None) -> str:
+    """A path a recipe gives: a relative one is found beside the recipe file first, then from the current
+    folder. An output's recipe.yaml names its local sources relative to itself, so that it replays from
+    anywhere, and never reads another model that happens to lie at that relative path from where it runs."""
+    if os.path.isabs(os.path.expanduser(path)) or not recipe_dir:
         return path
-    beside = os.path.join(spec.recipe_dir, path)
+    beside = os.path.join(recipe_dir, path)
     return beside if os.path.exists(beside) else path
 
 
@@ -149,8 +168,8 @@ def _index(name: str, location: Path, origin: dict[str, str]) -> Checkpoint:
 def _derived_config(name: str, location: Path, found: Recognised) -> tuple[dict[str, Any], tuple[str, ...]]:
     try:
         config, notes = derive_config({k: t.shape for k, t in found.tensors.items()}, metadata.version("diffusers"))
-    except (KeyError, ValueError, IndexError) as e:
-        raise SourceError(f"source '{name}': {location} lacks tensor {e} that every FLUX.1 transformer has: is it a whole model?") from None
+    except ShapeError as e:
+        raise SourceError(f"source '{name}': {location} {e}: is it a whole FLUX.1 transformer?") from None
     return config, tuple(notes)
 
 

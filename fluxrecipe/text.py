@@ -35,3 +35,9 @@ def markdown_code(text: str) -> str:
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
     return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def some_keys(keys: list[str], shown: int = 6) -> str:
+    """The first `shown` keys, quoted, and how many more: a message names keys without listing thousands."""
+    listed = ", ".join(f"'{k}'" for k in keys[:shown])
+    return listed + (f" and {len(keys) - shown} more" if len(keys) > shown else "")

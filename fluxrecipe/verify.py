@@ -181,7 +181,8 @@ def _read(path: Path, header: Header | None = None, offset: int = 0) -> tuple[st
     tensor that has some: one pass over the file, without filling the page cache. A block boundary may cut an
     element; its bytes wait for the next block."""
     digest = hashlib.sha256()
-    entries = sorted((e for e in header.entries.values() if e.nbytes), key=lambda e: e.begin) if header else []
+    floats = (e for e in header.entries.values() if e.nbytes and e.dtype in NONFINITE_BITS) if header else ()  # not U8 markers
+    entries = sorted(floats, key=lambda e: e.begin)
     nonfinite: dict[str, int] = {}
     carry: dict[str, bytes] = {}
     fd = os.open(path, os.O_RDONLY)
@@ -335,7 +336,6 @@ def _check_config(folder: Path, keys: dict[str, tuple[int, ...]], report: Report
         report.add(path, f"and {len(wrong) - SHOWN} more key(s) of the wrong shape")
 
 
-
 # --- a single file (format=bfl or comfyui) -------------------------------------------------------------------
 
 
@@ -356,7 +356,7 @@ def verify_file(path: Path, hash_data: bool = True) -> FileReport:
     one fluxrecipe wrote into its metadata."""
     from .architecture import expected_parameters, mismatch
     from .formats import recognise
-    from .formats.flux import derive_config
+    from .formats.flux import ShapeError, derive_config
 
     report = FileReport(path)
     try:
@@ -374,8 +374,11 @@ def verify_file(path: Path, hash_data: bool = True) -> FileReport:
         report.layout = found.layout
         config, _ = derive_config({k: t.shape for k, t in found.tensors.items()})
         expected = expected_parameters(config, str(path))
-    except (FluxRecipeError, KeyError, ValueError) as e:
-        report.problems.append(str(e) if isinstance(e, FluxRecipeError) else f"{path}: lacks tensor {e} that every FLUX.1 transformer has")
+    except FluxRecipeError as e:
+        report.problems.append(str(e))
+        return report
+    except ShapeError as e:
+        report.add(path, f"{e}: not a whole FLUX.1 transformer")
         return report
     found_shapes = {k: t.shape for k, t in found.tensors.items()}
     wrong = mismatch(expected, found_shapes)

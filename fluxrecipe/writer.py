@@ -34,6 +34,10 @@ RELEASE_ALIGN = 2 << 20
 def align_down(offset: int) -> int:
     return offset - offset % RELEASE_ALIGN
 
+
+def align_up(offset: int) -> int:
+    return -(-offset // RELEASE_ALIGN) * RELEASE_ALIGN
+
 @dataclass(frozen=True)
 class FileRecord:
     size: int

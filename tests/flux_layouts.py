@@ -113,7 +113,7 @@ def scaled_fp8(state: dict[str, torch.Tensor], convention: str) -> tuple[dict[st
                 tensors[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
     metadata = {"format": "pt"}
     if convention == "old":
-        prefix = COMFY if any(k.startswith(COMFY) for k in state) else ""
+        prefix = next((p for p in (COMFY, "diffusion_model.") if any(k.startswith(p) for k in state)), "")
         tensors[f"{prefix}scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
     if convention == "metadata":
         metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": layers})

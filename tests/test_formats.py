@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 
 import pytest
@@ -215,6 +216,14 @@ def test_fp8_scaled_output_stores_absmax_over_448_and_dequantizes_to_the_referen
         assert json.loads(bytes(got[f"{layer}.comfy_quant"].tolist())) == {"format": "float8_e4m3fn"} == layers[layer]
 
 
+def test_verify_accepts_a_scaled_fp8_file_with_its_markers(recipe_dir, tmp_path, schnell, krea):
+    from fluxrecipe.verify import verify_file
+
+    out = tmp_path / "scaled.safetensors"
+    run_recipe(recipe_dir, out, guided_recipe(schnell, krea, dtype="fp8_scaled"), "format=comfyui")
+    assert verify_file(out).problems == []
+
+
 def test_fp8_scaled_needs_a_single_file_format(recipe_dir, tmp_path, krea):
     with pytest.raises(PlanError, match="fp8_scaled is written only in the single-file formats"):
         run_recipe(recipe_dir, tmp_path / "out", {"sources": {"k": str(krea)}, "rules": [{"match": ".*", "op": "take:k"}], "dtype": "fp8_scaled"})
@@ -237,16 +246,17 @@ def test_scaled_fp8_sources_are_dequantized_exactly(tmp_path, krea, state_of, co
     assert [k for k in meaning if not torch.equal(bfl_back[k], meaning[k])] == []
 
 
+@pytest.mark.parametrize("prefix", [COMFY, "diffusion_model."])
 @pytest.mark.parametrize("convention, missing", [("old", ".scale_weight"), ("new", ".weight_scale"), ("metadata", ".weight_scale")])
-def test_a_scaled_fp8_file_missing_a_scale_is_refused(tmp_path, krea, state_of, convention, missing):
-    tensors, metadata, _ = scaled_fp8(diffusers_to_bfl(state_of(krea), COMFY), convention)
+def test_a_scaled_fp8_file_missing_a_scale_is_refused(tmp_path, krea, state_of, convention, missing, prefix):
+    tensors, metadata, _ = scaled_fp8(diffusers_to_bfl(state_of(krea), prefix), convention)
     gone = next(k for k in tensors if k.endswith(missing))
     del tensors[gone]
     path = tmp_path / "broken.safetensors"
     save_file(tensors, path, metadata=metadata)
     with pytest.raises(SourceError) as e:
         to_diffusers(tmp_path / "out", path)
-    assert str(path) in str(e.value) and gone.removesuffix(missing).removeprefix(COMFY) in str(e.value) and "\n" not in str(e.value)
+    assert str(path) in str(e.value) and gone.removesuffix(missing).removeprefix(prefix) in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -277,6 +287,10 @@ def test_python_api_without_hydra(tmp_path, schnell, krea, state_of):
     assert_same(load_file(result.output), diffusers_to_bfl(lerp_reference(state_of(schnell), state_of(krea), 0.3), COMFY))
     api.merge(recipe, tmp_path / "folder", threads=1)
     assert_same(load_state(tmp_path / "folder"), lerp_reference(state_of(schnell), state_of(krea), 0.3))
+    for bad, message in (({"chunk_elements": 0}, "chunk_elements=0: must be a whole number above 0"), ({"chunkelements": 9}, "unknown option(s) chunkelements")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            api.merge(guided_recipe(schnell, krea), tmp_path / "refused", **bad)
+    assert not (tmp_path / "refused").exists()
 
 
 # --- verify on a single file ------------------------------------------------------------------------------
@@ -369,3 +383,40 @@ def test_single_file_output_over_an_existing_file(recipe_dir, tmp_path, krea):
     run_recipe(recipe_dir, out, recipe, "format=comfyui", "overwrite=true")
     assert out.read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "recipes"]
+
+
+def test_a_single_file_header_holds_whatever_the_plan_lists(recipe_dir, tmp_path, krea, state_of):
+    """A single file's metadata (provenance included) is sized from the plan before a byte is written: a LoRA
+    with thousands of keys that map nowhere (ignore_unmatched: true) cannot make the run fail at its end."""
+    from safetensors.torch import save_file as save
+
+    w = state_of(krea)["transformer_blocks.0.attn.to_q.weight"]
+    lora = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, w.shape[1]).to(torch.bfloat16),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(w.shape[0], 4).to(torch.bfloat16)}
+    for i in range(3000):
+        for part in ("lora_A", "lora_B"):
+            lora[f"transformer.other_architecture_block_{i}.attention.projection_layer.{part}.weight"] = torch.zeros(1, 1)
+    save(lora, tmp_path / "big.safetensors")
+    recipe = {"sources": {"k": str(krea)}, "rules": [{"match": ".*", "op": "take:k"}], "loras": {"x": {"path": str(tmp_path / "big.safetensors"), "ignore_unmatched": True}}}
+    out = tmp_path / "out.safetensors"
+    run_recipe(recipe_dir, out, recipe, "format=comfyui")
+    with safe_open(out, "pt") as f:
+        unmatched = json.loads(f.metadata()["fluxrecipe.provenance"])["loras"][0]["unmatched"]
+    assert len(unmatched) == 101 and unmatched[-1] == {"and more": 6000 - 100}  # every key of the 3000 modules
+
+
+@pytest.mark.parametrize("key, shape", [("img_in.weight", ()), ("double_blocks.0.img_attn.norm.query_norm.scale", (0,)), ("txt_in.weight", (32,))])
+def test_a_single_file_with_impossible_shapes(tmp_path, krea, state_of, key, shape):
+    """Shapes no FLUX.1 transformer has, where the config is derived from them: one line, not a traceback."""
+    state = diffusers_to_bfl(state_of(krea))
+    state[key] = torch.zeros(shape, dtype=torch.bfloat16)
+    path = tmp_path / "odd.safetensors"
+    save_file(state, path)
+    message = refused(SourceError, "FLUX.1 transformer", lambda: to_diffusers(tmp_path / "out", path), tmp_path / "out")
+    assert str(path) in message
+
+
+def test_a_fused_tensor_with_fp8_and_fp8_scaled_parts_is_refused(recipe_dir, tmp_path, krea):
+    rules = [{"match": "attn\\.to_q\\.weight", "op": "take:k", "dtype": "fp8"}, {"match": ".*", "op": "take:k", "dtype": "fp8_scaled"}]
+    out = tmp_path / "x.safetensors"
+    refused(PlanError, "which the recipe gives fp8 and fp8_scaled: a fused tensor has one scale", lambda: run_recipe(recipe_dir, out, {"sources": {"k": str(krea)}, "rules": rules}, "format=comfyui"), out)

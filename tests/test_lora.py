@@ -479,6 +479,16 @@ def refused(error: type, fragment: str, run, out) -> str:
     return message
 
 
+def test_a_rank_larger_than_the_matrices_allow(recipe_dir, tmp_path, krea, state_of):
+    """A hostile rank (more than min(out, in)) would only cost memory: refused before anything is read."""
+    w = state_of(krea)["transformer_blocks.0.attn.to_q.weight"]
+    rank = min(w.shape) + 8
+    path = tmp_path / "big.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(rank, w.shape[1]), "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(w.shape[0], rank)}, path)
+    out = tmp_path / "out"
+    refused(SourceError, f"has rank {rank}, more than its matrices allow", lambda: bake(recipe_dir, out, krea, {"x": str(path)}), out)
+
+
 def test_lora_of_another_width(recipe_dir, tmp_path, krea):
     """A LoRA made for a FLUX twice as wide (64: 4 heads of 16) on the 32-wide model."""
     from fluxrecipe.architecture import expected_parameters
@@ -630,3 +640,34 @@ def test_a_lora_on_a_method_with_statistics_passes(recipe_dir, tmp_path, schnell
     run_recipe(recipe_dir, tmp_path / "lora", {**recipe, "loras": {"k": str(path)}}, "chunk_elements=300")
     plain = load_state(tmp_path / "plain")
     assert_baked(load_state(tmp_path / "lora"), plain, reference(plain, [(lora, ratio, 1.0)]), changed_keys(lora), dtype=torch.float32)
+
+
+def test_a_lora_is_recorded_without_its_absolute_path_and_pinned_by_its_content(recipe_dir, tmp_path, krea, formats):
+    """Like a source: the output names a local LoRA relative to itself (recipe.yaml, fluxrecipe.json, shard
+    metadata), a relative path in a recipe is found beside the recipe first, and a replay whose LoRA file
+    changed is refused before anything is read."""
+    import shutil
+
+    import yaml
+
+    from fluxrecipe.errors import SourceError
+
+    lora = tmp_path / "loras" / "style.safetensors"
+    lora.parent.mkdir()
+    shutil.copy(formats["kohya"][0], lora)
+    out = tmp_path / "out"
+    bake(recipe_dir, out, krea, {"style": {"path": str(lora), "strength": 0.5}})
+    for file in out.iterdir():
+        assert str(tmp_path).encode() not in file.read_bytes(), file.name
+    pinned = yaml.safe_load((out / "recipe.yaml").read_text())["loras"]["style"]
+    assert pinned["path"] == "../loras/style.safetensors" and pinned["content_hash"].startswith("xxh3-128:")
+    shutil.copy(out / "recipe.yaml", recipe_dir / "again.yaml")  # recipes/../loras/style.safetensors: the same file
+    again = tmp_path / "again"
+    merge(["recipe=again", f"output={again}", "progress=false"])
+    assert sorted(p.read_bytes() for p in again.glob("*.safetensors")) == sorted(p.read_bytes() for p in out.glob("*.safetensors"))
+    data = bytearray((recipe_dir / pinned["path"]).resolve().read_bytes())
+    data[-1] ^= 0x01
+    (recipe_dir / pinned["path"]).resolve().write_bytes(bytes(data))
+    with pytest.raises(SourceError, match="is not the file this recipe was made with"):
+        merge(["recipe=again", f"output={tmp_path / 'refused'}", "progress=false"])
+    assert not (tmp_path / "refused").exists()

@@ -311,14 +311,15 @@ def test_output_carries_its_pinned_recipe(plain, schnell, krea):
     pinned = yaml.safe_load((plain / "recipe.yaml").read_text())
     builtin_text = yaml.safe_load((REPO_ROOT / "recipes" / "krea_schnell.yaml").read_text())
     relative = {name: os.path.relpath(folder.resolve(), plain) for name, folder in (("schnell", schnell), ("krea", krea))}
-    assert pinned == {  # the recipe as written (its interpolations kept), its sources pinned, relative to the output
+    hashes = {name: s["content_hash"] for name, s in json.loads((plain / "fluxrecipe.json").read_text())["sources"].items()}
+    assert pinned == {  # the recipe as written (its interpolations kept), its sources pinned, relative to the output, with what was read
         **builtin_text,
-        "sources": {name: {"path": path} for name, path in relative.items()},
+        "sources": {name: {"path": path, "content_hash": hashes[name]} for name, path in relative.items()},
     }
     assert pinned["rules"] == [{"match": ".*", "op": "lerp:${recipe.alpha}"}]
     for shard in shard_files(plain):  # the shards name local sources by name: their bytes do not depend on the folder's place
         with safe_open(shard, "pt") as f:
-            assert json.loads(f.metadata()["fluxrecipe.recipe"]) == {**pinned, "sources": {name: {"local": name} for name in relative}}
+            assert json.loads(f.metadata()["fluxrecipe.recipe"]) == {**pinned, "sources": {name: {"local": name} for name in relative}}  # hashes come after the shards
     provenance = json.loads((plain / "fluxrecipe.json").read_text())
     assert {name: {k: v for k, v in s.items() if k != "content_hash"} for name, s in provenance["sources"].items()} == {
         name: {"spec": path, "path": path} for name, path in relative.items()
@@ -367,6 +368,31 @@ def test_a_replay_proves_it_read_the_same_bytes(plain, recipe_dir, tmp_path, sch
     merge(["recipe=replay", f"output={tmp_path / 'other'}", "progress=false", f"recipe.sources.krea={changed}"])
     other = {n: s["content_hash"] for n, s in json.loads((tmp_path / "other" / "fluxrecipe.json").read_text())["sources"].items()}
     assert other["schnell"] == hashes[plain]["schnell"] and other["krea"] != hashes[plain]["krea"]
+
+
+def test_a_replay_of_other_bytes_is_refused(plain, tmp_path, krea, schnell, monkeypatch):
+    """recipe.yaml pins each local source's content hash: a replay that finds other bytes (a changed source)
+    writes nothing and says so; a relative path is found beside recipe.yaml first, not from where the replay
+    runs (where another model may lie at the same relative path)."""
+    from fluxrecipe.errors import SourceError
+
+    monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(plain))
+    pinned = yaml.safe_load((plain / "recipe.yaml").read_text())["sources"]["krea"]["path"]
+    elsewhere = tmp_path / "cwd" / "a" / "b" / "c"
+    elsewhere.mkdir(parents=True)
+    shutil.copytree(schnell, (elsewhere / pinned).resolve())  # the wrong model, at the same relative path
+    monkeypatch.chdir(elsewhere)
+    merge(["recipe=recipe", f"output={tmp_path / 'ok'}", "progress=false", "shard_size=60KB"])
+    assert [p.read_bytes() for p in shard_files(tmp_path / "ok")] == [p.read_bytes() for p in shard_files(plain)]
+    changed = tmp_path / "krea-changed"
+    shutil.copytree(krea, changed)
+    shard = sorted(changed.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SourceError, match="is not what this recipe was made from: its content hash is"):
+        merge(["recipe=recipe", f"output={tmp_path / 'refused'}", "progress=false", f"recipe.sources.krea.path={changed}"])
+    assert not (tmp_path / "refused").exists()
 
 
 def test_written_recipe_replays_with_a_new_parameter(plain, recipe_dir, tmp_path, schnell, krea, state_of):

@@ -430,3 +430,27 @@ rules:
     merge(["recipe=replay", f"output={tmp_path / 'other'}", "progress=false", "recipe.lam.double_blocks.1=0.25"])
     a, b = load_state(tmp_path / "first"), load_state(tmp_path / "other")
     assert {k for k in a if not torch.equal(a[k], b[k])} == {k for k in a if k.startswith("transformer_blocks.1.")}
+
+
+# --- NaN in a source under nonfinite=warn ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["slerp:0.5", {"ties": {"density": 0.5}}, "model_stock"])
+def test_a_nan_spoils_its_own_element_only_in_a_method_with_statistics(recipe_dir, tmp_path, krea, half, dev, state_of, op):
+    """With nonfinite=warn a NaN counts as 0 in an op's statistics (slerp's angle, TIES' threshold, model
+    stock's cosine), so one NaN in a source makes one NaN in the output, not a whole tensor of them; with
+    nonfinite=error the first pass that reads it stops the merge."""
+    from fluxrecipe.errors import SourceError
+
+    key = "transformer_blocks.0.attn.to_q.weight"
+    state = {k: v.float().clone() for k, v in state_of(half).items()}
+    state[key].view(-1)[5] = float("nan")
+    keys = sorted(state)
+    nan_source = save_sharded(state, tmp_path / "nan", [keys], config_of(krea))
+    sources = {"krea": str(krea), "nan": str(nan_source)} | ({"dev": str(dev)} if op != "slerp:0.5" else {})
+    recipe = {"sources": sources, "rules": [{"match": ".*", "op": op}], "dtype": "fp32"}
+    with pytest.raises(SourceError, match="holds NaN or Inf values"):
+        run_recipe(recipe_dir, tmp_path / "refused", recipe)
+    run_recipe(recipe_dir, tmp_path / "out", recipe, "nonfinite=warn")
+    got = load_state(tmp_path / "out")[key]
+    assert int(torch.isnan(got).sum()) <= 1 and torch.isfinite(got.view(-1)[torch.arange(got.numel()) != 5]).all()

@@ -325,8 +325,9 @@ def test_outputs_hold_no_absolute_local_path(tmp_path, schnell, krea, monkeypatc
         for root in roots:
             assert root.encode() not in data, f"{file.name} holds {root}"
     pinned = json.loads(json.dumps(__import__("yaml").safe_load((out / "recipe.yaml").read_text())))
-    assert pinned["sources"]["schnell"] == {"path": os.path.relpath(schnell, out)}
-    assert json.loads((out / "fluxrecipe.json").read_text())["recipe_file"] == "krea_schnell.yaml"
+    provenance = json.loads((out / "fluxrecipe.json").read_text())
+    assert pinned["sources"]["schnell"] == {"path": os.path.relpath(schnell, out), "content_hash": provenance["sources"]["schnell"]["content_hash"]}
+    assert provenance["recipe_file"] == "krea_schnell.yaml"
 
     # its recipe.yaml runs from anywhere: relative paths are found from the recipe's folder too
     monkeypatch.chdir(tmp_path)

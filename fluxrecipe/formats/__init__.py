@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..errors import SourceError
+from ..text import some_keys
 from . import bfl, diffusers
 from .layout import TensorRef
 from .safetensors import FLOAT_ITEMSIZE, TensorEntry
@@ -49,14 +50,14 @@ def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata
         key = next(k for k in model if LORA_KEY.search(k))
         raise SourceError(f"source '{source}': {where} is a LoRA (it holds '{key}'), not a model: bake it into the merge with the recipe's `loras:`")
     if bfl.is_bfl(model):
-        scales, side = bfl.read_scales(source, where, model, metadata)
+        scales, side = bfl.read_scales(source, where, model, metadata, prefix or "")
         weights = {k: e for k, e in model.items() if k not in set(side)}
         _check_floats(source, weights)
         tensors, unknown = bfl.to_canonical(source, weights, scales)
         if unknown:
             raise SourceError(
                 f"source '{source}': {where} holds {len(unknown)} key(s) a FLUX.1 transformer in Black Forest Labs' layout does not have "
-                f"({_some(unknown)}): is it a FLUX.1 model?"
+                f"({some_keys(unknown, SHOWN)}): is it a FLUX.1 model?"
             )
         return Recognised("comfyui" if prefix else "bfl", tensors, ignored, scaled=len(scales))
     if diffusers.is_diffusers(model) and not prefix:
@@ -85,10 +86,5 @@ def _looks_like(keys: list[str]) -> str:
         return f"looks like a Stable Diffusion / SDXL UNet (it holds '{next(k for k in keys if UNET_KEY.search(k))}'), not a FLUX.1 transformer"
     kinds = [name for name, rx in (("a text encoder", TEXT_KEY), ("a VAE", VAE_KEY)) if any(rx.search(k) for k in keys)]
     if kinds:
-        return f"holds {' and '.join(kinds)} but no FLUX.1 transformer (keys such as {_some(keys)})"
-    return f"is not a FLUX.1 transformer in a layout fluxrecipe reads (diffusers, Black Forest Labs or ComfyUI): its keys begin like {_some(keys)}"
-
-
-def _some(keys: list[str]) -> str:
-    shown = ", ".join(f"'{k}'" for k in keys[:SHOWN])
-    return shown + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
+        return f"holds {' and '.join(kinds)} but no FLUX.1 transformer (keys such as {some_keys(keys, SHOWN)})"
+    return f"is not a FLUX.1 transformer in a layout fluxrecipe reads (diffusers, Black Forest Labs or ComfyUI): its keys begin like {some_keys(keys, SHOWN)}"

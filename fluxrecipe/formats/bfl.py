@@ -34,6 +34,8 @@ BLOCK_KEY = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)\.(weight|bi
 TOP_KEY = re.compile(r"^(.+)\.(weight|bias|scale)$")
 CANONICAL_BLOCK = re.compile(r"^(single_transformer_blocks|transformer_blocks)\.(\d+)\.")
 QUANT_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+SCALE_SUFFIX = ".weight_scale"  # the newer convention, which fp8_scaled outputs write: <layer>.weight_scale,
+MARKER_SUFFIX = ".comfy_quant"  # <layer>.comfy_quant (and _quantization_metadata in the header)
 SIDE_SUFFIXES = (".scale_weight", ".weight_scale", ".comfy_quant", ".scale_input", ".input_scale")
 
 
@@ -140,9 +142,11 @@ def _canonical_param(mapping: Mapping, param: str) -> str:
 
 def to_canonical(source: str, entries: dict[str, TensorEntry], scales: dict[str, Scale]) -> tuple[dict[str, TensorRef], list[str]]:
     """The canonical tensors of a BFL file (keys without prefix) as byte pieces; and the keys not in the tables."""
-    if "img_in.weight" not in entries:
-        raise SourceError(f"source '{source}': a Black Forest Labs layout without 'img_in.weight': not a whole FLUX.1 transformer")
-    return split(source, entries, entries["img_in.weight"].shape[0], scales)
+    img_in = entries.get("img_in.weight")
+    if img_in is None or len(img_in.shape) != 2 or not all(img_in.shape):
+        what = "without 'img_in.weight'" if img_in is None else f"whose 'img_in.weight' is {list(img_in.shape)}"
+        raise SourceError(f"source '{source}': {img_in.file if img_in else 'a file'} is in Black Forest Labs' layout {what}: not a whole FLUX.1 transformer")
+    return split(source, entries, img_in.shape[0], scales)
 
 
 def split(source: str, entries: dict[str, TensorEntry], hidden: int, scales: dict[str, Scale] | None = None, find=lookup) -> tuple[dict[str, TensorRef], list[str]]:
@@ -161,7 +165,7 @@ def split(source: str, entries: dict[str, TensorEntry], hidden: int, scales: dic
         sizes = [hidden] * (len(_targets(mapping)) - 1)
         sizes.append(total - sum(sizes))
         if sizes[-1] <= 0 or isinstance(mapping, Swapped) and total % 2:
-            raise SourceError(f"source '{source}': '{entry.name}' {list(entry.shape)} cannot be split into FLUX's tensors (hidden size {hidden})")
+            raise SourceError(f"source '{source}': {entry.file}: '{entry.name}' {list(entry.shape)} cannot be split into a FLUX.1 transformer's tensors (hidden size {hidden})")
         row_bytes = row_size(entry.shape) * ITEMSIZE[entry.dtype]
         at = 0  # the BFL tensor's row where this run starts
         for module, first, end in _segments(mapping, sizes):
@@ -236,7 +240,7 @@ def _out_tensor(name: str, mapping: Mapping, targets: list[str], shapes: dict, d
 # --- scaled fp8 ------------------------------------------------------------------------------------------
 
 
-def read_scales(source: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str]) -> tuple[dict[str, Scale], list[str]]:
+def read_scales(source: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str], prefix: str = "") -> tuple[dict[str, Scale], list[str]]:
     """Scaled fp8, in either ComfyUI convention: weight key -> its Scale; and the keys that are side data
     (scales, markers, activation scales), not tensors of the model. Raises SourceError when a scaled layer
     lacks its scale, or a layer is quantized in a way fluxrecipe cannot dequantize exactly."""
@@ -250,7 +254,7 @@ def read_scales(source: str, path: str, entries: dict[str, TensorEntry], metadat
             if key.endswith(suffix):
                 weight = key[: -len(suffix)] + ".weight"
                 scales[weight] = _scale(source, path, entries, key, weight)
-    for layer, quant in _quant_formats(source, path, entries, metadata).items():
+    for layer, quant in _quant_formats(source, path, entries, metadata, prefix).items():
         if quant not in QUANT_FORMATS:
             raise SourceError(f"source '{source}': {path}: layer '{layer}' is quantized as {quant!r}, which fluxrecipe cannot dequantize exactly (it reads {', '.join(QUANT_FORMATS)})")
         if layer + ".weight" in entries and layer + ".weight" not in scales:
@@ -273,7 +277,7 @@ def _scale(source: str, path: str, entries: dict[str, TensorEntry], key: str, we
     return Scale(entry.file, entry.begin, entry.dtype, key)
 
 
-def _quant_formats(source: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str]) -> dict[str, str]:
+def _quant_formats(source: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str], prefix: str) -> dict[str, str]:
     """Layer -> quantization format, from `_quantization_metadata` and the `comfy_quant` markers."""
     formats: dict[str, str] = {}
     if "_quantization_metadata" in metadata:
@@ -291,7 +295,7 @@ def _quant_formats(source: str, path: str, entries: dict[str, TensorEntry], meta
                 formats[key[: -len(".comfy_quant")]] = str(conf.get("format"))
             except (ValueError, AttributeError, RecursionError) as e:
                 raise SourceError(f"source '{source}': {path}: '{key}' is not a valid comfy_quant marker ({e})") from None
-    return {layer.removeprefix(COMFYUI_PREFIX): f for layer, f in formats.items()}
+    return {layer.removeprefix(prefix): f for layer, f in formats.items()}  # `entries` are without the file's prefix
 
 
 def quant_marker(dtype: str) -> bytes:

@@ -50,12 +50,16 @@ def block_order(block: str) -> tuple[int, int]:
 def derive_config(shapes: dict[str, tuple[int, ...]], diffusers_version: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """The config.json of a FLUX.1 transformer with these canonical tensors, and notes on what was assumed.
 
-    Raises KeyError naming a tensor every FLUX.1 transformer has, when it is missing."""
-    hidden, in_channels = shapes["x_embedder.weight"]
-    head_dim = next((s[0] for k, s in shapes.items() if k.endswith("attn.norm_q.weight")), None)
-    if head_dim is None:
-        raise KeyError("transformer_blocks.0.attn.norm_q.weight")
-    out_channels = shapes["proj_out.weight"][0]
+    Raises ShapeError naming a tensor every FLUX.1 transformer has, when it is missing or not of a shape
+    a FLUX.1 transformer can have."""
+    hidden, in_channels = _shape(shapes, "x_embedder.weight", 2)
+    head_key = next((k for k in shapes if k.endswith("attn.norm_q.weight")), "transformer_blocks.0.attn.norm_q.weight")
+    (head_dim,) = _shape(shapes, head_key, 1)
+    out_channels = _shape(shapes, "proj_out.weight", 2)[0]
+    joint = _shape(shapes, "context_embedder.weight", 2)[1]
+    pooled = _shape(shapes, "time_text_embed.text_embedder.linear_1.weight", 2)[1]
+    if hidden % head_dim:
+        raise ShapeError(f"'{head_key}' has {head_dim} elements, which do not divide the hidden size {hidden}")
     notes = []
     if head_dim == 128:
         rope = FLUX_ROPE
@@ -71,15 +75,28 @@ def derive_config(shapes: dict[str, tuple[int, ...]], diffusers_version: str | N
         "axes_dims_rope": rope,
         "guidance_embeds": any(k.startswith("time_text_embed.guidance_embedder.") for k in shapes),
         "in_channels": in_channels,
-        "joint_attention_dim": shapes["context_embedder.weight"][1],
+        "joint_attention_dim": joint,
         "num_attention_heads": hidden // head_dim,
         "num_layers": _count(shapes, "transformer_blocks"),
         "num_single_layers": _count(shapes, "single_transformer_blocks"),
         "out_channels": out_channels if out_channels != in_channels else None,
         "patch_size": 1,
-        "pooled_projection_dim": shapes["time_text_embed.text_embedder.linear_1.weight"][1],
+        "pooled_projection_dim": pooled,
     }
     return config, notes
+
+
+class ShapeError(ValueError):
+    """A tensor every FLUX.1 transformer has is missing, or its shape is not one it can have."""
+
+
+def _shape(shapes: dict[str, tuple[int, ...]], key: str, dims: int) -> tuple[int, ...]:
+    if key not in shapes:
+        raise ShapeError(f"lacks '{key}', which every FLUX.1 transformer has")
+    shape = shapes[key]
+    if len(shape) != dims or not all(shape):
+        raise ShapeError(f"'{key}' is {list(shape)}: a FLUX.1 transformer's is {dims}-D and not empty")
+    return shape
 
 
 def variant(config: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..errors import SourceError
+from ..schedule import is_number
 from . import bfl
 from .layout import Piece, TensorRef
 from .safetensors import TensorEntry
@@ -237,6 +238,11 @@ class _Context:
                     "(fluxrecipe bakes linear LoRAs: up [out, rank] and down [rank, in])"
                 )
             rank = down.shape[0]
+            if rank > min(up.shape[0], down.shape[1]):  # a hostile rank would only cost memory: down is decoded whole
+                raise SourceError(
+                    f"{self.where}: '{module}' has rank {rank}, more than its matrices allow (up {list(up.shape)}, down {list(down.shape)}): "
+                    "not a LoRA fluxrecipe can bake"
+                )
             alpha = self._alpha(module, roles.get("alpha"), target if naming == "canonical" else None)
             ratio = (alpha if alpha is not None else rank) / (math.sqrt(rank) if self.alphas and self.alphas.rslora else rank)
             down_ref = TensorRef(self.name, "", down.name, down.dtype, down.shape, _pieces(down))
@@ -359,17 +365,13 @@ def _peft_alphas(where: str, metadata: dict[str, str]) -> _PeftAlphas | None:
     if config.get("use_dora"):
         raise SourceError(f"{where} is a DoRA (lora_adapter_metadata says use_dora): its magnitude rescales whole weights, which a LoRA bake-in does not do")
     patterns = config.get("alpha_pattern") or {}
-    if not _is_number(config["lora_alpha"]) or not isinstance(patterns, dict) or not all(_is_number(v) for v in patterns.values()):
+    if not is_number(config["lora_alpha"]) or not isinstance(patterns, dict) or not all(is_number(v) for v in patterns.values()):
         raise SourceError(f"{where}: lora_adapter_metadata's lora_alpha / alpha_pattern are not numbers")
     for pattern in patterns:
         if re.search(r"[\\()\[\]{}*+?|$]", pattern.lstrip("^")):
             raise SourceError(f"{where}: lora_adapter_metadata's alpha_pattern {pattern!r} is a regular expression; fluxrecipe reads module names (optionally ^-anchored)")
     literal = tuple((p, float(v)) for p, v in patterns.items())
     return _PeftAlphas(float(config["lora_alpha"]), literal, bool(config.get("use_rslora")))
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _pieces(entry: TensorEntry) -> tuple[Piece, ...]:

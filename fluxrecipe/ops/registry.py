@@ -19,6 +19,7 @@ the op's `shorthand` parameters in order. Parsing needs no torch: planning and d
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 import types
@@ -53,15 +54,15 @@ class StatPass:
     chunks in element order, starting from None; `result(state, params)` turns the fold into the statistic
     the op receives. A partial must not depend on how the tensor was chunked: sums go through segments.py."""
 
-    partial: Callable[..., Any]
-    fold: Callable[[Any, Any], Any]
-    result: Callable[[Any], Any]
+    partial: Callable[..., Any]  # (xs, where, stats, params) -> a partial
+    fold: Callable[[Any, Any], Any]  # (state or None, partial) -> state
+    result: Callable[[Any, dict[str, Any]], Any]  # (state, params) -> the statistic
 
 
 @dataclass(frozen=True)
 class Param:
     name: str  # as a recipe writes it
-    kind: str  # "number", "numbers" (one per input), "integer", "source", "choice"
+    kind: str  # "number", "numbers" (one per input), "task_weights" (one per task vector), "integer", "source", "choice"
     default: Any = REQUIRED
     choices: tuple[str, ...] = ()
 
@@ -101,7 +102,12 @@ class OpSpec:
         return self.name + ":" + ",".join({"numbers": "W1,W2,...", "source": "NAME"}.get(p.kind, p.name.upper()) for p in kinds)
 
     def wants(self, name: str) -> bool:
-        return name in inspect.signature(self.fn).parameters
+        """Whether the function takes `name` (`where`, `stats`): asked per chunk, so read once."""
+        return name in self._arguments
+
+    @functools.cached_property
+    def _arguments(self) -> frozenset[str]:
+        return frozenset(inspect.signature(self.fn).parameters)
 
     def call(self, xs: list[Any], values: dict[str, Any]) -> Any:
         """The op on `xs` with its parameters (and injected `where`/`stats`) by their recipe names."""
@@ -346,13 +352,9 @@ def _number_or_schedule(value: Any, where: str) -> float | schedule.Schedule:
             return schedule.parse(value)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    if not _finite_number(value):
+    if not schedule.is_number(value):
         raise ValueError(f"{where} must be a finite number (or a per-block schedule), got {value!r}")
     return float(value)
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def listing(names: list[str] | None = None) -> str:

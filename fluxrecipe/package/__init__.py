@@ -30,8 +30,9 @@ PROVENANCE_NAME = "fluxrecipe.json"
 RECIPE_NAME = "recipe.yaml"
 DIAGNOSTICS_NAME = "diagnostics.json"
 CARD_NAME = "README.md"
-HEADER_ROOM = 256 << 10  # bytes a single file's header keeps free for the provenance known only at the end
+HEADER_ROOM = 64 << 10  # header bytes a single file keeps free for what only the run knows (counts, hashes)
 LISTED = 100  # per-tensor counts a single file's provenance lists before it gives the rest as a total
+DIGEST_PLACEHOLDER = "0" * 64  # the data's sha256 has this length
 
 
 def as_recorded(plan: Plan, output: Path) -> Plan:
@@ -45,26 +46,33 @@ def as_recorded(plan: Plan, output: Path) -> Plan:
             relative = os.path.relpath(s.origin["path"], folder)
             s = dataclasses.replace(s, spec=relative, origin={**s.origin, "path": relative}, folder=relative)
         sources.append(s)
+    loras = []
+    for lora in plan.loras:
+        if "path" in lora.origin:
+            relative = os.path.relpath(lora.origin["path"], folder)
+            lora = dataclasses.replace(lora, spec=relative, origin={**lora.origin, "path": relative})
+        loras.append(lora)
     recipe = dataclasses.replace(plan.recipe, file=os.path.basename(plan.recipe.file) if plan.recipe.file else None)
-    return dataclasses.replace(plan, recipe=recipe, sources=tuple(sources))
+    return dataclasses.replace(plan, recipe=recipe, sources=tuple(sources), loras=tuple(loras))
 
 
-def file_metadata(plan: Plan) -> dict[str, str]:
+def file_metadata(plan: Plan, result=None) -> dict[str, str]:
     """The metadata in every weight file's header, known before a byte is written. A folder's shards name a
     local source by its name only (recipe.yaml beside them has its path), so that their bytes never depend on
     where the folder lies: a rebuild anywhere gives the same shards. A single file has nothing beside it."""
-    recipe = pinned_recipe(plan)
+    recipe = pinned_recipe(plan, result)
     if not plan.single_file:
         recipe["sources"] = {name: {"local": name} if "path" in pin else pin for name, pin in recipe["sources"].items()}
     return {"format": "pt", "fluxrecipe.version": __version__, "fluxrecipe.recipe": json.dumps(recipe, separators=(",", ":"))}
 
 
 def header_size(plan: Plan) -> int:
-    """The header a single file is written with: room for the provenance written into it at the end."""
+    """The header a single file is written with: everything the plan knows of its final metadata (the
+    provenance without the run's counts, which are capped at LISTED per list), and room for the rest."""
     if not plan.single_file:
         return 0
     out = plan.files[0]
-    header, _ = encode_header(out.entries(), {**file_metadata(plan), **dict(out.metadata)})
+    header, _ = encode_header(out.entries(), _single_file_metadata(plan, provenance(plan, None, LISTED), DIGEST_PLACEHOLDER))
     return len(header) + HEADER_ROOM
 
 
@@ -76,7 +84,7 @@ def finish(plan: Plan, result, folder: Path) -> None:
     files = result.files
     files["config.json"] = write_json(folder / "config.json", plan.config)
     files[diffusers.INDEX_NAME] = write_json(folder / diffusers.INDEX_NAME, diffusers.index(plan.files))
-    files[RECIPE_NAME] = write_file(folder / RECIPE_NAME, yaml.safe_dump(pinned_recipe(plan), sort_keys=False, allow_unicode=True).encode())
+    files[RECIPE_NAME] = write_file(folder / RECIPE_NAME, yaml.safe_dump(pinned_recipe(plan, result), sort_keys=False, allow_unicode=True).encode())
     files[PROVENANCE_NAME] = write_json(folder / PROVENANCE_NAME, provenance(plan, result))
     files[CARD_NAME] = write_file(folder / CARD_NAME, model_card(plan).encode())
     if result.distances is not None:
@@ -91,21 +99,26 @@ def finish(plan: Plan, result, folder: Path) -> None:
 def _finish_file(plan: Plan, result, path: Path) -> None:
     """The single file's header again, now with the provenance and the sha256 of its data."""
     out = plan.files[0]
-    record = result.files[out.name]
-    metadata = {
-        **file_metadata(plan),
-        **dict(out.metadata),
-        "fluxrecipe.provenance": json.dumps(provenance(plan, result, LISTED), separators=(",", ":")),
-        "fluxrecipe.data_sha256": record.sha256,
-    }
+    metadata = _single_file_metadata(plan, provenance(plan, result, LISTED), result.files[out.name].sha256, result)
     rewrite_header(path, out.entries(), metadata, header_size(plan))
 
 
-def pinned_recipe(plan: Plan) -> dict:
+def _single_file_metadata(plan: Plan, record: dict, data_sha256: str, result=None) -> dict[str, str]:
+    return {
+        **file_metadata(plan, result),
+        **dict(plan.files[0].metadata),
+        "fluxrecipe.provenance": json.dumps(record, separators=(",", ":")),
+        "fluxrecipe.data_sha256": data_sha256,
+    }
+
+
+def pinned_recipe(plan: Plan, result=None) -> dict:
     """The recipe as composed (overrides applied, ${recipe.alpha} kept, so a replay can override it again)
-    with every source and LoRA pinned to what was read: a hub commit, a path, a demo name."""
+    with every source and LoRA pinned to what was read: a hub commit, a demo name, or a path with the content
+    hash of what was read there (given the run's `result`), which a replay must match."""
     recipe = dict(plan.recipe.written)
-    recipe["sources"] = {s.name: _pin(s.origin) for s in plan.sources}
+    hashes = result.source_hashes if result is not None else {}
+    recipe["sources"] = {s.name: _pin(s.origin) | ({"content_hash": hashes[s.name]} if s.name in hashes else {}) for s in plan.sources}
     if plan.loras:
         written = {name: spec if isinstance(spec, dict) else {} for name, spec in (recipe.get("loras") or {}).items()}
         recipe["loras"] = {
@@ -118,12 +131,14 @@ def pinned_recipe(plan: Plan) -> dict:
 def _pin(origin: dict[str, str]) -> dict[str, str]:
     if "repo" in origin:
         return {"repo": origin["repo"], "revision": origin["commit"]} | {k: origin[k] for k in ("subfolder", "file") if k in origin}
-    return {k: v for k, v in origin.items() if k in ("path", "subfolder", "demo")}
+    return {k: v for k, v in origin.items() if k in ("path", "subfolder", "demo", "content_hash")}
 
 
 def provenance(plan: Plan, result, listed: int | None = None) -> dict:
     """What was merged from what, by which recipe: enough to explain and rebuild the output. No times, no
-    hosts. `listed`: at most this many per-tensor counts (a single file's header has a size)."""
+    hosts. `result` None: what the plan knows alone. `listed`: at most this many entries per list (a single
+    file's header has a size)."""
+    result = result or _NO_RUN
     sources = {s.name: {"spec": s.spec, **s.origin} for s in plan.sources}
     for name, digest in result.source_hashes.items():
         sources[name]["content_hash"] = digest
@@ -142,22 +157,22 @@ def provenance(plan: Plan, result, listed: int | None = None) -> dict:
         "rules": [_rule(r) for r in plan.recipe.rules],
         "dtype": DTYPES[plan.recipe.dtype][0],
         "tensors": len(plan.steps),
-        "dropped": [{"key": d.key, "reason": d.reason} for d in plan.dropped],
+        "dropped": _listed([{"key": d.key, "reason": d.reason} for d in plan.dropped], listed),
         "notes": list(plan.notes),
         "nonfinite_inputs": _counts(inputs, listed),
         "nonfinite_outputs": _counts(outputs, listed),
         "clamped": _counts(result.clamped, listed),
-        **({"loras": [_lora(s) for s in plan.loras]} if plan.loras else {}),
+        **({"loras": [_lora(s, listed) for s in plan.loras]} if plan.loras else {}),
         **({"lora": _lora_output(plan, result)} if plan.factors else {}),
     }
 
 
-def _lora(summary) -> dict:
+def _lora(summary, listed: int | None) -> dict:
     """A baked-in LoRA: what was read and what it changed."""
     return {
         "name": summary.name, "spec": summary.spec, **summary.origin, "format": summary.format, "strength": plain(summary.strength),
         "ranks": sorted(set(summary.ranks)), "tensors": summary.tensors, "blocks": list(summary.blocks),
-        "unmatched": [{"key": k, "why": why} for k, why in summary.unmatched], "ignored_text_encoder_keys": summary.ignored,
+        "unmatched": _listed([{"key": k, "why": why} for k, why in summary.unmatched], listed), "ignored_text_encoder_keys": summary.ignored,
     }
 
 
@@ -177,6 +192,24 @@ def _rule(rule) -> dict:
     replay does not depend on this version's defaults; schedules as written."""
     params = {name: plain(value) for name, value in rule.params.items()}
     return {"match": rule.match, "op": str(rule.op), "params": params, "sources": list(rule.sources)} | ({"dtype": rule.dtype} if rule.dtype else {})
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoRun:
+    """What provenance reads of a run, before there is one."""
+
+    source_hashes: dict = dataclasses.field(default_factory=dict)
+    nonfinite: dict = dataclasses.field(default_factory=dict)
+    clamped: dict = dataclasses.field(default_factory=dict)
+    lora_errors: dict = dataclasses.field(default_factory=dict)
+    lora_unheld: dict = dataclasses.field(default_factory=dict)
+
+
+_NO_RUN = _NoRun()
+
+
+def _listed(items: list, listed: int | None) -> list:
+    return items if listed is None or len(items) <= listed else [*items[:listed], {"and more": len(items) - listed}]
 
 
 def _counts(values: dict, listed: int | None) -> dict:
