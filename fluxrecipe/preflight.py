@@ -51,6 +51,7 @@ class JobCheck:
     keep_weights: bool = True
     problems: list[str] = field(default_factory=list)
     task: dict | None = None  # the job's config as its task gets it (without `hydra`): which job this check is for
+    cause: FluxRecipeError | None = None  # the planner's error, for traceback=true
 
     @property
     def model_bytes(self) -> int:
@@ -145,6 +146,7 @@ def check_job(cfg: DictConfig, check: JobCheck, dry_run: bool, multirun: bool, p
         check.job = plan_job(cfg, dry_run=dry_run or (multirun and bool(cfg.get("output"))))
     except FluxRecipeError as e:
         problems.append(str(e))
+        check.cause = e
     if check.job is not None and check.job.plan.single_file and (wants_previews or not check.keep_weights):
         problems.append(
             f"format={check.job.plan.format} writes one file; "
@@ -176,7 +178,7 @@ def check_run(config: DictConfig) -> None:
     folder = Path(str(config.hydra.runtime.output_dir))
     check = check_job(config, JobCheck(0, "run", folder), dry_run_of(config), multirun=False, pipelines=_PipelineChecks())
     if check.problems:
-        raise UsageError("; ".join(check.problems))
+        raise UsageError("; ".join(check.problems)) from check.cause
     _checked[str(folder)] = check
 
 
