@@ -170,10 +170,13 @@ def test_take_in_the_same_dtype_copies_bytes_undecoded(recipes, krea, tmp_path, 
     assert got[key].view(torch.int16).flatten()[0].item() == 0x7FC1
 
 
-def test_input_release_waits_for_reads_in_flight_and_is_aligned():
-    """The frontier moves to the oldest read still under way, rounded down to RELEASE_ALIGN; a read that
-    reaches behind the frontier releases the pages it brought back (else they would stay cached), and no more:
-    pages behind the frontier that other reads are using stay."""
+def test_input_release_covers_what_was_read_in_any_order_and_is_aligned(monkeypatch):
+    """A finished read releases the RELEASE_ALIGN blocks it touches that lie wholly inside what has been read
+    so far: never a block part of which is still unread (another read may be bringing it in), and every
+    block once all of it is read, whatever the order of the reads (an output layout that is not the
+    source's reads ahead and back). Up to READAHEAD_REACH past the read, blocks read before are released
+    again (the kernel's read-ahead brings them back), unread ones are not (they are read-ahead to be used)."""
+    monkeypatch.setattr(execute_module, "READAHEAD_REACH", 0)
     f = _InputFile(fd=-1)
     mib = 1 << 20
     released = []
@@ -183,18 +186,20 @@ def test_input_release_waits_for_reads_in_flight_and_is_aligned():
         released.extend(ranges)
         return ranges
 
-    for begin in (0, 3 * mib, 6 * mib):
-        f.in_flight[begin + 100] = 1
-    assert done(3 * mib + 100, 6 * mib + 100) == []  # the read at 0 is still under way
-    assert done(100, 3 * mib + 100) == [(0, 6 * mib)]
-    assert done(6 * mib + 100, 9 * mib + 100) == [(6 * mib, 8 * mib)]
-    f.in_flight[7 * mib] = 1  # began before the frontier (8 MiB) moved past it, ends beyond it
-    assert done(7 * mib, 11 * mib) == [(6 * mib, 8 * mib), (8 * mib, 10 * mib)]
-    f.in_flight[mib] = 1  # wholly behind the frontier (an output layout reads a tensor early): its own pages, no more
-    assert done(mib, 3 * mib) == [(0, 4 * mib)]
-    # every range handed out for release (not the test's own numbers) starts and ends on RELEASE_ALIGN,
-    # though no read above began or ended on it
-    assert len(released) == 5 and all(x % RELEASE_ALIGN == 0 for r in released for x in r)
+    assert done(3 * mib + 100, 6 * mib + 100) == [(4 * mib, 6 * mib)]  # [2, 4) MiB holds unread bytes
+    assert done(100, 3 * mib + 100) == [(2 * mib, 4 * mib)]  # [0, 100) is unread (a header): not [0, 2) MiB
+    assert done(0, 100) == [(0, 2 * mib)]
+    assert done(9 * mib, 11 * mib) == []  # ahead, with a gap before it and only part of [8, 10) MiB
+    assert done(6 * mib + 100, 9 * mib) == [(6 * mib, 10 * mib)]  # fills the gap: what lies between is whole now
+    assert (f.starts, f.ends) == ([0], [11 * mib])
+    assert done(mib, 3 * mib) == [(0, 4 * mib)]  # read again (a second pass): its own blocks again
+    assert done(20 * mib, 30 * mib) == [(20 * mib, 30 * mib)] and (f.starts, f.ends) == ([0, 20 * mib], [11 * mib, 30 * mib])
+
+    monkeypatch.setattr(execute_module, "READAHEAD_REACH", 16 * mib)
+    # read-ahead past [0, 2) MiB reaches [2, 11) (read before: released again) and [20, 30) only up to 18 MiB
+    assert done(0, 2 * mib) == [(0, 10 * mib)]
+    assert done(12 * mib, 14 * mib) == [(12 * mib, 14 * mib), (20 * mib, 30 * mib)]  # the unread gap before 20 MiB stays
+    assert all(x % RELEASE_ALIGN == 0 for r in released for x in r)
 
 
 def test_written_pages_are_released_on_aligned_ranges(tmp_path, monkeypatch):
