@@ -55,15 +55,18 @@ def load_recipe(recipe: str | Path | dict, name: str | None = None, sources: dic
     return _load_node(node, name or (file.stem if file else "recipe"), str(file.resolve()) if file else None)
 
 
-def plan(recipe: Recipe, output: str | Path | None = None, format: str | None = None, shard_size: int | str = "10GB", lora_rank: int = 16) -> Plan:
+def plan(
+    recipe: Recipe, output: str | Path | None = None, format: str | None = None, shard_size: int | str = "10GB", lora_rank: int = 16, download: bool = True,
+) -> Plan:
     """Every check a merge makes before reading a tensor: sources and LoRAs opened (headers only), rules
     decided, shapes and the output's architecture checked, the output's files laid out. `lora_rank`: the
-    rank of a merge written as a LoRA (format=lora, lora_peft)."""
+    rank of a merge written as a LoRA (format=lora, lora_peft). `download=False` plans hub sources from
+    headers read on the hub, downloading no weights (a plan to look at, not to write: a dry run)."""
     output_format = format or recipe.format or "diffusers"
     if output_format not in FORMATS:
         raise UsageError(f"format={output_format}: choose one of {', '.join(FORMATS)}")
     file_name = Path(output).name if output is not None and OUTPUT_FORMATS[output_format] else f"{recipe.name}.safetensors"
-    checkpoints = {name: open_source(spec) for name, spec in recipe.sources.items()}
+    checkpoints = {name: open_source(spec, download) for name, spec in recipe.sources.items()}
     loras = {name: open_lora(spec) for name, spec in recipe.loras.items()}
     return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name, loras, lora_rank)
 
@@ -102,6 +105,9 @@ def write(plan: Plan, output: str | Path, options: Options | None = None):
     from .execute import check_device, execute  # torch: only a run that merges pays for importing it
 
     options = options or Options(progress=False)
+    unread = [s.name for s in plan.sources if not s.downloaded]
+    if unread:
+        raise UsageError(f"the plan was made without downloading source(s) {', '.join(unread)} (download=False, for a dry run): plan again to write it")
     target = check_output(plan, output, options.overwrite)
     check_device(options.device)
     local = [s.name for s in plan.sources if "path" in s.origin]

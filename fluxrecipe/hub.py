@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlparse
 
-from huggingface_hub import constants, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, constants, get_session, hf_hub_download, hf_hub_url, snapshot_download
+from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -27,6 +28,7 @@ from huggingface_hub.errors import (
 )
 
 from .errors import SourceError
+from .formats.safetensors import Header, header_length, parse_header
 
 try:  # huggingface_hub >= 2 talks through httpx2, 1.x through httpx; a proxy error reaches the caller as it is
     from httpx2 import HTTPError as TransportError
@@ -38,30 +40,74 @@ except ImportError:  # pragma: no cover - older huggingface_hub
     DisabledRepoError = IncompleteSnapshotError = type("_Never", (Exception,), {})
 
 TRANSFORMER_SUBFOLDER = "transformer"
+REMOTE_HEADER_PROBE = 64 << 10  # bytes read first from a file left on the hub: its length and (mostly) its header
 
 
-def fetch(name: str, repo: str, revision: str | None, subfolder: str | None) -> tuple[Path, dict[str, str]]:
-    """The local folder holding `repo`'s transformer files, and the provenance (repo, revision, commit)."""
+def fetch(name: str, repo: str, revision: str | None, subfolder: str | None, download: bool = True) -> tuple[Path, dict[str, str], dict[Path, Header]]:
+    """The local folder holding `repo`'s transformer files, the provenance (repo, revision, commit), and the
+    headers of weight files left on the hub. `download=False` (a dry run, a sweep's dry-run pre-flight)
+    fetches the small JSON files only and reads each weight file's header with two range requests, so that
+    planning FLUX.1 costs kilobytes, not 24 GB; its files are named where the download would put them."""
     where = f"source '{name}': hub repo '{repo}'" + (f" at revision '{revision}'" if revision else "")
     with hub_access(where, repo, lambda: _download_hint(repo, revision, subfolder), "point the source at a local folder") as local_only:
         if subfolder is None:
             subfolder = _find_subfolder(repo, revision, local_only)
         prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+        weights = download or local_only
         snapshot = Path(
             snapshot_download(
                 repo,
                 revision=revision,
-                allow_patterns=[f"{prefix}*.json", f"{prefix}*.safetensors"],
+                allow_patterns=[f"{prefix}*.json", f"{prefix}*.safetensors"] if weights else [f"{prefix}*.json"],
                 local_files_only=local_only,
             )
         )
+        remote = {} if weights else _remote_headers(repo, snapshot, prefix)
     folder = snapshot / subfolder if subfolder else snapshot
     if not folder.is_dir():
         raise SourceError(f"{where} has no folder '{subfolder}'")
     origin = {"repo": repo, "revision": revision or "main", "commit": snapshot.name}
     if subfolder:
         origin["subfolder"] = subfolder
-    return folder, origin
+    return folder, origin, remote
+
+
+def _remote_headers(repo: str, snapshot: Path, prefix: str) -> dict[Path, Header]:
+    """The header of every weight file in the folder `prefix` of the snapshot that is not cached yet, read
+    from the hub without downloading the file; keyed by the path the download would give it."""
+    files = HfApi().list_repo_files(repo, revision=snapshot.name)
+    weights = [f for f in files if f.startswith(prefix) and f.endswith(".safetensors") and "/" not in f[len(prefix):]]
+    return {snapshot / f: _remote_header(repo, snapshot.name, f, snapshot / f) for f in weights if not (snapshot / f).is_file()}
+
+
+def _remote_header(repo: str, commit: str, file: str, path: Path) -> Header:
+    """One file's header through HTTP range requests: its first 64 KiB (a FLUX.1 shard's header is smaller),
+    then the rest of the header if it is longer. A server that ignores the range is refused, not read."""
+    url = hf_hub_url(repo, file, revision=commit)
+    prefix, size = _read_range(url, 0, REMOTE_HEADER_PROBE, path)
+    length = header_length(str(path), prefix, size)
+    raw = prefix[8 : 8 + length]
+    if len(raw) < length:
+        raw += _read_range(url, 8 + len(raw), 8 + length, path)[0]
+    if len(raw) != length:
+        raise SourceError(f"{path}: the hub sent {len(raw)} bytes of a {length}-byte header")
+    return parse_header(str(path), raw, size)
+
+
+def _read_range(url: str, begin: int, end: int, path: Path) -> tuple[bytes, int]:
+    """Bytes [begin, end) of a file on the hub (fewer at its end) and the file's whole size."""
+    headers = {**build_hf_headers(), "range": f"bytes={begin}-{end - 1}"}
+    with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+        hf_raise_for_status(response)
+        total = response.headers.get("content-range", "").rpartition("/")[2]
+        if response.status_code != 206 or not total.isdigit():
+            raise SourceError(f"{path}: the hub did not answer a byte-range request (HTTP {response.status_code}), so its header cannot be read without downloading it: run without dry_run")
+        data = bytearray()
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) > end - begin:
+                raise SourceError(f"{path}: the hub sent more bytes than asked for (a range of {end - begin})")
+    return bytes(data), int(total)
 
 
 def fetch_file(what: str, repo: str, file: str, revision: str | None, hint: str | None = None, local: str = "give it as a local path") -> tuple[Path, dict[str, str]]:

@@ -24,6 +24,7 @@ from .plan import Plan, human_bytes
 
 if TYPE_CHECKING:
     from .execute import Result
+    from .preflight import JobCheck
 
 log = logging.getLogger("fluxrecipe")
 
@@ -32,13 +33,10 @@ def run(cfg: DictConfig) -> Result | Plan:
     from .preflight import checked_job
     from .run import dry_run_of, execute_job
 
-    dry_run = dry_run_of(cfg)
     check = checked_job(cfg, job_folder())
-    if dry_run and check.previews is not None:
-        print(f"previews: {check.previews.describe()}; into {job_folder() / preview.PREVIEW_DIR}")
-    value = execute_job(check.job, dry_run)
-    if isinstance(value, Plan):  # a dry run
-        return value
+    if dry_run_of(cfg):
+        return print_dry_run(check)
+    value = execute_job(check.job, dry_run=False)
     try:
         if check.previews is not None:
             preview.render(value.output, check.previews, str(cfg.device), job_folder() / preview.PREVIEW_DIR)
@@ -46,6 +44,16 @@ def run(cfg: DictConfig) -> Result | Plan:
         if not check.keep_weights:
             drop_weights(value)
     return value
+
+
+def print_dry_run(check: JobCheck) -> Plan:
+    """A dry run's answer: the plan, where the output and the previews would go. A single run's pre-flight
+    prints it before Hydra makes the run folder, so a dry run writes nothing at all."""
+    from .run import execute_job
+
+    if check.previews is not None:
+        print(f"previews: {check.previews.describe()}; into {check.folder / preview.PREVIEW_DIR}")
+    return execute_job(check.job, dry_run=True)
 
 
 def keep_weights(cfg: DictConfig) -> bool:

@@ -92,6 +92,7 @@ class SourceSummary:
     layout: str = "diffusers"
     ignored: tuple[tuple[str, int], ...] = ()  # what its files hold besides the transformer: group, keys
     location: str = ""  # what was read: the folder, or the single file
+    downloaded: bool = True  # False: planned from headers read on the hub, its weights not downloaded (a dry run)
 
 
 @dataclass(frozen=True)
@@ -422,7 +423,7 @@ def _check_fits_config(recipe: Recipe, config: dict[str, Any], steps: list[Step]
 
 def _summary(recipe: Recipe, c: Checkpoint) -> SourceSummary:
     dtypes = tuple(sorted({t.dtype for t in c.tensors.values()}))
-    return SourceSummary(c.name, recipe.sources[c.name].describe(), c.origin, c.folder, len(c.tensors), c.nbytes, dtypes, c.layout, tuple(c.ignored.items()), c.location or c.folder)
+    return SourceSummary(c.name, recipe.sources[c.name].describe(), c.origin, c.folder, len(c.tensors), c.nbytes, dtypes, c.layout, tuple(c.ignored.items()), c.location or c.folder, c.downloaded)
 
 
 def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint], output_format: str) -> list[str]:
@@ -475,7 +476,7 @@ def format_plan(plan: Plan) -> str:
         mark = "  (base)" if s.name == r.base else ""
         lines.append(f"  {s.name:<12} {s.spec}{mark}")
         lines.append(f"  {'':<12} {s.tensors} tensors ({s.layout} layout), {human_bytes(s.nbytes)}, {'/'.join(s.dtypes)}; {where}")
-        lines.append(f"  {'':<12} {s.folder}")
+        lines.append(f"  {'':<12} {s.folder}" + ("" if s.downloaded else "  (headers read on the hub; weights not downloaded)"))
     guidance = json.dumps(plan.config.get("guidance_embeds"))
     where = f"one {plan.format} file, {plan.files[0].name}" if plan.single_file else f"a {plan.format} folder"
     if plan.factors:

@@ -170,7 +170,7 @@ def check_job(cfg: DictConfig, check: JobCheck, dry_run: bool, multirun: bool, p
     return check
 
 
-def check_run(config: DictConfig) -> None:
+def check_run(config: DictConfig) -> JobCheck:
     """A single run's pre-flight (run.Preflight, before Hydra makes the run folder): the checks of a sweep's
     job, its preview pipeline included, as one UsageError. The job then runs on this check's plan."""
     from .run import dry_run_of
@@ -180,6 +180,7 @@ def check_run(config: DictConfig) -> None:
     if check.problems:
         raise UsageError("; ".join(check.problems)) from check.cause
     _checked[str(folder)] = check
+    return check
 
 
 def checked_job(cfg: DictConfig, folder: Path) -> JobCheck:

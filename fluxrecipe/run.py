@@ -62,7 +62,7 @@ def plan_job(cfg: DictConfig, dry_run: bool = False) -> JobPlan:
         if output is not None:  # fails fast, before any source is fetched; a dry run reports every fault but an existing output
             output = api.output_path(output, output_format)
             check_target(output, options.overwrite, single_file=OUTPUT_FORMATS[output_format], dry_run=dry_run)
-        plan = api.plan(recipe, output, output_format, parse_size(cfg.shard_size), lora_rank_of(cfg))
+        plan = api.plan(recipe, output, output_format, parse_size(cfg.shard_size), lora_rank_of(cfg), download=not dry_run)
         if output is not None:  # apart from every source (the target itself was checked above)
             api.check_output(plan, output, options.overwrite, dry_run=True)
         return JobPlan(recipe, options, output, plan)
@@ -289,21 +289,28 @@ class Preflight(Callback):
     """Registered in conf/config.yaml under hydra.callbacks: a single run's checks, before Hydra makes the run
     folder (preflight.check_run: the plan, the previews, keep_weights). A run that is refused (a mistyped
     option, an unused recipe parameter, a sweep without -m, a bad recipe, source or preview setting) writes
-    nothing at all, not even outputs/DATE/TIME/; one that passes runs on the plan made here."""
+    nothing at all, not even outputs/DATE/TIME/; a dry run is printed here and ends (nothing written either);
+    a run that passes runs on the plan made here."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from .job import print_dry_run
         from .preflight import check_run
 
         try:
             with read_write(config.hydra.runtime):  # the run folder, as Hydra's run_job will set it
                 config.hydra.runtime.output_dir = os.path.abspath(str(config.hydra.run.dir))
-            check_run(config)
-            _check_run_dir(Path(str(config.hydra.run.dir)))
+            check = check_run(config)
+            if dry_run_of(config):
+                print_dry_run(check)
+            else:
+                _check_run_dir(Path(str(config.hydra.run.dir)))
         except FluxRecipeError as e:
             if show_traceback(config):
                 traceback.print_exception(e)
                 sys.exit(EXIT_ERROR)
             fail(e, False)
+        if dry_run_of(config):
+            sys.exit(0)  # the dry run is done: Hydra is not to make its run folder
 
 
 def _check_run_dir(run_dir: Path) -> None:

@@ -24,7 +24,7 @@ from .files import os_error_text, read_small
 from .formats import Recognised, diffusers, recognise
 from .formats.flux import ShapeError, derive_config
 from .formats.layout import TensorRef
-from .formats.safetensors import TensorEntry, read_header
+from .formats.safetensors import Header, TensorEntry, read_header
 from .recipe import SourceSpec
 
 REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
@@ -43,14 +43,16 @@ class Checkpoint:
     notes: tuple[str, ...] = ()
     scaled: int = 0  # tensors stored as scaled fp8
     location: str = ""  # what was read: the folder, or the single file
+    downloaded: bool = True  # False: some weight files are known by their headers on the hub only
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def open_source(spec: SourceSpec) -> Checkpoint:
-    """Locate (fetching from the hub where needed) and index one source."""
+def open_source(spec: SourceSpec, download: bool = True) -> Checkpoint:
+    """Locate (fetching from the hub where needed) and index one source. `download=False` plans a hub source
+    from its weight files' headers, read on the hub (hub.fetch), without downloading them."""
     kind, value, revision = _classify(spec)
     if kind == "demo":
         from .demo import demo_checkpoint
@@ -64,11 +66,12 @@ def open_source(spec: SourceSpec) -> Checkpoint:
         from .hub import fetch
 
         try:
-            location, origin = fetch(spec.name, value, revision, spec.subfolder)
+            location, origin, remote = fetch(spec.name, value, revision, spec.subfolder, download)
         except SourceError as e:
             if spec.text and os.path.isdir(os.path.expanduser(spec.text.split("/")[0])):  # a local path, mistyped?
                 raise SourceError(f"{e} (and there is no local path '{spec.text}' either)") from None
             raise
+        return _index(spec.name, location, origin, remote)
     else:
         location = _local_folder(spec.name, Path(value).expanduser(), spec.subfolder)
         origin = {"path": str(Path(value).expanduser().resolve())} | ({"subfolder": spec.subfolder} if spec.subfolder else {})
@@ -134,14 +137,16 @@ def _local_folder(name: str, path: Path, subfolder: str | None) -> Path:
     return path
 
 
-def _index(name: str, location: Path, origin: dict[str, str]) -> Checkpoint:
-    """Read every header, recognise the layout from the keys, and find (or derive) the config."""
+def _index(name: str, location: Path, origin: dict[str, str], remote: dict[Path, Header] | None = None) -> Checkpoint:
+    """Read every header (`remote`: those of files left on the hub), recognise the layout from the keys, and
+    find (or derive) the config."""
+    remote = remote or {}
     folder = location.parent if location.is_file() else location
-    files = {location: None} if location.is_file() else diffusers.weight_files(name, location)
+    files = {location: None} if location.is_file() else diffusers.weight_files(name, location, remote)
     entries: dict[str, TensorEntry] = {}
     file_metadata: dict[str, str] = {}
     for path, wanted in files.items():
-        header = read_header(str(path))
+        header = remote.get(path) or read_header(str(path))
         file_metadata.update(header.metadata)
         for key in header.entries if wanted is None else wanted:
             entry = header.entries.get(key)
@@ -162,6 +167,7 @@ def _index(name: str, location: Path, origin: dict[str, str]) -> Checkpoint:
     return Checkpoint(
         name=name, folder=str(folder), tensors=ordered, config=config, origin=origin, layout=found.layout,
         config_derived=derived, ignored=found.ignored, notes=notes, scaled=found.scaled, location=str(location),
+        downloaded=not remote,
     )
 
 

@@ -6,7 +6,9 @@ the one CLI test sets the environment of a fresh process (and checks that a toke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import socket
@@ -60,11 +62,11 @@ def offline(monkeypatch, cache) -> Path:
     return cache
 
 
-def open_hub(text: str | None = None, **spec):
+def open_hub(text: str | None = None, download: bool = True, **spec):
     from fluxrecipe.recipe import SourceSpec
     from fluxrecipe.sources import open_source
 
-    return open_source(SourceSpec(name="a", text=text, **spec))
+    return open_source(SourceSpec(name="a", text=text, **spec), download)
 
 
 # --- resolution from the cache -----------------------------------------------------------------------------
@@ -276,3 +278,96 @@ def test_a_preview_pipeline_goes_through_the_hub_access_of_sources(unreachable, 
     assert len(problems) == 1 and problems[0].startswith("preview.pipeline=org/absent: hub repo 'org/absent' is not in the local cache")
     assert "the hub cannot be reached" in problems[0] and "or give a local pipeline folder" in problems[0]
     assert not any("Retrying" in r.getMessage() for r in caplog.records)
+
+
+# --- a dry run reads the hub's headers, not its weights ------------------------------------------------------
+
+
+class RangeHub:
+    """The hub as fluxrecipe sees it online, faked in-process: JSON files go into a cache snapshot, the file
+    listing answers, and weight files are served by byte range only (`ranges=False`: the whole file, as a
+    server that ignores ranges). `served` counts the bytes sent per file."""
+
+    def __init__(self, monkeypatch, cache: Path, model: Path, ranges: bool = True):
+        from huggingface_hub import constants
+
+        from fluxrecipe import hub
+
+        self.cache, self.model, self.ranges = cache, model, ranges
+        self.snapshot = cache / "models--org--flux-mini" / "snapshots" / NEW
+        self.served: dict[str, int] = {}
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 443))])
+        monkeypatch.setattr(hub, "hf_hub_download", self.hf_hub_download)
+        monkeypatch.setattr(hub, "snapshot_download", self.snapshot_download)
+        monkeypatch.setattr(hub, "HfApi", lambda: self)
+        monkeypatch.setattr(hub, "get_session", lambda: self)
+
+    def hf_hub_download(self, repo, file, subfolder=None, revision=None, local_files_only=False):
+        path = self.snapshot / (subfolder or "") / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes((self.model / file).read_bytes())
+        return str(path)
+
+    def snapshot_download(self, repo, revision=None, allow_patterns=(), local_files_only=False):
+        assert not local_files_only and allow_patterns == ["transformer/*.json"], allow_patterns  # no weights
+        for file in self.model.glob("*.json"):
+            self.hf_hub_download(repo, file.name, "transformer")
+        return str(self.snapshot)
+
+    def list_repo_files(self, repo, revision=None):
+        assert revision == NEW
+        return ["README.md", "transformer/config.json"] + [f"transformer/{p.name}" for p in sorted(self.model.glob("*.safetensors"))]
+
+    @contextlib.contextmanager
+    def stream(self, method, url, headers, follow_redirects, timeout):
+        httpx = pytest.importorskip("httpx2") if importlib.util.find_spec("httpx2") else pytest.importorskip("httpx")
+        name = url.rsplit("/", 1)[1]
+        assert f"/resolve/{NEW}/transformer/{name}" in url
+        data = (self.model / name).read_bytes()
+        begin, end = (int(x) for x in headers["range"].removeprefix("bytes=").split("-"))
+        body = data[begin : end + 1] if self.ranges else data
+        self.served[name] = self.served.get(name, 0) + len(body)
+        answer = {"content-range": f"bytes {begin}-{begin + len(body) - 1}/{len(data)}"} if self.ranges else {}
+        yield httpx.Response(206 if self.ranges else 200, headers=answer, content=body, request=httpx.Request(method, url))
+
+
+def without_files(checkpoint) -> dict:
+    """A checkpoint's tensors with their pieces named by file name (a dry run names the cache's paths)."""
+    return {k: (t.dtype, t.shape, [(Path(p.file).name, p.begin, p.nbytes) for p in t.pieces]) for k, t in checkpoint.tensors.items()}
+
+
+@pytest.mark.parametrize("probe", [64 << 10, 16], ids=["header-in-probe", "header-past-probe"])
+def test_a_dry_run_plans_a_hub_source_from_its_headers(tmp_path, monkeypatch, krea, probe):
+    from fluxrecipe import api, hub
+    from fluxrecipe.errors import UsageError
+    from fluxrecipe.recipe import SourceSpec
+    from fluxrecipe.sources import open_source
+
+    monkeypatch.setattr(hub, "REMOTE_HEADER_PROBE", probe)
+    fake = RangeHub(monkeypatch, tmp_path / "cache", krea)
+    remote = open_hub(REPO, download=False)
+    assert without_files(remote) == without_files(open_source(SourceSpec(name="a", path=str(krea))))
+    assert not remote.downloaded and remote.origin == {"repo": REPO, "revision": "main", "commit": NEW, "subfolder": "transformer"}
+    shards = sorted(p for p in krea.glob("*.safetensors"))
+    assert sorted(fake.served) == [p.name for p in shards]
+    for shard in shards:  # the length and the header: nothing of the data
+        header_end = 8 + int.from_bytes(shard.read_bytes()[:8], "little")
+        assert fake.served[shard.name] == (min(probe, shard.stat().st_size) if probe > header_end else header_end)
+    assert not any(fake.snapshot.rglob("*.safetensors"))
+
+    recipe = api.load_recipe({"sources": {"a": REPO}, "base": "a", "rules": [{"match": ".*", "op": "take:a"}]}, name="conv")
+    plan = api.plan(recipe, download=False)
+    assert "(headers read on the hub; weights not downloaded)" in api.describe(plan)
+    with pytest.raises(UsageError, match="without downloading source"):
+        api.write(plan, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_server_that_ignores_byte_ranges_is_not_read(tmp_path, monkeypatch, krea):
+    fake = RangeHub(monkeypatch, tmp_path / "cache", krea, ranges=False)
+    with pytest.raises(SourceError) as e:
+        open_hub(REPO, download=False)
+    assert "did not answer a byte-range request (HTTP 200)" in str(e.value) and "run without dry_run" in str(e.value)
+    assert len(fake.served) == 1  # refused at the first file

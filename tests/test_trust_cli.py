@@ -40,6 +40,13 @@ def test_a_silently_wrong_run_is_refused_and_writes_nothing(tmp_path, args, says
     assert list(tmp_path.iterdir()) == []  # no outputs/ folder, no merge
 
 
+def test_a_dry_run_writes_nothing_at_all(tmp_path):
+    done = run_cli(["recipe=demo", "dry_run=true"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "dry run: nothing written (the output would go to " in done.stdout
+    assert list(tmp_path.iterdir()) == []  # not even Hydra's outputs/DATE/TIME with its log
+
+
 def test_a_recipe_file_runs_by_its_path(tmp_path, schnell, krea):
     """`recipe=./mine.yaml`, a newcomer's first try; its sources relative to the recipe file."""
     folder = tmp_path / "work"

@@ -8,6 +8,7 @@ shards of at most `shard_size` bytes, the index that maps each key to its shard,
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 from ..errors import SourceError
@@ -32,8 +33,9 @@ def to_canonical(source: str, entries: dict[str, TensorEntry]) -> dict[str, Tens
     }
 
 
-def weight_files(name: str, folder: Path) -> dict[Path, list[str] | None]:
-    """The folder's weight files -> the keys its index assigns them (None: all the file holds)."""
+def weight_files(name: str, folder: Path, remote: Collection[Path] = ()) -> dict[Path, list[str] | None]:
+    """The folder's weight files -> the keys its index assigns them (None: all the file holds). `remote`:
+    weight files of a hub folder known by their headers only (a dry run: hub.fetch with download=False)."""
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))  # one that is not a regular file is refused when read
     if len(indexes) > 1:
         preferred = folder / INDEX_NAME
@@ -41,16 +43,16 @@ def weight_files(name: str, folder: Path) -> dict[Path, list[str] | None]:
             raise SourceError(f"source '{name}': {folder} holds several indexes ({', '.join(p.name for p in indexes)}): name one with a path")
         indexes = [preferred]
     if indexes:
-        return _files_of_index(name, folder, indexes[0])
-    if (folder / WEIGHTS_NAME).is_file():
+        return _files_of_index(name, folder, indexes[0], remote)
+    if (folder / WEIGHTS_NAME).is_file() or folder / WEIGHTS_NAME in remote:
         return {folder / WEIGHTS_NAME: None}
-    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    files = sorted({p for p in folder.glob("*.safetensors") if p.is_file()} | {p for p in remote if p.parent == folder})
     if not files:
         raise SourceError(f"source '{name}': {folder} holds no .safetensors files")
     return {p: None for p in files}
 
 
-def _files_of_index(name: str, folder: Path, index: Path) -> dict[Path, list[str]]:
+def _files_of_index(name: str, folder: Path, index: Path, remote: Collection[Path]) -> dict[Path, list[str]]:
     try:
         weight_map = json.loads(read_small(index))["weight_map"]
         if not isinstance(weight_map, dict):
@@ -66,7 +68,7 @@ def _files_of_index(name: str, folder: Path, index: Path) -> dict[Path, list[str
         if not isinstance(shard, str) or shard in ("", ".", "..") or "/" in shard or "\\" in shard or not shard.isprintable():
             raise SourceError(f"source '{name}': {index} names shard {shard!r} for key '{key}': a shard must be a file name in the index's own folder")
         path = folder / shard
-        if not path.is_file():
+        if not path.is_file() and path not in remote:
             raise SourceError(f"source '{name}': {index} names shard '{shard}' for key '{key}', but {path} does not exist")
         files.setdefault(path, []).append(key)
     return files

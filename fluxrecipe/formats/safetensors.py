@@ -56,16 +56,27 @@ def read_header(path: str) -> Header:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise SourceError(f"{path}: truncated safetensors file ({size} bytes, shorter than its 8-byte header length)")
-            length = int.from_bytes(f.read(8), "little")
-            if length > MAX_HEADER_BYTES:
-                raise SourceError(f"{path}: header length {length} is larger than safetensors allows ({MAX_HEADER_BYTES}); not a safetensors file?")
-            if 8 + length > size:
-                raise SourceError(f"{path}: header length {length} runs past the end of the file ({size} bytes): the file is truncated or not safetensors")
+            length = header_length(path, f.read(8), size)
             raw = f.read(length)
     except OSError as e:
         raise SourceError(f"{path}: cannot read: {e.strerror or e}") from e
+    return parse_header(path, raw, size)
+
+
+def header_length(path: str, prefix: bytes, size: int) -> int:
+    """The header's length, from a file's first 8 bytes and its size (a local file, or one on the hub)."""
+    if size < 8 or len(prefix) < 8:
+        raise SourceError(f"{path}: truncated safetensors file ({size} bytes, shorter than its 8-byte header length)")
+    length = int.from_bytes(prefix[:8], "little")
+    if length > MAX_HEADER_BYTES:
+        raise SourceError(f"{path}: header length {length} is larger than safetensors allows ({MAX_HEADER_BYTES}); not a safetensors file?")
+    if 8 + length > size:
+        raise SourceError(f"{path}: header length {length} runs past the end of the file ({size} bytes): the file is truncated or not safetensors")
+    return length
+
+
+def parse_header(path: str, raw: bytes, size: int) -> Header:
+    """The header `raw` (the bytes after the length) of the `size`-byte file `path`, parsed and checked."""
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except _DuplicateKey as e:
@@ -77,7 +88,7 @@ def read_header(path: str) -> Header:
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise SourceError(f"{path}: __metadata__ must map strings to strings")
-    data_start = 8 + length
+    data_start = 8 + len(raw)
     data_size = size - data_start
     entries = {name: _entry(path, name, info, data_start, data_size) for name, info in doc.items()}
     _check_no_overlap(path, entries.values())
