@@ -7,6 +7,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
 
 .PHONY: demo test clean
@@ -22,7 +23,12 @@ $(STAMP): pyproject.toml $(TORCH_STAMP)
 	$(VENV)/bin/pip install --progress-bar on -e '.[test]'
 	@touch $@
 
-demo: $(STAMP)
+$(DEMO_STAMP): pyproject.toml $(TORCH_STAMP)
+	@echo "make: installing fluxrecipe and its dependencies (diffusers, hydra, safetensors) into $(VENV)"
+	$(VENV)/bin/pip install --progress-bar on -e .
+	@touch $@
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/python -m fluxrecipe recipe=demo
 
 test: $(STAMP)

@@ -24,16 +24,20 @@ def os_error_text(e: OSError) -> str:
     """'PATH: reason' (and the second path of a rename or link), as the OS says it, on one line."""
     reason = e.strerror or str(e)
     if e.errno == errno.ENAMETOOLONG:
-        reason += f" (a name may have at most {_name_max(e.filename)} bytes)"
+        reason += f" (a name may have at most {name_max(Path(os.path.abspath(os.fsdecode(e.filename))).parent)} bytes)"
     if e.filename is None:
         return reason
     text = f"{os.fsdecode(e.filename)}: {reason}"
     return text + (f" ({os.fsdecode(e.filename2)})" if e.filename2 is not None else "")
 
 
-def _name_max(path) -> int:
+def name_max(folder: Path) -> int:
+    """The longest file name (bytes) `folder`'s file system takes; a folder not made yet: its nearest parent's."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        return os.pathconf(os.path.dirname(os.path.abspath(os.fsdecode(path))) or ".", "PC_NAME_MAX")
+        return os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError):
         return 255
 

@@ -11,7 +11,6 @@ file, so a rebuild can be checked against it).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,9 @@ from omegaconf import DictConfig
 
 from . import preview
 from .formats.diffusers import INDEX_NAME
+from .package import RECIPE_NAME
 from .plan import Plan, human_bytes
+from .writer import fsync_dir
 
 if TYPE_CHECKING:
     from .execute import Result
@@ -75,12 +76,8 @@ def drop_weights(result: Result) -> None:
         path = result.output / name
         freed += path.stat().st_size
         path.unlink()
-    fd = os.open(result.output, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(result.output)
     log.info(
         f"keep_weights=false: deleted the weights of {result.output} ({len(names)} files, {human_bytes(freed)}); "
-        f"its recipe.yaml rebuilds them: FLUXRECIPE_RECIPE_PATH={result.output} python -m fluxrecipe recipe=recipe output=DIR"
+        f"its recipe.yaml rebuilds them: fluxrecipe recipe={result.output / RECIPE_NAME} output=DIR"
     )

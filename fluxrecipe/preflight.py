@@ -31,6 +31,7 @@ from . import preview
 from .catalog import recipe_problem
 from .errors import FluxRecipeError, UsageError
 from .plan import format_plan, human_bytes
+from .text import counted
 
 EXIT_PROBLEMS = 1
 SIDE_FILES = 4 << 20  # config, card, recipe, provenance, diagnostics, manifest, shard headers: a bound
@@ -82,7 +83,7 @@ class SweepReport:
         lines = [f"  {_jobs_label(jobs, len(self.jobs))}: {text}" for text, jobs in by_text.items()]
         lines += [f"  sweep: {text}" for text in self.problems]
         count = len(lines)
-        return f"the sweep's pre-flight found {count} problem{'s' * (count != 1)} ({len(self.jobs)} jobs); nothing was started:\n" + "\n".join(lines)
+        return f"the sweep's pre-flight found {counted(count, 'problem')} ({counted(len(self.jobs), 'job')}); nothing was started:\n" + "\n".join(lines)
 
     def totals(self) -> str:
         planned = [j for j in self.jobs if j.job is not None]
@@ -91,7 +92,7 @@ class SweepReport:
         images = sum(len(j.previews.images()) for j in self.jobs if j.previews)
         dropped = sum(1 for j in planned if not j.keep_weights)
         lines = [
-            f"sweep: {len(self.jobs)} jobs into {self.sweep_dir}, {self.at_once} at a time; "
+            f"sweep: {counted(len(self.jobs), 'job')} into {self.sweep_dir}, {self.at_once} at a time; "
             f"reads {human_bytes(read)}, writes {human_bytes(written)}" + (f", renders {images} preview images" if images else ""),
         ]
         if dropped:
@@ -347,7 +348,6 @@ def quiet_folder_names(master: DictConfig, all_jobs: list[list[str]]) -> list[st
         return []
     excluded = list(master.hydra.job.config.override_dirname.exclude_keys)
     return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(dict.fromkeys([*excluded, *constant]))}]"]
-
 
 
 def _recipe_problem(overrides: Sequence[str]) -> str | None:

@@ -34,7 +34,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import FluxRecipeError, OutputError, UsageError
-from .files import read_small
+from .files import os_error_text, read_small
 from .plan import human_bytes
 from .writer import replace_json
 
@@ -409,9 +409,10 @@ def read_previews(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     path = folder / PREVIEWS_JSON
     if not path.exists():
         return {}, []
-    if not path.is_file() or path.stat().st_size > (4 << 20):
-        raise ValueError(f"{path} is not a small regular file")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(read_small(path, 4 << 20))
+    except OSError as e:
+        raise ValueError(os_error_text(e)) from None
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise ValueError(f"{path} has no list of images")

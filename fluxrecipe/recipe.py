@@ -400,7 +400,7 @@ def _refuse_unused_parameters(params: dict[str, Any], written: dict, here: "_Loc
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise RecipeError(
                 f"{here.at((name,))}: parameter {name!r} is used by no rule{hint}: it would change nothing; "
-                f"a rule uses a parameter as ${{recipe.{name}}}"
+                f"a rule uses a parameter as ${{recipe.{name}}} (on the command line, `~recipe.{name}` removes it)"
             )
 
 

@@ -40,6 +40,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .diagnostics import block_order
 from .errors import FluxRecipeError, UsageError
+from .files import read_small
+from .text import counted
 from .writer import replace_json
 
 log = logging.getLogger("fluxrecipe")
@@ -277,14 +279,12 @@ def _without_local_prefix(override: str, sweep_dir: Path) -> str:
 def _load(path: Path, parse: Callable[[str], Any]) -> Any:
     """A small state file, parsed; DamagedFile for anything else (a folder, a FIFO, a huge or broken file)."""
     try:
-        if not path.is_file():
-            raise DamagedFile(f"{path} is not a regular file")
-        if path.stat().st_size > MAX_STATE_FILE:
-            raise DamagedFile(f"{path} is larger than a sweep state file can be ({path.stat().st_size} bytes)")
-        return parse(path.read_text())
+        return parse(read_small(path, MAX_STATE_FILE).decode())
     except DamagedFile:
         raise
-    except (OSError, ValueError, yaml.YAMLError) as e:
+    except OSError as e:
+        raise DamagedFile(f"{path} cannot be read: {e.strerror or e}") from None
+    except (ValueError, yaml.YAMLError) as e:
         raise DamagedFile(f"{path} cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
@@ -379,7 +379,7 @@ class Summary:
         lines = ["| " + " | ".join(self.columns()) + " |", "|" + "---|" * len(self.columns())]
         lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self.rows()]
         ok = len(self.jobs) - len(self.failed)
-        head = f"# Sweep {self.title}\n\n{len(self.jobs)} jobs: {ok} ok, {len(self.failed)} failed or unfinished. "
+        head = f"# Sweep {self.title}\n\n{counted(len(self.jobs), 'job')}: {ok} ok, {len(self.failed)} failed or unfinished. "
         head += "distance_to_S: relative L2 distance of the merged model to source S (0: S itself), over all blocks.\n\n"
         written = {f.name for f in self.files}
         images = [(alt, name) for alt, name in (("previews: a row per prompt and seed, a column per job", "grid.png"), ("per-block distance to each source", SUMMARY_PNG)) if name in written]
@@ -507,7 +507,7 @@ def _plot(summary: Summary, path: Path) -> bool:
 
 def report(summary: Summary) -> str:
     ok = len(summary.jobs) - len(summary.failed)
-    lines = [f"fluxrecipe: sweep {summary.sweep_dir}: {len(summary.jobs)} jobs, {ok} ok, {len(summary.failed)} failed or unfinished"]
+    lines = [f"fluxrecipe: sweep {summary.sweep_dir}: {counted(len(summary.jobs), 'job')}, {ok} ok, {len(summary.failed)} failed or unfinished"]
     lines += [f"  {j.status}: {j.name}: {j.error}" for j in summary.failed]
     lines += [f"  warning: {j.name}: {j.preview_error}" for j in summary.jobs if j.preview_error and j not in summary.failed]
     lines += [f"  summary: {f}" for f in summary.files]
@@ -548,7 +548,7 @@ class SweepSummary(Callback):
 def main(argv: list[str]) -> int:
     """`python -m fluxrecipe summary SWEEP_DIR`: write the summary of an existing sweep folder again."""
     parser = argparse.ArgumentParser(
-        prog="python -m fluxrecipe summary",
+        prog="fluxrecipe summary",
         description="Rebuild summary.csv, summary.md, summary_blocks.csv, summary.png, grid.png (the previews) and index.html "
         "of a sweep folder from its job folders. Exit status 1 when a job failed or did not finish.",
     )

@@ -41,3 +41,8 @@ def some_keys(keys: list[str], shown: int = 6) -> str:
     """The first `shown` keys, quoted, and how many more: a message names keys without listing thousands."""
     listed = ", ".join(f"'{k}'" for k in keys[:shown])
     return listed + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 job', '3 jobs': a count with its noun in the right number."""
+    return f"{n} {noun}{'s' * (n != 1)}"

@@ -29,12 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FluxRecipeError
-from .files import os_errors
+from .files import os_errors, read_small
 from .formats.diffusers import INDEX_NAME, WEIGHTS_NAME as DIFFUSERS_WEIGHTS
 from .formats.lora import module_problems
 from .formats.safetensors import ITEMSIZE, Header, read_header
 from .plan import SHOWN, some_keys
-from .text import printable
+from .text import counted, printable
+from .package import RECIPE_NAME
 from .writer import MANIFEST_NAME
 
 BLOCK = 16 << 20  # bytes read at a time for the sha256
@@ -69,7 +70,7 @@ class Report:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fluxrecipe verify",
+        prog="fluxrecipe verify",
         description="Check a merged model folder against its manifest (sizes, sha256), its index, its safetensors headers and its config.json.",
     )
     parser.add_argument("folder", help="the output of a merge: a folder (or a pipeline folder holding transformer/), or a single .safetensors file")
@@ -82,7 +83,8 @@ def main(argv: list[str]) -> int:
     if report.problems:
         for problem in report.problems:
             print(f"fluxrecipe verify: {printable(problem)}", file=sys.stderr)
-        print(f"fluxrecipe verify: {printable(str(report.folder))}: {len(report.problems)} problem(s): do not use this folder as it is", file=sys.stderr)
+        if report.folder.is_dir():  # else the one problem says what it is
+            print(f"fluxrecipe verify: {printable(str(report.folder))}: {counted(len(report.problems), 'problem')}: do not use this folder as it is", file=sys.stderr)
         return 1
     hashed = "sizes and sha256" if not args.no_hash else "sizes (sha256 not checked)"
     files = f"{report.files} files match the manifest ({hashed})" if report.manifest else "no fluxrecipe manifest (not a fluxrecipe output): sizes and sha256 not checked"
@@ -104,12 +106,25 @@ def verify_folder(folder: Path, hash_files: bool = True) -> Report:
     if not (folder / MANIFEST_NAME).exists() and not list(folder.glob("*.safetensors")) and (folder / "transformer").is_dir():
         folder = folder / "transformer"  # a pipeline folder
     report = Report(folder, manifest=(folder / MANIFEST_NAME).exists())
+    if report.manifest and _weights_deleted(folder):
+        report.add(folder, f"its weights were deleted (a sweep job's keep_weights=false); its recipe.yaml rebuilds them byte for byte: `fluxrecipe recipe={folder / RECIPE_NAME} output=DIR`, then verify DIR")
+        return report
     _check_manifest(folder, report, hash_files)
     _check_code_files(folder, report)
     keys = _check_shards(folder, report, hash_files)
     if keys is not None:
         _check_config(folder, keys, report)
     return report
+
+
+def _weights_deleted(folder: Path) -> bool:
+    """Whether the folder is a merge whose weight files (and index) alone are gone, as keep_weights=false leaves it."""
+    try:
+        listed = json.loads(read_small(folder / MANIFEST_NAME))["files"]
+        weights = [name for name in listed if name.endswith(".safetensors") or name == INDEX_NAME]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # a damaged manifest is reported as such
+    return bool(weights) and (folder / RECIPE_NAME).is_file() and not any((folder / name).exists() for name in weights) and not list(folder.glob("*.safetensors"))
 
 
 def _check_code_files(folder: Path, report: Report) -> None:
@@ -407,7 +422,7 @@ def _report_file(report: FileReport, hashed: bool) -> int:
     if report.problems:
         for problem in report.problems:
             print(f"fluxrecipe verify: {printable(problem)}", file=sys.stderr)
-        print(f"fluxrecipe verify: {printable(str(report.path))}: {len(report.problems)} problem(s): do not use this file as it is", file=sys.stderr)
+        print(f"fluxrecipe verify: {printable(str(report.path))}: {counted(len(report.problems), 'problem')}: do not use this file as it is", file=sys.stderr)
         return 1
     what = "its data matches the sha256 in its metadata and its values are finite" if hashed else "sha256 and values not checked"
     kind = "a LoRA" if report.layout == "lora" else f"a whole FLUX.1 transformer in {report.layout} layout"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import FluxRecipeError, OutputError
-from .files import read_small
+from .files import name_max, read_small
 from .formats.safetensors import encode_header, read_header
 from .linux import SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, sync_file_range
 
@@ -29,6 +29,7 @@ FLUSH_WINDOW = 16 << 20  # bytes: writeback is started per window and awaited on
 # The page cache holds file data in folios of up to 2 MiB, and POSIX_FADV_DONTNEED keeps any folio its range
 # only partly covers: ranges given to it are rounded to this, or about half of what they cover stays cached.
 RELEASE_ALIGN = 2 << 20
+TEMPORARY_SUFFIXES = (".fluxrecipe-partial", ".fluxrecipe-previous", ".fluxrecipe-lock")  # beside an output, while it is made
 
 
 def align_down(offset: int) -> int:
@@ -158,9 +159,6 @@ def replace_json(path: Path, value: object) -> None:
         raise
 
 
-TEMPORARY_SUFFIXES = (".fluxrecipe-partial", ".fluxrecipe-previous", ".fluxrecipe-lock")
-
-
 def partial_name(target: Path) -> Path:
     return target.parent / f".{target.name}.fluxrecipe-partial"
 
@@ -183,8 +181,8 @@ def check_target(target: Path, overwrite: bool, single_file: bool = False, dry_r
     if (place := _users_place(target)) is not None:
         raise OutputError(f"{target} is {place}: an output never goes there, whatever it holds (overwrite=true would replace the whole folder); choose a folder of its own, e.g. output=merged/NAME")
     longest = max(len(os.fsencode(f".{target.name}{suffix}")) for suffix in TEMPORARY_SUFFIXES)
-    if longest > _name_max(target.parent):
-        room = _name_max(target.parent) - (longest - len(os.fsencode(target.name)))
+    if longest > name_max(target.parent):
+        room = name_max(target.parent) - (longest - len(os.fsencode(target.name)))
         raise OutputError(f"{target}: the output's name is {len(os.fsencode(target.name))} bytes long, longer than the {room} this folder leaves room for (fluxrecipe writes beside it as .NAME.fluxrecipe-partial)")
     if single_file and target.is_dir():
         raise OutputError(f"{target} is a folder: a single-file format writes one file, so output= names a .safetensors file (output=merged/model.safetensors)")
@@ -214,16 +212,6 @@ def _users_place(target: Path) -> str | None:
         if resolved in folder.parents:
             return f"a folder that holds {name} ({folder})"
     return None
-
-
-def _name_max(folder: Path) -> int:
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        return os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
 
 
 def _not_replaceable(target: Path) -> str | None:
@@ -263,8 +251,6 @@ def _is_model_file(path: Path) -> bool:
     return path.name == "config.json" and isinstance(doc, dict) and "_class_name" in doc and "_diffusers_version" in doc
 
 
-
-
 def _check_model_file(target: Path) -> None:
     try:
         read_header(str(target))
@@ -299,11 +285,11 @@ def atomic_output(target: Path, overwrite: bool, file_name: str | None = None) -
         try:
             yield tmp
             made = tmp / file_name if file_name else tmp
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if target.exists():
                 target.rename(previous)
             made.rename(target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             _remove(previous)
             shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
@@ -340,7 +326,7 @@ def _lock(target: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -85,6 +85,7 @@ def fake_venv(folder, torch_spec: str) -> None:
     os.chmod(folder / ".venv" / "bin" / "python", 0o755)
     (folder / f".venv/.torch-{stamp}").touch()
     (folder / ".venv/.installed").touch()
+    (folder / ".venv/.installed-demo").touch()
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make here")

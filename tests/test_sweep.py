@@ -382,7 +382,7 @@ def test_summary_of_damaged_sweep_state_files(tmp_path, capsys):
     assert set(rows) == set(damage)
     expected = {
         "list": "is not a job record", "types": "seconds is \"soon\"", "status": "status 'done' is none of",
-        "garbage": "cannot be read", "fifo": "is not a regular file", "overrides": "overrides.yaml cannot be read",
+        "garbage": "cannot be read", "fifo": "cannot be read: not a regular file", "overrides": "overrides.yaml cannot be read",
         "overrides_dict": "is not a list of overrides", "previews": "previews.json cannot be read",
     }
     for name, text in expected.items():

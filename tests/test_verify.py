@@ -71,7 +71,7 @@ def test_a_flipped_byte(folder, capsys):
     assert main([str(folder)]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith(f"fluxrecipe verify: {shard}: sha256 ") and "differs from the manifest's" in err[0]
-    assert err[-1] == f"fluxrecipe verify: {folder}: 1 problem(s): do not use this folder as it is"
+    assert err[-1] == f"fluxrecipe verify: {folder}: 1 problem: do not use this folder as it is"
     assert problems(folder, "--no-hash") == []  # sizes only: a flipped data byte is not seen
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal, NewType
 
 from .. import schedule
+from ..text import counted
 
 Source = NewType("Source", str)  # a parameter that names one of the recipe's sources
 TaskWeights = NewType("TaskWeights", tuple)  # one number per source after the first: a weight per task vector
@@ -368,7 +369,7 @@ def listing(names: list[str] | None = None) -> str:
     ]
     for spec in (OPS[n] for n in names or OPS):
         fewest, most = spec.inputs
-        sources = "no source" if most == 0 else f"{fewest} source{'s' if fewest != 1 else ''}" if fewest == most else f"{fewest} or more sources" if most is None else f"{fewest} to {most} sources"
+        sources = "no source" if most == 0 else counted(fewest, "source") if fewest == most else f"{fewest} or more sources" if most is None else f"{fewest} to {most} sources"
         lines += ["", f"{spec.usage}  ({sources})", f"    {spec.summary}", f"    = {spec.formula}"]
         lines += [f"    {p.usage()}" for p in spec.params]
     return "\n".join(lines)
