@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_bench import FLUX, REPO, floor_seconds, generate, prepare_cache, run_measured  # noqa: E402
+from merge_bench import REPO, floor_seconds, generate, prepare_cache, run_measured  # noqa: E402
 
 from fluxrecipe.architecture import expected_parameters  # noqa: E402
 from fluxrecipe.formats import bfl  # noqa: E402

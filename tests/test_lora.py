@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import struct
 
 import pytest
 import torch
@@ -437,10 +435,9 @@ def test_kohya_output_holds_the_fused_difference_and_bakes_back(recipe_dir, tmp_
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
 
 
-def test_several_loras_merged_into_one(recipe_dir, tmp_path, krea, state_of, formats):
+def test_several_loras_merged_into_one(recipe_dir, tmp_path, krea, formats):
     """A base plus two LoRAs written as one LoRA: the difference is the two products summed (no base added and
     taken away again), so rank 8 holds two rank-4 LoRAs on the same module to float32 precision."""
-    state = state_of(krea)
     out = tmp_path / "merged.safetensors"
     loras = {"a": {"path": str(formats["onetrainer"][0])}, "b": {"path": str(formats["diffusers"][0]), "strength": 0.6}}
     result = bake(recipe_dir, out, krea, loras, "format=lora_peft", "lora_rank=8", dtype="fp32")

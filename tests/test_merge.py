@@ -25,7 +25,6 @@ from conftest import (
     shard_files,
     source_overrides,
 )
-from fluxrecipe.errors import PlanError, SourceError
 
 GUIDANCE = "time_text_embed.guidance_embedder."
 

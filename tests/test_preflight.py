@@ -5,7 +5,6 @@ the totals; the disk of the whole sweep against the free space. Runs `python -m 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 

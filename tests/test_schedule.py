@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from conftest import compose, fake_checkpoint, load_state, merge, reference, run_cli, run_recipe, write_recipe
 from flux_layouts import diffusers_to_bfl
 from fluxrecipe import schedule
-from fluxrecipe.errors import PlanError, RecipeError
+from fluxrecipe.errors import PlanError
 from fluxrecipe.formats.flux import block_of
 from fluxrecipe.plan import format_plan, make_plan
 from fluxrecipe.recipe import load_recipe

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import fake_checkpoint, load_state, merge, run_recipe, shard_files, source_overrides, tiny_config, write_recipe
-from reliability_helpers import assert_no_output, copy_model, digests, leftovers, pair_recipe, shards, use_recipe
+from conftest import load_state, merge, run_recipe, shard_files, source_overrides, tiny_config, write_recipe
+from reliability_helpers import assert_no_output, copy_model, digests, leftovers, pair_recipe, use_recipe
 
 from fluxrecipe.errors import FluxRecipeError, OutputError, PlanError, RecipeError, SourceError, UsageError
 

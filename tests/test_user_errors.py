@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import config_of, load_state, merge, run_recipe, shard_files, source_overrides
-from fluxrecipe.errors import FluxRecipeError, OutputError, PlanError, RecipeError, SourceError, UsageError
+from fluxrecipe.errors import OutputError, PlanError, RecipeError, SourceError, UsageError
 
 
 def refused(error: type, fragments: list[str], run, out) -> str:
