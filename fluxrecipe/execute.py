@@ -176,7 +176,7 @@ class _Done:
 class _Run:
     def __init__(self, plan: Plan, folder: Path, options: Options, device: torch.device, result: Result, metadata: dict[str, str], header_size: int, hash_sources: set[str]):
         self.plan, self.options, self.device, self.result = plan, options, device, result
-        self.reader = _Reader()
+        self.reader = _Reader(_planned_reads(plan))
         self.files = _Files(plan.files, folder, metadata, header_size, result)
         self.hash_sources = hash_sources
         self.stats: dict[str, tuple] = {}  # step key -> the results of its op's statistics passes
@@ -600,14 +600,16 @@ class _Reader:
     """pread of byte ranges, from file descriptors shared by the workers; consumed pages are let go.
 
     Releasing each chunk's own (unaligned) range would keep about half of every file cached (see
-    writer.RELEASE_ALIGN), so each file remembers the byte ranges read so far (merged: a handful of ranges,
-    however many reads) and a finished read releases the whole RELEASE_ALIGN blocks around it that lie inside
-    what has been read. That holds for reads in file order and for reads in another order alike (an output
+    writer.RELEASE_ALIGN), so each file remembers the byte ranges done so far (merged: a handful of ranges,
+    however many reads), bytes the plan never reads counting as done from the start (a header, a LoRA's alpha
+    scalars, a dropped tensor), and a finished read releases the whole RELEASE_ALIGN blocks around it that lie
+    inside what is done. That holds for reads in file order and for reads in another order alike (an output
     layout that is not the source's: diffusers read in BFL order jumps back and forth), where letting go only
     behind a frontier stranded the pages of every read that finished ahead of it: 0.9 GB at full size.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, planned: dict[str, list[tuple[int, int]]]) -> None:
+        self._planned = planned  # file -> the byte ranges the plan reads there
         self._files: dict[str, _InputFile] = {}
         self._scales: dict[Scale, float] = {}
         self._lock = threading.Lock()
@@ -621,6 +623,8 @@ class _Reader:
                     raise SourceError(f"{path}: cannot open: {e.strerror}") from None
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 self._files[path] = _InputFile(fd)
+                for begin, end in _gaps(self._planned.get(path, []), os.fstat(fd).st_size):
+                    self._files[path].done(begin, end)
             return self._files[path]
 
     def read(self, ref: TensorRef, start: int, stop: int) -> torch.Tensor:
@@ -689,6 +693,31 @@ class _InputFile:
             if hi > lo:
                 ranges.append((lo, hi))
         return ranges
+
+
+def _planned_reads(plan: Plan) -> dict[str, list[tuple[int, int]]]:
+    """Every byte range the plan reads, per file: the steps' inputs, their LoRAs' tensors, the bases of a
+    LoRA output's changed parts, and the scales of scaled-fp8 inputs."""
+    refs = [ref for step in plan.steps for ref in step.inputs]
+    refs += [ref for step in plan.steps for patch in step.patches for ref in (patch.tensor, patch.down) if ref is not None]
+    refs += [base for f in plan.factors for base, changed in zip(f.bases, f.changed) if changed]
+    reads: dict[str, list[tuple[int, int]]] = {}
+    for ref in refs:
+        for piece in ref.pieces:
+            reads.setdefault(piece.file, []).append((piece.begin, piece.begin + piece.nbytes))
+        if ref.scale is not None:
+            reads.setdefault(ref.scale.file, []).append((ref.scale.begin, ref.scale.begin + ITEMSIZE[ref.scale.dtype]))
+    return reads
+
+
+def _gaps(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The parts of [0, size) that `ranges` do not cover."""
+    gaps, at = [], 0
+    for begin, end in sorted(ranges):
+        if begin > at:
+            gaps.append((at, begin))
+        at = max(at, end)
+    return gaps + ([(at, size)] if size > at else [])
 
 
 def _progress(plan: Plan, options: Options):

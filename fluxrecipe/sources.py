@@ -102,12 +102,16 @@ def _beside_recipe(path: str, spec: SourceSpec) -> str:
 
 
 def file_hash(path: Path) -> str:
-    """The content hash of a whole (small) file, as provenance records what was read: 'xxh3-128:HEX'."""
+    """The content hash of a whole (small) file, as provenance records what was read: 'xxh3-128:HEX'. The
+    pages read are let go as it goes: two rank-64 LoRAs would otherwise hold 1.2 GB of page cache."""
     digest = xxhash.xxh3_128()
     try:
         with open(path, "rb") as f:
+            done = 0
             while block := f.read(16 << 20):
                 digest.update(block)
+                os.posix_fadvise(f.fileno(), done, len(block), os.POSIX_FADV_DONTNEED)
+                done += len(block)
     except OSError as e:
         raise SourceError(f"{path}: cannot read: {e.strerror}") from None
     return "xxh3-128:" + digest.hexdigest()

@@ -202,6 +202,20 @@ def test_input_release_covers_what_was_read_in_any_order_and_is_aligned(monkeypa
     assert all(x % RELEASE_ALIGN == 0 for r in released for x in r)
 
 
+def test_bytes_the_plan_never_reads_count_as_read():
+    """A LoRA's alpha scalars lie between its matrices, a header before the first tensor: no read covers them,
+    so without counting them as done no block around them would ever be released."""
+    mib = 1 << 20
+    planned = [(100, mib), (mib + 4, 3 * mib), (5 * mib, 6 * mib)]  # 4 bytes of an alpha at 1 MiB; a dropped tensor
+    assert execute_module._gaps(planned, 7 * mib) == [(0, 100), (mib, mib + 4), (3 * mib, 5 * mib), (6 * mib, 7 * mib)]
+    assert execute_module._gaps([(0, 10), (5, 20)], 20) == []
+    f = _InputFile(fd=-1)
+    for begin, end in execute_module._gaps(planned, 7 * mib):
+        f.done(begin, end)
+    assert f.done(100, mib) == []  # [0, 2) MiB still holds unread planned bytes
+    assert f.done(mib + 4, 3 * mib) == [(0, 4 * mib)]  # [0, 5) MiB is done now; [4, 6) MiB still holds the planned [5, 6)
+
+
 def test_written_pages_are_released_on_aligned_ranges(tmp_path, monkeypatch):
     """Every range the writer hands to POSIX_FADV_DONTNEED starts and ends on RELEASE_ALIGN, and the file
     is released as it grows, not only at the end."""
