@@ -81,7 +81,7 @@ def _remote_headers(repo: str, snapshot: Path, prefix: str) -> dict[Path, Header
 
 
 def _remote_header(repo: str, commit: str, file: str, path: Path) -> Header:
-    """One file's header through HTTP range requests: its first 64 KiB (a FLUX.1 shard's header is smaller),
+    """One file's header through HTTP range requests: its first 64 KiB (a FLUX.1 shard's header is about 40 KB),
     then the rest of the header if it is longer. A server that ignores the range is refused, not read."""
     url = hf_hub_url(repo, file, revision=commit)
     prefix, size = _read_range(url, 0, REMOTE_HEADER_PROBE, path)
