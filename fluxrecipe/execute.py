@@ -671,13 +671,13 @@ class _Reader:
 @dataclass
 class _InputFile:
     fd: int
-    starts: list[int] = field(default_factory=list)  # the byte ranges read so far, merged and sorted:
-    ends: list[int] = field(default_factory=list)  # [starts[i], ends[i]), neither overlapping nor touching
+    starts: list[int] = field(default_factory=list)  # the byte ranges done (read, or never to be read),
+    ends: list[int] = field(default_factory=list)  # merged and sorted: [starts[i], ends[i]), apart
 
     def done(self, begin: int, end: int) -> list[tuple[int, int]]:
-        """Record the finished read [begin, end); the ranges to release now: the RELEASE_ALIGN blocks from the
-        read's to READAHEAD_REACH past it that lie wholly inside what has been read (call under the reader's
-        lock). Past the read: the kernel's read-ahead brings back pages of ranges read and let go before
+        """Record the range [begin, end) as done (a finished read); the ranges to release now: the RELEASE_ALIGN
+        blocks from the read's to READAHEAD_REACH past it that lie wholly inside what is done (call under the
+        reader's lock). Past the read: the kernel's read-ahead brings back pages of ranges read and let go before
         (an out-of-order layout), and nothing else would let go of them again."""
         first = bisect.bisect_left(self.ends, begin)  # the ranges that overlap or touch [begin, end)
         last = bisect.bisect_right(self.starts, end)
