@@ -17,18 +17,16 @@ no worse than the first row's.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_bench import FLUX, REPO, floor_seconds, generate, prepare_cache, run_measured  # noqa: E402
+from merge_bench import FLUX, REPO, arguments, floor_seconds, generate, parsed, prepare_cache, run_measured  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from fluxrecipe.architecture import expected_parameters  # noqa: E402
@@ -58,21 +56,9 @@ def generate_bfl(path: Path, *, double: int, single: int, guidance: bool, seed: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--double", type=int, default=1)
-    ap.add_argument("--single", type=int, default=3)
-    ap.add_argument("--full", action="store_true", help="FLUX.1's 19 double and 38 single blocks")
-    ap.add_argument("--sparse", action="store_true", help="sparse source files (zeros): for the full size")
-    ap.add_argument("--cap", type=int, default=1024, help="memory cap (MiB, page cache included)")
-    ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary folder under /tmp)")
+    ap = arguments(__doc__)
     ap.add_argument("--only", nargs="*", default=None, help="run only the scenarios whose name contains one of these")
-    ap.add_argument("fluxrecipe_args", nargs="*", help="extra overrides for fluxrecipe, e.g. threads=4")
-    args = ap.parse_args()
-    if args.full:
-        args.double, args.single = 19, 38
-
-    scratch = args.dir or Path(tempfile.mkdtemp(prefix="fluxrecipe-formats-", dir="/tmp"))
-    scratch.mkdir(parents=True, exist_ok=True)
+    args, scratch = parsed(ap)
     schnell, krea, krea_bfl = scratch / "schnell", scratch / "krea", scratch / "krea-bfl.safetensors"
     try:
         for folder, guidance, seed in ((schnell, False, 0), (krea, True, 1)):
@@ -104,8 +90,8 @@ def main() -> None:
             dry = run_measured([sys.executable, "-m", "fluxrecipe", *overrides, f"output={out}", "dry_run=true", f"hydra.run.dir={scratch / 'hydra'}"], None, env={"PYTHONPATH": str(REPO)})
             written = re.search(r"total: .* write ([\d.]+) (KB|MB|GB|TB)", dry[3])
             out_bytes = int(float(written[1]) * {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[written[2]])
-            read_seq, read_par, write_s = floor_seconds(sources, out_bytes, scratch, "cold")
-            prepare_cache("cold", [p for files in sources for p in files])
+            read_seq, read_par, write_s = floor_seconds(sources, out_bytes, scratch, args.cache)
+            prepare_cache(args.cache, [p for files in sources for p in files])
             cmd = [sys.executable, "-m", "fluxrecipe", *overrides, f"output={out}", "progress=false", f"hydra.run.dir={scratch / 'hydra'}", *args.fluxrecipe_args]
             wall, peak, rc, tail = run_measured(cmd, args.cap, env={"PYTHONPATH": str(REPO)})
             phase = re.search(r"in ([\d.]+) s \(", tail)
@@ -121,7 +107,7 @@ def main() -> None:
         for name, floor_seq, floor_par, wall, phase, peak, rc, written in rows:
             print(f"| {name} | {written} | {floor_seq:.1f} / {floor_par:.1f} | {wall:.1f} | {wall / floor_seq:.2f}, {wall / floor_par:.2f} | {phase:.1f} | {peak} | {'ok' if rc == 0 else rc} |")
     finally:
-        if args.dir is None:
+        if not args.keep and args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -20,19 +20,17 @@ output are real. Prints one Markdown table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_bench import REPO, floor_seconds, generate, prepare_cache, run_measured  # noqa: E402
+from merge_bench import REPO, arguments, floor_seconds, generate, parsed, prepare_cache, run_measured  # noqa: E402
 
 from fluxrecipe.architecture import expected_parameters  # noqa: E402
 from fluxrecipe.formats import bfl  # noqa: E402
@@ -80,23 +78,10 @@ dtype: bf16
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--double", type=int, default=1, help="double-stream blocks (FLUX.1: 19)")
-    ap.add_argument("--single", type=int, default=3, help="single-stream blocks (FLUX.1: 38)")
-    ap.add_argument("--full", action="store_true", help="FLUX.1's 19 double and 38 single blocks")
-    ap.add_argument("--sparse", action="store_true", help="a sparse source file (zeros)")
+    ap = arguments(__doc__)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--extract", action="store_true", help="write a second source's difference to the first as a LoRA, instead of baking LoRAs in")
-    ap.add_argument("--cache", choices=["cold", "warm"], default="cold")
-    ap.add_argument("--cap", type=int, default=1024, help="memory cap (MiB, page cache included)")
-    ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary folder under /tmp)")
-    ap.add_argument("fluxrecipe_args", nargs="*", help="extra overrides for fluxrecipe, e.g. threads=4")
-    args = ap.parse_args()
-    if args.full:
-        args.double, args.single = 19, 38
-
-    scratch = args.dir or Path(tempfile.mkdtemp(prefix="fluxrecipe-lora-bench-", dir="/tmp"))
-    scratch.mkdir(parents=True, exist_ok=True)
+    args, scratch = parsed(ap)
     source, recipes = scratch / "model", scratch / "recipes"
     loras = [scratch / "style.safetensors", scratch / "detail.safetensors"]
     try:
@@ -147,7 +132,7 @@ def main() -> None:
             merge = f"{phase:.1f} | {phase / floor:.2f}" if phase is not None else "- | -"
             print(f"| {name} | {wall:.1f} | {wall / floor:.2f} | {merge} | {peak or '-'} | {'ok' if code == 0 else f'failed ({code})'} |")
     finally:
-        if args.dir is None:
+        if not args.keep and args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
