@@ -398,12 +398,7 @@ class _Run:
     def _lora_values(self, p: Patch, ref: TensorRef, start: int, stop: int, done: _Done) -> torch.Tensor:
         """Elements [start, stop) of a LoRA's tensor in float32, checked for NaN/Inf as inputs are."""
         x = self._decode(self.reader.read(ref, start, stop), ref)
-        if not math.isfinite(float(x.sum())):
-            bad = int(x.numel() - torch.isfinite(x).sum())
-            if bad and self.options.nonfinite == "error":
-                raise SourceError(f"lora '{p.lora}': tensor '{ref.file_key}' ({ref.file}) holds NaN or Inf values; merge anyway with nonfinite=warn (they are counted and reported)")
-            if bad:
-                done.nonfinite[f"lora {p.lora}: {ref.file_key}"] = bad
+        self._check_finite(x, f"lora '{p.lora}'", ref, f"lora {p.lora}: {ref.file_key}", done)
         return x
 
     def _decode(self, raw: torch.Tensor, ref: TensorRef) -> torch.Tensor:
@@ -423,16 +418,17 @@ class _Run:
         """NaN/Inf in an input: stop (nonfinite=error), or count it (warn). A sum over x is NaN/Inf iff x
         holds NaN/Inf, or overflows, which the exact count then clears."""
         for ref, x in zip(refs, xs):
-            if math.isfinite(float(x.sum())):
-                continue
-            bad = int(x.numel() - torch.isfinite(x).sum())
-            if bad and self.options.nonfinite == "error":
-                raise SourceError(
-                    f"source '{ref.source}': tensor '{ref.file_key}' ({ref.file}) holds NaN or Inf values; "
-                    "merge anyway with nonfinite=warn (they are counted and reported)"
-                )
-            if bad:
-                done.nonfinite[f"{ref.source}: {ref.key}"] = bad
+            self._check_finite(x, f"source '{ref.source}'", ref, f"{ref.source}: {ref.key}", done)
+
+    def _check_finite(self, x: torch.Tensor, owner: str, ref: TensorRef, counted_as: str, done: _Done) -> None:
+        """One input read (`owner`: its source or LoRA): NaN/Inf stops the merge, or is counted as `counted_as`."""
+        if math.isfinite(float(x.sum())):
+            return
+        bad = int(x.numel() - torch.isfinite(x).sum())
+        if bad and self.options.nonfinite == "error":
+            raise SourceError(f"{owner}: tensor '{ref.file_key}' ({ref.file}) holds NaN or Inf values; merge anyway with nonfinite=warn (they are counted and reported)")
+        if bad:
+            done.nonfinite[counted_as] = bad
 
     def _encode(self, step: Step, merged: torch.Tensor, scale: float | None, done: _Done) -> tuple[torch.Tensor, int]:
         """The result in the output dtype: NaN/Inf of finite inputs stopped or counted, values beyond the
