@@ -119,7 +119,7 @@ def test_header_is_read_as_gguf_reads_it(tmp_path, alignment):
     assert [t.name for t in header.tensors.values()] == [t.name for t in reader.tensors]
     for ours, theirs, (_, shape, ggml_type, data) in zip(header.tensors.values(), reader.tensors, tensors):
         assert ours.shape == shape == tuple(reversed(theirs.shape.tolist()))
-        assert ours.ggml_type == theirs.tensor_type == ggml_type
+        assert Q[ours.dtype] == theirs.tensor_type == ggml_type
         assert (ours.begin, ours.nbytes) == (theirs.data_offset, theirs.n_bytes) and ours.nbytes == data.nbytes
         assert path.read_bytes()[ours.begin : ours.begin + ours.nbytes] == data.tobytes()
 
@@ -130,7 +130,7 @@ def test_encoded_header_is_byte_identical_to_gguf_writer(tmp_path, alignment):
     theirs = tmp_path / "theirs.gguf"
     write_with_gguf(theirs, KVS, tensors, alignment)
 
-    encoded = g.encode_header(our_kvs(alignment), [(name, shape, ggml_type) for name, shape, ggml_type, _ in tensors])
+    encoded = g.encode_header(str(tmp_path / "ours.gguf"), our_kvs(alignment), [(name, shape, ggml_type) for name, shape, ggml_type, _ in tensors])
     ours = bytearray(encoded.size)  # zeros: the padding
     ours[: len(encoded.data)] = encoded.data
     for entry, (name, _, _, data) in zip(encoded.tensors, tensors):
@@ -143,12 +143,12 @@ def test_encoded_header_is_byte_identical_to_gguf_writer(tmp_path, alignment):
     header = g.read_header(str(tmp_path / "ours.gguf"))
     assert {k: (v.value, v.type) for k, v in header.metadata.items()} == {k: (v.value, v.type) for k, v in our_kvs(alignment).items()}
     assert tuple(header.tensors.values()) == encoded.tensors and header.data_start == len(encoded.data)
-    assert g.encode_header(header.metadata, [(t.name, t.shape, t.ggml_type) for t in header.tensors.values()]) == encoded
+    assert g.encode_header(header.path, header.metadata, [(t.name, t.shape, Q[t.dtype]) for t in header.tensors.values()]) == encoded
 
 
 def test_encoded_header_without_tensors_matches_gguf_writer(tmp_path):
     write_with_gguf(tmp_path / "theirs.gguf", {"general.architecture": GGUFValue("flux", V.STRING)}, [])
-    assert g.encode_header({"general.architecture": GGUFValue("flux", V.STRING)}, []).data == (tmp_path / "theirs.gguf").read_bytes()
+    assert g.encode_header("ours.gguf", {"general.architecture": GGUFValue("flux", V.STRING)}, []).data == (tmp_path / "theirs.gguf").read_bytes()
 
 
 def test_header_reading_never_reads_tensor_data(tmp_path):
@@ -266,7 +266,7 @@ def test_every_truncation_is_one_line(tmp_path):
         with pytest.raises(SourceError, match=r"^cut\.gguf: .*(truncated|runs past the end)") as caught:
             g.parse_header("cut.gguf", io.BytesIO(raw[:cut]), cut)
         assert "\n" not in str(caught.value)
-    assert g.parse_header("cut.gguf", io.BytesIO(raw[:data_end]), data_end).tensors == header.tensors
+    assert g.parse_header(str(full), io.BytesIO(raw[:data_end]), data_end).tensors == header.tensors
 
 
 def test_header_bigger_than_the_bound_is_refused(tmp_path, monkeypatch):
@@ -443,20 +443,20 @@ def test_diffusers_reads_the_bytes_and_dequantizes_them_as_documented(tmp_path):
     raw = path.read_bytes()
     for entry in header.tensors.values():
         stored = raw[entry.begin : entry.begin + entry.nbytes]
-        ours = torch.from_numpy(g.dequantize_chunk(stored, entry.ggml_type)).reshape(entry.shape)
+        ours = torch.from_numpy(g.dequantize_chunk(stored, Q[entry.dtype])).reshape(entry.shape)
         theirs = loaded[entry.name]
-        if entry.ggml_type in (Q.F32, Q.F16):
+        if Q[entry.dtype] in (Q.F32, Q.F16):
             assert not isinstance(theirs, GGUFParameter) and theirs.shape == entry.shape
             assert torch.equal(theirs.float(), ours)
             continue
-        assert isinstance(theirs, GGUFParameter) and theirs.quant_type == entry.ggml_type
+        assert isinstance(theirs, GGUFParameter) and theirs.quant_type == Q[entry.dtype]
         assert theirs.quant_shape == entry.shape and theirs.numpy().tobytes() == stored
         dequantized = dequantize_gguf_tensor(theirs)
-        if entry.ggml_type == Q.BF16:
+        if Q[entry.dtype] == Q.BF16:
             assert dequantized.dtype == torch.float32 and torch.equal(dequantized, ours)
             continue
         assert dequantized.dtype == torch.float16
-        in_half = independent_dequantize(np.frombuffer(stored, np.uint8), entry.ggml_type, np.float16).reshape(entry.shape)
+        in_half = independent_dequantize(np.frombuffer(stored, np.uint8), Q[entry.dtype], np.float16).reshape(entry.shape)
         assert torch.equal(dequantized, torch.from_numpy(in_half))
-        if entry.ggml_type in (Q.Q8_0, Q.Q5_0, Q.Q4_0):
+        if Q[entry.dtype] in (Q.Q8_0, Q.Q5_0, Q.Q4_0):
             assert torch.equal(dequantized, ours.half())

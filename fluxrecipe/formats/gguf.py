@@ -9,7 +9,9 @@ and the items); one info per tensor (name, u32 n_dims, u64 dims innermost first,
 u32 ggml type, u64 offset from the data start); zero padding to `general.alignment` (32 unless given); the
 data, each tensor at an aligned offset and, as gguf's writer and ggml lay it out, padded to the alignment.
 Quant blocks run along the innermost dimension (a row): a run of whole blocks, and so any run of whole rows,
-(de)quantizes on its own to the bytes (values) it has in the whole tensor.
+(de)quantizes on its own to the bytes (values) it has in the whole tensor. A tensor is described by the
+safetensors module's TensorEntry with the ggml type's name as dtype: F32, F16 and BF16 data are laid out
+exactly as in safetensors (little-endian, row-major, PyTorch's shape), the other types are blocks.
 
 What the tools expect of a FLUX file (details, with sources, in the wiring notes of the GGUF issue):
 ComfyUI-GGUF's convert.py writes `general.architecture = "flux"` (also for Chroma and FLUX.2, which it
@@ -19,7 +21,9 @@ tensors and tensors of at most 1024 elements in F32, and its llama.cpp patch lea
 `time_in`, `vector_in`, `guidance_in` and `final_layer` unquantized (their source dtype). Its loader
 accepts the architectures of its IMG_ARCH_LIST ("flux", ...). diffusers' `load_gguf_checkpoint` keeps F32
 and F16 tensors as plain tensors and wraps every other type its dequantizers know (BF16, Q4_0..Q8_0,
-Q2_K..Q6_K, IQ4_NL, IQ4_XS) as `GGUFParameter`, then converts BFL names as for a safetensors file.
+Q2_K..Q6_K, IQ4_NL, IQ4_XS) as `GGUFParameter` holding the raw bytes, then converts BFL names as for a
+safetensors file: so 1-D tensors (biases, norm scales) must be F32 or F16, never BF16 or a quant type. Its
+dequantizers compute the legacy quants in float16 (Q8_0, Q5_0, Q4_0: gguf's float32 values rounded once).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValue, GGUFValueType, LlamaFileType
 
 from ..errors import FluxRecipeError, SourceError, UsageError
+from .safetensors import TensorEntry, _check_no_overlap
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # 1 had 32-bit counts and lengths; gguf's reader and ggml read 2 and 3
@@ -53,17 +58,9 @@ MAX_NESTING = 4  # arrays of arrays of ...
 MAX_DECODED_ITEMS = 1 << 18  # array items decoded in all; longer arrays (tokenizers) become UndecodedArray
 
 SCALARS: dict[GGUFValueType, struct.Struct] = {
-    GGUFValueType.UINT8: struct.Struct("<B"),
-    GGUFValueType.INT8: struct.Struct("<b"),
-    GGUFValueType.UINT16: struct.Struct("<H"),
-    GGUFValueType.INT16: struct.Struct("<h"),
-    GGUFValueType.UINT32: struct.Struct("<I"),
-    GGUFValueType.INT32: struct.Struct("<i"),
-    GGUFValueType.FLOAT32: struct.Struct("<f"),
-    GGUFValueType.BOOL: struct.Struct("<?"),
-    GGUFValueType.UINT64: struct.Struct("<Q"),
-    GGUFValueType.INT64: struct.Struct("<q"),
-    GGUFValueType.FLOAT64: struct.Struct("<d"),
+    GGUFValueType[name]: struct.Struct("<" + code)
+    for name, code in (("UINT8", "B"), ("INT8", "b"), ("UINT16", "H"), ("INT16", "h"), ("UINT32", "I"), ("INT32", "i"),
+                       ("FLOAT32", "f"), ("BOOL", "?"), ("UINT64", "Q"), ("INT64", "q"), ("FLOAT64", "d"))
 }
 U32, U64 = SCALARS[GGUFValueType.UINT32], SCALARS[GGUFValueType.UINT64]
 # The fewest bytes an item of each type takes, to check an array's count before reading it.
@@ -79,14 +76,7 @@ OUTPUT_TYPES: tuple[GGMLQuantizationType, ...] = tuple(
 DEFAULT_OUTPUT_TYPE = GGMLQuantizationType.Q8_0
 # general.file_type of a file whose large tensors are of that type (llama.cpp's llama_ftype).
 FILE_TYPES: dict[GGMLQuantizationType, LlamaFileType] = {
-    GGMLQuantizationType.Q8_0: LlamaFileType.MOSTLY_Q8_0,
-    GGMLQuantizationType.Q5_1: LlamaFileType.MOSTLY_Q5_1,
-    GGMLQuantizationType.Q5_0: LlamaFileType.MOSTLY_Q5_0,
-    GGMLQuantizationType.Q4_1: LlamaFileType.MOSTLY_Q4_1,
-    GGMLQuantizationType.Q4_0: LlamaFileType.MOSTLY_Q4_0,
-    GGMLQuantizationType.BF16: LlamaFileType.MOSTLY_BF16,
-    GGMLQuantizationType.F16: LlamaFileType.MOSTLY_F16,
-    GGMLQuantizationType.F32: LlamaFileType.ALL_F32,
+    t: LlamaFileType.ALL_F32 if t == GGMLQuantizationType.F32 else LlamaFileType[f"MOSTLY_{t.name}"] for t in OUTPUT_TYPES
 }
 # ComfyUI-GGUF's convert.py keeps tensors of at most this many elements (and all 1-D tensors) in F32.
 SMALL_TENSOR_ELEMENTS = 1024
@@ -101,26 +91,11 @@ class UndecodedArray:
 
 
 @dataclass(frozen=True)
-class GGUFTensor:
-    """One tensor of a GGUF file: its shape in PyTorch's order, its ggml type and its absolute byte range."""
-
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: GGMLQuantizationType
-    begin: int
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass(frozen=True)
 class GGUFHeader:
     path: str
     version: int
     metadata: dict[str, GGUFValue]  # in file order; an array's items in `value`, their type in `sub_type`
-    tensors: dict[str, GGUFTensor]  # in file order
+    tensors: dict[str, TensorEntry]  # in file order; dtype: the ggml type's name (F32, F16, BF16 as in safetensors)
     alignment: int
     data_start: int  # absolute offset of the data section
     size: int  # of the whole file
@@ -132,7 +107,7 @@ class EncodedHeader:
     `begin`, zeros in between and after the last one up to `size` (as gguf's writer pads)."""
 
     data: bytes  # the file's first bytes: header, KVs, tensor infos and the padding to the data start
-    tensors: tuple[GGUFTensor, ...]
+    tensors: tuple[TensorEntry, ...]
     size: int
 
 
@@ -173,7 +148,7 @@ def parse_header(path: str, f: BinaryIO, size: int) -> GGUFHeader:
     alignment = _alignment(path, metadata)
     infos = [_tensor_info(cursor, index) for index in range(n_tensors)]
     data_start = _pad(cursor.position, alignment)
-    tensors: dict[str, GGUFTensor] = {}
+    tensors: dict[str, TensorEntry] = {}
     for name, dims, ggml_type, offset in infos:
         if name in tensors:
             raise SourceError(f"{path}: tensor '{name}' is given twice")
@@ -300,7 +275,7 @@ def _tensor_info(cursor: _Cursor, index: int) -> tuple[str, tuple[int, ...], int
     return name, dims, ggml_type, cursor.u64(what)
 
 
-def _checked_tensor(path: str, name: str, dims: tuple[int, ...], raw_type: int, offset: int, alignment: int, data_start: int, size: int) -> GGUFTensor:
+def _checked_tensor(path: str, name: str, dims: tuple[int, ...], raw_type: int, offset: int, alignment: int, data_start: int, size: int) -> TensorEntry:
     where = f"{path}: tensor '{name}'"
     ggml_type = _ggml_type(raw_type)
     if ggml_type is None:
@@ -317,7 +292,7 @@ def _checked_tensor(path: str, name: str, dims: tuple[int, ...], raw_type: int, 
     begin = data_start + offset
     if begin + nbytes > size:
         raise SourceError(f"{where}: {ggml_type.name} {list(shape)} needs {nbytes} bytes from byte {begin}, past the end of the file ({size} bytes): the file is truncated or its header is corrupt")
-    return GGUFTensor(name, shape, ggml_type, begin, nbytes)
+    return TensorEntry(path, name, ggml_type.name, shape, begin, nbytes)
 
 
 def _ggml_type(raw: int) -> GGMLQuantizationType | None:
@@ -328,22 +303,15 @@ def _ggml_type(raw: int) -> GGMLQuantizationType | None:
     return ggml_type if ggml_type in GGML_QUANT_SIZES else None
 
 
-def _check_no_overlap(path: str, tensors) -> None:
-    previous = None
-    for t in sorted((t for t in tensors if t.nbytes), key=lambda t: t.begin):
-        if previous is not None and t.begin < previous.begin + previous.nbytes:
-            raise SourceError(f"{path}: the data of tensors '{previous.name}' and '{t.name}' overlap")
-        previous = t
-
-
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def encode_header(metadata: dict[str, GGUFValue], tensors: Sequence[tuple[str, tuple[int, ...], GGMLQuantizationType]]) -> EncodedHeader:
-    """The header of a GGUF file holding `metadata` (in order) and `tensors` (name, shape in PyTorch's order,
-    ggml type; in order), byte for byte as gguf's GGUFWriter writes it, and where each tensor's bytes go.
-    The alignment is `general.alignment` where `metadata` gives it (a power of two, as UINT32), else 32."""
-    alignment = _alignment("the GGUF output", metadata)
+def encode_header(path: str, metadata: dict[str, GGUFValue], tensors: Sequence[tuple[str, tuple[int, ...], GGMLQuantizationType]]) -> EncodedHeader:
+    """The header of the GGUF file `path` holding `metadata` (in order) and `tensors` (name, shape in
+    PyTorch's order, ggml type; in order), byte for byte as gguf's GGUFWriter writes it, and where each
+    tensor's bytes go. The alignment is `general.alignment` where `metadata` gives it (a power of two, as
+    UINT32), else 32."""
+    alignment = _alignment(path, metadata)
     out = bytearray(MAGIC)
     out += U32.pack(WRITTEN_VERSION) + U64.pack(len(tensors)) + U64.pack(len(metadata))
     for key, value in metadata.items():
@@ -358,7 +326,7 @@ def encode_header(metadata: dict[str, GGUFValue], tensors: Sequence[tuple[str, t
         offset += _pad(nbytes, alignment)
     data_start = _pad(len(out), alignment)
     out += bytes(data_start - len(out))
-    entries = tuple(GGUFTensor(name, shape, ggml_type, data_start + offset, nbytes) for name, shape, ggml_type, offset, nbytes in placed)
+    entries = tuple(TensorEntry(path, name, ggml_type.name, shape, data_start + offset, nbytes) for name, shape, ggml_type, offset, nbytes in placed)
     return EncodedHeader(bytes(out), entries, data_start + offset)
 
 
