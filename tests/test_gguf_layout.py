@@ -43,6 +43,7 @@ KVS: dict[str, GGUFValue] = {
     "t.f64": GGUFValue(0.1, V.FLOAT64),
     "t.string": GGUFValue("fluxrecipe: ünïcode ✓", V.STRING),
     "t.empty": GGUFValue("", V.STRING),
+    "t.recipe": GGUFValue("sources:\n  a: x.safetensors\n\tmerge: lerp:0.3\n", V.STRING),  # values may hold any text
     "t.ints": GGUFValue([1, -2, 3], V.ARRAY),  # item type from the first item: INT32
     "t.floats": GGUFValue([0.5, -1.25], V.ARRAY),
     "t.strings": GGUFValue(["a", "bé", ""], V.ARRAY),
@@ -219,6 +220,7 @@ HOSTILE = {
     "alignment zero": (raw_gguf([kv(b"general.alignment", V.UINT32, struct.pack("<I", 0))]), "'general.alignment' must be a power of two"),
     "alignment as UINT64": (raw_gguf([kv(b"general.alignment", V.UINT64, struct.pack("<Q", 64))]), "stored as UINT32, not UINT64 64"),
     "name not UTF-8": (raw_gguf(infos=[info(b"img_in.\xff", [32], Q.F32, 0)], data=F32_128), "the name of tensor #0 is not UTF-8"),
+    "key with a newline": (raw_gguf([kv(b"general.\nname", V.UINT8, b"\0")]), "metadata key #0 'general.\\nname' holds unprintable"),
     "unprintable name": (raw_gguf(infos=[info(b"img_in\x1b[2J", [32], Q.F32, 0)], data=F32_128), "holds unprintable characters"),
     "five dimensions": (raw_gguf(infos=[info(b"w", [1, 1, 1, 1, 32], Q.F32, 0)], data=F32_128), "tensor 'w' has 5 dimensions"),
     "unknown type": (raw_gguf(infos=[info(b"w", [32], 99, 0)], data=F32_128), "tensor 'w': unknown ggml type 99"),

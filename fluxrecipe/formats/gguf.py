@@ -141,7 +141,7 @@ def parse_header(path: str, f: BinaryIO, size: int) -> GGUFHeader:
     cursor.need(n_kvs * MIN_KV_BYTES + n_tensors * MIN_TENSOR_INFO_BYTES, f"{n_tensors} tensor infos and {n_kvs} metadata keys")
     metadata: dict[str, GGUFValue] = {}
     for index in range(n_kvs):
-        key = cursor.string(f"metadata key #{index}")
+        key = cursor.string(f"metadata key #{index}", name=True)
         if key in metadata:
             raise SourceError(f"{path}: metadata key '{key}' is given twice")
         metadata[key] = cursor.value(key)
@@ -193,13 +193,14 @@ class _Cursor:
     def u64(self, what: str) -> int:
         return U64.unpack(self.take(8, what))[0]
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, name: bool = False) -> str:
+        """A string; a key's or a tensor's `name` must be printable (messages show it), a value need not be."""
         raw = self.take(self.u64(what), what)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise SourceError(f"{self.path}: {what} is not UTF-8 ({raw[:40]!r})") from None
-        if not text.isprintable():  # control characters would reach the terminal in every message about it
+        if name and not text.isprintable():  # control characters would reach the terminal in every message about it
             raise SourceError(f"{self.path}: {what} {text[:80]!r} holds unprintable characters")
         return text
 
@@ -265,7 +266,7 @@ def _alignment(path: str, metadata: dict[str, GGUFValue]) -> int:
 
 
 def _tensor_info(cursor: _Cursor, index: int) -> tuple[str, tuple[int, ...], int, int]:
-    name = cursor.string(f"the name of tensor #{index}")
+    name = cursor.string(f"the name of tensor #{index}", name=True)
     what = f"tensor '{name}'"
     n_dims = cursor.u32(what)
     if n_dims > MAX_DIMS:
