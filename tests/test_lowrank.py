@@ -1,41 +1,20 @@
-"""The low-rank arithmetic (fluxrecipe/ops/lowrank.py) against float64 references written here."""
+"""The low-rank arithmetic of the LoRA toolkit (issue 19, fluxrecipe/ops/lowrank.py), each result against a
+float64 reference on the full matrix written here: the exact merge of LoRAs, the best rank-R approximation of
+their sum from the factors alone, resizes, energy ranks, the streamed randomized factorisation and its error
+bound; and the same bytes whatever the threads, for these and for a real extraction (recipe=extract_lora)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import config_of, run_cli, save_sharded
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, krea, state_of):
-    """krea (float32) as the base, and krea plus a full-rank difference on every weight matrix as the tuned model."""
-    state = {k: v.float() for k, v in state_of(krea).items()}
-    g = torch.Generator().manual_seed(5)
-    tuned = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.dim() == 2 else v for k, v in state.items()}
-    root = tmp_path_factory.mktemp("pair")
-    return save_sharded(state, root / "base", [list(state)], config_of(krea)), save_sharded(tuned, root / "tuned", [list(tuned)], config_of(krea))
-
-
-def test_extraction_bytes_do_not_depend_on_threads(tmp_path, pair, monkeypatch):
-    """recipe=extract_lora in subprocesses with 1, the default and 4 OpenMP threads (torch's own, which the
-    SVD uses) and with threads=1, 2, 4 (the executor's workers): the same file, byte for byte."""
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
-    base, tuned = pair
-    runs = {"OMP_NUM_THREADS=1 threads=4": ({"OMP_NUM_THREADS": "1"}, "threads=4"), "default threads=1": ({}, "threads=1"), "OMP_NUM_THREADS=4 threads=2": ({"OMP_NUM_THREADS": "4"}, "threads=2")}
-    digests = {}
-    for i, (name, (env, threads)) in enumerate(runs.items()):
-        out = tmp_path / f"lora{i}.safetensors"
-        args = ["recipe=extract_lora", f"recipe.sources.tuned={tuned}", f"recipe.sources.base={base}", "lora_rank=4", threads, f"output={out}", "progress=false"]
-        done = run_cli(args, cwd=tmp_path, env=env)
-        assert done.returncode == 0, done.stderr
-        digests[name] = hashlib.sha256(out.read_bytes()).hexdigest()
-    assert len(set(digests.values())) == 1, digests
+from conftest import REPO_ROOT, config_of, run_cli, save_sharded
 
 
 # --- references ----------------------------------------------------------------------------------------------
@@ -113,8 +92,8 @@ def test_balancing_keeps_fp16_from_going_subnormal():
     steps); balanced, both factors round to fp16 at its 11-bit precision."""
     from fluxrecipe.ops.lowrank import Term, concatenate
 
-    terms = [Term(*lora(32, 48, 4, 6), 1 / 128)]
-    terms = [Term(terms[0].up * 1e-3, terms[0].down * 2e-2, 1 / 128)]
+    up, down = lora(32, 48, 4, 6)
+    terms = [Term(up * 1e-3, down * 2e-2, 1 / 128)]
     up, down = concatenate(terms)
     want = summed(terms)
     naive = (terms[0].up.to(F64) / 128).half().to(F64) @ terms[0].down.half().to(F64)
@@ -242,8 +221,8 @@ def test_streamed_factor_is_within_its_bound_of_the_optimum(monkeypatch, spectru
     matrix = product(with_spectrum(900, 400, [values(i) for i in range(400)], 14))
     result = lowrank.streamed_factor(chunks_of(matrix, [128]), (900, 400), 16, seed=2)
     true = error_of(matrix, result.up, result.down)
-    assert true <= 1.0005 * optimal_error(matrix, 16)
-    assert abs(result.relative_error - true) < 1e-6
+    assert true <= 1.0005 * optimal_error(matrix, 16)  # 1.00015 at worst here; 3 iterations give 1.0011
+    assert abs(result.relative_error - true) < 1e-8
 
 
 def test_residual_error_is_the_relative_error(monkeypatch):
@@ -312,12 +291,6 @@ def test_the_same_bytes_whatever_the_threads(monkeypatch):
     """Every function (and ops/lora.py's factor and relative_error) on inputs large enough for MKL to split
     its work: the same bytes under OMP_NUM_THREADS=1, the default and OMP_NUM_THREADS=4, with
     torch.set_num_threads(1), (2) and (4) in one process, and called from three threads at once."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
-
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     lines = []
@@ -326,3 +299,30 @@ def test_the_same_bytes_whatever_the_threads(monkeypatch):
         assert done.returncode == 0, done.stderr
         lines += done.stdout.split()
     assert len(lines) == 10 and len(set(lines)) == 1, lines
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, krea, state_of):
+    """krea (float32) as the base, and krea plus a full-rank difference on every weight matrix as the tuned model."""
+    state = {k: v.float() for k, v in state_of(krea).items()}
+    g = torch.Generator().manual_seed(5)
+    tuned = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.dim() == 2 else v for k, v in state.items()}
+    root = tmp_path_factory.mktemp("pair")
+    return save_sharded(state, root / "base", [list(state)], config_of(krea)), save_sharded(tuned, root / "tuned", [list(tuned)], config_of(krea))
+
+
+def test_extraction_bytes_do_not_depend_on_threads(tmp_path, pair, monkeypatch):
+    """recipe=extract_lora in subprocesses with 1, the default and 4 OpenMP threads (torch's own, which the
+    SVD uses) and with threads=1, 2, 4 (the executor's workers): the same file, byte for byte."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    base, tuned = pair
+    runs = {"OMP_NUM_THREADS=1 threads=4": ({"OMP_NUM_THREADS": "1"}, "threads=4"), "default threads=1": ({}, "threads=1"), "OMP_NUM_THREADS=4 threads=2": ({"OMP_NUM_THREADS": "4"}, "threads=2")}
+    digests = {}
+    for i, (name, (env, threads)) in enumerate(runs.items()):
+        out = tmp_path / f"lora{i}.safetensors"
+        args = ["recipe=extract_lora", f"recipe.sources.tuned={tuned}", f"recipe.sources.base={base}", "lora_rank=4", threads, f"output={out}", "progress=false"]
+        done = run_cli(args, cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stderr
+        digests[name] = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert len(set(digests.values())) == 1, digests
