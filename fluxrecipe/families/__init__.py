@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from . import flux1
+from . import flux1, flux2
 from .base import Family, Preview, ShapeError
 
 __all__ = ["FAMILIES", "Family", "Preview", "ShapeError", "by_class", "by_name", "recognise"]
 
-FAMILIES: tuple[Family, ...] = (flux1.FAMILY,)
+FAMILIES: tuple[Family, ...] = (flux2.FAMILY, flux1.FAMILY)
 
 
 def recognise(keys: Iterable[str]) -> Family | None:
