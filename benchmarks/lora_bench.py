@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from merge_bench import REPO, arguments, floor_seconds, generate, parsed, prepare_cache, run_measured  # noqa: E402
 
+from fluxrecipe import families  # noqa: E402
 from fluxrecipe.architecture import expected_parameters  # noqa: E402
 from fluxrecipe.formats import bfl  # noqa: E402
 from fluxrecipe.formats.lora import kohya_names  # noqa: E402
@@ -42,7 +43,7 @@ from fluxrecipe.writer import open_safetensors  # noqa: E402
 def make_lora(path: Path, config: dict, rank: int, seed: int) -> None:
     """A kohya LoRA of `rank` on every Linear module of the model `config` describes, in BFL's module names."""
     shapes = expected_parameters(config, "benchmark config")
-    modules = [(t.name[: -len(".weight")], t.shape) for t in bfl.out_tensors(shapes, dict.fromkeys(shapes, "BF16"), "") if t.name.endswith(".weight") and len(t.shape) == 2]
+    modules = [(t.name[: -len(".weight")], t.shape) for t in bfl.out_tensors(shapes, dict.fromkeys(shapes, "BF16"), "", families.recognise(shapes).bfl) if t.name.endswith(".weight") and len(t.shape) == 2]
     entries = []
     for module, (rows, cols) in modules:
         down, up, alpha = kohya_names(module)
