@@ -1,8 +1,8 @@
 """The model families fluxrecipe merges, one module each (base.py says what a family module provides).
 
-FAMILIES is the order in which files are recognised: a family whose files also hold an earlier family's
-fingerprint must come before it (FLUX.2's files hold FLUX.1's block names; FLUX.1, whose fingerprint is any
-FLUX-shaped key, comes last). To add a family: write its module, add its FAMILY here, add its tests.
+FAMILIES is the order in which files are recognised: a family whose files also hold another family's
+fingerprint comes before that family (FLUX.2's files hold FLUX.1's block names; FLUX.1, whose fingerprint
+is any FLUX-shaped key, comes last). To add a family: write its module, put its FAMILY here, add its tests.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from . import flux1, flux2
 from .base import Family, Preview, ShapeError
 
-__all__ = ["FAMILIES", "Family", "Preview", "ShapeError", "by_class", "by_name", "recognise"]
+__all__ = ["FAMILIES", "Family", "Preview", "ShapeError", "by_class", "by_name", "comfyui_prefixes", "diagnostic_order", "recognise", "vocabulary"]
 
 FAMILIES: tuple[Family, ...] = (flux2.FAMILY, flux1.FAMILY)
 
@@ -24,17 +24,13 @@ def recognise(keys: Iterable[str]) -> Family | None:
 
 
 def by_name(name: str) -> Family:
+    """The family called `name` ('FLUX.1', 'FLUX.2')."""
     return next(f for f in FAMILIES if f.name == name)
 
 
 def by_class(class_name: object) -> Family | None:
     """The family whose diffusers model class this is (a config's `_class_name`)."""
     return next((f for f in FAMILIES if f.class_name == class_name), None)
-
-
-def names() -> str:
-    """The families for messages, oldest first: 'FLUX.1, FLUX.2'."""
-    return ", ".join(f.name for f in reversed(FAMILIES))
 
 
 def comfyui_prefixes() -> tuple[str, ...]:

@@ -3,18 +3,21 @@
 The planner, the executor and the formats work in canonical keys (the parameter names of the family's
 diffusers model class) and never name a tensor or a block of a model themselves: they ask its Family. A
 family module (flux1.py, flux2.py, ...) builds one `Family` out of plain data and a few functions:
+- `name`, `class_name`: 'FLUX.2', its diffusers model class ('Flux2Transformer2DModel');
 - `fingerprints`: regexes one of its files' keys matches (in any layout, ComfyUI's prefix removed), tried in
   the registry's order, so that a family whose files also hold another's fingerprint comes first;
 - `bfl`: its Black Forest Labs layout as one table (renames, rows of fused tensors, a swap of row halves,
   norms), which serves reading and writing; the block vocabulary (names, groups, model order) and the keys
   that tell the two layouts apart are derived from it, so each fact has one home;
-- `derive_config` and `variant`: the diffusers config and the variant's name from the tensors' shapes;
-- `lora`: the LoRA key schemes of its trainers beyond the generic ones (kohya, ComfyUI, diffusers/PEFT,
-  OneTrainer are derived from the table and the canonical keys);
-- `preview`: the diffusers pipeline and its defaults for a model of this family;
-- `kept_in_bf16`: the tensors an fp8 export keeps in bf16 (the dtype `fp8_mixed`), where the rule of
-  `high_precision` does not fit;
-- `config_hint`: advice when an output's keys do not fit its config (a config flag that adds tensors).
+- `derive_config` and `variant`: the diffusers config and the variant's name from the tensors' shapes
+  (ShapeError, one line, for shapes the family cannot have); `summary`: a config's telling values;
+- `preview`: the diffusers pipeline, its default repo and sampling defaults for a model of this family;
+- `licences`: its models' licences, for a merge's model card;
+- optional: `lora` (LoRA key schemes of its trainers beyond the generic ones: kohya, ComfyUI, diffusers /
+  PEFT and OneTrainer come from the table and the canonical keys), `config_hint` (advice when an output's
+  keys do not fit its config), `kept_in_bf16` (what an fp8 export keeps in bf16, the dtype `fp8_mixed`,
+  where `high_precision`'s rule does not fit), `comfyui_prefixes`, `max_blocks` / `max_size` (bounds of a
+  config).
 """
 
 from __future__ import annotations
@@ -219,10 +222,10 @@ class Family:
         variant = self.variant(shapes)
         return f"{self.name} {variant}" if variant else self.name
 
-    def count(self, shapes: Iterable[str], group: str) -> int:
+    def count(self, keys: Iterable[str], group: str) -> int:
         """How many blocks of a group (BFL or canonical name) canonical keys hold: the highest index + 1."""
         canonical = self.bfl.group(group).canonical
-        indexes = {int(m[2]) for k in shapes if (m := self.bfl.canonical_pattern.match(k)) and m[1] == canonical}
+        indexes = {int(m[2]) for k in keys if (m := self.bfl.canonical_pattern.match(k)) and m[1] == canonical}
         return max(indexes) + 1 if indexes else 0
 
     def high_precision(self, key: str, shape: tuple[int, ...]) -> bool:

@@ -88,7 +88,7 @@ def _looks_like(keys: list[str]) -> str:
     """What a set of keys that is no family's transformer looks like, as the end of a sentence."""
     model = f"{families.FAMILIES[-1].name} transformer"  # the oldest family, named as the kind of model expected
     others = [f.name for f in reversed(families.FAMILIES[:-1])]
-    nor = f" (nor a {', '.join(others)} one)" if others else ""
+    nor = f" nor a {' or '.join(others)} one" if others else ""
     if any(LORA_KEY.search(k) for k in keys):
         return f"is a LoRA (it holds '{next(k for k in keys if LORA_KEY.search(k))}'), not a model: bake it into the merge with the recipe's `loras:`"
     if any(UNET_KEY.search(k) for k in keys):
