@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from flux_layouts import blocks
+import flux_layouts
+from flux_layouts import blocks, fuse
 
 TINY2 = dict(
     patch_size=1,
@@ -54,7 +55,6 @@ DOUBLE = {  # double_blocks.N.X -> the transformer_blocks.N. modules whose rows 
 DOUBLE_NORMS = {"img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k", "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k"}
 SINGLE = {"linear1": ("attn.to_qkv_mlp_proj",), "linear2": ("attn.to_out",)}
 SINGLE_NORMS = {"norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k"}
-FINAL_MOD = "final_layer.adaLN_modulation.1"  # norm_out.linear, its halves swapped
 
 
 def make_flux2(folder: Path, *, guidance: bool, seed: int, shard: str = "40KB", dtype: torch.dtype = torch.bfloat16, **changes) -> Path:
@@ -73,20 +73,7 @@ def make_flux2(folder: Path, *, guidance: bool, seed: int, shard: str = "40KB", 
 def linear_modules(state: dict) -> list[tuple[str, tuple[str, ...]]]:
     """Every Linear module of a FLUX.2 model (diffusers keys) in BFL's names, with the diffusers modules
     whose rows it holds in order (FINAL_MOD: norm_out.linear, its halves swapped)."""
-    modules = [(b, (d,)) for b, d in TOP.items() if f"{d}.weight" in state]
-    for i in blocks(state, "transformer_blocks"):
-        modules += [(f"double_blocks.{i}.{b}", tuple(f"transformer_blocks.{i}.{d}" for d in ds)) for b, ds in DOUBLE.items()]
-    for i in blocks(state, "single_transformer_blocks"):
-        modules += [(f"single_blocks.{i}.{b}", tuple(f"single_transformer_blocks.{i}.{d}" for d in ds)) for b, ds in SINGLE.items()]
-    return modules + [(FINAL_MOD, ("norm_out.linear",))]
-
-
-def fuse(bfl_module: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    """The rows of a BFL module's tensor from its diffusers modules' rows (diffusers: scale, shift; BFL: shift, scale)."""
-    if bfl_module == FINAL_MOD:
-        scale, shift = parts[0].chunk(2, dim=0)
-        return torch.cat([shift, scale])
-    return torch.cat(parts)
+    return flux_layouts.linear_modules(state, TOP, DOUBLE, SINGLE)
 
 
 def flux2_to_bfl(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:

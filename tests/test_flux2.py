@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import config_of, load_state, merge, run_recipe, save_sharded
-from flux2_helpers import DEV, FINAL_MOD, KLEIN_4B, KLEIN_9B, flux2_to_bfl, from_bfl, fuse, linear_modules, make_flux2, sparse_folder
+from flux2_helpers import DEV, KLEIN_4B, KLEIN_9B, flux2_to_bfl, from_bfl, linear_modules, make_flux2, sparse_folder
+from flux_layouts import COMFY, FINAL_MOD, fuse
 from test_methods import off_by_more_than_a_rounding
 from test_methods import reference as method_reference
 from fluxrecipe.errors import PlanError
 
-COMFY = "model.diffusion_model."
 BF16 = torch.bfloat16
 MODULATION = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")
 
