@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from merge_bench import REPO, arguments, floor_seconds, generate, parsed, prepare_cache, run_measured  # noqa: E402
 
+from fluxrecipe import families  # noqa: E402
 from fluxrecipe.architecture import expected_parameters  # noqa: E402
 from fluxrecipe.formats import bfl  # noqa: E402
 from fluxrecipe.formats.lora import kohya_names  # noqa: E402
@@ -43,7 +44,7 @@ def lora_modules(config: dict) -> list[tuple[str, tuple[int, int]]]:
     """(module, (rows, cols)) of every Linear module of the model `config` describes, in BFL's module names
     (fused q/k/v and linear1 included): what a kohya FLUX LoRA covers."""
     shapes = expected_parameters(config, "benchmark config")
-    return [(t.name[: -len(".weight")], t.shape) for t in bfl.out_tensors(shapes, dict.fromkeys(shapes, "BF16"), "") if t.name.endswith(".weight") and len(t.shape) == 2]
+    return [(t.name[: -len(".weight")], t.shape) for t in bfl.out_tensors(shapes, dict.fromkeys(shapes, "BF16"), "", families.recognise(shapes).bfl) if t.name.endswith(".weight") and len(t.shape) == 2]
 
 
 def make_lora(path: Path, config: dict, rank: int, seed: int) -> None:

@@ -155,7 +155,7 @@ def test_a_recipe_file_named_with_an_escape_is_ignored_and_listed(cli, recipes, 
     write_recipe(recipes, "x\x1b[31mRED", tiny_recipe(schnell, krea))
     code, out, _ = cli("--help")
     assert code == 0 and "\x1b" not in out
-    assert "recipe: bake_lora, demo" in out and "tiny, to_comfyui_fp8" in out
+    assert "recipe: bake_lora, demo" in out and "tiny, to_bfl, to_comfyui_fp8" in out
     assert "Ignored (a recipe file's name may hold only A-Z a-z 0-9 _ . -; rename it, or give it as recipe=PATH): 'x\\x1b[31mRED.yaml'" in out
     os.environ["COMP_LINE"] = "fluxrecipe recipe="
     try:
