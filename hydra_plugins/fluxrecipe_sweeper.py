@@ -1,4 +1,4 @@
-"""fluxrecipe's Hydra sweeper: Hydra's basic sweeper behind a pre-flight (fluxrecipe/preflight.py).
+"""fluxrecipe's Hydra sweeper: Hydra's basic sweeper behind a pre-flight (fluxrecipe/cli/multirun.py).
 
 Hydra instantiates plugins only from the `hydra_plugins` namespace package, so the class lives here;
 conf/config.yaml selects it as `hydra.sweeper._target_`. It makes the same jobs, in the same order, as the
@@ -16,7 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 class PreflightSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
-        from fluxrecipe.preflight import before_launch  # here: Hydra imports every plugin of every app it starts
+        from fluxrecipe.cli.multirun import before_launch  # here: Hydra imports every plugin of every app it starts
 
         assert self.config is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)

@@ -209,7 +209,7 @@ def test_options_are_checked_in_the_composed_config_too():
     """The same checks where no command line came first (a config composed by a launcher, or by hand)."""
     from conftest import compose
     from fluxrecipe.errors import UsageError
-    from fluxrecipe.run import options_of
+    from fluxrecipe.cli.settings import options_of
 
     with pytest.raises(UsageError, match=r"unknown option 'preview.stepz' \(did you mean preview.steps\?\)"):
         options_of(compose(["recipe=demo", "+preview.stepz=8"]))

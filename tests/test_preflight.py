@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import compose
-from fluxrecipe import preflight
+from fluxrecipe.cli.multirun import launcher_of
+from fluxrecipe.sweep import preflight
 from sweep_helpers import run_main, with_nan, write_recipes
 
 
@@ -111,7 +112,7 @@ def test_jobs_at_once_per_launcher():
     cases = {"basic": 1, "joblib": 2, "submitit_local": 5, "slurm": 4}
     for name, expected in cases.items():
         cfg = compose(["recipe=demo", f"hydra/launcher={name}"])
-        assert preflight.jobs_at_once(cfg.hydra.launcher, 5) == expected, name
+        assert launcher_of(cfg.hydra.launcher).at_once(5) == expected, name
     compose([])
 
 

@@ -325,7 +325,7 @@ def test_a_plain_alpha_becomes_a_schedule_from_the_command_line(recipe_dir, tmp_
 )
 def test_one_block_of_any_schedule_is_overridden_alone(recipe_dir, tmp_path, schnell, krea, monkeypatch, alpha, others):
     """`recipe.alpha.double_blocks.1=V` sets that block and no other, whatever shape alpha has in the recipe."""
-    from fluxrecipe.__main__ import command_line
+    from fluxrecipe.cli.arguments import command_line
     from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
 
     monkeypatch.setenv(BLOCK_OVERRIDES_ENV, "")  # command_line sets it; the test's end takes it away again
