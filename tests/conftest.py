@@ -21,9 +21,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("FLUXRECIPE_RECIPE_PATH", None)  # a user's recipe folders must not leak into the tests
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import pytest
+import torch
+from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(

@@ -191,7 +191,7 @@ def test_single_run_previews_are_the_sweeps_pixels(swept, pipeline, single_env, 
     out, run_dir = tmp_path / "merged", tmp_path / "run"
     result = run_single(["recipe=tiny", "recipe.alpha=0.5", f"output={out}", "progress=false", *PREVIEW, f"preview.pipeline={pipeline}"], run_dir)
     assert result.output == out and list(out.glob("*.safetensors"))
-    for i, prompt in enumerate(PROMPTS):
+    for i in range(len(PROMPTS)):
         for seed in SEEDS:
             name = f"p{i}-s{seed}.png"
             assert np.array_equal(pixels(run_dir / "previews" / name), pixels(sweep_dir / JOBS[1] / "previews" / name)), name
