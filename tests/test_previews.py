@@ -45,8 +45,8 @@ PREVIEW = [
     "preview.steps=2",
 ]
 ROWS = [(p, s) for p in PROMPTS for s in SEEDS]
-JOBS = ["recipe.alpha=0,recipe=tiny", "recipe.alpha=0.5,recipe=tiny", "recipe.alpha=0,recipe=tiny_nan", "recipe.alpha=0.5,recipe=tiny_nan"]
-LABELS = ["recipe=tiny, recipe.alpha=0", "recipe=tiny, recipe.alpha=0.5", "recipe=tiny_nan, recipe.alpha=0 (failed)", "recipe=tiny_nan, recipe.alpha=0.5 (failed)"]
+JOBS = ["alpha=0,recipe=tiny", "alpha=0.5,recipe=tiny", "alpha=0,recipe=tiny_nan", "alpha=0.5,recipe=tiny_nan"]
+LABELS = ["alpha=0, recipe=tiny", "alpha=0.5, recipe=tiny", "alpha=0, recipe=tiny_nan (failed)", "alpha=0.5, recipe=tiny_nan (failed)"]
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +135,8 @@ def test_grid_has_a_column_per_job_and_a_row_per_prompt_and_seed(swept):
     assert f'src="{grid.GRID_PNG}"' in page and "holds NaN or Inf" in page
     for label in LABELS:
         assert f"<th>{label}</th>" in page
-    assert page.count('<img class="cell"') == 8 and "recipe.alpha%3D0.5%2Crecipe%3Dtiny/previews/p1-s1.png" in page
-    assert page.count("<tr><td>recipe.alpha=") == 4  # the summary table: a row per job
+    assert page.count('<img class="cell"') == 8 and "alpha%3D0.5%2Crecipe%3Dtiny/previews/p1-s1.png" in page
+    assert page.count("<tr><td>alpha=") == 4  # the summary table: a row per job
     assert "![previews: a row per prompt and seed, a column per job](grid.png)" in (sweep_dir / SUMMARY_MD).read_text()
 
 

@@ -99,31 +99,31 @@ def test_basic_launcher_alpha_sweep_with_failing_jobs(tmp_path, recipes, states)
     sweep_dir = tmp_path / "sweep"
     r = multirun(["recipe=tiny,tiny_nan", "recipe.alpha=0,0.5,1", "progress=false"], sweep_dir, recipes)
     assert r.returncode == 1, r.stderr
-    assert "error in job recipe.alpha=0,recipe=tiny_nan" in r.stdout + r.stderr
+    assert "error in job alpha=0,recipe=tiny_nan" in r.stdout + r.stderr
     assert "6 jobs, 3 ok, 3 failed" in r.stderr
 
     for alpha in (0, 0.5, 1):
-        check_merge(sweep_dir / f"recipe.alpha={alpha},recipe=tiny" / "transformer", alpha, states)
-        assert not (sweep_dir / f"recipe.alpha={alpha},recipe=tiny_nan" / "transformer").exists()
+        check_merge(sweep_dir / f"alpha={alpha},recipe=tiny" / "transformer", alpha, states)
+        assert not (sweep_dir / f"alpha={alpha},recipe=tiny_nan" / "transformer").exists()
 
     rows = summary_rows(sweep_dir)
-    assert list(rows) == [f"recipe.alpha={a},recipe={n}" for n in ("tiny", "tiny_nan") for a in ("0", "0.5", "1")]  # in job order
+    assert list(rows) == [f"alpha={a},recipe={n}" for n in ("tiny", "tiny_nan") for a in ("0", "0.5", "1")]  # in job order, named by what differs
     assert [row["recipe.alpha"] for row in rows.values()] == ["0", "0.5", "1"] * 2  # the swept keys, columns
     assert [row["recipe"] for row in rows.values()] == ["tiny"] * 3 + ["tiny_nan"] * 3
     for job, row in list(rows.items())[:3]:
         check_row(row, sweep_dir, job)
         assert row["overrides"] == f"recipe=tiny recipe.alpha={row['recipe.alpha']} progress=False"  # as Hydra passes it on
-    assert rows["recipe.alpha=0,recipe=tiny"]["distance_to_schnell"] == "0"
-    assert rows["recipe.alpha=1,recipe=tiny"]["distance_to_krea"] == "0"
-    failed = rows["recipe.alpha=0.5,recipe=tiny_nan"]
+    assert rows["alpha=0,recipe=tiny"]["distance_to_schnell"] == "0"
+    assert rows["alpha=1,recipe=tiny"]["distance_to_krea"] == "0"
+    failed = rows["alpha=0.5,recipe=tiny_nan"]
     assert failed["status"] == "failed" and failed["output"] == "" and failed["distance_to_schnell"] == "" and failed["weights"] == ""
     assert "source 'krea': tensor 'x_embedder.weight'" in failed["error"] and "holds NaN or Inf" in failed["error"]
 
     markdown = (sweep_dir / SUMMARY_MD).read_text()
     assert "6 jobs: 3 ok, 3 failed" in markdown and "![per-block distance to each source](summary.png)" in markdown
-    table = [line for line in markdown.splitlines() if line.startswith("| recipe.alpha=")]
+    table = [line for line in markdown.splitlines() if line.startswith("| alpha=")]
     assert len(table) == 6 and all("| failed |" in line and "holds NaN" in line for line in table[3:])
-    assert "| ok |" in table[0] and f"| {rows['recipe.alpha=0,recipe=tiny']['distance_to_krea']} |" in table[0]
+    assert "| ok |" in table[0] and f"| {rows['alpha=0,recipe=tiny']['distance_to_krea']} |" in table[0]
 
     with open(sweep_dir / summarize.BLOCKS_CSV, newline="") as f:
         blocks = list(csv.DictReader(f))
@@ -140,10 +140,10 @@ def test_basic_launcher_alpha_sweep_with_failing_jobs(tmp_path, recipes, states)
     for ax, src in zip(figure.axes, ["schnell", "krea"]):
         assert ax.get_ylabel() == f"distance to {src}"
         lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
-        assert list(lines) == ["recipe.alpha=0", "recipe.alpha=0.5", "recipe.alpha=1"]
-        assert lines[f"recipe.alpha={0 if src == 'schnell' else 1}"] == [0.0] * 6
-        half = json.loads((sweep_dir / "recipe.alpha=0.5,recipe=tiny" / "transformer" / "diagnostics.json").read_text())["blocks"]
-        assert lines["recipe.alpha=0.5"] == [by_source[src] for by_source in half.values()]
+        assert list(lines) == ["alpha=0", "alpha=0.5", "alpha=1"]
+        assert lines[f"alpha={0 if src == 'schnell' else 1}"] == [0.0] * 6
+        half = json.loads((sweep_dir / "alpha=0.5,recipe=tiny" / "transformer" / "diagnostics.json").read_text())["blocks"]
+        assert lines["alpha=0.5"] == [by_source[src] for by_source in half.values()]
     assert [t.get_text() for t in figure.axes[1].get_xticklabels()] == ["embedders", "double.0", "double.1", "single.0", "single.1", "output"]
 
     # `summary` rebuilds the same tables from the files alone
@@ -172,8 +172,7 @@ def test_joblib_recipe_group_sweep_from_a_user_sweep_file(tmp_path, recipes, sta
     assert "n_jobs=2" in r.stdout + r.stderr  # our preset, not the plugin's one job per core
     assert "validated against ConfigStore schema" not in r.stderr
     rows = summary_rows(sweep_dir)
-    krea_dirname = "recipe.sources.krea=" + str(krea).replace("/", "_")  # a path in a folder name: made safe
-    assert set(rows) == {f"recipe.alpha={a},{krea_dirname},recipe={n}" for a in (0, 1) for n in ("tiny", "tiny_guided")}
+    assert set(rows) == {f"alpha={a},recipe={n}" for a in (0, 1) for n in ("tiny", "tiny_guided")}  # the source, the same in every job: not in the names
     assert {(row["recipe"], row["recipe.alpha"]) for row in rows.values()} == {(n, a) for a in "01" for n in ("tiny", "tiny_guided")}
     for job, row in rows.items():
         check_row(row, sweep_dir, job)
@@ -187,12 +186,29 @@ def test_submitit_local_sweep_over_recipes_with_a_failing_one(tmp_path, recipes,
     assert r.returncode == 1, r.stderr
     assert "2 jobs, 1 ok, 1 failed" in r.stderr
     rows = summary_rows(sweep_dir)
-    assert list(rows) == ["recipe.alpha=0.5,recipe=tiny", "recipe.alpha=0.5,recipe=tiny_nan"]
-    check_row(rows["recipe.alpha=0.5,recipe=tiny"], sweep_dir, "recipe.alpha=0.5,recipe=tiny")
-    check_merge(sweep_dir / "recipe.alpha=0.5,recipe=tiny" / "transformer", 0.5, states)
-    broken = rows["recipe.alpha=0.5,recipe=tiny_nan"]
+    assert list(rows) == ["recipe=tiny", "recipe=tiny_nan"]
+    check_row(rows["recipe=tiny"], sweep_dir, "recipe=tiny")
+    check_merge(sweep_dir / "recipe=tiny" / "transformer", 0.5, states)
+    broken = rows["recipe=tiny_nan"]
     assert broken["status"] == "failed" and "holds NaN or Inf" in broken["error"] and broken["recipe"] == "tiny_nan"
     assert (sweep_dir / ".submitit").is_dir() and (sweep_dir / plot.SUMMARY_PNG).is_file()
+
+
+def test_job_folders_are_named_by_what_differs(tmp_path, recipes, states, krea):
+    """Issue 21, item 14: every job's folder carried every override (the source's path, the recipe), the same
+    in every job. It is named by what differs (`alpha=1`), the job record keeps the full overrides, and the
+    recipe.yaml in such a folder still rebuilds the model."""
+    sweep_dir = tmp_path / "sweep"
+    r = multirun(["recipe=tiny", "recipe.alpha=0,1", f"recipe.sources.krea={krea}", "progress=false"], sweep_dir, recipes)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["alpha=0", "alpha=1"]
+    record = json.loads((sweep_dir / "alpha=1" / records.JOB_STATUS_NAME).read_text())
+    assert record["overrides"] == ["recipe=tiny", "recipe.alpha=1", f"recipe.sources.krea={krea}", "progress=False"]
+    assert list(summary_rows(sweep_dir)) == ["alpha=0", "alpha=1"]
+    rebuilt = tmp_path / "rebuilt"
+    r = run_cli([f"recipe={sweep_dir / 'alpha=1' / 'transformer' / 'recipe.yaml'}", f"output={rebuilt}", "progress=false"], cwd=tmp_path, env=recipes)
+    assert r.returncode == 0, r.stderr
+    check_merge(rebuilt, 1, states)
 
 
 @pytest.fixture
@@ -222,7 +238,8 @@ def test_output_is_refused_in_a_multirun(tmp_path, job_config):
     record = cli_multirun.run_job(cfg)
     assert record["status"] == "failed" and "a multirun writes one model per job" in record["error"] and "hydra.sweep.dir=" in record["error"]
     assert json.loads((tmp_path / records.JOB_STATUS_NAME).read_text()) == record
-    assert "output" in cfg.hydra.job.config.override_dirname.exclude_keys  # not in the job folders' names either
+    jobs = [["recipe=krea_schnell", "output=one", f"recipe.alpha={a}"] for a in (0, 1)]
+    assert [job[-1] for job in cli_multirun.named_jobs(jobs)] == ["hydra.sweep.subdir='alpha=0'", "hydra.sweep.subdir='alpha=1'"]  # nor in the names
 
 
 def test_a_job_records_a_bug_and_an_interruption(tmp_path, caplog, job_config):
@@ -253,7 +270,8 @@ def test_builtin_sweep_files_compose():
     assert dict(cfg.hydra.sweeper.params) == {"recipe.alpha": "0.0,0.25,0.5,0.75,1.0"}
     cfg = compose(["sweep=recipes_alpha"])
     assert dict(cfg.hydra.sweeper.params) == {"recipe": "krea_schnell,krea_schnell_guided", "recipe.alpha": "0.25,0.5,0.75"}
-    assert "sweep" in cfg.hydra.job.config.override_dirname.exclude_keys
+    jobs = [["sweep=recipes_alpha", f"recipe={r}", f"recipe.alpha={a}"] for r in ("krea_schnell", "krea_schnell_guided") for a in (0.25, 0.5)]
+    assert labels.folder_names(jobs) == ["alpha=0.25,recipe=krea_schnell", "alpha=0.5,recipe=krea_schnell", "alpha=0.25,recipe=krea_schnell_guided", "alpha=0.5,recipe=krea_schnell_guided"]
     for name in ("joblib", "slurm"):
         cfg = compose(["recipe=krea_schnell", f"hydra/launcher={name}"])
         assert cfg.hydra.launcher._target_.endswith("JoblibLauncher" if name == "joblib" else "SlurmLauncher")

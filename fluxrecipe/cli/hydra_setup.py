@@ -1,6 +1,5 @@
 """What Hydra must know before it composes a config: the recipe group (read from the recipe folders by a
-config source of fluxrecipe's own), and the resolvers of conf/config.yaml (a sweep job's folder name, the
-help's note on ignored recipe files). `register()` is idempotent; Hydra's launchers carry what it registers
+config source of fluxrecipe's own), and the resolver of the help's note on ignored recipe files. `register()` is idempotent; Hydra's launchers carry what it registers
 into their worker processes.
 """
 
@@ -18,7 +17,6 @@ from omegaconf import OmegaConf
 from ..catalog import GROUP, ignored_recipe_files, recipe_file, recipe_files
 from ..recipe import load_recipe_file
 from ..text import printable
-from ..sweep.labels import folder_name
 
 
 class RecipeSource(ConfigSource):
@@ -81,7 +79,6 @@ def register() -> None:
     plugins.register(RecipeSource)
     plugins.register(RecipeSearchPath)
     OmegaConf.register_new_resolver("fluxrecipe.ignored_recipes", ignored_note, replace=True)
-    OmegaConf.register_new_resolver("fluxrecipe.job_dirname", folder_name, replace=True)
 
 
 # conf/hydra/launcher/joblib.yaml replaces the joblib plugin's preset of the same name (n_jobs 2, not one job

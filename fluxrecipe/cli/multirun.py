@@ -7,7 +7,9 @@ faults only once it ran, which on a cluster is after it was queued. fluxrecipe's
 (hydra_plugins/fluxrecipe_sweeper.py) calls `before_launch` first: every job's config is composed as its
 launcher will compose it, read into its settings and checked (sweep/preflight.py), and the sweep as a whole
 is checked; every problem of every job is reported in one message, and then nothing is launched and no
-folder is made. `dry_run=true` prints every job's plan and the totals instead of launching.
+folder is made. `dry_run=true` prints every job's plan and the totals instead of launching. Each job (and
+its folder) is named by what differs between the jobs (`alpha=0.25`, sweep/labels.py), not by all its
+overrides; its record keeps them all.
 
 A job that fails is recorded in its folder (sweep/records.py) so that the other jobs go on; the process
 exits non-zero at the end.
@@ -29,12 +31,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..catalog import recipe_problem
 from ..plan import format_plan
+from ..sweep.labels import folder_names
 from ..sweep.preflight import EXIT_PROBLEMS, JobCheck, Launcher, PipelineChecks, check_sweep
 from ..sweep.records import run_recorded
 from ..sweep.summarize import Summary, report, summarize
 from . import settings
 from .job import run_config
 from .preflight import check_config, remember
+
+SUBDIR = "hydra.sweep.subdir"
 
 _failed_here = 0  # jobs of this process's multirun that failed (the basic launcher runs them in-process)
 _last_summary: Summary | None = None  # the summary the callback wrote at the end of this process's multirun
@@ -53,15 +58,14 @@ def launcher_of(node: DictConfig) -> Launcher:
 # --- before the launcher (called by the sweeper, hydra_plugins/fluxrecipe_sweeper.py) ----------------------
 
 
-def before_launch(master: DictConfig, loader: Any, all_jobs: list[list[str]]) -> list[str] | None:
+def before_launch(master: DictConfig, loader: Any, all_jobs: list[list[str]]) -> list[list[str]] | None:
     """Check every job of the sweep. Exits (status 1) with one message when a check failed; for a dry run
-    prints every plan and the totals and returns None (launch nothing); else returns the overrides to add to
-    every job (see quiet_folder_names)."""
+    prints every plan and the totals and returns None (launch nothing); else returns the jobs to launch,
+    each with its folder named by what differs between the jobs."""
     sweep_dir = Path(str(master.hydra.sweep.dir))
     dry_run = master.get("dry_run") is True  # any other value than true or false: every job says so
     launcher = launcher_of(master.hydra.launcher)
-    extra = quiet_folder_names(master, all_jobs)
-    jobs = [[*overrides, *extra] for overrides in all_jobs]
+    jobs = named_jobs(all_jobs)
     try:
         checks = list(_checks(_job_configs(master, loader, jobs), sweep_dir, launcher))
     finally:
@@ -83,20 +87,14 @@ def before_launch(master: DictConfig, loader: Any, all_jobs: list[list[str]]) ->
         return None
     if launcher.in_process:  # each job runs here, on the plan its check made
         remember(sweep.jobs)
-    return extra
+    return jobs
 
 
-def quiet_folder_names(master: DictConfig, all_jobs: list[list[str]]) -> list[str]:
-    """A job's folder is named by its overrides; preview settings that are the same in every job (the
-    pipeline, the prompts, the size) tell no job apart and would only make every name long: a Hydra override
-    that leaves them out of the names (a swept preview setting stays in)."""
-    parser = OverridesParser.create()
-    jobs = [{o.key_or_group: o.get_value_element_as_str() for o in parser.parse_overrides(list(overrides))} for overrides in all_jobs]
-    constant = [key for key in (jobs[0] if jobs else {}) if key.startswith("preview.") and all(job.get(key) == jobs[0][key] for job in jobs)]
-    if not constant:
-        return []
-    excluded = list(master.hydra.job.config.override_dirname.exclude_keys)
-    return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(dict.fromkeys([*excluded, *constant]))}]"]
+def named_jobs(all_jobs: list[list[str]]) -> list[list[str]]:
+    """Every job with its folder named by what differs between the jobs (`alpha=0.25`): Hydra would name it
+    by all its overrides, most of them the same in every job (a source's path, the recipe, the previews'
+    settings). The folder name is quoted for Hydra (it holds no quote, backslash or $: labels.UNSAFE)."""
+    return [[*overrides, f"{SUBDIR}='{name}'"] for overrides, name in zip(all_jobs, folder_names(all_jobs))]
 
 
 def _checks(configs: Iterable[tuple[int, Sequence[str], DictConfig | None, str | None]], sweep_dir: Path, launcher: Launcher) -> Iterable[JobCheck]:

@@ -1,5 +1,9 @@
-"""What tells the jobs of a sweep apart: the overrides whose values differ between them (the labels of the
-grid, the plot and the summary), and a job's folder name, made safe from its overrides."""
+"""What tells the jobs of a sweep apart: the overrides whose values differ between them.
+
+A job's folder is named by them (`alpha=0.25`, not `recipe.alpha=0.25,recipe=krea_schnell,...` with every
+override the jobs share), and the grid, the plot and the summary label a job the same way; the job's full
+overrides stay in its record (fluxrecipe-job.json and Hydra's .hydra/overrides.yaml).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Sequence
 # Characters kept in a job folder's name; any other (a '/' of a path, a space, a quote) becomes '_'.
 UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@%~\[\]-]")
 MAX_NAME = 160  # well under the 255 bytes a file name may have, leaving room for a hash
+RECIPE_PREFIX = "recipe."
 
 
 def split_override(text: str) -> tuple[str, str]:
@@ -27,21 +32,35 @@ def differing(jobs: Sequence[Sequence[str]]) -> list[str]:
     return [k for k in keys if len({m.get(k) for m in maps}) > 1]
 
 
-def label(keys: Sequence[str], overrides: Sequence[str]) -> str:
-    """A job's values of `keys` (those that differ between the jobs), as `recipe=tiny, recipe.alpha=0.25`;
-    empty when the job sets none of them."""
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """Each key as a label shows it: a recipe value without `recipe.` (`alpha`, `alpha.double_blocks.3`),
+    unless two keys would then read the same."""
+    short = {k: k.removeprefix(RECIPE_PREFIX) for k in keys}
+    taken = list(short.values())
+    return {k: s if taken.count(s) == 1 else k for k, s in short.items()}
+
+
+def label(keys: Sequence[str], overrides: Sequence[str], separator: str = ", ") -> str:
+    """A job's values of `keys` (those that differ between the jobs), as `alpha=0.25, recipe=tiny`, in the
+    order of their short names; empty when the job sets none of them."""
     values = dict(split_override(o) for o in overrides)
-    return ", ".join(f"{k}={values[k]}" for k in keys if k in values)
+    names = short_names(keys)
+    return separator.join(f"{names[k]}={values[k]}" for k in sorted(keys, key=names.get) if k in values)
 
 
-def folder_name(overrides_text: object, num: object) -> str:
-    """A job's folder name: its overrides (`recipe.alpha=0.25,recipe=krea_schnell`) made safe as a folder name
-    (path separators above all: `recipe.sources.krea=/data/k` must not become a path); a name that is too long
-    is cut and made unique again with a hash of the whole. A job without overrides is named by its number."""
-    text = str(overrides_text or "")
-    if not text:
+def folder_name(label_text: str, num: int) -> str:
+    """A job's folder name: its label made safe as a folder name (path separators above all: a source path
+    in a label must not become a path); a name that is too long is cut and made unique again with a hash of
+    the whole. A job without a label (a sweep of one job) is named by its number."""
+    if not label_text:
         return f"job{num}"
-    name = UNSAFE.sub("_", text)
+    name = UNSAFE.sub("_", label_text)
     if len(name) > MAX_NAME:
-        name = f"{name[:MAX_NAME]}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+        name = f"{name[:MAX_NAME]}-{hashlib.sha256(label_text.encode()).hexdigest()[:10]}"
     return name
+
+
+def folder_names(jobs: Sequence[Sequence[str]]) -> list[str]:
+    """The folder of every job of a sweep, named by what differs between them (`alpha=0.25`)."""
+    keys = differing(jobs)
+    return [folder_name(label(keys, overrides, separator=","), num) for num, overrides in enumerate(jobs)]
