@@ -218,6 +218,21 @@ def test_options_are_checked_in_the_composed_config_too():
     compose([])
 
 
+# --- run records only where a user expects them (issue 21, item 14) ----------------------------------------
+
+
+def test_a_run_given_its_output_leaves_nothing_else_in_the_working_folder(cli, recipes, tmp_path):
+    """Every run left outputs/DATE/TIME/ (.hydra/ and a log) in the working folder, even with output=."""
+    out = ran(cli("recipe=tiny", "output=merged", "progress=false"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "recipes"] and shard_files(tmp_path / "merged")
+    assert not list(tmp_path.glob("*.log")) and not (tmp_path / ".hydra").exists()
+    assert f"wrote {tmp_path / 'merged'}: 108 tensors" in out  # the log still reaches the terminal
+    ran(cli("recipe=tiny", "output=again", "progress=false", f"hydra.run.dir={tmp_path / 'records'}"))  # a folder asked for is made
+    assert (tmp_path / "records" / ".hydra" / "overrides.yaml").is_file() and (tmp_path / "records" / "fluxrecipe.log").is_file()
+    ran(cli("recipe=tiny", "progress=false"))  # no output=: the model goes into the run folder, as before
+    assert len(list(tmp_path.glob("outputs/*/*/transformer/*.safetensors"))) == 1
+
+
 # --- a launcher that cannot start (finding 14) --------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from . import settings
 from .exits import EXIT_ERROR, fail
 from .job import print_dry_run
 from .multirun import summarize_at_end
-from .preflight import check_config, check_run_dir, refuse, remember
+from .preflight import check_config, check_run_dir, no_run_folder, refuse, remember, wants_run_folder
 
 
 class Preflight(Callback):
@@ -35,8 +35,10 @@ class Preflight(Callback):
             refuse(check)
             if check.dry_run:
                 print_dry_run(check)
-            else:
+            elif wants_run_folder(config, check):
                 check_run_dir(Path(str(config.hydra.run.dir)))
+            else:
+                no_run_folder(config)
         except FluxRecipeError as e:
             if settings.show_traceback(config):
                 traceback.print_exception(e)
@@ -44,6 +46,7 @@ class Preflight(Callback):
             fail(e, False)
         if check.dry_run:
             sys.exit(0)  # the dry run is done: Hydra is not to make its run folder
+        check.folder = Path(config.hydra.runtime.output_dir)  # where the job will look for this check
         remember([check])
 
 

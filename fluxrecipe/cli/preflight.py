@@ -3,7 +3,9 @@ the sweep package's pre-flight (sweep/preflight.py), before anything is written.
 
 A single run is checked before Hydra makes its run folder (callbacks.Preflight): a refused run writes nothing
 at all, not even outputs/DATE/TIME/. A job then runs on the check made then (planned once), found by its
-folder and config.
+folder and config. The run's records go only where a user expects them: Hydra's run folder (its .hydra/ and
+log) is made where it holds the model (no output= given), the previews, or where the user named it
+(hydra.run.dir=); a run given output= alone writes its model there and nothing else, and logs to the terminal.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 from ..errors import FluxRecipeError, UsageError
 from ..sweep.preflight import JobCheck, Launcher, PipelineChecks, check_job
@@ -67,6 +69,26 @@ def refuse(check: JobCheck) -> None:
 def remember(checks: list[JobCheck]) -> None:
     """Checks of jobs that will run in this process (a single run, a sweep's basic launcher): planned once."""
     _checked.update((str(c.folder), c) for c in checks if c.folder is not None)
+
+
+def wants_run_folder(config: DictConfig, check: JobCheck) -> bool:
+    """Whether a single run needs Hydra's run folder: for the model (no output=), the previews, or anything at
+    all where the user named the folder (hydra.run.dir=)."""
+    named = any(str(o).lstrip("+").startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
+    return named or check.previews is not None or not config.get("output")
+
+
+def no_run_folder(config: DictConfig) -> None:
+    """A run that writes only its output: Hydra makes no folder of its own (its run folder is the working
+    folder, which exists; no .hydra/ in it, no log file) and logs to the terminal only."""
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.run.dir = os.getcwd()
+        config.hydra.runtime.output_dir = os.getcwd()
+        config.hydra.output_subdir = None
+        logging = config.hydra.job_logging
+        for name in [name for name, handler in logging.handlers.items() if "filename" in handler]:
+            del logging.handlers[name]
+        logging.root.handlers = [name for name in logging.root.handlers if name in logging.handlers]
 
 
 def check_run_dir(run_dir: Path) -> None:
