@@ -434,6 +434,11 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
     rules = tuple(_rule(i, r, w, sources, here, budget) for i, (r, w) in enumerate(zip(rules_data, written_rules)))
     loras = _loras(data.get("loras"), here)
     _refuse_unused_parameters(params, written, here)
+    if "dtype" in data and all(rule.dtype is not None for rule in rules):
+        raise RecipeError(
+            f"{here.at(('dtype',))}: dtype {data['dtype']} changes nothing: every rule sets its own dtype; set the dtype of the "
+            f"rules it should apply to instead (e.g. recipe.rules.{len(rules) - 1}.dtype={data['dtype']})"
+        )
 
     return Recipe(
         name=here.name,

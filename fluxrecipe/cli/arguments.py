@@ -5,20 +5,26 @@ wrong piece of advice), each turned into one line before Hydra starts.
   `recipe=PATH.yaml` runs that exact file (a whole value that is a file is one path, commas and all); a
   recipe choice that Hydra would read as something else goes to it quoted (`recipe=2024` is a name);
 - `dryrun=true` or `+dryrun=true`: an option fluxrecipe does not have, named with the closest it has;
+- `recipe.KEY=V` where the recipe has no KEY: a field or setting a recipe may have (`recipe.dtype`,
+  `recipe.rules.2.dtype`) is set (Hydra wants `+` to add it); anything else is a typo, said with the closest
+  name the recipe has (Hydra would advise `+recipe.KEY=V`, which adds a value that changes nothing);
 - `preview=true` is short for `preview.enabled=true`;
 - in a multirun, `recipe.KEY=V` applies to every job, whichever recipe it chose.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from ..catalog import is_recipe_path, recipe_file, recipe_problem
 from ..errors import UsageError
-from ..recipe import BLOCK_OVERRIDES_ENV
+from ..recipe import BLOCK_OVERRIDES_ENV, LORA_FIELDS, RECIPE_FIELDS, RULE_FIELDS, SOURCE_FIELDS, load_recipe_file
 from .options import default_of, deleted_option, unknown_option
 
 # `recipe.alpha.double_blocks.7=V`, `recipe.loras.style.strength.single_blocks=V`: one block of a schedule
@@ -49,6 +55,7 @@ def preview_switch(arg: str) -> str:
 def command_line(args: list[str]) -> list[str]:
     """The overrides as Hydra should see them (see the module's docstring); raises UsageError for a mistake."""
     multirun = is_multirun(args)
+    recipes = _chosen_recipes(args, multirun)
     out, blocks = [], []
     for previous, arg in zip([None, *args], args):
         if previous in VALUE_FLAGS:
@@ -66,6 +73,8 @@ def command_line(args: list[str]) -> list[str]:
             raise UsageError(deleted_option(deleted[1], default[0]))
         if m and m[1] == "" and m[2] == "recipe" and not re.match(r"\w+\(", m[3]):  # not a sweep function
             arg = "recipe=" + ",".join(_recipe_choice(v, multirun) for v in _recipe_values(m[3]))
+        elif m and m[1] == "" and m[2].startswith("recipe.") and not block:
+            arg = _recipe_override(m[2], m[3], recipes)
         out.append(arg)
     if blocks:
         os.environ[BLOCK_OVERRIDES_ENV] = ",".join(dict.fromkeys(blocks))
@@ -97,6 +106,89 @@ def _hydra_string(text: str) -> str:
         pass
     escaped = re.sub(r"(\\*)('|$)", lambda q: q[1] * 2 + ("\\'" if q[2] else ""), text)
     return f"'{escaped}'"
+
+
+# --- recipe values on the command line --------------------------------------------------------------------
+
+
+def _chosen_recipes(args: list[str], multirun: bool) -> dict[str, Any]:
+    """Recipe choice -> its values as written (plain data), for every recipe the command line chooses and
+    that can be read (a missing or broken one is said where it is chosen, or in the sweep's pre-flight)."""
+    chosen: dict[str, Any] = {}
+    for previous, arg in zip([None, *args], args):
+        m = OVERRIDE.fullmatch(arg) if previous not in VALUE_FLAGS else None
+        if not m or m[1] or m[2] != "recipe" or re.match(r"\w+\(", m[3]):
+            continue
+        chosen = {}  # the last recipe= wins, as in Hydra
+        for value in _recipe_values(m[3]) if multirun else [m[3]]:
+            file = recipe_file(value)
+            node = load_recipe_file(file) if file is not None else None
+            if node is not None and "__load_error__" not in node:
+                chosen[value] = OmegaConf.to_container(node, resolve=False)
+    return chosen
+
+
+def _recipe_override(key: str, value: str, recipes: dict[str, Any]) -> str:
+    """`recipe.KEY=VALUE` as Hydra should get it: as it is where every chosen recipe has KEY; `++` (add or
+    set) where KEY is a field or setting a recipe may have; a UsageError naming the closest name where the
+    recipe has no such value (a typo)."""
+    path = key.split(".")[1:]
+    added = False
+    for choice, data in recipes.items():
+        missing = _first_missing(data, path)
+        if missing is None:
+            continue
+        where, name, allowed = missing
+        if allowed is None or name in allowed:
+            added = True
+            continue
+        known = sorted({*map(str, _keys(_get(data, where))), *(allowed or ())}, key=str)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        place = "recipe." + ".".join([*where, name])
+        hint = f"did you mean recipe.{'.'.join([*where, close[0]])}?" if close else f"it has: {', '.join(known) or 'nothing there'}"
+        raise UsageError(f"{place}: recipe {choice!r} has no {name!r} ({hint})")
+    return f"++{key}={value}" if added else f"{key}={value}"
+
+
+def _first_missing(data: Any, path: list[str]) -> tuple[list[str], str, tuple[str, ...] | None] | None:
+    """(the path that exists, the first name it lacks, the names a recipe may hold there) or None when the
+    whole path exists. A list index past the end is a missing name with nothing allowed."""
+    node, walked = data, []
+    for name in path:
+        if isinstance(node, dict) and name in node:
+            node = node[name]
+        elif isinstance(node, list) and name.isdigit() and int(name) < len(node):
+            node = node[int(name)]
+        elif isinstance(node, (dict, list)):
+            return walked, name, _allowed(walked)
+        else:
+            return None  # below a value that is not a mapping (a schedule given as a number): the loader says
+        walked.append(name)
+    return None
+
+
+def _allowed(walked: list[str]) -> tuple[str, ...] | None:
+    """What a recipe may hold below `walked` that it need not have yet: a recipe's fields at the top, a
+    source's, LoRA's or rule's fields in one; anything (None) in `config` and deeper (an op's arguments, a
+    schedule's blocks), where the recipe loader checks it; nothing new in the mappings the recipe itself
+    names (its sources, LoRAs, rules and parameters)."""
+    if not walked:
+        return RECIPE_FIELDS
+    if walked[0] == "config" or len(walked) > 2:
+        return None
+    return {"sources": SOURCE_FIELDS, "loras": LORA_FIELDS, "rules": RULE_FIELDS}.get(walked[0], ()) if len(walked) == 2 else ()
+
+
+def _get(data: Any, path: list[str]) -> Any:
+    for name in path:
+        data = data[int(name)] if isinstance(data, list) else data[name]
+    return data
+
+
+def _keys(node: Any) -> list:
+    if isinstance(node, dict):
+        return list(node)
+    return [str(i) for i in range(len(node))] if isinstance(node, list) else []
 
 
 # --- a multirun ---------------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 reads fluxrecipe's options from it. Everything below gets the typed settings.
 
 Every option is checked here: its kind (a yes-or-no option is true or false only: Hydra hands `overwrite=no`
-over as the text 'no'), its range, and that it exists and was not deleted.
+over as the text 'no'), its range, that it exists and was not deleted, and that it changes something: a
+setting the run would ignore (lora_rank without a LoRA format, shard_size with a one-file format, a preview
+setting without preview=true, a recipe's format beside format=) is refused in one line that says why and
+what would work, not silently dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .. import api
 from ..catalog import recipe_file, recipe_files, recipe_name
 from ..errors import UsageError
+from ..formats import OUTPUT_FORMATS
+from ..loras import LORA_FORMATS
 from ..options import Options
 from ..recipe import FORMATS, Recipe, load_recipe
 from ..sweep.previews import PreviewRequest
@@ -34,9 +39,10 @@ def read_job(cfg: DictConfig, multirun: bool = False) -> JobSettings:
     In a multirun, `output` is not read: every job writes into its own folder (cli/preflight.py refuses it)."""
     options = options_of(cfg)  # first: a mistyped option (+dryrun=true) must not start a merge
     _refuse_sweep_without_multirun(cfg)
+    given = given_keys(cfg)
     recipe = recipe_of(cfg)
-    output = output_of(cfg, recipe, multirun)
-    previews = previews_of(cfg)
+    output = output_of(cfg, recipe, given, multirun)
+    previews = previews_of(cfg, given)
     return JobSettings(
         recipe=recipe,
         options=options,
@@ -52,6 +58,12 @@ def hydra_value(cfg: DictConfig, key: str) -> Any:
     if "hydra" in cfg:
         return OmegaConf.select(cfg, f"hydra.{key}")
     return OmegaConf.select(HydraConfig.get(), key) if HydraConfig.initialized() else None
+
+
+def given_keys(cfg: DictConfig) -> set[str]:
+    """The keys the user set (on the command line, or in a sweep): `recipe.alpha`, `lora_rank`, `preview.steps`."""
+    overrides = hydra_value(cfg, "overrides.task") or []
+    return {str(o).partition("=")[0].lstrip("+~") for o in overrides}
 
 
 def boolean(value: object, option: str) -> bool:
@@ -134,24 +146,35 @@ def recipe_of(cfg: DictConfig) -> Recipe:
     return load_recipe(cfg.recipe, recipe_name(choice), str(file) if file else None)
 
 
-def output_of(cfg: DictConfig, recipe: Recipe, multirun: bool) -> OutputSettings:
-    """Where and how the job writes."""
+def output_of(cfg: DictConfig, recipe: Recipe, given: set[str], multirun: bool) -> OutputSettings:
+    """Where and how the job writes; a setting the chosen format ignores is refused."""
     chosen = cfg.get("format") or recipe.format or "diffusers"
     if chosen not in FORMATS:
         raise UsageError(f"format={chosen}: choose one of {', '.join(FORMATS)}")
+    if "format" in given and "recipe.format" in given:
+        raise UsageError(f"recipe.format={recipe.format} changes nothing: format={chosen} is given as well, and wins; give one of them")
     rank = cfg.lora_rank
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise UsageError(f"lora_rank={rank}: must be a whole number above 0 (the rank of a merge written as a LoRA)")
+    if "lora_rank" in given and chosen not in LORA_FORMATS:
+        raise UsageError(f"lora_rank={rank} changes nothing: format={chosen} writes no LoRA; lora_rank is the rank of format={' or '.join(LORA_FORMATS)}")
+    if "shard_size" in given and OUTPUT_FORMATS[chosen]:
+        raise UsageError(f"shard_size={cfg.shard_size} changes nothing: format={chosen} writes one file; shards are for format=diffusers (a folder)")
     path = None
     if cfg.output and not multirun:
         path = Path(os.path.abspath(os.path.expanduser(str(cfg.output))))
     return OutputSettings(path, chosen, size_of(cfg.shard_size, "shard_size"), rank)
 
 
-def previews_of(cfg: DictConfig) -> PreviewRequest | None:
-    """The previews asked for (None for preview=false)."""
+def previews_of(cfg: DictConfig, given: set[str] = frozenset()) -> PreviewRequest | None:
+    """The previews asked for (None for preview=false); a preview setting `given` without preview=true is
+    refused."""
     node = cfg.preview
     if not boolean(node.get("enabled") if isinstance(node, DictConfig) else node, "preview"):
+        settings = sorted(k for k in given if k.startswith("preview.") and k != "preview.enabled")
+        if settings:
+            shown = ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in settings)
+            raise UsageError(f"{shown} changes nothing without preview=true: add preview=true, or leave {' and '.join(settings)} out")
         return None
     return PreviewRequest(
         pipeline=node.get("pipeline"),

@@ -97,9 +97,13 @@ class PreviewRequest:
 
     def for_model(self, guidance_embeds: bool) -> PreviewSettings:
         """What the job renders for a merged model with (or without) a guidance embedder: few steps and no
-        guidance without one (schnell-like), guidance 3.5 with one."""
+        guidance without one (schnell-like), guidance 3.5 with one. A guidance for a model without an
+        embedder would change nothing, and is refused."""
         if not guidance_embeds and self.guidance is not None:
-            log.warning(f"fluxrecipe: preview.guidance={self.guidance} has no effect: the merged model has no guidance embedder (guidance_embeds: false)")
+            raise UsageError(
+                f"preview.guidance={self.guidance} changes nothing: the merged model has no guidance embedder (guidance_embeds: false); "
+                "leave preview.guidance out"
+            )
         guidance = (DEFAULT_GUIDANCE if self.guidance is None else float(self.guidance)) if guidance_embeds else None
         steps = DEFAULT_STEPS[guidance_embeds] if self.steps is None else self.steps
         return PreviewSettings(self.pipeline.strip(), tuple(p.strip() for p in self.prompts), self.seeds, steps, guidance, self.height, self.width, self.offload)
