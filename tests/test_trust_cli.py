@@ -115,3 +115,39 @@ def test_stderr_closed_is_no_crash(tmp_path):
     done = subprocess.run(f"{sys.executable} -m fluxrecipe recipe=demo +dryrun=true 2>&-", shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+# --- issue 21: a missing extra (item 10) ---------------------------------------------------------------------
+
+WITHOUT = """import importlib.abc, runpy, sys
+BLOCKED = {blocked!r}
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, NotInstalled())
+runpy.run_module("fluxrecipe", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "blocked, args, says",
+    [
+        (["hydra_plugins.hydra_joblib_launcher", "joblib"], ["-m", "recipe=demo", "recipe.alpha=0.1,0.2", "hydra/launcher=joblib"],
+         "hydra/launcher=joblib needs the sweep extra (hydra_plugins.hydra_joblib_launcher, joblib not installed): pip install 'fluxrecipe[sweep]'"),
+        (["hydra_plugins.hydra_submitit_launcher", "submitit"], ["-m", "recipe=demo", "recipe.alpha=0.1,0.2", "hydra/launcher=submitit_local"],
+         "hydra/launcher=submitit_local needs the sweep extra (hydra_plugins.hydra_submitit_launcher, submitit not installed): pip install 'fluxrecipe[sweep]'"),
+        (["transformers", "accelerate"], ["recipe=demo", "preview=true", "dry_run=true"],
+         "preview=true needs the preview extra (transformers, accelerate not installed): pip install 'fluxrecipe[preview]'"),
+    ],
+    ids=["joblib", "submitit", "preview"],
+)
+def test_a_missing_extra_is_one_line_naming_the_pip_install(tmp_path, blocked, args, says):
+    """The README's `hydra/launcher=joblib` sweep after `make demo` (which installs no extra) was a 20-line
+    traceback. Here the extra's modules cannot be imported, as where it is not installed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", WITHOUT.format(blocked=blocked), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert one_error_line(done) == f"fluxrecipe: error: {says}"
+    assert list(tmp_path.iterdir()) == []
+

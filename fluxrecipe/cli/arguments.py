@@ -8,7 +8,8 @@ wrong piece of advice), each turned into one line before Hydra starts.
 - `recipe.KEY=V` where the recipe has no KEY: a field or setting a recipe may have (`recipe.dtype`,
   `recipe.rules.2.dtype`) is set (Hydra wants `+` to add it); anything else is a typo, said with the closest
   name the recipe has (Hydra would advise `+recipe.KEY=V`, which adds a value that changes nothing);
-- `preview=true` is short for `preview.enabled=true`;
+- `preview=true` is short for `preview.enabled=true`; a launcher or previews whose optional extra is not
+  installed is one line naming the `pip install` that adds it (not an ImportError's traceback);
 - in a multirun, `recipe.KEY=V` applies to every job, whichever recipe it chose.
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from .. import extras
 from ..catalog import is_recipe_path, recipe_file, recipe_problem
 from ..errors import UsageError
 from ..recipe import BLOCK_OVERRIDES_ENV, LORA_FIELDS, RECIPE_FIELDS, RULE_FIELDS, SOURCE_FIELDS, load_recipe_file
@@ -38,6 +40,7 @@ DELETION = re.compile(r"~([A-Za-z_][\w-]*(?:\.[\w-]+)*)(=.*)?", re.S)
 # Hydra's flags that take the next argument as their value (not an override)
 VALUE_FLAGS = {"-sc", "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package", "--info", "--experimental-rerun"}
 PREVIEW_SWITCH = "preview.enabled"
+LAUNCHER = re.compile(r"hydra/launcher=[\w-]+")
 
 
 def is_multirun(argv: list[str]) -> bool:
@@ -62,6 +65,8 @@ def command_line(args: list[str]) -> list[str]:
             out.append(arg)
             continue
         arg = preview_switch(arg)
+        if LAUNCHER.fullmatch(arg) and (missing := extras.missing(arg)):
+            raise UsageError(missing)
         block = BLOCK_OVERRIDE.fullmatch(arg)
         if block:  # the recipe loader gives this parameter a shape the block can be added to
             blocks.append(block["param"])
@@ -75,6 +80,8 @@ def command_line(args: list[str]) -> list[str]:
             arg = "recipe=" + ",".join(_recipe_choice(v, multirun) for v in _recipe_values(m[3]))
         elif m and m[1] == "" and m[2].startswith("recipe.") and not block:
             arg = _recipe_override(m[2], m[3], recipes)
+        if m and m[2] == PREVIEW_SWITCH and "true" in m[3].lower() and (missing := extras.missing("preview=true")):
+            raise UsageError(missing)
         out.append(arg)
     if blocks:
         os.environ[BLOCK_OVERRIDES_ENV] = ",".join(dict.fromkeys(blocks))

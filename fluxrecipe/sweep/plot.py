@@ -7,6 +7,7 @@ import logging
 import math
 from pathlib import Path
 
+from .. import extras
 from ..diagnostics import block_order
 from .labels import differing, label
 from .records import Job
@@ -59,13 +60,12 @@ def _nan(value: float | None) -> float:
 
 def draw(jobs: list[Job], sources: list[str], title: str, path: Path) -> bool:
     """summary.png at `path`; False (and a warning naming the extra) without matplotlib."""
-    try:
-        fig = figure(jobs, sources, title)
-    except ImportError:
-        log.warning("fluxrecipe: matplotlib is not installed: no summary.png (pip install 'fluxrecipe[sweep]')")
+    if message := extras.missing("summary.png"):
+        log.warning(f"fluxrecipe: no summary.png: {message}")
         return False
     from matplotlib import pyplot as plt
 
+    fig = figure(jobs, sources, title)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True

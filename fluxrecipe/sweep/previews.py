@@ -18,7 +18,6 @@ at all.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import extras
 from ..errors import FluxRecipeError, OutputError, UsageError
 from ..files import os_error_text, read_small
 from ..plan import human_bytes
@@ -175,9 +175,9 @@ def pipeline_problems(settings: PreviewSettings, config: dict[str, Any], fetch: 
     """Problems that would stop this job's previews, found before any merge: the libraries, the pipeline (its
     files, and whether its text encoders and VAE fit the merged model's config) and, unless `fetch` is false
     (a dry run), everything the rendering will read from the hub, downloaded now, once for the whole sweep."""
-    missing = [name for name in ("transformers", "accelerate", "PIL") if importlib.util.find_spec(name) is None]
+    missing = extras.missing("preview=true")
     if missing:
-        return [f"preview=true needs {', '.join(missing)}: pip install 'fluxrecipe[preview]'"]
+        return [missing]
     try:
         location, revision, local = locate(settings.pipeline)
         configs = {name: _component_config(location, revision, local, name) for name in ("model_index", "text_encoder", "text_encoder_2", "vae")}
