@@ -117,7 +117,7 @@ def test_stderr_closed_is_no_crash(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# --- issue 21: a missing extra (item 10) ---------------------------------------------------------------------
+# --- issue 21: a missing extra (item 10), relative paths (item 12) ------------------------------------------
 
 WITHOUT = """import importlib.abc, runpy, sys
 BLOCKED = {blocked!r}
@@ -151,3 +151,20 @@ def test_a_missing_extra_is_one_line_naming_the_pip_install(tmp_path, blocked, a
     assert one_error_line(done) == f"fluxrecipe: error: {says}"
     assert list(tmp_path.iterdir()) == []
 
+
+def test_a_path_on_the_command_line_is_found_from_the_working_folder(tmp_path, schnell, krea):
+    """Relative paths (issue 21, item 12): a path written in a recipe file is found from the recipe file's
+    folder; a path given on the command line from the working folder, never beside the recipe (it was: the
+    same name beside the recipe shadowed the user's file)."""
+    work = tmp_path / "work"
+    write_recipe(work / "recipes", "mine", "sources: {a: models/m}\nrules: [{match: '.*', op: 'take:a'}]\n")
+    (work / "recipes" / "models").mkdir()
+    (work / "recipes" / "models" / "m").symlink_to(krea)  # beside the recipe
+    (work / "models").mkdir()
+    (work / "models" / "m").symlink_to(schnell)  # in the working folder
+    beside = run_cli(["recipe=recipes/mine.yaml", "dry_run=true", "output=out"], cwd=work)
+    assert beside.returncode == 0, beside.stderr
+    assert f"path {krea.resolve()}" in beside.stdout and "guidance_embeds: true" in beside.stdout  # Krea's
+    given = run_cli(["recipe=recipes/mine.yaml", "recipe.sources.a=models/m", "dry_run=true", "output=out"], cwd=work)
+    assert given.returncode == 0, given.stderr
+    assert f"path {schnell.resolve()}" in given.stdout and "guidance_embeds: false" in given.stdout  # schnell's

@@ -1,6 +1,10 @@
 """Hydra's composed config, read once into typed settings (sweep.settings.JobSettings): the only place that
 reads fluxrecipe's options from it. Everything below gets the typed settings.
 
+Paths: a relative path given on the command line (recipe=PATH.yaml, recipe.sources.NAME=, recipe.loras.NAME=,
+recipe.loras.NAME.path=, output=, preview.pipeline=) is found from the working folder, never beside the recipe
+file; a relative path written in a recipe file is found from that recipe file's folder (sources.py).
+
 Every option is checked here: its kind (a yes-or-no option is true or false only: Hydra hands `overwrite=no`
 over as the text 'no'), its range, that it exists and was not deleted, and that it changes something: a
 setting the run would ignore (lora_rank without a LoRA format, shard_size with a one-file format, a preview
@@ -10,6 +14,7 @@ what would work, not silently dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -25,12 +30,14 @@ from ..errors import UsageError
 from ..formats import OUTPUT_FORMATS
 from ..loras import LORA_FORMATS
 from ..options import Options
-from ..recipe import FORMATS, Recipe, load_recipe
+from ..recipe import FORMATS, LoraSpec, Recipe, SourceSpec, load_recipe
 from ..sweep.previews import PreviewRequest
 from ..sweep.settings import JobSettings, OutputSettings
 from .options import defaults, deleted_option, groups, unknown_option
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+# a recipe's source or LoRA named by a key the command line sets (recipe.sources.NAME, recipe.loras.NAME.path)
+RECIPE_PATH_KEY = re.compile(r"recipe\.(?P<kind>sources|loras)(\.(?P<name>[^.]+))?(\..*)?")
 _MISSING = object()
 
 
@@ -40,7 +47,7 @@ def read_job(cfg: DictConfig, multirun: bool = False) -> JobSettings:
     options = options_of(cfg)  # first: a mistyped option (+dryrun=true) must not start a merge
     _refuse_sweep_without_multirun(cfg)
     given = given_keys(cfg)
-    recipe = recipe_of(cfg)
+    recipe = recipe_of(cfg, given)
     output = output_of(cfg, recipe, given, multirun)
     previews = previews_of(cfg, given)
     return JobSettings(
@@ -136,14 +143,28 @@ def _refuse_sweep_without_multirun(cfg: DictConfig) -> None:
         raise UsageError(f"{f'sweep={sweep}' if sweep else 'the config'} sets a sweep ({swept}), which runs only as a multirun: add -m")
 
 
-def recipe_of(cfg: DictConfig) -> Recipe:
-    """The recipe the config chose, loaded and checked."""
+def recipe_of(cfg: DictConfig, given: set[str] | None = None) -> Recipe:
+    """The recipe the config chose, loaded and checked; a source or LoRA the command line names (`given`,
+    the keys set there) is found from the working folder, not beside the recipe file."""
     if cfg.get("recipe") is None:
         names = ", ".join(sorted(recipe_files()))
         raise UsageError(f"no recipe chosen: run `python -m fluxrecipe recipe=NAME` (recipes: {names})")
     choice = hydra_value(cfg, "runtime.choices.recipe") or "recipe"
     file = recipe_file(choice)
-    return load_recipe(cfg.recipe, recipe_name(choice), str(file) if file else None)
+    recipe = load_recipe(cfg.recipe, recipe_name(choice), str(file) if file else None)
+    named = [m for key in (given_keys(cfg) if given is None else given) if (m := RECIPE_PATH_KEY.fullmatch(key))]
+    if not named:
+        return recipe
+    kinds = {m["kind"] for m in named if m["name"] is None}  # recipe.sources={...}: every one of them
+    names = {(m["kind"], m["name"]) for m in named}
+    sources = {n: _from_working_folder(s) if "sources" in kinds or ("sources", n) in names else s for n, s in recipe.sources.items()}
+    loras = {n: _from_working_folder(s) if "loras" in kinds or ("loras", n) in names else s for n, s in recipe.loras.items()}
+    return dataclasses.replace(recipe, sources=sources, loras=loras)
+
+
+def _from_working_folder(spec: SourceSpec | LoraSpec) -> SourceSpec | LoraSpec:
+    """A source's or LoRA's spec whose relative path is found from the working folder only."""
+    return dataclasses.replace(spec, recipe_dir=None)
 
 
 def output_of(cfg: DictConfig, recipe: Recipe, given: set[str], multirun: bool) -> OutputSettings:
