@@ -7,6 +7,7 @@ version, tab completion, a closed pipe) do what they say.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -168,3 +169,27 @@ def test_a_path_on_the_command_line_is_found_from_the_working_folder(tmp_path, s
     given = run_cli(["recipe=recipes/mine.yaml", "recipe.sources.a=models/m", "dry_run=true", "output=out"], cwd=work)
     assert given.returncode == 0, given.stderr
     assert f"path {schnell.resolve()}" in given.stdout and "guidance_embeds: false" in given.stdout  # schnell's
+
+
+# --- help (issue 21, item 15) ----------------------------------------------------------------------------------
+
+
+def test_help_lists_every_option_with_its_meaning(tmp_path):
+    """`--help` dumped the config (names and defaults, no meanings); `fluxrecipe help` and `methods --help`
+    were errors. Every option of the composed config is one line, `name=default  meaning`."""
+    from conftest import compose
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(compose(["recipe=demo"]))
+    options = {f"{k}.{s}" if isinstance(v, dict) else k for k, v in config.items() if k not in ("recipe", "hydra") for s in (v if isinstance(v, dict) else [None])}
+    compose([])
+    done = run_cli(["--help"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = {m[1]: m[2] for line in done.stdout.splitlines() if (m := re.fullmatch(r"  ([\w.]+)=(?:\S| \S)+ {2,}(\S.*)", line))}
+    assert set(lines) == options and all(len(meaning.split()) >= 3 for meaning in lines.values())
+    assert lines["lora_rank"].startswith("format=lora or lora_peft: the rank of each factored matrix")
+    assert run_cli(["help"], cwd=tmp_path).stdout == done.stdout
+    for args in (["methods", "--help"], ["help", "methods"]):
+        methods = run_cli(args, cwd=tmp_path)
+        assert methods.returncode == 0 and methods.stdout.startswith("usage: fluxrecipe methods [-h] [NAME ...]"), methods.stderr
+

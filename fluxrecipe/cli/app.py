@@ -1,6 +1,7 @@
 """`fluxrecipe recipe=NAME [overrides]` (or `python -m fluxrecipe`): the command line's entry point.
 
-The first argument may name a command beside the merge (commands.py: verify, summary, methods). Otherwise the overrides are checked and rewritten for Hydra (arguments.py), Hydra composes the
+The first argument may name a command beside the merge (commands.py: verify, summary, methods; `help` is
+--help, `help COMMAND` that command's). Otherwise the overrides are checked and rewritten for Hydra (arguments.py), Hydra composes the
 config, and the task runs one job (job.py) or, in a multirun (`-m`), one recorded job of a sweep
 (multirun.py). Errors a user can act on (FluxRecipeError) are printed as one message with a non-zero exit;
 `traceback=true` (or HYDRA_FULL_ERROR=1) shows the traceback as well. A single run is checked before Hydra
@@ -33,12 +34,15 @@ from .hydra_setup import register
 
 # signals that end a run as Ctrl-C does (the partial output is removed): kill, a SLURM time limit, a closed terminal
 UNWINDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+HELP = "help"  # `fluxrecipe help` is --help; `fluxrecipe help COMMAND` is COMMAND --help
 
 
 def main() -> None:
     _keep_standard_streams_open()
     sys.stdout = _ReaderMayLeave(sys.stdout)
     args = sys.argv[1:]
+    if args[:1] == [HELP]:
+        args = [args[1], "--help"] if args[1:2] and args[1] in COMMANDS else ["--help"]
     if args and args[0] in COMMANDS:
         sys.exit(COMMANDS[args[0]](args[1:]))
     if "--version" in args:

@@ -1,5 +1,6 @@
 """The commands beside the merge itself: `fluxrecipe verify`, `summary` and `methods`, each a function of its
-arguments that returns the exit status (a dict of them: app.py dispatches on the first argument)."""
+arguments that returns the exit status (a dict of them: app.py dispatches on the first argument). Each takes
+--help, as does `fluxrecipe help COMMAND`."""
 
 from __future__ import annotations
 
@@ -101,11 +102,17 @@ def summary(argv: list[str]) -> int:
 def methods(argv: list[str]) -> int:
     """`fluxrecipe methods [NAME ...]`: every merge method (op), or the named ones, with its sources,
     parameters (kinds and defaults) and formula, from the ops' own declarations."""
-    unknown = [name for name in argv if name not in OPS]
+    parser = argparse.ArgumentParser(
+        prog=f"{PROGRAM} methods",
+        description="Every merge method (a rule's op), or the named ones: its sources, parameters (kinds and defaults) and formula.",
+    )
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"methods to describe (of: {', '.join(OPS)})")
+    names = parser.parse_args(argv).names
+    unknown = [name for name in names if name not in OPS]
     if unknown:
         print(f"{PROGRAM}: error: no method {', '.join(map(repr, unknown))} (methods: {', '.join(OPS)})", file=sys.stderr)
         return EXIT_ERROR
-    print(listing(argv or None))
+    print(listing(names or None))
     return 0
 
 

@@ -1,5 +1,7 @@
 """What Hydra must know before it composes a config: the recipe group (read from the recipe folders by a
-config source of fluxrecipe's own), and the resolver of the help's note on ignored recipe files. `register()` is idempotent; Hydra's launchers carry what it registers
+config source of fluxrecipe's own), the run options with their defaults (the config `fluxrecipe_options`, from
+the one table of cli/options.py), and the resolvers `--help` uses (the options, one line each; the recipe files
+ignored for their names). `register()` is idempotent; Hydra's launchers carry what it registers
 into their worker processes.
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from hydra.core.object_type import ObjectType
 from hydra.core.plugins import Plugins
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
@@ -17,6 +20,7 @@ from omegaconf import OmegaConf
 from ..catalog import GROUP, ignored_recipe_files, recipe_file, recipe_files
 from ..recipe import load_recipe_file
 from ..text import printable
+from .options import CONFIG_NAME, defaults, help_table
 
 
 class RecipeSource(ConfigSource):
@@ -70,15 +74,27 @@ def ignored_note() -> str:
         return ""
     names = ", ".join(printable(repr(p.name)) for p in ignored)
     text = f"\nIgnored (a recipe file's name may hold only A-Z a-z 0-9 _ . -; rename it, or give it as recipe=PATH): {names}"
-    return text.replace("$", "$$")  # Hydra fills the help template with string.Template: a $ of a name is text
+    return _template_text(text)
+
+
+def options_help() -> str:
+    """For `--help`: the options, one line each, from the table that defines them."""
+    return _template_text(help_table())
+
+
+def _template_text(text: str) -> str:
+    """Hydra fills the help template with string.Template: a $ of the text is text."""
+    return text.replace("$", "$$")
 
 
 def register() -> None:
-    """Make Hydra see the recipe group and the config's resolvers (idempotent)."""
+    """Make Hydra see the recipe group, the options and the help's resolvers (idempotent)."""
     plugins = Plugins.instance()
     plugins.register(RecipeSource)
     plugins.register(RecipeSearchPath)
+    ConfigStore.instance().store(name=CONFIG_NAME, node=defaults())
     OmegaConf.register_new_resolver("fluxrecipe.ignored_recipes", ignored_note, replace=True)
+    OmegaConf.register_new_resolver("fluxrecipe.options", options_help, replace=True)
 
 
 # conf/hydra/launcher/joblib.yaml replaces the joblib plugin's preset of the same name (n_jobs 2, not one job
