@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -368,6 +369,26 @@ def test_summary_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
     assert summary_command([str(single)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "a single run, not a sweep" in err and "unfinished" not in err and not (single / summarize.SUMMARY_CSV).exists()
+
+
+def test_summary_escapes_what_job_records_hold(tmp_path, capsys):
+    """A job record's error and a job's overrides come from a stranger's recipe or file: `summary` printed an
+    escape sequence raw to the terminal and summary.md carried raw HTML (issue 21, item 8). Both are escaped,
+    as index.html's are."""
+    root = tmp_path / "sweep"
+    job = root / "a"
+    (job / ".hydra").mkdir(parents=True)
+    (root / records.MULTIRUN_YAML).write_text("hydra: {}\n")
+    (job / ".hydra" / "overrides.yaml").write_text('- "recipe.description=<img src=x onerror=alert(1)>"\n')
+    error = "\x1b[2J\x1b]0;pwned\x07<script>alert(1)</script> [click](javascript:alert(1))"
+    (job / records.JOB_STATUS_NAME).write_text(json.dumps({"status": "failed", "error": error}))
+    assert summary_command([str(root)]) == EXIT_ERROR
+    shown = capsys.readouterr()
+    assert "\x1b" not in shown.out + shown.err and "\x07" not in shown.out + shown.err
+    assert "\\x1b[2J" in shown.err  # written out, as the terminal shows any other text
+    markdown = (root / SUMMARY_MD).read_text()
+    assert not re.search(r"(?<!\\)[<>]", markdown) and "[click](javascript" not in markdown and "\x1b" not in markdown  # no HTML, no link
+    assert "\\<script\\>alert(1)\\</script\\>" in markdown and "\\<img src=x onerror=alert(1)\\>" in markdown
 
 
 def test_summary_of_damaged_sweep_state_files(tmp_path, capsys):

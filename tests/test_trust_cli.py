@@ -193,3 +193,16 @@ def test_help_lists_every_option_with_its_meaning(tmp_path):
         methods = run_cli(args, cwd=tmp_path)
         assert methods.returncode == 0 and methods.stdout.startswith("usage: fluxrecipe methods [-h] [NAME ...]"), methods.stderr
 
+
+# --- a full disk on stdout, and a stranger's text in a sweep's summary (issue 21, item 8) ------------------------
+
+
+@pytest.mark.parametrize("args", [["recipe=demo", "output=out", "progress=false"], ["methods"], ["--help"]], ids=["merge-log", "methods", "help"])
+def test_stdout_on_a_full_disk_is_one_line_and_a_failure(tmp_path, args):
+    """`> /dev/full`: every log line printed a '--- Logging error ---' block with a traceback, and the merge went
+    on. The command stops at the first line it cannot write: one line on stderr, exit status 1."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "fluxrecipe", *args], cwd=tmp_path, env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr == "fluxrecipe: error: standard output: No space left on device\n", done.stderr
+    assert not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ the process still exits non-zero at the end.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -39,7 +40,7 @@ HELP = "help"  # `fluxrecipe help` is --help; `fluxrecipe help COMMAND` is COMMA
 
 def main() -> None:
     _keep_standard_streams_open()
-    sys.stdout = _ReaderMayLeave(sys.stdout)
+    sys.stdout = _StandardOutput(sys.stdout)
     args = sys.argv[1:]
     if args[:1] == [HELP]:
         args = [args[1], "--help"] if args[1:2] and args[1] in COMMANDS else ["--help"]
@@ -92,11 +93,13 @@ def _keep_standard_streams_open() -> None:
         sys.stderr = open(2, "w", closefd=False)
 
 
-class _ReaderMayLeave:
-    """Standard output for the whole command: when it is a pipe whose reader is gone (`| head`), the command
-    ends there, quietly, with status 1, whatever was printing (a plan, a log line, Hydra's help, a summary).
-    A BrokenPipeError would otherwise reach Hydra, which prints it as a traceback, or Python's exit, which
-    prints 'Exception ignored'. SystemExit passes through Hydra and through a job's own error handling."""
+class _StandardOutput:
+    """Standard output for the whole command: when it cannot be written (a pipe whose reader is gone, `| head`;
+    a full disk, `> /dev/full`; an I/O error), the command ends there with status 1, whatever was printing (a
+    plan, a log line, Hydra's help, a summary): quietly for a reader that left, else with one line on stderr.
+    Otherwise a BrokenPipeError would reach Hydra, which prints it as a traceback, or Python's exit, which
+    prints 'Exception ignored'; and the log's handler would print '--- Logging error ---' for every line.
+    SystemExit passes through Hydra, through logging and through a job's own error handling."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
@@ -104,21 +107,24 @@ class _ReaderMayLeave:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._reader_gone()
+        except OSError as e:
+            self._unwritable(e)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._reader_gone()
+        except OSError as e:
+            self._unwritable(e)
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
 
     @staticmethod
-    def _reader_gone() -> NoReturn:
+    def _unwritable(error: OSError) -> NoReturn:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())  # what is still buffered goes nowhere
+        if error.errno != errno.EPIPE:  # a reader that left needs no word; a full disk or a broken device does
+            with contextlib.suppress(OSError):
+                print(f"{PROGRAM}: error: standard output: {error.strerror or error}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_ERROR)
 
 

@@ -87,14 +87,14 @@ def summary(argv: list[str]) -> int:
     elif not (jobs := read_jobs(folder.resolve())):
         refusal = "no job folders (.hydra/overrides.yaml) found: the sweep started no job"
     if refusal:
-        print(f"{PROGRAM} summary: {folder}: {refusal}; nothing was written", file=sys.stderr)
+        print(printable(f"{PROGRAM} summary: {folder}: {refusal}; nothing was written"), file=sys.stderr)
         return EXIT_USAGE
     try:
         written = summarize(folder, draw=not args.no_plot, jobs=jobs)
     except OSError as e:
-        print(f"{PROGRAM} summary: {folder}: cannot write the summary: {e.strerror or e}", file=sys.stderr)
+        print(printable(f"{PROGRAM} summary: {folder}: cannot write the summary: {e.strerror or e}"), file=sys.stderr)
         return EXIT_USAGE
-    print(written.markdown())
+    print(written.markdown())  # printable already, as report() is
     print(report(written), file=sys.stderr if written.failed else sys.stdout)
     return EXIT_ERROR if written.failed else 0
 

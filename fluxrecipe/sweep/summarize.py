@@ -9,7 +9,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..text import counted
+from ..text import counted, printable
 from . import grid, page, plot
 from .labels import differing
 from .records import Job, read_jobs
@@ -62,10 +62,11 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
 
 
 def report(summary: Summary) -> str:
-    """What the end of a sweep says on the terminal: counts, the failed jobs and where the summary is."""
+    """What the end of a sweep says on the terminal: counts, the failed jobs and where the summary is, every
+    text from a job record made printable (an escape sequence in an error is shown, not obeyed)."""
     ok = len(summary.jobs) - len(summary.failed)
     lines = [f"fluxrecipe: sweep {summary.sweep_dir}: {counted(len(summary.jobs), 'job')}, {ok} ok, {len(summary.failed)} failed or unfinished"]
     lines += [f"  {j.status}: {j.name}: {j.error}" for j in summary.failed]
     lines += [f"  warning: {j.name}: {j.preview_error}" for j in summary.jobs if j.preview_error and j not in summary.failed]
     lines += [f"  summary: {f}" for f in summary.files]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)

@@ -1,12 +1,13 @@
 """The table of a sweep: one row per job (its swept values, status, time, bytes, distances, output,
-overrides, error), for summary.csv, summary.md and the page."""
+overrides, error), for summary.csv, summary.md and the page. Everything in a job record came from a stranger's
+recipe or a file: the Markdown escapes it (no raw HTML, no link, no broken table cell), as the page does."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..text import counted
+from ..text import counted, markdown_cell, markdown_text
 from .grid import GRID_PNG
 from .plot import SUMMARY_PNG
 from .records import DRY_RUN, OK, Job, sweep_relative
@@ -56,13 +57,12 @@ class Summary:
         ]
 
     def markdown(self) -> str:
-        def cell(text: str) -> str:
-            return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-        lines = ["| " + " | ".join(self.columns()) + " |", "|" + "---|" * len(self.columns())]
-        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self.rows()]
+        """summary.md: every value from a job record (an override, an error, a path) as text Markdown shows as
+        it is, printable (an escape sequence is written out, as on a terminal)."""
+        lines = ["| " + " | ".join(markdown_cell(c) for c in self.columns()) + " |", "|" + "---|" * len(self.columns())]
+        lines += ["| " + " | ".join(markdown_cell(c) for c in row) + " |" for row in self.rows()]
         ok = len(self.jobs) - len(self.failed)
-        head = f"# Sweep {self.title}\n\n{counted(len(self.jobs), 'job')}: {ok} ok, {len(self.failed)} failed or unfinished. "
+        head = f"# Sweep {markdown_text(self.title)}\n\n{counted(len(self.jobs), 'job')}: {ok} ok, {len(self.failed)} failed or unfinished. "
         head += "distance_to_S: relative L2 distance of the merged model to source S (0: S itself), over all blocks.\n\n"
         written = {f.name for f in self.files}
         images = [(alt, name) for alt, name in (("previews: a row per prompt and seed, a column per job", GRID_PNG), ("per-block distance to each source", SUMMARY_PNG)) if name in written]
