@@ -1,6 +1,6 @@
 """The recipe loader: a recipe file read within bounds, its typed schema, and every check that needs no
 source file. The one module below the command layer that knows OmegaConf (a recipe's interpolations are
-OmegaConf's).
+OmegaConf's), which is why the reader, the schema and the checks stay one module of some 700 lines.
 
 A recipe file from a stranger is read lazily and within bounds (load_recipe_file): a file that is too large,
 not UTF-8, not YAML, or whose YAML aliases would expand past a limit becomes a note of its error, so that
