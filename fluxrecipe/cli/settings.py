@@ -33,7 +33,7 @@ from ..options import Options
 from ..recipe import FORMATS, LoraSpec, Recipe, SourceSpec, load_recipe
 from ..sweep.previews import PreviewRequest
 from ..sweep.settings import JobSettings, OutputSettings
-from .options import defaults, deleted_option, groups, unknown_option
+from .options import BY_NAME, defaults, deleted_option, groups, unknown_option
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 # a recipe's source or LoRA named by a key the command line sets (recipe.sources.NAME, recipe.loras.NAME.path)
@@ -205,7 +205,7 @@ def previews_of(cfg: DictConfig, given: set[str] = frozenset()) -> PreviewReques
         guidance=node.get("guidance"),
         height=node.get("height"),
         width=node.get("width"),
-        offload=node.get("offload") or "none",
+        offload=node.get("offload") or BY_NAME["preview.offload"].default,
         device=str(cfg.device),
     )
 
