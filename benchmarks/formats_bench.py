@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from merge_bench import FLUX, REPO, arguments, floor_seconds, generate, parsed, prepare_cache, run_measured
 
 sys.path.insert(0, str(REPO))
+from fluxrecipe import families
 from fluxrecipe.architecture import expected_parameters
 from fluxrecipe.formats import bfl
 from fluxrecipe.plan import human_bytes
@@ -39,7 +40,7 @@ def generate_bfl(path: Path, *, double: int, single: int, guidance: bool, seed: 
     """One BFL file of a FLUX-shaped model: random bf16 (or sparse zeros)."""
     config = {**FLUX, "num_layers": double, "num_single_layers": single, "guidance_embeds": guidance}
     shapes = expected_parameters(config, "benchmark config")
-    tensors = [(t.name, "BF16", t.shape) for t in bfl.out_tensors(shapes, dict.fromkeys(shapes, "BF16"), "")]
+    tensors = [(t.name, "BF16", t.shape) for t in bfl.out_tensors(shapes, dict.fromkeys(shapes, "BF16"), "", families.recognise(shapes).bfl)]
     f = open_safetensors(path, tensors, {"format": "pt"})
     if sparse:
         header = f.size

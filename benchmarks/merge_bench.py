@@ -41,7 +41,8 @@ from fluxrecipe.architecture import expected_parameters  # noqa: E402
 from fluxrecipe.plan import human_bytes  # noqa: E402
 from fluxrecipe.writer import open_safetensors, write_json  # noqa: E402
 
-MEMCAP = REPO.parent / "shared" / "tools" / "memcap"
+# ../shared/tools/memcap beside the checkout (or beside the folder of worktrees a checkout may be in)
+MEMCAP = next((p for p in (REPO.parent / "shared" / "tools" / "memcap", REPO.parent.parent / "shared" / "tools" / "memcap") if p.exists()), REPO.parent / "shared" / "tools" / "memcap")
 FLUX = dict(
     _class_name="FluxTransformer2DModel",
     patch_size=1,
@@ -56,9 +57,10 @@ HUB_SHARD = 10 * 10**9  # the hub's FLUX.1 shards: 10 GB
 TIMEOUT = -1  # exit code of a run stopped at its time limit
 
 
-def generate(folder: Path, *, double: int, single: int, guidance: bool, seed: int, sparse: bool) -> None:
-    """A diffusers folder of a FLUX-shaped model: config.json, shards, index; random bf16 (or sparse zeros)."""
-    config = {**FLUX, "num_layers": double, "num_single_layers": single, "guidance_embeds": guidance}
+def generate(folder: Path, *, double: int, single: int, guidance: bool, seed: int, sparse: bool, base: dict = FLUX) -> None:
+    """A diffusers folder of a FLUX-shaped model (FLUX.1's config, or `base`: another family's without its
+    block counts): config.json, shards, index; random bf16 (or sparse zeros)."""
+    config = {**base, "num_layers": double, "num_single_layers": single, "guidance_embeds": guidance}
     shapes = expected_parameters(config, "benchmark config")
     total = sum(math.prod(s) * 2 for s in shapes.values())
     shard_size = max(HUB_SHARD * total // (23_800_000_000), 1)  # the hub's shard/model ratio, scaled down

@@ -7,8 +7,8 @@ fluxrecipe cache, keyed by the diffusers version and the config, and later runs 
 
 A config comes from a stranger's file or recipe, so it is checked before anything is built from it: every
 value has the type the model class declares (`guidance_embeds: 'false'` is text, and text is true), and its
-sizes are bounded by the shapes a FLUX transformer can have (FLUX.1: 19 double and 38 single blocks, widths
-of a few thousand), so that a config of 20000 layers cannot make the planner build a huge model.
+sizes are bounded by the shapes a model of its family can have (families/: block counts and widths), so that
+a config of 20000 layers cannot make the planner build a huge model.
 """
 
 from __future__ import annotations
@@ -24,23 +24,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import families
 from .demo import cache_root
 from .errors import PlanError
 from .files import read_small
 from .writer import replace_json
 
-MAX_BLOCKS = 100  # of one kind (a count field such as num_layers); FLUX.1 has 19 double and 38 single blocks
-MAX_SIZE = 1 << 16  # any other whole number of a config (a width, a channel count); FLUX.1's largest is 4096
 COUNT_FIELD = re.compile(r"num_\w*(layers|blocks)|layers_per_block")
 
 
 def model_class(config: dict[str, Any], where: str) -> type:
+    """The diffusers class of a config of a family fluxrecipe knows."""
     import diffusers
 
     name = config.get("_class_name")
     cls = getattr(diffusers, str(name), None) if name else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise PlanError(f"{where}: _class_name {name!r} is not a diffusers model class")
+    if families.by_class(name) is None:
+        raise PlanError(f"{where}: _class_name {name!r} is not the model class of a family fluxrecipe merges ({', '.join(f.class_name for f in families.FAMILIES)})")
     return cls
 
 
@@ -50,8 +52,9 @@ def config_fields(config: dict[str, Any], where: str) -> set[str]:
 
 
 def check_config(config: dict[str, Any], where: str) -> None:
-    """Every value the model class takes has the type it declares, and sizes are within FLUX's bounds."""
+    """Every value the model class takes has the type it declares, and sizes are within its family's bounds."""
     cls = model_class(config, where)
+    family = families.by_class(config.get("_class_name"))
     hints = _type_hints(cls)
     for name, value in config.items():
         if name.startswith("_"):
@@ -59,7 +62,7 @@ def check_config(config: dict[str, Any], where: str) -> None:
         if name in hints and not _fits(value, hints[name]):
             raise PlanError(f"{where}: {name} is {json.dumps(value)} ({type(value).__name__}), but {cls.__name__} takes {_type_name(hints[name])}")
         for number in _whole_numbers(value):
-            limit = MAX_BLOCKS if COUNT_FIELD.fullmatch(name) else MAX_SIZE
+            limit = family.max_blocks if COUNT_FIELD.fullmatch(name) else family.max_size
             if abs(number) > limit:
                 raise PlanError(f"{where}: {name} is {json.dumps(value)}: more than the {limit} a FLUX transformer can have")
 

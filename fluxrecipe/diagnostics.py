@@ -1,5 +1,8 @@
 """Weight-space diagnostics gathered while merging: per block, how far the merge moved from each source.
 
+Blocks are named in canonical keys, as the model's family groups them: 'transformer_blocks.7',
+'single_transformer_blocks.12', 'embedders' (everything before the blocks) and 'output' (after them).
+
 For block B and source S: sqrt(sum ||merged - S||^2) / sqrt(sum ||S||^2) over B's tensors that were read
 from S, the merged tensor being what was written (after rounding). 0 means the block is S's; for
 lerp:A between two sources the distance to the first is about A * ||first - second|| / ||first||. The sums
@@ -10,26 +13,15 @@ come from the chunks the executor has in hand anyway (no second pass over the da
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 
-BLOCK = re.compile(r"^((?:single_)?transformer_blocks)\.(\d+)\.")
-OUTPUT_LAYERS = ("norm_out.", "proj_out.")
-
-
-def block_of(key: str) -> str:
-    """'transformer_blocks.7', 'single_transformer_blocks.12', 'embedders' or 'output'."""
-    m = BLOCK.match(key)
-    if m:
-        return f"{m[1]}.{m[2]}"
-    return "output" if key.startswith(OUTPUT_LAYERS) else "embedders"
+from . import families
+from .families import Family
 
 
 def block_order(block: str) -> tuple:
-    m = re.fullmatch(r"((?:single_)?transformer_blocks)\.(\d+)", block)
-    if m:
-        return (1 if m[1] == "transformer_blocks" else 2, int(m[2]))
-    return (0, 0) if block == "embedders" else (3, 0)
+    """Model order of a block name diagnostics report (any family's): what sweeps sort their plots by."""
+    return families.diagnostic_order(block)
 
 
 class Distances:
@@ -38,11 +30,12 @@ class Distances:
     `add` takes each tensor's totals once they are complete: exact sums (math.fsum) of per-segment partial
     sums, so that block totals, also summed with math.fsum, depend on the tensors alone."""
 
-    def __init__(self) -> None:
+    def __init__(self, family: Family) -> None:
+        self.family = family
         self._tensors: dict[str, dict[str, tuple[list[float], list[float]]]] = defaultdict(dict)
 
     def add(self, key: str, source: str, squared_distance: float, squared_norm: float) -> None:
-        block_d, block_n = self._tensors[block_of(key)].setdefault(source, ([], []))
+        block_d, block_n = self._tensors[self.family.diagnostic_block(key)].setdefault(source, ([], []))
         block_d.append(squared_distance)
         block_n.append(squared_norm)
 

@@ -98,7 +98,7 @@ def execute(plan: Plan, folder: Path, options: Options, metadata: dict[str, str]
     keep_freed_memory()
     _check_free_space(folder, plan)
     result = Result(files={}, seconds=0.0, bytes_read=plan.bytes_read, bytes_written=0)
-    result.distances = Distances() if options.diagnostics else None
+    result.distances = Distances(plan.family) if options.diagnostics else None
     _Run(plan, folder, options, device, result, metadata or {}, header_size, set(hash_sources)).run()
     result.bytes_written = sum(r.size for r in result.files.values())
     result.seconds = time.monotonic() - started

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from . import schedule
 from .errors import PlanError, SourceError
+from .families import Family
 from .formats import bfl
 from .formats import lora as lora_format
-from .formats.flux import block_of, block_order
 from .formats.layout import Constant, OutFile, OutTensor, Part, TensorRef, whole
 from .formats.safetensors import TensorEntry, read_header
 from .recipe import LoraSpec
@@ -32,7 +32,7 @@ from .schedule import Blocks, Schedule
 LORA_FORMATS = {"lora": "kohya", "lora_peft": "diffusers"}  # output format -> the key scheme it writes
 LORA_DTYPES = ("BF16", "F16", "F32")
 PEFT_FILE = "pytorch_lora_weights.safetensors"  # what diffusers writes into a LoRA folder
-EXACT_SVD = 1024  # a matrix whose smaller side is at most this is factored by an exact SVD, larger ones by svd_lowrank
+EXACT_SVD = 1024  # a matrix whose smaller side is at most this is factored by an exact SVD, larger ones by the randomized range finder (ops/lowrank.py)
 SHOWN = 4
 
 
@@ -130,16 +130,16 @@ def strength_of(spec: LoraSpec, key: str, blocks: Blocks) -> float:
     return schedule.value_for(spec.strength, key, blocks)
 
 
-def plan_patches(loras: dict[str, LoraFile], shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, tuple[Patch, ...]], list[LoraSummary]]:
-    """Every LoRA read against the output's tensors: canonical key -> its patches, in the recipe's LoRA order;
+def plan_patches(loras: dict[str, LoraFile], shapes: dict[str, tuple[int, ...]], family: Family) -> tuple[dict[str, tuple[Patch, ...]], list[LoraSummary]]:
+    """Every LoRA read against the output's tensors (a model of `family`): canonical key -> its patches, in the recipe's LoRA order;
     and a summary per LoRA. Raises PlanError when a LoRA's keys change no tensor of the output (unless the
     LoRA says `ignore_unmatched: true`) or the LoRA changes nothing at all."""
     patches: dict[str, list[Patch]] = {}
     summaries = []
-    blocks = Blocks.of(shapes)
+    blocks = Blocks.of(shapes, family)
     for name, file in loras.items():
         spec = file.spec
-        found = lora_format.read(name, file.location, file.entries, file.metadata, shapes)
+        found = lora_format.read(name, file.location, file.entries, file.metadata, shapes, family)
         try:
             schedule.check_against(spec.strength, {c.key for c in found.changes}, blocks)
         except ValueError as e:
@@ -158,11 +158,11 @@ def plan_patches(loras: dict[str, LoraFile], shapes: dict[str, tuple[int, ...]])
             patches.setdefault(c.key, []).append(Patch(name, c.kind, c.tensor, c.down, scale))
             changed.add(c.key)
         if not found.changes:
-            raise PlanError(f"{spec.where} ({file.location}): none of its keys changes a tensor of the output ({_unmatched_text(found.unmatched)}): is it a LoRA for FLUX.1?")
+            raise PlanError(f"{spec.where} ({file.location}): none of its keys changes a tensor of the output ({_unmatched_text(found.unmatched)}): is it a LoRA for {family.name}?")
         summaries.append(LoraSummary(
             name, spec.describe(), file.origin, file.location, found.format,
             tuple(m.rank for m in found.modules), tuple(m.alpha for m in found.modules),
-            spec.strength, len(changed), tuple(sorted({b for k in changed if (b := block_of(k))}, key=block_order)),
+            spec.strength, len(changed), tuple(sorted({b for k in changed if (b := family.block_of(k))}, key=family.block_order)),
             tuple(found.unmatched), found.ignored,
         ))
     return {k: tuple(v) for k, v in patches.items()}, summaries
@@ -184,7 +184,7 @@ def blocks_text(blocks: tuple[str, ...]) -> str:
     runs: dict[str, list[list[int]]] = {}
     for block in blocks:
         group, _, index = block.rpartition(".")
-        if group in ("double_blocks", "single_blocks") and index.isdigit():
+        if group and index.isdigit():
             if group not in runs:
                 runs[group] = []
                 out.append(group)
@@ -235,7 +235,7 @@ class Factor:
 
 def lora_output(
     output_format: str, shapes: dict[str, tuple[int, ...]], changed: dict[str, bool], bases: dict[str, TensorRef],
-    rank: int, dtype: str, file_name: str, where: str,
+    rank: int, dtype: str, file_name: str, where: str, family: Family,
 ) -> tuple[OutFile, tuple[Factor, ...]]:
     """The LoRA file of a merge (its down/up tensors, alphas, metadata) and the factors that fill it in order
     (the matrices, then the 1-D tensors it cannot hold). `changed`: canonical key -> whether the recipe's
@@ -247,7 +247,7 @@ def lora_output(
     if not any(changed.values()):
         raise PlanError(f"{where}: the recipe's result is its base everywhere, so the LoRA would be empty: take another source or bake LoRAs into it")
     if output_format == "lora":
-        modules = [(t.name[: -len(".weight")], t.parts) for t in bfl.out_tensors(shapes, dict.fromkeys(shapes, dtype), "") if t.name.endswith(".weight") and len(t.shape) == 2]
+        modules = [(t.name[: -len(".weight")], t.parts) for t in bfl.out_tensors(shapes, dict.fromkeys(shapes, dtype), "", family.bfl) if t.name.endswith(".weight") and len(t.shape) == 2]
     else:
         modules = [(k[: -len(".weight")], whole(k, s)) for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2]
     matrices = []

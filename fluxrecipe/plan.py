@@ -21,12 +21,12 @@ from typing import Any
 from . import schedule
 from .architecture import config_fields, expected_parameters, mismatch
 from .errors import PlanError
+from .families import Family
 from .formats import OUTPUT_FORMATS, bfl, diffusers
-from .formats.flux import block_of, block_order, variant
 from .formats.layout import Constant, OutFile, OutTensor, TensorRef
 from .formats.safetensors import ITEMSIZE
 from .loras import LORA_FORMATS, Factor, LoraFile, LoraSummary, Patch, lora_notes, lora_output, plan_patches
-from .recipe import DTYPES, Recipe, Rule
+from .recipe import DTYPES, MIXED, Recipe, Rule
 from .sources import Checkpoint
 from .text import printable, some_keys
 
@@ -93,6 +93,7 @@ class SourceSummary:
     ignored: tuple[tuple[str, int], ...] = ()  # what its files hold besides the transformer: group, keys
     location: str = ""  # what was read: the folder, or the single file
     downloaded: bool = True  # False: planned from headers read on the hub, its weights not downloaded (a dry run)
+    model: str = ""  # its family and variant: 'FLUX.1 schnell', 'FLUX.2 klein 4B'
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Plan:
     loras: tuple[LoraSummary, ...] = ()  # the LoRAs baked in
     factors: tuple[Factor, ...] = ()  # format=lora / lora_peft: the matrices of the LoRA file, in order
     lora_rank: int | None = None  # format=lora / lora_peft: the rank asked for
+    family: Family | None = None  # the output's (the base's) model family
 
     @property
     def single_file(self) -> bool:
@@ -157,6 +159,8 @@ def make_plan(
     not fit together, or the output could not be loaded as what it claims to be. `loras`: the recipe's
     LoRAs, opened; `lora_rank`: the rank of a LoRA output (format=lora, lora_peft)."""
     base = checkpoints[recipe.base]
+    family = base.family
+    foreign = _check_families(recipe, checkpoints)
     if base.config is None:
         raise PlanError(
             f"base '{recipe.base}' ({base.folder}) has no config.json: the output needs one, so the base must be a diffusers "
@@ -174,39 +178,45 @@ def make_plan(
             )
         decided[key] = rule
     _check_every_rule_used(recipe, checkpoints, decided)
-    blocks = schedule.Blocks.of(base.tensors)
+    blocks = schedule.Blocks.of(base.tensors, family)
     _check_schedules(recipe, decided, blocks)
 
     single = OUTPUT_FORMATS[output_format]
     steps, dropped, notes = [], [], []
+    alone: Counter[str] = Counter()  # foreign source -> keys its rules take from the base alone
     for key, rule in decided.items():
         if rule.op.name == "drop":
             dropped.append(Dropped(key, f"dropped by {rule.describe()}", rule.index))
             continue
-        inputs = _inputs(rule, key, checkpoints, recipe.base, decided)
+        unshared = [n for n in rule.sources if n in foreign and not _shares(checkpoints[n], base, key)]
+        alone.update(unshared)  # mix_families: a tensor another family lacks comes from the base alone
+        inputs = (base.tensors[key],) if unshared else _inputs(rule, key, checkpoints, recipe.base, decided)
         shape = base.tensors[key].shape
-        dtype, scaled = DTYPES[rule.dtype or recipe.dtype]
+        name = rule.dtype or recipe.dtype
+        dtype, scaled = DTYPES[MIXED[name] if name in MIXED and family.high_precision(key, shape) else name]
         if scaled and not single:
             raise PlanError(f"{rule.where}: fp8_scaled is written only in the single-file formats (format=bfl or format=comfyui); diffusers cannot load it: use fp8")
         if scaled and not _scalable(key, shape):
             dtype, scaled = "BF16", False  # ComfyUI scales Linear weights; the rest stays in bf16, as its own exports do
-        steps.append(Step(key, rule.index, rule.op.name, schedule.resolve(rule.params, key, blocks), inputs, dtype, shape, scaled))
+        op, params = ("take", (("source", recipe.base),)) if unshared else (rule.op.name, schedule.resolve(rule.params, key, blocks))
+        steps.append(Step(key, rule.index, op, params, inputs, dtype, shape, scaled))
+    notes += _mix_notes(recipe, checkpoints, foreign, steps, alone)
     dropped += _not_in_base(recipe, checkpoints)
-    _check_fits_config(recipe, config, steps)
+    _check_fits_config(recipe, config, steps, family)
     summaries: list[LoraSummary] = []
     if loras:
-        patches, summaries = plan_patches(loras, {s.key: s.shape for s in steps})
+        patches, summaries = plan_patches(loras, {s.key: s.shape for s in steps}, family)
         steps = [replace(s, patches=patches[s.key]) if s.key in patches else s for s in steps]
         notes += lora_notes(summaries)
     factors: tuple[Factor, ...] = ()
     if output_format in LORA_FORMATS:
-        file, factors, factor_notes = _lora_file(recipe, steps, checkpoints, output_format, lora_rank, file_name)
+        file, factors, factor_notes = _lora_file(recipe, steps, checkpoints, output_format, lora_rank, file_name, family)
         files = (file,)
         by_key = {s.key: s for s in steps}
         ordered = [by_key[k] for k in dict.fromkeys(p.key for f in factors for p, changed in zip(f.parts, f.changed) if changed)]
         notes += factor_notes
     else:
-        files = _out_files(steps, output_format, shard_size, file_name)
+        files = _out_files(steps, output_format, shard_size, file_name, family)
         ordered = [s for f in files for s in _steps_of(f, steps)]
 
     return Plan(
@@ -221,10 +231,55 @@ def make_plan(
         loras=tuple(summaries),
         factors=factors,
         lora_rank=lora_rank if factors else None,
+        family=family,
     )
 
 
-def _lora_file(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint], output_format: str, rank: int, file_name: str):
+def _check_families(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> set[str]:
+    """Every source of the base's family and width, or refused in one line naming both (before any byte is
+    read); with `mix_families: true`, the sources that are not (they give only the tensors they share with
+    the base, same name and shape) are returned."""
+    base = checkpoints[recipe.base]
+    foreign = set()
+    for name, c in checkpoints.items():
+        if c.family is base.family and c.family.width(c.shapes) == base.family.width(base.shapes):
+            continue
+        if not recipe.mix_families:
+            first, second = sorted((recipe.base, name), key=list(recipe.sources).index)
+            pair = f"sources '{first}' ({checkpoints[first].describe()}) and '{second}' ({checkpoints[second].describe()})"
+            fix = f"set `mix_families: true` in the recipe to take from '{name}' only the tensors it shares with base '{recipe.base}' (same name and shape)"
+            if c.family is not base.family:
+                raise PlanError(f"{pair} are different model families: fluxrecipe merges models of one family ({fix})")
+            raise PlanError(
+                f"{pair} are variants of {c.family.name} whose shapes differ (width {c.family.width(checkpoints[first].shapes)} and "
+                f"{c.family.width(checkpoints[second].shapes)}): fluxrecipe merges models of one shape ({fix})"
+            )
+        foreign.add(name)
+    if recipe.mix_families and not foreign:
+        raise PlanError(f"recipe '{recipe.name}': mix_families: true changes nothing: every source is {base.family.name} of base '{recipe.base}''s width; remove it")
+    return foreign
+
+
+def _shares(source: Checkpoint, base: Checkpoint, key: str) -> bool:
+    """Whether a source of another family (mix_families) has the base's tensor: the same name and shape."""
+    tensor = source.tensors.get(key)
+    return tensor is not None and tensor.shape == base.tensors[key].shape
+
+
+def _mix_notes(recipe: Recipe, checkpoints: dict[str, Checkpoint], foreign: set[str], steps: list[Step], alone: Counter) -> list[str]:
+    """mix_families: per foreign source, how many tensors came from it and how many from the base alone."""
+    notes = []
+    for name in (n for n in recipe.sources if n in foreign):
+        used = sum(any(t.source == name for t in s.inputs) for s in steps)
+        notes.append(
+            f"mix_families: '{name}' ({checkpoints[name].describe()}) shares {sum(_shares(checkpoints[name], checkpoints[recipe.base], k) for k in checkpoints[recipe.base].tensors)} "
+            f"tensors (name and shape) with base '{recipe.base}' ({checkpoints[recipe.base].describe()}): {used} merged from it; "
+            f"{alone[name]} its rules would take from it come from the base alone"
+        )
+    return notes
+
+
+def _lora_file(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint], output_format: str, rank: int, file_name: str, family: Family):
     """format=lora / lora_peft: the difference of the result to the base, as a LoRA file (loras.lora_output)."""
     if len(recipe.sources) > 1 and "base" not in recipe.resolved:
         raise PlanError(
@@ -235,7 +290,7 @@ def _lora_file(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpo
     changed = {s.key: not (s.op == "take" and s.inputs[0].source == base and not s.patches) for s in steps}
     file, factors = lora_output(
         output_format, {s.key: s.shape for s in steps}, changed, checkpoints[base].tensors, rank,
-        DTYPES[recipe.dtype][0], file_name, f"recipe '{recipe.name}' (format={output_format})",
+        DTYPES[recipe.dtype][0], file_name, f"recipe '{recipe.name}' (format={output_format})", family,
     )
     notes = []
     clamped = [f.module for f in factors if 0 < f.rank < rank]
@@ -252,15 +307,15 @@ def _scalable(key: str, shape: tuple[int, ...]) -> bool:
     return key.endswith(".weight") and len(shape) == 2
 
 
-def _out_files(steps: list[Step], output_format: str, shard_size: int, file_name: str) -> tuple[OutFile, ...]:
+def _out_files(steps: list[Step], output_format: str, shard_size: int, file_name: str, family: Family) -> tuple[OutFile, ...]:
     shapes = {s.key: s.shape for s in steps}
     dtypes = {s.key: s.dtype for s in steps}
     if output_format == "diffusers":
         return diffusers.out_files(diffusers.out_tensors(shapes, dtypes), shard_size, ())
-    prefix = bfl.COMFYUI_PREFIX if output_format == "comfyui" else ""
+    prefix = family.comfyui_prefixes[0] if output_format == "comfyui" else ""
     scaled = {s.key for s in steps if s.scaled}
     tensors, constants, layers = [], [], {}
-    for tensor in bfl.out_tensors(shapes, dtypes, prefix):
+    for tensor in bfl.out_tensors(shapes, dtypes, prefix, family.bfl):
         parts = {p.key for p in tensor.parts}
         if parts & scaled and not parts <= scaled:
             raise PlanError(f"{tensor.name} is made of {', '.join(sorted(parts))}, which the recipe gives fp8 and fp8_scaled: a fused tensor has one scale, so give them one dtype")
@@ -331,10 +386,10 @@ def _inputs(rule: Rule, key: str, checkpoints: dict[str, Checkpoint], base: str,
             raise PlanError(_missing_input(rule, name, checkpoints, base, decided))
         if loc.shape != shape:
             hint = ""
-            a, b = checkpoints[base].config or {}, checkpoints[name].config or {}
-            if key.startswith(("x_embedder.", "proj_out.")) and a.get("in_channels") != b.get("in_channels"):
+            family, a, b = checkpoints[base].family, checkpoints[base].describe(), checkpoints[name].describe()
+            if family.block_of(key) in (family.block_of(family.hidden_key), *family.final_blocks) and a != b:  # in or out channels
                 hint = (
-                    f": a FLUX variant mismatch (base '{base}' is {variant(a)}, '{name}' is {variant(b)}); "
+                    f": a FLUX variant mismatch (base '{base}' is {a}, '{name}' is {b}); "
                     f"give '{key.rsplit('.', 1)[0]}' a rule of its own before this one, e.g. {{match: '^{re.escape(key.rsplit('.', 1)[0])}\\.', op: 'take:{base}'}}"
                 )
             raise PlanError(f"{rule.where} ({rule.op}): '{key}' is {list(shape)} in base '{base}' but {list(loc.shape)} in '{name}' ({loc.file}){hint}")
@@ -392,7 +447,7 @@ def _not_in_base(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> list[Dro
     return [Dropped(k, f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} it, base '{recipe.base}' lacks it") for k, names in dropped.items()]
 
 
-def _check_fits_config(recipe: Recipe, config: dict[str, Any], steps: list[Step]) -> None:
+def _check_fits_config(recipe: Recipe, config: dict[str, Any], steps: list[Step], family: Family) -> None:
     """The output's keys and shapes must be exactly what diffusers builds from its config.json."""
     where = f"the output's config.json (from base '{recipe.base}'" + (" with the recipe's config overrides)" if recipe.config else ")")
     expected = expected_parameters(config, where)
@@ -409,21 +464,16 @@ def _check_fits_config(recipe: Recipe, config: dict[str, Any], steps: list[Step]
     if wrong:
         k = wrong[0]
         problems.append(f"{len(wrong)} key(s) have other shapes than the config implies ('{k}' is {list(have[k])}, the config says {list(expected[k])})")
-    hint = ""
-    guidance = config.get("guidance_embeds")
-    if any("guidance" in k for k in missing) and guidance:
-        hint = (
-            " The config says guidance_embeds: true but the guidance embedder is not written: make a source that has it the base and "
-            "`take` its guidance keys, or drop them and set `config: {guidance_embeds: false}`."
-        )
-    elif any("guidance" in k for k in unexpected) and not guidance:
-        hint = " The config says guidance_embeds: false: drop the guidance keys (`{match: guidance, op: drop}`) or set `config: {guidance_embeds: true}`."
+    hint = family.config_hint(missing, unexpected, config)
     raise PlanError(f"recipe '{recipe.name}': the output would not load as {config.get('_class_name')}: " + "; ".join(problems) + "." + hint)
 
 
 def _summary(recipe: Recipe, c: Checkpoint) -> SourceSummary:
     dtypes = tuple(sorted({t.dtype for t in c.tensors.values()}))
-    return SourceSummary(c.name, recipe.sources[c.name].describe(), c.origin, c.folder, len(c.tensors), c.nbytes, dtypes, c.layout, tuple(c.ignored.items()), c.location or c.folder, c.downloaded)
+    return SourceSummary(
+        c.name, recipe.sources[c.name].describe(), c.origin, c.folder, len(c.tensors), c.nbytes, dtypes, c.layout, tuple(c.ignored.items()),
+        c.location or c.folder, c.downloaded, c.describe(),
+    )
 
 
 def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint], output_format: str) -> list[str]:
@@ -435,12 +485,15 @@ def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]
             notes.append(f"{rule.describe()} extrapolates: alpha = {outside[0]} lies outside [0, 1]")
     for c in checkpoints.values():
         if c.config_derived:
-            notes.append(f"source '{c.name}' is a single file in {c.layout} layout with no config.json: its config is derived from its shapes (guidance_embeds: {json.dumps(c.config.get('guidance_embeds'))}, {variant(c.config)})")
+            notes.append(f"source '{c.name}' ({c.describe()}) is a single file in {c.layout} layout with no config.json: its config is derived from its shapes ({c.family.summary(c.config)})")
         notes += [f"source '{c.name}': {n}" for n in c.notes]
         if c.ignored:
             notes.append(f"source '{c.name}': only the transformer is read; ignored " + ", ".join(f"{n} keys under {g}" for g, n in c.ignored.items()))
         if c.scaled:
             notes.append(f"source '{c.name}': {c.scaled} tensors are scaled fp8, read as fp8 value x scale")
+    kept = [s.key for s in steps if s.dtype == "BF16" and _rule_dtype(recipe, s.rule) in MIXED]
+    if kept:
+        notes.append(f"fp8_mixed: {len(kept)} tensors the {checkpoints[recipe.base].family.name} family keeps in high precision are written in bf16 ({some_keys(kept)})")
     unscaled = [s.key for s in steps if s.dtype == "BF16" and DTYPES[_rule_dtype(recipe, s.rule)][1]]
     if unscaled:
         notes.append(f"fp8_scaled applies to Linear weights (2-D '.weight' tensors); {len(unscaled)} other tensors of those rules are written in bf16 ({some_keys(unscaled)})")
@@ -475,9 +528,8 @@ def format_plan(plan: Plan) -> str:
         where = ", ".join(f"{k} {v}" for k, v in s.origin.items())
         mark = "  (base)" if s.name == r.base else ""
         lines.append(f"  {s.name:<12} {s.spec}{mark}")
-        lines.append(f"  {'':<12} {s.tensors} tensors ({s.layout} layout), {human_bytes(s.nbytes)}, {'/'.join(s.dtypes)}; {where}")
+        lines.append(f"  {'':<12} {s.model}: {s.tensors} tensors ({s.layout} layout), {human_bytes(s.nbytes)}, {'/'.join(s.dtypes)}; {where}")
         lines.append(f"  {'':<12} {s.folder}" + ("" if s.downloaded else "  (headers read on the hub; weights not downloaded)"))
-    guidance = json.dumps(plan.config.get("guidance_embeds"))
     where = f"one {plan.format} file, {plan.files[0].name}" if plan.single_file else f"a {plan.format} folder"
     if plan.factors:
         matrices = [f for f in plan.factors if f.rank]
@@ -487,7 +539,8 @@ def format_plan(plan: Plan) -> str:
             f"{len(matrices)} matrices factored ({exact} by exact SVD, {len(matrices) - exact} by randomized SVD), the relative error of each reported after the run"
         )
     else:
-        lines.append(f"output: {where}; {r.base}'s architecture ({plan.config.get('_class_name')}, guidance_embeds: {guidance})")
+        flag = f", guidance_embeds: {json.dumps(plan.config['guidance_embeds'])}" if "guidance_embeds" in plan.config else ""
+        lines.append(f"output: {where}; {r.base}'s architecture ({plan.config.get('_class_name')}{flag})")
     lines.append("rules:")
     width = max(len(repr(x.rule.match)) for x in plan.rule_stats())
     for x in plan.rule_stats():
@@ -547,9 +600,9 @@ def _block_values(plan: Plan, rule: Rule) -> list[str]:
         per_block = {}
         for step in plan.steps:
             if step.rule == rule.index:
-                per_block.setdefault(block_of(step.key) or step.key, step.values[name])
+                per_block.setdefault(plan.family.block_of(step.key) or step.key, step.values[name])
         runs: list[list] = []  # [first block, last block, value]
-        for block in sorted(per_block, key=block_order):
+        for block in sorted(per_block, key=plan.family.block_order):
             if runs and runs[-1][2] == per_block[block]:
                 runs[-1][1] = block
             else:

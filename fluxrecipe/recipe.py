@@ -44,7 +44,8 @@ from .ops.registry import check_values
 from .text import printable
 
 # Output dtypes by name -> (safetensors dtype, scaled): fp8 is float8_e4m3fn; fp8_scaled stores value / scale
-# with a per-tensor scale = absmax / 448, as ComfyUI reads it (single-file formats only).
+# with a per-tensor scale = absmax / 448, as ComfyUI reads it (single-file formats only); fp8_mixed is fp8
+# except the tensors the model's family keeps in high precision (MIXED: those are written as bf16).
 DTYPES = {
     "bf16": ("BF16", False), "bfloat16": ("BF16", False),
     "fp16": ("F16", False), "float16": ("F16", False),
@@ -52,10 +53,12 @@ DTYPES = {
     "fp8": ("F8_E4M3", False), "fp8_e4m3fn": ("F8_E4M3", False), "float8_e4m3fn": ("F8_E4M3", False),
     "fp8_e5m2": ("F8_E5M2", False), "float8_e5m2": ("F8_E5M2", False),
     "fp8_scaled": ("F8_E4M3", True),
+    "fp8_mixed": ("F8_E4M3", False),
 }
-DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled"
+MIXED = {"fp8_mixed": "bf16"}  # a mixed dtype -> the dtype of the tensors the family keeps in high precision
+DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled, fp8_mixed"
 FORMATS = tuple(OUTPUT_FORMATS)
-RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format", "loras")
+RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format", "loras", "mix_families")
 # Recipe parameters the command line overrides one block of (`recipe.alpha.double_blocks.7=V`), set by the
 # command line (cli/arguments.py) for the recipe loader in this process and the sweep's job processes:
 # numbers among them become `{default: N}`, so that the block can be added to them.
@@ -75,6 +78,7 @@ MATCH_SECONDS = 0.25  # the most one search of a rule's regex may take (a sane o
 MATCH_BUDGET_SECONDS = 5.0  # the most all the searches of one recipe's rules may take together (FLUX: 1,156 keys x its rules)
 MATCH_MEMORY = 1 << 17  # (regex, key) results remembered at most: a FLUX plan with 100 rules needs ~1e5
 _matched: dict[tuple[str, str], bool] = {}  # (regex, key) -> whether it matches, for every recipe of the process
+clock = time.perf_counter  # what the searches' seconds are counted with (a test sets a clock it controls)
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ class Rule:
         if found is not None:
             return found
         left = MATCH_BUDGET_SECONDS - self.budget.spent
-        started = time.perf_counter()
+        started = clock()
         try:
             if left <= 0:
                 raise TimeoutError
@@ -168,7 +172,7 @@ class Rule:
                 ) from None
             raise RecipeError(self._over_budget()) from None
         finally:
-            elapsed = time.perf_counter() - started
+            elapsed = clock() - started
             self.budget.spent += elapsed
             self.budget.by_rule[self.where, self.match] = self.budget.by_rule.get((self.where, self.match), 0.0) + elapsed
         if len(_matched) < MATCH_MEMORY:
@@ -199,6 +203,7 @@ class Recipe:
     resolved: dict[str, Any] = field(default_factory=dict)  # the whole recipe as plain data, interpolations resolved
     written: dict[str, Any] = field(default_factory=dict)  # the same as composed, interpolations kept (${recipe.alpha})
     loras: dict[str, LoraSpec] = field(default_factory=dict)  # baked into the rules' result, in this order
+    mix_families: bool = False  # sources of another family (or width) than the base give the tensors they share with it
 
 
 def addressable_schedules(data: dict) -> tuple[dict, list[str]]:
@@ -422,6 +427,10 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
     if output_format is not None and output_format not in FORMATS:
         raise RecipeError(f"{here.at(('format',))}: format {output_format!r} is not one of {', '.join(FORMATS)}")
 
+    mix_families = data.get("mix_families", False)
+    if not isinstance(mix_families, bool):
+        raise RecipeError(f"{here.at(('mix_families',))}: mix_families must be true or false, got {mix_families!r}")
+
     config = data.get("config") or {}
     if not isinstance(config, dict):
         raise RecipeError(f"{here.at(('config',))}: config must be a mapping of config.json values to override")
@@ -454,6 +463,7 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
         resolved=data,
         written=written,
         loras=loras,
+        mix_families=mix_families,
     )
 
 

@@ -1,21 +1,22 @@
-"""Per-block schedules: a numeric parameter whose value depends on the FLUX block of the key.
+"""Per-block schedules: a numeric parameter whose value depends on the block of the key.
 
 A recipe gives any numeric op parameter (or a recipe parameter an op uses) as
 - a number: every key gets it;
-- a list of 2 or more numbers: a gradient over the blocks in model order (double_blocks.0..N-1, then
+- a list of 2 or more numbers: a gradient over the blocks in model order (FLUX.1: double_blocks.0..N-1, then
   single_blocks.0..M-1), the numbers spread evenly over them and interpolated linearly; the keys before the
-  blocks (img_in, time_in, guidance_in, vector_in, txt_in) take the first number, final_layer the last;
-- a mapping from block names (those above, ComfyUI ModelMergeFlux1's), the groups double_blocks and
-  single_blocks, and default, to numbers or lists: the most specific name wins (a block over its group over
-  default), a list under a group is a gradient over that group (under default, over all blocks), and a
-  mapping without default must name every block of the keys it decides. A group may also hold a mapping
-  of block numbers, `{double_blocks: {7: 0.5}}`, the same as `{double_blocks.7: 0.5}`: that is how Hydra
-  addresses `recipe.alpha.double_blocks.7` on the command line.
+  blocks (FLUX.1: img_in, time_in, guidance_in, vector_in, txt_in) take the first number, those after them
+  (final_layer) the last;
+- a mapping from block names (ComfyUI ModelMergeFlux1's for FLUX.1; each family's own, families/), the
+  groups (double_blocks, single_blocks), and default, to numbers or lists: the most specific name wins (a
+  block over its group over default), a list under a group is a gradient over that group (under default,
+  over all blocks), and a mapping without default must name every block of the keys it decides. A group may
+  also hold a mapping of block numbers, `{double_blocks: {7: 0.5}}`, the same as `{double_blocks.7: 0.5}`:
+  that is how Hydra addresses `recipe.alpha.double_blocks.7` on the command line.
 
-Block names are the same in every layout (canonical keys are diffusers' names; formats/flux.block_of maps
-them). `parse` checks what needs no model (at recipe time); `check_against` what needs the model's blocks
-and the keys a rule decides, and `value_for` gives a key its number (at plan time), so a plan holds plain
-numbers per key.
+Block names are the same in every layout (canonical keys are diffusers' names; the family's block_of maps
+them). `parse` checks what needs no model (at recipe time: a name of any family's vocabulary); `check_against`
+what needs the model's family, its blocks and the keys a rule decides, and `value_for` gives a key its number
+(at plan time), so a plan holds plain numbers per key.
 """
 
 from __future__ import annotations
@@ -28,38 +29,44 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from .formats.flux import EMBEDDERS, block_of, block_order
+from . import families
+from .families import Family
 
-EMBEDDER_BLOCKS = tuple(name for _, name in EMBEDDERS)  # img_in, time_in, guidance_in, vector_in, txt_in
-FINAL_LAYER = "final_layer"
-GROUPS = ("double_blocks", "single_blocks")
+TOP, GROUPS, FINAL = families.vocabulary()  # every family's block names: a recipe is read before its model is known
 DEFAULT = "default"
-NAMES = (DEFAULT, *EMBEDDER_BLOCKS, *GROUPS, FINAL_LAYER)  # the vocabulary, besides GROUP.N
-INDEXED = re.compile(r"(double_blocks|single_blocks)\.(\d+)")
+NAMES = (DEFAULT, *TOP, *GROUPS, *FINAL)  # the vocabulary, besides GROUP.N
+INDEXED = re.compile(rf"({'|'.join(map(re.escape, GROUPS))})\.(\d+)")
 
 
 @dataclass(frozen=True)
 class Blocks:
-    """The blocks a model has: how many double-stream and single-stream blocks (gradients spread over them)."""
+    """The blocks a model has: its family (names, model order) and how many blocks of each of its groups
+    (gradients spread over them)."""
 
-    double: int
-    single: int
+    family: Family
+    counts: tuple[int, ...]  # per group, in the family's order
 
     @classmethod
-    def of(cls, keys: Iterable[str]) -> Blocks:
-        counts = {group: 0 for group in GROUPS}
-        for key in keys:
-            m = INDEXED.fullmatch(block_of(key) or "")
-            if m:
-                counts[m[1]] = max(counts[m[1]], int(m[2]) + 1)
-        return cls(counts["double_blocks"], counts["single_blocks"])
+    def of(cls, keys: Iterable[str], family: Family) -> Blocks:
+        keys = list(keys)
+        return cls(family, tuple(family.count(keys, group) for group in family.groups))
 
     def count(self, group: str) -> int:
-        return self.double if group == "double_blocks" else self.single
+        return self.counts[self.family.groups.index(group)] if group in self.family.groups else 0
+
+    def position(self, group: str, index: int) -> int:
+        """A block's place among all the model's blocks in model order (the groups one after another)."""
+        return sum(self.counts[: self.family.groups.index(group)]) + index
 
     def order(self) -> list[str]:
         """Every block name in model order."""
-        return [*EMBEDDER_BLOCKS, *(f"double_blocks.{i}" for i in range(self.double)), *(f"single_blocks.{i}" for i in range(self.single)), FINAL_LAYER]
+        indexed = [f"{g}.{i}" for g, n in zip(self.family.groups, self.counts) for i in range(n)]
+        return [*self.family.top_blocks, *indexed, *self.family.final_blocks]
+
+    def names(self) -> str:
+        """The model's block vocabulary, for messages: 'img_in, ..., double_blocks.0..18, ..., final_layer'."""
+        ranges = [f"{g}.0..{n - 1}" for g, n in zip(self.family.groups, self.counts) if n]
+        return ", ".join([*self.family.top_blocks, *ranges, *self.family.final_blocks])
 
 
 @dataclass(frozen=True)
@@ -84,10 +91,10 @@ class Schedule:
             value = entries[DEFAULT]
             if isinstance(value, float):
                 return value
-            if m:  # the blocks in model order: double then single
-                return _along(value, int(m[2]) + (blocks.double if m[1] == "single_blocks" else 0), blocks.double + blocks.single)
-            return value[-1] if block == FINAL_LAYER else value[0]
-        raise ValueError(f"gives no value for {block or 'a key outside the FLUX blocks'}")
+            if m:  # the blocks in model order: one group after another
+                return _along(value, blocks.position(m[1], int(m[2])), sum(blocks.counts))
+            return value[-1] if block in blocks.family.final_blocks else value[0]
+        raise ValueError(f"gives no value for {block or f'a key outside the {blocks.family.name} blocks'}")
 
     def numbers(self) -> list[float]:
         """Every number the schedule holds: any value it gives lies between two of them."""
@@ -158,12 +165,13 @@ def _add(name: str, item: Any, entries: dict[str, Any]) -> None:
     if m:
         name = f"{m[1]}.{int(m[2])}"
     elif name not in NAMES:
-        raise ValueError(f"{name!r} is not a FLUX block name{_suggestion(name)} (names: {', '.join(NAMES[1:])}, double_blocks.N, single_blocks.N, default)")
+        indexed = ", ".join(f"{g}.N" for g in GROUPS)
+        raise ValueError(f"{name!r} is not a FLUX block name{_suggestion(name)} (names: {', '.join(NAMES[1:])}, {indexed}, default)")
     if name in entries:
         raise ValueError(f"'{name}' is given twice")
     if isinstance(item, (list, tuple)):
         if name not in GROUPS and name != DEFAULT:
-            raise ValueError(f"'{name}' is one block: give it a number (a list is a gradient over double_blocks, single_blocks or default)")
+            raise ValueError(f"'{name}' is one block: give it a number (a list is a gradient over {', '.join(GROUPS)} or default)")
         entries[name] = _gradient(item, f"the list under '{name}'")
     elif is_number(item):
         entries[name] = float(item)
@@ -242,24 +250,29 @@ def string_keys(value: Any) -> Any:
 
 def check_against(value: Any, keys: Iterable[str], blocks: Blocks) -> None:
     """A schedule against a model with `blocks`, for the canonical `keys` it decides: every block it names
-    exists, and every key gets a value. A ValueError names the first fault; a number always fits."""
+    exists in the model (its family has the name, its group the index), and every key gets a value. A
+    ValueError names the first fault; a number always fits."""
     if not isinstance(value, Schedule):
         return
+    family = blocks.family
+    known = (*family.top_blocks, *family.groups, *family.final_blocks)
     for name, _ in value.entries:
         m = INDEXED.fullmatch(name)
-        if m and int(m[2]) >= blocks.count(m[1]):
+        if m and m[1] in family.groups and int(m[2]) >= blocks.count(m[1]):
             have = f"{m[1]}.0..{blocks.count(m[1]) - 1}" if blocks.count(m[1]) else f"no {m[1]}"
             raise ValueError(f"names {name}, but the model has {have}")
+        if name != DEFAULT and (m[1] if m else name) not in known:
+            raise ValueError(f"names {name}, which a {family.name} model does not have (its blocks: {blocks.names()})")
     missing: dict[str, str] = {}
     for key in keys:
-        block = block_of(key) or key
+        block = family.block_of(key) or key
         if block not in missing:
             try:
-                value.at(block_of(key), blocks)
+                value.at(family.block_of(key), blocks)
             except ValueError:
                 missing[block] = key
     if missing:
-        missing = dict(sorted(missing.items(), key=lambda item: block_order(item[0])))
+        missing = dict(sorted(missing.items(), key=lambda item: family.block_order(item[0])))
         shown = ", ".join(list(missing)[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ValueError(f"gives no value for {shown} (e.g. key '{next(iter(missing.values()))}'): name them, or add a default")
 
@@ -268,7 +281,7 @@ def value_for(value: float | Schedule, key: str, blocks: Blocks) -> float:
     """The number a parameter gives canonical key `key` of a model with `blocks`: the number itself, or the
     schedule's value for the key's block (check_against first: a key it does not cover is a ValueError)."""
     if isinstance(value, Schedule):
-        return value.at(block_of(key), blocks)
+        return value.at(blocks.family.block_of(key), blocks)
     return value
 
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import xxhash
 
+from . import families
 from .errors import SourceError
+from .families import Family, ShapeError
 from .files import os_error_text, read_small
 from .formats import Recognised, diffusers, recognise
-from .formats.flux import ShapeError, derive_config
 from .formats.layout import TensorRef
 from .formats.safetensors import Header, TensorEntry, read_header
 from .recipe import SourceSpec
@@ -44,10 +45,23 @@ class Checkpoint:
     scaled: int = 0  # tensors stored as scaled fp8
     location: str = ""  # what was read: the folder, or the single file
     downloaded: bool = True  # False: some weight files are known by their headers on the hub only
+    family: Family | None = None  # None: recognised from the canonical keys
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            self.family = families.recognise(self.tensors)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: t.shape for k, t in self.tensors.items()}
+
+    def describe(self) -> str:
+        """Its family and variant: 'FLUX.1 schnell', 'FLUX.2 klein 4B'."""
+        return self.family.describe(self.shapes) if self.family else "an unknown model"
 
 
 def open_source(spec: SourceSpec, download: bool = True) -> Checkpoint:
@@ -164,6 +178,9 @@ def _index(name: str, location: Path, origin: dict[str, str], remote: dict[Path,
     found = recognise(name, str(location), entries, file_metadata)
     ordered = dict(sorted(found.tensors.items(), key=lambda kv: (kv[1].file, kv[1].pieces[0].begin if kv[1].pieces else 0)))
     config = _config(name, folder) if found.layout == "diffusers" else None
+    said = families.by_class(config.get("_class_name")) if config else None
+    if said and said is not found.family:
+        raise SourceError(f"source '{name}': {folder / 'config.json'} says {said.class_name} ({said.name}), but its tensors are {found.family.name}'s: the config belongs to another model")
     derived = config is None and (location.is_file() or found.layout != "diffusers")  # a folder needs its config.json
     notes: tuple[str, ...] = ()
     if derived:
@@ -171,15 +188,15 @@ def _index(name: str, location: Path, origin: dict[str, str], remote: dict[Path,
     return Checkpoint(
         name=name, folder=str(folder), tensors=ordered, config=config, origin=origin, layout=found.layout,
         config_derived=derived, ignored=found.ignored, notes=notes, scaled=found.scaled, location=str(location),
-        downloaded=not remote,
+        downloaded=not remote, family=found.family,
     )
 
 
 def _derived_config(name: str, location: Path, found: Recognised) -> tuple[dict[str, Any], tuple[str, ...]]:
     try:
-        config, notes = derive_config({k: t.shape for k, t in found.tensors.items()}, metadata.version("diffusers"))
+        config, notes = found.family.derive_config({k: t.shape for k, t in found.tensors.items()}, metadata.version("diffusers"))
     except ShapeError as e:
-        raise SourceError(f"source '{name}': {location} {e}: is it a whole FLUX.1 transformer?") from None
+        raise SourceError(f"source '{name}': {location} {e}: is it a whole {found.family.name} transformer?") from None
     return config, tuple(notes)
 
 

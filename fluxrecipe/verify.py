@@ -327,18 +327,19 @@ class FileReport:
     problems: list[str] = field(default_factory=list)
     tensors: int = 0
     layout: str | None = None
+    family: str | None = None
 
     def add(self, path: Path | str, text: str) -> None:
         self.problems.append(f"{path}: {text}")
 
 
 def verify_file(path: Path, hash_data: bool = True) -> FileReport:
-    """Every problem of a single-file output: its header and data layout, its keys against the FLUX.1
-    architecture they imply (in its layout, scaled fp8 included), and the sha256 of its data against the
+    """Every problem of a single-file output: its header and data layout, its keys against the architecture
+    they imply (its family's, in its layout, scaled fp8 included), and the sha256 of its data against the
     one fluxrecipe wrote into its metadata."""
     from .architecture import expected_parameters, mismatch
+    from .families import ShapeError
     from .formats import recognise
-    from .formats.flux import ShapeError, derive_config
 
     report = FileReport(path)
     try:
@@ -353,21 +354,21 @@ def verify_file(path: Path, hash_data: bool = True) -> FileReport:
             _check_data(path, header, report, hash_data)
             return report
         found = recognise("file", str(path), header.entries, header.metadata)
-        report.layout = found.layout
-        config, _ = derive_config({k: t.shape for k, t in found.tensors.items()})
+        report.layout, report.family = found.layout, found.family.name
+        config, _ = found.family.derive_config({k: t.shape for k, t in found.tensors.items()}, None)
         expected = expected_parameters(config, str(path))
     except FluxRecipeError as e:
         report.problems.append(str(e))
         return report
     except ShapeError as e:
-        report.add(path, f"{e}: not a whole FLUX.1 transformer")
+        report.add(path, f"{e}: not a whole {report.family} transformer")
         return report
     found_shapes = {k: t.shape for k, t in found.tensors.items()}
     wrong = mismatch(expected, found_shapes)
     if wrong.missing:
-        report.add(path, f"a FLUX.1 transformer with these tensors needs {len(wrong.missing)} more ({some_keys(wrong.missing)})")
+        report.add(path, f"a {report.family} transformer with these tensors needs {len(wrong.missing)} more ({some_keys(wrong.missing)})")
     if wrong.unexpected or wrong.wrong:
-        report.add(path, f"{len(wrong.unexpected) + len(wrong.wrong)} tensor(s) do not fit the FLUX.1 architecture the others imply ({some_keys(wrong.unexpected + wrong.wrong)})")
+        report.add(path, f"{len(wrong.unexpected) + len(wrong.wrong)} tensor(s) do not fit the {report.family} architecture the others imply ({some_keys(wrong.unexpected + wrong.wrong)})")
     _check_data(path, header, report, hash_data)
     return report
 

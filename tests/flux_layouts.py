@@ -49,14 +49,15 @@ def blocks(state: dict, group: str) -> list[int]:
     return sorted({int(m[1]) for k in state if (m := re.match(rf"{group}\.(\d+)\.", k))})
 
 
-def linear_modules(state: dict) -> list[tuple[str, tuple[str, ...]]]:
+def linear_modules(state: dict, top: dict = TOP, double: dict = DOUBLE, single: dict = SINGLE) -> list[tuple[str, tuple[str, ...]]]:
     """Every Linear module of a FLUX model (diffusers keys) in BFL's names, with the diffusers modules whose
-    rows it holds in order (FINAL_MOD: norm_out.linear, its halves swapped)."""
-    modules = [(bfl, (dif,)) for bfl, dif in TOP.items() if f"{dif}.weight" in state]
+    rows it holds in order (FINAL_MOD: norm_out.linear, its halves swapped). The tables: FLUX.1's, or another
+    family's of the same design (flux2_helpers)."""
+    modules = [(bfl, (dif,)) for bfl, dif in top.items() if f"{dif}.weight" in state]
     for i in blocks(state, "transformer_blocks"):
-        modules += [(f"double_blocks.{i}.{b}", tuple(f"transformer_blocks.{i}.{d}" for d in ds)) for b, ds in DOUBLE.items()]
+        modules += [(f"double_blocks.{i}.{b}", tuple(f"transformer_blocks.{i}.{d}" for d in ds)) for b, ds in double.items()]
     for i in blocks(state, "single_transformer_blocks"):
-        modules += [(f"single_blocks.{i}.{b}", tuple(f"single_transformer_blocks.{i}.{d}" for d in ds)) for b, ds in SINGLE.items()]
+        modules += [(f"single_blocks.{i}.{b}", tuple(f"single_transformer_blocks.{i}.{d}" for d in ds)) for b, ds in single.items()]
     return modules + [(FINAL_MOD, ("norm_out.linear",))]
 
 

@@ -276,7 +276,9 @@ def test_a_scheduled_method_parameter(recipe_dir, tmp_path, state_of, krea, half
     params = {"density": {"default": 0.5, "double_blocks": [0.2, 0.9], "single_blocks.1": 1.0}}
     folders = {"krea": krea, "half": half, "dev": dev}
     merged(recipe_dir, tmp_path / "out", folders, "ties", params, "bf16")
-    from fluxrecipe.formats.flux import block_of
+    from fluxrecipe.families.flux1 import FAMILY
+
+    block_of = FAMILY.block_of
 
     density = {"double_blocks.0": 0.2, "double_blocks.1": 0.9, "single_blocks.1": 1.0}
     got, states = state_of(tmp_path / "out"), [state_of(f) for f in folders.values()]

@@ -21,13 +21,14 @@ from conftest import compose, fake_checkpoint, load_state, merge, reference, run
 from flux_layouts import diffusers_to_bfl
 from fluxrecipe import schedule
 from fluxrecipe.errors import PlanError
-from fluxrecipe.formats.flux import block_of
+from fluxrecipe.families.flux1 import FAMILY as FLUX1
 from fluxrecipe.plan import format_plan, make_plan
 from fluxrecipe.recipe import load_recipe
 
 EMBEDDERS = ["img_in", "time_in", "guidance_in", "vector_in", "txt_in"]
 TINY_BLOCKS = EMBEDDERS + ["double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1", "final_layer"]
-FLUX = schedule.Blocks(19, 38)
+FLUX = schedule.Blocks(FLUX1, (19, 38))
+block_of = FLUX1.block_of
 
 
 def values(value, blocks: schedule.Blocks) -> dict[str, float]:
@@ -35,8 +36,8 @@ def values(value, blocks: schedule.Blocks) -> dict[str, float]:
     keys = {"img_in": "x_embedder.weight", "time_in": "time_text_embed.timestep_embedder.linear_1.weight",
             "guidance_in": "time_text_embed.guidance_embedder.linear_2.bias", "vector_in": "time_text_embed.text_embedder.linear_1.bias",
             "txt_in": "context_embedder.weight", "final_layer": "proj_out.bias"}
-    keys |= {f"double_blocks.{i}": f"transformer_blocks.{i}.attn.to_q.weight" for i in range(blocks.double)}
-    keys |= {f"single_blocks.{i}": f"single_transformer_blocks.{i}.proj_mlp.weight" for i in range(blocks.single)}
+    keys |= {f"double_blocks.{i}": f"transformer_blocks.{i}.attn.to_q.weight" for i in range(blocks.count("double_blocks"))}
+    keys |= {f"single_blocks.{i}": f"single_transformer_blocks.{i}.proj_mlp.weight" for i in range(blocks.count("single_blocks"))}
     parsed = schedule.parse(value)
     return {block: schedule.value_for(parsed, key, blocks) for block, key in keys.items()}
 
@@ -68,7 +69,7 @@ def test_more_anchors_are_spread_evenly():
 
 def test_a_gradient_on_the_tiny_model():
     """4 blocks: positions 0, 1/3, 2/3, 1 of [0.1, 0.7]."""
-    got = values([0.1, 0.7], schedule.Blocks(2, 2))
+    got = values([0.1, 0.7], schedule.Blocks(FLUX1, (2, 2)))
     assert got == pytest.approx({**dict.fromkeys(EMBEDDERS, 0.1), "double_blocks.0": 0.1, "double_blocks.1": 0.3, "single_blocks.0": 0.5, "single_blocks.1": 0.7, "final_layer": 0.7})
 
 

@@ -28,7 +28,7 @@ from ..catalog import conf_dir, recipe_dirs
 from ..errors import FluxRecipeError
 from ..files import os_errors
 from . import job, multirun, settings
-from .arguments import command_line
+from .arguments import command_line, defer_recipe_overrides, is_multirun
 from .commands import COMMANDS, PROGRAM
 from .exits import EXIT_ERROR, EXIT_INTERRUPTED, fail
 from .hydra_setup import register
@@ -54,6 +54,8 @@ def main() -> None:
         with os_errors():
             recipe_dirs()  # a folder named in FLUXRECIPE_RECIPE_PATH that is not there: said before Hydra starts
             sys.argv[1:] = command_line(args)
+            if is_multirun(args):
+                sys.argv[1:] = defer_recipe_overrides(sys.argv[1:])
     except FluxRecipeError as e:
         fail(e, "traceback=true" in args)
     register()

@@ -10,7 +10,7 @@ wrong piece of advice), each turned into one line before Hydra starts.
   name the recipe has (Hydra would advise `+recipe.KEY=V`, which adds a value that changes nothing);
 - `preview=true` is short for `preview.enabled=true`; a launcher or previews whose optional extra is not
   installed is one line naming the `pip install` that adds it (not an ImportError's traceback);
-- in a multirun, `recipe.KEY=V` applies to every job, whichever recipe it chose.
+- in a multirun, `recipe.KEY=V` applies to every job, whichever recipe it chose (defer_recipe_overrides).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def command_line(args: list[str]) -> list[str]:
         out.append(arg)
     if blocks:
         os.environ[BLOCK_OVERRIDES_ENV] = ",".join(dict.fromkeys(blocks))
-    return defer_recipe_overrides(out) if multirun else out
+    return out
 
 
 def _recipe_values(value: str) -> list[str]:

@@ -3,7 +3,8 @@ layouts an output can be written in.
 
 Each layout is one module: diffusers.py (canonical keys, folders with an index), bfl.py (Black Forest Labs'
 single file, and ComfyUI's, which is BFL behind `model.diffusion_model.`, possibly in scaled fp8), lora.py
-(LoRA files in every FLUX trainer's keys, read as changes of canonical tensors; a merge written as a LoRA).
+(LoRA files in every trainer's keys, read as changes of canonical tensors; a merge written as a LoRA). Which
+model family a file holds, and what its keys mean in each layout, the families say (families/).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .. import families
 from ..errors import SourceError
+from ..families import Family
 from ..text import some_keys
 from . import bfl, diffusers
 from .layout import TensorRef
@@ -33,14 +36,16 @@ class Recognised:
 
     layout: str  # "diffusers", "bfl" or "comfyui"
     tensors: dict[str, TensorRef]
+    family: Family
     ignored: dict[str, int] = field(default_factory=dict)  # what is not the transformer: group -> keys
     scaled: int = 0  # tensors stored as scaled fp8
 
 
 def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata: dict[str, str]) -> Recognised:
-    """The layout of a source's tensors (file key -> entry) from their keys; raises SourceError, in one line
-    saying what the files look like, when they are not a FLUX.1 transformer in a layout fluxrecipe reads."""
-    prefix = next((p for p in bfl.PREFIXES if any(k.startswith(p) for k in entries)), None)
+    """The family and layout of a source's tensors (file key -> entry) from their keys; raises SourceError, in
+    one line saying what the files look like, when they are not a transformer of a family fluxrecipe knows in
+    a layout it reads."""
+    prefix = next((p for p in families.comfyui_prefixes() if any(k.startswith(p) for k in entries)), None)
     ignored: dict[str, int] = {}
     model = entries
     if prefix:
@@ -49,20 +54,21 @@ def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata
     if any(LORA_KEY.search(k) for k in model):
         key = next(k for k in model if LORA_KEY.search(k))
         raise SourceError(f"source '{source}': {where} is a LoRA (it holds '{key}'), not a model: bake it into the merge with the recipe's `loras:`")
-    if bfl.is_bfl(model):
+    family = families.recognise(model)
+    if family and family.is_bfl(model):
         scales, side = bfl.read_scales(source, where, model, metadata, prefix or "")
         weights = {k: e for k, e in model.items() if k not in set(side)}
         _check_floats(source, weights)
-        tensors, unknown = bfl.to_canonical(source, weights, scales)
+        tensors, unknown = bfl.to_canonical(source, weights, scales, family)
         if unknown:
             raise SourceError(
-                f"source '{source}': {where} holds {len(unknown)} key(s) a FLUX.1 transformer in Black Forest Labs' layout does not have "
-                f"({some_keys(unknown, SHOWN)}): is it a FLUX.1 model?"
+                f"source '{source}': {where} holds {len(unknown)} key(s) a {family.name} transformer in Black Forest Labs' layout does not have "
+                f"({some_keys(unknown, SHOWN)}): is it a {family.name} model?"
             )
-        return Recognised("comfyui" if prefix else "bfl", tensors, ignored, scaled=len(scales))
-    if diffusers.is_diffusers(model) and not prefix:
+        return Recognised("comfyui" if prefix else "bfl", tensors, family, ignored, scaled=len(scales))
+    if family and family.is_diffusers(model) and not prefix:
         _check_floats(source, model)
-        return Recognised("diffusers", diffusers.to_canonical(source, model))
+        return Recognised("diffusers", diffusers.to_canonical(source, model), family)
     raise SourceError(f"source '{source}': {where} {_looks_like(list(entries))}")
 
 
@@ -79,12 +85,15 @@ def _group(key: str) -> str:
 
 
 def _looks_like(keys: list[str]) -> str:
-    """What a set of keys that is not a FLUX.1 transformer looks like, as the end of a sentence."""
+    """What a set of keys that is no family's transformer looks like, as the end of a sentence."""
+    model = f"{families.FAMILIES[-1].name} transformer"  # the oldest family, named as the kind of model expected
+    others = [f.name for f in reversed(families.FAMILIES[:-1])]
+    nor = f" nor a {' or '.join(others)} one" if others else ""
     if any(LORA_KEY.search(k) for k in keys):
         return f"is a LoRA (it holds '{next(k for k in keys if LORA_KEY.search(k))}'), not a model: bake it into the merge with the recipe's `loras:`"
     if any(UNET_KEY.search(k) for k in keys):
-        return f"looks like a Stable Diffusion / SDXL UNet (it holds '{next(k for k in keys if UNET_KEY.search(k))}'), not a FLUX.1 transformer"
+        return f"looks like a Stable Diffusion / SDXL UNet (it holds '{next(k for k in keys if UNET_KEY.search(k))}'), not a {model}{nor}"
     kinds = [name for name, rx in (("a text encoder", TEXT_KEY), ("a VAE", VAE_KEY)) if any(rx.search(k) for k in keys)]
     if kinds:
-        return f"holds {' and '.join(kinds)} but no FLUX.1 transformer (keys such as {some_keys(keys, SHOWN)})"
-    return f"is not a FLUX.1 transformer in a layout fluxrecipe reads (diffusers, Black Forest Labs or ComfyUI): its keys begin like {some_keys(keys, SHOWN)}"
+        return f"holds {' and '.join(kinds)} but no {model}{nor} (keys such as {some_keys(keys, SHOWN)})"
+    return f"is not a {model}{nor} in a layout fluxrecipe reads (diffusers, Black Forest Labs or ComfyUI): its keys begin like {some_keys(keys, SHOWN)}"

@@ -1,15 +1,10 @@
 """Black Forest Labs' single-file layout, and ComfyUI's (the same keys behind `model.diffusion_model.`).
 
-BFL names modules differently and fuses some of diffusers' tensors along dim 0:
-- `double_blocks.N.img_attn.qkv` = rows of to_q, to_k, to_v (txt_attn.qkv: add_q/k/v_proj);
-- `single_blocks.N.linear1` = rows of to_q, to_k, to_v (hidden rows each) and proj_mlp (the rest);
-- `final_layer.adaLN_modulation.1` = norm_out.linear with its two row halves swapped (BFL: shift, scale;
-  diffusers: scale, shift), the only swap;
-- q/k norms are `.scale` here and `.weight` in diffusers.
-One table says all of it and serves both directions: reading a file into canonical tensors (byte pieces),
-and planning a file from canonical tensors (element ranges). diffusers'
-`convert_flux_transformer_checkpoint_to_diffusers` is the reference for the table; unlike it, nothing here
-assumes FLUX.1's width, so small test models convert as well.
+BFL names modules differently from diffusers and fuses some of its tensors along dim 0 (q/k/v, and more);
+each family says how in one table (families/base.BflTable: renames, fused rows, a swap of row halves, norms),
+and this module is that table's machinery, for every family, in both directions: reading a file into
+canonical tensors (byte pieces), and planning a file from canonical tensors (element ranges). Nothing here
+assumes a model's width: the fused parts are sized by the hidden size read from the file.
 
 ComfyUI files may hold scaled fp8, in either of ComfyUI's conventions: a `scaled_fp8` marker tensor and a
 `<layer>.scale_weight` per layer (older), or `<layer>.weight_scale` with a `<layer>.comfy_quant` JSON tensor
@@ -22,97 +17,18 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from functools import partial
 
 from ..errors import PlanError, SourceError
+from ..families.base import BflTable, Family, Mapping, Norm, Swapped, targets
 from .layout import OutTensor, Part, Piece, Scale, TensorRef, row_size, rows
 from .safetensors import ITEMSIZE, TensorEntry
 
-COMFYUI_PREFIX = "model.diffusion_model."
-PREFIXES = (COMFYUI_PREFIX, "diffusion_model.")
-BLOCK_KEY = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)\.(weight|bias|scale)$")
 TOP_KEY = re.compile(r"^(.+)\.(weight|bias|scale)$")
-CANONICAL_BLOCK = re.compile(r"^(single_transformer_blocks|transformer_blocks)\.(\d+)\.")
 QUANT_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 SCALE_SUFFIX = ".weight_scale"  # the newer convention, which fp8_scaled outputs write: <layer>.weight_scale,
 MARKER_SUFFIX = ".comfy_quant"  # <layer>.comfy_quant (and _quantization_metadata in the header)
 SIDE_SUFFIXES = (".scale_weight", ".weight_scale", ".comfy_quant", ".scale_input", ".input_scale")
-
-
-@dataclass(frozen=True)
-class Rename:
-    target: str
-
-
-@dataclass(frozen=True)
-class Fused:
-    """Rows of several canonical tensors, in order: each has `hidden` rows but the last, which has the rest."""
-
-    targets: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Swapped:
-    """The canonical tensor with its two row halves swapped."""
-
-    target: str
-
-
-@dataclass(frozen=True)
-class Norm:
-    """An RMSNorm: `.scale` in BFL, `.weight` in diffusers."""
-
-    target: str
-
-
-Mapping = Rename | Fused | Swapped | Norm
-
-TOP: dict[str, Mapping] = {
-    "img_in": Rename("x_embedder"),
-    "time_in.in_layer": Rename("time_text_embed.timestep_embedder.linear_1"),
-    "time_in.out_layer": Rename("time_text_embed.timestep_embedder.linear_2"),
-    "vector_in.in_layer": Rename("time_text_embed.text_embedder.linear_1"),
-    "vector_in.out_layer": Rename("time_text_embed.text_embedder.linear_2"),
-    "guidance_in.in_layer": Rename("time_text_embed.guidance_embedder.linear_1"),
-    "guidance_in.out_layer": Rename("time_text_embed.guidance_embedder.linear_2"),
-    "txt_in": Rename("context_embedder"),
-}
-DOUBLE: dict[str, Mapping] = {  # double_blocks.N.X -> transformer_blocks.N.Y
-    "img_mod.lin": Rename("norm1.linear"),
-    "txt_mod.lin": Rename("norm1_context.linear"),
-    "img_attn.qkv": Fused(("attn.to_q", "attn.to_k", "attn.to_v")),
-    "txt_attn.qkv": Fused(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
-    "img_attn.norm.query_norm": Norm("attn.norm_q"),
-    "img_attn.norm.key_norm": Norm("attn.norm_k"),
-    "txt_attn.norm.query_norm": Norm("attn.norm_added_q"),
-    "txt_attn.norm.key_norm": Norm("attn.norm_added_k"),
-    "img_attn.proj": Rename("attn.to_out.0"),
-    "txt_attn.proj": Rename("attn.to_add_out"),
-    "img_mlp.0": Rename("ff.net.0.proj"),
-    "img_mlp.2": Rename("ff.net.2"),
-    "txt_mlp.0": Rename("ff_context.net.0.proj"),
-    "txt_mlp.2": Rename("ff_context.net.2"),
-}
-SINGLE: dict[str, Mapping] = {  # single_blocks.N.X -> single_transformer_blocks.N.Y
-    "modulation.lin": Rename("norm.linear"),
-    "linear1": Fused(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
-    "linear2": Rename("proj_out"),
-    "norm.query_norm": Norm("attn.norm_q"),
-    "norm.key_norm": Norm("attn.norm_k"),
-}
-FINAL: dict[str, Mapping] = {
-    "final_layer.linear": Rename("proj_out"),
-    "final_layer.adaLN_modulation.1": Swapped("norm_out.linear"),
-}
-GROUPS = {"double_blocks": ("transformer_blocks", DOUBLE), "single_blocks": ("single_transformer_blocks", SINGLE)}
-
-
-def is_bfl(keys) -> bool:
-    return any(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "final_layer.")) for k in keys)
-
-
-def _targets(mapping: Mapping) -> tuple[str, ...]:
-    return mapping.targets if isinstance(mapping, Fused) else (mapping.target,)
 
 
 def _segments(mapping: Mapping, sizes: list[int]) -> list[tuple[str, int, int]]:
@@ -121,18 +37,18 @@ def _segments(mapping: Mapping, sizes: list[int]) -> list[tuple[str, int, int]]:
     if isinstance(mapping, Swapped):
         half = sizes[0] // 2
         return [(mapping.target, half, sizes[0]), (mapping.target, 0, half)]
-    return [(target, 0, n) for target, n in zip(_targets(mapping), sizes)]
+    return [(target, 0, n) for target, n in zip(targets(mapping), sizes)]
 
 
-def lookup(file_key: str) -> tuple[str, Mapping, str] | None:
-    """BFL key -> (canonical prefix, its mapping, parameter name), or None for a key not in the tables."""
-    m = BLOCK_KEY.match(file_key)
+def lookup(table: BflTable, file_key: str) -> tuple[str, Mapping, str] | None:
+    """BFL key -> (canonical prefix, its mapping, parameter name), or None for a key not in the table."""
+    m = table.key_pattern.match(file_key)
     if m:
-        group, table = GROUPS[m[1]]
-        mapping = table.get(m[3])
-        return (f"{group}.{m[2]}.", mapping, m[4]) if mapping else None
+        group = table.group(m[1])
+        mapping = group.table.get(m[3])
+        return (f"{group.canonical}.{m[2]}.", mapping, m[4]) if mapping else None
     m = TOP_KEY.match(file_key)
-    mapping = (TOP.get(m[1]) or FINAL.get(m[1])) if m else None
+    mapping = (table.top.get(m[1]) or table.final.get(m[1])) if m else None
     return ("", mapping, m[2]) if mapping else None
 
 
@@ -140,19 +56,23 @@ def _canonical_param(mapping: Mapping, param: str) -> str:
     return "weight" if isinstance(mapping, Norm) else param
 
 
-def to_canonical(source: str, entries: dict[str, TensorEntry], scales: dict[str, Scale]) -> tuple[dict[str, TensorRef], list[str]]:
-    """The canonical tensors of a BFL file (keys without prefix) as byte pieces; and the keys not in the tables."""
-    img_in = entries.get("img_in.weight")
-    if img_in is None or len(img_in.shape) != 2 or not all(img_in.shape):
-        what = "without 'img_in.weight'" if img_in is None else f"whose 'img_in.weight' is {list(img_in.shape)}"
-        raise SourceError(f"source '{source}': {img_in.file if img_in else 'a file'} is in Black Forest Labs' layout {what}: not a whole FLUX.1 transformer")
-    return split(source, entries, img_in.shape[0], scales)
+def to_canonical(source: str, entries: dict[str, TensorEntry], scales: dict[str, Scale], family: Family) -> tuple[dict[str, TensorRef], list[str]]:
+    """The canonical tensors of a BFL file (keys without prefix) as byte pieces; and the keys not in the
+    family's table."""
+    hidden = entries.get(family.bfl.hidden)
+    if hidden is None or len(hidden.shape) != 2 or not all(hidden.shape):
+        what = f"without '{family.bfl.hidden}'" if hidden is None else f"whose '{family.bfl.hidden}' is {list(hidden.shape)}"
+        raise SourceError(f"source '{source}': {hidden.file if hidden else 'a file'} is in Black Forest Labs' layout {what}: not a whole {family.name} transformer")
+    return split(source, entries, hidden.shape[0], family.name, scales, partial(lookup, family.bfl))
 
 
-def split(source: str, entries: dict[str, TensorEntry], hidden: int, scales: dict[str, Scale] | None = None, find=lookup) -> tuple[dict[str, TensorRef], list[str]]:
+def split(
+    source: str, entries: dict[str, TensorEntry], hidden: int, model: str, scales: dict[str, Scale] | None = None, find=None,
+) -> tuple[dict[str, TensorRef], list[str]]:
     """Tensors under BFL keys -> canonical tensors as byte pieces (rows of each BFL tensor split, renamed,
-    swapped as the table says; `hidden`: the model's hidden size, which sizes the fused parts); and the keys
-    `find` does not know. A LoRA's up matrices and biases split the same way as the weights they change."""
+    swapped as the table `find` looks up says; `hidden`: the model's hidden size, which sizes the fused
+    parts; `model`: the family's name, for messages); and the keys `find` does not know. A LoRA's up
+    matrices and biases split the same way as the weights they change."""
     runs: dict[str, list[tuple[int, int, Piece, str, str]]] = {}  # canonical key -> (rows, piece, where, file key)
     unknown = []
     for file_key, entry in entries.items():
@@ -162,10 +82,10 @@ def split(source: str, entries: dict[str, TensorEntry], hidden: int, scales: dic
             continue
         prefix, mapping, param = found
         total = rows(entry.shape)
-        sizes = [hidden] * (len(_targets(mapping)) - 1)
+        sizes = [hidden] * (len(targets(mapping)) - 1)
         sizes.append(total - sum(sizes))
         if sizes[-1] <= 0 or isinstance(mapping, Swapped) and total % 2:
-            raise SourceError(f"source '{source}': {entry.file}: '{entry.name}' {list(entry.shape)} cannot be split into a FLUX.1 transformer's tensors (hidden size {hidden})")
+            raise SourceError(f"source '{source}': {entry.file}: '{entry.name}' {list(entry.shape)} cannot be split into a {model} transformer's tensors (hidden size {hidden})")
         row_bytes = row_size(entry.shape) * ITEMSIZE[entry.dtype]
         at = 0  # the BFL tensor's row where this run starts
         for module, first, end in _segments(mapping, sizes):
@@ -190,47 +110,47 @@ def split(source: str, entries: dict[str, TensorEntry], hidden: int, scales: dic
     return tensors, unknown
 
 
-def out_tensors(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], prefix: str) -> list[OutTensor]:
-    """The tensors of a BFL (prefix '') or ComfyUI (COMFYUI_PREFIX) file holding these canonical tensors,
-    in model order. Raises PlanError when a canonical tensor has no place in the layout, or a fused tensor
-    would lack a part or mix dtypes."""
-    blocks = {(m[1], int(m[2])) for k in shapes if (m := CANONICAL_BLOCK.match(k))}
-    modules: list[tuple[str, str, Mapping]] = [("", name, mapping) for name, mapping in TOP.items()]
-    for bfl_group, (group, table) in GROUPS.items():
-        for index in sorted(i for g, i in blocks if g == group):
-            modules += [(f"{group}.{index}.", f"{bfl_group}.{index}.{name}", mapping) for name, mapping in table.items()]
-    modules += [("", name, mapping) for name, mapping in FINAL.items()]
+def out_tensors(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], prefix: str, table: BflTable) -> list[OutTensor]:
+    """The tensors of a BFL (prefix '') or ComfyUI file holding these canonical tensors, in model order, as
+    the family's `table` lays them out. Raises PlanError when a canonical tensor has no place in the layout,
+    or a fused tensor would lack a part or mix dtypes."""
+    blocks = {(m[1], int(m[2])) for k in shapes if (m := table.canonical_pattern.match(k))}
+    modules: list[tuple[str, str, Mapping]] = [("", name, mapping) for name, mapping in table.top.items()]
+    for group in table.groups:
+        for index in sorted(i for g, i in blocks if g == group.canonical):
+            modules += [(f"{group.canonical}.{index}.", f"{group.bfl}.{index}.{name}", mapping) for name, mapping in group.table.items()]
+    modules += [("", name, mapping) for name, mapping in table.final.items()]
     placed: set[str] = set()
     tensors = []
     for canonical_prefix, bfl_module, mapping in modules:
         for param in ("scale",) if isinstance(mapping, Norm) else ("weight", "bias"):
-            targets = [f"{canonical_prefix}{t}.{_canonical_param(mapping, param)}" for t in _targets(mapping)]
-            present = [t for t in targets if t in shapes]
+            members = [f"{canonical_prefix}{t}.{_canonical_param(mapping, param)}" for t in targets(mapping)]
+            present = [t for t in members if t in shapes]
             if not present:
                 continue
-            tensors.append(_out_tensor(f"{prefix}{bfl_module}.{param}", mapping, targets, shapes, dtypes))
-            placed.update(targets)
+            tensors.append(_out_tensor(f"{prefix}{bfl_module}.{param}", mapping, members, shapes, dtypes))
+            placed.update(members)
     stray = [k for k in shapes if k not in placed]
     if stray:
         raise PlanError(f"the output holds {len(stray)} tensor(s) the Black Forest Labs layout has no place for (e.g. '{stray[0]}')")
     return tensors
 
 
-def _out_tensor(name: str, mapping: Mapping, targets: list[str], shapes: dict, dtypes: dict) -> OutTensor:
-    missing = [t for t in targets if t not in shapes]
+def _out_tensor(name: str, mapping: Mapping, members: list[str], shapes: dict, dtypes: dict) -> OutTensor:
+    missing = [t for t in members if t not in shapes]
     if missing:
-        raise PlanError(f"{name} is made of {', '.join(targets)}; the output lacks {', '.join(missing)}, so it cannot be written in this layout")
-    kinds = {dtypes[t] for t in targets}
+        raise PlanError(f"{name} is made of {', '.join(members)}; the output lacks {', '.join(missing)}, so it cannot be written in this layout")
+    kinds = {dtypes[t] for t in members}
     if len(kinds) != 1:
-        raise PlanError(f"{name} is made of {', '.join(targets)}, which the recipe gives different dtypes ({', '.join(f'{dtypes[t]}' for t in targets)}): a fused tensor has one dtype")
-    tail = shapes[targets[0]][1:]
-    if any(shapes[t][1:] != tail for t in targets):
-        raise PlanError(f"{name} is made of {', '.join(targets)}, whose shapes do not fit together ({', '.join(str(list(shapes[t])) for t in targets)})")
-    if isinstance(mapping, Swapped) and rows(shapes[targets[0]]) % 2:
-        raise PlanError(f"{name}: '{targets[0]}' has an odd number of rows, so its halves cannot be swapped")
-    key_of = dict(zip(_targets(mapping), targets))
+        raise PlanError(f"{name} is made of {', '.join(members)}, which the recipe gives different dtypes ({', '.join(f'{dtypes[t]}' for t in members)}): a fused tensor has one dtype")
+    tail = shapes[members[0]][1:]
+    if any(shapes[t][1:] != tail for t in members):
+        raise PlanError(f"{name} is made of {', '.join(members)}, whose shapes do not fit together ({', '.join(str(list(shapes[t])) for t in members)})")
+    if isinstance(mapping, Swapped) and rows(shapes[members[0]]) % 2:
+        raise PlanError(f"{name}: '{members[0]}' has an odd number of rows, so its halves cannot be swapped")
+    key_of = dict(zip(targets(mapping), members))
     parts, total = [], 0
-    for module, first, end in _segments(mapping, [rows(shapes[t]) for t in targets]):
+    for module, first, end in _segments(mapping, [rows(shapes[t]) for t in members]):
         width = row_size(shapes[key_of[module]])
         parts.append(Part(key_of[module], first * width, end * width))
         total += end - first

@@ -22,10 +22,6 @@ INDEX_NAME = WEIGHTS_NAME + ".index.json"
 SHARD_NAME = "diffusion_pytorch_model-{index:05d}-of-{count:05d}.safetensors"
 
 
-def is_diffusers(keys) -> bool:
-    return any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.")) for k in keys)
-
-
 def to_canonical(source: str, entries: dict[str, TensorEntry]) -> dict[str, TensorRef]:
     return {
         key: TensorRef(source, key, key, e.dtype, e.shape, (Piece(e.file, e.begin, e.nbytes),) if e.nbytes else ())

@@ -1,9 +1,10 @@
-"""LoRA files, both ways: read one in any FLUX trainer's key scheme into changes of canonical tensors, and
-name the tensors of a merge written as a LoRA.
+"""LoRA files, both ways: read one in any trainer's key scheme into changes of canonical tensors, and name
+the tensors of a merge written as a LoRA.
 
 A LoRA module holds down (rank x in) and up (out x rank), and maybe an alpha: it changes a weight W by
 (alpha / rank) * up @ down. The key schemes in the wild, told apart by their keys (diffusers'
-`FluxLoraLoaderMixin.lora_state_dict` detects the same ones):
+`FluxLoraLoaderMixin.lora_state_dict` and `Flux2LoraLoaderMixin.lora_state_dict` detect the same ones), shown
+with FLUX.1's names (each family's own names come from its tables, families/):
 - kohya sd-scripts: `lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight` / `.lora_down.weight` / `.alpha`,
   on Black Forest Labs' module names with `_` for `.`;
 - ComfyUI: the same behind `diffusion_model.`, BFL's names with their dots (`lora_up`/`lora_down` or
@@ -12,13 +13,13 @@ A LoRA module holds down (rank x in) and up (out x rank), and maybe an alpha: it
   names (the canonical ones), alpha absent (= rank), as `.alpha` tensors, or in the header's
   `lora_adapter_metadata` (PEFT's LoraConfig: lora_alpha, alpha_pattern, use_rslora);
 - OneTrainer: `lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight`: diffusers' names with `_`;
-- XLabs: `double_blocks.0.processor.qkv_lora1.down.weight` (lora1: image stream, lora2: text), no alpha;
-- BFL's control LoRAs: `lora_A`/`lora_B` on BFL's names, a `lora_B.bias` (added to the layer's bias), and
-  whole replacement tensors for the q/k norms (`...query_norm.scale`).
+- XLabs (FLUX.1): `double_blocks.0.processor.qkv_lora1.down.weight` (lora1: image stream, lora2: text), no alpha;
+- BFL's control LoRAs (FLUX.1): `lora_A`/`lora_B` on BFL's names, a `lora_B.bias` (added to the layer's
+  bias), and whole replacement tensors for the q/k norms (`...query_norm.scale`).
 Text-encoder parts (`lora_te*`, `text_encoder*`) are counted and left alone.
 
 A LoRA on a fused BFL module (`img_attn.qkv`, `linear1`, the final layer) changes the canonical tensors it
-covers: its up rows are split, renamed and swapped by bfl.py's own table, as that module's weight rows are
+covers: its up rows are split, renamed and swapped by the family's own table, as that module's weight rows are
 (so the final layer's swap applies to up only), and its down is shared whole. Every change is a TensorRef of
 byte pieces of the LoRA file: nothing here reads tensor data but alphas.
 """
@@ -31,8 +32,11 @@ import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 
+from .. import families
 from ..errors import SourceError
+from ..families import Family
 from ..schedule import is_number
 from . import bfl
 from .layout import Piece, TensorRef
@@ -57,14 +61,7 @@ ROLES = (  # longest suffix first: `.lora.up.weight` before `.up.weight`
 )
 TEXT = re.compile(r"^(lora_te\d*_|text_encoders?(_\d+)?\.|lora_te\d*\.)")
 UNET = re.compile(r"(^|[._])(input_blocks|output_blocks|middle_block|down_blocks|up_blocks|mid_block)[._]\d")
-COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 DIFFUSERS_PREFIXES = ("transformer.", "base_model.model.")
-NORM = re.compile(r"\.norm_(added_)?[qk]\.weight$")  # the q/k RMSNorms: what a control LoRA replaces
-# XLabs' processors: lora1 works on the image stream, lora2 on the text stream; the single blocks' qkv_lora
-# adds to the first 3 x hidden rows of linear1 (q, k, v; not the MLP part).
-XLABS = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.processor\.(qkv_lora1|qkv_lora2|proj_lora1|proj_lora2|qkv_lora|proj_lora)$")
-XLABS_DOUBLE = {"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv", "proj_lora1": "img_attn.proj", "proj_lora2": "txt_attn.proj"}
-XLABS_SINGLE_QKV = bfl.Fused(("attn.to_q", "attn.to_k", "attn.to_v"))
 KOHYA_PREFIX, ONETRAINER_PREFIX = "lora_unet_", "lora_transformer_"
 PEFT_PREFIX = "transformer."
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # LoraConfig's, which diffusers uses when the metadata omits them
@@ -107,8 +104,8 @@ class LoraRead:
     ignored: int = 0  # text-encoder keys
 
 
-def read(name: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> LoraRead:
-    """The changes a LoRA file makes to a model whose canonical tensors have `shapes`. Raises SourceError
+def read(name: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], family: Family) -> LoraRead:
+    """The changes a LoRA file makes to a model of `family` whose canonical tensors have `shapes`. Raises SourceError
     when the file is not a LoRA, is a LoRA for another kind of model, or does not fit this model's shapes;
     keys that fit nowhere are returned (`unmatched`) for the caller to refuse or list."""
     where = f"lora '{name}' ({path})"
@@ -117,10 +114,9 @@ def read(name: str, path: str, entries: dict[str, TensorEntry], metadata: dict[s
         raise SourceError(f"{where} is not a LoRA: {_not_a_lora(list(entries))}")
     unet = next((k for k in modules if UNET.search(k)), None)
     if unet:
-        raise SourceError(f"{where} is a LoRA for a Stable Diffusion / SDXL UNet (it holds '{unet}...'), not for FLUX.1")
+        raise SourceError(f"{where} is a LoRA for a Stable Diffusion / SDXL UNet (it holds '{unet}...'), not for {family.name}")
     alphas = _peft_alphas(where, metadata)
-    hidden = shapes["x_embedder.weight"][0]
-    context = _Context(name, where, shapes, hidden, alphas)
+    context = _Context(name, where, shapes, family, alphas)
     found = LoraRead("", [], [])
     schemes: Counter[str] = Counter()
     for module, roles in modules.items():
@@ -174,20 +170,25 @@ def module_problems(entries: dict[str, TensorEntry]) -> list[str] | None:
 class _Context:
     """What resolving a file's modules needs: the model's shapes and names, the file's PEFT alphas."""
 
-    def __init__(self, name: str, where: str, shapes: dict[str, tuple[int, ...]], hidden: int, alphas: "_PeftAlphas | None"):
-        self.name, self.where, self.shapes, self.hidden, self.alphas = name, where, shapes, hidden, alphas
+    def __init__(self, name: str, where: str, shapes: dict[str, tuple[int, ...]], family: Family, alphas: "_PeftAlphas | None"):
+        self.name, self.where, self.shapes, self.family, self.alphas = name, where, shapes, family, alphas
+        self.hidden = family.width(shapes)
+        self.tables = family.lora
         self.canonical = {k.rsplit(".", 1)[0] for k in shapes}
         self.underscored = {m.replace(".", "_"): m for m in self.canonical}
-        self.bfl_underscored = {n.replace(".", "_"): n for table in (bfl.TOP, bfl.FINAL) for n in table}
-        self.block_underscored = {n.replace(".", "_"): n for table in (bfl.DOUBLE, bfl.SINGLE) for n in table}
+        table = family.bfl
+        self.bfl_underscored = {n.replace(".", "_"): n for t in (table.top, table.final) for n in t}
+        self.block_underscored = {n.replace(".", "_"): n for g in table.groups for n in g.table}
+        self.kohya_block = re.compile(rf"({'|'.join(re.escape(g) for g in family.groups)})_(\d+)_(.+)")
+        self.find = partial(bfl.lookup, table)
 
     def resolve(self, module: str) -> tuple[str, str, str] | None:
         """A module path -> (scheme, "bfl" or "canonical" or "xlabs", the module in that naming)."""
         if module.startswith(KOHYA_PREFIX):
             rest = module[len(KOHYA_PREFIX):]
-            m = re.fullmatch(r"(double|single)_blocks_(\d+)_(.+)", rest)
+            m = self.kohya_block.fullmatch(rest)
             if m and m[3] in self.block_underscored:
-                return "kohya", "bfl", f"{m[1]}_blocks.{m[2]}.{self.block_underscored[m[3]]}"
+                return "kohya", "bfl", f"{m[1]}.{m[2]}.{self.block_underscored[m[3]]}"
             if rest in self.bfl_underscored:
                 return "kohya", "bfl", self.bfl_underscored[rest]
             return ("kohya", "canonical", self.underscored[rest]) if rest in self.underscored else None
@@ -195,17 +196,17 @@ class _Context:
             rest = module[len(ONETRAINER_PREFIX):]
             return ("onetrainer", "canonical", self.underscored[rest]) if rest in self.underscored else None
         scheme = "bfl"
-        for prefix in COMFY_PREFIXES:
+        for prefix in self.family.comfyui_prefixes:
             if module.startswith(prefix):
                 module, scheme = module[len(prefix):], "comfyui"
                 break
-        if XLABS.match(module):
+        if self.tables.xlabs and self.tables.xlabs.match(module):
             return "xlabs", "xlabs", module
         for prefix in DIFFUSERS_PREFIXES:
             if module.startswith(prefix):
                 module = module[len(prefix):]
                 return ("diffusers", "canonical", module) if module in self.canonical else None
-        if bfl.lookup(module + ".weight") or bfl.lookup(module + ".scale"):
+        if self.find(module + ".weight") or self.find(module + ".scale"):
             return scheme, "bfl", module
         return ("diffusers", "canonical", module) if module in self.canonical else None
 
@@ -214,7 +215,7 @@ class _Context:
         keys = sorted(e.name for e in roles.values())
         resolved = self.resolve(module)
         if resolved is None:
-            found.unmatched += [(k, "no FLUX.1 module has this name") for k in keys]
+            found.unmatched += [(k, f"no {self.family.name} module has this name") for k in keys]
             return None
         scheme, naming, target = resolved
         if "dora" in roles:
@@ -266,10 +267,10 @@ class _Context:
         resolved = self.resolve(module) if module else None
         if resolved and resolved[1] != "xlabs":
             refs = self._split(module, resolved[1], resolved[2], param, entry)
-            if refs and all(NORM.search(k) for k in refs):
+            if refs and self.tables.replaced and all(self.tables.replaced.search(k) for k in refs):
                 found.changes += self._fitting([Change(k, "replace", ref, None, 1.0, module) for k, ref in refs.items()], found)
                 return True
-        why = "a whole tensor, not a LoRA module (fluxrecipe replaces only the q/k norm scales of control LoRAs)" if resolved else "no FLUX.1 module has this name"
+        why = "a whole tensor, not a LoRA module (fluxrecipe replaces only the q/k norm scales of control LoRAs)" if resolved else f"no {self.family.name} module has this name"
         found.unmatched.append((key, why))
         return False
 
@@ -278,20 +279,20 @@ class _Context:
         if naming == "canonical":
             key = f"{target}.{param}"
             return {key: TensorRef(self.name, key, entry.name, entry.dtype, entry.shape, _pieces(entry))}
-        find = bfl.lookup
+        find = self.find
         if naming == "xlabs":
-            group, index, processor = XLABS.match(target).groups()
-            if group == "double_blocks":
-                target = f"double_blocks.{index}.{XLABS_DOUBLE[processor]}"
+            group, index, processor = self.tables.xlabs.match(target).groups()
+            if processor in self.tables.xlabs_double:
+                target = f"{group}.{index}.{self.tables.xlabs_double[processor]}"
             else:  # single blocks' qkv_lora: rows of linear1's q, k and v
-                target = f"single_blocks.{index}.linear1_qkv"
-                prefix = f"single_transformer_blocks.{index}."
-                find = lambda k: (prefix, XLABS_SINGLE_QKV, k.rsplit(".", 1)[1])  # noqa: E731
+                target = f"{group}.{index}.linear1_qkv"
+                prefix = f"{self.family.bfl.group(group).canonical}.{index}."
+                find = lambda k: (prefix, self.tables.xlabs_single_qkv, k.rsplit(".", 1)[1])  # noqa: E731
         try:
-            refs, unknown = bfl.split(self.name, {f"{target}.{param}": entry}, self.hidden, find=find)
+            refs, unknown = bfl.split(self.name, {f"{target}.{param}": entry}, self.hidden, self.family.name, find=find)
         except SourceError:
             raise SourceError(
-                f"{self.where}: '{entry.name}' {list(entry.shape)} does not fit FLUX.1 of hidden size {self.hidden}: a LoRA for a model of another width?"
+                f"{self.where}: '{entry.name}' {list(entry.shape)} does not fit {self.family.name} of hidden size {self.hidden}: a LoRA for a model of another width?"
             ) from None
         return {} if unknown else refs
 
@@ -311,8 +312,8 @@ class _Context:
                 fits, got = c.tensor.shape == shape, str(list(c.tensor.shape))
             if not fits:
                 hint = ""
-                if c.key.startswith("x_embedder.") and c.kind == "product" and c.down.shape[1] != shape[1]:
-                    hint = f" (the LoRA's input layer takes {c.down.shape[1]} channels, the model {shape[1]}: a control LoRA for FLUX.1 Canny/Depth/Fill? bake it into a model of that input size)"
+                if c.key == self.family.hidden_key and c.kind == "product" and c.down.shape[1] != shape[1] and self.tables.control_hint:
+                    hint = f" (the LoRA's input layer takes {c.down.shape[1]} channels, the model {shape[1]}: {self.tables.control_hint})"
                 raise SourceError(
                     f"{self.where}: '{c.module}' does not fit '{c.key}' {list(shape)}: it is {got}; a LoRA for another model (width, variant)?{hint}"
                 )
@@ -396,13 +397,13 @@ def _scalar(entry: TensorEntry) -> float:
 
 def _not_a_lora(keys: list[str]) -> str:
     """What a file without LoRA modules holds, as the end of a sentence."""
-    from . import _looks_like, diffusers
+    from . import _looks_like
 
-    stripped = [k[len(p):] for k in keys for p in COMFY_PREFIXES if k.startswith(p)] or keys
+    stripped = [k[len(p):] for k in keys for p in families.comfyui_prefixes() if k.startswith(p)] or keys
     lycoris = next((k for k in keys if re.search(r"\.(lokr|hada)_", k)), None)
     if lycoris:
         return f"it is a LyCORIS LoKr/LoHa (it holds '{lycoris}'), which fluxrecipe does not bake"
-    if bfl.is_bfl(stripped) or diffusers.is_diffusers(keys):
+    if families.recognise(stripped):
         return f"it holds no lora_up/lora_down or lora_A/lora_B matrices but a model's weights ('{keys[0]}', ...): use a model as one of the recipe's sources"
     return "it holds no lora_up/lora_down or lora_A/lora_B matrices; it " + _looks_like(keys)
 
@@ -411,7 +412,7 @@ def _not_a_lora(keys: list[str]) -> str:
 
 
 def kohya_names(bfl_module: str) -> tuple[str, str, str]:
-    """(down, up, alpha) tensor names of a BFL module in kohya's FLUX scheme."""
+    """(down, up, alpha) tensor names of a BFL module in kohya's scheme."""
     base = KOHYA_PREFIX + bfl_module.replace(".", "_")
     return f"{base}.lora_down.weight", f"{base}.lora_up.weight", f"{base}.alpha"
 

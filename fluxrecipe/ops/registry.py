@@ -358,6 +358,13 @@ def _number_or_schedule(value: Any, where: str) -> float | schedule.Schedule:
     return float(value)
 
 
+def block_names() -> str:
+    """Every family's block names as a schedule takes them: 'img_in, ..., double_blocks[.N], ..., default'."""
+    from ..schedule import FINAL, GROUPS, TOP
+
+    return ", ".join([*TOP, *(f"{g}[.N]" for g in GROUPS), *FINAL, "default"])
+
+
 def listing(names: list[str] | None = None) -> str:
     """Every op (or the named ones) with its sources, parameters and formula: `python -m fluxrecipe methods`."""
     lines = [
@@ -365,7 +372,7 @@ def listing(names: list[str] | None = None) -> str:
         "x1, x2, ... are the rule's sources in order (its `sources:`, else the recipe's); base = x1, tau_i = x_i - base.",
         "All arithmetic is float32, rounded once to the output dtype; statistics are exact or float64.",
         "Any NUMBER may be a per-block schedule: a list (a gradient over the blocks) or a mapping of block names",
-        "(img_in, time_in, guidance_in, vector_in, txt_in, double_blocks[.N], single_blocks[.N], final_layer, default).",
+        f"({block_names()}).",
     ]
     for spec in (OPS[n] for n in names or OPS):
         fewest, most = spec.inputs

@@ -6,8 +6,6 @@ pinned to what was read, the rules as they were applied, the licence caveat, and
 
 from __future__ import annotations
 
-import json
-
 from ..loras import blocks_text
 from ..plan import Plan, human_bytes
 from ..text import markdown_code, markdown_text
@@ -19,8 +17,9 @@ RANDOM_WARNING = (
 
 
 def model_card(plan: Plan) -> str:
-    r = plan.recipe
-    lines = [f"# {markdown_text(r.name)}: a FLUX.1 transformer merged by fluxrecipe", ""]
+    r, family = plan.recipe, plan.family
+    base = next(s for s in plan.sources if s.name == r.base)
+    lines = [f"# {markdown_text(r.name)}: a {family.name} transformer merged by fluxrecipe", ""]
     if any("demo" in s.origin for s in plan.sources):
         lines += [RANDOM_WARNING]
     if r.description:  # a stranger's text: shown as text, never as Markdown or HTML
@@ -28,7 +27,7 @@ def model_card(plan: Plan) -> str:
     dtypes = "/".join(sorted({s.dtype + (" scaled" if s.scaled else "") for s in plan.steps}))
     lines += [
         f"Architecture: `{plan.config.get('_class_name')}` of source `{r.base}` "
-        f"(guidance_embeds: {json.dumps(plan.config.get('guidance_embeds'))}), {len(plan.steps)} tensors, "
+        f"({base.model}), {len(plan.steps)} tensors, "
         f"{dtypes}, {human_bytes(plan.bytes_written)}, in {plan.format} layout.",
         "",
         "## Sources",
@@ -56,17 +55,16 @@ def model_card(plan: Plan) -> str:
         "",
         "```python",
         "import torch",
-        "from diffusers import FluxTransformer2DModel",
+        f"from diffusers import {family.class_name}",
         "",
-        'transformer = FluxTransformer2DModel.from_pretrained("PATH/TO/THIS/FOLDER", torch_dtype=torch.bfloat16)',
+        f'transformer = {family.class_name}.from_pretrained("PATH/TO/THIS/FOLDER", torch_dtype=torch.bfloat16)',
         "```",
         "",
-        "Pass it to a `FluxPipeline` of the base model's repo (`transformer=transformer`).",
+        f"Pass it to a `{family.preview(plan.config).pipeline}` of the base model's repo (`transformer=transformer`).",
         "",
         "## Licence",
         "",
-        "Merged weights are derived from every source: they carry the terms of each source's licence together "
-        "(FLUX.1-schnell: Apache-2.0; FLUX.1-dev and FLUX.1-Krea-dev: the FLUX.1 [dev] Non-Commercial License).",
+        f"Merged weights are derived from every source: they carry the terms of each source's licence together ({family.licences}).",
         "",
         "## Rebuild",
         "",
