@@ -225,8 +225,8 @@ def test_options_are_checked_in_the_composed_config_too():
 @pytest.mark.parametrize(
     "args, says",
     [
-        (["recipe=to_comfyui_fp8", "+recipe.dtype=fp8_scaled"], "dtype fp8_scaled changes nothing: every rule sets its own dtype; set the dtype of the rules it should apply to instead (e.g. recipe.rules.2.dtype=fp8_scaled)"),
-        (["recipe=to_comfyui_fp8", "recipe.dtype=fp8_scaled"], "dtype fp8_scaled changes nothing: every rule sets its own dtype"),
+        (["recipe=every_rule", "+recipe.dtype=fp8_scaled"], "dtype fp8_scaled changes nothing: every rule sets its own dtype; set the dtype of the rules it should apply to instead (e.g. recipe.rules.1.dtype=fp8_scaled)"),
+        (["recipe=every_rule", "recipe.dtype=fp8_scaled"], "dtype fp8_scaled changes nothing: every rule sets its own dtype"),
         (["recipe=tiny", "recipe.alhpa=0.3"], "recipe.alhpa: recipe 'tiny' has no 'alhpa' (did you mean recipe.alpha?)"),
         (["recipe=tiny", "recipe.sources.kreaa=x"], "recipe.sources.kreaa: recipe 'tiny' has no 'kreaa' (did you mean recipe.sources.krea?)"),
         (["recipe=tiny", "recipe.rules.0.dtpye=fp8"], "recipe.rules.0.dtpye: recipe 'tiny' has no 'dtpye' (did you mean recipe.rules.0.dtype?)"),
@@ -239,13 +239,13 @@ def test_options_are_checked_in_the_composed_config_too():
     ids=["plus-dtype-every-rule-sets", "dtype-every-rule-sets", "parameter-typo", "source-typo", "rule-field-typo", "no-such-rule", "lora-rank-without-lora", "shard-size-one-file", "preview-setting-without-preview", "recipe-format-beside-format"],
 )
 def test_a_setting_that_would_change_nothing_is_refused(cli, recipes, tmp_path, schnell, args, says):
-    """`+recipe.dtype=fp8_scaled` on to_comfyui_fp8 (Hydra's own advice for `recipe.dtype=`) wrote plain fp8 and
-    exited 0; lora_rank, shard_size or a preview setting the run ignores did nothing, silently; a typo under
-    recipe. got Hydra's advice to add `+`. Each is one line saying why and what would work, and nothing is
-    written."""
-    one_file = "format=bfl" in args or "recipe=to_comfyui_fp8" in args
-    source = [f"recipe.sources.model={schnell}"] if "recipe=to_comfyui_fp8" in args else []
-    line = one_line(cli(*args, *source, f"output={'merged.safetensors' if one_file else 'merged'}"))
+    """`+recipe.dtype=fp8_scaled` on to_comfyui_fp8, whose every rule set its own dtype (Hydra's own advice for
+    `recipe.dtype=`), wrote plain fp8 and exited 0 (every_rule is that recipe); lora_rank, shard_size or a
+    preview setting the run ignores did nothing, silently; a typo under recipe. got Hydra's advice to add `+`.
+    Each is one line saying why and what would work, and nothing is written."""
+    write_recipe(recipes, "every_rule", f"sources: {{model: '{schnell}'}}\nformat: comfyui\nrules:\n  - {{match: 'x_embedder', op: 'take:model', dtype: bf16}}\n  - {{match: '.*', op: 'take:model', dtype: fp8}}\n")
+    one_file = "format=bfl" in args or "recipe=every_rule" in args
+    line = one_line(cli(*args, f"output={'merged.safetensors' if one_file else 'merged'}"))
     assert says in line
     assert "+recipe" not in line and "To append to your config" not in line  # never Hydra's advice to add `+`
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]
@@ -255,7 +255,8 @@ def test_a_recipe_value_a_recipe_may_have_is_set_without_plus(cli, recipes, tmp_
     """recipe.dtype on a recipe that names none (Hydra asks for `+`), a rule's dtype: set as asked."""
     write_recipe(recipes, "nodtype", f"sources: {{a: '{schnell}'}}\nrules: [{{match: 'x_embedder', op: 'take:a', dtype: fp32}}, {{match: '.*', op: 'take:a'}}]\n")
     assert "total: 108 tensors in 1 file(s), F16/F32;" in ran(cli("recipe=nodtype", "recipe.dtype=fp16", "dry_run=true", "output=out"))
-    out = ran(cli("recipe=to_comfyui_fp8", f"recipe.sources.model={schnell}", "recipe.rules.2.dtype=fp8_scaled", "dry_run=true", "output=m.safetensors"))
+    write_recipe(recipes, "every_rule", f"sources: {{model: '{schnell}'}}\nformat: comfyui\nrules:\n  - {{match: 'x_embedder', op: 'take:model', dtype: bf16}}\n  - {{match: '.*', op: 'take:model', dtype: fp8}}\n")
+    out = ran(cli("recipe=every_rule", "recipe.rules.1.dtype=fp8_scaled", "dry_run=true", "output=m.safetensors"))
     assert "take:model -> fp8_scaled" in out and "BF16/F8_E4M3 scaled" in out
 
 
