@@ -24,8 +24,12 @@ def printable(text: str) -> str:
 
 def markdown_text(text: str) -> str:
     """Printable text that Markdown shows as it is (no emphasis, heading, list, link, HTML or table cell break)."""
-    text = MARKDOWN_SPECIAL.sub(r"\\\1", printable(text))
-    return MARKDOWN_LINE_START.sub(lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", text)
+    return MARKDOWN_LINE_START.sub(lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", markdown_cell(text))
+
+
+def markdown_cell(text: str) -> str:
+    """Printable text that Markdown shows as it is inside a table cell, where no line starts."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", printable(text))
 
 
 def markdown_code(text: str) -> str:

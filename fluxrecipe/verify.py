@@ -1,4 +1,4 @@
-"""`python -m fluxrecipe verify FOLDER`: check a model folder before trusting it.
+"""What `fluxrecipe verify FOLDER` checks (cli/commands.py prints it): a model folder, before trusting it.
 
 Every problem is one line naming the file (and the key) at fault; the exit status is 0 when there is none, 1
 otherwise. What is checked:
@@ -18,23 +18,20 @@ otherwise. What is checked:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import FluxRecipeError
-from .files import os_errors, read_small
+from .files import read_small
 from .formats.diffusers import INDEX_NAME, WEIGHTS_NAME as DIFFUSERS_WEIGHTS
 from .formats.lora import module_problems
 from .formats.safetensors import ITEMSIZE, Header, read_header
 from .plan import SHOWN, some_keys
-from .text import counted, printable
 from .package import RECIPE_NAME
 from .writer import MANIFEST_NAME
 
@@ -66,36 +63,6 @@ class Report:
 
     def add(self, path: Path | str, text: str) -> None:
         self.problems.append(f"{path}: {text}")
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fluxrecipe verify",
-        description="Check a merged model folder against its manifest (sizes, sha256), its index, its safetensors headers and its config.json.",
-    )
-    parser.add_argument("folder", help="the output of a merge: a folder (or a pipeline folder holding transformer/), or a single .safetensors file")
-    parser.add_argument("--no-hash", action="store_true", help="compare sizes only, do not read the data for sha256")
-    args = parser.parse_args(argv)
-    with os_errors():
-        if Path(args.folder).expanduser().is_file():
-            return _report_file(verify_file(Path(args.folder).expanduser(), hash_data=not args.no_hash), hashed=not args.no_hash)
-        report = verify_folder(Path(args.folder), hash_files=not args.no_hash)
-    if report.problems:
-        for problem in report.problems:
-            print(f"fluxrecipe verify: {printable(problem)}", file=sys.stderr)
-        if report.folder.is_dir():  # else the one problem says what it is
-            print(f"fluxrecipe verify: {printable(str(report.folder))}: {counted(len(report.problems), 'problem')}: do not use this folder as it is", file=sys.stderr)
-        return 1
-    hashed = "sizes and sha256" if not args.no_hash else "sizes (sha256 not checked)"
-    files = f"{report.files} files match the manifest ({hashed})" if report.manifest else "no fluxrecipe manifest (not a fluxrecipe output): sizes and sha256 not checked"
-    values = "; their values are finite" if not args.no_hash else "; values not read"
-    print(
-        printable(
-            f"{report.folder}: ok: {files}; {report.tensors} tensors in {report.shards} shard(s) "
-            f"match the index, their headers and config.json ({report.model}){values}"
-        )
-    )
-    return 0
 
 
 def verify_folder(folder: Path, hash_files: bool = True) -> Report:
@@ -417,15 +384,3 @@ def _check_data(path: Path, header, report: FileReport, hash_data: bool) -> None
             report.add(path, f"tensor '{key}' holds {count} NaN/Inf value(s): the model would compute NaN")
         if digest != recorded:
             report.add(path, f"the sha256 of its data is {digest}, its metadata says {recorded}: the file changed after the merge")
-
-
-def _report_file(report: FileReport, hashed: bool) -> int:
-    if report.problems:
-        for problem in report.problems:
-            print(f"fluxrecipe verify: {printable(problem)}", file=sys.stderr)
-        print(f"fluxrecipe verify: {printable(str(report.path))}: {counted(len(report.problems), 'problem')}: do not use this file as it is", file=sys.stderr)
-        return 1
-    what = "its data matches the sha256 in its metadata and its values are finite" if hashed else "sha256 and values not checked"
-    kind = "a LoRA" if report.layout == "lora" else f"a whole {report.family} transformer in {report.layout} layout"
-    print(printable(f"{report.path}: ok: {report.tensors} tensors, {kind}; {what}"))
-    return 0

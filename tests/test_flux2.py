@@ -431,7 +431,8 @@ def test_mix_families_that_mixes_nothing_is_refused(recipe_dir, tmp_path, f2):
 
 
 def test_verify_names_the_family_of_a_single_file(tmp_path, f2, capsys):
-    from fluxrecipe.verify import main, verify_file
+    from fluxrecipe.cli.commands import verify as main
+    from fluxrecipe.verify import verify_file
 
     out = tmp_path / "x.safetensors"
     convert("to_bfl", f2["a"], out)

@@ -296,7 +296,7 @@ def test_python_api_without_hydra(tmp_path, schnell, krea, state_of):
 
 
 def test_verify_checks_a_single_file(recipe_dir, tmp_path, krea, capsys):
-    from fluxrecipe.verify import main
+    from fluxrecipe.cli.commands import verify as main
 
     out = tmp_path / "k.safetensors"
     run_recipe(recipe_dir, out, {"sources": {"k": str(krea)}, "rules": [{"match": ".*", "op": "take:k"}]}, "format=comfyui")

@@ -393,7 +393,7 @@ def test_bad_method_recipes_are_one_line_naming_the_line(recipe_dir, tmp_path, k
 
 
 def test_methods_lists_every_op_with_parameters_and_formula(capsys):
-    from fluxrecipe.methods import main
+    from fluxrecipe.cli.commands import methods as main
 
     assert main([]) == 0
     text = capsys.readouterr().out
