@@ -52,11 +52,12 @@ def with_nan(source: Path, folder: Path, key: str = "x_embedder.weight") -> Path
     return folder
 
 
-def build_pipeline(folder: Path) -> Path:
+def build_pipeline(folder: Path, architecture: dict = TINY) -> Path:
     """A tiny FLUX pipeline, as diffusers saves one, built offline: CLIP and T5 encoders from transformers
     configs, their tokenizers made here from a small vocabulary (CLIP: characters, BPE without merges; T5: a
-    Unigram model of words and characters), a VAE with one latent channel (the tiny transformer takes 4 =
-    2x2 packed latents), FLUX's scheduler, and a tiny transformer (which previews replace by the merge)."""
+    Unigram model of words and characters), a VAE with in_channels / 4 latent channels (the transformer takes
+    2x2 packed latents), FLUX's scheduler, and a transformer of `architecture` (which previews replace by the
+    merge). tests/slurm/ builds one for the demo checkpoints' architecture."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
@@ -81,18 +82,18 @@ def build_pipeline(folder: Path) -> Path:
 
     torch.manual_seed(0)
     clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=TINY["pooled_projection_dim"], intermediate_size=37, num_hidden_layers=2,
+        vocab_size=len(vocab), hidden_size=architecture["pooled_projection_dim"], intermediate_size=37, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32,
     ))
     t5_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(pieces), d_model=TINY["joint_attention_dim"], d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        vocab_size=len(pieces), d_model=architecture["joint_attention_dim"], d_kv=8, d_ff=37, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
     ))
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=TINY["in_channels"] // 4,
+        in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=architecture["in_channels"] // 4,
         norm_num_groups=1, sample_size=32, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
     )
-    transformer = FluxTransformer2DModel(**TINY)
+    transformer = FluxTransformer2DModel(**architecture)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tokenizer,
         text_encoder_2=t5_encoder, tokenizer_2=t5_tokenizer, transformer=transformer,
