@@ -376,6 +376,7 @@ run_sweep() {
     # This cluster has no accounting database, so submitit's sacct polls fail (it then finds finished jobs by
     # their result files): those lines go to log/sweep.log and are counted, not shown.
     local status=0 start=$SECONDS
+    : >"$DIR/log/sweep.log"  # there before tail opens it
     (cd "$DIR/work" && export PYTHONUNBUFFERED=1 && exec timeout -k 30 "$SWEEP_TIMEOUT" "$PY" -m fluxrecipe "${SWEEP_ARGS[@]}") >"$DIR/log/sweep.log" 2>&1 &
     local sweep_pid=$!  # shown as it goes, without submitit's sacct lines
     tail -n +1 -f --pid="$sweep_pid" "$DIR/log/sweep.log" \
@@ -407,7 +408,7 @@ check_sweep() {
             || problems+=("SLURM job $array_id: expected ${#ALPHAS[@]} array tasks COMPLETED with exit code 0:0, scontrol says: ${state//$'\n'/; }")
     fi
     for alpha in "${ALPHAS[@]}"; do
-        job="recipe.alpha=$alpha,recipe=demo"
+        job="alpha=$alpha"  # the folder of a job: what differs between the jobs
         record=$(cd "$sweep/$job" 2>/dev/null && timeout 60 "$PY" -c 'import json; r = json.load(open("fluxrecipe-job.json")); print(r["status"], r.get("error") or "")' 2>&1) \
             || { problems+=("$job: no readable fluxrecipe-job.json"); continue; }
         [[ $record == "ok " ]] || problems+=("$job: status $record")
@@ -427,7 +428,7 @@ check_sweep() {
         hydra.run.dir="$DIR/work/local-run" >"$DIR/log/local-merge.log" 2>&1; then
         local a b
         for a in "$DIR"/local-merge/*.safetensors; do
-            b="$sweep/recipe.alpha=0.5,recipe=demo/transformer/$(basename "$a")"
+            b="$sweep/alpha=0.5/transformer/$(basename "$a")"
             cmp -s "$a" "$b" || problems+=("$(basename "$a") of the SLURM job (alpha 0.5) differs from the same merge run here without SLURM")
         done
     else
