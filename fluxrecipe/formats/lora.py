@@ -131,10 +131,24 @@ def read(name: str, path: str, entries: dict[str, TensorEntry], metadata: dict[s
             found.ignored += 1
         elif context.replacement(key, entry, found):
             schemes["bfl_control" if not key.startswith(DIFFUSERS_PREFIXES) else "diffusers"] += 1
+    _refuse_doubles(where, found.changes)
     if schemes["bfl"] and (schemes["bfl_control"] or any(c.kind == "add" for c in found.changes)):
         schemes["bfl_control"] += schemes.pop("bfl")
     found.format = "+".join(s for s, _ in schemes.most_common()) or "unknown"
     return found
+
+
+def _refuse_doubles(where: str, changes: list[Change]) -> None:
+    """Two modules of one file that change the same tensor are one module named twice (kohya's and ComfyUI's
+    spelling of it, a fused module and a part of it): baking both would add its change twice."""
+    first: dict[str, Change] = {}
+    for c in changes:
+        seen = first.setdefault(c.key, c)
+        if seen.module != c.module:
+            raise SourceError(
+                f"{where}: '{seen.module}' and '{c.module}' both change '{c.key}': one module named twice (in two key schemes?) "
+                "would be baked twice; keep one of them in the file"
+            )
 
 
 def modules_of(entries: dict[str, TensorEntry]) -> tuple[dict[str, dict[str, TensorEntry]], dict[str, TensorEntry]]:

@@ -1,0 +1,73 @@
+"""Issue 21 (trust, round 3), the engine's findings: each test reproduces a finding as a user meets it and
+fails without its fix.
+
+Tests that guard against a hang run the command in a subprocess with a timeout far above its normal time
+(or under `hang_guard`), so that a regression fails instead of stalling the suite; no assertion is timed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import run_recipe
+from reliability_helpers import assert_no_output
+
+from fluxrecipe.errors import PlanError, SourceError
+
+R = 2  # the rank of the LoRAs made here
+HIDDEN = 32  # the tiny models' hidden size (conftest.TINY: 2 heads x 16)
+
+
+def lora_module(name: str, rows: int, columns: int, seed: int, names=("lora_down", "lora_up")) -> dict[str, torch.Tensor]:
+    """One LoRA module's down and up under `name` (rank R, bf16)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"{name}.{names[0]}.weight": (torch.randn(R, columns, generator=g) * 0.1).to(torch.bfloat16),
+        f"{name}.{names[1]}.weight": (torch.randn(rows, R, generator=g) * 0.1).to(torch.bfloat16),
+    }
+
+
+def bake(recipe_dir, tmp_path, model, tensors: dict, *overrides, name="l", **spec):
+    """`tensors` saved as a LoRA file and baked into `model` (take: model)."""
+    path = tmp_path / f"{name}.safetensors"
+    save_file(tensors, path)
+    recipe = {"sources": {"model": str(model)}, "rules": [{"match": ".*", "op": "take:model"}], "loras": {name: {"path": str(path), **spec}}}
+    return run_recipe(recipe_dir, tmp_path / "out", recipe, *overrides)
+
+
+# --- 1. one module named twice in one LoRA file is refused, not baked twice -------------------------------
+
+# one module (double block 0's image attention output, 32 x 32) in each scheme's spelling, with its up/down names
+PROJ = {
+    "kohya": ("lora_unet_double_blocks_0_img_attn_proj", ("lora_down", "lora_up")),
+    "comfyui": ("diffusion_model.double_blocks.0.img_attn.proj", ("lora_down", "lora_up")),
+    "comfyui_ab": ("diffusion_model.double_blocks.0.img_attn.proj", ("lora_A", "lora_B")),
+    "peft": ("transformer.transformer_blocks.0.attn.to_out.0", ("lora_A", "lora_B")),
+    "onetrainer": ("lora_transformer_transformer_blocks_0_attn_to_out_0", ("lora_down", "lora_up")),
+    "kohya_diffusers": ("lora_unet_transformer_blocks_0_attn_to_out_0", ("lora_down", "lora_up")),
+    "xlabs": ("double_blocks.0.processor.proj_lora1", ("down", "up")),
+    "bfl": ("double_blocks.0.img_attn.proj", ("lora_A", "lora_B")),
+}
+
+
+@pytest.mark.parametrize("first, second", [("kohya", "comfyui"), ("kohya", "peft"), ("peft", "onetrainer"), ("comfyui", "kohya_diffusers"), ("xlabs", "kohya"), ("bfl", "peft")])
+def test_one_module_under_two_names_is_refused(recipe_dir, tmp_path, schnell, first, second):
+    (a, a_names), (b, b_names) = PROJ[first], PROJ[second]
+    tensors = {**lora_module(a, HIDDEN, HIDDEN, 1, a_names), **lora_module(b, HIDDEN, HIDDEN, 2, b_names)}
+    with pytest.raises(SourceError) as e:
+        bake(recipe_dir, tmp_path, schnell, tensors)
+    message = str(e.value)
+    assert f"'{a}" in message and f"'{b}" in message and "transformer_blocks.0.attn.to_out.0.weight" in message and "\n" not in message
+    assert_no_output(tmp_path / "out")
+
+
+def test_a_fused_module_and_a_part_of_it_under_another_name_are_refused(recipe_dir, tmp_path, schnell):
+    """kohya's single block linear1 (q, k, v and the MLP's rows) and PEFT's to_k of the same block: to_k twice."""
+    tensors = {
+        **lora_module("lora_unet_single_blocks_0_linear1", 3 * HIDDEN + 4 * HIDDEN, HIDDEN, 1),
+        **lora_module("transformer.single_transformer_blocks.0.attn.to_k", HIDDEN, HIDDEN, 2, ("lora_A", "lora_B")),
+    }
+    with pytest.raises(SourceError, match=r"'lora_unet_single_blocks_0_linear1.*'transformer.single_transformer_blocks.0.attn.to_k.*single_transformer_blocks.0.attn.to_k.weight"):
+        bake(recipe_dir, tmp_path, schnell, tensors)
