@@ -71,3 +71,17 @@ def test_a_fused_module_and_a_part_of_it_under_another_name_are_refused(recipe_d
     }
     with pytest.raises(SourceError, match=r"'lora_unet_single_blocks_0_linear1.*'transformer.single_transformer_blocks.0.attn.to_k.*single_transformer_blocks.0.attn.to_k.weight"):
         bake(recipe_dir, tmp_path, schnell, tensors)
+
+
+# --- 3. a kohya module under the other block kind is unmatched, not skipped --------------------------------
+
+
+@pytest.mark.parametrize("module", ["lora_unet_double_blocks_0_linear1", "lora_unet_single_blocks_1_img_attn_qkv", "lora_unet_single_blocks_0_img_mlp_0"])
+def test_a_kohya_module_of_the_other_block_kind_is_unmatched(recipe_dir, tmp_path, schnell, module):
+    good = lora_module("lora_unet_double_blocks_0_img_attn_proj", HIDDEN, HIDDEN, 1)
+    wrong = lora_module(module, 3 * HIDDEN, HIDDEN, 2)
+    with pytest.raises(PlanError, match=rf"2 of its keys change no tensor of the output: '{module}.lora_down.weight' \(no FLUX.1 module"):
+        bake(recipe_dir, tmp_path, schnell, {**good, **wrong})
+    plan = bake(recipe_dir, tmp_path, schnell, {**good, **wrong}, "dry_run=true", ignore_unmatched=True)
+    assert any(f"'{module}.lora_up.weight'" in note for note in plan.notes)
+    assert plan.loras[0].unmatched and {k for k, _ in plan.loras[0].unmatched} == set(wrong)

@@ -192,7 +192,8 @@ class _Context:
         self.underscored = {m.replace(".", "_"): m for m in self.canonical}
         table = family.bfl
         self.bfl_underscored = {n.replace(".", "_"): n for t in (table.top, table.final) for n in t}
-        self.block_underscored = {n.replace(".", "_"): n for g in table.groups for n in g.table}
+        # per block kind: `double_blocks_0_linear1` names no module (linear1 is a single block's)
+        self.block_underscored = {g.bfl: {n.replace(".", "_"): n for n in g.table} for g in table.groups}
         self.kohya_block = re.compile(rf"({'|'.join(re.escape(g) for g in family.groups)})_(\d+)_(.+)")
         self.find = partial(bfl.lookup, table)
 
@@ -201,8 +202,8 @@ class _Context:
         if module.startswith(KOHYA_PREFIX):
             rest = module[len(KOHYA_PREFIX):]
             m = self.kohya_block.fullmatch(rest)
-            if m and m[3] in self.block_underscored:
-                return "kohya", "bfl", f"{m[1]}.{m[2]}.{self.block_underscored[m[3]]}"
+            if m and m[3] in self.block_underscored[m[1]]:
+                return "kohya", "bfl", f"{m[1]}.{m[2]}.{self.block_underscored[m[1]][m[3]]}"
             if rest in self.bfl_underscored:
                 return "kohya", "bfl", self.bfl_underscored[rest]
             return ("kohya", "canonical", self.underscored[rest]) if rest in self.underscored else None
