@@ -21,6 +21,8 @@ from typing import Iterator
 
 from .errors import FluxRecipeError, OutputError
 from .files import name_max, read_small
+from .text import counted, some_keys
+from .formats import is_transformer
 from .formats.safetensors import encode_header, read_header
 from .linux import SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, sync_file_range
 
@@ -29,6 +31,7 @@ FLUSH_WINDOW = 16 << 20  # bytes: writeback is started per window and awaited on
 # The page cache holds file data in folios of up to 2 MiB, and POSIX_FADV_DONTNEED keeps any folio its range
 # only partly covers: ranges given to it are rounded to this, or about half of what they cover stays cached.
 RELEASE_ALIGN = 2 << 20
+WRITTEN_BY = "fluxrecipe.version"  # the metadata every file fluxrecipe writes carries (package.file_metadata)
 TEMPORARY_SUFFIXES = (".fluxrecipe-partial", ".fluxrecipe-previous", ".fluxrecipe-lock")  # beside an output, while it is made
 
 
@@ -252,10 +255,17 @@ def _is_model_file(path: Path) -> bool:
 
 
 def _check_model_file(target: Path) -> None:
+    """A single-file output replaces only a file fluxrecipe wrote (its metadata says so) or a transformer of a
+    family it knows: never a user's LoRA, another kind of model, or a file whose header merely parses."""
+    refused = "overwrite=true replaces only a model file (one fluxrecipe wrote, or a FLUX transformer), never other files"
     try:
-        read_header(str(target))
+        header = read_header(str(target))
     except FluxRecipeError:
-        raise OutputError(f"{target} exists and is not a safetensors model: overwrite=true replaces only a model file, never other files") from None
+        raise OutputError(f"{target} exists and is not a safetensors model: {refused}") from None
+    if WRITTEN_BY in header.metadata or is_transformer(str(target), header.entries, header.metadata):
+        return
+    held = f"{counted(len(header.entries), 'tensor')} ({some_keys(list(header.entries), 3)})" if header.entries else "no tensors"
+    raise OutputError(f"{target} exists and is a safetensors file of {held} that is neither a FLUX transformer nor a file fluxrecipe wrote: {refused}")
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from conftest import run_recipe
 from reliability_helpers import assert_no_output
 
-from fluxrecipe.errors import PlanError, SourceError
+from fluxrecipe.errors import OutputError, PlanError, SourceError
 
 R = 2  # the rank of the LoRAs made here
 HIDDEN = 32  # the tiny models' hidden size (conftest.TINY: 2 heads x 16)
@@ -85,3 +85,47 @@ def test_a_kohya_module_of_the_other_block_kind_is_unmatched(recipe_dir, tmp_pat
     plan = bake(recipe_dir, tmp_path, schnell, {**good, **wrong}, "dry_run=true", ignore_unmatched=True)
     assert any(f"'{module}.lora_up.weight'" in note for note in plan.notes)
     assert plan.loras[0].unmatched and {k for k, _ in plan.loras[0].unmatched} == set(wrong)
+
+
+# --- 4. overwrite=true on a single file replaces only what fluxrecipe wrote or a FLUX.1 transformer ------
+
+
+def take_recipe(model) -> dict:
+    return {"sources": {"model": str(model)}, "rules": [{"match": ".*", "op": "take:model"}]}
+
+
+@pytest.mark.parametrize("kind", ["a-users-lora", "an-sdxl-model", "a-header-only-file"])
+def test_overwrite_refuses_a_safetensors_file_that_is_not_a_flux_model(recipe_dir, tmp_path, schnell, kind):
+    out = tmp_path / "mine.safetensors"
+    tensors = {
+        "a-users-lora": lora_module("lora_unet_double_blocks_0_img_attn_proj", HIDDEN, HIDDEN, 1),
+        "an-sdxl-model": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)},
+        "a-header-only-file": {},
+    }[kind]
+    save_file(tensors, out, metadata={"ss_network_dim": "2"})
+    before = out.read_bytes()
+    with pytest.raises(OutputError, match=r"mine.safetensors exists and is a safetensors file of (\d+|no) tensors?.*that is neither a FLUX transformer nor a file fluxrecipe wrote: overwrite=true replaces only a model file"):
+        run_recipe(recipe_dir, out, take_recipe(schnell), "format=bfl", "overwrite=true")
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.safetensors", "recipes"]
+
+
+def test_overwrite_replaces_a_flux_transformer_and_a_file_fluxrecipe_wrote(recipe_dir, tmp_path, schnell, state_of):
+    from flux_layouts import diffusers_to_bfl
+
+    out = tmp_path / "model.safetensors"
+    save_file(diffusers_to_bfl(state_of(schnell), "model.diffusion_model."), out)  # ComfyUI's layout, not written by fluxrecipe
+    run_recipe(recipe_dir, out, take_recipe(schnell), "format=bfl", "overwrite=true")
+    assert "fluxrecipe.version" in safe_metadata(out)
+    lora = tmp_path / "l.safetensors"
+    save_file(lora_module("lora_unet_double_blocks_0_img_attn_proj", HIDDEN, HIDDEN, 1), lora)
+    run_recipe(recipe_dir, out, {**take_recipe(schnell), "loras": {"l": str(lora)}}, "format=lora", "overwrite=true")  # a LoRA, written by fluxrecipe
+    run_recipe(recipe_dir, out, take_recipe(schnell), "format=comfyui", "overwrite=true")
+    assert safe_metadata(out)["fluxrecipe.recipe"] and sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors", "model.safetensors", "recipes"]
+
+
+def safe_metadata(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .. import families
 from ..errors import SourceError
-from ..families import Family
+from ..families import Family, ShapeError
 from ..text import some_keys
 from . import bfl, diffusers
 from .layout import TensorRef
@@ -70,6 +70,17 @@ def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata
         _check_floats(source, model)
         return Recognised("diffusers", diffusers.to_canonical(source, model), family)
     raise SourceError(f"source '{source}': {where} {_looks_like(list(entries))}")
+
+
+def is_transformer(path: str, entries: dict[str, TensorEntry], metadata: dict[str, str]) -> bool:
+    """Whether a file's tensors are a whole transformer of a family fluxrecipe knows, in a layout it reads: what
+    an overwrite of a single-file output may replace besides fluxrecipe's own files."""
+    try:
+        found = recognise("", path, entries, metadata)
+        found.family.derive_config({k: t.shape for k, t in found.tensors.items()}, None)
+    except (SourceError, ShapeError):
+        return False
+    return True
 
 
 def _check_floats(source: str, entries: dict[str, TensorEntry]) -> None:

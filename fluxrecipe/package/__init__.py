@@ -23,7 +23,7 @@ from ..formats.safetensors import encode_header
 from ..plan import Plan
 from ..recipe import DTYPES
 from ..schedule import plain
-from ..writer import MANIFEST_NAME, rewrite_header, write_file, write_json
+from ..writer import MANIFEST_NAME, WRITTEN_BY, rewrite_header, write_file, write_json
 from .card import model_card
 
 PROVENANCE_NAME = "fluxrecipe.json"
@@ -63,7 +63,7 @@ def file_metadata(plan: Plan, result=None) -> dict[str, str]:
     recipe = pinned_recipe(plan, result)
     if not plan.single_file:
         recipe["sources"] = {name: {"local": name} if "path" in pin else pin for name, pin in recipe["sources"].items()}
-    return {"format": "pt", "fluxrecipe.version": __version__, "fluxrecipe.recipe": json.dumps(recipe, separators=(",", ":"))}
+    return {"format": "pt", WRITTEN_BY: __version__, "fluxrecipe.recipe": json.dumps(recipe, separators=(",", ":"))}
 
 
 def header_size(plan: Plan) -> int:
