@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import config_of, load_state, merge, run_recipe, save_sharded, tiny_config
 from flux_layouts import COMFY, DOUBLE, FINAL_MOD, blocks, diffusers_to_bfl, fuse, linear_modules
-from fluxrecipe.errors import PlanError, RecipeError, SourceError, UsageError
+from fluxrecipe.errors import OutputError, PlanError, RecipeError, SourceError, UsageError
 
 R = 4  # the LoRAs' rank
 BF16 = torch.bfloat16
@@ -566,7 +566,7 @@ def test_format_lora_with_no_base(recipe_dir, tmp_path, tuned):
 def test_output_over_a_lora_is_refused(recipe_dir, tmp_path, krea, formats):
     path = tmp_path / "mine.safetensors"
     path.write_bytes(formats["kohya"][0].read_bytes())
-    with pytest.raises(UsageError, match="lora 'k'"):
+    with pytest.raises(OutputError, match="is a safetensors file of .* that is neither a FLUX transformer nor a file fluxrecipe wrote"):
         bake(recipe_dir, path, krea, {"k": str(path)}, "format=comfyui", "overwrite=true")
     assert path.read_bytes() == formats["kohya"][0].read_bytes()
 
