@@ -47,7 +47,7 @@ import xxhash
 
 from .diagnostics import Distances
 from .errors import OutputError, SourceError, UsageError
-from .formats.layout import OutFile, OutTensor, Part, Scale, TensorRef, row_size, rows
+from .formats.layout import OutFile, OutTensor, Part, TensorRef, row_size, rows
 from .formats.safetensors import ITEMSIZE
 from .linux import keep_freed_memory
 from .loras import Factor, Patch
@@ -403,7 +403,7 @@ class _Run:
 
     def _decode(self, raw: torch.Tensor, ref: TensorRef) -> torch.Tensor:
         x = raw.view(DTYPES[ref.dtype]).to(device=self.device, dtype=torch.float32)
-        return x if ref.scale is None else x.mul_(self.reader.scale(ref.scale))
+        return x if ref.scale is None else x.mul_(ref.scale.value)
 
     def _apply(self, step: Step, xs: list[torch.Tensor], chunk: _Chunk) -> torch.Tensor:
         spec = OPS[step.op]
@@ -607,7 +607,6 @@ class _Reader:
     def __init__(self, planned: dict[str, list[tuple[int, int]]]) -> None:
         self._planned = planned  # file -> the byte ranges the plan reads there
         self._files: dict[str, _InputFile] = {}
-        self._scales: dict[Scale, float] = {}
         self._lock = threading.Lock()
 
     def _file(self, path: str) -> "_InputFile":
@@ -650,14 +649,6 @@ class _Reader:
         for begin, end in release:
             os.posix_fadvise(f.fd, begin, end - begin, os.POSIX_FADV_DONTNEED)
 
-    def scale(self, scale: Scale) -> float:
-        """The value of a scaled-fp8 tensor's scale (read once)."""
-        if scale not in self._scales:
-            raw = torch.empty(ITEMSIZE[scale.dtype], dtype=torch.uint8)
-            self._pread(scale.file, scale.begin, memoryview(raw.numpy()), scale.file_key)
-            self._scales[scale] = float(raw.view(DTYPES[scale.dtype])[0])
-        return self._scales[scale]
-
     def close(self) -> None:
         for f in self._files.values():
             os.close(f.fd)
@@ -693,7 +684,7 @@ class _InputFile:
 
 def _planned_reads(plan: Plan) -> dict[str, list[tuple[int, int]]]:
     """Every byte range the plan reads, per file: the steps' inputs, their LoRAs' tensors, the bases of a
-    LoRA output's changed parts, and the scales of scaled-fp8 inputs."""
+    LoRA output's changed parts (a scaled-fp8 input's scale is in the plan, read when its source was opened)."""
     refs = [ref for step in plan.steps for ref in step.inputs]
     refs += [ref for step in plan.steps for patch in step.patches for ref in (patch.tensor, patch.down) if ref is not None]
     refs += [base for f in plan.factors for base, changed in zip(f.bases, f.changed) if changed]
@@ -701,8 +692,6 @@ def _planned_reads(plan: Plan) -> dict[str, list[tuple[int, int]]]:
     for ref in refs:
         for piece in ref.pieces:
             reads.setdefault(piece.file, []).append((piece.begin, piece.begin + piece.nbytes))
-        if ref.scale is not None:
-            reads.setdefault(ref.scale.file, []).append((ref.scale.begin, ref.scale.begin + ITEMSIZE[ref.scale.dtype]))
     return reads
 
 

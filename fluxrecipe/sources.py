@@ -182,9 +182,10 @@ def _index(name: str, location: Path, origin: dict[str, str], remote: dict[Path,
     if said and said is not found.family:
         raise SourceError(f"source '{name}': {folder / 'config.json'} says {said.class_name} ({said.name}), but its tensors are {found.family.name}'s: the config belongs to another model")
     derived = config is None and (location.is_file() or found.layout != "diffusers")  # a folder needs its config.json
-    notes: tuple[str, ...] = ()
+    notes = tuple(found.notes)
     if derived:
-        config, notes = _derived_config(name, location, found)
+        config, derived_notes = _derived_config(name, location, found)
+        notes += derived_notes
     return Checkpoint(
         name=name, folder=str(folder), tensors=ordered, config=config, origin=origin, layout=found.layout,
         config_derived=derived, ignored=found.ignored, notes=notes, scaled=found.scaled, location=str(location),

@@ -129,3 +129,80 @@ def safe_metadata(path) -> dict[str, str]:
 
     with safe_open(path, "pt") as f:
         return f.metadata()
+
+
+# --- 5. scaled fp8: a scale that makes no sense, two scales, a marker that contradicts the dtype ----------
+
+LAYER = "model.diffusion_model.double_blocks.0.img_attn.proj"  # a scaled layer of the ComfyUI files made here
+
+
+def scaled_file(tmp_path, state: dict, convention: str, edit) -> object:
+    """The model as a ComfyUI scaled-fp8 file (flux_layouts' writer), `edit`ed (tensors, metadata) before saving."""
+    from flux_layouts import COMFY, diffusers_to_bfl, scaled_fp8
+
+    tensors, metadata, _ = scaled_fp8(diffusers_to_bfl(state, COMFY), convention)
+    edit(tensors, metadata)
+    path = tmp_path / "scaled.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+def to_diffusers(tmp_path, source, *options):
+    from conftest import merge
+
+    return merge(["recipe=to_diffusers", f"recipe.sources.model={source}", f"output={tmp_path / 'out'}", "progress=false", *options])
+
+
+@pytest.mark.parametrize("value, says", [
+    (0.0, r"is 0 but 'model.diffusion_model.double_blocks.0.img_attn.proj.weight' holds values other than 0"),
+    (-0.01, r"is -0.01: a scale is a finite number above 0"),
+    (float("nan"), r"is nan: a scale is a finite number above 0"),
+    (float("inf"), r"is inf: a scale is a finite number above 0"),
+    (1e30, r"is 1e\+30: .* values up to 4.48e\+32"),
+])
+@pytest.mark.parametrize("convention, suffix", [("old", ".scale_weight"), ("new", ".weight_scale")])
+def test_a_scale_that_makes_no_sense_is_refused(tmp_path, schnell, state_of, value, says, convention, suffix):
+    def edit(tensors, metadata):
+        tensors[LAYER + suffix] = torch.full_like(tensors[LAYER + suffix], value)
+
+    path = scaled_file(tmp_path, state_of(schnell), convention, edit)
+    with pytest.raises(SourceError, match=rf"{path}: '{LAYER}{suffix}' {says}") as e:
+        to_diffusers(tmp_path, path)
+    assert "\n" not in str(e.value)
+    assert_no_output(tmp_path / "out")
+
+
+def test_a_zero_scale_of_an_all_zero_weight_is_a_plan_note(tmp_path, schnell, state_of):
+    """A layer of zeros stored with scale 0 (what absmax / 448 gives for it) is odd but means what it says."""
+    def edit(tensors, metadata):
+        tensors[LAYER + ".weight_scale"] = torch.zeros(())
+        tensors[LAYER + ".weight"] = torch.zeros_like(tensors[LAYER + ".weight"]).view(torch.uint8).fill_(0x80).view(torch.float8_e4m3fn)  # -0.0
+
+    path = scaled_file(tmp_path, state_of(schnell), "new", edit)
+    result = to_diffusers(tmp_path, path, "recipe.dtype=fp32")
+    from conftest import load_state
+
+    assert not load_state(tmp_path / "out")["transformer_blocks.0.attn.to_out.0.weight"].any()
+    plan = to_diffusers(tmp_path, path, "dry_run=true")
+    assert any(f"'{LAYER}.weight_scale' is 0" in note and "all zero" in note for note in plan.notes), plan.notes
+    assert result.files
+
+
+def test_two_scales_for_one_weight_are_refused(tmp_path, schnell, state_of):
+    def edit(tensors, metadata):
+        tensors[LAYER + ".scale_weight"] = tensors[LAYER + ".weight_scale"].reshape(1) * 2
+
+    path = scaled_file(tmp_path, state_of(schnell), "new", edit)
+    with pytest.raises(SourceError, match=rf"{path}: '{LAYER}.weight' has two scales, '{LAYER}.scale_weight' and '{LAYER}.weight_scale'"):
+        to_diffusers(tmp_path, path)
+
+
+@pytest.mark.parametrize("convention", ["new", "metadata"])
+def test_a_quantization_marker_that_contradicts_the_dtype_is_refused(tmp_path, schnell, state_of, convention):
+    """The marker says float8_e4m3fn; the weight is stored as float8_e5m2 (its scale beside it)."""
+    def edit(tensors, metadata):
+        tensors[LAYER + ".weight"] = tensors[LAYER + ".weight"].float().to(torch.float8_e5m2)
+
+    path = scaled_file(tmp_path, state_of(schnell), convention, edit)
+    with pytest.raises(SourceError, match=rf"{path}: layer '{LAYER.removeprefix('model.diffusion_model.')}' is marked float8_e4m3fn .* but its weight is F8_E5M2"):
+        to_diffusers(tmp_path, path)

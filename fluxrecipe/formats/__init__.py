@@ -39,6 +39,7 @@ class Recognised:
     family: Family
     ignored: dict[str, int] = field(default_factory=dict)  # what is not the transformer: group -> keys
     scaled: int = 0  # tensors stored as scaled fp8
+    notes: list[str] = field(default_factory=list)  # what is odd in the files but meant (for the plan)
 
 
 def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata: dict[str, str]) -> Recognised:
@@ -56,7 +57,7 @@ def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata
         raise SourceError(f"source '{source}': {where} is a LoRA (it holds '{key}'), not a model: bake it into the merge with the recipe's `loras:`")
     family = families.recognise(model)
     if family and family.is_bfl(model):
-        scales, side = bfl.read_scales(source, where, model, metadata, prefix or "")
+        scales, side, notes = bfl.read_scales(source, where, model, metadata, prefix or "")
         weights = {k: e for k, e in model.items() if k not in set(side)}
         _check_floats(source, weights)
         tensors, unknown = bfl.to_canonical(source, weights, scales, family)
@@ -65,7 +66,7 @@ def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata
                 f"source '{source}': {where} holds {len(unknown)} key(s) a {family.name} transformer in Black Forest Labs' layout does not have "
                 f"({some_keys(unknown, SHOWN)}): is it a {family.name} model?"
             )
-        return Recognised("comfyui" if prefix else "bfl", tensors, family, ignored, scaled=len(scales))
+        return Recognised("comfyui" if prefix else "bfl", tensors, family, ignored, scaled=len(scales), notes=notes)
     if family and family.is_diffusers(model) and not prefix:
         _check_floats(source, model)
         return Recognised("diffusers", diffusers.to_canonical(source, model), family)

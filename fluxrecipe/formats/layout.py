@@ -29,11 +29,10 @@ class Piece:
 
 @dataclass(frozen=True)
 class Scale:
-    """Scaled fp8: where the scalar lies that multiplies every stored value of a tensor."""
+    """Scaled fp8: the scalar that multiplies every stored value of a tensor, read when the source is opened
+    (a few bytes), so that the plan holds and checks the very number the merge multiplies by."""
 
-    file: str
-    begin: int
-    dtype: str  # F32 (as ComfyUI writes it), F16 or BF16
+    value: float
     file_key: str
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,7 +39,7 @@ from ..families import Family
 from ..schedule import is_number
 from . import bfl
 from .layout import Piece, TensorRef
-from .safetensors import TensorEntry
+from .safetensors import SCALARS, TensorEntry, read_scalar
 
 ROLES = (  # longest suffix first: `.lora.up.weight` before `.up.weight`
     (".lora_down.weight", "down"),
@@ -339,7 +338,7 @@ class _Context:
         if entry is not None:
             if entry.numel != 1 or entry.dtype not in SCALARS:
                 raise SourceError(f"{self.where}: '{entry.name}' is {entry.dtype} {list(entry.shape)}: an alpha is one number")
-            value = _scalar(entry)
+            value = read_scalar(entry)
             if not math.isfinite(value):
                 raise SourceError(f"{self.where}: '{entry.name}' is {value}: an alpha must be a finite number")
             return value
@@ -392,22 +391,6 @@ def _peft_alphas(where: str, metadata: dict[str, str]) -> _PeftAlphas | None:
 
 def _pieces(entry: TensorEntry) -> tuple[Piece, ...]:
     return (Piece(entry.file, entry.begin, entry.nbytes),) if entry.nbytes else ()
-
-
-SCALARS = {"F64": "<d", "F32": "<f", "F16": "<e", "BF16": "bf16", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
-
-
-def _scalar(entry: TensorEntry) -> float:
-    """The one value of a scalar tensor (an alpha), read without torch."""
-    with open(entry.file, "rb") as f:
-        f.seek(entry.begin)
-        raw = f.read(entry.nbytes)
-    if len(raw) != entry.nbytes:
-        raise SourceError(f"{entry.file}: the file ended inside '{entry.name}'")
-    fmt = SCALARS[entry.dtype]
-    if fmt == "bf16":
-        return struct.unpack("<f", b"\x00\x00" + raw)[0]
-    return float(struct.unpack(fmt, raw)[0])
 
 
 def _not_a_lora(keys: list[str]) -> str:

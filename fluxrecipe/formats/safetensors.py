@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from dataclasses import dataclass
 
 from ..errors import SourceError
@@ -23,6 +24,8 @@ from ..errors import SourceError
 FLOAT_ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 ITEMSIZE: dict[str, int] = {**FLOAT_ITEMSIZE, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
+# the dtypes a scalar (a LoRA's alpha, a scaled-fp8 scale) is read in without torch: struct formats
+SCALARS = {"F64": "<d", "F32": "<f", "F16": "<e", "BF16": "bf16", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 
 
@@ -158,3 +161,29 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * max(-len(raw) % 8, size - 8 - len(raw))
     return len(raw).to_bytes(8, "little") + raw, position
+
+
+def read_bytes(entry: TensorEntry, start: int = 0, nbytes: int | None = None) -> bytes:
+    """Bytes [start, start + nbytes) of a tensor's data (all of it by default): the few bytes of side data
+    a plan reads (alphas, scales, quantization markers)."""
+    nbytes = entry.nbytes - start if nbytes is None else nbytes
+    try:
+        fd = os.open(entry.file, os.O_RDONLY)
+        try:
+            raw = os.pread(fd, nbytes, entry.begin + start)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise SourceError(f"{entry.file}: reading '{entry.name}' failed: {e.strerror or e}") from None
+    if len(raw) != nbytes:
+        raise SourceError(f"{entry.file}: the file ended inside '{entry.name}'")
+    return raw
+
+
+def read_scalar(entry: TensorEntry) -> float:
+    """The one value of a scalar tensor of a SCALARS dtype, read without torch."""
+    raw = read_bytes(entry)
+    fmt = SCALARS[entry.dtype]
+    if fmt == "bf16":
+        return struct.unpack("<f", b"\x00\x00" + raw)[0]
+    return float(struct.unpack(fmt, raw)[0])
