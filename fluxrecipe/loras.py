@@ -21,6 +21,7 @@ from pathlib import Path
 from . import schedule
 from .errors import PlanError, SourceError
 from .families import Family
+from .files import NOT_REGULAR
 from .formats import bfl
 from .formats import lora as lora_format
 from .formats.layout import Constant, OutFile, OutTensor, Part, TensorRef, whole
@@ -67,6 +68,8 @@ def open_lora(spec: LoraSpec) -> LoraFile:
             raise SourceError(f"{what}: {path}: no such file")
         elif path.suffix != ".safetensors":
             raise SourceError(f"{what}: {path} is not a .safetensors file")
+        elif not path.is_file():
+            raise SourceError(f"{what}: {path}: {NOT_REGULAR}")
         origin = {"path": str(path.resolve()), "content_hash": file_hash(path)}
         if spec.content_hash and spec.content_hash != origin["content_hash"]:
             raise SourceError(

@@ -22,7 +22,7 @@ import xxhash
 from . import families
 from .errors import SourceError
 from .families import Family, ShapeError
-from .files import os_error_text, read_small
+from .files import open_regular, os_error_text, read_small
 from .formats import Recognised, diffusers, recognise
 from .formats.layout import TensorRef
 from .formats.safetensors import Header, TensorEntry, read_header
@@ -120,7 +120,7 @@ def file_hash(path: Path) -> str:
     pages read are let go as it goes: two rank-64 LoRAs would otherwise hold 1.2 GB of page cache."""
     digest = xxhash.xxh3_128()
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             done = 0
             while block := f.read(16 << 20):
                 digest.update(block)

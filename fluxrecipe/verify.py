@@ -133,8 +133,11 @@ def _check_manifest(folder: Path, report: Report, hash_files: bool) -> None:
 def _json_field(path: Path, field: str, value_type: type, report: Report, what: str) -> dict | None:
     """The mapping `field` of JSON file `path`, its values all of `value_type`; else None, the problem reported."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))[field]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        value = json.loads(read_small(path))[field]
+    except OSError as e:
+        report.add(path, e.strerror or str(e))
+        return None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         report.add(path, f"not a valid {what.split(':')[0]} ({type(e).__name__}: {e})")
         return None
     if not isinstance(value, dict) or not all(isinstance(v, value_type) for v in value.values()):
@@ -244,7 +247,7 @@ def _weight_map(folder: Path, report: Report) -> dict[str, list[str]] | None:
     """Shard file name -> the keys the index assigns to it (a lone unindexed file: all of its keys)."""
     index = folder / INDEX_NAME
     shards = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
-    if not index.is_file():
+    if not index.exists():
         if shards == [DIFFUSERS_WEIGHTS]:
             try:
                 return {DIFFUSERS_WEIGHTS: list(read_header(str(folder / DIFFUSERS_WEIGHTS)).entries)}
@@ -270,7 +273,7 @@ def _weight_map(folder: Path, report: Report) -> dict[str, list[str]] | None:
 
 def _total_size(index: Path) -> object:
     try:
-        return json.loads(index.read_text(encoding="utf-8")).get("metadata", {}).get("total_size")
+        return json.loads(read_small(index)).get("metadata", {}).get("total_size")
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
@@ -291,13 +294,16 @@ def _check_config(folder: Path, keys: dict[str, tuple[int, ...]], report: Report
 
     path = folder / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(read_small(path))
         if not isinstance(config, dict):
             raise TypeError("not a JSON object")
     except FileNotFoundError:
         report.add(path, "missing: diffusers cannot load the folder without it")
         return
-    except (OSError, ValueError, TypeError, RecursionError) as e:
+    except OSError as e:
+        report.add(path, e.strerror or str(e))
+        return
+    except (ValueError, TypeError, RecursionError) as e:
         report.add(path, f"not a valid config ({type(e).__name__}: {e})")
         return
     try:

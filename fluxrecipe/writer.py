@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -193,6 +194,8 @@ def check_target(target: Path, overwrite: bool, single_file: bool = False, dry_r
         return
     if not overwrite:
         raise OutputError(f"{target} already exists: choose another output=..., or pass overwrite=true to replace it")
+    if not target.is_file() and not target.is_dir():
+        raise OutputError(f"{target} exists and is not a file ({_special_kind(target)}): overwrite=true replaces only a model file or folder, never other things")
     if single_file:
         _check_model_file(target)
         return
@@ -202,6 +205,13 @@ def check_target(target: Path, overwrite: bool, single_file: bool = False, dry_r
             f"{target} exists and is not a model folder: overwrite=true replaces only a model folder, never other files ({reason}; "
             f"a model folder is one fluxrecipe wrote, its {MANIFEST_NAME} listing every file, or one of diffusers model files only)"
         )
+
+
+def _special_kind(path: Path) -> str:
+    """What a path that is neither a file nor a folder is, in words."""
+    mode = os.stat(path).st_mode
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def _users_place(target: Path) -> str | None:

@@ -7,6 +7,9 @@ Tests that guard against a hang run the command in a subprocess with a timeout f
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -206,3 +209,52 @@ def test_a_quantization_marker_that_contradicts_the_dtype_is_refused(tmp_path, s
     path = scaled_file(tmp_path, state_of(schnell), convention, edit)
     with pytest.raises(SourceError, match=rf"{path}: layer '{LAYER.removeprefix('model.diffusion_model.')}' is marked float8_e4m3fn .* but its weight is F8_E5M2"):
         to_diffusers(tmp_path, path)
+
+
+# --- 6. a FIFO where a file should be: one line, never a hang ------------------------------------------
+
+HANG = 120  # seconds: far above what any of these commands takes; a regression fails instead of stalling the suite
+
+
+def one_error_line(done) -> str:
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0 and "Traceback" not in done.stderr + done.stdout, done.stderr + done.stdout
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def cli(recipe_dir, tmp_path, recipe: dict, *args):
+    import yaml
+
+    from conftest import run_cli, write_recipe
+
+    write_recipe(recipe_dir, "t", yaml.safe_dump(recipe))
+    return run_cli(["recipe=t", "progress=false", f"hydra.run.dir={tmp_path / 'run'}", *args], cwd=tmp_path, timeout=HANG)
+
+
+def test_a_lora_path_that_is_a_fifo_is_one_line(recipe_dir, tmp_path, schnell):
+    fifo = tmp_path / "l.safetensors"
+    os.mkfifo(fifo)
+    done = cli(recipe_dir, tmp_path, {**take_recipe(schnell), "loras": {"l": str(fifo)}}, f"output={tmp_path / 'out'}", "dry_run=true")
+    assert f"lora 'l': {fifo}: not a regular file" in one_error_line(done)
+
+
+def test_a_single_file_output_that_is_a_fifo_is_one_line(recipe_dir, tmp_path, schnell):
+    fifo = tmp_path / "out.safetensors"
+    os.mkfifo(fifo)
+    done = cli(recipe_dir, tmp_path, take_recipe(schnell), f"output={fifo}", "format=bfl", "overwrite=true")
+    assert f"{fifo} exists and is not a file (a FIFO" in one_error_line(done)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+@pytest.mark.parametrize("name", ["config.json", "fluxrecipe.manifest.json", "diffusion_pytorch_model.safetensors.index.json"])
+def test_verify_on_a_folder_with_a_fifo_for_a_json_file_does_not_hang(recipe_dir, tmp_path, schnell, name):
+    from conftest import run_cli
+
+    out = tmp_path / "out"
+    run_recipe(recipe_dir, out, take_recipe(schnell), "shard_size=60KB")
+    (out / name).unlink()
+    os.mkfifo(out / name)
+    done = run_cli(["verify", str(out)], cwd=tmp_path, timeout=HANG)
+    assert done.returncode != 0 and "Traceback" not in done.stderr + done.stdout
+    assert f"{out / name}: " in done.stdout + done.stderr and "not a regular file" in done.stdout + done.stderr

@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import SourceError
+from ..files import open_regular
 
 # safetensors dtype code -> bytes per element (plain numbers, so that planning and dry runs need no torch;
 # execute.py maps the codes to torch dtypes). A FLUX transformer's weights are floating point; the integer
@@ -57,7 +58,7 @@ class Header:
 def read_header(path: str) -> Header:
     """Parse and check the header of `path`; every defect is a `SourceError` naming the file and key."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:  # a FIFO named like a model file must not block the run
             size = os.fstat(f.fileno()).st_size
             length = header_length(path, f.read(8), size)
             raw = f.read(length)
