@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import FluxRecipeError, OutputError
-from .files import name_max, read_small
+from .files import name_max, os_errors, read_small
 from .text import counted, some_keys
 from .formats import is_transformer
 from .formats.safetensors import encode_header, read_header
@@ -294,14 +294,15 @@ def atomic_output(target: Path, overwrite: bool, file_name: str | None = None) -
         raise OutputError(f"{target.parent}: cannot create the output's parent folder: {e.strerror}") from None
     with _lock(target):
         tmp, previous = partial_name(target), _previous_name(target)
-        if previous.exists() or previous.is_symlink():
-            if target.exists() or target.is_symlink():
-                _remove(previous)
-            else:
-                previous.rename(target)
-        _remove(tmp)
-        check_target(target, overwrite, single_file=file_name is not None)
-        tmp.mkdir()
+        with os_errors():  # a folder the OS refuses to write in: one line naming the path
+            if previous.exists() or previous.is_symlink():
+                if target.exists() or target.is_symlink():
+                    _remove(previous)
+                else:
+                    previous.rename(target)
+            _remove(tmp)
+            check_target(target, overwrite, single_file=file_name is not None)
+            tmp.mkdir()
         try:
             yield tmp
             made = tmp / file_name if file_name else tmp
@@ -330,7 +331,8 @@ def _remove(path: Path) -> None:
 def _lock(target: Path) -> Iterator[None]:
     path = _lock_name(target)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with os_errors():  # a read-only folder refuses the lock file first
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from conftest import run_recipe
 from reliability_helpers import assert_no_output
 
-from fluxrecipe.errors import OutputError, PlanError, SourceError
+from fluxrecipe.errors import FileError, OutputError, PlanError, SourceError
 
 R = 2  # the rank of the LoRAs made here
 HIDDEN = 32  # the tiny models' hidden size (conftest.TINY: 2 heads x 16)
@@ -258,3 +258,48 @@ def test_verify_on_a_folder_with_a_fifo_for_a_json_file_does_not_hang(recipe_dir
     done = run_cli(["verify", str(out)], cwd=tmp_path, timeout=HANG)
     assert done.returncode != 0 and "Traceback" not in done.stderr + done.stdout
     assert f"{out / name}: " in done.stdout + done.stderr and "not a regular file" in done.stdout + done.stderr
+
+
+# --- 7. a hub LoRA's file outside its repo; an output folder the OS refuses ----------------------------
+
+
+@pytest.mark.parametrize("file", ["../../etc/passwd.safetensors", "a/../../x.safetensors", "/etc/x.safetensors", "..\\x.safetensors"])
+def test_a_hub_lora_file_outside_its_repo_is_one_line_and_writes_nothing(recipe_dir, tmp_path, schnell, file):
+    import yaml
+
+    from conftest import run_cli, write_recipe
+
+    work = tmp_path / "work"
+    work.mkdir()
+    write_recipe(recipe_dir, "t", yaml.safe_dump({**take_recipe(schnell), "loras": {"l": {"repo": "org/name", "file": file}}}))
+    done = run_cli(["recipe=t", f"output={tmp_path / 'out'}", "dry_run=true"], cwd=work, timeout=HANG)
+    assert "loras.l.file: file of LoRA 'l' must be a path inside the repo" in one_error_line(done)
+    assert list(work.iterdir()) == []  # no outputs/DATE/TIME either
+
+
+def test_an_output_folder_the_os_refuses_is_one_line_from_the_writer(tmp_path, monkeypatch, recipe_dir, schnell):
+    """A read-only parent folder, as a user who is not root meets it (the tests run as root, whom a mode never
+    stops): the OS refuses the lock file beside the output. The writer says so in one line, whichever layer
+    called it (here the API, below the command line's own net for OS errors)."""
+    import errno
+
+    from fluxrecipe import api, writer
+
+    real_open = os.open
+
+    def refusing(path, flags, *args):
+        if str(path).endswith(".fluxrecipe-lock"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args)
+
+    plan = run_recipe(recipe_dir, tmp_path / "out", take_recipe(schnell), "dry_run=true")
+    monkeypatch.setattr(writer.os, "open", refusing)
+    with pytest.raises(FileError, match=rf"^{tmp_path / '.out.fluxrecipe-lock'}: Permission denied$"):
+        api.write(plan, tmp_path / "out")
+    assert_no_output(tmp_path / "out")
+
+
+def test_an_output_under_sysfs_is_one_line_through_the_command_line(recipe_dir, tmp_path, schnell):
+    """A place no one may create files in, for root too (sysfs): one line, no traceback."""
+    done = cli(recipe_dir, tmp_path, take_recipe(schnell), "output=/sys/fluxrecipe-out")
+    assert one_error_line(done).endswith("/sys/.fluxrecipe-out.fluxrecipe-lock: Permission denied")
