@@ -56,6 +56,7 @@ from .ops.lora import ROWS, factor, product_rows, relative_error
 from .options import Options
 from .plan import Plan, Step, human_bytes
 from .segments import Segments, row_sums, split
+from .text import cut
 from .writer import FileRecord, align_down, align_up, open_safetensors
 
 # safetensors dtype code -> torch dtype, and the largest finite value of each output dtype
@@ -269,13 +270,13 @@ class _Run:
         workers wait, so the SVD gets torch's own threads."""
         dtype = DTYPES[next(t.dtype for t in self.plan.files[0].tensors if t.name == f.down)]
         if not math.isfinite(float(diff.sum())) and not bool(torch.isfinite(diff).all()):  # the sum first: no whole-size mask
-            raise OutputError(f"'{f.module}': its difference to the base holds NaN/Inf values (from the inputs): a LoRA cannot be factored from it")
+            raise OutputError(f"'{cut(f.module)}': its difference to the base holds NaN/Inf values (from the inputs): a LoRA cannot be factored from it")
         torch.set_num_threads(self.threads)
         try:
             up, down = factor(diff, f.rank, f.exact, zlib.crc32(f.module.encode()))
             up, down = up.to(dtype), down.to(dtype)
             if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
-                raise OutputError(f"'{f.module}': its LoRA factors do not fit {dtype} (values beyond its range): write the LoRA in fp32 (dtype=fp32)")
+                raise OutputError(f"'{cut(f.module)}': its LoRA factors do not fit {dtype} (values beyond its range): write the LoRA in fp32 (dtype=fp32)")
             self.result.lora_errors[f.module] = relative_error(diff, up.float(), down.float())
         finally:
             torch.set_num_threads(1)
@@ -426,7 +427,7 @@ class _Run:
             return
         bad = int(x.numel() - torch.isfinite(x).sum())
         if bad and self.options.nonfinite == "error":
-            raise SourceError(f"{owner}: tensor '{ref.file_key}' ({ref.file}) holds NaN or Inf values; merge anyway with nonfinite=warn (they are counted and reported)")
+            raise SourceError(f"{owner}: tensor '{cut(ref.file_key)}' ({ref.file}) holds NaN or Inf values; merge anyway with nonfinite=warn (they are counted and reported)")
         if bad:
             done.nonfinite[counted_as] = bad
 
@@ -455,7 +456,7 @@ class _Run:
         if self.options.nonfinite == "error":
             rule = self.plan.recipe.rules[step.rule]
             raise OutputError(
-                f"'{step.key}' ({rule.describe()}) comes out with {bad} NaN/Inf values from finite inputs (float32 overflow): "
+                f"'{cut(step.key)}' ({rule.describe()}) comes out with {bad} NaN/Inf values from finite inputs (float32 overflow): "
                 "check the op's parameters, or merge anyway with nonfinite=warn (they are counted and reported)"
             )
         done.nonfinite[f"output: {step.key}"] = bad
@@ -640,10 +641,10 @@ class _Reader:
             while got < len(view):
                 n = os.preadv(f.fd, [view[got:]], offset + got)
                 if n == 0:
-                    raise SourceError(f"{path}: the file ended while reading '{what}': it was truncated or changed during the merge")
+                    raise SourceError(f"{path}: the file ended while reading '{cut(what)}': it was truncated or changed during the merge")
                 got += n
         except OSError as e:
-            raise SourceError(f"{path}: reading '{what}' failed: {e.strerror}") from None
+            raise SourceError(f"{path}: reading '{cut(what)}' failed: {e.strerror}") from None
         with self._lock:
             release = f.done(offset, offset + len(view))
         for begin, end in release:

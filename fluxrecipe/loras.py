@@ -29,6 +29,7 @@ from .formats.safetensors import TensorEntry, read_header
 from .recipe import LoraSpec
 from .sources import file_hash, local_path
 from .schedule import Blocks, Schedule
+from .text import cut
 
 LORA_FORMATS = {"lora": "kohya", "lora_peft": "diffusers"}  # output format -> the key scheme it writes
 LORA_DTYPES = ("BF16", "F16", "F32")
@@ -203,7 +204,7 @@ def blocks_text(blocks: tuple[str, ...]) -> str:
 
 
 def _unmatched_text(unmatched: list[tuple[str, str]]) -> str:
-    shown = "; ".join(f"'{k}' ({why})" for k, why in unmatched[:SHOWN])
+    shown = "; ".join(f"'{cut(k)}' ({why})" for k, why in unmatched[:SHOWN])
     return shown + (f"; and {len(unmatched) - SHOWN} more" if len(unmatched) > SHOWN else "")
 
 

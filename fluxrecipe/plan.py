@@ -28,7 +28,7 @@ from .formats.safetensors import ITEMSIZE
 from .loras import LORA_FORMATS, Factor, LoraFile, LoraSummary, Patch, lora_notes, lora_output, plan_patches
 from .recipe import DTYPES, MIXED, Recipe, Rule
 from .sources import Checkpoint
-from .text import printable, some_keys
+from .text import cut, printable, some_keys
 
 SHOWN = 6  # how many keys a message lists before it says "and N more"
 MAX_HINT = 200  # characters: a suggested rule longer than this would be no help (it would list the keys)
@@ -173,7 +173,7 @@ def make_plan(
         rule = next((r for r in recipe.rules if r.matches(key)), None)
         if rule is None:
             raise PlanError(
-                f"key '{key}' of base '{recipe.base}' matches no rule of recipe '{recipe.name}': "
+                f"key '{cut(key)}' of base '{recipe.base}' matches no rule of recipe '{recipe.name}': "
                 "every key needs one; end the rules with a catch-all {match: '.*', op: ...}"
             )
         decided[key] = rule
@@ -392,7 +392,7 @@ def _inputs(rule: Rule, key: str, checkpoints: dict[str, Checkpoint], base: str,
                     f": a FLUX variant mismatch (base '{base}' is {a}, '{name}' is {b}); "
                     f"give '{key.rsplit('.', 1)[0]}' a rule of its own before this one, e.g. {{match: '^{re.escape(key.rsplit('.', 1)[0])}\\.', op: 'take:{base}'}}"
                 )
-            raise PlanError(f"{rule.where} ({rule.op}): '{key}' is {list(shape)} in base '{base}' but {list(loc.shape)} in '{name}' ({loc.file}){hint}")
+            raise PlanError(f"{rule.where} ({rule.op}): '{cut(key)}' is {list(shape)} in base '{base}' but {list(loc.shape)} in '{name}' ({loc.file}){hint}")
         inputs.append(loc)
     return tuple(inputs)
 
@@ -407,7 +407,7 @@ def _missing_input(rule: Rule, name: str, checkpoints: dict[str, Checkpoint], ba
     if shared * 2 < len(checkpoints[base].tensors):
         return (
             f"{where}: '{name}' holds {len(source.tensors)} tensors and shares only {shared} of the {len(checkpoints[base].tensors)} keys "
-            f"of base '{base}' (e.g. '{next(iter(source.tensors))}'): it is not a model of the base's kind (a LoRA, or another architecture?); "
+            f"of base '{base}' (e.g. '{cut(next(iter(source.tensors)))}'): it is not a model of the base's kind (a LoRA, or another architecture?); "
             "fluxrecipe merges whole FLUX transformers in the diffusers layout"
         )
     lacking_set = set(lacking)
@@ -463,7 +463,7 @@ def _check_fits_config(recipe: Recipe, config: dict[str, Any], steps: list[Step]
         problems.append(f"it holds {len(unexpected)} key(s) the config has no place for ({some_keys(unexpected)})")
     if wrong:
         k = wrong[0]
-        problems.append(f"{len(wrong)} key(s) have other shapes than the config implies ('{k}' is {list(have[k])}, the config says {list(expected[k])})")
+        problems.append(f"{len(wrong)} key(s) have other shapes than the config implies ('{cut(k)}' is {list(have[k])}, the config says {list(expected[k])})")
     hint = family.config_hint(missing, unexpected, config)
     raise PlanError(f"recipe '{recipe.name}': the output would not load as {config.get('_class_name')}: " + "; ".join(problems) + "." + hint)
 

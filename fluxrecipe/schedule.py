@@ -31,6 +31,7 @@ from typing import Any
 
 from . import families
 from .families import Family
+from .text import cut
 
 TOP, GROUPS, FINAL = families.vocabulary()  # every family's block names: a recipe is read before its model is known
 DEFAULT = "default"
@@ -274,7 +275,7 @@ def check_against(value: Any, keys: Iterable[str], blocks: Blocks) -> None:
     if missing:
         missing = dict(sorted(missing.items(), key=lambda item: family.block_order(item[0])))
         shown = ", ".join(list(missing)[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ValueError(f"gives no value for {shown} (e.g. key '{next(iter(missing.values()))}'): name them, or add a default")
+        raise ValueError(f"gives no value for {shown} (e.g. key '{cut(next(iter(missing.values())))}'): name them, or add a default")
 
 
 def value_for(value: float | Schedule, key: str, blocks: Blocks) -> float:

@@ -27,6 +27,7 @@ from .formats import Recognised, diffusers, recognise
 from .formats.layout import TensorRef
 from .formats.safetensors import Header, TensorEntry, read_header
 from .recipe import SourceSpec
+from .text import cut
 
 REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 
@@ -169,9 +170,9 @@ def _index(name: str, location: Path, origin: dict[str, str], remote: dict[Path,
         for key in header.entries if wanted is None else wanted:
             entry = header.entries.get(key)
             if entry is None:
-                raise SourceError(f"source '{name}': the index says '{key}' is in {path}, which does not hold it")
+                raise SourceError(f"source '{name}': the index says '{cut(key)}' is in {path}, which does not hold it")
             if key in entries:
-                raise SourceError(f"source '{name}': key '{key}' is in both {entries[key].file} and {path}")
+                raise SourceError(f"source '{name}': key '{cut(key)}' is in both {entries[key].file} and {path}")
             entries[key] = entry
     if not entries:
         raise SourceError(f"source '{name}': {location} holds no tensors")

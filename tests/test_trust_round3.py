@@ -303,3 +303,54 @@ def test_an_output_under_sysfs_is_one_line_through_the_command_line(recipe_dir, 
     """A place no one may create files in, for root too (sysfs): one line, no traceback."""
     done = cli(recipe_dir, tmp_path, take_recipe(schnell), "output=/sys/fluxrecipe-out")
     assert one_error_line(done).endswith("/sys/.fluxrecipe-out.fluxrecipe-lock: Permission denied")
+
+
+# --- 8. a name of a megabyte makes a message of one short line; a LoRA of .diff / .diff_b is read --------
+
+LONG = "x" * (1 << 20)  # a tensor name of 1 MB
+SANE = 2000  # characters: longer than any message needs, far shorter than the name
+
+
+def long_name_cases(tmp_path, state: dict) -> dict:
+    """Files that hold a 1 MB name where each reader quotes it: path, what the run does with it, the error."""
+    from flux_layouts import COMFY, diffusers_to_bfl
+
+    from conftest import save_sharded, tiny_config
+
+    cases = {}
+    model = save_sharded({**state, f"transformer_blocks.0.{LONG}.weight": torch.zeros(2)}, tmp_path / "diffusers", [list(state) + [f"transformer_blocks.0.{LONG}.weight"]], tiny_config(False))
+    cases["a-key-the-config-has-no-place-for"] = (model, "source", PlanError)
+    bfl_file = tmp_path / "bfl.safetensors"
+    save_file({**diffusers_to_bfl(state, COMFY), f"{COMFY}double_blocks.0.{LONG}.weight": torch.zeros(2)}, bfl_file)
+    cases["a-key-bfl-does-not-know"] = (bfl_file, "source", SourceError)
+    odd_dtype = tmp_path / "odd.safetensors"
+    save_file({**state, LONG: torch.zeros(2, dtype=torch.int32)}, odd_dtype)
+    cases["a-tensor-of-an-integer-dtype"] = (odd_dtype, "source", SourceError)
+    lora = tmp_path / "lora.safetensors"
+    save_file({**lora_module("lora_unet_double_blocks_0_img_attn_proj", HIDDEN, HIDDEN, 1), **lora_module(f"lora_unet_{LONG}", HIDDEN, HIDDEN, 2)}, lora)
+    cases["a-lora-module-that-fits-nowhere"] = (lora, "lora", PlanError)
+    twice = tmp_path / "twice.safetensors"
+    save_file({**lora_module("lora_unet_double_blocks_0_img_attn_proj", HIDDEN, HIDDEN, 1), **lora_module(f"transformer.transformer_blocks.0.attn.to_out.0.{LONG}", HIDDEN, HIDDEN, 2, ("lora_A", "lora_B"))}, twice)
+    cases["a-lora-of-a-long-unmatched-and-a-module"] = (twice, "lora", PlanError)
+    return cases
+
+
+@pytest.mark.parametrize("case", ["a-key-the-config-has-no-place-for", "a-key-bfl-does-not-know", "a-tensor-of-an-integer-dtype", "a-lora-module-that-fits-nowhere", "a-lora-of-a-long-unmatched-and-a-module"])
+def test_a_name_of_a_megabyte_is_cut_in_the_message(recipe_dir, tmp_path, schnell, state_of, case):
+    path, role, error = long_name_cases(tmp_path, state_of(schnell))[case]
+    recipe = take_recipe(path) if role == "source" else {**take_recipe(schnell), "loras": {"l": str(path)}}
+    with pytest.raises(error) as e:
+        run_recipe(recipe_dir, tmp_path / "out", recipe, "dry_run=true")
+    message = str(e.value)
+    assert len(message) < SANE and "\n" not in message and "characters)" in message, message[:SANE]
+
+
+def test_a_plan_note_of_a_megabyte_name_is_cut(recipe_dir, tmp_path, schnell):
+    """ignore_unmatched lists the keys that change nothing in the plan's notes, the plan and the provenance."""
+    lora = tmp_path / "lora.safetensors"
+    save_file({**lora_module("lora_unet_double_blocks_0_img_attn_proj", HIDDEN, HIDDEN, 1), **lora_module(f"lora_unet_{LONG}", HIDDEN, HIDDEN, 2)}, lora)
+    plan = run_recipe(recipe_dir, tmp_path / "out", {**take_recipe(schnell), "loras": {"l": {"path": str(lora), "ignore_unmatched": True}}}, "dry_run=true")
+    from fluxrecipe.plan import format_plan
+
+    assert all(len(line) < SANE for line in format_plan(plan).splitlines())
+

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .. import families
 from ..errors import SourceError
 from ..families import Family, ShapeError
-from ..text import some_keys
+from ..text import cut, some_keys
 from . import bfl, diffusers
 from .layout import TensorRef
 from .safetensors import FLOAT_ITEMSIZE, TensorEntry
@@ -54,7 +54,7 @@ def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata
         ignored = dict(Counter(_group(k) for k in entries if not k.startswith(prefix)))
     if any(LORA_KEY.search(k) for k in model):
         key = next(k for k in model if LORA_KEY.search(k))
-        raise SourceError(f"source '{source}': {where} is a LoRA (it holds '{key}'), not a model: bake it into the merge with the recipe's `loras:`")
+        raise SourceError(f"source '{source}': {where} is a LoRA (it holds '{cut(key)}'), not a model: bake it into the merge with the recipe's `loras:`")
     family = families.recognise(model)
     if family and family.is_bfl(model):
         scales, side, notes = bfl.read_scales(source, where, model, metadata, prefix or "")
@@ -87,7 +87,7 @@ def is_transformer(path: str, entries: dict[str, TensorEntry], metadata: dict[st
 def _check_floats(source: str, entries: dict[str, TensorEntry]) -> None:
     odd = next((e for e in entries.values() if e.dtype not in FLOAT_ITEMSIZE), None)
     if odd:
-        raise SourceError(f"source '{source}': {odd.file}: tensor '{odd.name}': unsupported dtype '{odd.dtype}' (a transformer's weights are floating point)")
+        raise SourceError(f"source '{source}': {odd.file}: tensor '{cut(odd.name)}': unsupported dtype '{odd.dtype}' (a transformer's weights are floating point)")
 
 
 def _group(key: str) -> str:
@@ -102,9 +102,9 @@ def _looks_like(keys: list[str]) -> str:
     others = [f.name for f in reversed(families.FAMILIES[:-1])]
     nor = f" nor a {' or '.join(others)} one" if others else ""
     if any(LORA_KEY.search(k) for k in keys):
-        return f"is a LoRA (it holds '{next(k for k in keys if LORA_KEY.search(k))}'), not a model: bake it into the merge with the recipe's `loras:`"
+        return f"is a LoRA (it holds '{cut(next(k for k in keys if LORA_KEY.search(k)))}'), not a model: bake it into the merge with the recipe's `loras:`"
     if any(UNET_KEY.search(k) for k in keys):
-        return f"looks like a Stable Diffusion / SDXL UNet (it holds '{next(k for k in keys if UNET_KEY.search(k))}'), not a {model}{nor}"
+        return f"looks like a Stable Diffusion / SDXL UNet (it holds '{cut(next(k for k in keys if UNET_KEY.search(k)))}'), not a {model}{nor}"
     kinds = [name for name, rx in (("a text encoder", TEXT_KEY), ("a VAE", VAE_KEY)) if any(rx.search(k) for k in keys)]
     if kinds:
         return f"holds {' and '.join(kinds)} but no {model}{nor} (keys such as {some_keys(keys, SHOWN)})"

@@ -21,6 +21,7 @@ import re
 from functools import partial
 
 from ..errors import PlanError, SourceError
+from ..text import cut
 from ..families.base import BflTable, Family, Mapping, Norm, Swapped, targets
 from .layout import OutTensor, Part, Piece, Scale, TensorRef, row_size, rows
 from .safetensors import ITEMSIZE, TensorEntry, read_bytes, read_scalar
@@ -90,7 +91,7 @@ def split(
         sizes = [hidden] * (len(targets(mapping)) - 1)
         sizes.append(total - sum(sizes))
         if sizes[-1] <= 0 or isinstance(mapping, Swapped) and total % 2:
-            raise SourceError(f"source '{source}': {entry.file}: '{entry.name}' {list(entry.shape)} cannot be split into a {model} transformer's tensors (hidden size {hidden})")
+            raise SourceError(f"source '{source}': {entry.file}: '{cut(entry.name)}' {list(entry.shape)} cannot be split into a {model} transformer's tensors (hidden size {hidden})")
         row_bytes = row_size(entry.shape) * ITEMSIZE[entry.dtype]
         at = 0  # the BFL tensor's row where this run starts
         for module, first, end in _segments(mapping, sizes):
@@ -137,7 +138,7 @@ def out_tensors(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], pref
             placed.update(members)
     stray = [k for k in shapes if k not in placed]
     if stray:
-        raise PlanError(f"the output holds {len(stray)} tensor(s) the Black Forest Labs layout has no place for (e.g. '{stray[0]}')")
+        raise PlanError(f"the output holds {len(stray)} tensor(s) the Black Forest Labs layout has no place for (e.g. '{cut(stray[0])}')")
     return tensors
 
 
@@ -152,7 +153,7 @@ def _out_tensor(name: str, mapping: Mapping, members: list[str], shapes: dict, d
     if any(shapes[t][1:] != tail for t in members):
         raise PlanError(f"{name} is made of {', '.join(members)}, whose shapes do not fit together ({', '.join(str(list(shapes[t])) for t in members)})")
     if isinstance(mapping, Swapped) and rows(shapes[members[0]]) % 2:
-        raise PlanError(f"{name}: '{members[0]}' has an odd number of rows, so its halves cannot be swapped")
+        raise PlanError(f"{name}: '{cut(members[0])}' has an odd number of rows, so its halves cannot be swapped")
     key_of = dict(zip(targets(mapping), members))
     parts, total = [], 0
     for module, first, end in _segments(mapping, [rows(shapes[t]) for t in members]):
@@ -174,7 +175,7 @@ def read_scales(source: str, path: str, entries: dict[str, TensorEntry], metadat
     dequantize exactly."""
     unsupported = [k for k in entries if k.endswith((".weight_scale_2", ".pre_quant_scale"))]
     if unsupported:
-        raise SourceError(f"source '{source}': {path} holds '{unsupported[0]}': a quantization (NVFP4, ...) fluxrecipe cannot dequantize exactly; use a bf16, fp16, fp8 or scaled-fp8 file")
+        raise SourceError(f"source '{source}': {path} holds '{cut(unsupported[0])}': a quantization (NVFP4, ...) fluxrecipe cannot dequantize exactly; use a bf16, fp16, fp8 or scaled-fp8 file")
     side = [k for k in entries if k == "scaled_fp8" or k.endswith(SIDE_SUFFIXES)]
     where = f"source '{source}': {path}"
     scales: dict[str, Scale] = {}
@@ -185,20 +186,20 @@ def read_scales(source: str, path: str, entries: dict[str, TensorEntry], metadat
                 weight = key[: -len(suffix)] + ".weight"
                 if weight in scales:
                     names = sorted((entries[key].name, entries[scales[weight].file_key].name))
-                    raise SourceError(f"{where}: '{entries[weight].name}' has two scales, '{names[0]}' and '{names[1]}': which one applies is not known")
+                    raise SourceError(f"{where}: '{cut(entries[weight].name)}' has two scales, '{cut(names[0])}' and '{cut(names[1])}': which one applies is not known")
                 scales[weight] = _scale(where, entries, key, weight, notes)
     for layer, quant in _quant_formats(where, entries, metadata, prefix).items():
         if quant not in QUANT_FORMATS:
-            raise SourceError(f"{where}: layer '{layer}' is quantized as {quant!r}, which fluxrecipe cannot dequantize exactly (it reads {', '.join(QUANT_FORMATS)})")
+            raise SourceError(f"{where}: layer '{cut(layer)}' is quantized as {quant!r}, which fluxrecipe cannot dequantize exactly (it reads {', '.join(QUANT_FORMATS)})")
         weight = entries.get(layer + ".weight")
         if weight is not None and layer + ".weight" not in scales:
-            raise SourceError(f"{where}: scaled fp8 layer '{layer}' has no '{layer}.weight_scale': the file is incomplete (its weights mean nothing without their scales)")
+            raise SourceError(f"{where}: scaled fp8 layer '{cut(layer)}' has no '{layer}.weight_scale': the file is incomplete (its weights mean nothing without their scales)")
         if weight is not None and weight.dtype != QUANT_FORMATS[quant]:
-            raise SourceError(f"{where}: layer '{layer}' is marked {quant} (its comfy_quant or _quantization_metadata) but its weight is {weight.dtype}: the file contradicts itself")
+            raise SourceError(f"{where}: layer '{cut(layer)}' is marked {quant} (its comfy_quant or _quantization_metadata) but its weight is {weight.dtype}: the file contradicts itself")
     if "scaled_fp8" in entries:
         for key, entry in entries.items():
             if key.endswith(".weight") and entry.dtype.startswith("F8") and key not in scales:
-                raise SourceError(f"{where} is scaled fp8 (it has a 'scaled_fp8' marker) but '{key}' has no '{key[: -len('weight')]}scale_weight': the file is incomplete")
+                raise SourceError(f"{where} is scaled fp8 (it has a 'scaled_fp8' marker) but '{cut(key)}' has no '{cut(key.removesuffix('weight') + 'scale_weight')}': the file is incomplete")
     return scales, side, notes
 
 
@@ -207,23 +208,23 @@ def _scale(where: str, entries: dict[str, TensorEntry], key: str, weight: str, n
     within float16's range (no FLUX weight comes near it); 0 only for a weight of zeros (a note)."""
     entry = entries[key]
     if weight not in entries:
-        raise SourceError(f"{where} holds the scale '{key}' of a weight '{weight}' it does not hold")
+        raise SourceError(f"{where} holds the scale '{cut(key)}' of a weight '{cut(weight)}' it does not hold")
     if entry.numel != 1 or entry.dtype not in ("F32", "F16", "BF16"):
-        raise SourceError(f"{where}: '{key}' is {entry.dtype} {list(entry.shape)}: fluxrecipe reads per-tensor scales (one number)")
+        raise SourceError(f"{where}: '{cut(key)}' is {entry.dtype} {list(entry.shape)}: fluxrecipe reads per-tensor scales (one number)")
     stored = entries[weight]
     if not stored.dtype.startswith("F8"):
-        raise SourceError(f"{where}: '{key}' scales '{weight}', which is {stored.dtype}, not fp8")
+        raise SourceError(f"{where}: '{cut(key)}' scales '{cut(weight)}', which is {stored.dtype}, not fp8")
     value = read_scalar(entry)
     if not math.isfinite(value) or value < 0:
-        raise SourceError(f"{where}: '{entry.name}' is {value:g}: a scale is a finite number above 0")
+        raise SourceError(f"{where}: '{cut(entry.name)}' is {value:g}: a scale is a finite number above 0")
     if value == 0:
         if not _all_zero(stored):
-            raise SourceError(f"{where}: '{entry.name}' is 0 but '{stored.name}' holds values other than 0: they would all read as 0 (a damaged file?)")
-        notes.append(f"'{entry.name}' is 0 and '{stored.name}' is all zero: it reads as zeros")
+            raise SourceError(f"{where}: '{cut(entry.name)}' is 0 but '{cut(stored.name)}' holds values other than 0: they would all read as 0 (a damaged file?)")
+        notes.append(f"'{cut(entry.name)}' is 0 and '{cut(stored.name)}' is all zero: it reads as zeros")
     largest = value * FP8_MAX[stored.dtype]
     if largest > FLOAT16_MAX:
         raise SourceError(
-            f"{where}: '{entry.name}' is {value:g}: '{stored.name}' would hold values up to {largest:g}, beyond float16's range "
+            f"{where}: '{cut(entry.name)}' is {value:g}: '{cut(stored.name)}' would hold values up to {largest:g}, beyond float16's range "
             "and any FLUX weight (a damaged file?)"
         )
     return Scale(value, key)
@@ -249,12 +250,12 @@ def _quant_formats(where: str, entries: dict[str, TensorEntry], metadata: dict[s
     for key, entry in entries.items():
         if key.endswith(".comfy_quant"):
             if entry.dtype != "U8" or entry.nbytes > 4096:
-                raise SourceError(f"{where}: '{key}' is not a comfy_quant marker (a few U8 bytes of JSON)")
+                raise SourceError(f"{where}: '{cut(key)}' is not a comfy_quant marker (a few U8 bytes of JSON)")
             try:
                 conf = json.loads(read_bytes(entry))
                 formats[key[: -len(".comfy_quant")]] = str(conf.get("format"))
             except (ValueError, AttributeError, RecursionError) as e:
-                raise SourceError(f"{where}: '{key}' is not a valid comfy_quant marker ({e})") from None
+                raise SourceError(f"{where}: '{cut(key)}' is not a valid comfy_quant marker ({e})") from None
     return {layer.removeprefix(prefix): f for layer, f in formats.items()}  # `entries` are without the file's prefix
 
 

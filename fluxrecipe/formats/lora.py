@@ -37,6 +37,7 @@ from .. import families
 from ..errors import SourceError
 from ..families import Family
 from ..schedule import is_number
+from ..text import cut
 from . import bfl
 from .layout import Piece, TensorRef
 from .safetensors import SCALARS, TensorEntry, read_scalar
@@ -145,7 +146,7 @@ def _refuse_doubles(where: str, changes: list[Change]) -> None:
         seen = first.setdefault(c.key, c)
         if seen.module != c.module:
             raise SourceError(
-                f"{where}: '{seen.module}' and '{c.module}' both change '{c.key}': one module named twice (in two key schemes?) "
+                f"{where}: '{cut(seen.module)}' and '{cut(c.module)}' both change '{cut(c.key)}': one module named twice (in two key schemes?) "
                 "would be baked twice; keep one of them in the file"
             )
 
@@ -174,9 +175,9 @@ def module_problems(entries: dict[str, TensorEntry]) -> list[str] | None:
     for module, roles in modules.items():
         up, down = roles.get("up"), roles.get("down")
         if bool(up) != bool(down):
-            problems.append(f"'{(up or down).name}' has no {'down' if up else 'up'} matrix beside it")
+            problems.append(f"'{cut((up or down).name)}' has no {'down' if up else 'up'} matrix beside it")
         elif up and (len(up.shape) != 2 or len(down.shape) != 2 or up.shape[1] != down.shape[0]):
-            problems.append(f"'{module}': up {list(up.shape)} and down {list(down.shape)} are not a LoRA's matrices of one rank")
+            problems.append(f"'{cut(module)}': up {list(up.shape)} and down {list(down.shape)} are not a LoRA's matrices of one rank")
     return problems
 
 
@@ -246,16 +247,16 @@ class _Context:
         if up or down:
             if not (up and down):
                 have, lack = ("up", "down") if up else ("down", "up")
-                raise SourceError(f"{self.where}: '{(up or down).name}' has no {lack} matrix beside it: the LoRA file is incomplete")
+                raise SourceError(f"{self.where}: '{cut((up or down).name)}' has no {lack} matrix beside it: the LoRA file is incomplete")
             if len(up.shape) != 2 or len(down.shape) != 2 or up.shape[1] != down.shape[0] or not down.shape[0]:
                 raise SourceError(
-                    f"{self.where}: '{module}' is not a LoRA module of matrices: up {list(up.shape)}, down {list(down.shape)} "
+                    f"{self.where}: '{cut(module)}' is not a LoRA module of matrices: up {list(up.shape)}, down {list(down.shape)} "
                     "(fluxrecipe bakes linear LoRAs: up [out, rank] and down [rank, in])"
                 )
             rank = down.shape[0]
             if rank > min(up.shape[0], down.shape[1]):  # a hostile rank would only cost memory: down is decoded whole
                 raise SourceError(
-                    f"{self.where}: '{module}' has rank {rank}, more than its matrices allow (up {list(up.shape)}, down {list(down.shape)}): "
+                    f"{self.where}: '{cut(module)}' has rank {rank}, more than its matrices allow (up {list(up.shape)}, down {list(down.shape)}): "
                     "not a LoRA fluxrecipe can bake"
                 )
             alpha = self._alpha(module, roles.get("alpha"), target if naming == "canonical" else None)
@@ -306,7 +307,7 @@ class _Context:
             refs, unknown = bfl.split(self.name, {f"{target}.{param}": entry}, self.hidden, self.family.name, find=find)
         except SourceError:
             raise SourceError(
-                f"{self.where}: '{entry.name}' {list(entry.shape)} does not fit {self.family.name} of hidden size {self.hidden}: a LoRA for a model of another width?"
+                f"{self.where}: '{cut(entry.name)}' {list(entry.shape)} does not fit {self.family.name} of hidden size {self.hidden}: a LoRA for a model of another width?"
             ) from None
         return {} if unknown else refs
 
@@ -317,7 +318,7 @@ class _Context:
         for c in changes:
             shape = self.shapes.get(c.key)
             if shape is None:
-                found.unmatched.append((c.tensor.file_key, f"it changes '{c.key}', which the output does not have"))
+                found.unmatched.append((c.tensor.file_key, f"it changes '{cut(c.key)}', which the output does not have"))
                 continue
             if c.kind == "product":
                 fits = len(shape) == 2 and c.tensor.shape[0] == shape[0] and c.down.shape[1] == shape[1]
@@ -329,7 +330,7 @@ class _Context:
                 if c.key == self.family.hidden_key and c.kind == "product" and c.down.shape[1] != shape[1] and self.tables.control_hint:
                     hint = f" (the LoRA's input layer takes {c.down.shape[1]} channels, the model {shape[1]}: {self.tables.control_hint})"
                 raise SourceError(
-                    f"{self.where}: '{c.module}' does not fit '{c.key}' {list(shape)}: it is {got}; a LoRA for another model (width, variant)?{hint}"
+                    f"{self.where}: '{cut(c.module)}' does not fit '{cut(c.key)}' {list(shape)}: it is {got}; a LoRA for another model (width, variant)?{hint}"
                 )
             fitting.append(c)
         return fitting
@@ -337,10 +338,10 @@ class _Context:
     def _alpha(self, module: str, entry: TensorEntry | None, canonical: str | None) -> float | None:
         if entry is not None:
             if entry.numel != 1 or entry.dtype not in SCALARS:
-                raise SourceError(f"{self.where}: '{entry.name}' is {entry.dtype} {list(entry.shape)}: an alpha is one number")
+                raise SourceError(f"{self.where}: '{cut(entry.name)}' is {entry.dtype} {list(entry.shape)}: an alpha is one number")
             value = read_scalar(entry)
             if not math.isfinite(value):
-                raise SourceError(f"{self.where}: '{entry.name}' is {value}: an alpha must be a finite number")
+                raise SourceError(f"{self.where}: '{cut(entry.name)}' is {value}: an alpha must be a finite number")
             return value
         if self.alphas and canonical is not None:
             return self.alphas.alpha(canonical)
@@ -384,7 +385,7 @@ def _peft_alphas(where: str, metadata: dict[str, str]) -> _PeftAlphas | None:
         raise SourceError(f"{where}: lora_adapter_metadata's lora_alpha / alpha_pattern are not numbers")
     for pattern in patterns:
         if re.search(r"[\\()\[\]{}*+?|$]", pattern.lstrip("^")):
-            raise SourceError(f"{where}: lora_adapter_metadata's alpha_pattern {pattern!r} is a regular expression; fluxrecipe reads module names (optionally ^-anchored)")
+            raise SourceError(f"{where}: lora_adapter_metadata's alpha_pattern {cut(pattern)!r} is a regular expression; fluxrecipe reads module names (optionally ^-anchored)")
     literal = tuple((p, float(v)) for p, v in patterns.items())
     return _PeftAlphas(float(config["lora_alpha"]), literal, bool(config.get("use_rslora")))
 
@@ -400,9 +401,9 @@ def _not_a_lora(keys: list[str]) -> str:
     stripped = [k[len(p):] for k in keys for p in families.comfyui_prefixes() if k.startswith(p)] or keys
     lycoris = next((k for k in keys if re.search(r"\.(lokr|hada)_", k)), None)
     if lycoris:
-        return f"it is a LyCORIS LoKr/LoHa (it holds '{lycoris}'), which fluxrecipe does not bake"
+        return f"it is a LyCORIS LoKr/LoHa (it holds '{cut(lycoris)}'), which fluxrecipe does not bake"
     if families.recognise(stripped):
-        return f"it holds no lora_up/lora_down or lora_A/lora_B matrices but a model's weights ('{keys[0]}', ...): use a model as one of the recipe's sources"
+        return f"it holds no lora_up/lora_down or lora_A/lora_B matrices but a model's weights ('{cut(keys[0])}', ...): use a model as one of the recipe's sources"
     return "it holds no lora_up/lora_down or lora_A/lora_B matrices; it " + _looks_like(keys)
 
 

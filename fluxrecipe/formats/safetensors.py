@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import SourceError
 from ..files import open_regular
+from ..text import cut
 
 # safetensors dtype code -> bytes per element (plain numbers, so that planning and dry runs need no torch;
 # execute.py maps the codes to torch dtypes). A FLUX transformer's weights are floating point; the integer
@@ -84,7 +85,7 @@ def parse_header(path: str, raw: bytes, size: int) -> Header:
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except _DuplicateKey as e:
-        raise SourceError(f"{path}: the safetensors header gives '{e.args[0]}' twice (a tensor or field named twice)") from None
+        raise SourceError(f"{path}: the safetensors header gives '{cut(e.args[0])}' twice (a tensor or field named twice)") from None
     except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an integer too long, nested too deep
         raise SourceError(f"{path}: the safetensors header is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
@@ -115,8 +116,8 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 def _entry(path: str, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
     if not name.isprintable():  # control characters in a name would reach the terminal in every message about it
-        raise SourceError(f"{path}: tensor name {name!r} holds unprintable characters")
-    where = f"{path}: tensor '{name}'"
+        raise SourceError(f"{path}: tensor name {cut(name)!r} holds unprintable characters")
+    where = f"{path}: tensor '{cut(name)}'"
     if not isinstance(info, dict):
         raise SourceError(f"{where}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -143,7 +144,7 @@ def _check_no_overlap(path: str, entries) -> None:
     previous = None
     for e in sorted((e for e in entries if e.nbytes), key=lambda e: e.begin):
         if previous is not None and e.begin < previous.begin + previous.nbytes:
-            raise SourceError(f"{path}: the data of tensors '{previous.name}' and '{e.name}' overlap")
+            raise SourceError(f"{path}: the data of tensors '{cut(previous.name)}' and '{cut(e.name)}' overlap")
         previous = e
 
 
@@ -175,9 +176,9 @@ def read_bytes(entry: TensorEntry, start: int = 0, nbytes: int | None = None) ->
         finally:
             os.close(fd)
     except OSError as e:
-        raise SourceError(f"{entry.file}: reading '{entry.name}' failed: {e.strerror or e}") from None
+        raise SourceError(f"{entry.file}: reading '{cut(entry.name)}' failed: {e.strerror or e}") from None
     if len(raw) != nbytes:
-        raise SourceError(f"{entry.file}: the file ended inside '{entry.name}'")
+        raise SourceError(f"{entry.file}: the file ended inside '{cut(entry.name)}'")
     return raw
 
 
