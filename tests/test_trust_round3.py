@@ -354,3 +354,37 @@ def test_a_plan_note_of_a_megabyte_name_is_cut(recipe_dir, tmp_path, schnell):
 
     assert all(len(line) < SANE for line in format_plan(plan).splitlines())
 
+
+def test_a_comfyui_lora_of_full_differences_only_is_read(recipe_dir, tmp_path, schnell, state_of):
+    """`.diff` (a weight's whole difference) and `.diff_b` (a bias's), as ComfyUI reads them: W + strength * diff,
+    split like the weight they change (a fused qkv into q, k, v; the final layer's halves swapped)."""
+    from conftest import load_state
+
+    g = torch.Generator().manual_seed(5)
+    state = state_of(schnell)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.05).to(torch.bfloat16)
+
+    proj, proj_b, qkv, final = rand(HIDDEN, HIDDEN), rand(HIDDEN), rand(3 * HIDDEN, HIDDEN), rand(*state["norm_out.linear.weight"].shape)
+    tensors = {
+        "diffusion_model.double_blocks.0.img_attn.proj.diff": proj,
+        "diffusion_model.double_blocks.0.img_attn.proj.diff_b": proj_b,
+        "diffusion_model.double_blocks.1.img_attn.qkv.diff": qkv,
+        "diffusion_model.final_layer.adaLN_modulation.1.diff": final,
+    }
+    half = final.shape[0] // 2
+    changes = {  # canonical key -> its difference, by hand: qkv's rows are q, k, v; BFL's final layer is (shift, scale)
+        "transformer_blocks.0.attn.to_out.0.weight": proj,
+        "transformer_blocks.0.attn.to_out.0.bias": proj_b,
+        "transformer_blocks.1.attn.to_q.weight": qkv[:HIDDEN],
+        "transformer_blocks.1.attn.to_k.weight": qkv[HIDDEN : 2 * HIDDEN],
+        "transformer_blocks.1.attn.to_v.weight": qkv[2 * HIDDEN :],
+        "norm_out.linear.weight": torch.cat([final[half:], final[:half]]),
+    }
+    result = bake(recipe_dir, tmp_path, schnell, tensors, strength=0.5)
+    got = load_state(tmp_path / "out")
+    assert result.files and sorted(got) == sorted(state)
+    for key, value in state.items():
+        want = (value.float() + 0.5 * changes[key].float()).to(torch.bfloat16) if key in changes else value
+        assert torch.equal(got[key].view(torch.uint8), want.view(torch.uint8)), key

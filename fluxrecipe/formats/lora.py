@@ -110,7 +110,7 @@ def read(name: str, path: str, entries: dict[str, TensorEntry], metadata: dict[s
     keys that fit nowhere are returned (`unmatched`) for the caller to refuse or list."""
     where = f"lora '{name}' ({path})"
     modules, whole = modules_of(entries)
-    if not any({"up", "down"} & set(roles) for roles in modules.values()):
+    if not _holds_changes(modules):
         raise SourceError(f"{where} is not a LoRA: {_not_a_lora(list(entries))}")
     unet = next((k for k in modules if UNET.search(k)), None)
     if unet:
@@ -165,11 +165,17 @@ def modules_of(entries: dict[str, TensorEntry]) -> tuple[dict[str, dict[str, Ten
     return modules, whole
 
 
+def _holds_changes(modules: dict[str, dict[str, TensorEntry]]) -> bool:
+    """Whether a file's modules change weights as a LoRA does: low-rank matrices, or ComfyUI's whole
+    differences (`.diff`, `.diff_b`), which some files hold alone."""
+    return any({"up", "down", "diff", "diff_b"} & set(roles) for roles in modules.values())
+
+
 def module_problems(entries: dict[str, TensorEntry]) -> list[str] | None:
     """For `verify`: None if the file is not a LoRA; else what is wrong with its modules (an up without its
     down, matrices whose ranks differ)."""
     modules, _ = modules_of(entries)
-    if not any({"up", "down"} & set(roles) for roles in modules.values()):
+    if not _holds_changes(modules):
         return None
     problems = []
     for module, roles in modules.items():
@@ -403,8 +409,8 @@ def _not_a_lora(keys: list[str]) -> str:
     if lycoris:
         return f"it is a LyCORIS LoKr/LoHa (it holds '{cut(lycoris)}'), which fluxrecipe does not bake"
     if families.recognise(stripped):
-        return f"it holds no lora_up/lora_down or lora_A/lora_B matrices but a model's weights ('{cut(keys[0])}', ...): use a model as one of the recipe's sources"
-    return "it holds no lora_up/lora_down or lora_A/lora_B matrices; it " + _looks_like(keys)
+        return f"it holds no lora_up/lora_down or lora_A/lora_B matrices (nor .diff differences) but a model's weights ('{cut(keys[0])}', ...): use a model as one of the recipe's sources"
+    return "it holds no lora_up/lora_down or lora_A/lora_B matrices (nor .diff differences); it " + _looks_like(keys)
 
 
 # --- a merge written as a LoRA -----------------------------------------------------------------------------
