@@ -18,6 +18,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from typing import Any
 
+import regex
+
 from . import schedule
 from .architecture import config_fields, expected_parameters, mismatch
 from .errors import PlanError
@@ -26,7 +28,7 @@ from .formats import OUTPUT_FORMATS, bfl, diffusers
 from .formats.layout import Constant, OutFile, OutTensor, TensorRef
 from .formats.safetensors import ITEMSIZE
 from .loras import LORA_FORMATS, Factor, LoraFile, LoraSummary, Patch, lora_notes, lora_output, plan_patches
-from .recipe import DTYPES, MIXED, Recipe, Rule
+from .recipe import DTYPES, MATCH_SECONDS, MIXED, Recipe, Rule
 from .sources import Checkpoint
 from .text import cut, printable, some_keys
 
@@ -361,7 +363,74 @@ def _check_every_rule_used(recipe: Recipe, checkpoints: dict[str, Checkpoint], d
             hits = ", ".join(f"{count} of {n}" for n, count in elsewhere.items() if count)
             if hits:
                 why += f" (it matches {hits}; the output has only the base's keys)"
+            bfl_names = _in_bfl_names(rule, checkpoints[recipe.base])
+            if bfl_names:
+                raise PlanError(f"{rule.where} (match {rule.match!r}) decides no key: {why}; {bfl_names}")
         raise PlanError(f"{rule.where} (match {rule.match!r}) decides no key: {why}. A typo? If intended, mark the rule `optional: true`")
+
+
+def _in_bfl_names(rule: Rule, base: Checkpoint) -> str:
+    """What to tell a rule that matches no canonical key but matches the base's tensors under Black Forest Labs'
+    or ComfyUI's names: that rules match diffusers' names, the tensors it meant, and the rule in those names
+    (its regex with each BFL name written as diffusers', from bfl's table, if that means the same tensors;
+    else a regex of those tensors). "" when it matches no BFL name either."""
+    family = base.family
+    shapes = {k: t.shape for k, t in base.tensors.items()}
+    try:
+        tensors = bfl.out_tensors(shapes, dict.fromkeys(shapes, "F32"), "", family.bfl)
+    except PlanError:
+        return ""  # the base has tensors BFL's layout has no place for: no BFL names to compare with
+    hits = {}  # the BFL tensors the rule matches, in the first spelling it matches (BFL's, then ComfyUI's) -> their canonical keys
+    for t in tensors:
+        spelling = next((prefix + t.name for prefix in ("", *family.comfyui_prefixes) if rule.matches(prefix + t.name)), None)
+        if spelling:
+            hits[spelling] = {p.key for p in t.parts}
+    if not hits:
+        return ""
+    meant = set().union(*hits.values())
+    canonical = [k for k in base.tensors if k in meant]
+    others = [k for k in base.tensors if k not in meant]
+    names = sorted(bfl.spellings(family.bfl, family.comfyui_prefixes), key=lambda spelling: -len(spelling[0]))
+    translations = [_diffusers_spelling(rule.match, names, qualified) for qualified in (False, True)]
+    suggestion = next((t for t in translations if t is not None and _matches_exactly(t, canonical, others)), None) or _hint_pattern(canonical, others)
+    text = (
+        "rules match diffusers' names (the canonical keys), not Black Forest Labs' or ComfyUI's: it matches "
+        f"{len(hits)} tensors in those names ({some_keys(list(hits), 3)}), which are {some_keys(canonical, 3)} in diffusers' names"
+    )
+    if len(suggestion) > MAX_HINT:
+        return text + "; write the rule in those names"
+    return text + f"; in diffusers' names the rule reads {{match: '{suggestion}', op: '{rule.op}'}}"
+
+
+def _diffusers_spelling(pattern: str, names: list[tuple[str, tuple[str, ...], str]], qualified: bool) -> str | None:
+    """`pattern` with every BFL/ComfyUI name in it (a prefix, group or module, its dots written as `.` or `\\.`)
+    replaced by diffusers' (`names`: bfl.spellings, longest first; an alternation for a fused module's parts;
+    `qualified`: a block's module behind its group and any block number, for a pattern that names no group);
+    None if it holds none."""
+    dot = r"(?:\\\.|\.)"
+    found = re.compile("|".join(
+        r"((?<!\w)" + dot.join(re.escape(part) for part in name.split(".")) + (r"(?!\w))" if name[-1].isalnum() else ")") for name, _, _ in names
+    ))
+
+    def diffusers(m: re.Match) -> str:
+        _, targets, group = names[m.lastindex - 1]
+        escaped = [t.replace(".", "\\.") for t in targets]
+        text = escaped[0] if len(escaped) == 1 else "(?:" + "|".join(escaped) + ")"
+        if group:  # a block's module: behind its block's number in the pattern, or (qualified) behind any block's
+            return f"^{group}\\.\\d+\\.{text}" if qualified else text
+        return "^" + text if text else text  # a group or top-level module starts a canonical key (`proj_out` alone is also a block's)
+
+    translated = found.sub(diffusers, pattern)
+    return re.sub(r"\^{2,}", "^", translated) if translated != pattern else None
+
+
+def _matches_exactly(pattern: str, keys: list[str], others: list[str]) -> bool:
+    """Whether `pattern` matches every one of `keys` and none of `others` (within the recipe regexes' time bound)."""
+    try:
+        rx = regex.compile(pattern)
+        return all(rx.search(k, timeout=MATCH_SECONDS) for k in keys) and not any(rx.search(k, timeout=MATCH_SECONDS) for k in others)
+    except (regex.error, TimeoutError, RecursionError, OverflowError):
+        return False
 
 
 def _check_schedules(recipe: Recipe, decided: dict[str, Rule], blocks: schedule.Blocks) -> None:

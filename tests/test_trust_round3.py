@@ -388,3 +388,42 @@ def test_a_comfyui_lora_of_full_differences_only_is_read(recipe_dir, tmp_path, s
     for key, value in state.items():
         want = (value.float() + 0.5 * changes[key].float()).to(torch.bfloat16) if key in changes else value
         assert torch.equal(got[key].view(torch.uint8), want.view(torch.uint8)), key
+
+
+# --- 11. rules written in Black Forest Labs' names; block ranges in schedules -------------------------------
+
+
+def bfl_sources(state: dict) -> dict[str, set[str]]:
+    """BFL key -> the diffusers keys whose rows it holds, from flux_layouts' hand-written tables (not fluxrecipe's)."""
+    from flux_layouts import blocks, linear_modules
+
+    sources = {f"{bfl}.{p}": {f"{d}.{p}" for d in difs} for bfl, difs in linear_modules(state) for p in ("weight", "bias")}
+    norms = {"img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k", "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k"}
+    for i in blocks(state, "transformer_blocks"):
+        sources.update({f"double_blocks.{i}.{b}.scale": {f"transformer_blocks.{i}.{d}.weight"} for b, d in norms.items()})
+    for i in blocks(state, "single_transformer_blocks"):
+        sources.update({f"single_blocks.{i}.norm.{q}_norm.scale": {f"single_transformer_blocks.{i}.attn.norm_{q[0]}.weight"} for q in ("query", "key")})
+    return sources
+
+
+@pytest.mark.parametrize("match", [r"double_blocks\.[0-9]\.", r"^model\.diffusion_model\.single_blocks\.1\.", r"img_attn\.qkv", "final_layer", r"double_blocks\.1\.txt_mlp"])
+def test_a_rule_in_bfl_names_is_told_the_diffusers_spelling(recipe_dir, tmp_path, schnell, state_of, match):
+    import re
+
+    state = state_of(schnell)
+    recipe = {"sources": {"a": str(schnell)}, "rules": [{"match": match, "op": "take:a"}, {"match": ".*", "op": "take:a"}]}
+    with pytest.raises(PlanError) as e:
+        run_recipe(recipe_dir, tmp_path / "out", recipe, "dry_run=true")
+    message = str(e.value)
+    assert "rules match diffusers' names (the canonical keys), not Black Forest Labs' or ComfyUI's" in message and "\n" not in message
+    expected = set().union(*(keys for bfl, keys in bfl_sources(state).items() if re.search(match, bfl) or re.search(match, "model.diffusion_model." + bfl)))
+    assert "{match: " in message, message
+    suggested = message[message.rindex("{match: '") + len("{match: '") : message.rindex("', op: 'take:a'}")]
+    assert {k for k in state if re.search(suggested, k)} == expected, suggested
+
+
+def test_a_rule_that_matches_nothing_in_any_spelling_still_asks_for_a_typo(recipe_dir, tmp_path, schnell):
+    recipe = {"sources": {"a": str(schnell)}, "rules": [{"match": "transfomer_blocks", "op": "take:a"}, {"match": ".*", "op": "take:a"}]}
+    with pytest.raises(PlanError, match="A typo?") as e:
+        run_recipe(recipe_dir, tmp_path / "out", recipe, "dry_run=true")
+    assert "Black Forest Labs" not in str(e.value)

@@ -37,6 +37,16 @@ MARKER_SUFFIX = ".comfy_quant"  # <layer>.comfy_quant (and _quantization_metadat
 SIDE_SUFFIXES = (".scale_weight", ".weight_scale", ".comfy_quant", ".scale_input", ".input_scale")
 
 
+def spellings(table: BflTable, prefixes: tuple[str, ...]) -> list[tuple[str, tuple[str, ...], str]]:
+    """Every name of a family's BFL layout (its ComfyUI prefixes, groups and modules) with what diffusers calls
+    it (several names for a fused module, none for a prefix) and, for a block's module, the diffusers group it
+    lies in: to tell a user who wrote a rule in these names the canonical ones."""
+    names: list[tuple[str, tuple[str, ...], str]] = [(p, ("",), "") for p in prefixes]
+    names += [(g.bfl, (g.canonical,), "") for g in table.groups]
+    names += [(name, targets(m), "") for t in (table.top, table.final) for name, m in t.items()]
+    return names + [(name, targets(m), g.canonical) for g in table.groups for name, m in g.table.items()]
+
+
 def _segments(mapping: Mapping, sizes: list[int]) -> list[tuple[str, int, int]]:
     """(canonical module, first row, end row) of each run of the BFL tensor's rows, in the BFL tensor's
     order; `sizes`: the rows of each of the mapping's canonical tensors."""
