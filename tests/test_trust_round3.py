@@ -8,6 +8,7 @@ Tests that guard against a hang run the command in a subprocess with a timeout f
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -427,3 +428,69 @@ def test_a_rule_that_matches_nothing_in_any_spelling_still_asks_for_a_typo(recip
     with pytest.raises(PlanError, match="A typo?") as e:
         run_recipe(recipe_dir, tmp_path / "out", recipe, "dry_run=true")
     assert "Black Forest Labs" not in str(e.value)
+
+
+def flux1_blocks():
+    """FLUX.1's 19 double and 38 single blocks."""
+    from fluxrecipe.families import by_name
+    from fluxrecipe.schedule import Blocks
+
+    return Blocks(by_name("FLUX.1"), (19, 38))
+
+
+def values(schedule_value, blocks) -> dict[str, float]:
+    from fluxrecipe import schedule
+
+    parsed = schedule.parse(schedule_value)
+    return {block: parsed.at(block, blocks) for block in blocks.order()}
+
+
+def test_a_block_range_gives_its_blocks_a_value():
+    flux = flux1_blocks()
+    got = values({"double_blocks.0-9": 1.0, "default": 0.25}, flux)
+    assert [got[f"double_blocks.{i}"] for i in range(19)] == [1.0] * 10 + [0.25] * 9
+    assert got["img_in"] == got["single_blocks.0"] == got["final_layer"] == 0.25
+    assert values({"double_blocks": {"0-9": 1.0, "default": 0.25}, "default": 0.25}, flux) == got  # as Hydra addresses it
+
+
+def test_the_most_specific_of_overlapping_ranges_and_names_wins():
+    got = values({"double_blocks": 0.2, "double_blocks.0-9": 0.5, "double_blocks.2-4": 0.7, "double_blocks.3": 0.9, "default": 0.0}, flux1_blocks())
+    assert [got[f"double_blocks.{i}"] for i in range(12)] == [0.5, 0.5, 0.7, 0.9, 0.7, 0.5, 0.5, 0.5, 0.5, 0.5, 0.2, 0.2]
+    assert got["single_blocks.3"] == 0.0
+
+
+def test_a_gradient_over_a_range():
+    got = values({"single_blocks.10-14": [0.0, 1.0], "default": 0.5}, flux1_blocks())
+    assert [got[f"single_blocks.{i}"] for i in range(9, 16)] == [0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 0.5]
+
+
+@pytest.mark.parametrize("value, says", [
+    ({"double_blocks.9-0": 1.0}, "'double_blocks.9-0': a range runs from the lower block to the higher (double_blocks.0-9)"),
+    ({"double_blocks.0-9": 1.0, "double_blocks.5-14": 0.5, "default": 0.0}, "'double_blocks.0-9' and 'double_blocks.5-14' overlap and are as wide"),
+    ({"double_blocks.0-9": 1.0, "double_blocks.00-09": 0.5}, "'double_blocks.0-9' is given twice"),
+    ({"img_in.0-3": 1.0}, "'img_in.0-3' is not a FLUX block name"),
+])
+def test_a_malformed_range_is_refused(value, says):
+    from fluxrecipe import schedule
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        schedule.parse(value)
+
+
+def test_a_range_past_the_models_blocks_is_one_line(recipe_dir, tmp_path, schnell, krea):
+    """The tiny models have double_blocks.0..1."""
+    recipe = {"sources": {"a": str(schnell), "b": str(krea)}, "base": "a", "rules": [{"match": "guidance", "op": "drop", "optional": True}, {"match": ".*", "op": {"lerp": {"alpha": {"double_blocks.0-9": 1.0, "default": 0.0}}}}]}
+    with pytest.raises(PlanError, match=r"rules\[1\].*alpha.*names double_blocks.0-9, but the model has double_blocks.0..1$"):
+        run_recipe(recipe_dir, tmp_path / "out", recipe, "dry_run=true")
+
+
+def test_a_range_in_a_merge(recipe_dir, tmp_path, schnell, krea, state_of):
+    from conftest import load_state
+
+    recipe = {"sources": {"a": str(schnell), "b": str(krea)}, "base": "a", "rules": [{"match": "guidance", "op": "drop", "optional": True}, {"match": ".*", "op": {"lerp": {"alpha": {"double_blocks.0-1": 1.0, "single_blocks.1-1": 1.0, "default": 0.0}}}}], "dtype": "fp32"}
+    run_recipe(recipe_dir, tmp_path / "out", recipe)
+    got, a, b = load_state(tmp_path / "out"), state_of(schnell), state_of(krea)
+    for key in a:
+        taken = key.startswith(("transformer_blocks.", "single_transformer_blocks.1."))
+        want = (b if taken else a)[key].float()
+        assert torch.equal(got[key], want), key
