@@ -47,17 +47,17 @@ import xxhash
 
 from .diagnostics import Distances
 from .errors import OutputError, SourceError, UsageError
-from .formats.layout import OutFile, OutTensor, Part, TensorRef, row_size, rows
-from .formats.safetensors import ITEMSIZE
+from .formats.layout import OutTensor, Part, TensorRef, row_size, rows
+from .formats.safetensors import ITEMSIZE, encode_header
 from .linux import keep_freed_memory
-from .loras import Factor, Patch
+from .loras import Factor, Patch, as_written, unwritten
 from .ops import OPS, Where
 from .ops.lora import ROWS, factor, product_rows, relative_error
 from .options import Options
 from .plan import Plan, Step, human_bytes
 from .segments import Segments, row_sums, split
 from .text import cut
-from .writer import FileRecord, align_down, align_up, open_safetensors
+from .writer import FileRecord, align_down, align_up, open_safetensors, rewrite_header
 
 # safetensors dtype code -> torch dtype, and the largest finite value of each output dtype
 DTYPES: dict[str, torch.dtype] = {
@@ -88,6 +88,7 @@ class Result:
     output: Path | None = None  # where the output went (set by api.write, once it is in place)
     lora_errors: dict[str, float] = field(default_factory=dict)  # a LoRA output: module -> relative error of its factors
     lora_unheld: dict[str, float] = field(default_factory=dict)  # a LoRA output: 1-D tensor -> largest |difference| to the base
+    lora_left_out: list[str] = field(default_factory=list)  # a LoRA output: the matrices whose difference is exactly 0 (not written)
 
 
 def execute(plan: Plan, folder: Path, options: Options, metadata: dict[str, str] | None = None, header_size: int = 0, hash_sources: Collection[str] = ()) -> Result:
@@ -178,7 +179,7 @@ class _Run:
     def __init__(self, plan: Plan, folder: Path, options: Options, device: torch.device, result: Result, metadata: dict[str, str], header_size: int, hash_sources: set[str]):
         self.plan, self.options, self.device, self.result = plan, options, device, result
         self.reader = _Reader(_planned_reads(plan))
-        self.files = _Files(plan.files, folder, metadata, header_size, result)
+        self.files = _Files(plan, folder, metadata, header_size, result)
         self.hash_sources = hash_sources
         self.stats: dict[str, tuple] = {}  # step key -> the results of its op's statistics passes
         self.folds: dict[str, object] = {}  # step key -> the statistics pass under way
@@ -261,9 +262,15 @@ class _Run:
             if not f.rank:
                 self.result.lora_unheld[f.module] = float(diff.abs().max()) if diff.numel() else 0.0
                 continue
+            if not bool(diff.any()):  # exactly the base's: a LoRA would hold zeros, which change nothing
+                self.result.lora_errors[f.module] = 0.0
+                self.result.lora_left_out.append(f.module)
+                continue
             for data in self._factor(f, diff):
                 self.files.write(0, data)
                 self.progress.update(data.numel())
+        if len(self.result.lora_left_out) == sum(1 for f in self.plan.factors if f.rank):
+            raise OutputError(f"every weight matrix of the recipe's result equals the base's ({len(self.result.lora_left_out)} matrices): the LoRA would be empty, so nothing was written")
 
     def _factor(self, f: Factor, diff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoded down and up of one factor; its relative error goes into the result. Runs while the
@@ -555,19 +562,27 @@ def _scale_of(absmax: float, dtype: str) -> float:
 
 class _Files:
     """The plan's files, opened one after the other as the chunks arrive in plan order; each file's scales
-    and constants follow its tensors."""
+    and constants follow its tensors. A LoRA output may leave matrices out (result.lora_left_out): its
+    header is written with room (the header size given, else the whole plan's), and written again at the
+    end, listing only what the file holds."""
 
-    def __init__(self, files: tuple[OutFile, ...], folder: Path, metadata: dict[str, str], header_size: int, result: Result):
-        self.plan_files, self.folder, self.metadata, self.header_size, self.result = files, folder, metadata, header_size, result
+    def __init__(self, plan: Plan, folder: Path, metadata: dict[str, str], header_size: int, result: Result):
+        self.plan, self.folder, self.metadata, self.header_size, self.result = plan, folder, metadata, header_size, result
+        self.plan_files, self.lora = plan.files, bool(plan.factors)
         self.index, self.file = -1, None
 
     def write(self, index: int, data: torch.Tensor) -> None:
         while index > self.index:
             self._close_current()
-            self.index += 1
-            out = self.plan_files[self.index]
-            self.file = open_safetensors(self.folder / out.name, out.entries(), {**self.metadata, **dict(out.metadata)}, self.header_size)
+            self._open(self.index + 1)
         self.file.write(data.numpy())
+
+    def _open(self, index: int) -> None:
+        self.index = index
+        out = self.plan_files[index]
+        metadata = {**self.metadata, **dict(out.metadata)}
+        room = self.header_size or (len(encode_header(out.entries(), metadata)[0]) if self.lora else 0)
+        self.file = open_safetensors(self.folder / out.name, out.entries(), metadata, room)
 
     def _close_current(self) -> None:
         if self.file is None:
@@ -576,10 +591,19 @@ class _Files:
         for tensor in out.tensors:
             if tensor.scale_name:
                 self.file.write(struct.pack("<f", self.result.scales[tensor.name]))
+        left_out = self.result.lora_left_out
+        unwritten_names = unwritten(self.plan.factors, left_out)
         for constant in out.constants:
-            self.file.write(constant.data)
+            if constant.name not in unwritten_names:
+                self.file.write(constant.data)
+        header = self.file.unhashed
+        if left_out:
+            entries, own = as_written(out, self.plan.format, self.plan.factors, self.plan.lora_rank, left_out)
+            self.file.expected_size = header + sum(math.prod(shape) * ITEMSIZE[dtype] for _, dtype, shape in entries)
         self.result.files[out.name] = self.file.close()
         self.file = None
+        if left_out:
+            rewrite_header(self.folder / out.name, entries, {**self.metadata, **dict(out.metadata), **own}, header)
 
     def close(self) -> None:
         self._close_current()

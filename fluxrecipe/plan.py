@@ -294,7 +294,7 @@ def _lora_file(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpo
         output_format, {s.key: s.shape for s in steps}, changed, checkpoints[base].tensors, rank,
         DTYPES[recipe.dtype][0], file_name, f"recipe '{recipe.name}' (format={output_format})", family,
     )
-    notes = []
+    notes = ["a matrix whose difference to the base turns out to be exactly 0 is left out of the file (the run counts them, as does the provenance's lora.left_out)"]
     clamped = [f.module for f in factors if 0 < f.rank < rank]
     if clamped:
         notes.append(f"lora_rank={rank}: {len(clamped)} matrices are smaller and are written at their full rank, exactly ({some_keys(clamped)})")

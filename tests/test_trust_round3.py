@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import run_recipe
+from conftest import load_state, run_recipe
 from reliability_helpers import assert_no_output
 
 from fluxrecipe.errors import FileError, OutputError, PlanError, SourceError
@@ -184,7 +184,6 @@ def test_a_zero_scale_of_an_all_zero_weight_is_a_plan_note(tmp_path, schnell, st
 
     path = scaled_file(tmp_path, state_of(schnell), "new", edit)
     result = to_diffusers(tmp_path, path, "recipe.dtype=fp32")
-    from conftest import load_state
 
     assert not load_state(tmp_path / "out")["transformer_blocks.0.attn.to_out.0.weight"].any()
     plan = to_diffusers(tmp_path, path, "dry_run=true")
@@ -359,7 +358,6 @@ def test_a_plan_note_of_a_megabyte_name_is_cut(recipe_dir, tmp_path, schnell):
 def test_a_comfyui_lora_of_full_differences_only_is_read(recipe_dir, tmp_path, schnell, state_of):
     """`.diff` (a weight's whole difference) and `.diff_b` (a bias's), as ComfyUI reads them: W + strength * diff,
     split like the weight they change (a fused qkv into q, k, v; the final layer's halves swapped)."""
-    from conftest import load_state
 
     g = torch.Generator().manual_seed(5)
     state = state_of(schnell)
@@ -485,7 +483,6 @@ def test_a_range_past_the_models_blocks_is_one_line(recipe_dir, tmp_path, schnel
 
 
 def test_a_range_in_a_merge(recipe_dir, tmp_path, schnell, krea, state_of):
-    from conftest import load_state
 
     recipe = {"sources": {"a": str(schnell), "b": str(krea)}, "base": "a", "rules": [{"match": "guidance", "op": "drop", "optional": True}, {"match": ".*", "op": {"lerp": {"alpha": {"double_blocks.0-1": 1.0, "single_blocks.1-1": 1.0, "default": 0.0}}}}], "dtype": "fp32"}
     run_recipe(recipe_dir, tmp_path / "out", recipe)
@@ -494,3 +491,91 @@ def test_a_range_in_a_merge(recipe_dir, tmp_path, schnell, krea, state_of):
         taken = key.startswith(("transformer_blocks.", "single_transformer_blocks.1."))
         want = (b if taken else a)[key].float()
         assert torch.equal(got[key], want), key
+
+
+# --- 13. a LoRA extracted from a merge leaves out the matrices that do not differ -------------------------
+
+CHANGED = ("transformer_blocks.0.attn.to_q.weight", "proj_out.weight")  # the only matrices the tuned model changes
+
+
+@pytest.fixture(scope="module")
+def partly_tuned(tmp_path_factory, krea, state_of):
+    """krea (float32) and a copy that differs from it in two weight matrices only (rank 2 each)."""
+    from conftest import config_of, save_sharded
+
+    state = {k: v.float() for k, v in state_of(krea).items()}
+    g = torch.Generator().manual_seed(13)
+    tuned = {k: v + torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v.shape[1], generator=g) * 0.02 if k in CHANGED else v for k, v in state.items()}
+    root = tmp_path_factory.mktemp("partly")
+    return save_sharded(state, root / "base", [list(state)], config_of(krea)), save_sharded(tuned, root / "tuned", [list(tuned)], config_of(krea))
+
+
+@pytest.mark.parametrize("fmt, written", [
+    ("lora_peft", {"transformer.transformer_blocks.0.attn.to_q", "transformer.proj_out"}),
+    ("lora", {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_final_layer_linear"}),
+])
+def test_an_extracted_lora_leaves_out_the_matrices_that_do_not_differ(recipe_dir, tmp_path, partly_tuned, state_of, krea, fmt, written):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from fluxrecipe.verify import verify_file
+
+    base, tuned = partly_tuned
+    out = tmp_path / "x.safetensors"
+    recipe = {"sources": {"tuned": str(tuned), "base": str(base)}, "base": "base", "rules": [{"match": ".*", "op": "take:tuned"}], "dtype": "fp32"}
+    plan = run_recipe(recipe_dir, out, recipe, f"format={fmt}", "lora_rank=4", "dry_run=true")
+    assert any("exactly 0" in note and "left out" in note for note in plan.notes), plan.notes
+    result = run_recipe(recipe_dir, out, recipe, f"format={fmt}", "lora_rank=4")
+    got = load_file(out)
+    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in got} == written
+    matrices = [f for f in plan.factors if f.rank]
+    assert len(result.lora_left_out) == len(matrices) - 2 and set(result.lora_left_out).isdisjoint({m.removeprefix("transformer.").removeprefix("lora_unet_") for m in written})
+    with safe_open(out, "pt") as f:
+        provenance = json.loads(f.metadata()["fluxrecipe.provenance"])["lora"]
+    assert provenance["left_out"]["count"] == len(matrices) - 2 and set(provenance["matrices"]) == {f.module for f in matrices} - set(result.lora_left_out)
+    assert verify_file(out).problems == []
+    tuned_state, base_state = load_state(tuned), load_state(base)
+    q, proj = (tuned_state[k] - base_state[k] for k in CHANGED)
+    for key, up in got.items():
+        if key.endswith(("lora_B.weight", "lora_up.weight")):
+            product = up @ got[key.replace("lora_B", "lora_A").replace("lora_up", "lora_down")]
+            if "proj_out" in key or "final_layer" in key:
+                want = proj
+            else:  # kohya's module is BFL's fused q, k, v: only q's rows differ
+                want = torch.cat([q, torch.zeros_like(q), torch.zeros_like(q)]) if fmt == "lora" else q
+            assert torch.allclose(product, want, atol=1e-6), key
+    if fmt == "lora_peft":  # diffusers loads it as the LoRA of those two matrices, its config naming no other
+        assert_diffusers_fuses_it(base, out, tuned_state)
+
+
+def assert_diffusers_fuses_it(base, lora, want: dict) -> None:
+    """As FluxPipeline.load_lora_weights loads a LoRA: its state dict and its PEFT config (the file's
+    lora_adapter_metadata), which must name exactly the modules the file holds (PEFT warns of any other)."""
+    import warnings
+
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    state, metadata = FluxLoraLoaderMixin.lora_state_dict(str(lora), return_lora_metadata=True)
+    model = FluxTransformer2DModel.from_pretrained(base, torch_dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_lora_adapter(state, prefix="transformer", metadata=metadata, adapter_name="x")
+    assert not [str(w.message) for w in caught if "inconsistency" in str(w.message)]
+    model.fuse_lora(adapter_names=["x"])
+    model.unload_lora()
+    got = model.state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+
+def test_an_extracted_lora_of_no_difference_at_all_is_refused(recipe_dir, tmp_path, partly_tuned):
+    """A source that equals the base bit for bit: the plan cannot know it, the run finds every matrix left out."""
+    base, _ = partly_tuned
+    out = tmp_path / "x.safetensors"
+    recipe = {"sources": {"same": str(base), "base": str(base)}, "base": "base", "rules": [{"match": ".*", "op": "take:same"}], "dtype": "fp32"}
+    with pytest.raises(OutputError, match=r"every weight matrix of the recipe's result equals the base's \(\d+ matrices\): the LoRA would be empty"):
+        run_recipe(recipe_dir, out, recipe, "format=lora_peft", "lora_rank=4")
+    assert_no_output(out)
+

@@ -429,8 +429,11 @@ def peft_names(module: str) -> tuple[str, str]:
 
 def peft_metadata(ranks: dict[str, int], rank: int) -> str:
     """`lora_adapter_metadata` for `load_lora_weights` / `load_lora_adapter`: PEFT's LoraConfig of the
-    transformer (alpha = rank everywhere, so the scale is 1), under diffusers' `transformer.` prefix."""
+    transformer (alpha = rank everywhere, so the scale is 1), under diffusers' `transformer.` prefix. Its
+    target_modules is a regex of exactly the modules the file holds: as a list, PEFT would also target every
+    module whose name ends in one of them (`proj_out` is also each single block's)."""
     odd = {f"^{m}": r for m, r in ranks.items() if r != rank}
-    config = {"r": rank, "lora_alpha": rank, "rank_pattern": odd, "alpha_pattern": odd, "target_modules": sorted(ranks), "lora_bias": False, "use_dora": False, "use_rslora": False}
+    targets = "^(?:" + "|".join(re.escape(m) for m in sorted(ranks)) + ")$"
+    config = {"r": rank, "lora_alpha": rank, "rank_pattern": odd, "alpha_pattern": odd, "target_modules": targets, "lora_bias": False, "use_dora": False, "use_rslora": False}
     return json.dumps({f"{PEFT_PREFIX}{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
 
