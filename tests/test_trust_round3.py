@@ -511,7 +511,7 @@ def partly_tuned(tmp_path_factory, krea, state_of):
 
 
 @pytest.mark.parametrize("fmt, written", [
-    ("lora_peft", {"transformer.transformer_blocks.0.attn.to_q", "transformer.proj_out"}),
+    pytest.param("lora_peft", {"transformer.transformer_blocks.0.attn.to_q", "transformer.proj_out"}, marks=pytest.mark.diffusers),
     ("lora", {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_final_layer_linear"}),
 ])
 def test_an_extracted_lora_leaves_out_the_matrices_that_do_not_differ(recipe_dir, tmp_path, partly_tuned, state_of, krea, fmt, written):
@@ -579,3 +579,63 @@ def test_an_extracted_lora_of_no_difference_at_all_is_refused(recipe_dir, tmp_pa
         run_recipe(recipe_dir, out, recipe, "format=lora_peft", "lora_rank=4")
     assert_no_output(out)
 
+
+
+# --- tests that could not catch their bug (issue 21's mutation test) ----------------------------------------
+
+
+DIFFUSERS_CHECKS = {"from_pretrained", "from_single_file", "load_lora_adapter", "fuse_lora", "load_gguf_checkpoint", "dequantize_gguf_tensor"}
+
+
+def compares_with_diffusers(name: str) -> bool:
+    """A name of diffusers' loaders and converters (convert_*_to_diffusers: each family's converter)."""
+    return name in DIFFUSERS_CHECKS or bool(re.fullmatch(r"convert_\w+_to_diffusers", name))
+
+
+def diffusers_comparisons() -> dict[str, bool]:
+    """Every test function (file::name) that calls one of diffusers' loaders or converters, itself or through a
+    helper of its module, and whether it carries the `diffusers` marker (or its module does)."""
+    import ast
+
+    from conftest import REPO_ROOT
+
+    found = {}
+    for path in sorted((REPO_ROOT / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+        module_marked = "pytestmark = pytest.mark.diffusers" in path.read_text()
+
+        def calls(node) -> set[str]:
+            return {n.attr if isinstance(n, ast.Attribute) else n.id for n in ast.walk(node) if isinstance(n, (ast.Attribute, ast.Name))}
+
+        for name, node in functions.items():
+            if not name.startswith("test_"):
+                continue
+            used = calls(node)
+            used |= set().union(*(calls(functions[helper]) for helper in used & set(functions)))
+            if any(compares_with_diffusers(n) for n in used):
+                marked = any("diffusers" in ast.unparse(d) and "mark" in ast.unparse(d) for d in node.decorator_list)
+                found[f"{path.name}::{name}"] = marked or module_marked
+    return found
+
+
+def test_every_comparison_with_diffusers_carries_the_marker():
+    comparisons = diffusers_comparisons()
+    assert len(comparisons) >= 10 and [name for name, marked in comparisons.items() if not marked] == []
+
+
+def test_the_diffusers_marker_is_registered_and_selects_them(tmp_path):
+    """`pytest -m diffusers` runs every comparison found above (--strict-markers: the marker must be declared);
+    it may run more (a test that compares through a helper of another module)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "--strict-markers", "-m", "diffusers", "-p", "no:randomly", "-p", "no:cacheprovider"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=HANG,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    selected = {line.split("[")[0].removeprefix("tests/") for line in done.stdout.splitlines() if "::" in line}
+    assert set(diffusers_comparisons()) <= selected
