@@ -584,6 +584,39 @@ def test_an_extracted_lora_of_no_difference_at_all_is_refused(recipe_dir, tmp_pa
 # --- tests that could not catch their bug (issue 21's mutation test) ----------------------------------------
 
 
+@pytest.mark.diffusers
+def test_rslora_scales_by_alpha_over_the_square_root_of_the_rank(recipe_dir, tmp_path, schnell, state_of):
+    """A PEFT LoRA with use_rslora: W + strength * (alpha / sqrt(rank)) * up @ down (alpha 8, rank 4: x4, not
+    the x2 of alpha / rank), against a float32 reference written here and against diffusers' own loader."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    state = state_of(schnell)
+    module, rank, alpha, strength = "transformer_blocks.1.ff.net.2", 4, 8.0, 0.5
+    rows, columns = state[f"{module}.weight"].shape
+    g = torch.Generator().manual_seed(21)
+    down, up = (torch.randn(rank, columns, generator=g) * 0.1), (torch.randn(rows, rank, generator=g) * 0.1)
+    config = {"r": rank, "lora_alpha": alpha, "use_rslora": True, "target_modules": [module]}
+    path = tmp_path / "rs.safetensors"
+    save_file({f"transformer.{module}.lora_A.weight": down, f"transformer.{module}.lora_B.weight": up}, path,
+              metadata={"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})})
+    recipe = {**take_recipe(schnell), "loras": {"rs": {"path": str(path), "strength": strength}}, "dtype": "fp32"}
+    run_recipe(recipe_dir, tmp_path / "out", recipe)
+    got = load_state(tmp_path / "out")[f"{module}.weight"]
+    want = state[f"{module}.weight"].float() + (up @ down) * (strength * alpha / rank**0.5)
+    assert torch.equal(got, want)
+
+    model = FluxTransformer2DModel.from_pretrained(schnell, torch_dtype=torch.float32)
+    converted, metadata = FluxLoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
+    model.load_lora_adapter(converted, metadata=metadata, adapter_name="rs")
+    model.set_adapters(["rs"], weights=[strength])
+    model.fuse_lora(adapter_names=["rs"])
+    model.unload_lora()
+    assert torch.allclose(model.state_dict()[f"{module}.weight"], got, atol=1e-6)
+
+
 DIFFUSERS_CHECKS = {"from_pretrained", "from_single_file", "load_lora_adapter", "fuse_lora", "load_gguf_checkpoint", "dequantize_gguf_tensor"}
 
 
