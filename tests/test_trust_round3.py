@@ -617,6 +617,39 @@ def test_rslora_scales_by_alpha_over_the_square_root_of_the_rank(recipe_dir, tmp
     assert torch.allclose(model.state_dict()[f"{module}.weight"], got, atol=1e-6)
 
 
+@pytest.mark.parametrize("fmt, output", [("diffusers", "out"), ("bfl", "out.safetensors")])
+def test_the_partial_output_is_made_durable_before_it_is_renamed_into_place(recipe_dir, tmp_path, schnell, monkeypatch, fmt, output):
+    """Every file is fsynced, then the partial folder (its entries), then the rename, then the parent folder
+    (the rename itself): a crash at any moment leaves the old output or the whole new one, never a renamed
+    folder whose files' entries were not yet on disk."""
+    from fluxrecipe import writer
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync-dir" if os.path.isdir(path) else "fsync-file", path))
+        return real_fsync(fd)
+
+    def rename(src, dst, *args, **kwargs):
+        events.append(("rename", f"{os.fspath(src)} -> {os.fspath(dst)}"))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(writer.os, "fsync", fsync)
+    monkeypatch.setattr(writer.os, "rename", rename)
+    target = tmp_path / output
+    run_recipe(recipe_dir, target, take_recipe(schnell), f"format={fmt}")
+    partial = str(writer.partial_name(target))
+    into_place = next(i for i, (kind, what) in enumerate(events) if kind == "rename" and what.endswith(f" -> {target}"))
+    before, after = events[:into_place], events[into_place + 1:]
+    written = {what for kind, what in before if kind == "fsync-file" and what.startswith(partial + "/")}
+    assert written == {str(p).replace(str(target), partial, 1) if fmt == "diffusers" else f"{partial}/{output}" for p in (target.rglob("*") if fmt == "diffusers" else [target])}
+    last_file = max(i for i, (kind, what) in enumerate(before) if kind == "fsync-file")
+    assert ("fsync-dir", partial) in before[last_file:]  # the folder's entries, after its files
+    assert after[:1] == [("fsync-dir", str(tmp_path))]  # the rename, at once
+
+
 DIFFUSERS_CHECKS = {"from_pretrained", "from_single_file", "load_lora_adapter", "fuse_lora", "load_gguf_checkpoint", "dequantize_gguf_tensor"}
 
 
