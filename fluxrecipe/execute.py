@@ -287,7 +287,7 @@ class _Run:
             self.result.lora_errors[f.module] = relative_error(diff, up.float(), down.float())
         finally:
             torch.set_num_threads(1)
-        return down.contiguous().cpu().view(torch.uint8).reshape(-1), up.contiguous().cpu().view(torch.uint8).reshape(-1)
+        return down.contiguous().cpu().reshape(-1).view(torch.uint8), up.contiguous().cpu().reshape(-1).view(torch.uint8)  # flat first: a rank-1 factor is "contiguous" with any stride
 
     def _steps_of(self, tensor: OutTensor) -> list[Step]:
         return [self.plan.step(k) for k in dict.fromkeys(p.key for p in tensor.parts)]

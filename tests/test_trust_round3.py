@@ -650,6 +650,27 @@ def test_the_partial_output_is_made_durable_before_it_is_renamed_into_place(reci
     assert after[:1] == [("fsync-dir", str(tmp_path))]  # the rename, at once
 
 
+def test_an_extracted_loras_reported_error_is_its_own(recipe_dir, tmp_path, partly_tuned):
+    """The relative error the run reports for each matrix, against one computed here in float64 from the
+    factors in the file and the difference of the two models' files: rank 1 of a rank-2 difference errs by
+    far more than float rounding, so an error that is not measured (0, or the difference's own) shows."""
+    import math
+
+    from safetensors.torch import load_file
+
+    base, tuned = partly_tuned
+    out = tmp_path / "x.safetensors"
+    recipe = {"sources": {"tuned": str(tuned), "base": str(base)}, "base": "base", "rules": [{"match": ".*", "op": "take:tuned"}], "dtype": "fp32"}
+    result = run_recipe(recipe_dir, out, recipe, "format=lora_peft", "lora_rank=1")
+    written, tuned_state, base_state = load_file(out), load_state(tuned), load_state(base)
+    for key in CHANGED:
+        module = key.removesuffix(".weight")
+        difference = (tuned_state[key] - base_state[key]).double()
+        product = written[f"transformer.{module}.lora_B.weight"].double() @ written[f"transformer.{module}.lora_A.weight"].double()
+        independent = float((difference - product).norm() / difference.norm())
+        assert 0.05 < independent < 1 and math.isclose(result.lora_errors[module], independent, rel_tol=1e-4), (module, result.lora_errors[module], independent)
+
+
 DIFFUSERS_CHECKS = {"from_pretrained", "from_single_file", "load_lora_adapter", "fuse_lora", "load_gguf_checkpoint", "dequantize_gguf_tensor"}
 
 
