@@ -671,6 +671,38 @@ def test_an_extracted_loras_reported_error_is_its_own(recipe_dir, tmp_path, part
         assert 0.05 < independent < 1 and math.isclose(result.lora_errors[module], independent, rel_tol=1e-4), (module, result.lora_errors[module], independent)
 
 
+def labelled(rows: int, columns: int) -> torch.Tensor:
+    """A matrix whose row i holds i everywhere: where a row lands says where it came from."""
+    return torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, columns).contiguous()
+
+
+def test_the_final_layers_halves_swap_in_both_directions(recipe_dir, tmp_path, schnell, state_of):
+    """Written out by hand, not through any table: diffusers' norm_out.linear is (scale, shift), BFL's
+    final_layer.adaLN_modulation.1 is (shift, scale). Rows 0..H-1 of one are rows H..2H-1 of the other, both
+    ways; a round trip through one table would pass with no swap at all."""
+    from conftest import config_of, save_sharded
+
+    state = {k: v.float() for k, v in state_of(schnell).items()}
+    rows, columns = state["norm_out.linear.weight"].shape
+    half = rows // 2
+    state["norm_out.linear.weight"], state["norm_out.linear.bias"] = labelled(rows, columns), torch.arange(rows, dtype=torch.float32)
+    model = save_sharded(state, tmp_path / "labelled", [list(state)], config_of(schnell))
+    bfl_file = tmp_path / "bfl.safetensors"
+    run_recipe(recipe_dir, bfl_file, {**take_recipe(model), "dtype": "fp32"}, "format=bfl")
+    from safetensors.torch import load_file
+
+    written = load_file(bfl_file)
+    swapped = list(range(half, rows)) + list(range(half))
+    assert written["final_layer.adaLN_modulation.1.weight"][:, 0].tolist() == swapped
+    assert written["final_layer.adaLN_modulation.1.bias"].tolist() == swapped
+
+    by_hand = dict(written)  # a BFL file whose final layer holds row labels, read into diffusers' layout
+    by_hand["final_layer.adaLN_modulation.1.weight"] = labelled(rows, columns)
+    save_file(by_hand, tmp_path / "by_hand.safetensors")
+    run_recipe(recipe_dir, tmp_path / "back", {**take_recipe(tmp_path / "by_hand.safetensors"), "dtype": "fp32"})
+    assert load_state(tmp_path / "back")["norm_out.linear.weight"][:, 0].tolist() == swapped
+
+
 DIFFUSERS_CHECKS = {"from_pretrained", "from_single_file", "load_lora_adapter", "fuse_lora", "load_gguf_checkpoint", "dequantize_gguf_tensor"}
 
 
