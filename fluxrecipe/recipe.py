@@ -558,6 +558,11 @@ def _loras(value: Any, here: "_Locator") -> dict[str, LoraSpec]:
             raise RecipeError(f"{where}: LoRA {name!r} gives both path and repo: give one")
         if spec.get("repo") is not None and spec.get("file") is None:
             raise RecipeError(f"{where}: LoRA {name!r} names repo {spec['repo']!r} but no file: give the .safetensors file in it (file: NAME.safetensors)")
+        if spec.get("file") is not None and not _inside_repo(spec["file"]):
+            raise RecipeError(
+                f"{here.at(('loras', name, 'file'))}: file of LoRA {name!r} must be a path inside the repo (relative, '/' between folders, "
+                f"no '..'), e.g. file: lora.safetensors, got {printable(spec['file'])!r}"
+            )
         if spec.get("path") is not None and (spec.get("file") is not None or spec.get("revision") is not None):
             raise RecipeError(f"{where}: LoRA {name!r}: file and revision go with repo, not with path")
         try:
@@ -572,6 +577,13 @@ def _loras(value: Any, here: "_Locator") -> dict[str, LoraSpec]:
             os.path.dirname(here.file) if here.file else None, spec.get("content_hash"),
         )
     return specs
+
+
+def _inside_repo(file: str) -> bool:
+    """A file name of a hub repo: relative, '/'-separated, no '..' (huggingface_hub refuses the rest with a
+    ValueError deep in a download; the recipe's line says it first)."""
+    parts = file.split("/")
+    return not ("\\" in file or file.startswith("/") or re.match(r"[A-Za-z]:", file) or any(p in ("", ".", "..") for p in parts))
 
 
 def _rule(index: int, value: Any, written: Any, sources: dict[str, SourceSpec], here: "_Locator", budget: MatchBudget) -> Rule:

@@ -50,6 +50,7 @@ def to_diffusers(out, source, *options):
 # --- reading ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.diffusers
 @pytest.mark.parametrize("kind", ["krea-bfl", "krea-comfyui", "krea-aio"])
 def test_single_files_read_as_the_diffusers_model(bfl_files, kind, tmp_path, krea, state_of):
     """A BFL or ComfyUI file (all-in-one included) becomes the very tensors of the diffusers model it was

@@ -258,6 +258,7 @@ def test_single_file_sources_give_the_same_merge(recipe_dir, tmp_path, state_of,
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), method
 
 
+@pytest.mark.diffusers
 def test_output_loads_in_diffusers_and_records_the_seed(recipe_dir, tmp_path, krea, half, dev):
     from diffusers import FluxTransformer2DModel
 

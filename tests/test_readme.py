@@ -81,6 +81,7 @@ def lora_stand_in(path: Path) -> Path:
     return path
 
 
+@pytest.mark.diffusers
 @pytest.mark.parametrize("text", list(RECIPES), ids=list(RECIPES.values()))
 def test_a_documented_recipe_runs_and_loads(text, recipe_dir, tmp_path, schnell, krea, dev):
     from diffusers import FluxTransformer2DModel  # here, not at import: see conftest on HF_HUB_OFFLINE
