@@ -29,6 +29,7 @@ DIR=${FLUXRECIPE_SLURM_DIR:-/tmp/fluxrecipe-slurm}
 PORT=${FLUXRECIPE_SLURM_PORT:-16817}
 PY=$REPO/.venv/bin/python
 PACKAGES=(slurm-wlm munge)
+APT_LOCK_WAIT=(-o DPkg::Lock::Timeout=600)  # apt-get waits (up to 10 minutes) while another apt or dpkg holds its lock
 MARKER=.fluxrecipe-slurm  # in DIR: this script made the folder, so it may remove it
 PARTITION=cpu
 ALPHAS=(0 0.5 1)
@@ -141,13 +142,20 @@ remove_dir() {
     rm -rf "$DIR"
 }
 
-purge_packages() {
+purge_packages() {  # only what this run's apt-get install put there, and only if nothing else needs it now
     (( PURGE && ${#INSTALLED[@]} )) || return 0
+    local removes=() others=()
+    mapfile -t removes < <(LC_ALL=C apt-get -s purge "${INSTALLED[@]}" 2>/dev/null | awk '/^Purg /{print $2}' | sort)
+    mapfile -t others < <(comm -23 <(printf '%s\n' "${removes[@]}") <(printf '%s\n' "${INSTALLED[@]}" | sort))
+    if (( ${#others[@]} )); then  # packages installed since (another apt-get) that depend on ours: keep all
+        say "warning: not purging ${INSTALLED[*]}: apt-get would also remove ${others[*]}, which this run did not install"
+        return 0
+    fi
     say "purging what this run installed: ${INSTALLED[*]}"
-    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get purge -y -qq --auto-remove "${INSTALLED[@]}" >"$DIR.purge.log" 2>&1 \
+    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get "${APT_LOCK_WAIT[@]}" purge -y -qq "${INSTALLED[@]}" >"$DIR.purge.log" 2>&1 \
         || { say "warning: apt-get purge failed, see $DIR.purge.log"; return 0; }
     rm -f "$DIR.purge.log"
-    say "purged: ${#INSTALLED[@]} packages (their config files, and the munge and slurm users they made)"
+    say "purged: ${#INSTALLED[@]} packages and their config files"
 }
 
 on_exit() {
@@ -193,18 +201,20 @@ install_packages() {
     command -v apt-get >/dev/null || die "no apt-get: this script installs Debian's slurm-wlm and munge (a Debian or Ubuntu machine)"
     for p in "${PACKAGES[@]}"; do installed "$p" || missing+=("$p"); done
     if (( ${#missing[@]} )); then
-        local before after
-        before=$(dpkg-query -W -f='${Package} ${Status}\n' | awk '/ installed$/{print $1}' | sort)
         if [[ $(apt-cache policy "${missing[@]}" 2>/dev/null) != *Candidate:* ]] || apt-cache policy "${missing[@]}" | grep -q 'Candidate: (none)'; then
             say "apt-get update (the package lists do not have ${missing[*]})"
-            timeout 600 apt-get update -qq >/dev/null || die "apt-get update failed (is a Debian mirror reachable?)"
+            timeout 900 apt-get "${APT_LOCK_WAIT[@]}" update -qq >/dev/null || die "apt-get update failed (is a Debian mirror reachable?)"
         fi
+        # what this install adds, as apt-get plans it: the packages --purge may remove again (a diff of all the
+        # installed packages before and after would also take in what another apt-get installs meanwhile)
+        local planned=()  # (an "Inst NAME [OLD VERSION] ..." line is an upgrade of a package that was there)
+        mapfile -t planned < <(LC_ALL=C apt-get -s install --no-install-recommends "${missing[@]}" 2>/dev/null | awk '/^Inst / && $3 !~ /^\[/ {print $2}')
+        (( ${#planned[@]} )) || die "apt-get -s install ${missing[*]} plans to install nothing: is the package list usable?"
         say "installing ${missing[*]} with apt-get install --no-install-recommends (the daemons are not started by the packages here)"
-        DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$DIR.apt.log" 2>&1 \
+        DEBIAN_FRONTEND=noninteractive timeout 1500 apt-get "${APT_LOCK_WAIT[@]}" install -y -qq --no-install-recommends "${missing[@]}" >"$DIR.apt.log" 2>&1 \
             || { tail -5 "$DIR.apt.log" >&2; die "apt-get install ${missing[*]} failed (log: $DIR.apt.log)"; }
         rm -f "$DIR.apt.log"
-        after=$(dpkg-query -W -f='${Package} ${Status}\n' | awk '/ installed$/{print $1}' | sort)
-        mapfile -t INSTALLED < <(comm -13 <(echo "$before") <(echo "$after"))
+        for p in "${planned[@]}"; do installed "$p" && INSTALLED+=("$p"); done
         say "installed ${#INSTALLED[@]} packages: ${INSTALLED[*]}"
     fi
     for p in slurmctld slurmd sinfo sbatch srun scontrol munged mungekey; do
@@ -462,5 +472,5 @@ else
     say "passed in $((SECONDS - STARTED)) s; cluster stopped, $DIR removed"
 fi
 if (( ${#INSTALLED[@]} )) && (( !PURGE )); then
-    say "left installed: ${INSTALLED[*]} (apt-get purge --auto-remove ${INSTALLED[*]} removes them; --purge does it at the end)"
+    say "left installed: ${INSTALLED[*]} (apt-get purge ${INSTALLED[*]} removes them; --purge does it at the end)"
 fi
