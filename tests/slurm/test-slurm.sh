@@ -7,8 +7,9 @@
 #      memory `slurmd -C` finds; no accounting database; cgroups (proctrack/cgroup, task/cgroup: cores and
 #      memory enforced) where they work, else proctrack/linuxproc and task/none;
 #   3. runs a 3-job sweep of the demo recipe, previews included, with the preset, and checks it: every SLURM
-#      job completed, every job ok, the summary, grid and index there, every merged model verifies, and the
-#      model a SLURM job wrote is byte for byte the one the same merge writes on this machine without SLURM;
+#      job completed, every job ok, the summary, grid and index there, the grid's cells the jobs' previews
+#      (tests/slurm/sweep_report.py, which also prints the summary's rows), every merged model verifies, and
+#      the model a SLURM job wrote is byte for byte the one the same merge writes on this machine without SLURM;
 #   4. stops the daemons it started and removes its folder (--keep leaves both, for debugging).
 #
 # Everything it makes is in one folder, FLUXRECIPE_SLURM_DIR (default /tmp/fluxrecipe-slurm): slurm.conf,
@@ -431,6 +432,9 @@ check_sweep() {
         [[ -s $sweep/$f ]] || problems+=("the sweep folder has no $f")
     done
     [[ $(grep -c ',ok,' "$sweep/summary.csv" 2>/dev/null) == "${#ALPHAS[@]}" ]] || problems+=("summary.csv does not list ${#ALPHAS[@]} jobs ok")
+    # grid.png: a column per alpha, a row per seed, each cell the job's own preview (it prints the summary's rows)
+    bounded 120 "$PY" "$REPO/tests/slurm/sweep_report.py" "$sweep" "${ALPHAS[@]}" >"$DIR/log/report.log" 2>&1 \
+        || problems+=("$(tail -1 "$DIR/log/report.log")")
     bounded 120 "$PY" -m fluxrecipe summary --no-plot "$sweep" >"$DIR/log/summary.log" 2>&1 \
         || problems+=("fluxrecipe summary $sweep: $(tail -1 "$DIR/log/summary.log")")
     # the same merge on this machine, without SLURM: the same bytes
@@ -448,6 +452,7 @@ check_sweep() {
         printf 'test-slurm: error: %s\n' "${problems[@]}" >&2
         exit 1
     fi
+    sed 's/^/test-slurm: /' "$DIR/log/report.log"
     say "checked: SLURM array job $array_id: ${#ALPHAS[@]} tasks COMPLETED (exit 0:0); every job ok with 2 previews;" \
         "summary.csv/.md, summary.png, grid.png, index.html written; \`fluxrecipe summary\` rereads the folder;" \
         "\`fluxrecipe verify\` passes on every model; alpha 0.5's shard equals the merge run without SLURM byte for byte"
