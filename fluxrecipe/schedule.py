@@ -54,9 +54,24 @@ class Blocks:
     def count(self, group: str) -> int:
         return self.counts[self.family.groups.index(group)] if group in self.family.groups else 0
 
+    @cached_property
+    def _starts(self) -> tuple[dict[str, int], int]:
+        """Each group's first depth, and the model's depth: the groups one after another, but a group that
+        runs beside the one before it (another stream of the same stage) starts where that one starts."""
+        starts, start, stage = {}, 0, 0
+        for group, count in zip(self.family.bfl.groups, self.counts):
+            if not group.beside:
+                start, stage = start + stage, 0
+            starts[group.bfl], stage = start, max(stage, count)
+        return starts, start + stage
+
     def position(self, group: str, index: int) -> int:
-        """A block's place among all the model's blocks in model order (the groups one after another)."""
-        return sum(self.counts[: self.family.groups.index(group)]) + index
+        """A block's depth among all the model's blocks in model order (what a gradient over them follows)."""
+        return self._starts[0][group] + index
+
+    def depth(self) -> int:
+        """How many depths the model's blocks span (the positions a gradient over them is spread over)."""
+        return self._starts[1]
 
     def order(self) -> list[str]:
         """Every block name in model order."""
@@ -92,7 +107,7 @@ class Schedule:
             if isinstance(value, float):
                 return value
             if m:  # the blocks in model order: one group after another
-                return _along(value, blocks.position(m[1], int(m[2])), sum(blocks.counts))
+                return _along(value, blocks.position(m[1], int(m[2])), blocks.depth())
             return value[-1] if block in blocks.family.final_blocks else value[0]
         raise ValueError(f"gives no value for {block or f'a key outside the {blocks.family.name} blocks'}")
 
@@ -152,6 +167,10 @@ def is_schedule_like(value: Any) -> bool:
 
 
 def _add(name: str, item: Any, entries: dict[str, Any]) -> None:
+    if isinstance(item, dict) and name not in GROUPS and any(n.startswith(name + ".") for n in NAMES):
+        for part, value in item.items():  # {content_mode_blocks: {image: ...}}: a dotted name, nested as Hydra nests it
+            _add(f"{name}.{part}", value, entries)
+        return
     if name in GROUPS and isinstance(item, dict):  # {double_blocks: {default: ..., 7: 0.5}}: blocks under their group
         for index, number in item.items():
             if str(index) == DEFAULT:

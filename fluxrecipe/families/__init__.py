@@ -1,20 +1,20 @@
 """The model families fluxrecipe merges, one module each (base.py says what a family module provides).
 
 FAMILIES is the order in which files are recognised: a family whose files also hold another family's
-fingerprint comes before that family (FLUX.2's files hold FLUX.1's block names; FLUX.1, whose fingerprint
-is any FLUX-shaped key, comes last). To add a family: write its module, put its FAMILY here, add its tests.
+fingerprint comes before that family (FLUX.2's, FLUX.3's and Chroma's files hold FLUX.1's block names;
+FLUX.1, whose fingerprint is any FLUX-shaped key, comes last). To add a family: write its module, put its FAMILY here, add its tests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from . import flux1, flux2
+from . import chroma, flux1, flux2, flux3
 from .base import Family, Preview, ShapeError
 
 __all__ = ["FAMILIES", "Family", "Preview", "ShapeError", "by_class", "by_name", "comfyui_prefixes", "diagnostic_order", "recognise", "vocabulary"]
 
-FAMILIES: tuple[Family, ...] = (flux2.FAMILY, flux1.FAMILY)
+FAMILIES: tuple[Family, ...] = (flux3.FAMILY, flux2.FAMILY, chroma.FAMILY, flux1.FAMILY)
 
 
 def recognise(keys: Iterable[str]) -> Family | None:

@@ -45,6 +45,18 @@ FINAL = {
     "final_layer.adaLN_modulation.1": Swapped("norm_out.linear"),
 }
 QK_NORMS = {"norm.query_norm": Norm("attn.norm_q"), "norm.key_norm": Norm("attn.norm_k")}  # a single block's
+# The double blocks' GELU MLPs and the single blocks without their modulation: Chroma's blocks are these
+MLP = {
+    "img_mlp.0": Rename("ff.net.0.proj"),
+    "img_mlp.2": Rename("ff.net.2"),
+    "txt_mlp.0": Rename("ff_context.net.0.proj"),
+    "txt_mlp.2": Rename("ff_context.net.2"),
+}
+SINGLE_BLOCK = {
+    "linear1": Fused(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+    "linear2": Rename("proj_out"),
+    **QK_NORMS,
+}
 
 TABLE = BflTable(
     top={
@@ -62,17 +74,9 @@ TABLE = BflTable(
             "img_mod.lin": Rename("norm1.linear"),
             "txt_mod.lin": Rename("norm1_context.linear"),
             **ATTENTION,
-            "img_mlp.0": Rename("ff.net.0.proj"),
-            "img_mlp.2": Rename("ff.net.2"),
-            "txt_mlp.0": Rename("ff_context.net.0.proj"),
-            "txt_mlp.2": Rename("ff_context.net.2"),
+            **MLP,
         }),
-        Group("single_blocks", "single_transformer_blocks", {
-            "modulation.lin": Rename("norm.linear"),
-            "linear1": Fused(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
-            "linear2": Rename("proj_out"),
-            **QK_NORMS,
-        }),
+        Group("single_blocks", "single_transformer_blocks", {"modulation.lin": Rename("norm.linear"), **SINGLE_BLOCK}),
     ),
     final=FINAL,
     hidden="img_in.weight",
@@ -107,7 +111,7 @@ def derive_config(shapes: Shapes, diffusers_version: str | None = None) -> tuple
 
     Raises ShapeError naming a tensor every FLUX.1 transformer has, when it is missing or not of a shape
     a FLUX.1 transformer can have."""
-    config, notes = flux_config(FAMILY, shapes, diffusers_version, ROPE, _assumed_rope)
+    config, notes = flux_config(FAMILY, shapes, diffusers_version, ROPE, assumed_rope)
     config["guidance_embeds"] = any(k.startswith(GUIDANCE) for k in shapes)
     config["pooled_projection_dim"] = required(shapes, "time_text_embed.text_embedder.linear_1.weight", 2, FAMILY.name)[1]
     return dict(sorted(config.items())), notes
@@ -144,7 +148,7 @@ def flux_config(family: Family, shapes: Shapes, diffusers_version: str | None, r
     return config, notes
 
 
-def _assumed_rope(head_dim: int) -> list[int]:
+def assumed_rope(head_dim: int) -> list[int]:
     """Three even rotary dims, the first about a quarter, as FLUX.1's 16 + 56 + 56 (rotary dims must be even)."""
     first = head_dim // 4 - (head_dim // 4) % 2
     rest = (head_dim - first) // 2 - ((head_dim - first) // 2) % 2

@@ -70,7 +70,7 @@ def derive_config(shapes: Shapes, diffusers_version: str | None = None) -> tuple
 
     Raises ShapeError naming a tensor every FLUX.2 transformer has, when it is missing or not of a shape a
     FLUX.2 transformer can have."""
-    config, notes = flux1.flux_config(FAMILY, shapes, diffusers_version, ROPE, _assumed_rope)
+    config, notes = flux1.flux_config(FAMILY, shapes, diffusers_version, ROPE, assumed_rope)
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     config["guidance_embeds"] = any(k.startswith(GUIDANCE) for k in shapes)
     config["mlp_ratio"] = _mlp_width(shapes, hidden) / hidden
@@ -78,7 +78,7 @@ def derive_config(shapes: Shapes, diffusers_version: str | None = None) -> tuple
     return dict(sorted(config.items())), notes
 
 
-def _assumed_rope(head_dim: int) -> list[int]:
+def assumed_rope(head_dim: int) -> list[int]:
     """Four even rotary dims (as many as FLUX.2's 32 x 4), the last taking the rest."""
     quarter = head_dim // 4 - (head_dim // 4) % 2
     return [quarter] * 3 + [head_dim - 3 * quarter]

@@ -176,21 +176,15 @@ class _Context:
         self.tables = family.lora
         self.canonical = {k.rsplit(".", 1)[0] for k in shapes}
         self.underscored = {m.replace(".", "_"): m for m in self.canonical}
-        table = family.bfl
-        self.bfl_underscored = {n.replace(".", "_"): n for t in (table.top, table.final) for n in t}
-        self.block_underscored = {n.replace(".", "_"): n for g in table.groups for n in g.table}
-        self.kohya_block = re.compile(rf"({'|'.join(re.escape(g) for g in family.groups)})_(\d+)_(.+)")
-        self.find = partial(bfl.lookup, table)
+        self.find = partial(bfl.lookup, family.bfl)
 
     def resolve(self, module: str) -> tuple[str, str, str] | None:
         """A module path -> (scheme, "bfl" or "canonical" or "xlabs", the module in that naming)."""
         if module.startswith(KOHYA_PREFIX):
             rest = module[len(KOHYA_PREFIX):]
-            m = self.kohya_block.fullmatch(rest)
-            if m and m[3] in self.block_underscored:
-                return "kohya", "bfl", f"{m[1]}.{m[2]}.{self.block_underscored[m[3]]}"
-            if rest in self.bfl_underscored:
-                return "kohya", "bfl", self.bfl_underscored[rest]
+            bfl_module = self.family.bfl.from_underscored(rest)
+            if bfl_module:
+                return "kohya", "bfl", bfl_module
             return ("kohya", "canonical", self.underscored[rest]) if rest in self.underscored else None
         if module.startswith(ONETRAINER_PREFIX):
             rest = module[len(ONETRAINER_PREFIX):]
