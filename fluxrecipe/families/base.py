@@ -21,7 +21,7 @@ family module (flux1.py, flux2.py, ...) builds one `Family` out of plain data an
   where `high_precision`'s rule does not fit), `comfyui_prefixes`, `max_blocks` / `max_size` (bounds of a
   config), `refused` (models of the family fluxrecipe knows and does not merge, told by a key, refused by
   name: Chroma1-Radiance), `skipped` (keys its files may hold that are no part of the model: FLUX.3's
-  training-only heads).
+  training-only heads), `flags` (the config's yes/no fields that tell its variants apart, for the plan).
 """
 
 from __future__ import annotations
@@ -254,6 +254,7 @@ class Family:
     refused: dict[str, str] = field(default_factory=dict)
     # regexes of keys its files may hold that are no part of the model (training-only heads): read past, counted
     skipped: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()  # the config's yes/no fields that tell its variants apart, shown in the plan
 
     def __str__(self) -> str:
         return self.name

@@ -205,5 +205,6 @@ FAMILY = Family(
     licences="FLUX.1-schnell: Apache-2.0; FLUX.1-dev and FLUX.1-Krea-dev: the FLUX.1 [dev] Non-Commercial License",
     lora=LORA,
     config_hint=guidance_hint,
+    flags=("guidance_embeds",),
 )
 

@@ -138,6 +138,7 @@ FAMILY = Family(
     summary=summary,
     licences="FLUX.2-dev: the FLUX [dev] Non-Commercial License; FLUX.2 klein 4B: Apache-2.0; FLUX.2 klein 9B: the FLUX Non-Commercial License",
     config_hint=flux1.guidance_hint,
+    flags=("guidance_embeds",),
 )
 
 

@@ -139,4 +139,5 @@ FAMILY = Family(
     licences="FLUX.3: the licence on each model's card (black-forest-labs/flux-3-image-klein, flux-3-image-klein-base)",
     config_hint=flow_map_hint,
     skipped=(r"^repa_projectors\.",),
+    flags=("flow_map",),
 )
