@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import flux_layouts
-from conftest import save_sharded
+from conftest import build_model, save_sharded
 from flux_layouts import blocks
 
 TINY_CHROMA = dict(
@@ -49,15 +49,7 @@ GUIDANCE = {"in_layer": "linear_1", "out_layer": "linear_2"}  # distilled_guidan
 
 def make_chroma(folder: Path, *, seed: int, shard: str = "40KB", dtype: torch.dtype = torch.bfloat16, **changes) -> Path:
     """A tiny Chroma transformer with random (non-trivial) weights, saved the way diffusers saves it."""
-    from diffusers import ChromaTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = ChromaTransformer2DModel(**{**TINY_CHROMA, **changes})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p), alpha=0.05)
-    model.to(dtype).save_pretrained(folder, max_shard_size=shard)
-    return folder
+    return build_model("ChromaTransformer2DModel", {**TINY_CHROMA, **changes}, folder, seed=seed, shard=shard, dtype=dtype)
 
 
 def make_wide_chroma(folder: Path, seed: int) -> dict[str, torch.Tensor]:

@@ -47,6 +47,15 @@ def prefix_of(layout: str) -> str:
     return COMFY if layout == "comfyui" else ""
 
 
+def bfl_files(root, folder, to_bfl) -> dict:
+    """A source as one BFL file and as one ComfyUI file, written by the test's own reference: layout -> path."""
+    state = load_state(folder)
+    files = {layout: root / f"{layout}.safetensors" for layout in ("bfl", "comfyui")}
+    for layout, path in files.items():
+        save_file(to_bfl(state, prefix_of(layout)), path)
+    return files
+
+
 # --- the layout, against diffusers' converter ------------------------------------------------------------------
 
 
@@ -264,16 +273,22 @@ def check_diffusers_fuses_the_same(recipe_dir, tmp_path, folder, model_class, lo
         files[scheme] = path
     out = tmp_path / "out"
     run_recipe(recipe_dir, out, {"sources": {"a": str(folder)}, "rules": [{"match": ".*", "op": "take:a"}], "loras": {n: str(p) for n, p in files.items()}})
-    model = model_class.from_pretrained(folder, torch_dtype=torch.float32)
-    for name, path in files.items():
-        converted, metadata = loader.lora_state_dict(str(path), return_lora_metadata=True)
-        model.load_lora_adapter(converted, metadata=metadata, adapter_name=name)
-    model.set_adapters(list(files), weights=[1.0] * len(files))
-    model.fuse_lora(adapter_names=list(files))
-    model.unload_lora()
-    fused, got = model.state_dict(), load_state(out)
+    fused = fused_by_diffusers(model_class, folder, {n: loader.lora_state_dict(str(p), return_lora_metadata=True) for n, p in files.items()})
+    got = load_state(out)
     assert [k for k in got if not torch.equal(got[k], fused[k].to(BF16))] == []
     assert [k for k in got if not torch.equal(got[k], state[k])]  # the LoRAs changed something
+
+
+def fused_by_diffusers(model_class, folder, loras: dict[str, tuple[dict, dict | None]]) -> dict:
+    """The model in float32 with LoRAs (name -> (state dict as diffusers' loader converts it, its metadata))
+    loaded by load_lora_adapter and fused at weight 1, as a pipeline's load_lora_weights + fuse_lora does."""
+    model = model_class.from_pretrained(folder, torch_dtype=torch.float32)
+    for name, (converted, metadata) in loras.items():
+        model.load_lora_adapter(converted, metadata=metadata, adapter_name=name)
+    model.set_adapters(list(loras), weights=[1.0] * len(loras))
+    model.fuse_lora(adapter_names=list(loras))
+    model.unload_lora()
+    return model.state_dict()
 
 
 def tuned_pair(root, folder) -> tuple:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from conftest import build_model
 from flux_layouts import fuse
 
 TINY3 = dict(
@@ -48,15 +49,7 @@ SWAPPED = "final_layer.image.adaLN_modulation.1"  # flux_layouts.fuse swaps a fi
 
 def make_flux3(folder: Path, *, distilled: bool, seed: int, shard: str = "40KB", dtype: torch.dtype = torch.bfloat16, **changes) -> Path:
     """A tiny FLUX.3 transformer (distilled: flow_map) with random (non-trivial) weights, saved as diffusers saves it."""
-    from diffusers import Flux3Transformer2DModel
-
-    torch.manual_seed(seed)
-    model = Flux3Transformer2DModel(**{**TINY3, **changes}, flow_map=distilled)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p), alpha=0.05)
-    model.to(dtype).save_pretrained(folder, max_shard_size=shard)
-    return folder
+    return build_model("Flux3Transformer2DModel", {**TINY3, **changes, "flow_map": distilled}, folder, seed=seed, shard=shard, dtype=dtype)
 
 
 def bfl_key(key: str) -> str:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import family_checks as checks
 from conftest import load_state, run_recipe
 from flux2_helpers import DEV, KLEIN_4B, KLEIN_9B, flux2_to_bfl, from_bfl, linear_modules, make_flux2, sparse_folder
-from flux_layouts import COMFY, FINAL_MOD
+from flux_layouts import FINAL_MOD
 from fluxrecipe.errors import PlanError
 
 MODULATION = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")
@@ -34,11 +33,7 @@ def f2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def f2_bfl(tmp_path_factory, f2):
     """Source a as one BFL file and as one ComfyUI file (written by the test's own reference)."""
-    root = tmp_path_factory.mktemp("flux2-files")
-    state = load_state(f2["a"])
-    save_file(flux2_to_bfl(state), root / "a-bfl.safetensors")
-    save_file(flux2_to_bfl(state, COMFY), root / "a-comfy.safetensors")
-    return {"bfl": root / "a-bfl.safetensors", "comfyui": root / "a-comfy.safetensors"}
+    return checks.bfl_files(tmp_path_factory.mktemp("flux2-files"), f2["a"], flux2_to_bfl)
 
 
 # --- the layout, against diffusers' converter ------------------------------------------------------------------

@@ -37,11 +37,7 @@ def f3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def f3_bfl(tmp_path_factory, f3):
     """Source a as one BFL file and as one ComfyUI file (written by the test's own reference)."""
-    root = tmp_path_factory.mktemp("flux3-files")
-    state = load_state(f3["a"])
-    save_file(flux3_to_bfl(state), root / "a-bfl.safetensors")
-    save_file(flux3_to_bfl(state, checks.COMFY), root / "a-comfy.safetensors")
-    return {"bfl": root / "a-bfl.safetensors", "comfyui": root / "a-comfy.safetensors"}
+    return checks.bfl_files(tmp_path_factory.mktemp("flux3-files"), f3["a"], flux3_to_bfl)
 
 
 # --- the layout, against diffusers' converter ------------------------------------------------------------------
