@@ -40,12 +40,17 @@ from fluxrecipe.plan import human_bytes  # noqa: E402
 from fluxrecipe.writer import open_safetensors  # noqa: E402
 
 
+def lora_modules(config: dict) -> list[tuple[str, tuple[int, int]]]:
+    """(module, (rows, cols)) of every Linear module of the model `config` describes, in BFL's module names
+    (fused q/k/v and linear1 included): what a kohya FLUX LoRA covers."""
+    shapes = expected_parameters(config, "benchmark config")
+    return [(t.name[: -len(".weight")], t.shape) for t in bfl.out_tensors(shapes, dict.fromkeys(shapes, "BF16"), "", families.recognise(shapes).bfl) if t.name.endswith(".weight") and len(t.shape) == 2]
+
+
 def make_lora(path: Path, config: dict, rank: int, seed: int) -> None:
     """A kohya LoRA of `rank` on every Linear module of the model `config` describes, in BFL's module names."""
-    shapes = expected_parameters(config, "benchmark config")
-    modules = [(t.name[: -len(".weight")], t.shape) for t in bfl.out_tensors(shapes, dict.fromkeys(shapes, "BF16"), "", families.recognise(shapes).bfl) if t.name.endswith(".weight") and len(t.shape) == 2]
     entries = []
-    for module, (rows, cols) in modules:
+    for module, (rows, cols) in lora_modules(config):
         down, up, alpha = kohya_names(module)
         entries += [(down, "BF16", (rank, cols)), (up, "BF16", (rows, rank)), (alpha, "F32", ())]
     gen = torch.Generator().manual_seed(seed)

@@ -32,7 +32,7 @@ from .schedule import Blocks, Schedule
 LORA_FORMATS = {"lora": "kohya", "lora_peft": "diffusers"}  # output format -> the key scheme it writes
 LORA_DTYPES = ("BF16", "F16", "F32")
 PEFT_FILE = "pytorch_lora_weights.safetensors"  # what diffusers writes into a LoRA folder
-EXACT_SVD = 1024  # a matrix whose smaller side is at most this is factored by an exact SVD, larger ones by svd_lowrank
+EXACT_SVD = 1024  # a matrix whose smaller side is at most this is factored by an exact SVD, larger ones by the randomized range finder (ops/lowrank.py)
 SHOWN = 4
 
 

@@ -56,6 +56,15 @@ _real_connect = socket.socket.connect
 socket.socket.connect = _no_network
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The random order's seed, first, even under -q (which hides pytest-randomly's own header line): an
+    order-dependent failure is repeated with the command this line gives."""
+    seed = getattr(session.config.option, "randomly_seed", None)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if isinstance(seed, int) and reporter is not None:
+        reporter.write_line(f"random order: seed {seed}; repeat it with .venv/bin/python -m pytest -q --randomly-seed={seed}")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Demo checkpoints and cached architectures go to a cache of the session's own."""

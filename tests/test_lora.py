@@ -452,7 +452,7 @@ def test_several_loras_merged_into_one(recipe_dir, tmp_path, krea, formats):
 
 
 def test_randomized_svd_is_exact_for_low_rank_and_deterministic():
-    """Large matrices (smaller side over 1024) use torch.svd_lowrank, seeded: a rank-6 difference comes back
+    """Large matrices (smaller side over 1024) use the randomized range finder, seeded: a rank-6 difference comes back
     to float32 precision at rank 8, and the same input gives the same bytes."""
     from fluxrecipe.ops.lora import factor, relative_error
 

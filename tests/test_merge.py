@@ -416,7 +416,7 @@ def test_model_card_says_what_was_merged_from_what(plain, schnell, guided):
 
 
 def test_a_replay_differs_only_where_the_readme_says(plain, tmp_path, monkeypatch):
-    """The README: run from the output's own recipe.yaml into a folder at the same depth, every file is byte
+    """docs/recipes.md: run from the output's own recipe.yaml into a folder at the same depth, every file is byte
     for byte the original's except fluxrecipe.json and README.md (the recipe's name as run) and the manifest."""
     from reliability_helpers import digests
 
@@ -429,5 +429,5 @@ def test_a_replay_differs_only_where_the_readme_says(plain, tmp_path, monkeypatc
         first, second = digests(plain), digests(again)
         assert first.keys() == second.keys()
         assert {name for name in first if first[name] != second[name]} == differ, again
-    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
-    assert "Three files differ in any case" in readme and all(f"`{name}`" in readme for name in naming)
+    page = " ".join((REPO_ROOT / "docs" / "recipes.md").read_text().split())
+    assert "Three files differ in any case" in page and all(f"`{name}`" in page for name in naming)

@@ -1,13 +1,23 @@
-"""The README is the front door: its recipes run (on tiny stand-ins for their hub sources) and give a model
-diffusers loads (a folder), or a single file fluxrecipe's verify accepts; what it tells a newcomer to install,
-type and expect is what the project does. The README's
-commands are exercised by the CLI tests and `make demo`/`make test`."""
+"""The README is the front door and docs/ the rest: what they tell a newcomer to install, type and expect is
+what the project does.
+
+- Their recipes run (on tiny stand-ins for their hub sources) and give a model diffusers loads (a folder), or
+  a single file fluxrecipe's verify accepts.
+- The README's commands run as written, in order, in a fresh folder, with its hub models replaced by tiny
+  stand-ins of FLUX.1's depth (19 double and 38 single blocks); a sweep's jobs are planned.
+- Every other command of the docs passes what the command line checks before Hydra (options, recipe names)
+  and Hydra's composition, job by job; subcommands and benchmark scripts know the flags the docs give them.
+- The command-line reference lists every option of conf/config.yaml, with its default, and no other.
+docs/cookbook.md runs for real: tests/test_cookbook.py."""
 
 from __future__ import annotations
 
+import itertools
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -16,18 +26,53 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from conftest import REPO_ROOT, merge, write_recipe
+from conftest import REPO_ROOT, compose, make_flux, merge, write_recipe
 
 README = (REPO_ROOT / "README.md").read_text()
-BLOCKS = [b for b in re.findall(r"```yaml\n(.*?)```", README, re.S) if "rules:" in b]
+DOCS = {path.name: path.read_text() for path in sorted((REPO_ROOT / "docs").glob("*.md"))}
+PAGES = {"README.md": README, **DOCS}
+BUILTIN_RECIPES = {path.stem for path in (REPO_ROOT / "recipes").glob("*.yaml")}
+HUB_MODELS = {"black-forest-labs/FLUX.1-schnell": "schnell", "black-forest-labs/FLUX.1-Krea-dev": "krea", "black-forest-labs/FLUX.1-dev": "dev"}
+TITLED = re.compile(r"# (?:\S+/)?(\w+)\.yaml\b")  # a yaml block's first line naming its file: `# mine.yaml: ...`
 
 
-def test_the_readme_has_recipes():
-    assert len(BLOCKS) >= 3
+def fenced(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, re.S | re.M)
+
+
+RECIPES = {text: f"{page}:{i}" for page, body in PAGES.items() for i, text in enumerate(b for b in fenced(body, "yaml") if "rules:" in b)}
+
+
+def commands(text: str) -> list[list[str]]:
+    """The commands of a page's ```sh blocks, continued lines joined and comments dropped, split as the shell
+    splits them; leading VAR=value assignments dropped."""
+    found = []
+    for block in fenced(text, "sh"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+                words = words[1:]
+            if words:
+                found.append(words)
+    return found
+
+
+def fluxrecipe_args(words: list[str]) -> list[str] | None:
+    """The arguments of a `fluxrecipe` (or `python -m fluxrecipe`) command, else None."""
+    if words[:1] == ["fluxrecipe"]:
+        return words[1:]
+    if words[:3] == ["python", "-m", "fluxrecipe"]:
+        return words[3:]
+    return None
+
+
+def test_the_pages_have_recipes_and_commands():
+    assert len(RECIPES) >= 8 and sum(1 for c in commands(README) if fluxrecipe_args(c)) >= 10
+    assert README.count("\n") < 250  # a front door; the rest is in docs/
 
 
 def lora_stand_in(path: Path) -> Path:
-    """A tiny kohya LoRA (rank 4, on the first double block's image q/k/v) for a LoRA the README names."""
+    """A tiny kohya LoRA (rank 4, on the first double block's image q/k/v) for a LoRA a page names."""
     g = torch.Generator().manual_seed(0)
     save_file({
         "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, 32, generator=g).to(torch.bfloat16),
@@ -36,8 +81,8 @@ def lora_stand_in(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("text", BLOCKS, ids=[f"recipe{i}" for i in range(len(BLOCKS))])
-def test_readme_recipe_runs_and_loads(text, recipe_dir, tmp_path, schnell, krea, dev):
+@pytest.mark.parametrize("text", list(RECIPES), ids=list(RECIPES.values()))
+def test_a_documented_recipe_runs_and_loads(text, recipe_dir, tmp_path, schnell, krea, dev):
     from diffusers import FluxTransformer2DModel  # here, not at import: see conftest on HF_HUB_OFFLINE
 
     from fluxrecipe.verify import verify_file
@@ -60,19 +105,187 @@ def test_readme_recipe_runs_and_loads(text, recipe_dir, tmp_path, schnell, krea,
     assert model.config.guidance_embeds == recipe.get("config", {}).get("guidance_embeds", recipe.get("base") != "schnell")
 
 
-def test_the_readme_says_what_rendering_needs():
-    """Its FluxPipeline snippet needs transformers (text encoders), sentencepiece and protobuf (tokenizers) and
-    accelerate (memory): the README names the extra that installs them, and pyproject defines it so."""
+# --- the README's commands, run ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deep_stand_ins(tmp_path_factory) -> dict[str, Path]:
+    """The README's hub models at FLUX.1's depth (19 double, 38 single blocks) and a tiny width: its per-block
+    commands name FLUX.1's blocks."""
+    root = tmp_path_factory.mktemp("hub")
+    return {
+        name: make_flux(root / name / "transformer", guidance=guidance, seed=seed, num_layers=19, num_single_layers=38)
+        for name, guidance, seed in (("schnell", False, 0), ("krea", True, 1), ("dev", True, 2))
+    }
+
+
+def hub_sources(recipe: str) -> dict[str, str]:
+    """A built-in recipe's sources that are hub repos: name -> repo."""
+    sources = yaml.safe_load((REPO_ROOT / "recipes" / f"{recipe}.yaml").read_text())["sources"]
+    return {name: spec for name, spec in sources.items() if isinstance(spec, str) and spec in HUB_MODELS}
+
+
+def jobs(overrides: list[str]) -> list[list[str]]:
+    """A multirun's jobs, as Hydra's basic sweeper makes them: every combination of the swept values."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+        for o in OverridesParser.create().parse_overrides(overrides)
+    ]
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def test_the_readmes_commands_run_as_written(tmp_path, monkeypatch, deep_stand_ins):
+    """In order, as a newcomer types them: each one's files are there for the next (the fp8 conversion reads
+    the merge, the bake reads the extracted LoRA). `hf download` writes the stand-in's Black Forest Labs file."""
+    from fluxrecipe import preview
+    from fluxrecipe.__main__ import command_line
+    from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
+
+    monkeypatch.chdir(tmp_path)
+    stand_in = {repo: str(deep_stand_ins[name]) for repo, name in HUB_MODELS.items()}
+    ran = 0
+    for words in commands(README):
+        if words[:2] == ["hf", "download"]:
+            repo, file, folder = words[2], words[3], words[words.index("--local-dir") + 1]
+            merge(["recipe=to_diffusers", f"recipe.sources.model={stand_in[repo]}", "format=bfl", f"output={Path(folder) / file}", "progress=false"])
+            continue
+        args = fluxrecipe_args(words)
+        if args is None or args == ["--version"]:
+            continue  # set-up (make, pip, venv, hf auth login): the Makefile's tests and `make test` itself
+        args = [re.sub(r"=(.*)$", lambda m: "=" + stand_in.get(m[1], m[1]), a) for a in args]
+        args = [re.sub(r"^lora_rank=\d+$", "lora_rank=16", a) for a in args]  # the stand-ins' matrices are 32 wide
+        recipe = next(a.partition("=")[2] for a in args if a.startswith("recipe="))
+        given = {a.partition("=")[0] for a in args}
+        args += [f"recipe.sources.{name}={stand_in[repo]}" for name, repo in hub_sources(recipe).items() if f"recipe.sources.{name}" not in given]
+        monkeypatch.setenv(BLOCK_OVERRIDES_ENV, "")
+        args = preview.expand_switch(command_line(args))  # as `fluxrecipe` hands them to Hydra
+        if "-m" in args:  # each job planned, as the sweep's pre-flight does
+            for number, job in enumerate(jobs([a for a in args if a != "-m"])):
+                merge([a for a in job if not a.startswith("hydra.sweep.")] + ["dry_run=true", f"output={tmp_path / 'sweep' / str(number)}", "progress=false"])
+        else:  # Hydra's run folder, where no output= is given: here, in-process, none is made
+            merge([*args, *([] if "output" in given else [f"output={tmp_path / 'run' / str(ran)}"]), "progress=false"])
+        ran += 1
+    assert ran >= 10
+    assert (tmp_path / "merged/krea_schnell_fp8.safetensors").is_file() and (tmp_path / "merged/dev_half_krea/config.json").is_file()
+
+
+# --- every other command of the docs, checked ----------------------------------------------------------
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    return [(page, words) for page, text in PAGES.items() if page != "cookbook.md" for words in commands(text)]
+
+
+def page_recipes(folder: Path) -> Path:
+    """The recipes the pages name as files of yours (a yaml block headed `# NAME.yaml`), written to `folder`."""
+    for text in RECIPES:
+        titled = TITLED.match(text)
+        if titled and titled[1] not in BUILTIN_RECIPES:
+            write_recipe(folder, titled[1], text)
+    return folder
+
+
+def test_every_documented_command_is_one_the_command_line_takes(tmp_path, monkeypatch):
+    from fluxrecipe import preview
+    from fluxrecipe.__main__ import command_line
+    from fluxrecipe.ops import OPS
+    from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
+
+    monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(page_recipes(tmp_path / "recipes")))
+    subcommand_flags = {"verify": {"--no-hash"}, "summary": {"--no-plot"}}
+    helps: dict[str, str] = {}  # benchmark script -> its --help
+    checked = 0
+    for page, words in documented_commands():
+        if words[0].endswith("python") and words[1].startswith("benchmarks/"):
+            if words[1] not in helps:
+                helps[words[1]] = subprocess.run([sys.executable, words[1], "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600).stdout
+            assert all(flag in helps[words[1]] for flag in words[2:] if flag.startswith("--")), (page, words)
+            continue
+        args = fluxrecipe_args(words)
+        if args is None:
+            continue
+        checked += 1
+        if args and args[0] in subcommand_flags:
+            assert {a for a in args if a.startswith("-")} <= subcommand_flags[args[0]], (page, words)
+            continue
+        if args and args[0] == "methods":
+            assert set(args[1:]) <= set(OPS), (page, words)
+            continue
+        monkeypatch.setenv(BLOCK_OVERRIDES_ENV, "")
+        if any(a.startswith("recipe=") and ("/" in a or a.endswith(".yaml")) for a in args):
+            command_line([a for a in args if not a.startswith("recipe=")])  # a file the page's reader has: its options
+            continue
+        overrides = preview.expand_switch(command_line(args))  # unknown options and recipes: UsageError
+        if {a for a in overrides if a.startswith("-")} - {"-m"}:
+            continue  # Hydra's own flags (--help, --config-dir): nothing of fluxrecipe's to compose
+        for job in jobs([a for a in overrides if a != "-m"]):
+            compose(job)  # Hydra: every key and config group exists
+    assert checked >= 40
+
+
+# --- the command-line reference -------------------------------------------------------------------------
+
+
+def reference_rows() -> dict[str, str]:
+    """option -> its default cell, from the tables of docs/cli.md's 'Run options' and 'Previews' sections."""
+    rows = {}
+    for section in re.split(r"^## ", DOCS["cli.md"], flags=re.M):
+        if section.startswith(("Run options", "Previews")):
+            for names, default in re.findall(r"^\| (`[^|]+`) \| ([^|]*) \|", section, re.M):
+                for name in re.findall(r"`([^`]+)`", names):
+                    rows[name] = default.strip()
+    return rows
+
+
+def test_the_reference_documents_every_option_and_its_default():
+    """A new option in conf/config.yaml cannot go undocumented, nor a removed one stay documented."""
+    config = yaml.safe_load((REPO_ROOT / "conf" / "config.yaml").read_text())
+    groups = {next(iter(d)) for d in config["defaults"] if isinstance(d, dict)}
+    options = {k: v for k, v in config.items() if k not in ("defaults", "hydra", "preview")}
+    options |= {f"preview.{k}": v for k, v in config["preview"].items()}
+    rows = reference_rows()
+    assert set(rows) == set(options) | groups | {"preview"}
+    for name, value in options.items():
+        if value is None or (isinstance(value, list) and not all(isinstance(v, int) for v in value)):
+            continue  # described in words: the run folder, the recipe's format, three prompts
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        assert rows[name] == f"`{shown}`", (name, rows[name], value)
+
+
+# --- what the pages promise about set-up ----------------------------------------------------------------
+
+
+def test_the_docs_say_what_rendering_needs():
+    """The FluxPipeline snippets need transformers (text encoders), sentencepiece and protobuf (tokenizers) and
+    accelerate (memory): the page names the extra that installs them, and pyproject defines it so."""
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     preview = {re.split(r"[<>=\[ ]", r)[0].lower() for r in extras["preview"]}
     assert {"transformers", "accelerate", "sentencepiece", "protobuf"} <= preview
-    snippet = README.index("FluxPipeline.from_pretrained")
-    assert "pip install 'fluxrecipe[preview]'" in README[snippet - 800 : snippet]
+    snippets = [(page, text.index("FluxPipeline.from_pretrained(")) for page, text in PAGES.items() if "transformer=transformer" in text]
+    assert len(snippets) >= 2
+    for page, at in snippets:
+        assert "the `preview` extra" in PAGES[page][at - 800 : at], page
 
 
-def test_the_readme_documents_completion_and_sweep_disk_cost():
-    assert 'eval "$(fluxrecipe -sc install=bash)"' in README
-    assert "a sweep costs the model's size on disk per job" in README
+def test_the_docs_document_completion_sweep_disk_cost_and_their_own_build():
+    assert 'eval "$(fluxrecipe -sc install=bash)"' in DOCS["getting-started.md"]
+    assert "a sweep costs the model's size on disk per job" in DOCS["sweeps.md"]
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {re.split(r"[<>=]", r)[0] for r in extras["docs"]} == {"mkdocs", "mkdocs-material"}
+    assert "mkdocs build --strict" in (REPO_ROOT / ".ci" / "run").read_text()
+    assert yaml.safe_load((REPO_ROOT / "mkdocs.yml").read_text())["theme"]["font"] is False  # no web fonts: offline
+
+
+def test_make_test_prints_the_random_orders_seed_first():
+    """Even under -q, which hides pytest-randomly's own line: a failure that depends on the order repeats."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "randomly", "--randomly-seed=4242", "tests/test_cookbook.py::test_missing_line_reads_the_page_as_a_reader_would"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[0] == "random order: seed 4242; repeat it with .venv/bin/python -m pytest -q --randomly-seed=4242"
 
 
 def fake_venv(folder, torch_spec: str) -> None:

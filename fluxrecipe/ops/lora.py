@@ -1,5 +1,5 @@
-"""The arithmetic of LoRAs in float32: a LoRA's product for some rows of a weight, and a difference factored
-back into a LoRA by a truncated SVD.
+"""The arithmetic of LoRAs for the executor: a LoRA's product for some rows of a weight (float32), and a
+difference factored back into a LoRA by a truncated SVD (lowrank.py's, reproducible whatever the threads).
 
 A matrix product's float32 rounding depends on how a BLAS library splits it (MKL, for one, computes a call of
 1 to 3 rows otherwise than the same rows inside a larger call), so a product computed per chunk could change
@@ -12,13 +12,11 @@ call of 4 or more rows alike: MKL does; tests check it.)
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .lowrank import residual_error, streamed_factor, svd_factor
+
 ROWS = 64  # rows of a weight per product call: a patched step's chunks are whole blocks of these
-OVERSAMPLE = 8  # svd_lowrank's extra dimensions beyond the rank, and its power iterations:
-POWER_ITERATIONS = 4  # enough to find a difference of rank <= R to float32 precision
 
 
 def product_rows(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -31,29 +29,18 @@ def product_rows(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 
 
 def factor(diff: torch.Tensor, rank: int, exact: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) with up @ down the best rank-`rank` approximation of `diff` (m x n): the truncated SVD,
-    its singular values split evenly between the two. Exact (LAPACK) or randomized (`torch.svd_lowrank`,
-    seeded: the same difference gives the same factors)."""
+    """(up, down), float32, with up @ down the best rank-`rank` approximation of `diff` (m x n), its singular
+    values split evenly between the two: the truncated SVD (exact: LAPACK on the whole matrix) or the
+    randomized range finder over its rows, seeded by `seed` (lowrank.py). The same bits whatever the threads:
+    torch's thread count only sets how many blocks of rows are computed at once. On the CPU, wherever diff is."""
     if exact:
-        u, s, vh = torch.linalg.svd(diff, full_matrices=False)
+        result = svd_factor(diff, rank)
     else:
-        devices = [diff.device.index or 0] if diff.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            u, s, v = torch.svd_lowrank(diff, q=min(rank + OVERSAMPLE, *diff.shape), niter=POWER_ITERATIONS)
-        vh = v.mT
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
+        result = streamed_factor(lambda: (diff,), tuple(diff.shape), rank, seed, threads=torch.get_num_threads())
+    return result.up, result.down
 
 
 def relative_error(diff: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
-    """||diff - up @ down|| / ||diff|| (Frobenius), over blocks of about a million elements (no second
-    whole-size matrix); 0 for a zero difference written as zeros."""
-    residual, total = [], []
-    rows = max(1, (1 << 20) // diff.shape[1])
-    for i in range(0, diff.shape[0], rows):
-        block = diff[i : i + rows]
-        residual.append(float(torch.linalg.vector_norm(block - up[i : i + rows] @ down, dtype=torch.float64) ** 2))
-        total.append(float(torch.linalg.vector_norm(block, dtype=torch.float64) ** 2))
-    norm = math.fsum(total)
-    return math.sqrt(math.fsum(residual) / norm) if norm else (0.0 if not math.fsum(residual) else math.inf)
+    """||diff - up @ down|| / ||diff|| (Frobenius) in float64 over fixed blocks of rows (no second whole-size
+    matrix, the same bits whatever the threads); 0 for a zero difference written as zeros."""
+    return residual_error(lambda: (diff,), tuple(diff.shape), up, down, threads=torch.get_num_threads())
