@@ -9,6 +9,7 @@ Linear modules in BFL's names, with the diffusers modules whose rows each holds)
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -160,6 +161,19 @@ def check_fp8_out_and_back_in(tmp_path, folder, to_bfl, dtype: str, torch_dtype)
             assert torch.equal(got[key].view(torch.uint8), want.clamp(-57344, 57344).to(torch_dtype).view(torch.uint8)), key
     values = {k: (v.float() * got[k.removesuffix(".weight") + ".weight_scale"] if k + "_scale" in got else v.float()) for k, v in got.items() if not k.endswith(("_scale", ".comfy_quant"))}
     assert_same(to_bfl(load_state(back), COMFY), values)
+
+
+def check_dtype_per_rule(recipe_dir, tmp_path, folder, to_bfl, match: str) -> None:
+    """A rule's own dtype: the keys `match` finds in float32, the rest in the recipe's bf16, written as one BFL
+    file: the reference layout of the source with each tensor in its rule's dtype, byte for byte."""
+    out = tmp_path / "out.safetensors"
+    recipe = {"sources": {"a": str(folder)}, "rules": [{"match": match, "op": "take:a", "dtype": "fp32"}, {"match": ".*", "op": "take:a"}], "dtype": "bf16"}
+    run_recipe(recipe_dir, out, recipe, "format=bfl")
+    state = load_state(folder)
+    cast = {k: v.float() if re.search(match, k) else v.to(BF16) for k, v in state.items()}
+    written = load_file(out)
+    assert {t.dtype for t in written.values()} == {torch.float32, BF16}
+    assert_same(written, to_bfl(cast, ""))
 
 
 # --- merges -------------------------------------------------------------------------------------------------------

@@ -111,6 +111,11 @@ def test_fp8_and_scaled_fp8_out_and_back_in(tmp_path, ch, dtype, torch_dtype):
     checks.check_fp8_out_and_back_in(tmp_path, ch["b"], chroma_to_bfl, dtype, torch_dtype)
 
 
+def test_a_rule_s_own_dtype(recipe_dir, tmp_path, ch):
+    """The guidance network in float32, the rest in bf16, as one BFL file."""
+    checks.check_dtype_per_rule(recipe_dir, tmp_path, ch["b"], chroma_to_bfl, r"^distilled_guidance_layer\.")
+
+
 # --- merges -------------------------------------------------------------------------------------------------------
 
 

@@ -96,6 +96,11 @@ def test_fp8_and_scaled_fp8_out_and_back_in(tmp_path, f3, dtype, torch_dtype):
     checks.check_fp8_out_and_back_in(tmp_path, f3["b"], flux3_to_bfl, dtype, torch_dtype)
 
 
+def test_a_rule_s_own_dtype(recipe_dir, tmp_path, f3):
+    """The text stream's per-mode blocks in float32, the rest in bf16, as one BFL file."""
+    checks.check_dtype_per_rule(recipe_dir, tmp_path, f3["b"], flux3_to_bfl, r"^txt_mode_blocks\.")
+
+
 # --- merges -------------------------------------------------------------------------------------------------------
 
 

@@ -150,23 +150,23 @@ class BflTable:
         return modules
 
     @cached_property
-    def _underscored(self) -> tuple[re.Pattern, dict[str, Group], dict[str, str]]:
-        groups = {g.bfl.replace(".", "_"): g for g in self.groups}
+    def _underscored(self) -> tuple[re.Pattern, dict[str, tuple[str, dict[str, str]]], dict[str, str], tuple[tuple[re.Pattern, str], ...]]:
+        """The BFL names with their dots written as `_`: a block key's regex (group, number, module), group ->
+        (its BFL name, its modules), the modules outside the groups, the numbered ones as (regex, name)."""
+        groups = {g.bfl.replace(".", "_"): (g.bfl, {n.replace(".", "_"): n for n in g.table}) for g in self.groups}
         block = re.compile(rf"({'|'.join(map(re.escape, groups))})_(\d+)_(.+)")
         outer = {n.replace(".", "_"): n for t in (self.top, self.final) for n in t if NUMBER not in n}
-        return block, groups, outer
+        return block, groups, outer, tuple((_number_pattern(name, "_"), name) for _, name, _ in self._numbered)
 
     def from_underscored(self, module: str) -> str | None:
         """A BFL module name with its dots written as `_` (kohya's LoRA keys) -> the name, or None."""
-        block, groups, outer = self._underscored
+        block, groups, outer, numbers = self._underscored
         m = block.fullmatch(module)
-        if m:
-            inner = {n.replace(".", "_"): n for n in groups[m[1]].table}.get(m[3])
-            if inner:
-                return f"{groups[m[1]].bfl}.{m[2]}.{inner}"
+        if m and m[3] in groups[m[1]][1]:
+            return f"{groups[m[1]][0]}.{m[2]}.{groups[m[1]][1][m[3]]}"
         if module in outer:
             return outer[module]
-        return next((name.replace(NUMBER, m[1]) for _, name, _ in self._numbered if (m := _number_pattern(name, "_").fullmatch(module))), None)
+        return next((name.replace(NUMBER, n[1]) for rx, name in numbers if (n := rx.fullmatch(module))), None)
 
 
 # --- what else a family says ----------------------------------------------------------------------------------
