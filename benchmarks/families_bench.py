@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_bench import REPO, arguments, floor_seconds, generate, parsed, prepare_cache, run_measured  # noqa: E402
+from merge_bench import REPO, arguments, floor_seconds, generate, parsed, prepare_cache, run_measured
 
-from fluxrecipe.plan import human_bytes  # noqa: E402
+from fluxrecipe.plan import human_bytes
 
 FLUX2 = {"_class_name": "Flux2Transformer2DModel", "patch_size": 1, "in_channels": 128, "attention_head_dim": 128, "timestep_guidance_channels": 256, "axes_dims_rope": [32, 32, 32, 32]}
 VARIANTS = {  # name -> (config besides the blocks, guidance embedder, the variant's own double and single blocks)

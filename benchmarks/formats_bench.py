@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_bench import FLUX, REPO, arguments, floor_seconds, generate, parsed, prepare_cache, run_measured  # noqa: E402
+from merge_bench import FLUX, REPO, arguments, floor_seconds, generate, parsed, prepare_cache, run_measured
 
 sys.path.insert(0, str(REPO))
-from fluxrecipe import families  # noqa: E402
-from fluxrecipe.architecture import expected_parameters  # noqa: E402
-from fluxrecipe.formats import bfl  # noqa: E402
-from fluxrecipe.plan import human_bytes  # noqa: E402
-from fluxrecipe.writer import open_safetensors  # noqa: E402
+from fluxrecipe import families
+from fluxrecipe.architecture import expected_parameters
+from fluxrecipe.formats import bfl
+from fluxrecipe.plan import human_bytes
+from fluxrecipe.writer import open_safetensors
 
 
 def generate_bfl(path: Path, *, double: int, single: int, guidance: bool, seed: int, sparse: bool) -> None:

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lora_bench import lora_modules  # noqa: E402
-from merge_bench import FLUX, REPO, run_measured  # noqa: E402
+from lora_bench import lora_modules
+from merge_bench import FLUX, REPO, run_measured
 
-from fluxrecipe.ops.lowrank import Term, concatenate, streamed_factor, truncate  # noqa: E402
+from fluxrecipe.ops.lowrank import Term, concatenate, streamed_factor, truncate
 
 SHAPES = {"3072 x 3072": (3072, 3072), "3072 x 12288": (3072, 12288)}
 LARGEST = (55296, 6144)  # FLUX.2 dev's largest matrix: 1.3 GiB in float32

@@ -27,7 +27,7 @@ import yaml
 
 from merge_bench import REPO, arguments, floor_seconds, generate, parsed, prepare_cache, run_measured
 
-from fluxrecipe.plan import human_bytes  # noqa: E402  (merge_bench put the checkout on sys.path)
+from fluxrecipe.plan import human_bytes
 
 # method -> (op as a recipe writes it, how many sources it merges)
 METHODS = {

@@ -8,7 +8,7 @@
     result = api.write(plan, "merged/krea30")         # the merge; result.files, result.seconds, ...
     api.merge("recipes/to_comfyui_fp8.yaml", "flux-fp8.safetensors", sources={"model": "/data/flux1-dev.safetensors"})  # both at once
 
-The command line (`python -m fluxrecipe`) is a thin layer over these functions: run.py turns Hydra's
+The command line (`python -m fluxrecipe`) is a thin layer over these functions: fluxrecipe.cli turns Hydra's
 config into their arguments.
 """
 
@@ -19,16 +19,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from . import package
-from .catalog import load_recipe_file
 from .errors import RecipeError, SourceError, UsageError
 from .formats import OUTPUT_FORMATS
 from .loras import open_lora
 from .options import Options
 from .plan import Plan, format_plan, make_plan
-from .recipe import FORMATS, Recipe, load_recipe as _load_node
+from .recipe import FORMATS, Recipe, load_recipe as _load_data, read_recipe_file
 from .sources import open_source
 from .writer import atomic_output, check_target
 
@@ -42,17 +39,13 @@ def load_recipe(recipe: str | Path | dict, name: str | None = None, sources: dic
         data = recipe
     else:
         file = Path(recipe).expanduser()
-        node = load_recipe_file(file)  # bounded: size, alias expansion, only a regular file
-        if "__load_error__" in node:
-            raise RecipeError(f"{file}: {node['__load_error__']}")
-        data = OmegaConf.to_container(node, resolve=False)
+        data = read_recipe_file(file)  # bounded: size, alias expansion, only a regular file
     if not isinstance(data, dict):
         raise RecipeError(f"{file or 'recipe'}: a recipe is a mapping of fields")
     data = {**data, **params}
     if sources:
         data["sources"] = {**(data.get("sources") or {}), **sources}
-    node = OmegaConf.create({"recipe": data}).recipe
-    return _load_node(node, name or (file.stem if file else "recipe"), str(file.resolve()) if file else None)
+    return _load_data(data, name or (file.stem if file else "recipe"), str(file.resolve()) if file else None)
 
 
 def plan(

@@ -28,6 +28,7 @@ from . import families
 from .demo import cache_root
 from .errors import PlanError
 from .files import read_small
+from .text import cut
 from .writer import replace_json
 
 COUNT_FIELD = re.compile(r"num_\w*(layers|blocks)|layers_per_block")
@@ -40,9 +41,9 @@ def model_class(config: dict[str, Any], where: str) -> type:
     name = config.get("_class_name")
     cls = getattr(diffusers, str(name), None) if name else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise PlanError(f"{where}: _class_name {name!r} is not a diffusers model class")
+        raise PlanError(f"{where}: _class_name {cut(str(name))!r} is not a diffusers model class")
     if families.by_class(name) is None:
-        raise PlanError(f"{where}: _class_name {name!r} is not the model class of a family fluxrecipe merges ({', '.join(f.class_name for f in families.FAMILIES)})")
+        raise PlanError(f"{where}: _class_name {cut(str(name))!r} is not the model class of a family fluxrecipe merges ({', '.join(f.class_name for f in families.FAMILIES)})")
     return cls
 
 

@@ -1,46 +1,29 @@
 """Where recipe files and Hydra's config come from: the package (or the checkout), plus the user's folders.
 
-Recipe files form Hydra's `recipe` config group through a config source of their own (`RecipeSource`), so a
-flat folder of YAML files is a group, `FLUXRECIPE_RECIPE_PATH` (folders separated by os.pathsep) adds the
+The recipe folders are a flat folder of YAML files each (Hydra's `recipe` group, through the command layer's
+config source, cli/hydra_setup.py): `FLUXRECIPE_RECIPE_PATH` (folders separated by os.pathsep) adds the
 user's own, and `recipe=PATH.yaml` runs that exact file by its path (a choice that names a folder or ends
 with .yaml or .yml is a path, from the current folder; any other is a name). A user recipe shadows a built-in
 one of the same name; among user folders, the first listed wins. A file whose name is not plain
 (A-Z, a-z, 0-9, `_`, `.`, `-`) is not a recipe name: it is ignored and listed as such in `--help`, so that a
-name that holds a terminal escape never reaches the terminal raw.
-
-Recipes are files from strangers, so they are loaded lazily and within bounds: listing the group (for
-`--help` or tab completion) reads no file; only the chosen recipe is parsed, and a file that is too large,
-not UTF-8, not YAML, or whose YAML aliases would expand past a limit is registered as a note of its error,
-so that choosing it gives that error in one line and choosing any other recipe is not affected.
+name that holds a terminal escape never reaches the terminal raw. Listing the recipes reads no file; the
+recipe loader (recipe.py) reads only the chosen one, within bounds.
 """
 
 from __future__ import annotations
 
 import difflib
-import io
 import os
 import re
 from pathlib import Path
-from typing import Any
-
-import yaml
-from hydra.core.object_type import ObjectType
-from hydra.core.plugins import Plugins
-from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
-from hydra.plugins.search_path_plugin import SearchPathPlugin
-from omegaconf import DictConfig, OmegaConf
 
 from .errors import UsageError
-from .files import os_error_text, read_small
-from .schedule import string_keys
 from .text import printable
 
 PACKAGE = Path(__file__).resolve().parent
 RECIPE_PATH_ENV = "FLUXRECIPE_RECIPE_PATH"
-GROUP = "recipe"
+GROUP = "recipe"  # Hydra's config group of the recipes (recipe=NAME)
 SUFFIXES = (".yaml", ".yml")
-MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a megabyte is a thousand rules
-MAX_RECIPE_NODES = 20_000  # YAML values once aliases are expanded (a 300-byte alias bomb expands to billions)
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a recipe file's name on the search path
 
 
@@ -129,116 +112,3 @@ def recipe_problem(choice: str) -> str | None:
 def recipe_name(choice: str) -> str:
     """What a recipe is called: its file's name without .yaml for a path, else the name chosen."""
     return os.path.splitext(os.path.basename(choice))[0] if is_recipe_path(choice) else choice
-
-
-def load_recipe_file(path: Path) -> DictConfig:
-    """A recipe file as a config node, or a node holding only `__load_error__` (see recipe.load_recipe)."""
-    try:
-        text = read_small(path, MAX_RECIPE_BYTES).decode("utf-8")
-    except OSError as e:
-        return _error_node(f"cannot read it: {os_error_text(e)}")
-    except UnicodeDecodeError as e:
-        return _error_node(f"not a valid YAML file: not utf-8 text ({e})")
-    try:
-        nodes = _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader))
-        if nodes > MAX_RECIPE_NODES:
-            return _error_node(f"its YAML expands to more than {MAX_RECIPE_NODES} values (anchors and aliases?): a recipe is far smaller")
-        node = OmegaConf.load(io.StringIO(text))
-    except yaml.YAMLError as e:
-        return _error_node(f"not a valid YAML file: {e}")
-    except RecursionError:
-        return _error_node("not a valid YAML file: nested too deeply")
-    except Exception as e:  # noqa: BLE001 - whatever OmegaConf refuses (a key that is not text, ...) is the file's fault
-        return _error_node(f"not a valid recipe file: {type(e).__name__}: {e}")
-    if isinstance(node, DictConfig):  # schedules as Hydra can override one block of (recipe.addressable_schedules)
-        from .recipe import addressable_schedules
-
-        node, schedules = addressable_schedules(string_keys(OmegaConf.to_container(node, resolve=False)))
-        node = OmegaConf.create(node)
-        for path in schedules:  # a block a schedule does not name yet may be set without `+`
-            OmegaConf.set_struct(OmegaConf.select(node, path), False)
-    if isinstance(node, DictConfig) and "defaults" in node:
-        # Hydra would act on it: pull other configs in at any package (`/recipe@_global_: x` puts a file's
-        # `hydra.callbacks` at the top, and Hydra instantiates those), so a recipe could run code.
-        return _error_node("a recipe may not have a `defaults` list (Hydra would compose other configs from it); remove it")
-    return node
-
-
-def _expanded_size(root: yaml.Node | None) -> int:
-    """How many values the YAML tree holds once every alias is expanded; stops counting past the limit (so a
-    recursive alias is caught too)."""
-    count, stack = 0, [root] if root is not None else []
-    while stack and count <= MAX_RECIPE_NODES:
-        node = stack.pop()
-        count += 1
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            stack.extend(v for pair in node.value for v in pair)
-    return count
-
-
-def _error_node(message: str) -> DictConfig:
-    return OmegaConf.create({"__load_error__": message.replace("${", "$ {")})
-
-
-class RecipeSource(ConfigSource):
-    """Hydra's `recipe` group, read from the recipe folders: listing reads no file, loading parses one."""
-
-    @staticmethod
-    def scheme() -> str:
-        return "fluxrecipe"
-
-    def available(self) -> bool:
-        return True
-
-    def is_group(self, config_path: str) -> bool:
-        return config_path.strip("/") in ("", GROUP)
-
-    def is_config(self, config_path: str) -> bool:
-        choice = self._choice(config_path)
-        return choice is not None and recipe_file(choice) is not None
-
-    def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
-        path = config_path.strip("/")
-        if path == GROUP and results_filter in (None, ObjectType.CONFIG):
-            return sorted(recipe_files())
-        if path == "" and results_filter in (None, ObjectType.GROUP):
-            return [GROUP]
-        return []
-
-    def load_config(self, config_path: str) -> ConfigResult:
-        choice = self._choice(config_path)
-        file = recipe_file(choice) if choice is not None else None
-        if file is None:
-            raise ConfigLoadError(f"recipe not found: {config_path}")
-        return ConfigResult(config=load_recipe_file(file), path=f"{self.scheme()}://{file.parent}", provider=self.provider, header={"package": None})
-
-    @staticmethod
-    def _choice(config_path: str) -> str | None:
-        """`recipe/NAME` or `recipe/PATH` (as given, `recipe//abs/x.yaml` for an absolute one) -> NAME or PATH."""
-        group, _, choice = config_path.partition("/")
-        return choice if group == GROUP and choice else None
-
-
-class RecipeSearchPath(SearchPathPlugin):
-    def manipulate_search_path(self, search_path: Any) -> None:
-        search_path.append(provider="fluxrecipe", path=f"{RecipeSource.scheme()}://{GROUP}")
-
-
-def ignored_note() -> str:
-    """For `--help` (conf/config.yaml's help footer): the recipe files ignored for their names, escaped."""
-    ignored = ignored_recipe_files()
-    if not ignored:
-        return ""
-    names = ", ".join(printable(repr(p.name)) for p in ignored)
-    text = f"\nIgnored (a recipe file's name may hold only A-Z a-z 0-9 _ . -; rename it, or give it as recipe=PATH): {names}"
-    return text.replace("$", "$$")  # Hydra fills the help template with string.Template: a $ of a name is text
-
-
-def register_recipes() -> None:
-    """Make Hydra see the recipe group (idempotent; Hydra's launchers carry it into their worker processes)."""
-    plugins = Plugins.instance()
-    plugins.register(RecipeSource)
-    plugins.register(RecipeSearchPath)
-    OmegaConf.register_new_resolver("fluxrecipe.ignored_recipes", ignored_note, replace=True)

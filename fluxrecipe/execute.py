@@ -47,16 +47,17 @@ import xxhash
 
 from .diagnostics import Distances
 from .errors import OutputError, SourceError, UsageError
-from .formats.layout import OutFile, OutTensor, Part, Scale, TensorRef, row_size, rows
-from .formats.safetensors import ITEMSIZE
+from .formats.layout import OutTensor, Part, TensorRef, row_size, rows
+from .formats.safetensors import ITEMSIZE, encode_header
 from .linux import keep_freed_memory
-from .loras import Factor, Patch
+from .loras import Factor, Patch, as_written, unwritten
 from .ops import OPS, Where
 from .ops.lora import ROWS, factor, product_rows, relative_error
 from .options import Options
 from .plan import Plan, Step, human_bytes
 from .segments import Segments, row_sums, split
-from .writer import FileRecord, align_down, align_up, open_safetensors
+from .text import cut
+from .writer import FileRecord, align_down, align_up, open_safetensors, rewrite_header
 
 # safetensors dtype code -> torch dtype, and the largest finite value of each output dtype
 DTYPES: dict[str, torch.dtype] = {
@@ -87,6 +88,7 @@ class Result:
     output: Path | None = None  # where the output went (set by api.write, once it is in place)
     lora_errors: dict[str, float] = field(default_factory=dict)  # a LoRA output: module -> relative error of its factors
     lora_unheld: dict[str, float] = field(default_factory=dict)  # a LoRA output: 1-D tensor -> largest |difference| to the base
+    lora_left_out: list[str] = field(default_factory=list)  # a LoRA output: the matrices whose difference is exactly 0 (not written)
 
 
 def execute(plan: Plan, folder: Path, options: Options, metadata: dict[str, str] | None = None, header_size: int = 0, hash_sources: Collection[str] = ()) -> Result:
@@ -177,7 +179,7 @@ class _Run:
     def __init__(self, plan: Plan, folder: Path, options: Options, device: torch.device, result: Result, metadata: dict[str, str], header_size: int, hash_sources: set[str]):
         self.plan, self.options, self.device, self.result = plan, options, device, result
         self.reader = _Reader(_planned_reads(plan))
-        self.files = _Files(plan.files, folder, metadata, header_size, result)
+        self.files = _Files(plan, folder, metadata, header_size, result)
         self.hash_sources = hash_sources
         self.stats: dict[str, tuple] = {}  # step key -> the results of its op's statistics passes
         self.folds: dict[str, object] = {}  # step key -> the statistics pass under way
@@ -260,26 +262,32 @@ class _Run:
             if not f.rank:
                 self.result.lora_unheld[f.module] = float(diff.abs().max()) if diff.numel() else 0.0
                 continue
+            if not bool(diff.any()):  # exactly the base's: a LoRA would hold zeros, which change nothing
+                self.result.lora_errors[f.module] = 0.0
+                self.result.lora_left_out.append(f.module)
+                continue
             for data in self._factor(f, diff):
                 self.files.write(0, data)
                 self.progress.update(data.numel())
+        if len(self.result.lora_left_out) == sum(1 for f in self.plan.factors if f.rank):
+            raise OutputError(f"every weight matrix of the recipe's result equals the base's ({len(self.result.lora_left_out)} matrices): the LoRA would be empty, so nothing was written")
 
     def _factor(self, f: Factor, diff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoded down and up of one factor; its relative error goes into the result. Runs while the
         workers wait, so the SVD gets torch's own threads."""
         dtype = DTYPES[next(t.dtype for t in self.plan.files[0].tensors if t.name == f.down)]
         if not math.isfinite(float(diff.sum())) and not bool(torch.isfinite(diff).all()):  # the sum first: no whole-size mask
-            raise OutputError(f"'{f.module}': its difference to the base holds NaN/Inf values (from the inputs): a LoRA cannot be factored from it")
+            raise OutputError(f"'{cut(f.module)}': its difference to the base holds NaN/Inf values (from the inputs): a LoRA cannot be factored from it")
         torch.set_num_threads(self.threads)
         try:
             up, down = factor(diff, f.rank, f.exact, zlib.crc32(f.module.encode()))
             up, down = up.to(dtype), down.to(dtype)
             if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
-                raise OutputError(f"'{f.module}': its LoRA factors do not fit {dtype} (values beyond its range): write the LoRA in fp32 (dtype=fp32)")
+                raise OutputError(f"'{cut(f.module)}': its LoRA factors do not fit {dtype} (values beyond its range): write the LoRA in fp32 (dtype=fp32)")
             self.result.lora_errors[f.module] = relative_error(diff, up.float(), down.float())
         finally:
             torch.set_num_threads(1)
-        return down.contiguous().cpu().view(torch.uint8).reshape(-1), up.contiguous().cpu().view(torch.uint8).reshape(-1)
+        return down.contiguous().cpu().reshape(-1).view(torch.uint8), up.contiguous().cpu().reshape(-1).view(torch.uint8)  # flat first: a rank-1 factor is "contiguous" with any stride
 
     def _steps_of(self, tensor: OutTensor) -> list[Step]:
         return [self.plan.step(k) for k in dict.fromkeys(p.key for p in tensor.parts)]
@@ -403,7 +411,7 @@ class _Run:
 
     def _decode(self, raw: torch.Tensor, ref: TensorRef) -> torch.Tensor:
         x = raw.view(DTYPES[ref.dtype]).to(device=self.device, dtype=torch.float32)
-        return x if ref.scale is None else x.mul_(self.reader.scale(ref.scale))
+        return x if ref.scale is None else x.mul_(ref.scale.value)
 
     def _apply(self, step: Step, xs: list[torch.Tensor], chunk: _Chunk) -> torch.Tensor:
         spec = OPS[step.op]
@@ -426,7 +434,7 @@ class _Run:
             return
         bad = int(x.numel() - torch.isfinite(x).sum())
         if bad and self.options.nonfinite == "error":
-            raise SourceError(f"{owner}: tensor '{ref.file_key}' ({ref.file}) holds NaN or Inf values; merge anyway with nonfinite=warn (they are counted and reported)")
+            raise SourceError(f"{owner}: tensor '{cut(ref.file_key)}' ({ref.file}) holds NaN or Inf values; merge anyway with nonfinite=warn (they are counted and reported)")
         if bad:
             done.nonfinite[counted_as] = bad
 
@@ -455,7 +463,7 @@ class _Run:
         if self.options.nonfinite == "error":
             rule = self.plan.recipe.rules[step.rule]
             raise OutputError(
-                f"'{step.key}' ({rule.describe()}) comes out with {bad} NaN/Inf values from finite inputs (float32 overflow): "
+                f"'{cut(step.key)}' ({rule.describe()}) comes out with {bad} NaN/Inf values from finite inputs (float32 overflow): "
                 "check the op's parameters, or merge anyway with nonfinite=warn (they are counted and reported)"
             )
         done.nonfinite[f"output: {step.key}"] = bad
@@ -554,19 +562,27 @@ def _scale_of(absmax: float, dtype: str) -> float:
 
 class _Files:
     """The plan's files, opened one after the other as the chunks arrive in plan order; each file's scales
-    and constants follow its tensors."""
+    and constants follow its tensors. A LoRA output may leave matrices out (result.lora_left_out): its
+    header is written with room (the header size given, else the whole plan's), and written again at the
+    end, listing only what the file holds."""
 
-    def __init__(self, files: tuple[OutFile, ...], folder: Path, metadata: dict[str, str], header_size: int, result: Result):
-        self.plan_files, self.folder, self.metadata, self.header_size, self.result = files, folder, metadata, header_size, result
+    def __init__(self, plan: Plan, folder: Path, metadata: dict[str, str], header_size: int, result: Result):
+        self.plan, self.folder, self.metadata, self.header_size, self.result = plan, folder, metadata, header_size, result
+        self.plan_files, self.lora = plan.files, bool(plan.factors)
         self.index, self.file = -1, None
 
     def write(self, index: int, data: torch.Tensor) -> None:
         while index > self.index:
             self._close_current()
-            self.index += 1
-            out = self.plan_files[self.index]
-            self.file = open_safetensors(self.folder / out.name, out.entries(), {**self.metadata, **dict(out.metadata)}, self.header_size)
+            self._open(self.index + 1)
         self.file.write(data.numpy())
+
+    def _open(self, index: int) -> None:
+        self.index = index
+        out = self.plan_files[index]
+        metadata = {**self.metadata, **dict(out.metadata)}
+        room = self.header_size or (len(encode_header(out.entries(), metadata)[0]) if self.lora else 0)
+        self.file = open_safetensors(self.folder / out.name, out.entries(), metadata, room)
 
     def _close_current(self) -> None:
         if self.file is None:
@@ -575,10 +591,19 @@ class _Files:
         for tensor in out.tensors:
             if tensor.scale_name:
                 self.file.write(struct.pack("<f", self.result.scales[tensor.name]))
+        left_out = self.result.lora_left_out
+        unwritten_names = unwritten(self.plan.factors, left_out)
         for constant in out.constants:
-            self.file.write(constant.data)
+            if constant.name not in unwritten_names:
+                self.file.write(constant.data)
+        header = self.file.unhashed
+        if left_out:
+            entries, own = as_written(out, self.plan.format, self.plan.factors, self.plan.lora_rank, left_out)
+            self.file.expected_size = header + sum(math.prod(shape) * ITEMSIZE[dtype] for _, dtype, shape in entries)
         self.result.files[out.name] = self.file.close()
         self.file = None
+        if left_out:
+            rewrite_header(self.folder / out.name, entries, {**self.metadata, **dict(out.metadata), **own}, header)
 
     def close(self) -> None:
         self._close_current()
@@ -607,7 +632,6 @@ class _Reader:
     def __init__(self, planned: dict[str, list[tuple[int, int]]]) -> None:
         self._planned = planned  # file -> the byte ranges the plan reads there
         self._files: dict[str, _InputFile] = {}
-        self._scales: dict[Scale, float] = {}
         self._lock = threading.Lock()
 
     def _file(self, path: str) -> "_InputFile":
@@ -641,22 +665,14 @@ class _Reader:
             while got < len(view):
                 n = os.preadv(f.fd, [view[got:]], offset + got)
                 if n == 0:
-                    raise SourceError(f"{path}: the file ended while reading '{what}': it was truncated or changed during the merge")
+                    raise SourceError(f"{path}: the file ended while reading '{cut(what)}': it was truncated or changed during the merge")
                 got += n
         except OSError as e:
-            raise SourceError(f"{path}: reading '{what}' failed: {e.strerror}") from None
+            raise SourceError(f"{path}: reading '{cut(what)}' failed: {e.strerror}") from None
         with self._lock:
             release = f.done(offset, offset + len(view))
         for begin, end in release:
             os.posix_fadvise(f.fd, begin, end - begin, os.POSIX_FADV_DONTNEED)
-
-    def scale(self, scale: Scale) -> float:
-        """The value of a scaled-fp8 tensor's scale (read once)."""
-        if scale not in self._scales:
-            raw = torch.empty(ITEMSIZE[scale.dtype], dtype=torch.uint8)
-            self._pread(scale.file, scale.begin, memoryview(raw.numpy()), scale.file_key)
-            self._scales[scale] = float(raw.view(DTYPES[scale.dtype])[0])
-        return self._scales[scale]
 
     def close(self) -> None:
         for f in self._files.values():
@@ -693,7 +709,7 @@ class _InputFile:
 
 def _planned_reads(plan: Plan) -> dict[str, list[tuple[int, int]]]:
     """Every byte range the plan reads, per file: the steps' inputs, their LoRAs' tensors, the bases of a
-    LoRA output's changed parts, and the scales of scaled-fp8 inputs."""
+    LoRA output's changed parts (a scaled-fp8 input's scale is in the plan, read when its source was opened)."""
     refs = [ref for step in plan.steps for ref in step.inputs]
     refs += [ref for step in plan.steps for patch in step.patches for ref in (patch.tensor, patch.down) if ref is not None]
     refs += [base for f in plan.factors for base, changed in zip(f.bases, f.changed) if changed]
@@ -701,8 +717,6 @@ def _planned_reads(plan: Plan) -> dict[str, list[tuple[int, int]]]:
     for ref in refs:
         for piece in ref.pieces:
             reads.setdefault(piece.file, []).append((piece.begin, piece.begin + piece.nbytes))
-        if ref.scale is not None:
-            reads.setdefault(ref.scale.file, []).append((ref.scale.begin, ref.scale.begin + ITEMSIZE[ref.scale.dtype]))
     return reads
 
 

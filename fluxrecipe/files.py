@@ -56,14 +56,26 @@ def os_errors() -> Iterator[None]:
         raise FileError(os_error_text(e)) from None
 
 
+NOT_REGULAR = "not a regular file (a FIFO, a device or a folder cannot be read as one)"
+
+
+def open_regular(path: Path | str) -> int:
+    """A file descriptor of `path` for reading, only if it is a regular file: a FIFO is opened without waiting
+    for a writer and refused, as a device or a folder is (an OSError naming the path)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, NOT_REGULAR, os.fspath(path))
+    os.set_blocking(fd, True)
+    return fd
+
+
 def read_small(path: Path | str, limit: int = MAX_SMALL_FILE) -> bytes:
     """The bytes of a regular file of at most `limit` bytes. A FIFO, a device or a folder under that name, or
     a larger file, is an OSError naming the path (a FIFO is opened without waiting for a writer)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    fd = open_regular(path)
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a folder cannot be read as one)", os.fspath(path))
         if info.st_size > limit:
             raise OSError(errno.EFBIG, f"{info.st_size} bytes, more than the {limit} such a file may have", os.fspath(path))
         chunks, size = [], 0

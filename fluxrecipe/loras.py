@@ -8,19 +8,22 @@ and a control LoRA's norm tensors replace the result. A key no LoRA changes is p
 
 Written as a LoRA (`format=lora`: kohya keys on BFL's modules with alpha; `format=lora_peft`: diffusers'
 keys and PEFT's config): every weight matrix whose result may differ from the base is a Factor, the whole
-difference of its rows to the base factored by a truncated SVD in the executor; the 1-D tensors (biases,
-norms), which a LoRA cannot hold, are Factors of rank 0: measured, listed, not written.
+difference of its rows to the base factored by a truncated SVD in the executor (a difference that turns
+out exactly 0 is left out of the file: it would be zeros); the 1-D tensors (biases, norms), which a LoRA
+cannot hold, are Factors of rank 0: measured, listed, not written.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import schedule
 from .errors import PlanError, SourceError
 from .families import Family
+from .files import NOT_REGULAR
 from .formats import bfl
 from .formats import lora as lora_format
 from .formats.layout import Constant, OutFile, OutTensor, Part, TensorRef, whole
@@ -28,6 +31,7 @@ from .formats.safetensors import TensorEntry, read_header
 from .recipe import LoraSpec
 from .sources import file_hash, local_path
 from .schedule import Blocks, Schedule
+from .text import cut
 
 LORA_FORMATS = {"lora": "kohya", "lora_peft": "diffusers"}  # output format -> the key scheme it writes
 LORA_DTYPES = ("BF16", "F16", "F32")
@@ -67,6 +71,8 @@ def open_lora(spec: LoraSpec) -> LoraFile:
             raise SourceError(f"{what}: {path}: no such file")
         elif path.suffix != ".safetensors":
             raise SourceError(f"{what}: {path} is not a .safetensors file")
+        elif not path.is_file():
+            raise SourceError(f"{what}: {path}: {NOT_REGULAR}")
         origin = {"path": str(path.resolve()), "content_hash": file_hash(path)}
         if spec.content_hash and spec.content_hash != origin["content_hash"]:
             raise SourceError(
@@ -200,7 +206,7 @@ def blocks_text(blocks: tuple[str, ...]) -> str:
 
 
 def _unmatched_text(unmatched: list[tuple[str, str]]) -> str:
-    shown = "; ".join(f"'{k}' ({why})" for k, why in unmatched[:SHOWN])
+    shown = "; ".join(f"'{cut(k)}' ({why})" for k, why in unmatched[:SHOWN])
     return shown + (f"; and {len(unmatched) - SHOWN} more" if len(unmatched) > SHOWN else "")
 
 
@@ -227,10 +233,22 @@ class Factor:
     rank: int
     down: str | None = None
     up: str | None = None
+    alpha: str | None = None  # format=lora: the name of its alpha
 
     @property
     def exact(self) -> bool:
         return min(self.shape) <= EXACT_SVD
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names of what it writes into the file."""
+        return tuple(n for n in (self.down, self.up, self.alpha) if n)
+
+
+def unwritten(factors: tuple[Factor, ...] | list[Factor], left_out: Collection[str]) -> set[str]:
+    """The tensor names a LoRA output leaves out of its file: those of the matrices (modules `left_out`) whose
+    difference to the base turned out to be exactly 0, which a LoRA would hold as zeros."""
+    return {name for f in factors if f.module in left_out for name in f.names}
 
 
 def lora_output(
@@ -261,18 +279,31 @@ def lora_output(
     largest = max(min(shape) for _, _, shape in matrices)
     if rank > largest:
         raise PlanError(f"lora_rank={rank} is larger than any matrix of this LoRA allows: the largest rank one can hold is {largest} ({len(matrices)} matrices)")
-    factors, tensors, constants, ranks = [], [], [], {}
+    factors, tensors, constants = [], [], []
     for module, parts, shape in matrices:
         r = min(rank, *shape)
         if output_format == "lora":
             down, up, alpha = lora_format.kohya_names(module)
             constants.append(Constant(alpha, "F32", (), struct.pack("<f", float(r))))
         else:
-            down, up = lora_format.peft_names(module)
-        ranks[module] = r
+            (down, up), alpha = lora_format.peft_names(module), None
         tensors += [OutTensor(down, dtype, (r, shape[1]), ()), OutTensor(up, dtype, (shape[0], r), ())]
-        factors.append(Factor(module, tuple(parts), tuple(bases[p.key] for p in parts), tuple(changed[p.key] for p in parts), shape, r, down, up))
+        factors.append(Factor(module, tuple(parts), tuple(bases[p.key] for p in parts), tuple(changed[p.key] for p in parts), shape, r, down, up, alpha))
     flat = [k for k, s in shapes.items() if len(s) != 2 and changed[k]]
     factors += [Factor(k, whole(k, shapes[k]), (bases[k],), (True,), shapes[k], 0) for k in flat]
-    metadata = (("lora_adapter_metadata", lora_format.peft_metadata(ranks, rank)),) if output_format == "lora_peft" else ()
-    return OutFile(file_name, tuple(tensors), tuple(constants), metadata), tuple(factors)
+    return OutFile(file_name, tuple(tensors), tuple(constants), _own_metadata(output_format, factors, rank, ())), tuple(factors)
+
+
+def as_written(out: OutFile, output_format: str, factors: tuple[Factor, ...], rank: int, left_out: Collection[str]) -> tuple[list[tuple[str, str, tuple[int, ...]]], dict[str, str]]:
+    """A LoRA output's file as written: its header's entries and its own metadata, less the matrices left out
+    (`left_out`: their difference to the base was exactly 0), which PEFT's config then does not name either
+    (diffusers warns of a config that names modules the file lacks)."""
+    return out.entries(without=unwritten(factors, left_out)), dict(_own_metadata(output_format, factors, rank, left_out))
+
+
+def _own_metadata(output_format: str, factors, rank: int, left_out: Collection[str]) -> tuple[tuple[str, str], ...]:
+    """format=lora_peft: PEFT's config (`lora_adapter_metadata`) of the matrices the file holds."""
+    if output_format != "lora_peft":
+        return ()
+    ranks = {f.module: f.rank for f in factors if f.rank and f.module not in left_out}
+    return (("lora_adapter_metadata", lora_format.peft_metadata(ranks, rank)),)

@@ -18,6 +18,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from typing import Any
 
+import regex
+
 from . import schedule
 from .architecture import config_fields, expected_parameters, mismatch
 from .errors import PlanError
@@ -26,9 +28,9 @@ from .formats import OUTPUT_FORMATS, bfl, diffusers
 from .formats.layout import Constant, OutFile, OutTensor, TensorRef
 from .formats.safetensors import ITEMSIZE
 from .loras import LORA_FORMATS, Factor, LoraFile, LoraSummary, Patch, lora_notes, lora_output, plan_patches
-from .recipe import DTYPES, MIXED, Recipe, Rule
+from .recipe import DTYPES, MATCH_SECONDS, MIXED, Recipe, Rule
 from .sources import Checkpoint
-from .text import printable, some_keys
+from .text import cut, printable, some_keys
 
 SHOWN = 6  # how many keys a message lists before it says "and N more"
 MAX_HINT = 200  # characters: a suggested rule longer than this would be no help (it would list the keys)
@@ -173,7 +175,7 @@ def make_plan(
         rule = next((r for r in recipe.rules if r.matches(key)), None)
         if rule is None:
             raise PlanError(
-                f"key '{key}' of base '{recipe.base}' matches no rule of recipe '{recipe.name}': "
+                f"key '{cut(key)}' of base '{recipe.base}' matches no rule of recipe '{recipe.name}': "
                 "every key needs one; end the rules with a catch-all {match: '.*', op: ...}"
             )
         decided[key] = rule
@@ -292,7 +294,7 @@ def _lora_file(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpo
         output_format, {s.key: s.shape for s in steps}, changed, checkpoints[base].tensors, rank,
         DTYPES[recipe.dtype][0], file_name, f"recipe '{recipe.name}' (format={output_format})", family,
     )
-    notes = []
+    notes = ["a matrix whose difference to the base turns out to be exactly 0 is left out of the file (the run counts them, as does the provenance's lora.left_out)"]
     clamped = [f.module for f in factors if 0 < f.rank < rank]
     if clamped:
         notes.append(f"lora_rank={rank}: {len(clamped)} matrices are smaller and are written at their full rank, exactly ({some_keys(clamped)})")
@@ -361,7 +363,74 @@ def _check_every_rule_used(recipe: Recipe, checkpoints: dict[str, Checkpoint], d
             hits = ", ".join(f"{count} of {n}" for n, count in elsewhere.items() if count)
             if hits:
                 why += f" (it matches {hits}; the output has only the base's keys)"
+            bfl_names = _in_bfl_names(rule, checkpoints[recipe.base])
+            if bfl_names:
+                raise PlanError(f"{rule.where} (match {rule.match!r}) decides no key: {why}; {bfl_names}")
         raise PlanError(f"{rule.where} (match {rule.match!r}) decides no key: {why}. A typo? If intended, mark the rule `optional: true`")
+
+
+def _in_bfl_names(rule: Rule, base: Checkpoint) -> str:
+    """What to tell a rule that matches no canonical key but matches the base's tensors under Black Forest Labs'
+    or ComfyUI's names: that rules match diffusers' names, the tensors it meant, and the rule in those names
+    (its regex with each BFL name written as diffusers', from bfl's table, if that means the same tensors;
+    else a regex of those tensors). "" when it matches no BFL name either."""
+    family = base.family
+    shapes = {k: t.shape for k, t in base.tensors.items()}
+    try:
+        tensors = bfl.out_tensors(shapes, dict.fromkeys(shapes, "F32"), "", family.bfl)
+    except PlanError:
+        return ""  # the base has tensors BFL's layout has no place for: no BFL names to compare with
+    hits = {}  # the BFL tensors the rule matches, in the first spelling it matches (BFL's, then ComfyUI's) -> their canonical keys
+    for t in tensors:
+        spelling = next((prefix + t.name for prefix in ("", *family.comfyui_prefixes) if rule.matches(prefix + t.name)), None)
+        if spelling:
+            hits[spelling] = {p.key for p in t.parts}
+    if not hits:
+        return ""
+    meant = set().union(*hits.values())
+    canonical = [k for k in base.tensors if k in meant]
+    others = [k for k in base.tensors if k not in meant]
+    names = sorted(bfl.spellings(family.bfl, family.comfyui_prefixes), key=lambda spelling: -len(spelling[0]))
+    translations = [_diffusers_spelling(rule.match, names, qualified) for qualified in (False, True)]
+    suggestion = next((t for t in translations if t is not None and _matches_exactly(t, canonical, others)), None) or _hint_pattern(canonical, others)
+    text = (
+        "rules match diffusers' names (the canonical keys), not Black Forest Labs' or ComfyUI's: it matches "
+        f"{len(hits)} tensors in those names ({some_keys(list(hits), 3)}), which are {some_keys(canonical, 3)} in diffusers' names"
+    )
+    if len(suggestion) > MAX_HINT:
+        return text + "; write the rule in those names"
+    return text + f"; in diffusers' names the rule reads {{match: '{suggestion}', op: '{rule.op}'}}"
+
+
+def _diffusers_spelling(pattern: str, names: list[tuple[str, tuple[str, ...], str]], qualified: bool) -> str | None:
+    """`pattern` with every BFL/ComfyUI name in it (a prefix, group or module, its dots written as `.` or `\\.`)
+    replaced by diffusers' (`names`: bfl.spellings, longest first; an alternation for a fused module's parts;
+    `qualified`: a block's module behind its group and any block number, for a pattern that names no group);
+    None if it holds none."""
+    dot = r"(?:\\\.|\.)"
+    found = re.compile("|".join(
+        r"((?<!\w)" + dot.join(re.escape(part) for part in name.split(".")) + (r"(?!\w))" if name[-1].isalnum() else ")") for name, _, _ in names
+    ))
+
+    def diffusers(m: re.Match) -> str:
+        _, targets, group = names[m.lastindex - 1]
+        escaped = [t.replace(".", "\\.") for t in targets]
+        text = escaped[0] if len(escaped) == 1 else "(?:" + "|".join(escaped) + ")"
+        if group:  # a block's module: behind its block's number in the pattern, or (qualified) behind any block's
+            return f"^{group}\\.\\d+\\.{text}" if qualified else text
+        return "^" + text if text else text  # a group or top-level module starts a canonical key (`proj_out` alone is also a block's)
+
+    translated = found.sub(diffusers, pattern)
+    return re.sub(r"\^{2,}", "^", translated) if translated != pattern else None
+
+
+def _matches_exactly(pattern: str, keys: list[str], others: list[str]) -> bool:
+    """Whether `pattern` matches every one of `keys` and none of `others` (within the recipe regexes' time bound)."""
+    try:
+        rx = regex.compile(pattern)
+        return all(rx.search(k, timeout=MATCH_SECONDS) for k in keys) and not any(rx.search(k, timeout=MATCH_SECONDS) for k in others)
+    except (regex.error, TimeoutError, RecursionError, OverflowError):
+        return False
 
 
 def _check_schedules(recipe: Recipe, decided: dict[str, Rule], blocks: schedule.Blocks) -> None:
@@ -392,7 +461,7 @@ def _inputs(rule: Rule, key: str, checkpoints: dict[str, Checkpoint], base: str,
                     f": a FLUX variant mismatch (base '{base}' is {a}, '{name}' is {b}); "
                     f"give '{key.rsplit('.', 1)[0]}' a rule of its own before this one, e.g. {{match: '^{re.escape(key.rsplit('.', 1)[0])}\\.', op: 'take:{base}'}}"
                 )
-            raise PlanError(f"{rule.where} ({rule.op}): '{key}' is {list(shape)} in base '{base}' but {list(loc.shape)} in '{name}' ({loc.file}){hint}")
+            raise PlanError(f"{rule.where} ({rule.op}): '{cut(key)}' is {list(shape)} in base '{base}' but {list(loc.shape)} in '{name}' ({loc.file}){hint}")
         inputs.append(loc)
     return tuple(inputs)
 
@@ -407,7 +476,7 @@ def _missing_input(rule: Rule, name: str, checkpoints: dict[str, Checkpoint], ba
     if shared * 2 < len(checkpoints[base].tensors):
         return (
             f"{where}: '{name}' holds {len(source.tensors)} tensors and shares only {shared} of the {len(checkpoints[base].tensors)} keys "
-            f"of base '{base}' (e.g. '{next(iter(source.tensors))}'): it is not a model of the base's kind (a LoRA, or another architecture?); "
+            f"of base '{base}' (e.g. '{cut(next(iter(source.tensors)))}'): it is not a model of the base's kind (a LoRA, or another architecture?); "
             "fluxrecipe merges whole FLUX transformers in the diffusers layout"
         )
     lacking_set = set(lacking)
@@ -463,7 +532,7 @@ def _check_fits_config(recipe: Recipe, config: dict[str, Any], steps: list[Step]
         problems.append(f"it holds {len(unexpected)} key(s) the config has no place for ({some_keys(unexpected)})")
     if wrong:
         k = wrong[0]
-        problems.append(f"{len(wrong)} key(s) have other shapes than the config implies ('{k}' is {list(have[k])}, the config says {list(expected[k])})")
+        problems.append(f"{len(wrong)} key(s) have other shapes than the config implies ('{cut(k)}' is {list(have[k])}, the config says {list(expected[k])})")
     hint = family.config_hint(missing, unexpected, config)
     raise PlanError(f"recipe '{recipe.name}': the output would not load as {config.get('_class_name')}: " + "; ".join(problems) + "." + hint)
 

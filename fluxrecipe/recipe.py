@@ -1,6 +1,11 @@
-"""The recipe: its typed schema and every check that needs no source file.
+"""The recipe loader: a recipe file read within bounds, its typed schema, and every check that needs no
+source file. The one module below the command layer that knows OmegaConf (a recipe's interpolations are
+OmegaConf's), which is why the reader, the schema and the checks stay one module of some 700 lines.
 
-A recipe arrives as an OmegaConf node composed by Hydra. It is checked twice over: first as written (no
+A recipe file from a stranger is read lazily and within bounds (load_recipe_file): a file that is too large,
+not UTF-8, not YAML, or whose YAML aliases would expand past a limit becomes a note of its error, so that
+choosing it gives that error in one line and choosing any other recipe is not affected. A recipe arrives as
+an OmegaConf node composed by Hydra (or as plain data, from the Python API). It is checked twice over: first as written (no
 interpolation may call a resolver, so a shared recipe cannot read the environment or run anything), then as
 resolved plain data: known fields and types, regexes that compile, ops that parse with arguments that fit,
 source names that exist, parameters that a rule uses. Errors name the recipe file and line where it can be
@@ -17,10 +22,12 @@ have no backtracking at all, but it lacks the lookarounds and backreferences tha
 from __future__ import annotations
 
 import difflib
+import io
 import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import regex
@@ -29,10 +36,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import schedule
-from .catalog import MAX_RECIPE_BYTES
 from .errors import RecipeError
+from .files import os_error_text, read_small
 from .formats import OUTPUT_FORMATS
-from .files import read_small
 from .ops import OPS, OpCall, parse_op
 from .ops.registry import check_values
 from .text import printable
@@ -53,9 +59,9 @@ MIXED = {"fp8_mixed": "bf16"}  # a mixed dtype -> the dtype of the tensors the f
 DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled, fp8_mixed"
 FORMATS = tuple(OUTPUT_FORMATS)
 RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format", "loras", "mix_families")
-# Recipe parameters the command line overrides one block of (`recipe.alpha.GROUP.7=V`), set by
-# __main__ for the recipe loader in this process and the sweep's job processes: numbers among them become
-# `{default: N}`, so that the block can be added to them.
+# Recipe parameters the command line overrides one block of (`recipe.alpha.GROUP.7=V`), set by the command
+# line (cli/arguments.py) for the recipe loader in this process and the sweep's job processes: numbers among
+# them become `{default: N}`, so that the block can be added to them.
 BLOCK_OVERRIDES_ENV = "FLUXRECIPE_BLOCK_OVERRIDES"
 RULE_FIELDS = ("match", "op", "sources", "optional", "dtype")
 SOURCE_FIELDS = ("repo", "revision", "subfolder", "path", "demo", "content_hash")
@@ -66,6 +72,8 @@ SAFE_INTERPOLATION = re.compile(r"\$\{(?:recipe\.|\.+)[A-Za-z_][\w.-]*\}")
 RELATIVE = re.compile(r"\$\{(\.+)")
 RECIPE_REFERENCE = re.compile(r"\$\{recipe\.([A-Za-z_][\w.-]*)\}")  # an interpolation of a recipe value, with its path
 REFERENCE = re.compile(r"\$\{(?:recipe\.|\.+)([A-Za-z_][\w-]*)")  # the recipe value an interpolation names first
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a megabyte is a thousand rules
+MAX_RECIPE_NODES = 20_000  # YAML values once aliases are expanded (a 300-byte alias bomb expands to billions)
 MATCH_SECONDS = 0.25  # the most one search of a rule's regex may take (a sane one takes microseconds on a key)
 MATCH_BUDGET_SECONDS = 5.0  # the most all the searches of one recipe's rules may take together (FLUX: 1,156 keys x its rules)
 MATCH_MEMORY = 1 << 17  # (regex, key) results remembered at most: a FLUX plan with 100 rules needs ~1e5
@@ -219,10 +227,69 @@ def addressable_schedules(data: dict) -> tuple[dict, list[str]]:
     return data, paths
 
 
-def load_recipe(node: DictConfig | dict, name: str, file: str | None = None) -> Recipe:
-    """Check and type a composed recipe node; raises RecipeError naming the fault."""
-    if isinstance(node, dict):
+def load_recipe_file(path: Path) -> DictConfig:
+    """A recipe file as a config node (Hydra's recipe group loads it so), or a node holding only
+    `__load_error__` (load_recipe raises it): a file from a stranger, read within bounds."""
+    try:
+        text = read_small(path, MAX_RECIPE_BYTES).decode("utf-8")
+    except OSError as e:
+        return _error_node(f"cannot read it: {os_error_text(e)}")
+    except UnicodeDecodeError as e:
+        return _error_node(f"not a valid YAML file: not utf-8 text ({e})")
+    try:
+        nodes = _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader))
+        if nodes > MAX_RECIPE_NODES:
+            return _error_node(f"its YAML expands to more than {MAX_RECIPE_NODES} values (anchors and aliases?): a recipe is far smaller")
+        node = OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as e:
+        return _error_node(f"not a valid YAML file: {e}")
+    except RecursionError:
+        return _error_node("not a valid YAML file: nested too deeply")
+    except Exception as e:  # noqa: BLE001 - whatever OmegaConf refuses (a key that is not text, ...) is the file's fault
+        return _error_node(f"not a valid recipe file: {type(e).__name__}: {e}")
+    if isinstance(node, DictConfig):  # schedules as Hydra can override one block of (addressable_schedules)
+        node, schedules = addressable_schedules(schedule.string_keys(OmegaConf.to_container(node, resolve=False)))
         node = OmegaConf.create(node)
+        for path in schedules:  # a block a schedule does not name yet may be set without `+`
+            OmegaConf.set_struct(OmegaConf.select(node, path), False)
+    if isinstance(node, DictConfig) and "defaults" in node:
+        # Hydra would act on it: pull other configs in at any package (`/recipe@_global_: x` puts a file's
+        # `hydra.callbacks` at the top, and Hydra instantiates those), so a recipe could run code.
+        return _error_node("a recipe may not have a `defaults` list (Hydra would compose other configs from it); remove it")
+    return node
+
+
+def _expanded_size(root: yaml.Node | None) -> int:
+    """How many values the YAML tree holds once every alias is expanded; stops counting past the limit (so a
+    recursive alias is caught too)."""
+    count, stack = 0, [root] if root is not None else []
+    while stack and count <= MAX_RECIPE_NODES:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(v for pair in node.value for v in pair)
+    return count
+
+
+def _error_node(message: str) -> DictConfig:
+    return OmegaConf.create({"__load_error__": message.replace("${", "$ {")})
+
+
+def read_recipe_file(path: Path) -> dict:
+    """A recipe file's values as plain data (interpolations kept), read within bounds; RecipeError otherwise."""
+    node = load_recipe_file(path)
+    if "__load_error__" in node:
+        raise RecipeError(f"{path}: {node['__load_error__']}")
+    return OmegaConf.to_container(node, resolve=False)
+
+
+def load_recipe(node: DictConfig | dict, name: str, file: str | None = None) -> Recipe:
+    """Check and type a composed recipe node (or the same values as plain data, their ${recipe.NAME}
+    references among themselves); raises RecipeError naming the fault."""
+    if isinstance(node, dict):
+        node = OmegaConf.create({"recipe": node}).recipe
     here = _Locator(name, file)
     raw = OmegaConf.to_container(node, resolve=False)
     if not isinstance(raw, dict):
@@ -376,6 +443,11 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
     rules = tuple(_rule(i, r, w, sources, here, budget) for i, (r, w) in enumerate(zip(rules_data, written_rules)))
     loras = _loras(data.get("loras"), here)
     _refuse_unused_parameters(params, written, here)
+    if "dtype" in data and all(rule.dtype is not None for rule in rules):
+        raise RecipeError(
+            f"{here.at(('dtype',))}: dtype {data['dtype']} changes nothing: every rule sets its own dtype; set the dtype of the "
+            f"rules it should apply to instead (e.g. recipe.rules.{len(rules) - 1}.dtype={data['dtype']})"
+        )
 
     return Recipe(
         name=here.name,
@@ -486,6 +558,11 @@ def _loras(value: Any, here: "_Locator") -> dict[str, LoraSpec]:
             raise RecipeError(f"{where}: LoRA {name!r} gives both path and repo: give one")
         if spec.get("repo") is not None and spec.get("file") is None:
             raise RecipeError(f"{where}: LoRA {name!r} names repo {spec['repo']!r} but no file: give the .safetensors file in it (file: NAME.safetensors)")
+        if spec.get("file") is not None and not _inside_repo(spec["file"]):
+            raise RecipeError(
+                f"{here.at(('loras', name, 'file'))}: file of LoRA {name!r} must be a path inside the repo (relative, '/' between folders, "
+                f"no '..'), e.g. file: lora.safetensors, got {printable(spec['file'])!r}"
+            )
         if spec.get("path") is not None and (spec.get("file") is not None or spec.get("revision") is not None):
             raise RecipeError(f"{where}: LoRA {name!r}: file and revision go with repo, not with path")
         try:
@@ -500,6 +577,13 @@ def _loras(value: Any, here: "_Locator") -> dict[str, LoraSpec]:
             os.path.dirname(here.file) if here.file else None, spec.get("content_hash"),
         )
     return specs
+
+
+def _inside_repo(file: str) -> bool:
+    """A file name of a hub repo: relative, '/'-separated, no '..' (huggingface_hub refuses the rest with a
+    ValueError deep in a download; the recipe's line says it first)."""
+    parts = file.split("/")
+    return not ("\\" in file or file.startswith("/") or re.match(r"[A-Za-z]:", file) or any(p in ("", ".", "..") for p in parts))
 
 
 def _rule(index: int, value: Any, written: Any, sources: dict[str, SourceSpec], here: "_Locator", budget: MatchBudget) -> Rule:

@@ -6,12 +6,13 @@ A recipe gives any numeric op parameter (or a recipe parameter an op uses) as
   one group after another, or beside the one before it: families/base.Group), the numbers spread evenly over
   them and interpolated linearly; the keys before the blocks (the embedders) take the first number, those
   after them (the final layer) the last;
-- a mapping from block names (each family's own, families/: for FLUX.1, ComfyUI ModelMergeFlux1's), the
-  groups, and default, to numbers or lists: the most specific name wins (a block over its group over
-  default), a list under a group is a gradient over that group (under default, over all blocks), and a
-  mapping without default must name every block of the keys it decides. A group may also hold a mapping of
-  block numbers, `{GROUP: {7: 0.5}}`, the same as `{GROUP.7: 0.5}`: that is how Hydra addresses
-  `recipe.alpha.GROUP.7` on the command line (a dotted name nests the same way).
+- a mapping from block names (each family's own, families/: for FLUX.1, ComfyUI ModelMergeFlux1's), ranges of
+  blocks (GROUP.0-9, both ends included), the groups, and default, to numbers or lists: the most specific
+  name wins (a block over the narrowest range holding it over its group over default; two overlapping ranges
+  of one width are refused), a list under a group or a range is a gradient over it (under default, over all
+  blocks), and a mapping without default must name every block of the keys it decides. A group may also hold
+  a mapping of block numbers or ranges, `{GROUP: {7: 0.5}}`, the same as `{GROUP.7: 0.5}`: that is how Hydra
+  addresses `recipe.alpha.GROUP.7` on the command line (a dotted name nests the same way).
 
 Block names are the same in every layout (canonical keys are diffusers' names; the family's block_of maps
 them). `parse` checks what needs no model (at recipe time: a name of any family's vocabulary); `check_against`
@@ -31,11 +32,13 @@ from typing import Any
 
 from . import families
 from .families import Family
+from .text import cut
 
 TOP, GROUPS, FINAL = families.vocabulary()  # every family's block names: a recipe is read before its model is known
 DEFAULT = "default"
 NAMES = (DEFAULT, *TOP, *GROUPS, *FINAL)  # the vocabulary, besides GROUP.N
 INDEXED = re.compile(rf"({'|'.join(map(re.escape, GROUPS))})\.(\d+)")
+RANGE = re.compile(rf"({'|'.join(map(re.escape, GROUPS))})\.(\d+)-(\d+)")  # double_blocks.0-9: blocks 0 to 9, both included
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,10 @@ class Schedule:
         if block in entries:
             return entries[block]
         m = INDEXED.fullmatch(block or "")
+        ranges = [(int(r[3]) - int(r[2]), int(r[2]), name) for name in entries if (r := RANGE.fullmatch(name)) and m and r[1] == m[1] and int(r[2]) <= int(m[2]) <= int(r[3])]
+        if ranges:  # the narrowest range holding the block (parse refuses two as wide that overlap)
+            width, first, name = min(ranges)
+            return _along(entries[name], int(m[2]) - first, width + 1)
         if m and m[1] in entries:
             return _along(entries[m[1]], int(m[2]), blocks.count(m[1]))
         if DEFAULT in entries:
@@ -154,6 +161,7 @@ def parse(value: Any) -> float | Schedule:
             _add(str(name), item, entries)
         if not entries:
             raise ValueError("an empty mapping gives no value to any block")
+        _check_ranges(entries)
         order = {name: i for i, name in enumerate(NAMES)}
         return Schedule(tuple(sorted(entries.items(), key=lambda e: _rank(e[0], order))))
     raise ValueError(f"must be a number, a list of numbers (a gradient over the blocks) or a mapping of block names to numbers, got {value!r}")
@@ -177,26 +185,39 @@ def _add(name: str, item: Any, entries: dict[str, Any]) -> None:
             if str(index) == DEFAULT:
                 _add(name, number, entries)
                 continue
-            if not re.fullmatch(r"\d+", str(index)):
-                raise ValueError(f"under '{name}', name blocks by their number ({name}: {{default: ..., 0: ..., 7: ...}}), got {str(index)!r}")
+            if not re.fullmatch(r"\d+(-\d+)?", str(index)):
+                raise ValueError(f"under '{name}', name blocks by their number or a range of them ({name}: {{default: ..., 0: ..., 7: ..., 10-18: ...}}), got {str(index)!r}")
             _add(f"{name}.{index}", number, entries)
         return
-    m = INDEXED.fullmatch(name)
+    m, span = INDEXED.fullmatch(name), RANGE.fullmatch(name)
     if m:
         name = f"{m[1]}.{int(m[2])}"
+    elif span:
+        if int(span[2]) > int(span[3]):
+            raise ValueError(f"'{name}': a range runs from the lower block to the higher ({span[1]}.{int(span[3])}-{int(span[2])})")
+        name = f"{span[1]}.{int(span[2])}-{int(span[3])}"
     elif name not in NAMES:
         indexed = ", ".join(f"{g}.N" for g in GROUPS)
         raise ValueError(f"{name!r} is not a FLUX block name{_suggestion(name)} (names: {', '.join(NAMES[1:])}, {indexed}, default)")
     if name in entries:
         raise ValueError(f"'{name}' is given twice")
     if isinstance(item, (list, tuple)):
-        if name not in GROUPS and name != DEFAULT:
-            raise ValueError(f"'{name}' is one block: give it a number (a list is a gradient over {', '.join(GROUPS)} or default)")
+        if name not in GROUPS and name != DEFAULT and not span:
+            raise ValueError(f"'{name}' is one block: give it a number (a list is a gradient over {', '.join(GROUPS)}, a range of blocks or default)")
         entries[name] = _gradient(item, f"the list under '{name}'")
     elif is_number(item):
         entries[name] = float(item)
     else:
         raise ValueError(f"'{name}' must be a number" + (" or a list of numbers" if name in GROUPS or name == DEFAULT else "") + f", got {item!r}")
+
+
+def _check_ranges(entries: dict[str, Any]) -> None:
+    """Two ranges of one group that overlap must differ in width: the narrower one decides the blocks they share."""
+    spans = [(name, m[1], int(m[2]), int(m[3])) for name in entries if (m := RANGE.fullmatch(name))]
+    for i, (a, group, first, last) in enumerate(spans):
+        for b, other, start, stop in spans[i + 1:]:
+            if group == other and first <= stop and start <= last and last - first == stop - start:
+                raise ValueError(f"'{a}' and '{b}' overlap and are as wide, so neither is more specific: name the blocks they share")
 
 
 def _gradient(items: list | tuple, what: str) -> tuple[float, ...]:
@@ -213,9 +234,11 @@ def _suggestion(name: str) -> str:
     return f" (did you mean '{close[0]}{dot}{index}'?)" if close else ""
 
 
-def _rank(name: str, order: dict[str, int]) -> tuple[int, int]:
-    m = INDEXED.fullmatch(name)
-    return (order[m[1]], int(m[2]) + 1) if m else (order[name], 0)
+def _rank(name: str, order: dict[str, int]) -> tuple[int, int, int]:
+    m, span = INDEXED.fullmatch(name), RANGE.fullmatch(name)
+    if span:
+        return order[span[1]], int(span[2]) + 1, int(span[3]) + 1
+    return (order[m[1]], int(m[2]) + 1, int(m[2]) + 1) if m else (order[name], 0, 0)
 
 
 def is_number(v: Any) -> bool:
@@ -277,8 +300,8 @@ def check_against(value: Any, keys: Iterable[str], blocks: Blocks) -> None:
     family = blocks.family
     known = (*family.top_blocks, *family.groups, *family.final_blocks)
     for name, _ in value.entries:
-        m = INDEXED.fullmatch(name)
-        if m and m[1] in family.groups and int(m[2]) >= blocks.count(m[1]):
+        m = INDEXED.fullmatch(name) or RANGE.fullmatch(name)
+        if m and m[1] in family.groups and int(m[m.lastindex]) >= blocks.count(m[1]):
             have = f"{m[1]}.0..{blocks.count(m[1]) - 1}" if blocks.count(m[1]) else f"no {m[1]}"
             raise ValueError(f"names {name}, but the model has {have}")
         if name != DEFAULT and (m[1] if m else name) not in known:
@@ -294,7 +317,7 @@ def check_against(value: Any, keys: Iterable[str], blocks: Blocks) -> None:
     if missing:
         missing = dict(sorted(missing.items(), key=lambda item: family.block_order(item[0])))
         shown = ", ".join(list(missing)[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ValueError(f"gives no value for {shown} (e.g. key '{next(iter(missing.values()))}'): name them, or add a default")
+        raise ValueError(f"gives no value for {shown} (e.g. key '{cut(next(iter(missing.values())))}'): name them, or add a default")
 
 
 def value_for(value: float | Schedule, key: str, blocks: Blocks) -> float:

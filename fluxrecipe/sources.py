@@ -22,11 +22,12 @@ import xxhash
 from . import families
 from .errors import SourceError
 from .families import Family, ShapeError
-from .files import os_error_text, read_small
+from .files import open_regular, os_error_text, read_small
 from .formats import Recognised, diffusers, recognise
 from .formats.layout import TensorRef
 from .formats.safetensors import Header, TensorEntry, read_header
 from .recipe import SourceSpec
+from .text import cut
 
 REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 
@@ -120,7 +121,7 @@ def file_hash(path: Path) -> str:
     pages read are let go as it goes: two rank-64 LoRAs would otherwise hold 1.2 GB of page cache."""
     digest = xxhash.xxh3_128()
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             done = 0
             while block := f.read(16 << 20):
                 digest.update(block)
@@ -169,9 +170,9 @@ def _index(name: str, location: Path, origin: dict[str, str], remote: dict[Path,
         for key in header.entries if wanted is None else wanted:
             entry = header.entries.get(key)
             if entry is None:
-                raise SourceError(f"source '{name}': the index says '{key}' is in {path}, which does not hold it")
+                raise SourceError(f"source '{name}': the index says '{cut(key)}' is in {path}, which does not hold it")
             if key in entries:
-                raise SourceError(f"source '{name}': key '{key}' is in both {entries[key].file} and {path}")
+                raise SourceError(f"source '{name}': key '{cut(key)}' is in both {entries[key].file} and {path}")
             entries[key] = entry
     if not entries:
         raise SourceError(f"source '{name}': {location} holds no tensors")
@@ -182,9 +183,10 @@ def _index(name: str, location: Path, origin: dict[str, str], remote: dict[Path,
     if said and said is not found.family:
         raise SourceError(f"source '{name}': {folder / 'config.json'} says {said.class_name} ({said.name}), but its tensors are {found.family.name}'s: the config belongs to another model")
     derived = config is None and (location.is_file() or found.layout != "diffusers")  # a folder needs its config.json
-    notes: tuple[str, ...] = ()
+    notes = tuple(found.notes)
     if derived:
-        config, notes = _derived_config(name, location, found)
+        config, derived_notes = _derived_config(name, location, found)
+        notes += derived_notes
     return Checkpoint(
         name=name, folder=str(folder), tensors=ordered, config=config, origin=origin, layout=found.layout,
         config_derived=derived, ignored=found.ignored, notes=notes, scaled=found.scaled, location=str(location),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+MAX_NAME = 200  # characters of a stranger's name (a tensor key, a module) that a message quotes
 # what starts Markdown or HTML anywhere in a line (an underscore only at a word's edge), and at its start
 MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]<>|~]|(?<!\w)_|_(?!\w))")
 MARKDOWN_LINE_START = re.compile(r"^(?:([#=+-])|(\d+)([.)]))")
@@ -24,8 +25,12 @@ def printable(text: str) -> str:
 
 def markdown_text(text: str) -> str:
     """Printable text that Markdown shows as it is (no emphasis, heading, list, link, HTML or table cell break)."""
-    text = MARKDOWN_SPECIAL.sub(r"\\\1", printable(text))
-    return MARKDOWN_LINE_START.sub(lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", text)
+    return MARKDOWN_LINE_START.sub(lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", markdown_cell(text))
+
+
+def markdown_cell(text: str) -> str:
+    """Printable text that Markdown shows as it is inside a table cell, where no line starts."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", printable(text))
 
 
 def markdown_code(text: str) -> str:
@@ -37,9 +42,18 @@ def markdown_code(text: str) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
+def cut(name: str, limit: int = MAX_NAME) -> str:
+    """A name from a file or a recipe as a message quotes it: cut in the middle past `limit` characters, both
+    ends kept (where names differ), so that a key of a megabyte makes one short line, not a megabyte."""
+    if len(name) <= limit:
+        return name
+    half = limit // 2
+    return f"{name[:half]}...({len(name) - 2 * half} characters)...{name[-half:]}"
+
+
 def some_keys(keys: list[str], shown: int = 6) -> str:
-    """The first `shown` keys, quoted, and how many more: a message names keys without listing thousands."""
-    listed = ", ".join(f"'{k}'" for k in keys[:shown])
+    """The first `shown` keys, quoted (each cut), and how many more: a message names keys without listing thousands."""
+    listed = ", ".join(f"'{cut(k)}'" for k in keys[:shown])
     return listed + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 

@@ -1,4 +1,4 @@
-"""`python -m fluxrecipe verify FOLDER`: check a model folder before trusting it.
+"""What `fluxrecipe verify FOLDER` checks (cli/commands.py prints it): a model folder, before trusting it.
 
 Every problem is one line naming the file (and the key) at fault; the exit status is 0 when there is none, 1
 otherwise. What is checked:
@@ -18,23 +18,21 @@ otherwise. What is checked:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import FluxRecipeError
-from .files import os_errors, read_small
+from .files import read_small
 from .formats.diffusers import INDEX_NAME, WEIGHTS_NAME as DIFFUSERS_WEIGHTS
 from .formats.lora import module_problems
 from .formats.safetensors import ITEMSIZE, Header, read_header
 from .plan import SHOWN, some_keys
-from .text import counted, printable
+from .text import cut
 from .package import RECIPE_NAME
 from .writer import MANIFEST_NAME
 
@@ -66,36 +64,6 @@ class Report:
 
     def add(self, path: Path | str, text: str) -> None:
         self.problems.append(f"{path}: {text}")
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fluxrecipe verify",
-        description="Check a merged model folder against its manifest (sizes, sha256), its index, its safetensors headers and its config.json.",
-    )
-    parser.add_argument("folder", help="the output of a merge: a folder (or a pipeline folder holding transformer/), or a single .safetensors file")
-    parser.add_argument("--no-hash", action="store_true", help="compare sizes only, do not read the data for sha256")
-    args = parser.parse_args(argv)
-    with os_errors():
-        if Path(args.folder).expanduser().is_file():
-            return _report_file(verify_file(Path(args.folder).expanduser(), hash_data=not args.no_hash), hashed=not args.no_hash)
-        report = verify_folder(Path(args.folder), hash_files=not args.no_hash)
-    if report.problems:
-        for problem in report.problems:
-            print(f"fluxrecipe verify: {printable(problem)}", file=sys.stderr)
-        if report.folder.is_dir():  # else the one problem says what it is
-            print(f"fluxrecipe verify: {printable(str(report.folder))}: {counted(len(report.problems), 'problem')}: do not use this folder as it is", file=sys.stderr)
-        return 1
-    hashed = "sizes and sha256" if not args.no_hash else "sizes (sha256 not checked)"
-    files = f"{report.files} files match the manifest ({hashed})" if report.manifest else "no fluxrecipe manifest (not a fluxrecipe output): sizes and sha256 not checked"
-    values = "; their values are finite" if not args.no_hash else "; values not read"
-    print(
-        printable(
-            f"{report.folder}: ok: {files}; {report.tensors} tensors in {report.shards} shard(s) "
-            f"match the index, their headers and config.json ({report.model}){values}"
-        )
-    )
-    return 0
 
 
 def verify_folder(folder: Path, hash_files: bool = True) -> Report:
@@ -142,7 +110,7 @@ def _check_manifest(folder: Path, report: Report, hash_files: bool) -> None:
         return
     for name, record in listed.items():
         if not _plain_name(name):
-            report.add(path, f"lists {name!r}, which is not a file name in this folder")
+            report.add(path, f"lists {cut(name)!r}, which is not a file name in this folder")
             continue
         file = folder / name
         if not file.is_file():
@@ -166,8 +134,11 @@ def _check_manifest(folder: Path, report: Report, hash_files: bool) -> None:
 def _json_field(path: Path, field: str, value_type: type, report: Report, what: str) -> dict | None:
     """The mapping `field` of JSON file `path`, its values all of `value_type`; else None, the problem reported."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))[field]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        value = json.loads(read_small(path))[field]
+    except OSError as e:
+        report.add(path, e.strerror or str(e))
+        return None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         report.add(path, f"not a valid {what.split(':')[0]} ({type(e).__name__}: {e})")
         return None
     if not isinstance(value, dict) or not all(isinstance(v, value_type) for v in value.values()):
@@ -187,7 +158,7 @@ def _read_checked(path: Path, report: Report, header: Header | None = None) -> s
     digest, nonfinite = _read(path, header)
     report.digests[path.name] = digest
     for key, count in nonfinite.items():
-        report.add(path, f"tensor '{key}' holds {count} NaN/Inf value(s): the model would compute NaN")
+        report.add(path, f"tensor '{cut(key)}' holds {count} NaN/Inf value(s): the model would compute NaN")
     return digest
 
 
@@ -240,7 +211,7 @@ def _check_shards(folder: Path, report: Report, read_values: bool) -> dict[str, 
     for shard, wanted in assigned.items():
         path = folder / shard
         if not path.is_file():
-            report.add(index, f"names shard '{shard}' (for {some_keys(wanted)}), which does not exist")
+            report.add(index, f"names shard '{cut(shard)}' (for {some_keys(wanted)}), which does not exist")
             readable = False
             continue
         try:
@@ -255,12 +226,12 @@ def _check_shards(folder: Path, report: Report, read_values: bool) -> dict[str, 
             _read_checked(path, report, header)
         for key in wanted:
             if key not in header.entries:
-                report.add(path, f"lacks '{key}', which the index assigns to it")
+                report.add(path, f"lacks '{cut(key)}', which the index assigns to it")
                 readable = False
         for key, entry in header.entries.items():
             if owner.get(key) != shard:
-                elsewhere = f"the index assigns it to '{owner[key]}'" if key in owner else "the index does not list it"
-                report.add(path, f"holds '{key}', but {elsewhere}")
+                elsewhere = f"the index assigns it to '{cut(owner[key])}'" if key in owner else "the index does not list it"
+                report.add(path, f"holds '{cut(key)}', but {elsewhere}")
                 continue
             keys[key] = entry.shape
             total += entry.nbytes
@@ -277,7 +248,7 @@ def _weight_map(folder: Path, report: Report) -> dict[str, list[str]] | None:
     """Shard file name -> the keys the index assigns to it (a lone unindexed file: all of its keys)."""
     index = folder / INDEX_NAME
     shards = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
-    if not index.is_file():
+    if not index.exists():
         if shards == [DIFFUSERS_WEIGHTS]:
             try:
                 return {DIFFUSERS_WEIGHTS: list(read_header(str(folder / DIFFUSERS_WEIGHTS)).entries)}
@@ -292,7 +263,7 @@ def _weight_map(folder: Path, report: Report) -> dict[str, list[str]] | None:
     assigned: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
         if not _plain_name(shard):
-            report.add(index, f"names shard {shard!r} for '{key}', which is not a file name in this folder")
+            report.add(index, f"names shard {cut(shard)!r} for '{cut(key)}', which is not a file name in this folder")
             return None
         assigned.setdefault(shard, []).append(key)
     for shard in shards:
@@ -303,7 +274,7 @@ def _weight_map(folder: Path, report: Report) -> dict[str, list[str]] | None:
 
 def _total_size(index: Path) -> object:
     try:
-        return json.loads(index.read_text(encoding="utf-8")).get("metadata", {}).get("total_size")
+        return json.loads(read_small(index)).get("metadata", {}).get("total_size")
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
@@ -313,7 +284,7 @@ def _check_layout(header: Header, report: Report | FileReport) -> None:
     position = header.data_start
     for entry in sorted(header.entries.values(), key=lambda e: (e.begin, e.nbytes)):
         if entry.begin != position:
-            report.add(header.path, f"tensor '{entry.name}' starts at byte {entry.begin}, {entry.begin - position} bytes after the previous one ends: a gap in the data")
+            report.add(header.path, f"tensor '{cut(entry.name)}' starts at byte {entry.begin}, {entry.begin - position} bytes after the previous one ends: a gap in the data")
         position = entry.begin + entry.nbytes
     if position != header.size:
         report.add(header.path, f"{header.size - position} bytes follow the last tensor's data: the file is not what its header describes")
@@ -324,13 +295,16 @@ def _check_config(folder: Path, keys: dict[str, tuple[int, ...]], report: Report
 
     path = folder / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(read_small(path))
         if not isinstance(config, dict):
             raise TypeError("not a JSON object")
     except FileNotFoundError:
         report.add(path, "missing: diffusers cannot load the folder without it")
         return
-    except (OSError, ValueError, TypeError, RecursionError) as e:
+    except OSError as e:
+        report.add(path, e.strerror or str(e))
+        return
+    except (ValueError, TypeError, RecursionError) as e:
         report.add(path, f"not a valid config ({type(e).__name__}: {e})")
         return
     try:
@@ -346,7 +320,7 @@ def _check_config(folder: Path, keys: dict[str, tuple[int, ...]], report: Report
     if unexpected:
         report.add(path, f"{report.model} has no place for {len(unexpected)} key(s) the shards hold ({some_keys(unexpected)})")
     for k in wrong[:SHOWN]:
-        report.add(path, f"'{k}' is {list(keys[k])} in the shards, {report.model} needs {list(expected[k])}")
+        report.add(path, f"'{cut(k)}' is {list(keys[k])} in the shards, {report.model} needs {list(expected[k])}")
     if len(wrong) > SHOWN:
         report.add(path, f"and {len(wrong) - SHOWN} more key(s) of the wrong shape")
 
@@ -414,18 +388,6 @@ def _check_data(path: Path, header, report: FileReport, hash_data: bool) -> None
     elif hash_data:
         digest, nonfinite = _read(path, header, header.data_start)
         for key, count in nonfinite.items():
-            report.add(path, f"tensor '{key}' holds {count} NaN/Inf value(s): the model would compute NaN")
+            report.add(path, f"tensor '{cut(key)}' holds {count} NaN/Inf value(s): the model would compute NaN")
         if digest != recorded:
             report.add(path, f"the sha256 of its data is {digest}, its metadata says {recorded}: the file changed after the merge")
-
-
-def _report_file(report: FileReport, hashed: bool) -> int:
-    if report.problems:
-        for problem in report.problems:
-            print(f"fluxrecipe verify: {printable(problem)}", file=sys.stderr)
-        print(f"fluxrecipe verify: {printable(str(report.path))}: {counted(len(report.problems), 'problem')}: do not use this file as it is", file=sys.stderr)
-        return 1
-    what = "its data matches the sha256 in its metadata and its values are finite" if hashed else "sha256 and values not checked"
-    kind = "a LoRA" if report.layout == "lora" else f"a whole {report.family} transformer in {report.layout} layout"
-    print(printable(f"{report.path}: ok: {report.tensors} tensors, {kind}; {what}"))
-    return 0

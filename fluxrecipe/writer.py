@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import FluxRecipeError, OutputError
-from .files import name_max, read_small
+from .files import name_max, os_errors, read_small
+from .text import counted, some_keys
+from .formats import is_transformer
 from .formats.safetensors import encode_header, read_header
 from .linux import SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, sync_file_range
 
@@ -29,6 +32,7 @@ FLUSH_WINDOW = 16 << 20  # bytes: writeback is started per window and awaited on
 # The page cache holds file data in folios of up to 2 MiB, and POSIX_FADV_DONTNEED keeps any folio its range
 # only partly covers: ranges given to it are rounded to this, or about half of what they cover stays cached.
 RELEASE_ALIGN = 2 << 20
+WRITTEN_BY = "fluxrecipe.version"  # the metadata every file fluxrecipe writes carries (package.file_metadata)
 TEMPORARY_SUFFIXES = (".fluxrecipe-partial", ".fluxrecipe-previous", ".fluxrecipe-lock")  # beside an output, while it is made
 
 
@@ -190,6 +194,8 @@ def check_target(target: Path, overwrite: bool, single_file: bool = False, dry_r
         return
     if not overwrite:
         raise OutputError(f"{target} already exists: choose another output=..., or pass overwrite=true to replace it")
+    if not target.is_file() and not target.is_dir():
+        raise OutputError(f"{target} exists and is not a file ({_special_kind(target)}): overwrite=true replaces only a model file or folder, never other things")
     if single_file:
         _check_model_file(target)
         return
@@ -199,6 +205,13 @@ def check_target(target: Path, overwrite: bool, single_file: bool = False, dry_r
             f"{target} exists and is not a model folder: overwrite=true replaces only a model folder, never other files ({reason}; "
             f"a model folder is one fluxrecipe wrote, its {MANIFEST_NAME} listing every file, or one of diffusers model files only)"
         )
+
+
+def _special_kind(path: Path) -> str:
+    """What a path that is neither a file nor a folder is, in words."""
+    mode = os.stat(path).st_mode
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def _users_place(target: Path) -> str | None:
@@ -252,10 +265,17 @@ def _is_model_file(path: Path) -> bool:
 
 
 def _check_model_file(target: Path) -> None:
+    """A single-file output replaces only a file fluxrecipe wrote (its metadata says so) or a transformer of a
+    family it knows: never a user's LoRA, another kind of model, or a file whose header merely parses."""
+    refused = "overwrite=true replaces only a model file (one fluxrecipe wrote, or a FLUX transformer), never other files"
     try:
-        read_header(str(target))
+        header = read_header(str(target))
     except FluxRecipeError:
-        raise OutputError(f"{target} exists and is not a safetensors model: overwrite=true replaces only a model file, never other files") from None
+        raise OutputError(f"{target} exists and is not a safetensors model: {refused}") from None
+    if WRITTEN_BY in header.metadata or is_transformer(str(target), header.entries, header.metadata):
+        return
+    held = f"{counted(len(header.entries), 'tensor')} ({some_keys(list(header.entries), 3)})" if header.entries else "no tensors"
+    raise OutputError(f"{target} exists and is a safetensors file of {held} that is neither a FLUX transformer nor a file fluxrecipe wrote: {refused}")
 
 
 @contextmanager
@@ -274,14 +294,15 @@ def atomic_output(target: Path, overwrite: bool, file_name: str | None = None) -
         raise OutputError(f"{target.parent}: cannot create the output's parent folder: {e.strerror}") from None
     with _lock(target):
         tmp, previous = partial_name(target), _previous_name(target)
-        if previous.exists() or previous.is_symlink():
-            if target.exists() or target.is_symlink():
-                _remove(previous)
-            else:
-                previous.rename(target)
-        _remove(tmp)
-        check_target(target, overwrite, single_file=file_name is not None)
-        tmp.mkdir()
+        with os_errors():  # a folder the OS refuses to write in: one line naming the path
+            if previous.exists() or previous.is_symlink():
+                if target.exists() or target.is_symlink():
+                    _remove(previous)
+                else:
+                    previous.rename(target)
+            _remove(tmp)
+            check_target(target, overwrite, single_file=file_name is not None)
+            tmp.mkdir()
         try:
             yield tmp
             made = tmp / file_name if file_name else tmp
@@ -310,7 +331,8 @@ def _remove(path: Path) -> None:
 def _lock(target: Path) -> Iterator[None]:
     path = _lock_name(target)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with os_errors():  # a read-only folder refuses the lock file first
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

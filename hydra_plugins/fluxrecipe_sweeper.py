@@ -1,9 +1,10 @@
-"""fluxrecipe's Hydra sweeper: Hydra's basic sweeper behind a pre-flight (fluxrecipe/preflight.py).
+"""fluxrecipe's Hydra sweeper: Hydra's basic sweeper behind a pre-flight (fluxrecipe/cli/multirun.py).
 
 Hydra instantiates plugins only from the `hydra_plugins` namespace package, so the class lives here;
 conf/config.yaml selects it as `hydra.sweeper._target_`. It makes the same jobs, in the same order, as the
 basic sweeper, and hands them to whichever launcher is configured (basic, joblib, submitit), but only after
-every job was composed and planned in this process and nothing was found wrong.
+every job was composed and planned in this process and nothing was found wrong, each job named by what
+differs between them.
 """
 
 from __future__ import annotations
@@ -16,12 +17,18 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 class PreflightSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
-        from fluxrecipe.preflight import before_launch  # here: Hydra imports every plugin of every app it starts
+        from fluxrecipe.cli.multirun import before_launch  # here: Hydra imports every plugin of every app it starts
 
         assert self.config is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        all_jobs = self.split_arguments(parser.parse_overrides([*self._parse_config(), *arguments]), None)[0]
-        extra = before_launch(self.config, self.hydra_context.config_loader, all_jobs)
-        if extra is None:
+        all_jobs = BasicSweeper.split_arguments(parser.parse_overrides([*self._parse_config(), *arguments]), None)[0]
+        self._checked_jobs = before_launch(self.config, self.hydra_context.config_loader, all_jobs)
+        if self._checked_jobs is None:
             return []  # a dry run: every job planned and printed, none launched
-        return super().sweep([*arguments, *extra])
+        return super().sweep(arguments)
+
+    def split_arguments(self, overrides: Any, max_batch_size: int | None) -> list[list[list[str]]]:  # noqa: ARG002 - split before, in sweep()
+        """The jobs the pre-flight checked (and named), in batches as the basic sweeper makes them."""
+        jobs = self._checked_jobs
+        size = len(jobs) if max_batch_size in (None, -1) else max_batch_size
+        return [jobs[i : i + size] for i in range(0, len(jobs), size)]

@@ -21,9 +21,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("FLUXRECIPE_RECIPE_PATH", None)  # a user's recipe folders must not leak into the tests
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import pytest
+import torch
+from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(
@@ -141,9 +141,10 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from fluxrecipe.catalog import conf_dir, register_recipes
+    from fluxrecipe.catalog import conf_dir
+    from fluxrecipe.cli.hydra_setup import register
 
-    register_recipes()
+    register()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
@@ -151,10 +152,10 @@ def compose(overrides: list[str]):
 
 
 def merge(overrides: list[str]):
-    """Run one merge in-process; returns run_job's Result (or the Plan for a dry run)."""
-    from fluxrecipe.run import run_job
+    """Run one merge in-process; returns its Result (or the Plan for a dry run)."""
+    from fluxrecipe.cli.job import run_config
 
-    return run_job(compose(overrides))
+    return run_config(compose(overrides))
 
 
 # --- additions for the core suite (ops, recipes, plans, merges, CLI) ---------------------------------------
@@ -242,7 +243,7 @@ def fake_checkpoint(name: str, guidance: bool, dtype: str = "BF16", *, drop=(), 
 
 def run_recipe(recipe_dir: Path, output: Path, recipe: dict | str, *overrides: str, name: str = "t"):
     """Write `recipe` (fields, or YAML text) as NAME.yaml into the test's recipe folder and merge it in-process
-    into `output`; returns run_job's Result (the Plan for a dry run)."""
+    into `output`; returns its Result (the Plan for a dry run)."""
     import yaml
 
     text = recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False)

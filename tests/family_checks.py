@@ -372,7 +372,8 @@ def check_mix_families(recipe_dir, tmp_path, base, other) -> None:
 
 
 def check_verify_names_the_family(tmp_path, folder, family: str, capsys) -> None:
-    from fluxrecipe.verify import main, verify_file
+    from fluxrecipe.cli.commands import verify as main
+    from fluxrecipe.verify import verify_file
 
     out = tmp_path / "x.safetensors"
     convert("to_bfl", folder, out)

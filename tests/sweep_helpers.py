@@ -107,24 +107,25 @@ def run_single(overrides: list[str], run_dir: Path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import read_write
 
-    from fluxrecipe import job, preview
+    from fluxrecipe.cli import job
+    from fluxrecipe.cli.arguments import preview_switch
 
-    cfg = compose(preview.expand_switch(overrides))
+    cfg = compose([preview_switch(o) for o in overrides])
     with read_write(cfg.hydra.runtime):
         cfg.hydra.runtime.output_dir = str(run_dir)
     HydraConfig.instance().set_config(cfg)
-    return job.run(cfg)
+    return job.run_config(cfg)
 
 
 def run_main(argv: list[str], monkeypatch) -> int:
     """`python -m fluxrecipe ARGV` in-process (Hydra and all); returns its exit status."""
-    from fluxrecipe import __main__ as entry
-    from fluxrecipe import sweep
+    from fluxrecipe.cli import app as entry
+    from fluxrecipe.cli import multirun
 
     monkeypatch.setattr(sys, "argv", ["fluxrecipe", *argv])
     monkeypatch.setattr(sys, "stdout", sys.stdout)  # main() wraps it (a reader that leaves a pipe): unwrapped after the test
     for name, value in (("_failed_here", 0), ("_last_summary", None), ("_summary_error", None)):
-        monkeypatch.setattr(sweep, name, value)  # what an earlier in-process sweep counted
+        monkeypatch.setattr(multirun, name, value)  # what an earlier in-process sweep counted
     previous = signal.getsignal(signal.SIGTERM)
     try:
         entry.main()

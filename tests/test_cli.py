@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import REPO_ROOT, run_cli, write_recipe
@@ -18,6 +19,7 @@ def only_folder(root: Path, pattern: str) -> Path:
     return found[0]
 
 
+@pytest.mark.diffusers
 def test_demo_runs_from_a_fresh_folder_and_writes_a_loadable_model(tmp_path):
     """No network, no token, no sources: the demo generates its random checkpoints and merges them."""
     from diffusers import FluxTransformer2DModel

@@ -131,9 +131,9 @@ def test_a_mistyped_recipe_name_is_one_line(cli):
 
 
 def test_a_recipe_path_with_an_equals_sign_or_commas(cli, tmp_path, schnell, krea):
-    """A sweep's job folder is named like `recipe.alpha=0.5,recipe=tiny`: the model card's rebuild command,
+    """A sweep's job folder is named like `alpha=0.5,recipe=tiny`: the model card's rebuild command,
     recipe=THAT_FOLDER/transformer/recipe.yaml, must run."""
-    for path in (tmp_path / "a" / "x=y.yaml", tmp_path / "sweep" / "recipe.alpha=0.5,recipe=tiny" / "transformer" / "recipe.yaml"):
+    for path in (tmp_path / "a" / "x=y.yaml", tmp_path / "sweep" / "alpha=0.5,recipe=tiny" / "transformer" / "recipe.yaml"):
         write_recipe(path.parent, path.stem, tiny_recipe(schnell, krea))
         relative = path.relative_to(tmp_path)
         assert f"recipe {path.stem} ({path})" in ran(cli(f"recipe={relative}", "dry_run=true", "output=out"))
@@ -210,13 +210,69 @@ def test_options_are_checked_in_the_composed_config_too():
     """The same checks where no command line came first (a config composed by a launcher, or by hand)."""
     from conftest import compose
     from fluxrecipe.errors import UsageError
-    from fluxrecipe.run import options_of
+    from fluxrecipe.cli.settings import options_of
 
     with pytest.raises(UsageError, match=r"unknown option 'preview.stepz' \(did you mean preview.steps\?\)"):
         options_of(compose(["recipe=demo", "+preview.stepz=8"]))
     with pytest.raises(UsageError, match="option 'threads' has no value"):
         options_of(compose(["recipe=demo", "~threads"]))
     compose([])
+
+
+# --- a setting that would change nothing (issue 21, item 2) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["recipe=every_rule", "+recipe.dtype=fp8_scaled"], "dtype fp8_scaled changes nothing: every rule sets its own dtype; set the dtype of the rules it should apply to instead (e.g. recipe.rules.1.dtype=fp8_scaled)"),
+        (["recipe=every_rule", "recipe.dtype=fp8_scaled"], "dtype fp8_scaled changes nothing: every rule sets its own dtype"),
+        (["recipe=tiny", "recipe.alhpa=0.3"], "recipe.alhpa: recipe 'tiny' has no 'alhpa' (did you mean recipe.alpha?)"),
+        (["recipe=tiny", "recipe.sources.kreaa=x"], "recipe.sources.kreaa: recipe 'tiny' has no 'kreaa' (did you mean recipe.sources.krea?)"),
+        (["recipe=tiny", "recipe.rules.0.dtpye=fp8"], "recipe.rules.0.dtpye: recipe 'tiny' has no 'dtpye' (did you mean recipe.rules.0.dtype?)"),
+        (["recipe=tiny", "recipe.rules.3.dtype=fp8"], "recipe.rules.3: recipe 'tiny' has no '3' (it has: 0)"),
+        (["recipe=tiny", "lora_rank=8"], "lora_rank=8 changes nothing: format=diffusers writes no LoRA; lora_rank is the rank of format=lora or lora_peft"),
+        (["recipe=tiny", "format=bfl", "shard_size=1GB"], "shard_size=1GB changes nothing: format=bfl writes one file; shards are for format=diffusers (a folder)"),
+        (["recipe=tiny", "preview.steps=8", "preview.height=64"], "preview.height=64, preview.steps=8 changes nothing without preview=true"),
+        (["recipe=tiny", "format=diffusers", "+recipe.format=bfl"], "recipe.format=bfl changes nothing: format=diffusers is given as well, and wins"),
+    ],
+    ids=["plus-dtype-every-rule-sets", "dtype-every-rule-sets", "parameter-typo", "source-typo", "rule-field-typo", "no-such-rule", "lora-rank-without-lora", "shard-size-one-file", "preview-setting-without-preview", "recipe-format-beside-format"],
+)
+def test_a_setting_that_would_change_nothing_is_refused(cli, recipes, tmp_path, schnell, args, says):
+    """`+recipe.dtype=fp8_scaled` on to_comfyui_fp8, whose every rule set its own dtype (Hydra's own advice for
+    `recipe.dtype=`), wrote plain fp8 and exited 0 (every_rule is that recipe); lora_rank, shard_size or a
+    preview setting the run ignores did nothing, silently; a typo under recipe. got Hydra's advice to add `+`.
+    Each is one line saying why and what would work, and nothing is written."""
+    write_recipe(recipes, "every_rule", f"sources: {{model: '{schnell}'}}\nformat: comfyui\nrules:\n  - {{match: 'x_embedder', op: 'take:model', dtype: bf16}}\n  - {{match: '.*', op: 'take:model', dtype: fp8}}\n")
+    one_file = "format=bfl" in args or "recipe=every_rule" in args
+    line = one_line(cli(*args, f"output={'merged.safetensors' if one_file else 'merged'}"))
+    assert says in line
+    assert "+recipe" not in line and "To append to your config" not in line  # never Hydra's advice to add `+`
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]
+
+
+def test_a_recipe_value_a_recipe_may_have_is_set_without_plus(cli, recipes, tmp_path, schnell):
+    """recipe.dtype on a recipe that names none (Hydra asks for `+`), a rule's dtype: set as asked."""
+    write_recipe(recipes, "nodtype", f"sources: {{a: '{schnell}'}}\nrules: [{{match: 'x_embedder', op: 'take:a', dtype: fp32}}, {{match: '.*', op: 'take:a'}}]\n")
+    assert "total: 108 tensors in 1 file(s), F16/F32;" in ran(cli("recipe=nodtype", "recipe.dtype=fp16", "dry_run=true", "output=out"))
+    write_recipe(recipes, "every_rule", f"sources: {{model: '{schnell}'}}\nformat: comfyui\nrules:\n  - {{match: 'x_embedder', op: 'take:model', dtype: bf16}}\n  - {{match: '.*', op: 'take:model', dtype: fp8}}\n")
+    out = ran(cli("recipe=every_rule", "recipe.rules.1.dtype=fp8_scaled", "dry_run=true", "output=m.safetensors"))
+    assert "take:model -> fp8_scaled" in out and "BF16/F8_E4M3 scaled" in out
+
+
+# --- run records only where a user expects them (issue 21, item 14) ----------------------------------------
+
+
+def test_a_run_given_its_output_leaves_nothing_else_in_the_working_folder(cli, recipes, tmp_path):
+    """Every run left outputs/DATE/TIME/ (.hydra/ and a log) in the working folder, even with output=."""
+    out = ran(cli("recipe=tiny", "output=merged", "progress=false"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "recipes"] and shard_files(tmp_path / "merged")
+    assert not list(tmp_path.glob("*.log")) and not (tmp_path / ".hydra").exists()
+    assert f"wrote {tmp_path / 'merged'}: 108 tensors" in out  # the log still reaches the terminal
+    ran(cli("recipe=tiny", "output=again", "progress=false", f"hydra.run.dir={tmp_path / 'records'}"))  # a folder asked for is made
+    assert (tmp_path / "records" / ".hydra" / "overrides.yaml").is_file() and (tmp_path / "records" / "fluxrecipe.log").is_file()
+    ran(cli("recipe=tiny", "progress=false"))  # no output=: the model goes into the run folder, as before
+    assert len(list(tmp_path.glob("outputs/*/*/transformer/*.safetensors"))) == 1
 
 
 # --- a launcher that cannot start (finding 14) --------------------------------------------------------------

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 
 from conftest import load_state
 
+pytestmark = pytest.mark.diffusers  # every test here compares with diffusers' own from_single_file and converter
+
 CONFIG = dict(
     _class_name="FluxTransformer2DModel",
     patch_size=1,

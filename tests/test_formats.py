@@ -50,6 +50,7 @@ def to_diffusers(out, source, *options):
 # --- reading ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.diffusers
 @pytest.mark.parametrize("kind", ["krea-bfl", "krea-comfyui", "krea-aio"])
 def test_single_files_read_as_the_diffusers_model(bfl_files, kind, tmp_path, krea, state_of):
     """A BFL or ComfyUI file (all-in-one included) becomes the very tensors of the diffusers model it was
@@ -296,7 +297,7 @@ def test_python_api_without_hydra(tmp_path, schnell, krea, state_of):
 
 
 def test_verify_checks_a_single_file(recipe_dir, tmp_path, krea, capsys):
-    from fluxrecipe.verify import main
+    from fluxrecipe.cli.commands import verify as main
 
     out = tmp_path / "k.safetensors"
     run_recipe(recipe_dir, out, {"sources": {"k": str(krea)}, "rules": [{"match": ".*", "op": "take:k"}]}, "format=comfyui")

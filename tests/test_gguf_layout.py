@@ -79,7 +79,7 @@ def write_with_gguf(path, kvs: dict[str, GGUFValue], tensors, alignment: int | N
     for key, value in kvs.items():
         if key != "general.architecture":
             writer.add_key_value(key, value.value, value.type, value.sub_type)
-    for name, shape, ggml_type, data in tensors:
+    for name, _shape, ggml_type, data in tensors:
         writer.add_tensor(name, data, raw_shape=tuple(data.shape) if data.dtype != np.uint8 else None, raw_dtype=ggml_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

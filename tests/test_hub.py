@@ -255,7 +255,8 @@ def test_a_preview_pipeline_goes_through_the_hub_access_of_sources(unreachable, 
     network, huggingface_hub retried every request for ~25 s, printing each retry twice. Now: the cache at
     once, and a repo that is not there is one line that says what to do."""
     from conftest import TINY
-    from fluxrecipe import hub, preview
+    from fluxrecipe import hub
+    from fluxrecipe.sweep import previews as preview
 
     root = cache / "models--org--tiny-pipeline"
     for file in sorted(p for p in pipeline_files.rglob("*") if p.is_file()):
@@ -272,8 +273,8 @@ def test_a_preview_pipeline_goes_through_the_hub_access_of_sources(unreachable, 
     def settings(pipeline: str) -> preview.PreviewSettings:
         return preview.PreviewSettings(pipeline, ("a cat",), (0,), 2, None, 32, 32, "none")
 
-    assert preview.check(settings("org/tiny-pipeline"), model, fetch=False) == []
-    problems = preview.check(settings("org/absent"), model, fetch=False)
+    assert preview.pipeline_problems(settings("org/tiny-pipeline"), model, fetch=False) == []
+    problems = preview.pipeline_problems(settings("org/absent"), model, fetch=False)
     assert asked and all(asked)  # every file from the cache alone
     assert len(problems) == 1 and problems[0].startswith("preview.pipeline=org/absent: hub repo 'org/absent' is not in the local cache")
     assert "the hub cannot be reached" in problems[0] and "or give a local pipeline folder" in problems[0]

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import config_of, load_state, merge, run_recipe, save_sharded, tiny_config
 from flux_layouts import COMFY, DOUBLE, FINAL_MOD, blocks, diffusers_to_bfl, fuse, linear_modules
-from fluxrecipe.errors import PlanError, RecipeError, SourceError, UsageError
+from fluxrecipe.errors import OutputError, PlanError, RecipeError, SourceError, UsageError
 
 R = 4  # the LoRAs' rank
 BF16 = torch.bfloat16
@@ -200,6 +200,7 @@ def test_final_layer_swap_applies_to_up_rows_only(recipe_dir, tmp_path, krea, st
     assert not torch.equal(got, both)
 
 
+@pytest.mark.diffusers
 def test_diffusers_fuses_the_same_tensors(recipe_dir, tmp_path, krea, state_of, formats):
     """diffusers' own load_lora_adapter + fuse_lora (peft), five formats at once in the recipe's order, each
     at strength 0.5, on the model in float32: the same tensors after the one rounding. (diffusers reads
@@ -258,6 +259,7 @@ def flux_width_single_block(folder) -> dict:
     return state
 
 
+@pytest.mark.diffusers
 def test_diffusers_fuses_kohya_linear1_at_flux_width(recipe_dir, tmp_path):
     """diffusers splits kohya's single-block linear1 as FLUX.1's (3072 x 3 + 12288 rows), so this one runs at
     FLUX.1's width, on one single block: every module of the block, fused by diffusers, gives our tensors."""
@@ -377,6 +379,7 @@ def extract(recipe_dir, out, tuned, *overrides):
     return run_recipe(recipe_dir, out, {**EXTRACT, "sources": {"tuned": str(model), "base": str(base)}}, *overrides)
 
 
+@pytest.mark.diffusers
 def test_extraction_recovers_a_low_rank_difference_and_loads_in_diffusers(recipe_dir, tmp_path, tuned, caplog):
     """format=lora_peft, lora_rank=4 over a difference of rank 3: every matrix to float32 precision, the
     error of each printed and recorded; diffusers loads the file (load_lora_adapter) and base + LoRA fused is
@@ -566,7 +569,7 @@ def test_format_lora_with_no_base(recipe_dir, tmp_path, tuned):
 def test_output_over_a_lora_is_refused(recipe_dir, tmp_path, krea, formats):
     path = tmp_path / "mine.safetensors"
     path.write_bytes(formats["kohya"][0].read_bytes())
-    with pytest.raises(UsageError, match="lora 'k'"):
+    with pytest.raises(OutputError, match="is a safetensors file of .* that is neither a FLUX transformer nor a file fluxrecipe wrote"):
         bake(recipe_dir, path, krea, {"k": str(path)}, "format=comfyui", "overwrite=true")
     assert path.read_bytes() == formats["kohya"][0].read_bytes()
 

@@ -119,6 +119,7 @@ def reference_model(config_folder: Path, state: dict[str, torch.Tensor], **confi
     return model.eval()
 
 
+@pytest.mark.diffusers
 @pytest.mark.parametrize("recipe", ["krea_schnell", "krea_schnell_guided"])
 def test_output_loads_and_computes_like_the_reference_weights(recipe, guided, plain, state_of, schnell, krea):
     """Same weights, same architecture, same deterministic CPU kernels: the outputs are compared with

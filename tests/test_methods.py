@@ -258,6 +258,7 @@ def test_single_file_sources_give_the_same_merge(recipe_dir, tmp_path, state_of,
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), method
 
 
+@pytest.mark.diffusers
 def test_output_loads_in_diffusers_and_records_the_seed(recipe_dir, tmp_path, krea, half, dev):
     from diffusers import FluxTransformer2DModel
 
@@ -393,7 +394,7 @@ def test_bad_method_recipes_are_one_line_naming_the_line(recipe_dir, tmp_path, k
 
 
 def test_methods_lists_every_op_with_parameters_and_formula(capsys):
-    from fluxrecipe.methods import main
+    from fluxrecipe.cli.commands import methods as main
 
     assert main([]) == 0
     text = capsys.readouterr().out

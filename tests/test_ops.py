@@ -61,6 +61,7 @@ def test_rounding_once_is_what_is_checked(state_of, krea, half):
     assert len(twice) > len(a) // 2
 
 
+@pytest.mark.diffusers
 def test_drop_leaves_keys_out_and_the_rest_merged(recipe_dir, tmp_path, state_of, krea, dev):
     """Base Krea, guidance dropped, config says no guidance: a schnell-architecture model of averaged weights."""
     out = tmp_path / "out"

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import compose
-from fluxrecipe import preflight
+from fluxrecipe.cli.multirun import launcher_of
+from fluxrecipe.sweep import preflight
 from sweep_helpers import run_main, with_nan, write_recipes
 
 
@@ -47,8 +48,8 @@ def refused(result: tuple[int, str, str], tmp_path: Path) -> str:
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["recipe=tiny", "recipe.alpha=0.5,oops"], ["1 problem (2 jobs)", "job 1 (recipe.alpha=oops,recipe=tiny): recipe 'tiny'", "not a number: got 'oops'"]),
-        (["recipe=tiny,tiny_broken", "recipe.alpha=0.5"], ["job 1 (recipe.alpha=0.5,recipe=tiny_broken): source 'krea'", "no-such-krea"]),
+        (["recipe=tiny", "recipe.alpha=0.5,oops"], ["1 problem (2 jobs)", "job 1 (alpha=oops): recipe 'tiny'", "not a number: got 'oops'"]),
+        (["recipe=tiny,tiny_broken", "recipe.alpha=0.5"], ["job 1 (recipe=tiny_broken): source 'krea'", "no-such-krea"]),
         (["recipe=tiny", "recipe.alpha=0,1", "output=one"], ["every job (2): output=one: a multirun writes one model per job", "hydra.sweep.dir=FOLDER"]),
     ],
     ids=["bad-value", "missing-source", "output"],
@@ -62,12 +63,12 @@ def test_a_bad_job_stops_the_sweep_before_any_folder(sweep, tmp_path, args, expe
 def test_every_problem_of_every_job_in_one_message(sweep, tmp_path):
     err = refused(sweep("recipe=tiny,tiny_broken,nope", "recipe.alpha=0.5,oops", "output=one", "preview=true", f"preview.pipeline={tmp_path / 'no-pipeline'}"), tmp_path)
     lines = err.splitlines()[1:]
-    assert lines[0].startswith("  jobs 0 (recipe.alpha=0.5,recipe=tiny), 1 (recipe.alpha=oops,recipe=tiny), 2 (recipe.alpha=0.5,recipe=tiny_broken), 3 ")
+    assert lines[0].startswith("  jobs 0 (alpha=0.5,recipe=tiny), 1 (alpha=oops,recipe=tiny), 2 (alpha=0.5,recipe=tiny_broken), 3 ")
     assert "): output=one: a multirun writes one model per job" in lines[0]
-    assert "job 0 (recipe.alpha=0.5,recipe=tiny): preview.pipeline=" in lines[1] and "no such folder" in lines[1]  # checked where the job planned
-    assert "job 1 (recipe.alpha=oops,recipe=tiny): recipe 'tiny'" in lines[2] and "got 'oops'" in lines[2]
-    assert "job 2 (recipe.alpha=0.5,recipe=tiny_broken): source 'krea'" in lines[3] and "no-such-krea" in lines[3]
-    assert "job 3 (recipe.alpha=oops,recipe=tiny_broken): recipe 'tiny_broken'" in lines[4]
+    assert "job 0 (alpha=0.5,recipe=tiny): preview.pipeline=" in lines[1] and "no such folder" in lines[1]  # checked where the job planned
+    assert "job 1 (alpha=oops,recipe=tiny): recipe 'tiny'" in lines[2] and "got 'oops'" in lines[2]
+    assert "job 2 (alpha=0.5,recipe=tiny_broken): source 'krea'" in lines[3] and "no-such-krea" in lines[3]
+    assert "job 3 (alpha=oops,recipe=tiny_broken): recipe 'tiny_broken'" in lines[4]
     assert lines[5].startswith("  jobs 4 (recipe=nope recipe.alpha=0.5 output=one") and "no recipe 'nope' (recipes: " in lines[5]  # not even composed
     assert "Config search path" not in lines[5] and "exclude_keys" not in lines[5]
     assert len(lines) == 6 and "found 6 problems (6 jobs)" in err.splitlines()[0]
@@ -76,7 +77,7 @@ def test_every_problem_of_every_job_in_one_message(sweep, tmp_path):
 def test_dry_run_prints_every_plan_and_the_totals(sweep, tmp_path, pipeline_files):
     code, out, err = sweep("recipe=tiny", "recipe.alpha=0,1", "dry_run=true", "preview=true", f"preview.pipeline={pipeline_files}", "preview.height=32", "preview.width=32")
     assert code == 0, err
-    assert "== job 0: recipe.alpha=0,recipe=tiny\nrecipe tiny" in out and "== job 1: recipe.alpha=1,recipe=tiny" in out
+    assert "== job 0: alpha=0\nrecipe tiny" in out and "== job 1: alpha=1" in out
     assert out.count("total: 108 tensors in 1 file(s)") == 2 and out.count("lerp:1.0 over schnell, krea") == 1
     assert out.count("previews: 3 prompt(s) x 2 seed(s), 4 steps, no guidance") == 2
     assert "sweep: 2 jobs into" in out and "1 at a time; reads 976.93 KB, writes 488.46 KB, renders 12 preview images" in out
@@ -111,7 +112,7 @@ def test_jobs_at_once_per_launcher():
     cases = {"basic": 1, "joblib": 2, "submitit_local": 5, "slurm": 4}
     for name, expected in cases.items():
         cfg = compose(["recipe=demo", f"hydra/launcher={name}"])
-        assert preflight.jobs_at_once(cfg.hydra.launcher, 5) == expected, name
+        assert launcher_of(cfg.hydra.launcher).at_once(5) == expected, name
     compose([])
 
 
@@ -121,14 +122,15 @@ def test_submitit_launcher_gets_nothing_when_a_job_is_bad(sweep, tmp_path):
 
 
 def test_two_jobs_into_one_folder_are_refused(sweep, tmp_path):
-    err = refused(sweep("recipe=tiny", "recipe.alpha=0.5", "traceback=true,false"), tmp_path)
-    assert "sweep: jobs 0 and 1 would both write to recipe.alpha=0.5,recipe=tiny" in err
+    """Two values that differ only where a folder name cannot hold a character ('/' becomes '_')."""
+    err = refused(sweep("recipe=tiny", "recipe.alpha=0.5", "+recipe.description=a/b,a_b"), tmp_path)
+    assert "sweep: jobs 0 and 1 would both write to description=a_b: what differs between them makes the same folder name" in err
 
 
 def test_constant_preview_settings_stay_out_of_folder_names(sweep, tmp_path, pipeline_files):
     code, out, err = sweep("recipe=tiny", "recipe.alpha=0,1", "dry_run=true", "preview=true", f"preview.pipeline={pipeline_files}", "preview.height=32,64", "preview.width=32")
     assert code == 0, err
-    assert "== job 0: preview.height=32,recipe.alpha=0,recipe=tiny" in out and "== job 3: preview.height=64,recipe.alpha=1,recipe=tiny" in out
+    assert "== job 0: alpha=0,preview.height=32" in out and "== job 3: alpha=1,preview.height=64" in out
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")

@@ -21,7 +21,14 @@ import torch
 from PIL import Image
 
 from conftest import compose, load_state, merge, run_cli
-from fluxrecipe import grid, preview, sweep
+from fluxrecipe.cli.arguments import preview_switch
+from fluxrecipe.cli.commands import summary as summary_command
+from fluxrecipe.cli.exits import EXIT_ERROR
+from fluxrecipe.cli.settings import previews_of
+from fluxrecipe.sweep import grid, records, summarize
+from fluxrecipe.sweep.page import INDEX_HTML
+from fluxrecipe.sweep import previews as preview
+from fluxrecipe.sweep.summary import SUMMARY_MD
 from fluxrecipe.errors import UsageError
 from fluxrecipe.verify import verify_folder
 from sweep_helpers import build_pipeline, run_main, run_single, with_nan, write_recipes
@@ -38,8 +45,8 @@ PREVIEW = [
     "preview.steps=2",
 ]
 ROWS = [(p, s) for p in PROMPTS for s in SEEDS]
-JOBS = ["recipe.alpha=0,recipe=tiny", "recipe.alpha=0.5,recipe=tiny", "recipe.alpha=0,recipe=tiny_nan", "recipe.alpha=0.5,recipe=tiny_nan"]
-LABELS = ["recipe=tiny, recipe.alpha=0", "recipe=tiny, recipe.alpha=0.5", "recipe=tiny_nan, recipe.alpha=0 (failed)", "recipe=tiny_nan, recipe.alpha=0.5 (failed)"]
+JOBS = ["alpha=0,recipe=tiny", "alpha=0.5,recipe=tiny", "alpha=0,recipe=tiny_nan", "alpha=0.5,recipe=tiny_nan"]
+LABELS = ["alpha=0, recipe=tiny", "alpha=0.5, recipe=tiny", "alpha=0, recipe=tiny_nan (failed)", "alpha=0.5, recipe=tiny_nan (failed)"]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +105,7 @@ def test_sweep_renders_previews_per_job_and_keeps_no_weights(swept):
     for name in JOBS[2:]:
         assert not (sweep_dir / name / "previews").exists() and not (sweep_dir / name / "transformer").exists()
 
-    with open(sweep_dir / sweep.SUMMARY_CSV, newline="") as f:
+    with open(sweep_dir / summarize.SUMMARY_CSV, newline="") as f:
         rows = {row["job"]: row for row in csv.DictReader(f)}
     assert [rows[j]["weights"] for j in JOBS] == ["deleted", "deleted", "", ""]
     assert [rows[j]["previews"] for j in JOBS] == ["4", "4", "", ""]
@@ -124,13 +131,13 @@ def test_grid_has_a_column_per_job_and_a_row_per_prompt_and_seed(swept):
                 assert cell["file"] is None and cell["note"].startswith("failed:") and "NaN" in cell["note"]
                 assert tuple(canvas[y + h - 1, x + w - 1]) == grid.EMPTY and tuple(canvas[y, x]) == grid.EMPTY
 
-    page = (sweep_dir / grid.INDEX_HTML).read_text()
+    page = (sweep_dir / INDEX_HTML).read_text()
     assert f'src="{grid.GRID_PNG}"' in page and "holds NaN or Inf" in page
     for label in LABELS:
         assert f"<th>{label}</th>" in page
-    assert page.count('<img class="cell"') == 8 and "recipe.alpha%3D0.5%2Crecipe%3Dtiny/previews/p1-s1.png" in page
-    assert page.count("<tr><td>recipe.alpha=") == 4  # the summary table: a row per job
-    assert "![previews: a row per prompt and seed, a column per job](grid.png)" in (sweep_dir / sweep.SUMMARY_MD).read_text()
+    assert page.count('<img class="cell"') == 8 and "alpha%3D0.5%2Crecipe%3Dtiny/previews/p1-s1.png" in page
+    assert page.count("<tr><td>alpha=") == 4  # the summary table: a row per job
+    assert "![previews: a row per prompt and seed, a column per job](grid.png)" in (sweep_dir / SUMMARY_MD).read_text()
 
 
 def test_the_sweep_names_local_paths_relative_to_itself(swept, pipeline):
@@ -141,11 +148,11 @@ def test_the_sweep_names_local_paths_relative_to_itself(swept, pipeline):
     for name in JOBS[:2]:
         settings = json.loads((sweep_dir / name / "previews" / "previews.json").read_text())["settings"]
         assert settings["pipeline"] == os.path.relpath(pipeline, sweep_dir / name / "previews")
-        assert json.loads((sweep_dir / name / sweep.JOB_STATUS_NAME).read_text())["output"] == "transformer"
-    for file in (sweep.SUMMARY_MD, sweep.SUMMARY_CSV, grid.INDEX_HTML):
+        assert json.loads((sweep_dir / name / records.JOB_STATUS_NAME).read_text())["output"] == "transformer"
+    for file in (SUMMARY_MD, summarize.SUMMARY_CSV, INDEX_HTML):
         assert str(pipeline) not in (sweep_dir / file).read_text(), file
-    assert f"preview.pipeline={os.path.relpath(pipeline, sweep_dir)}" in (sweep_dir / sweep.SUMMARY_CSV).read_text()
-    assert f"pipeline {os.path.relpath(pipeline, sweep_dir)}" in (sweep_dir / grid.INDEX_HTML).read_text()
+    assert f"preview.pipeline={os.path.relpath(pipeline, sweep_dir)}" in (sweep_dir / summarize.SUMMARY_CSV).read_text()
+    assert f"pipeline {os.path.relpath(pipeline, sweep_dir)}" in (sweep_dir / INDEX_HTML).read_text()
 
 
 def test_summary_rebuilds_the_grid_from_the_images(swept, tmp_path):
@@ -154,11 +161,11 @@ def test_summary_rebuilds_the_grid_from_the_images(swept, tmp_path):
     shutil.copytree(sweep_dir, copy)
     before = (pixels(copy / grid.GRID_PNG), grid.read_layout(copy / grid.GRID_PNG))
     (copy / grid.GRID_PNG).unlink()
-    (copy / grid.INDEX_HTML).unlink()
-    assert sweep.main([str(copy)]) == sweep.EXIT_FAILED  # two jobs failed
+    (copy / INDEX_HTML).unlink()
+    assert summary_command([str(copy)]) == EXIT_ERROR  # two jobs failed
     assert np.array_equal(pixels(copy / grid.GRID_PNG), before[0])
     assert grid.read_layout(copy / grid.GRID_PNG) == before[1]
-    assert (copy / grid.INDEX_HTML).is_file()
+    assert (copy / INDEX_HTML).is_file()
 
 
 def test_recipe_of_a_job_without_weights_rebuilds_them_byte_for_byte(swept, tmp_path, monkeypatch, state_of, schnell, krea):
@@ -184,7 +191,7 @@ def test_single_run_previews_are_the_sweeps_pixels(swept, pipeline, single_env, 
     out, run_dir = tmp_path / "merged", tmp_path / "run"
     result = run_single(["recipe=tiny", "recipe.alpha=0.5", f"output={out}", "progress=false", *PREVIEW, f"preview.pipeline={pipeline}"], run_dir)
     assert result.output == out and list(out.glob("*.safetensors"))
-    for i, prompt in enumerate(PROMPTS):
+    for i in range(len(PROMPTS)):
         for seed in SEEDS:
             name = f"p{i}-s{seed}.png"
             assert np.array_equal(pixels(run_dir / "previews" / name), pixels(sweep_dir / JOBS[1] / "previews" / name)), name
@@ -192,11 +199,11 @@ def test_single_run_previews_are_the_sweeps_pixels(swept, pipeline, single_env, 
 
 def test_guided_merge_previews_with_guidance_by_default(pipeline, single_env, tmp_path):
     """A guidance_embeds: true merge gets guidance (3.5) and more steps (20) by default, and guidance changes
-    its images; a schnell-like one gets 4 steps and no guidance, and a guidance set for it changes nothing."""
+    its images; a schnell-like one gets 4 steps and no guidance."""
     common = ["recipe.alpha=0.5", "progress=false", "preview=true", "preview.prompts=[a photo of the cat]", "preview.seeds=[0]",
               f"preview.height={SIZE}", f"preview.width={SIZE}", f"preview.pipeline={pipeline}"]
     runs = {}
-    for name, extra in [("guided", []), ("guided_1", ["preview.guidance=1.0"]), ("plain", []), ("plain_7", ["preview.guidance=7"])]:
+    for name, extra in [("guided", []), ("guided_1", ["preview.guidance=1.0"]), ("plain", [])]:
         recipe = "recipe=tiny_guided" if name.startswith("guided") else "recipe=tiny"
         run_single([recipe, *common, *extra, f"output={tmp_path / name / 'model'}"], tmp_path / name)
         runs[name] = json.loads((tmp_path / name / "previews" / "previews.json").read_text())["settings"]
@@ -204,7 +211,6 @@ def test_guided_merge_previews_with_guidance_by_default(pipeline, single_env, tm
     assert (runs["guided"]["steps"], runs["guided"]["guidance"]) == (20, 3.5)
     assert runs["guided_1"]["guidance"] == 1.0 and not np.array_equal(runs["guided"]["pixels"], runs["guided_1"]["pixels"])
     assert (runs["plain"]["steps"], runs["plain"]["guidance"]) == (4, None)
-    assert runs["plain_7"]["guidance"] is None and np.array_equal(runs["plain"]["pixels"], runs["plain_7"]["pixels"])
 
 
 def test_single_run_checks_previews_before_merging(pipeline, single_env, tmp_path):
@@ -221,24 +227,23 @@ def test_single_run_checks_previews_before_merging(pipeline, single_env, tmp_pat
         assert not out.exists() and not (tmp_path / "run" / "previews").exists()
 
 
-def test_a_guidance_without_effect_is_said_once_before_the_merge(pipeline, single_env, tmp_path, monkeypatch, capsys):
-    """preview.guidance for a model without a guidance embedder: the warning comes with the pre-flight's
-    checks, not again after the merge (the job used to work its settings out a second time)."""
+def test_a_guidance_without_effect_is_refused_before_the_merge(pipeline, single_env, tmp_path, monkeypatch, capsys):
+    """preview.guidance for a model without a guidance embedder changes nothing (issue 21, item 2): it was a
+    warning and the run went on; it is refused by the pre-flight, before anything is merged or written."""
     monkeypatch.chdir(tmp_path)
     args = ["recipe=tiny", "output=out", "progress=false", *PREVIEW, f"preview.pipeline={pipeline}", "preview.seeds=[0]", "preview.prompts=[a cat]", "preview.guidance=7"]
-    assert run_main(args, monkeypatch) == 0
-    out = capsys.readouterr()
-    said = "fluxrecipe: preview.guidance=7 has no effect: the merged model has no guidance embedder (guidance_embeds: false)"
-    assert (out.out + out.err).count(said) == 1, out.out + out.err
-    assert (out.out + out.err).index(said) < (out.out + out.err).index("wrote ")
+    assert run_main(args, monkeypatch) == 1
+    err = capsys.readouterr().err
+    assert err == "fluxrecipe: error: preview.guidance=7 changes nothing: the merged model has no guidance embedder (guidance_embeds: false); leave preview.guidance out\n"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()
 
 
 def test_preview_settings_and_the_switch():
-    assert preview.expand_switch(["-m", "preview=true", "+preview=false", "preview=true,false", "preview.steps=3", "~preview"]) == [
+    assert [preview_switch(a) for a in ["-m", "preview=true", "+preview=false", "preview=true,false", "preview.steps=3", "~preview"]] == [
         "-m", "preview.enabled=true", "preview.enabled=false", "preview.enabled=true,false", "preview.steps=3", "~preview"
     ]
-    cfg = compose(["recipe=demo", "preview.enabled=true"])
-    schnell_like, guided = preview.settings_of(cfg, False), preview.settings_of(cfg, True)
+    request = previews_of(compose(["recipe=demo", "preview.enabled=true"]))
+    schnell_like, guided = request.for_model(False), request.for_model(True)
     assert (schnell_like.steps, schnell_like.guidance, guided.steps, guided.guidance) == (4, None, 20, 3.5)
     assert (schnell_like.height, schnell_like.width, schnell_like.seeds, schnell_like.pipeline) == (512, 512, (0, 1), "black-forest-labs/FLUX.1-schnell")
     assert len(schnell_like.images()) == len(schnell_like.prompts) * 2
@@ -252,9 +257,9 @@ def test_preview_settings_and_the_switch():
         ("preview.offload=cpu", "choose none, model"),
     ]:
         with pytest.raises(UsageError, match=message):
-            preview.settings_of(compose(["recipe=demo", "preview.enabled=true", override]), True)
+            previews_of(compose(["recipe=demo", "preview.enabled=true", override])).for_model(True)
     with pytest.raises(UsageError, match="preview=yes: choose true or false"):
-        preview.enabled(compose(["recipe=demo", "preview.enabled=yes"]))
+        previews_of(compose(["recipe=demo", "preview.enabled=yes"]))
     compose([])
 
 

@@ -97,6 +97,7 @@ def family_stand_ins(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.mark.diffusers
 @pytest.mark.parametrize("text", list(RECIPES), ids=list(RECIPES.values()))
 def test_a_documented_recipe_runs_and_loads(text, recipe_dir, tmp_path, schnell, krea, dev, family_stand_ins):
     import diffusers  # here, not at import: see conftest on HF_HUB_OFFLINE
@@ -158,8 +159,7 @@ def jobs(overrides: list[str]) -> list[list[str]]:
 def test_the_readmes_commands_run_as_written(tmp_path, monkeypatch, deep_stand_ins):
     """In order, as a newcomer types them: each one's files are there for the next (the fp8 conversion reads
     the merge, the bake reads the extracted LoRA). `hf download` writes the stand-in's Black Forest Labs file."""
-    from fluxrecipe import preview
-    from fluxrecipe.__main__ import command_line
+    from fluxrecipe.cli.arguments import command_line
     from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
 
     monkeypatch.chdir(tmp_path)
@@ -179,7 +179,7 @@ def test_the_readmes_commands_run_as_written(tmp_path, monkeypatch, deep_stand_i
         given = {a.partition("=")[0] for a in args}
         args += [f"recipe.sources.{name}={stand_in[repo]}" for name, repo in hub_sources(recipe).items() if f"recipe.sources.{name}" not in given]
         monkeypatch.setenv(BLOCK_OVERRIDES_ENV, "")
-        args = preview.expand_switch(command_line(args))  # as `fluxrecipe` hands them to Hydra
+        args = command_line(args)  # as `fluxrecipe` hands them to Hydra
         if "-m" in args:  # each job planned, as the sweep's pre-flight does
             for number, job in enumerate(jobs([a for a in args if a != "-m"])):
                 merge([a for a in job if not a.startswith("hydra.sweep.")] + ["dry_run=true", f"output={tmp_path / 'sweep' / str(number)}", "progress=false"])
@@ -207,8 +207,7 @@ def page_recipes(folder: Path) -> Path:
 
 
 def test_every_documented_command_is_one_the_command_line_takes(tmp_path, monkeypatch):
-    from fluxrecipe import preview
-    from fluxrecipe.__main__ import command_line
+    from fluxrecipe.cli.arguments import command_line
     from fluxrecipe.ops import OPS
     from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
 
@@ -236,7 +235,7 @@ def test_every_documented_command_is_one_the_command_line_takes(tmp_path, monkey
         if any(a.startswith("recipe=") and ("/" in a or a.endswith(".yaml")) for a in args):
             command_line([a for a in args if not a.startswith("recipe=")])  # a file the page's reader has: its options
             continue
-        overrides = preview.expand_switch(command_line(args))  # unknown options and recipes: UsageError
+        overrides = command_line(args)  # unknown options and recipes: UsageError
         if {a for a in overrides if a.startswith("-")} - {"-m"}:
             continue  # Hydra's own flags (--help, --config-dir): nothing of fluxrecipe's to compose
         for job in jobs([a for a in overrides if a != "-m"]):
@@ -259,10 +258,13 @@ def reference_rows() -> dict[str, str]:
 
 
 def test_the_reference_documents_every_option_and_its_default():
-    """A new option in conf/config.yaml cannot go undocumented, nor a removed one stay documented."""
-    config = yaml.safe_load((REPO_ROOT / "conf" / "config.yaml").read_text())
-    groups = {next(iter(d)) for d in config["defaults"] if isinstance(d, dict)}
-    options = {k: v for k, v in config.items() if k not in ("defaults", "hydra", "preview")}
+    """A new option in the options table (fluxrecipe/cli/options.py) cannot go undocumented, nor a removed one
+    stay documented."""
+    from fluxrecipe.cli.options import defaults
+
+    config = defaults()
+    groups = {next(iter(d)) for d in yaml.safe_load((REPO_ROOT / "conf" / "config.yaml").read_text())["defaults"] if isinstance(d, dict)}
+    options = {k: v for k, v in config.items() if k != "preview"}
     options |= {f"preview.{k}": v for k, v in config["preview"].items()}
     rows = reference_rows()
     assert set(rows) == set(options) | groups | {"preview"}

@@ -235,7 +235,7 @@ def test_refused_resolver_is_never_called(monkeypatch):
 
 def test_user_recipe_shadows_a_builtin_and_the_first_folder_listed_wins(tmp_path, monkeypatch):
     from fluxrecipe.catalog import recipe_files
-    from fluxrecipe.run import recipe_of
+    from fluxrecipe.cli.settings import recipe_of
 
     body = "sources: {{a: org/a, b: org/b}}\nalpha: {}\nrules:\n  - match: '.*'\n    op: lerp:${{recipe.alpha}}\n"
     first = write_recipe(tmp_path / "first", "krea_schnell", body.format(0.1))

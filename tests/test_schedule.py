@@ -326,7 +326,7 @@ def test_a_plain_alpha_becomes_a_schedule_from_the_command_line(recipe_dir, tmp_
 )
 def test_one_block_of_any_schedule_is_overridden_alone(recipe_dir, tmp_path, schnell, krea, monkeypatch, alpha, others):
     """`recipe.alpha.double_blocks.1=V` sets that block and no other, whatever shape alpha has in the recipe."""
-    from fluxrecipe.__main__ import command_line
+    from fluxrecipe.cli.arguments import command_line
     from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
 
     monkeypatch.setenv(BLOCK_OVERRIDES_ENV, "")  # command_line sets it; the test's end takes it away again
@@ -349,7 +349,7 @@ def test_a_sweep_over_one_block(tmp_path, schnell, krea, state_of):
     assert done.returncode == 0, done.stderr
     a, b = state_of(schnell), state_of(krea)
     for value, source in ((0, a), (1, b)):
-        job = sweep_dir / f"recipe.alpha.double_blocks.1={value},recipe=blockwise"
+        job = sweep_dir / f"alpha.double_blocks.1={value}"  # named by what differs
         assert json.loads((job / "fluxrecipe-job.json").read_text())["status"] == "ok"
         got = load_state(job / "transformer")
         for key, tensor in got.items():

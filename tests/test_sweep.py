@@ -11,13 +11,19 @@ import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import compose, load_state, run_cli
-from fluxrecipe import grid, sweep
+from fluxrecipe.cli import arguments
+from fluxrecipe.cli import multirun as cli_multirun
+from fluxrecipe.cli.commands import summary as summary_command
+from fluxrecipe.cli.exits import EXIT_ERROR, EXIT_USAGE
+from fluxrecipe.sweep import labels, page, plot, records, summarize
+from fluxrecipe.sweep.summary import SUMMARY_MD
 from sweep_helpers import with_nan, write_recipes
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,7 @@ def multirun(args: list[str], sweep_dir: Path, env: dict[str, str]):
 
 
 def summary_rows(sweep_dir: Path) -> dict[str, dict[str, str]]:
-    with open(sweep_dir / sweep.SUMMARY_CSV, newline="") as f:
+    with open(sweep_dir / summarize.SUMMARY_CSV, newline="") as f:
         return {row["job"]: row for row in csv.DictReader(f)}
 
 
@@ -94,33 +100,33 @@ def test_basic_launcher_alpha_sweep_with_failing_jobs(tmp_path, recipes, states)
     sweep_dir = tmp_path / "sweep"
     r = multirun(["recipe=tiny,tiny_nan", "recipe.alpha=0,0.5,1", "progress=false"], sweep_dir, recipes)
     assert r.returncode == 1, r.stderr
-    assert "error in job recipe.alpha=0,recipe=tiny_nan" in r.stdout + r.stderr
+    assert "error in job alpha=0,recipe=tiny_nan" in r.stdout + r.stderr
     assert "6 jobs, 3 ok, 3 failed" in r.stderr
 
     for alpha in (0, 0.5, 1):
-        check_merge(sweep_dir / f"recipe.alpha={alpha},recipe=tiny" / "transformer", alpha, states)
-        assert not (sweep_dir / f"recipe.alpha={alpha},recipe=tiny_nan" / "transformer").exists()
+        check_merge(sweep_dir / f"alpha={alpha},recipe=tiny" / "transformer", alpha, states)
+        assert not (sweep_dir / f"alpha={alpha},recipe=tiny_nan" / "transformer").exists()
 
     rows = summary_rows(sweep_dir)
-    assert list(rows) == [f"recipe.alpha={a},recipe={n}" for n in ("tiny", "tiny_nan") for a in ("0", "0.5", "1")]  # in job order
+    assert list(rows) == [f"alpha={a},recipe={n}" for n in ("tiny", "tiny_nan") for a in ("0", "0.5", "1")]  # in job order, named by what differs
     assert [row["recipe.alpha"] for row in rows.values()] == ["0", "0.5", "1"] * 2  # the swept keys, columns
     assert [row["recipe"] for row in rows.values()] == ["tiny"] * 3 + ["tiny_nan"] * 3
     for job, row in list(rows.items())[:3]:
         check_row(row, sweep_dir, job)
         assert row["overrides"] == f"recipe=tiny recipe.alpha={row['recipe.alpha']} progress=False"  # as Hydra passes it on
-    assert rows["recipe.alpha=0,recipe=tiny"]["distance_to_schnell"] == "0"
-    assert rows["recipe.alpha=1,recipe=tiny"]["distance_to_krea"] == "0"
-    failed = rows["recipe.alpha=0.5,recipe=tiny_nan"]
+    assert rows["alpha=0,recipe=tiny"]["distance_to_schnell"] == "0"
+    assert rows["alpha=1,recipe=tiny"]["distance_to_krea"] == "0"
+    failed = rows["alpha=0.5,recipe=tiny_nan"]
     assert failed["status"] == "failed" and failed["output"] == "" and failed["distance_to_schnell"] == "" and failed["weights"] == ""
     assert "source 'krea': tensor 'x_embedder.weight'" in failed["error"] and "holds NaN or Inf" in failed["error"]
 
-    markdown = (sweep_dir / sweep.SUMMARY_MD).read_text()
+    markdown = (sweep_dir / SUMMARY_MD).read_text()
     assert "6 jobs: 3 ok, 3 failed" in markdown and "![per-block distance to each source](summary.png)" in markdown
-    table = [line for line in markdown.splitlines() if line.startswith("| recipe.alpha=")]
+    table = [line for line in markdown.splitlines() if line.startswith("| alpha=")]
     assert len(table) == 6 and all("| failed |" in line and "holds NaN" in line for line in table[3:])
-    assert "| ok |" in table[0] and f"| {rows['recipe.alpha=0,recipe=tiny']['distance_to_krea']} |" in table[0]
+    assert "| ok |" in table[0] and f"| {rows['alpha=0,recipe=tiny']['distance_to_krea']} |" in table[0]
 
-    with open(sweep_dir / sweep.BLOCKS_CSV, newline="") as f:
+    with open(sweep_dir / summarize.BLOCKS_CSV, newline="") as f:
         blocks = list(csv.DictReader(f))
     assert len(blocks) == 3 * 6 * 2  # jobs x blocks x sources
     for b in blocks:
@@ -130,27 +136,27 @@ def test_basic_launcher_alpha_sweep_with_failing_jobs(tmp_path, recipes, states)
     # the plot: a real PNG, and the lines it draws are the per-block distances, one per finished job
     from matplotlib import image
 
-    assert image.imread(sweep_dir / sweep.SUMMARY_PNG).shape[2] in (3, 4)
-    figure = sweep.figure(sweep.Summary(sweep_dir.resolve(), sweep.read_jobs(sweep_dir), [], ["schnell", "krea"], []))
+    assert image.imread(sweep_dir / plot.SUMMARY_PNG).shape[2] in (3, 4)
+    figure = plot.figure(records.read_jobs(sweep_dir.resolve()), ["schnell", "krea"], "sweep")
     for ax, src in zip(figure.axes, ["schnell", "krea"]):
         assert ax.get_ylabel() == f"distance to {src}"
         lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
-        assert list(lines) == ["recipe.alpha=0", "recipe.alpha=0.5", "recipe.alpha=1"]
-        assert lines[f"recipe.alpha={0 if src == 'schnell' else 1}"] == [0.0] * 6
-        half = json.loads((sweep_dir / "recipe.alpha=0.5,recipe=tiny" / "transformer" / "diagnostics.json").read_text())["blocks"]
-        assert lines["recipe.alpha=0.5"] == [by_source[src] for by_source in half.values()]
+        assert list(lines) == ["alpha=0", "alpha=0.5", "alpha=1"]
+        assert lines[f"alpha={0 if src == 'schnell' else 1}"] == [0.0] * 6
+        half = json.loads((sweep_dir / "alpha=0.5,recipe=tiny" / "transformer" / "diagnostics.json").read_text())["blocks"]
+        assert lines["alpha=0.5"] == [by_source[src] for by_source in half.values()]
     assert [t.get_text() for t in figure.axes[1].get_xticklabels()] == ["embedders", "double.0", "double.1", "single.0", "single.1", "output"]
 
     # `summary` rebuilds the same tables from the files alone
-    before = {name: (sweep_dir / name).read_text() for name in (sweep.SUMMARY_CSV, sweep.SUMMARY_MD, sweep.BLOCKS_CSV)}
-    for name in (*before, sweep.SUMMARY_PNG):
+    before = {name: (sweep_dir / name).read_text() for name in (summarize.SUMMARY_CSV, SUMMARY_MD, summarize.BLOCKS_CSV)}
+    for name in (*before, plot.SUMMARY_PNG):
         (sweep_dir / name).unlink()
     r = run_cli(["summary", str(sweep_dir)], cwd=tmp_path)
     assert r.returncode == 1, r.stderr  # a job failed
     assert {name: (sweep_dir / name).read_text() for name in before} == before
-    assert (sweep_dir / sweep.SUMMARY_PNG).stat().st_size > 0
-    assert before[sweep.SUMMARY_MD] in r.stdout
-    assert not (sweep_dir / grid.GRID_PNG).exists() and "summary.png" in (sweep_dir / grid.INDEX_HTML).read_text()  # no previews: no grid
+    assert (sweep_dir / plot.SUMMARY_PNG).stat().st_size > 0
+    assert before[SUMMARY_MD] in r.stdout
+    assert not (sweep_dir / "grid.png").exists() and "summary.png" in (sweep_dir / page.INDEX_HTML).read_text()  # no previews: no grid
 
 
 def test_joblib_recipe_group_sweep_from_a_user_sweep_file(tmp_path, recipes, states, krea):
@@ -167,8 +173,7 @@ def test_joblib_recipe_group_sweep_from_a_user_sweep_file(tmp_path, recipes, sta
     assert "n_jobs=2" in r.stdout + r.stderr  # our preset, not the plugin's one job per core
     assert "validated against ConfigStore schema" not in r.stderr
     rows = summary_rows(sweep_dir)
-    krea_dirname = "recipe.sources.krea=" + str(krea).replace("/", "_")  # a path in a folder name: made safe
-    assert set(rows) == {f"recipe.alpha={a},{krea_dirname},recipe={n}" for a in (0, 1) for n in ("tiny", "tiny_guided")}
+    assert set(rows) == {f"alpha={a},recipe={n}" for a in (0, 1) for n in ("tiny", "tiny_guided")}  # the source, the same in every job: not in the names
     assert {(row["recipe"], row["recipe.alpha"]) for row in rows.values()} == {(n, a) for a in "01" for n in ("tiny", "tiny_guided")}
     for job, row in rows.items():
         check_row(row, sweep_dir, job)
@@ -182,12 +187,29 @@ def test_submitit_local_sweep_over_recipes_with_a_failing_one(tmp_path, recipes,
     assert r.returncode == 1, r.stderr
     assert "2 jobs, 1 ok, 1 failed" in r.stderr
     rows = summary_rows(sweep_dir)
-    assert list(rows) == ["recipe.alpha=0.5,recipe=tiny", "recipe.alpha=0.5,recipe=tiny_nan"]
-    check_row(rows["recipe.alpha=0.5,recipe=tiny"], sweep_dir, "recipe.alpha=0.5,recipe=tiny")
-    check_merge(sweep_dir / "recipe.alpha=0.5,recipe=tiny" / "transformer", 0.5, states)
-    broken = rows["recipe.alpha=0.5,recipe=tiny_nan"]
+    assert list(rows) == ["recipe=tiny", "recipe=tiny_nan"]
+    check_row(rows["recipe=tiny"], sweep_dir, "recipe=tiny")
+    check_merge(sweep_dir / "recipe=tiny" / "transformer", 0.5, states)
+    broken = rows["recipe=tiny_nan"]
     assert broken["status"] == "failed" and "holds NaN or Inf" in broken["error"] and broken["recipe"] == "tiny_nan"
-    assert (sweep_dir / ".submitit").is_dir() and (sweep_dir / sweep.SUMMARY_PNG).is_file()
+    assert (sweep_dir / ".submitit").is_dir() and (sweep_dir / plot.SUMMARY_PNG).is_file()
+
+
+def test_job_folders_are_named_by_what_differs(tmp_path, recipes, states, krea):
+    """Issue 21, item 14: every job's folder carried every override (the source's path, the recipe), the same
+    in every job. It is named by what differs (`alpha=1`), the job record keeps the full overrides, and the
+    recipe.yaml in such a folder still rebuilds the model."""
+    sweep_dir = tmp_path / "sweep"
+    r = multirun(["recipe=tiny", "recipe.alpha=0,1", f"recipe.sources.krea={krea}", "progress=false"], sweep_dir, recipes)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["alpha=0", "alpha=1"]
+    record = json.loads((sweep_dir / "alpha=1" / records.JOB_STATUS_NAME).read_text())
+    assert record["overrides"] == ["recipe=tiny", "recipe.alpha=1", f"recipe.sources.krea={krea}", "progress=False"]
+    assert list(summary_rows(sweep_dir)) == ["alpha=0", "alpha=1"]
+    rebuilt = tmp_path / "rebuilt"
+    r = run_cli([f"recipe={sweep_dir / 'alpha=1' / 'transformer' / 'recipe.yaml'}", f"output={rebuilt}", "progress=false"], cwd=tmp_path, env=recipes)
+    assert r.returncode == 0, r.stderr
+    check_merge(rebuilt, 1, states)
 
 
 @pytest.fixture
@@ -196,7 +218,7 @@ def job_config(monkeypatch):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import read_write
 
-    monkeypatch.setattr(sweep, "_failed_here", 0)
+    monkeypatch.setattr(cli_multirun, "_failed_here", 0)
 
     def make(job_dir: Path, overrides: list[str]):
 
@@ -204,7 +226,7 @@ def job_config(monkeypatch):
         with read_write(cfg.hydra.runtime):
             cfg.hydra.runtime.output_dir = str(job_dir)
         HydraConfig.instance().set_config(cfg)
-        assert sweep.in_multirun()
+        assert cli_multirun.in_multirun()
         return cfg
 
     yield make
@@ -214,10 +236,11 @@ def job_config(monkeypatch):
 def test_output_is_refused_in_a_multirun(tmp_path, job_config):
     """All jobs would write to that one folder: the job fails at once and says what to do instead."""
     cfg = job_config(tmp_path, ["recipe=krea_schnell", f"output={tmp_path / 'one'}"])
-    record = sweep.run_recorded(cfg, pytest.fail, show_traceback=False)
+    record = cli_multirun.run_job(cfg)
     assert record["status"] == "failed" and "a multirun writes one model per job" in record["error"] and "hydra.sweep.dir=" in record["error"]
-    assert json.loads((tmp_path / sweep.JOB_STATUS_NAME).read_text()) == record
-    assert "output" in cfg.hydra.job.config.override_dirname.exclude_keys  # not in the job folders' names either
+    assert json.loads((tmp_path / records.JOB_STATUS_NAME).read_text()) == record
+    jobs = [["recipe=krea_schnell", "output=one", f"recipe.alpha={a}"] for a in (0, 1)]
+    assert [job[-1] for job in cli_multirun.named_jobs(jobs)] == ["hydra.sweep.subdir='alpha=0'", "hydra.sweep.subdir='alpha=1'"]  # nor in the names
 
 
 def test_a_job_records_a_bug_and_an_interruption(tmp_path, caplog, job_config):
@@ -227,8 +250,8 @@ def test_a_job_records_a_bug_and_an_interruption(tmp_path, caplog, job_config):
     def bug(cfg):
         raise ValueError("boom")
 
-    assert sweep.run_recorded(cfg, bug, show_traceback=False)["error"] == "ValueError: boom"
-    status = json.loads((tmp_path / sweep.JOB_STATUS_NAME).read_text())
+    assert cli_multirun.run_job(cfg, bug)["error"] == "ValueError: boom"
+    status = json.loads((tmp_path / records.JOB_STATUS_NAME).read_text())
     assert status["status"] == "failed" and status["overrides"] == ["recipe=krea_schnell", "recipe.alpha=0.3"]
     assert "Traceback" in caplog.text and "in bug" in caplog.text  # a bug shows where it is
 
@@ -236,8 +259,8 @@ def test_a_job_records_a_bug_and_an_interruption(tmp_path, caplog, job_config):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_recorded(cfg, interrupted, show_traceback=False)
-    assert "interrupted" in json.loads((tmp_path / sweep.JOB_STATUS_NAME).read_text())["error"]
+        cli_multirun.run_job(cfg, interrupted)
+    assert "interrupted" in json.loads((tmp_path / records.JOB_STATUS_NAME).read_text())["error"]
 
 
 
@@ -248,7 +271,8 @@ def test_builtin_sweep_files_compose():
     assert dict(cfg.hydra.sweeper.params) == {"recipe.alpha": "0.0,0.25,0.5,0.75,1.0"}
     cfg = compose(["sweep=recipes_alpha"])
     assert dict(cfg.hydra.sweeper.params) == {"recipe": "krea_schnell,krea_schnell_guided", "recipe.alpha": "0.25,0.5,0.75"}
-    assert "sweep" in cfg.hydra.job.config.override_dirname.exclude_keys
+    jobs = [["sweep=recipes_alpha", f"recipe={r}", f"recipe.alpha={a}"] for r in ("krea_schnell", "krea_schnell_guided") for a in (0.25, 0.5)]
+    assert labels.folder_names(jobs) == ["alpha=0.25,recipe=krea_schnell", "alpha=0.5,recipe=krea_schnell", "alpha=0.25,recipe=krea_schnell_guided", "alpha=0.5,recipe=krea_schnell_guided"]
     for name in ("joblib", "slurm"):
         cfg = compose(["recipe=krea_schnell", f"hydra/launcher={name}"])
         assert cfg.hydra.launcher._target_.endswith("JoblibLauncher" if name == "joblib" else "SlurmLauncher")
@@ -284,10 +308,10 @@ def test_slurm_preset_makes_an_sbatch_script(tmp_path, monkeypatch):
 
 def test_plain_recipe_overrides_of_a_multirun_become_one_value_sweeps():
     argv = ["-m", "recipe=a,b", "recipe.alpha=0.2", "+recipe.beta=1", "recipe.alpha=0,1", "~recipe.x", "output=o", "--config-dir", "recipe.d"]
-    assert sweep.defer_recipe_overrides(argv) == [
+    assert arguments.defer_recipe_overrides(argv) == [
         "-m", "recipe=a,b", "recipe.alpha=choice(0.2)", "+recipe.beta=choice(1)", "recipe.alpha=0,1", "~recipe.x", "output=o", "--config-dir", "recipe.d"
     ]
-    assert sweep.is_multirun(["recipe=a", "--multirun"]) and not sweep.is_multirun(["recipe=a"])
+    assert arguments.is_multirun(["recipe=a", "--multirun"]) and not arguments.is_multirun(["recipe=a"])
 
 
 @pytest.mark.parametrize(
@@ -301,11 +325,11 @@ def test_plain_recipe_overrides_of_a_multirun_become_one_value_sweeps():
     ],
 )
 def test_job_dirname_is_a_safe_folder_name(dirname, expected):
-    assert sweep.job_dirname(dirname, 3) == expected
+    assert labels.folder_name(dirname, 3) == expected
 
 
 def test_job_dirname_of_long_overrides_is_cut_and_unique():
-    a, b = sweep.job_dirname("x=" + "a" * 300, 0), sweep.job_dirname("x=" + "a" * 299 + "b", 0)
+    a, b = labels.folder_name("x=" + "a" * 300, 0), labels.folder_name("x=" + "a" * 299 + "b", 0)
     assert a != b and len(a) < 200 and len(b) < 200
 
 
@@ -314,14 +338,14 @@ def test_summary_of_an_unfinished_job_and_of_no_sweep(tmp_path):
     job = tmp_path / "sweep" / "recipe.alpha=0.5"
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text("- recipe.alpha=0.5\n")
-    (tmp_path / "sweep" / sweep.MULTIRUN_YAML).write_text("hydra: {}\n")
-    assert sweep.main([str(tmp_path / "sweep")]) == sweep.EXIT_FAILED
+    (tmp_path / "sweep" / records.MULTIRUN_YAML).write_text("hydra: {}\n")
+    assert summary_command([str(tmp_path / "sweep")]) == EXIT_ERROR
     rows = summary_rows(tmp_path / "sweep")
     assert rows["recipe.alpha=0.5"]["status"] == "unfinished" and "did not finish" in rows["recipe.alpha=0.5"]["error"]
-    assert not (tmp_path / "sweep" / sweep.SUMMARY_PNG).exists()
-    assert sweep.main([str(tmp_path / "nothing")]) == sweep.EXIT_USAGE
+    assert not (tmp_path / "sweep" / plot.SUMMARY_PNG).exists()
+    assert summary_command([str(tmp_path / "nothing")]) == EXIT_USAGE
     (tmp_path / "empty").mkdir()
-    assert sweep.main([str(tmp_path / "empty")]) == sweep.EXIT_USAGE
+    assert summary_command([str(tmp_path / "empty")]) == EXIT_USAGE
 
 
 def test_summary_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
@@ -330,11 +354,11 @@ def test_summary_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
     mine = tmp_path / "project"
     (mine / "notes" / ".hydra").mkdir(parents=True)
     (mine / "notes" / ".hydra" / "overrides.yaml").write_text("- x=1\n")
-    files = {sweep.SUMMARY_MD: b"# my notes\n", sweep.SUMMARY_CSV: b"a,b\n", sweep.SUMMARY_PNG: b"\x89PNG mine"}
+    files = {SUMMARY_MD: b"# my notes\n", summarize.SUMMARY_CSV: b"a,b\n", plot.SUMMARY_PNG: b"\x89PNG mine"}
     for name, data in files.items():
         (mine / name).write_bytes(data)
-    assert sweep.main([str(mine)]) == sweep.EXIT_USAGE
-    assert {name: (mine / name).read_bytes() for name in files} == files and not (mine / grid.INDEX_HTML).exists()
+    assert summary_command([str(mine)]) == EXIT_USAGE
+    assert {name: (mine / name).read_bytes() for name in files} == files and not (mine / page.INDEX_HTML).exists()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a sweep folder (no multirun.yaml)" in err and "nothing was written" in err
 
@@ -342,16 +366,36 @@ def test_summary_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
     (single / ".hydra").mkdir(parents=True)
     (single / ".hydra" / "overrides.yaml").write_text("- recipe=demo\n")
     (single / ".hydra" / "hydra.yaml").write_text("hydra:\n  mode: RUN\n")
-    assert sweep.main([str(single)]) == sweep.EXIT_USAGE
+    assert summary_command([str(single)]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "a single run, not a sweep" in err and "unfinished" not in err and not (single / sweep.SUMMARY_CSV).exists()
+    assert "a single run, not a sweep" in err and "unfinished" not in err and not (single / summarize.SUMMARY_CSV).exists()
+
+
+def test_summary_escapes_what_job_records_hold(tmp_path, capsys):
+    """A job record's error and a job's overrides come from a stranger's recipe or file: `summary` printed an
+    escape sequence raw to the terminal and summary.md carried raw HTML (issue 21, item 8). Both are escaped,
+    as index.html's are."""
+    root = tmp_path / "sweep"
+    job = root / "a"
+    (job / ".hydra").mkdir(parents=True)
+    (root / records.MULTIRUN_YAML).write_text("hydra: {}\n")
+    (job / ".hydra" / "overrides.yaml").write_text('- "recipe.description=<img src=x onerror=alert(1)>"\n')
+    error = "\x1b[2J\x1b]0;pwned\x07<script>alert(1)</script> [click](javascript:alert(1))"
+    (job / records.JOB_STATUS_NAME).write_text(json.dumps({"status": "failed", "error": error}))
+    assert summary_command([str(root)]) == EXIT_ERROR
+    shown = capsys.readouterr()
+    assert "\x1b" not in shown.out + shown.err and "\x07" not in shown.out + shown.err
+    assert "\\x1b[2J" in shown.err  # written out, as the terminal shows any other text
+    markdown = (root / SUMMARY_MD).read_text()
+    assert not re.search(r"(?<!\\)[<>]", markdown) and "[click](javascript" not in markdown and "\x1b" not in markdown  # no HTML, no link
+    assert "\\<script\\>alert(1)\\</script\\>" in markdown and "\\<img src=x onerror=alert(1)\\>" in markdown
 
 
 def test_summary_of_damaged_sweep_state_files(tmp_path, capsys):
     """Damaged job records and Hydra files: one line per job, no traceback, never a hang (a FIFO)."""
     root = tmp_path / "sweep"
     root.mkdir()
-    (root / sweep.MULTIRUN_YAML).write_text("hydra: {}\n")
+    (root / records.MULTIRUN_YAML).write_text("hydra: {}\n")
     damage = {
         "list": {"fluxrecipe-job.json": "[1, 2]"},
         "types": {"fluxrecipe-job.json": json.dumps({"status": "ok", "seconds": "soon", "output": None})},
@@ -375,7 +419,7 @@ def test_summary_of_damaged_sweep_state_files(tmp_path, capsys):
                 os.mkfifo(path)
             else:
                 path.write_text(text)
-    assert sweep.main([str(root)]) == sweep.EXIT_FAILED
+    assert summary_command([str(root)]) == EXIT_ERROR
     err = capsys.readouterr().err
     assert "Traceback" not in err
     rows = summary_rows(root)

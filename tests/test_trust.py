@@ -376,7 +376,7 @@ def test_recipe_text_is_escaped_on_the_terminal_and_in_the_card(recipe_dir, tmp_
 
 
 def test_a_recipe_name_with_escapes_is_shown_escaped(tmp_path, monkeypatch, capsys):
-    from fluxrecipe.run import fail
+    from fluxrecipe.cli.exits import fail
 
     folder = tmp_path / "recipes"
     path = write_recipe(folder, "bad\x1b[31m", "sources: {a: x}\nrules: []\n")  # not a recipe name (see test_cli_recipes): run by its path

@@ -7,6 +7,7 @@ version, tab completion, a closed pipe) do what they say.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -115,3 +116,93 @@ def test_stderr_closed_is_no_crash(tmp_path):
     done = subprocess.run(f"{sys.executable} -m fluxrecipe recipe=demo +dryrun=true 2>&-", shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+# --- issue 21: a missing extra (item 10), relative paths (item 12) ------------------------------------------
+
+WITHOUT = """import importlib.abc, runpy, sys
+BLOCKED = {blocked!r}
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, NotInstalled())
+runpy.run_module("fluxrecipe", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "blocked, args, says",
+    [
+        (["hydra_plugins.hydra_joblib_launcher", "joblib"], ["-m", "recipe=demo", "recipe.alpha=0.1,0.2", "hydra/launcher=joblib"],
+         "hydra/launcher=joblib needs the sweep extra (hydra_plugins.hydra_joblib_launcher, joblib not installed): pip install 'fluxrecipe[sweep]'"),
+        (["hydra_plugins.hydra_submitit_launcher", "submitit"], ["-m", "recipe=demo", "recipe.alpha=0.1,0.2", "hydra/launcher=submitit_local"],
+         "hydra/launcher=submitit_local needs the sweep extra (hydra_plugins.hydra_submitit_launcher, submitit not installed): pip install 'fluxrecipe[sweep]'"),
+        (["transformers", "accelerate"], ["recipe=demo", "preview=true", "dry_run=true"],
+         "preview=true needs the preview extra (transformers, accelerate not installed): pip install 'fluxrecipe[preview]'"),
+    ],
+    ids=["joblib", "submitit", "preview"],
+)
+def test_a_missing_extra_is_one_line_naming_the_pip_install(tmp_path, blocked, args, says):
+    """The README's `hydra/launcher=joblib` sweep after `make demo` (which installs no extra) was a 20-line
+    traceback. Here the extra's modules cannot be imported, as where it is not installed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", WITHOUT.format(blocked=blocked), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert one_error_line(done) == f"fluxrecipe: error: {says}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_on_the_command_line_is_found_from_the_working_folder(tmp_path, schnell, krea):
+    """Relative paths (issue 21, item 12): a path written in a recipe file is found from the recipe file's
+    folder; a path given on the command line from the working folder, never beside the recipe (it was: the
+    same name beside the recipe shadowed the user's file)."""
+    work = tmp_path / "work"
+    write_recipe(work / "recipes", "mine", "sources: {a: models/m}\nrules: [{match: '.*', op: 'take:a'}]\n")
+    (work / "recipes" / "models").mkdir()
+    (work / "recipes" / "models" / "m").symlink_to(krea)  # beside the recipe
+    (work / "models").mkdir()
+    (work / "models" / "m").symlink_to(schnell)  # in the working folder
+    beside = run_cli(["recipe=recipes/mine.yaml", "dry_run=true", "output=out"], cwd=work)
+    assert beside.returncode == 0, beside.stderr
+    assert f"path {krea.resolve()}" in beside.stdout and "guidance_embeds: true" in beside.stdout  # Krea's
+    given = run_cli(["recipe=recipes/mine.yaml", "recipe.sources.a=models/m", "dry_run=true", "output=out"], cwd=work)
+    assert given.returncode == 0, given.stderr
+    assert f"path {schnell.resolve()}" in given.stdout and "guidance_embeds: false" in given.stdout  # schnell's
+
+
+# --- help (issue 21, item 15) ----------------------------------------------------------------------------------
+
+
+def test_help_lists_every_option_with_its_meaning(tmp_path):
+    """`--help` dumped the config (names and defaults, no meanings); `fluxrecipe help` and `methods --help`
+    were errors. Every option of the composed config is one line, `name=default  meaning`."""
+    from conftest import compose
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(compose(["recipe=demo"]))
+    options = {f"{k}.{s}" if isinstance(v, dict) else k for k, v in config.items() if k not in ("recipe", "hydra") for s in (v if isinstance(v, dict) else [None])}
+    compose([])
+    done = run_cli(["--help"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = {m[1]: m[2] for line in done.stdout.splitlines() if (m := re.fullmatch(r"  ([\w.]+)=(?:\S| \S)+ {2,}(\S.*)", line))}
+    assert set(lines) == options and all(len(meaning.split()) >= 3 for meaning in lines.values())
+    assert lines["lora_rank"].startswith("format=lora or lora_peft: the rank of each factored matrix")
+    assert run_cli(["help"], cwd=tmp_path).stdout == done.stdout
+    for args in (["methods", "--help"], ["help", "methods"]):
+        methods = run_cli(args, cwd=tmp_path)
+        assert methods.returncode == 0 and methods.stdout.startswith("usage: fluxrecipe methods [-h] [NAME ...]"), methods.stderr
+
+
+# --- a full disk on stdout, and a stranger's text in a sweep's summary (issue 21, item 8) ------------------------
+
+
+@pytest.mark.parametrize("args", [["recipe=demo", "output=out", "progress=false"], ["methods"], ["--help"]], ids=["merge-log", "methods", "help"])
+def test_stdout_on_a_full_disk_is_one_line_and_a_failure(tmp_path, args):
+    """`> /dev/full`: every log line printed a '--- Logging error ---' block with a traceback, and the merge went
+    on. The command stops at the first line it cannot write: one line on stderr, exit status 1."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "fluxrecipe", *args], cwd=tmp_path, env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr == "fluxrecipe: error: standard output: No space left on device\n", done.stderr
+    assert not (tmp_path / "out").exists()

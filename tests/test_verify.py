@@ -17,7 +17,8 @@ import pytest
 from conftest import merge
 from reliability_helpers import INDEX, edit_header, join, pair_recipe, shards, split, tensors_by_offset, use_recipe, weight_map
 
-from fluxrecipe.verify import main, verify_folder
+from fluxrecipe.cli.commands import verify as main
+from fluxrecipe.verify import verify_folder
 
 MANIFEST = "fluxrecipe.manifest.json"
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from ..text import cut
+
 Shapes = dict[str, tuple[int, ...]]
 
 # --- the Black Forest Labs layout as a table: BFL module -> the canonical modules whose rows it holds --------
@@ -214,10 +216,10 @@ def required(shapes: Shapes, key: str, dims: int, model: str) -> tuple[int, ...]
     """The shape of a tensor every `model` transformer has; ShapeError when it is missing, or not `dims`-D and
     non-empty."""
     if key not in shapes:
-        raise ShapeError(f"lacks '{key}', which every {model} transformer has")
+        raise ShapeError(f"lacks '{cut(key)}', which every {model} transformer has")
     shape = shapes[key]
     if len(shape) != dims or not all(shape):
-        raise ShapeError(f"'{key}' is {list(shape)}: a {model} transformer's is {dims}-D and not empty")
+        raise ShapeError(f"'{cut(key)}' is {list(shape)}: a {model} transformer's is {dims}-D and not empty")
     return shape
 
 

@@ -21,6 +21,7 @@ import json
 import re
 from typing import Any
 
+from ..text import cut
 from .base import BflTable, Family, Fused, Group, LoraTables, Norm, Preview, Rename, ShapeError, Shapes, Swapped, required
 
 WIDTH, DOUBLE, SINGLE = 3072, 19, 38  # FLUX.1's hidden size and block counts
@@ -127,7 +128,7 @@ def flux_config(family: Family, shapes: Shapes, diffusers_version: str | None, r
     out_channels = required(shapes, "proj_out.weight", 2, family.name)[0]
     joint = required(shapes, "context_embedder.weight", 2, family.name)[1]
     if hidden % head_dim:
-        raise ShapeError(f"'{head_key}' has {head_dim} elements, which do not divide the hidden size {hidden}")
+        raise ShapeError(f"'{cut(head_key)}' has {head_dim} elements, which do not divide the hidden size {hidden}")
     notes = []
     if head_dim != HEAD_DIM:
         rope = assumed_rope(head_dim)

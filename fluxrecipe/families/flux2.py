@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..text import cut
 from . import flux1
 from .base import BflTable, Family, Group, Preview, Rename, ShapeError, Shapes, required
 
@@ -95,7 +96,7 @@ def _mlp_width(shapes: Shapes, hidden: int) -> int:
         raise ShapeError("has neither a double block's 'ff.linear_in' nor a single block's 'attn.to_qkv_mlp_proj', one of which every FLUX.2 transformer has")
     rows = _shape(shapes, single, 2)[0]
     if rows <= 3 * hidden or (rows - 3 * hidden) % 2:
-        raise ShapeError(f"'{single}' has {rows} rows: a FLUX.2 transformer's are 3 x {hidden} (q, k, v) and then twice the MLP's width")
+        raise ShapeError(f"'{cut(single)}' has {rows} rows: a FLUX.2 transformer's are 3 x {hidden} (q, k, v) and then twice the MLP's width")
     return (rows - 3 * hidden) // 2
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from .. import families
 from ..errors import SourceError
-from ..families import Family
-from ..text import some_keys
+from ..families import Family, ShapeError
+from ..text import cut, some_keys
 from . import bfl, diffusers
 from .layout import TensorRef
 from .safetensors import FLOAT_ITEMSIZE, TensorEntry
@@ -39,6 +39,7 @@ class Recognised:
     family: Family
     ignored: dict[str, int] = field(default_factory=dict)  # what is not the transformer: group -> keys
     scaled: int = 0  # tensors stored as scaled fp8
+    notes: list[str] = field(default_factory=list)  # what is odd in the files but meant (for the plan)
 
 
 def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata: dict[str, str]) -> Recognised:
@@ -53,7 +54,7 @@ def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata
         ignored = dict(Counter(_group(k) for k in entries if not k.startswith(prefix)))
     if any(LORA_KEY.search(k) for k in model):
         key = next(k for k in model if LORA_KEY.search(k))
-        raise SourceError(f"source '{source}': {where} is a LoRA (it holds '{key}'), not a model: bake it into the merge with the recipe's `loras:`")
+        raise SourceError(f"source '{source}': {where} is a LoRA (it holds '{cut(key)}'), not a model: bake it into the merge with the recipe's `loras:`")
     family = families.recognise(model)
     refused = family.refusal(model) if family else None
     if refused:
@@ -62,7 +63,7 @@ def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata
         ignored.update(Counter(_group(k) for k in model if family.skips(k)))
         model = {k: e for k, e in model.items() if not family.skips(k)}
     if family and family.is_bfl(model):
-        scales, side = bfl.read_scales(source, where, model, metadata, prefix or "")
+        scales, side, notes = bfl.read_scales(source, where, model, metadata, prefix or "")
         weights = {k: e for k, e in model.items() if k not in set(side)}
         _check_floats(source, weights)
         tensors, unknown = bfl.to_canonical(source, weights, scales, family)
@@ -71,17 +72,28 @@ def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata
                 f"source '{source}': {where} holds {len(unknown)} key(s) a {family.name} transformer in Black Forest Labs' layout does not have "
                 f"({some_keys(unknown, SHOWN)}): is it a {family.name} model?"
             )
-        return Recognised("comfyui" if prefix else "bfl", tensors, family, ignored, scaled=len(scales))
+        return Recognised("comfyui" if prefix else "bfl", tensors, family, ignored, scaled=len(scales), notes=notes)
     if family and family.is_diffusers(model) and not prefix:
         _check_floats(source, model)
         return Recognised("diffusers", diffusers.to_canonical(source, model), family)
     raise SourceError(f"source '{source}': {where} {_looks_like(list(entries))}")
 
 
+def is_transformer(path: str, entries: dict[str, TensorEntry], metadata: dict[str, str]) -> bool:
+    """Whether a file's tensors are a whole transformer of a family fluxrecipe knows, in a layout it reads: what
+    an overwrite of a single-file output may replace besides fluxrecipe's own files."""
+    try:
+        found = recognise("", path, entries, metadata)
+        found.family.derive_config({k: t.shape for k, t in found.tensors.items()}, None)
+    except (SourceError, ShapeError):
+        return False
+    return True
+
+
 def _check_floats(source: str, entries: dict[str, TensorEntry]) -> None:
     odd = next((e for e in entries.values() if e.dtype not in FLOAT_ITEMSIZE), None)
     if odd:
-        raise SourceError(f"source '{source}': {odd.file}: tensor '{odd.name}': unsupported dtype '{odd.dtype}' (a transformer's weights are floating point)")
+        raise SourceError(f"source '{source}': {odd.file}: tensor '{cut(odd.name)}': unsupported dtype '{odd.dtype}' (a transformer's weights are floating point)")
 
 
 def _group(key: str) -> str:
@@ -96,9 +108,9 @@ def _looks_like(keys: list[str]) -> str:
     others = [f.name for f in reversed(families.FAMILIES[:-1])]
     nor = f" nor a {' or '.join(others)} one" if others else ""
     if any(LORA_KEY.search(k) for k in keys):
-        return f"is a LoRA (it holds '{next(k for k in keys if LORA_KEY.search(k))}'), not a model: bake it into the merge with the recipe's `loras:`"
+        return f"is a LoRA (it holds '{cut(next(k for k in keys if LORA_KEY.search(k)))}'), not a model: bake it into the merge with the recipe's `loras:`"
     if any(UNET_KEY.search(k) for k in keys):
-        return f"looks like a Stable Diffusion / SDXL UNet (it holds '{next(k for k in keys if UNET_KEY.search(k))}'), not a {model}{nor}"
+        return f"looks like a Stable Diffusion / SDXL UNet (it holds '{cut(next(k for k in keys if UNET_KEY.search(k)))}'), not a {model}{nor}"
     kinds = [name for name, rx in (("a text encoder", TEXT_KEY), ("a VAE", VAE_KEY)) if any(rx.search(k) for k in keys)]
     if kinds:
         return f"holds {' and '.join(kinds)} but no {model}{nor} (keys such as {some_keys(keys, SHOWN)})"

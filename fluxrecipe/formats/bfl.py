@@ -9,26 +9,42 @@ assumes a model's width: the fused parts are sized by the hidden size read from 
 ComfyUI files may hold scaled fp8, in either of ComfyUI's conventions: a `scaled_fp8` marker tensor and a
 `<layer>.scale_weight` per layer (older), or `<layer>.weight_scale` with a `<layer>.comfy_quant` JSON tensor
 or a `_quantization_metadata` header entry (newer, which `out_tensors`' callers write). The value of such a
-weight is its fp8 value times the scale: `read_scales` finds the scales, the executor multiplies.
+weight is its fp8 value times the scale: `read_scales` finds the scales and reads and checks their values
+(a few bytes each, so the plan holds the very numbers), the executor multiplies.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import re
 from functools import partial
 
 from ..errors import PlanError, SourceError
+from ..text import cut
 from ..families.base import BflTable, Family, Mapping, Norm, Swapped, targets
 from .layout import OutTensor, Part, Piece, Scale, TensorRef, row_size, rows
-from .safetensors import ITEMSIZE, TensorEntry
+from .safetensors import ITEMSIZE, TensorEntry, read_bytes, read_scalar
 
 TOP_KEY = re.compile(r"^(.+)\.(weight|bias|scale)$")
 QUANT_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+FP8_MAX = {"F8_E4M3": 448.0, "F8_E5M2": 57344.0}  # the largest finite value of each fp8 dtype
+FLOAT16_MAX = 65504.0  # a scale that lets a weight's values pass this is no FLUX weight's
+ZERO_CHECK_BLOCK = 16 << 20  # bytes read at a time where a scale of 0 needs its weight to be zeros
+WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # older and newer convention
 SCALE_SUFFIX = ".weight_scale"  # the newer convention, which fp8_scaled outputs write: <layer>.weight_scale,
 MARKER_SUFFIX = ".comfy_quant"  # <layer>.comfy_quant (and _quantization_metadata in the header)
 SIDE_SUFFIXES = (".scale_weight", ".weight_scale", ".comfy_quant", ".scale_input", ".input_scale")
+
+
+def spellings(table: BflTable, prefixes: tuple[str, ...]) -> list[tuple[str, tuple[str, ...], str]]:
+    """Every name of a family's BFL layout (its ComfyUI prefixes, groups and modules) with what diffusers calls
+    it (several names for a fused module, none for a prefix) and, for a block's module, the diffusers group it
+    lies in: to tell a user who wrote a rule in these names the canonical ones."""
+    names: list[tuple[str, tuple[str, ...], str]] = [(p, ("",), "") for p in prefixes]
+    names += [(g.bfl, (g.canonical,), "") for g in table.groups]
+    names += [(name, targets(m), "") for t in (table.top, table.final) for name, m in t.items()]
+    return names + [(name, targets(m), g.canonical) for g in table.groups for name, m in g.table.items()]
 
 
 def _segments(mapping: Mapping, sizes: list[int]) -> list[tuple[str, int, int]]:
@@ -85,7 +101,7 @@ def split(
         sizes = [hidden] * (len(targets(mapping)) - 1)
         sizes.append(total - sum(sizes))
         if sizes[-1] <= 0 or isinstance(mapping, Swapped) and total % 2:
-            raise SourceError(f"source '{source}': {entry.file}: '{entry.name}' {list(entry.shape)} cannot be split into a {model} transformer's tensors (hidden size {hidden})")
+            raise SourceError(f"source '{source}': {entry.file}: '{cut(entry.name)}' {list(entry.shape)} cannot be split into a {model} transformer's tensors (hidden size {hidden})")
         row_bytes = row_size(entry.shape) * ITEMSIZE[entry.dtype]
         at = 0  # the BFL tensor's row where this run starts
         for module, first, end in _segments(mapping, sizes):
@@ -132,7 +148,7 @@ def out_tensors(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], pref
             placed.update(members)
     stray = [k for k in shapes if k not in placed]
     if stray:
-        raise PlanError(f"the output holds {len(stray)} tensor(s) the Black Forest Labs layout has no place for (e.g. '{stray[0]}')")
+        raise PlanError(f"the output holds {len(stray)} tensor(s) the Black Forest Labs layout has no place for (e.g. '{cut(stray[0])}')")
     return tensors
 
 
@@ -147,7 +163,7 @@ def _out_tensor(name: str, mapping: Mapping, members: list[str], shapes: dict, d
     if any(shapes[t][1:] != tail for t in members):
         raise PlanError(f"{name} is made of {', '.join(members)}, whose shapes do not fit together ({', '.join(str(list(shapes[t])) for t in members)})")
     if isinstance(mapping, Swapped) and rows(shapes[members[0]]) % 2:
-        raise PlanError(f"{name}: '{members[0]}' has an odd number of rows, so its halves cannot be swapped")
+        raise PlanError(f"{name}: '{cut(members[0])}' has an odd number of rows, so its halves cannot be swapped")
     key_of = dict(zip(targets(mapping), members))
     parts, total = [], 0
     for module, first, end in _segments(mapping, [rows(shapes[t]) for t in members]):
@@ -160,44 +176,79 @@ def _out_tensor(name: str, mapping: Mapping, members: list[str], shapes: dict, d
 # --- scaled fp8 ------------------------------------------------------------------------------------------
 
 
-def read_scales(source: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str], prefix: str = "") -> tuple[dict[str, Scale], list[str]]:
-    """Scaled fp8, in either ComfyUI convention: weight key -> its Scale; and the keys that are side data
-    (scales, markers, activation scales), not tensors of the model. Raises SourceError when a scaled layer
-    lacks its scale, or a layer is quantized in a way fluxrecipe cannot dequantize exactly."""
+def read_scales(source: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str], prefix: str = "") -> tuple[dict[str, Scale], list[str], list[str]]:
+    """Scaled fp8, in either ComfyUI convention: weight key -> its Scale (its value read here: a few bytes
+    each, so that the plan states and checks what the merge will multiply by); the keys that are side data
+    (scales, markers, activation scales), not tensors of the model; and notes on what is odd but meant.
+    Raises SourceError when a scaled layer lacks its scale or has two, a scale is not a number that can scale
+    its weight, a marker contradicts the weight's dtype, or a layer is quantized in a way fluxrecipe cannot
+    dequantize exactly."""
     unsupported = [k for k in entries if k.endswith((".weight_scale_2", ".pre_quant_scale"))]
     if unsupported:
-        raise SourceError(f"source '{source}': {path} holds '{unsupported[0]}': a quantization (NVFP4, ...) fluxrecipe cannot dequantize exactly; use a bf16, fp16, fp8 or scaled-fp8 file")
+        raise SourceError(f"source '{source}': {path} holds '{cut(unsupported[0])}': a quantization (NVFP4, ...) fluxrecipe cannot dequantize exactly; use a bf16, fp16, fp8 or scaled-fp8 file")
     side = [k for k in entries if k == "scaled_fp8" or k.endswith(SIDE_SUFFIXES)]
+    where = f"source '{source}': {path}"
     scales: dict[str, Scale] = {}
+    notes: list[str] = []
     for key in entries:
-        for suffix in (".scale_weight", ".weight_scale"):
+        for suffix in WEIGHT_SCALE_SUFFIXES:
             if key.endswith(suffix):
                 weight = key[: -len(suffix)] + ".weight"
-                scales[weight] = _scale(source, path, entries, key, weight)
-    for layer, quant in _quant_formats(source, path, entries, metadata, prefix).items():
+                if weight in scales:
+                    names = sorted((entries[key].name, entries[scales[weight].file_key].name))
+                    raise SourceError(f"{where}: '{cut(entries[weight].name)}' has two scales, '{cut(names[0])}' and '{cut(names[1])}': which one applies is not known")
+                scales[weight] = _scale(where, entries, key, weight, notes)
+    for layer, quant in _quant_formats(where, entries, metadata, prefix).items():
         if quant not in QUANT_FORMATS:
-            raise SourceError(f"source '{source}': {path}: layer '{layer}' is quantized as {quant!r}, which fluxrecipe cannot dequantize exactly (it reads {', '.join(QUANT_FORMATS)})")
-        if layer + ".weight" in entries and layer + ".weight" not in scales:
-            raise SourceError(f"source '{source}': {path}: scaled fp8 layer '{layer}' has no '{layer}.weight_scale': the file is incomplete (its weights mean nothing without their scales)")
+            raise SourceError(f"{where}: layer '{cut(layer)}' is quantized as {quant!r}, which fluxrecipe cannot dequantize exactly (it reads {', '.join(QUANT_FORMATS)})")
+        weight = entries.get(layer + ".weight")
+        if weight is not None and layer + ".weight" not in scales:
+            raise SourceError(f"{where}: scaled fp8 layer '{cut(layer)}' has no '{layer}.weight_scale': the file is incomplete (its weights mean nothing without their scales)")
+        if weight is not None and weight.dtype != QUANT_FORMATS[quant]:
+            raise SourceError(f"{where}: layer '{cut(layer)}' is marked {quant} (its comfy_quant or _quantization_metadata) but its weight is {weight.dtype}: the file contradicts itself")
     if "scaled_fp8" in entries:
         for key, entry in entries.items():
             if key.endswith(".weight") and entry.dtype.startswith("F8") and key not in scales:
-                raise SourceError(f"source '{source}': {path} is scaled fp8 (it has a 'scaled_fp8' marker) but '{key}' has no '{key[: -len('weight')]}scale_weight': the file is incomplete")
-    return scales, side
+                raise SourceError(f"{where} is scaled fp8 (it has a 'scaled_fp8' marker) but '{cut(key)}' has no '{cut(key.removesuffix('weight') + 'scale_weight')}': the file is incomplete")
+    return scales, side, notes
 
 
-def _scale(source: str, path: str, entries: dict[str, TensorEntry], key: str, weight: str) -> Scale:
+def _scale(where: str, entries: dict[str, TensorEntry], key: str, weight: str, notes: list[str]) -> Scale:
+    """The scale `key` of the fp8 tensor `weight`: a finite number above 0 that keeps the weight's values
+    within float16's range (no FLUX weight comes near it); 0 only for a weight of zeros (a note)."""
     entry = entries[key]
     if weight not in entries:
-        raise SourceError(f"source '{source}': {path} holds the scale '{key}' of a weight '{weight}' it does not hold")
+        raise SourceError(f"{where} holds the scale '{cut(key)}' of a weight '{cut(weight)}' it does not hold")
     if entry.numel != 1 or entry.dtype not in ("F32", "F16", "BF16"):
-        raise SourceError(f"source '{source}': {path}: '{key}' is {entry.dtype} {list(entry.shape)}: fluxrecipe reads per-tensor scales (one number)")
-    if not entries[weight].dtype.startswith("F8"):
-        raise SourceError(f"source '{source}': {path}: '{key}' scales '{weight}', which is {entries[weight].dtype}, not fp8")
-    return Scale(entry.file, entry.begin, entry.dtype, key)
+        raise SourceError(f"{where}: '{cut(key)}' is {entry.dtype} {list(entry.shape)}: fluxrecipe reads per-tensor scales (one number)")
+    stored = entries[weight]
+    if not stored.dtype.startswith("F8"):
+        raise SourceError(f"{where}: '{cut(key)}' scales '{cut(weight)}', which is {stored.dtype}, not fp8")
+    value = read_scalar(entry)
+    if not math.isfinite(value) or value < 0:
+        raise SourceError(f"{where}: '{cut(entry.name)}' is {value:g}: a scale is a finite number above 0")
+    if value == 0:
+        if not _all_zero(stored):
+            raise SourceError(f"{where}: '{cut(entry.name)}' is 0 but '{cut(stored.name)}' holds values other than 0: they would all read as 0 (a damaged file?)")
+        notes.append(f"'{cut(entry.name)}' is 0 and '{cut(stored.name)}' is all zero: it reads as zeros")
+    largest = value * FP8_MAX[stored.dtype]
+    if largest > FLOAT16_MAX:
+        raise SourceError(
+            f"{where}: '{cut(entry.name)}' is {value:g}: '{cut(stored.name)}' would hold values up to {largest:g}, beyond float16's range "
+            "and any FLUX weight (a damaged file?)"
+        )
+    return Scale(value, key)
 
 
-def _quant_formats(source: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str], prefix: str) -> dict[str, str]:
+def _all_zero(entry: TensorEntry) -> bool:
+    """Whether every value of an fp8 tensor is 0 or -0 (bytes 0x00 and 0x80), read in blocks."""
+    for start in range(0, entry.nbytes, ZERO_CHECK_BLOCK):
+        if read_bytes(entry, start, min(ZERO_CHECK_BLOCK, entry.nbytes - start)).translate(None, b"\x00\x80"):
+            return False
+    return True
+
+
+def _quant_formats(where: str, entries: dict[str, TensorEntry], metadata: dict[str, str], prefix: str) -> dict[str, str]:
     """Layer -> quantization format, from `_quantization_metadata` and the `comfy_quant` markers."""
     formats: dict[str, str] = {}
     if "_quantization_metadata" in metadata:
@@ -205,16 +256,16 @@ def _quant_formats(source: str, path: str, entries: dict[str, TensorEntry], meta
             layers = json.loads(metadata["_quantization_metadata"])["layers"]
             formats.update({layer: str(conf.get("format") if isinstance(conf, dict) else conf) for layer, conf in layers.items()})
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-            raise SourceError(f"source '{source}': {path}: _quantization_metadata is not valid ({type(e).__name__}: {e})") from None
+            raise SourceError(f"{where}: _quantization_metadata is not valid ({type(e).__name__}: {e})") from None
     for key, entry in entries.items():
         if key.endswith(".comfy_quant"):
             if entry.dtype != "U8" or entry.nbytes > 4096:
-                raise SourceError(f"source '{source}': {path}: '{key}' is not a comfy_quant marker (a few U8 bytes of JSON)")
+                raise SourceError(f"{where}: '{cut(key)}' is not a comfy_quant marker (a few U8 bytes of JSON)")
             try:
-                conf = json.loads(_read(entry))
+                conf = json.loads(read_bytes(entry))
                 formats[key[: -len(".comfy_quant")]] = str(conf.get("format"))
             except (ValueError, AttributeError, RecursionError) as e:
-                raise SourceError(f"source '{source}': {path}: '{key}' is not a valid comfy_quant marker ({e})") from None
+                raise SourceError(f"{where}: '{cut(key)}' is not a valid comfy_quant marker ({e})") from None
     return {layer.removeprefix(prefix): f for layer, f in formats.items()}  # `entries` are without the file's prefix
 
 
@@ -222,11 +273,3 @@ def quant_marker(dtype: str) -> bytes:
     """The JSON bytes of a `comfy_quant` marker for a scaled layer of this dtype."""
     name = next(n for n, code in QUANT_FORMATS.items() if code == dtype)
     return json.dumps({"format": name}).encode()
-
-
-def _read(entry: TensorEntry) -> bytes:
-    fd = os.open(entry.file, os.O_RDONLY)
-    try:
-        return os.pread(fd, entry.nbytes, entry.begin)
-    finally:
-        os.close(fd)

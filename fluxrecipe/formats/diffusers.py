@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import SourceError
 from ..files import os_error_text, read_small
+from ..text import cut
 from .layout import OutFile, OutTensor, Piece, TensorRef, whole
 from .safetensors import TensorEntry
 
@@ -60,12 +61,12 @@ def _files_of_index(name: str, folder: Path, index: Path, remote: Collection[Pat
     files: dict[Path, list[str]] = {}
     for key, shard in weight_map.items():
         if not key.isprintable():
-            raise SourceError(f"source '{name}': {index} names key {key!r}, which holds unprintable characters")
+            raise SourceError(f"source '{name}': {index} names key {cut(key)!r}, which holds unprintable characters")
         if not isinstance(shard, str) or shard in ("", ".", "..") or "/" in shard or "\\" in shard or not shard.isprintable():
-            raise SourceError(f"source '{name}': {index} names shard {shard!r} for key '{key}': a shard must be a file name in the index's own folder")
+            raise SourceError(f"source '{name}': {index} names shard {cut(shard)!r} for key '{cut(key)}': a shard must be a file name in the index's own folder")
         path = folder / shard
         if not path.is_file() and path not in remote:
-            raise SourceError(f"source '{name}': {index} names shard '{shard}' for key '{key}', but {path} does not exist")
+            raise SourceError(f"source '{name}': {index} names shard '{cut(shard)}' for key '{cut(key)}', but {path} does not exist")
         files.setdefault(path, []).append(key)
     return files
 

@@ -40,6 +40,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValue, GGUFValueType, LlamaFileType
 
 from ..errors import FluxRecipeError, SourceError, UsageError
+from ..text import cut
 from .safetensors import TensorEntry, _check_no_overlap
 
 MAGIC = b"GGUF"
@@ -143,7 +144,7 @@ def parse_header(path: str, f: BinaryIO, size: int) -> GGUFHeader:
     for index in range(n_kvs):
         key = cursor.string(f"metadata key #{index}", name=True)
         if key in metadata:
-            raise SourceError(f"{path}: metadata key '{key}' is given twice")
+            raise SourceError(f"{path}: metadata key '{cut(key)}' is given twice")
         metadata[key] = cursor.value(key)
     alignment = _alignment(path, metadata)
     infos = [_tensor_info(cursor, index) for index in range(n_tensors)]
@@ -212,22 +213,22 @@ class _Cursor:
             raise SourceError(f"{self.path}: {what} has unknown value type {raw}") from None
 
     def value(self, key: str) -> GGUFValue:
-        value_type = self.value_type(f"metadata '{key}'")
+        value_type = self.value_type(f"metadata '{cut(key)}'")
         if value_type != GGUFValueType.ARRAY:
             return GGUFValue(self.scalar(value_type, key), value_type)
-        item_type = self.value_type(f"metadata '{key}' (its items)")
+        item_type = self.value_type(f"metadata '{cut(key)}' (its items)")
         return GGUFValue(self.array(item_type, key, depth=1), value_type, item_type)
 
     def scalar(self, value_type: GGUFValueType, key: str) -> object:
         if value_type == GGUFValueType.STRING:
-            return self.string(f"metadata '{key}'")
+            return self.string(f"metadata '{cut(key)}'")
         layout = SCALARS[value_type]
-        return layout.unpack(self.take(layout.size, f"metadata '{key}'"))[0]
+        return layout.unpack(self.take(layout.size, f"metadata '{cut(key)}'"))[0]
 
     def array(self, item_type: GGUFValueType, key: str, depth: int, keep: bool = True) -> list | UndecodedArray:
         """An array's items after its item type: the count, then the items, decoded while the budget lasts
         (and while `keep`: the items of an array too long to keep are only walked over)."""
-        what = f"metadata '{key}'"
+        what = f"metadata '{cut(key)}'"
         if depth > MAX_NESTING:
             raise SourceError(f"{self.path}: {what} nests arrays deeper than {MAX_NESTING} levels")
         count = self.u64(what)

@@ -13,6 +13,7 @@ format needs arithmetic, except scaled fp8, whose stored values are multiplied b
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from .safetensors import ITEMSIZE
@@ -29,11 +30,10 @@ class Piece:
 
 @dataclass(frozen=True)
 class Scale:
-    """Scaled fp8: where the scalar lies that multiplies every stored value of a tensor."""
+    """Scaled fp8: the scalar that multiplies every stored value of a tensor, read when the source is opened
+    (a few bytes), so that the plan holds and checks the very number the merge multiplies by."""
 
-    file: str
-    begin: int
-    dtype: str  # F32 (as ComfyUI writes it), F16 or BF16
+    value: float
     file_key: str
 
 
@@ -122,10 +122,12 @@ class OutFile:
     constants: tuple[Constant, ...] = ()
     metadata: tuple[tuple[str, str], ...] = ()
 
-    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(name, dtype, shape) of every tensor in the order the data is stored: the header's contents."""
+    def entries(self, without: Collection[str] = ()) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of every tensor in the order the data is stored: the header's contents; less
+        those named in `without` (a LoRA output's matrices that did not differ from the base: not written)."""
         scales = [(t.scale_name, "F32", ()) for t in self.tensors if t.scale_name]
-        return [(t.name, t.dtype, t.shape) for t in self.tensors] + scales + [(c.name, c.dtype, c.shape) for c in self.constants]
+        listed = [(t.name, t.dtype, t.shape) for t in self.tensors] + scales + [(c.name, c.dtype, c.shape) for c in self.constants]
+        return [entry for entry in listed if entry[0] not in without]
 
     @property
     def nbytes(self) -> int:

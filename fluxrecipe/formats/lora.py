@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,9 +35,10 @@ from .. import families
 from ..errors import SourceError
 from ..families import Family
 from ..schedule import is_number
+from ..text import cut
 from . import bfl
 from .layout import Piece, TensorRef
-from .safetensors import TensorEntry
+from .safetensors import SCALARS, TensorEntry, read_scalar
 
 ROLES = (  # longest suffix first: `.lora.up.weight` before `.up.weight`
     (".lora_down.weight", "down"),
@@ -108,7 +108,7 @@ def read(name: str, path: str, entries: dict[str, TensorEntry], metadata: dict[s
     keys that fit nowhere are returned (`unmatched`) for the caller to refuse or list."""
     where = f"lora '{name}' ({path})"
     modules, whole = modules_of(entries)
-    if not any({"up", "down"} & set(roles) for roles in modules.values()):
+    if not _holds_changes(modules):
         raise SourceError(f"{where} is not a LoRA: {_not_a_lora(list(entries))}")
     unet = next((k for k in modules if UNET.search(k)), None)
     if unet:
@@ -129,10 +129,24 @@ def read(name: str, path: str, entries: dict[str, TensorEntry], metadata: dict[s
             found.ignored += 1
         elif context.replacement(key, entry, found):
             schemes["bfl_control" if not key.startswith(DIFFUSERS_PREFIXES) else "diffusers"] += 1
+    _refuse_doubles(where, found.changes)
     if schemes["bfl"] and (schemes["bfl_control"] or any(c.kind == "add" for c in found.changes)):
         schemes["bfl_control"] += schemes.pop("bfl")
     found.format = "+".join(s for s, _ in schemes.most_common()) or "unknown"
     return found
+
+
+def _refuse_doubles(where: str, changes: list[Change]) -> None:
+    """Two modules of one file that change the same tensor are one module named twice (kohya's and ComfyUI's
+    spelling of it, a fused module and a part of it): baking both would add its change twice."""
+    first: dict[str, Change] = {}
+    for c in changes:
+        seen = first.setdefault(c.key, c)
+        if seen.module != c.module:
+            raise SourceError(
+                f"{where}: '{cut(seen.module)}' and '{cut(c.module)}' both change '{cut(c.key)}': one module named twice (in two key schemes?) "
+                "would be baked twice; keep one of them in the file"
+            )
 
 
 def modules_of(entries: dict[str, TensorEntry]) -> tuple[dict[str, dict[str, TensorEntry]], dict[str, TensorEntry]]:
@@ -149,19 +163,25 @@ def modules_of(entries: dict[str, TensorEntry]) -> tuple[dict[str, dict[str, Ten
     return modules, whole
 
 
+def _holds_changes(modules: dict[str, dict[str, TensorEntry]]) -> bool:
+    """Whether a file's modules change weights as a LoRA does: low-rank matrices, or ComfyUI's whole
+    differences (`.diff`, `.diff_b`), which some files hold alone."""
+    return any({"up", "down", "diff", "diff_b"} & set(roles) for roles in modules.values())
+
+
 def module_problems(entries: dict[str, TensorEntry]) -> list[str] | None:
     """For `verify`: None if the file is not a LoRA; else what is wrong with its modules (an up without its
     down, matrices whose ranks differ)."""
     modules, _ = modules_of(entries)
-    if not any({"up", "down"} & set(roles) for roles in modules.values()):
+    if not _holds_changes(modules):
         return None
     problems = []
     for module, roles in modules.items():
         up, down = roles.get("up"), roles.get("down")
         if bool(up) != bool(down):
-            problems.append(f"'{(up or down).name}' has no {'down' if up else 'up'} matrix beside it")
+            problems.append(f"'{cut((up or down).name)}' has no {'down' if up else 'up'} matrix beside it")
         elif up and (len(up.shape) != 2 or len(down.shape) != 2 or up.shape[1] != down.shape[0]):
-            problems.append(f"'{module}': up {list(up.shape)} and down {list(down.shape)} are not a LoRA's matrices of one rank")
+            problems.append(f"'{cut(module)}': up {list(up.shape)} and down {list(down.shape)} are not a LoRA's matrices of one rank")
     return problems
 
 
@@ -224,16 +244,16 @@ class _Context:
         if up or down:
             if not (up and down):
                 have, lack = ("up", "down") if up else ("down", "up")
-                raise SourceError(f"{self.where}: '{(up or down).name}' has no {lack} matrix beside it: the LoRA file is incomplete")
+                raise SourceError(f"{self.where}: '{cut((up or down).name)}' has no {lack} matrix beside it: the LoRA file is incomplete")
             if len(up.shape) != 2 or len(down.shape) != 2 or up.shape[1] != down.shape[0] or not down.shape[0]:
                 raise SourceError(
-                    f"{self.where}: '{module}' is not a LoRA module of matrices: up {list(up.shape)}, down {list(down.shape)} "
+                    f"{self.where}: '{cut(module)}' is not a LoRA module of matrices: up {list(up.shape)}, down {list(down.shape)} "
                     "(fluxrecipe bakes linear LoRAs: up [out, rank] and down [rank, in])"
                 )
             rank = down.shape[0]
             if rank > min(up.shape[0], down.shape[1]):  # a hostile rank would only cost memory: down is decoded whole
                 raise SourceError(
-                    f"{self.where}: '{module}' has rank {rank}, more than its matrices allow (up {list(up.shape)}, down {list(down.shape)}): "
+                    f"{self.where}: '{cut(module)}' has rank {rank}, more than its matrices allow (up {list(up.shape)}, down {list(down.shape)}): "
                     "not a LoRA fluxrecipe can bake"
                 )
             alpha = self._alpha(module, roles.get("alpha"), target if naming == "canonical" else None)
@@ -284,7 +304,7 @@ class _Context:
             refs, unknown = bfl.split(self.name, {f"{target}.{param}": entry}, self.hidden, self.family.name, find=find)
         except SourceError:
             raise SourceError(
-                f"{self.where}: '{entry.name}' {list(entry.shape)} does not fit {self.family.name} of hidden size {self.hidden}: a LoRA for a model of another width?"
+                f"{self.where}: '{cut(entry.name)}' {list(entry.shape)} does not fit {self.family.name} of hidden size {self.hidden}: a LoRA for a model of another width?"
             ) from None
         return {} if unknown else refs
 
@@ -295,7 +315,7 @@ class _Context:
         for c in changes:
             shape = self.shapes.get(c.key)
             if shape is None:
-                found.unmatched.append((c.tensor.file_key, f"it changes '{c.key}', which the output does not have"))
+                found.unmatched.append((c.tensor.file_key, f"it changes '{cut(c.key)}', which the output does not have"))
                 continue
             if c.kind == "product":
                 fits = len(shape) == 2 and c.tensor.shape[0] == shape[0] and c.down.shape[1] == shape[1]
@@ -307,7 +327,7 @@ class _Context:
                 if c.key == self.family.hidden_key and c.kind == "product" and c.down.shape[1] != shape[1] and self.tables.control_hint:
                     hint = f" (the LoRA's input layer takes {c.down.shape[1]} channels, the model {shape[1]}: {self.tables.control_hint})"
                 raise SourceError(
-                    f"{self.where}: '{c.module}' does not fit '{c.key}' {list(shape)}: it is {got}; a LoRA for another model (width, variant)?{hint}"
+                    f"{self.where}: '{cut(c.module)}' does not fit '{cut(c.key)}' {list(shape)}: it is {got}; a LoRA for another model (width, variant)?{hint}"
                 )
             fitting.append(c)
         return fitting
@@ -315,10 +335,10 @@ class _Context:
     def _alpha(self, module: str, entry: TensorEntry | None, canonical: str | None) -> float | None:
         if entry is not None:
             if entry.numel != 1 or entry.dtype not in SCALARS:
-                raise SourceError(f"{self.where}: '{entry.name}' is {entry.dtype} {list(entry.shape)}: an alpha is one number")
-            value = _scalar(entry)
+                raise SourceError(f"{self.where}: '{cut(entry.name)}' is {entry.dtype} {list(entry.shape)}: an alpha is one number")
+            value = read_scalar(entry)
             if not math.isfinite(value):
-                raise SourceError(f"{self.where}: '{entry.name}' is {value}: an alpha must be a finite number")
+                raise SourceError(f"{self.where}: '{cut(entry.name)}' is {value}: an alpha must be a finite number")
             return value
         if self.alphas and canonical is not None:
             return self.alphas.alpha(canonical)
@@ -362,29 +382,13 @@ def _peft_alphas(where: str, metadata: dict[str, str]) -> _PeftAlphas | None:
         raise SourceError(f"{where}: lora_adapter_metadata's lora_alpha / alpha_pattern are not numbers")
     for pattern in patterns:
         if re.search(r"[\\()\[\]{}*+?|$]", pattern.lstrip("^")):
-            raise SourceError(f"{where}: lora_adapter_metadata's alpha_pattern {pattern!r} is a regular expression; fluxrecipe reads module names (optionally ^-anchored)")
+            raise SourceError(f"{where}: lora_adapter_metadata's alpha_pattern {cut(pattern)!r} is a regular expression; fluxrecipe reads module names (optionally ^-anchored)")
     literal = tuple((p, float(v)) for p, v in patterns.items())
     return _PeftAlphas(float(config["lora_alpha"]), literal, bool(config.get("use_rslora")))
 
 
 def _pieces(entry: TensorEntry) -> tuple[Piece, ...]:
     return (Piece(entry.file, entry.begin, entry.nbytes),) if entry.nbytes else ()
-
-
-SCALARS = {"F64": "<d", "F32": "<f", "F16": "<e", "BF16": "bf16", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
-
-
-def _scalar(entry: TensorEntry) -> float:
-    """The one value of a scalar tensor (an alpha), read without torch."""
-    with open(entry.file, "rb") as f:
-        f.seek(entry.begin)
-        raw = f.read(entry.nbytes)
-    if len(raw) != entry.nbytes:
-        raise SourceError(f"{entry.file}: the file ended inside '{entry.name}'")
-    fmt = SCALARS[entry.dtype]
-    if fmt == "bf16":
-        return struct.unpack("<f", b"\x00\x00" + raw)[0]
-    return float(struct.unpack(fmt, raw)[0])
 
 
 def _not_a_lora(keys: list[str]) -> str:
@@ -394,10 +398,10 @@ def _not_a_lora(keys: list[str]) -> str:
     stripped = [k[len(p):] for k in keys for p in families.comfyui_prefixes() if k.startswith(p)] or keys
     lycoris = next((k for k in keys if re.search(r"\.(lokr|hada)_", k)), None)
     if lycoris:
-        return f"it is a LyCORIS LoKr/LoHa (it holds '{lycoris}'), which fluxrecipe does not bake"
+        return f"it is a LyCORIS LoKr/LoHa (it holds '{cut(lycoris)}'), which fluxrecipe does not bake"
     if families.recognise(stripped):
-        return f"it holds no lora_up/lora_down or lora_A/lora_B matrices but a model's weights ('{keys[0]}', ...): use a model as one of the recipe's sources"
-    return "it holds no lora_up/lora_down or lora_A/lora_B matrices; it " + _looks_like(keys)
+        return f"it holds no lora_up/lora_down or lora_A/lora_B matrices (nor .diff differences) but a model's weights ('{cut(keys[0])}', ...): use a model as one of the recipe's sources"
+    return "it holds no lora_up/lora_down or lora_A/lora_B matrices (nor .diff differences); it " + _looks_like(keys)
 
 
 # --- a merge written as a LoRA -----------------------------------------------------------------------------
@@ -416,8 +420,11 @@ def peft_names(module: str) -> tuple[str, str]:
 
 def peft_metadata(ranks: dict[str, int], rank: int) -> str:
     """`lora_adapter_metadata` for `load_lora_weights` / `load_lora_adapter`: PEFT's LoraConfig of the
-    transformer (alpha = rank everywhere, so the scale is 1), under diffusers' `transformer.` prefix."""
+    transformer (alpha = rank everywhere, so the scale is 1), under diffusers' `transformer.` prefix. Its
+    target_modules is a regex of exactly the modules the file holds: as a list, PEFT would also target every
+    module whose name ends in one of them (`proj_out` is also each single block's)."""
     odd = {f"^{m}": r for m, r in ranks.items() if r != rank}
-    config = {"r": rank, "lora_alpha": rank, "rank_pattern": odd, "alpha_pattern": odd, "target_modules": sorted(ranks), "lora_bias": False, "use_dora": False, "use_rslora": False}
+    targets = "^(?:" + "|".join(re.escape(m) for m in sorted(ranks)) + ")$"
+    config = {"r": rank, "lora_alpha": rank, "rank_pattern": odd, "alpha_pattern": odd, "target_modules": targets, "lora_bias": False, "use_dora": False, "use_rslora": False}
     return json.dumps({f"{PEFT_PREFIX}{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from dataclasses import dataclass
 
 from ..errors import SourceError
+from ..files import open_regular
+from ..text import cut
 
 # safetensors dtype code -> bytes per element (plain numbers, so that planning and dry runs need no torch;
 # execute.py maps the codes to torch dtypes). A FLUX transformer's weights are floating point; the integer
@@ -23,6 +26,8 @@ from ..errors import SourceError
 FLOAT_ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 ITEMSIZE: dict[str, int] = {**FLOAT_ITEMSIZE, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
+# the dtypes a scalar (a LoRA's alpha, a scaled-fp8 scale) is read in without torch: struct formats
+SCALARS = {"F64": "<d", "F32": "<f", "F16": "<e", "BF16": "bf16", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 
 
@@ -54,7 +59,7 @@ class Header:
 def read_header(path: str) -> Header:
     """Parse and check the header of `path`; every defect is a `SourceError` naming the file and key."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:  # a FIFO named like a model file must not block the run
             size = os.fstat(f.fileno()).st_size
             length = header_length(path, f.read(8), size)
             raw = f.read(length)
@@ -80,7 +85,7 @@ def parse_header(path: str, raw: bytes, size: int) -> Header:
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except _DuplicateKey as e:
-        raise SourceError(f"{path}: the safetensors header gives '{e.args[0]}' twice (a tensor or field named twice)") from None
+        raise SourceError(f"{path}: the safetensors header gives '{cut(e.args[0])}' twice (a tensor or field named twice)") from None
     except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an integer too long, nested too deep
         raise SourceError(f"{path}: the safetensors header is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
@@ -111,8 +116,8 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 def _entry(path: str, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
     if not name.isprintable():  # control characters in a name would reach the terminal in every message about it
-        raise SourceError(f"{path}: tensor name {name!r} holds unprintable characters")
-    where = f"{path}: tensor '{name}'"
+        raise SourceError(f"{path}: tensor name {cut(name)!r} holds unprintable characters")
+    where = f"{path}: tensor '{cut(name)}'"
     if not isinstance(info, dict):
         raise SourceError(f"{where}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -139,7 +144,7 @@ def _check_no_overlap(path: str, entries) -> None:
     previous = None
     for e in sorted((e for e in entries if e.nbytes), key=lambda e: e.begin):
         if previous is not None and e.begin < previous.begin + previous.nbytes:
-            raise SourceError(f"{path}: the data of tensors '{previous.name}' and '{e.name}' overlap")
+            raise SourceError(f"{path}: the data of tensors '{cut(previous.name)}' and '{cut(e.name)}' overlap")
         previous = e
 
 
@@ -158,3 +163,29 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * max(-len(raw) % 8, size - 8 - len(raw))
     return len(raw).to_bytes(8, "little") + raw, position
+
+
+def read_bytes(entry: TensorEntry, start: int = 0, nbytes: int | None = None) -> bytes:
+    """Bytes [start, start + nbytes) of a tensor's data (all of it by default): the few bytes of side data
+    a plan reads (alphas, scales, quantization markers)."""
+    nbytes = entry.nbytes - start if nbytes is None else nbytes
+    try:
+        fd = os.open(entry.file, os.O_RDONLY)
+        try:
+            raw = os.pread(fd, nbytes, entry.begin + start)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise SourceError(f"{entry.file}: reading '{cut(entry.name)}' failed: {e.strerror or e}") from None
+    if len(raw) != nbytes:
+        raise SourceError(f"{entry.file}: the file ended inside '{cut(entry.name)}'")
+    return raw
+
+
+def read_scalar(entry: TensorEntry) -> float:
+    """The one value of a scalar tensor of a SCALARS dtype, read without torch."""
+    raw = read_bytes(entry)
+    fmt = SCALARS[entry.dtype]
+    if fmt == "bf16":
+        return struct.unpack("<f", b"\x00\x00" + raw)[0]
+    return float(struct.unpack(fmt, raw)[0])

@@ -20,10 +20,11 @@ import yaml
 from .. import __version__
 from ..formats import diffusers
 from ..formats.safetensors import encode_header
+from ..loras import as_written
 from ..plan import Plan
 from ..recipe import DTYPES
 from ..schedule import plain
-from ..writer import MANIFEST_NAME, rewrite_header, write_file, write_json
+from ..writer import MANIFEST_NAME, WRITTEN_BY, rewrite_header, write_file, write_json
 from .card import model_card
 
 PROVENANCE_NAME = "fluxrecipe.json"
@@ -63,7 +64,7 @@ def file_metadata(plan: Plan, result=None) -> dict[str, str]:
     recipe = pinned_recipe(plan, result)
     if not plan.single_file:
         recipe["sources"] = {name: {"local": name} if "path" in pin else pin for name, pin in recipe["sources"].items()}
-    return {"format": "pt", "fluxrecipe.version": __version__, "fluxrecipe.recipe": json.dumps(recipe, separators=(",", ":"))}
+    return {"format": "pt", WRITTEN_BY: __version__, "fluxrecipe.recipe": json.dumps(recipe, separators=(",", ":"))}
 
 
 def header_size(plan: Plan) -> int:
@@ -100,7 +101,8 @@ def _finish_file(plan: Plan, result, path: Path) -> None:
     """The single file's header again, now with the provenance and the sha256 of its data."""
     out = plan.files[0]
     metadata = _single_file_metadata(plan, provenance(plan, result, LISTED), result.files[out.name].sha256, result)
-    rewrite_header(path, out.entries(), metadata, header_size(plan))
+    entries, own = as_written(out, plan.format, plan.factors, plan.lora_rank, result.lora_left_out) if plan.factors else (out.entries(), {})
+    rewrite_header(path, entries, {**metadata, **own}, header_size(plan))
 
 
 def _single_file_metadata(plan: Plan, record: dict, data_sha256: str, result=None) -> dict[str, str]:
@@ -163,7 +165,7 @@ def provenance(plan: Plan, result, listed: int | None = None) -> dict:
         "nonfinite_outputs": _counts(outputs, listed),
         "clamped": _counts(result.clamped, listed),
         **({"loras": [_lora(s, listed) for s in plan.loras]} if plan.loras else {}),
-        **({"lora": _lora_output(plan, result)} if plan.factors else {}),
+        **({"lora": _lora_output(plan, result, listed)} if plan.factors else {}),
     }
 
 
@@ -176,13 +178,19 @@ def _lora(summary, listed: int | None) -> dict:
     }
 
 
-def _lora_output(plan: Plan, result) -> dict:
-    """A merge written as a LoRA: its rank, and per matrix its rank and the relative error of its factors
-    (||difference - up @ down|| / ||difference||); per 1-D tensor it cannot hold, the largest |difference|."""
+def _lora_output(plan: Plan, result, listed: int | None) -> dict:
+    """A merge written as a LoRA: its rank, and per matrix written its rank and the relative error of its
+    factors (||difference - up @ down|| / ||difference||); the matrices left out (their difference is exactly
+    0); per 1-D tensor it cannot hold, the largest |difference|."""
+    left_out = set(result.lora_left_out)
     return {
         "rank": plan.lora_rank,
         "base": plan.recipe.base,
-        "matrices": {f.module: {"rank": f.rank, "svd": "exact" if f.exact else "randomized", "relative_error": result.lora_errors.get(f.module)} for f in plan.factors if f.rank},
+        "matrices": {
+            f.module: {"rank": f.rank, "svd": "exact" if f.exact else "randomized", "relative_error": result.lora_errors.get(f.module)}
+            for f in plan.factors if f.rank and f.module not in left_out
+        },
+        "left_out": {"count": len(left_out), "modules": _listed(list(result.lora_left_out), listed)},
         "not_held": {f.module: result.lora_unheld.get(f.module) for f in plan.factors if not f.rank},
     }
 
@@ -203,6 +211,7 @@ class _NoRun:
     clamped: dict = dataclasses.field(default_factory=dict)
     lora_errors: dict = dataclasses.field(default_factory=dict)
     lora_unheld: dict = dataclasses.field(default_factory=dict)
+    lora_left_out: list = dataclasses.field(default_factory=list)
 
 
 _NO_RUN = _NoRun()

@@ -18,7 +18,6 @@ at all.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -31,12 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
-from .errors import FluxRecipeError, OutputError, UsageError
-from .files import os_error_text, read_small
-from .plan import human_bytes
-from .writer import replace_json
+from .. import extras
+from ..errors import FluxRecipeError, OutputError, UsageError
+from ..files import os_error_text, read_small
+from ..plan import human_bytes
+from ..writer import replace_json
 
 log = logging.getLogger("fluxrecipe")
 
@@ -52,7 +50,63 @@ MAX_SIDE = 4096
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 NEEDED_COMPONENTS = (*TEXT_COMPONENTS, "vae", "scheduler")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
-SWITCH = "preview.enabled"
+
+
+@dataclass(frozen=True)
+class PreviewRequest:
+    """The previews a job asks for, checked: `steps` and `guidance` None follow the merged model
+    (for_model), which is known only once the job is planned."""
+
+    pipeline: str
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int | None
+    guidance: float | None
+    height: int
+    width: int
+    offload: str
+    device: str  # where the merge runs, and so the previews
+
+    def __post_init__(self) -> None:
+        """Every setting of its kind and range, whoever builds the request (the command line, or a test)."""
+        if not isinstance(self.pipeline, str) or not self.pipeline.strip():
+            raise UsageError(f"preview.pipeline={self.pipeline}: give a hub repo id (org/name) or a local pipeline folder")
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise UsageError(f"preview.prompts={_show(list(self.prompts))}: give a list of non-empty prompts, e.g. preview.prompts='[a red fox in snow, a city at night]'")
+        if not self.seeds or not all(_whole(s) and 0 <= s < 2**63 for s in self.seeds):
+            raise UsageError(f"preview.seeds={_show(list(self.seeds))}: give a list of whole numbers from 0, e.g. preview.seeds='[0,1,2]'")
+        for name, values in (("prompts", self.prompts), ("seeds", self.seeds)):
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            if twice:
+                raise UsageError(f"preview.{name} lists {', '.join(repr(t) for t in twice)} more than once")
+        if len(self.prompts) * len(self.seeds) > MAX_IMAGES:
+            raise UsageError(f"preview: {len(self.prompts)} prompts x {len(self.seeds)} seeds = {len(self.prompts) * len(self.seeds)} images per job; at most {MAX_IMAGES}")
+        if self.steps is not None and (not _whole(self.steps) or not 1 <= self.steps <= MAX_STEPS):
+            raise UsageError(f"preview.steps={self.steps}: a whole number of denoising steps from 1 to {MAX_STEPS} (null: {DEFAULT_STEPS[False]} without guidance embedder, {DEFAULT_STEPS[True]} with)")
+        guidance = self.guidance
+        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0):
+            raise UsageError(f"preview.guidance={guidance}: a number from 0 (null: {DEFAULT_GUIDANCE} for a model with a guidance embedder)")
+        for side in ("height", "width"):
+            value = getattr(self, side)
+            if not _whole(value) or not 16 <= value <= MAX_SIDE or value % 16:
+                raise UsageError(f"preview.{side}={value}: a multiple of 16 from 16 to {MAX_SIDE} (FLUX works in 16-pixel patches)")
+        if self.offload not in OFFLOAD:
+            raise UsageError(f"preview.offload={self.offload}: choose none, model (whole models move to the GPU in turn) or sequential (layer by layer: least GPU memory, slowest)")
+        if self.offload != "none" and not self.device.startswith("cuda"):
+            raise UsageError(f"preview.offload={self.offload} offloads to the CPU from a GPU: use it with device=cuda")
+
+    def for_model(self, guidance_embeds: bool) -> PreviewSettings:
+        """What the job renders for a merged model with (or without) a guidance embedder: few steps and no
+        guidance without one (schnell-like), guidance 3.5 with one. A guidance for a model without an
+        embedder would change nothing, and is refused."""
+        if not guidance_embeds and self.guidance is not None:
+            raise UsageError(
+                f"preview.guidance={self.guidance} changes nothing: the merged model has no guidance embedder (guidance_embeds: false); "
+                "leave preview.guidance out"
+            )
+        guidance = (DEFAULT_GUIDANCE if self.guidance is None else float(self.guidance)) if guidance_embeds else None
+        steps = DEFAULT_STEPS[guidance_embeds] if self.steps is None else self.steps
+        return PreviewSettings(self.pipeline.strip(), tuple(p.strip() for p in self.prompts), self.seeds, steps, guidance, self.height, self.width, self.offload)
 
 
 @dataclass(frozen=True)
@@ -86,92 +140,6 @@ class PreviewSettings:
         return len(self.images()) * (self.width * self.height * 3 + 4096)
 
 
-# --- the command line ------------------------------------------------------------------------------------
-
-
-def expand_switch(argv: list[str]) -> list[str]:
-    """`preview=true` is short for `preview.enabled=true` (`preview` also holds the settings, `preview.steps=8`).
-
-    Hydra can neither assign a value to a node that holds settings nor choose a config group by a boolean,
-    so the short form is spelled out before Hydra sees it (a sweep, `preview=true,false`, as well).
-    """
-    return [re.sub(r"^\+{0,2}preview=", f"{SWITCH}=", arg) for arg in argv]
-
-
-# --- settings ---------------------------------------------------------------------------------------------
-
-
-def enabled(cfg: DictConfig) -> bool:
-    from .run import boolean
-
-    node = cfg.get("preview")
-    return boolean(node.get("enabled") if isinstance(node, DictConfig) else node, "preview")
-
-
-def settings_of(cfg: DictConfig, guidance_embeds: bool) -> PreviewSettings:
-    """The job's preview settings, checked, with the defaults that suit a model with (or without) guidance."""
-    node = cfg.preview
-    pipeline = node.get("pipeline")
-    if not isinstance(pipeline, str) or not pipeline.strip():
-        raise UsageError(f"preview.pipeline={pipeline}: give a hub repo id (org/name) or a local pipeline folder")
-    prompts = _list(node.get("prompts"), "prompts")
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise UsageError(f"preview.prompts={_show(prompts)}: give a list of non-empty prompts, e.g. preview.prompts='[a red fox in snow, a city at night]'")
-    seeds = _list(node.get("seeds"), "seeds")
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in seeds):
-        raise UsageError(f"preview.seeds={_show(seeds)}: give a list of whole numbers from 0, e.g. preview.seeds='[0,1,2]'")
-    for name, values in (("prompts", prompts), ("seeds", seeds)):
-        twice = sorted({str(v) for v in values if values.count(v) > 1})
-        if twice:
-            raise UsageError(f"preview.{name} lists {', '.join(repr(t) for t in twice)} more than once")
-    if len(prompts) * len(seeds) > MAX_IMAGES:
-        raise UsageError(f"preview: {len(prompts)} prompts x {len(seeds)} seeds = {len(prompts) * len(seeds)} images per job; at most {MAX_IMAGES}")
-    steps = node.get("steps")
-    if steps is None:
-        steps = DEFAULT_STEPS[guidance_embeds]
-    elif not _whole(steps) or not 1 <= steps <= MAX_STEPS:
-        raise UsageError(f"preview.steps={steps}: a whole number of denoising steps from 1 to {MAX_STEPS} (null: {DEFAULT_STEPS[False]} without guidance embedder, {DEFAULT_STEPS[True]} with)")
-    guidance = node.get("guidance")
-    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0):
-        raise UsageError(f"preview.guidance={guidance}: a number from 0 (null: {DEFAULT_GUIDANCE} for a model with a guidance embedder)")
-    if not guidance_embeds:
-        if guidance is not None:
-            log.warning(f"fluxrecipe: preview.guidance={guidance} has no effect: the merged model has no guidance embedder (guidance_embeds: false)")
-        guidance = None
-    elif guidance is None:
-        guidance = DEFAULT_GUIDANCE
-    size = {}
-    for side in ("height", "width"):
-        value = node.get(side)
-        if not _whole(value) or not 16 <= value <= MAX_SIDE or value % 16:
-            raise UsageError(f"preview.{side}={value}: a multiple of 16 from 16 to {MAX_SIDE} (FLUX works in 16-pixel patches)")
-        size[side] = value
-    offload = node.get("offload") or "none"
-    if offload not in OFFLOAD:
-        raise UsageError(f"preview.offload={offload}: choose none, model (whole models move to the GPU in turn) or sequential (layer by layer: least GPU memory, slowest)")
-    if offload != "none" and not str(cfg.device).startswith("cuda"):
-        raise UsageError(f"preview.offload={offload} offloads to the CPU from a GPU: use it with device=cuda")
-    return PreviewSettings(
-        pipeline=pipeline.strip(),
-        prompts=tuple(p.strip() for p in prompts),
-        seeds=tuple(seeds),
-        steps=steps,
-        guidance=float(guidance) if guidance is not None else None,
-        offload=offload,
-        **size,
-    )
-
-
-def _list(value: Any, name: str) -> list:
-    if isinstance(value, ListConfig):
-        return list(OmegaConf.to_container(value))
-    if isinstance(value, (str, int)) and not isinstance(value, bool):
-        return [value]  # preview.seeds=3, preview.prompts='a red fox': one of each
-    if value is None:
-        return []
-    raise UsageError(f"preview.{name}={_show(value)}: give a list")
-
-
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -203,13 +171,13 @@ def recorded_pipeline(spec: str, folder: Path) -> str:
     return os.path.relpath(location, folder) if local else spec
 
 
-def check(settings: PreviewSettings, config: dict[str, Any], fetch: bool) -> list[str]:
+def pipeline_problems(settings: PreviewSettings, config: dict[str, Any], fetch: bool) -> list[str]:
     """Problems that would stop this job's previews, found before any merge: the libraries, the pipeline (its
     files, and whether its text encoders and VAE fit the merged model's config) and, unless `fetch` is false
     (a dry run), everything the rendering will read from the hub, downloaded now, once for the whole sweep."""
-    missing = [name for name in ("transformers", "accelerate", "PIL") if importlib.util.find_spec(name) is None]
+    missing = extras.missing("preview=true")
     if missing:
-        return [f"preview=true needs {', '.join(missing)}: pip install 'fluxrecipe[preview]'"]
+        return [missing]
     try:
         location, revision, local = locate(settings.pipeline)
         configs = {name: _component_config(location, revision, local, name) for name in ("model_index", "text_encoder", "text_encoder_2", "vae")}
@@ -247,7 +215,7 @@ def _fit(spec: str, configs: dict[str, dict], config: dict[str, Any]) -> list[st
 
 
 def _component_config(location: str, revision: str | None, local: bool, name: str) -> dict:
-    from .hub import fetch_file
+    from ..hub import fetch_file
 
     filename = "model_index.json" if name == "model_index" else f"{name}/config.json"
     if local:
@@ -267,7 +235,7 @@ def _component_config(location: str, revision: str | None, local: bool, name: st
 def pipeline_folder(settings: PreviewSettings) -> Path:
     """The local folder of the preview pipeline: a local one as it is; from the hub, its files but the
     transformer, downloaded into the cache (the cache alone where the hub cannot be reached)."""
-    from .hub import hub_access
+    from ..hub import hub_access
 
     location, revision, local = locate(settings.pipeline)
     if local:

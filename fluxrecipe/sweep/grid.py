@@ -1,28 +1,23 @@
 """The XY grid of a sweep's previews, built from the files the jobs left (it is rebuilt by `summary DIR`).
 
-`grid.png`: a row per prompt and seed, a column per job in sweep order, each column labelled with the job's
-swept values; a job that failed (or left no image) is a labelled empty cell. Its layout (labels, and the box
-and file of every cell) is stored in the PNG itself, as the text chunk `fluxrecipe.grid`, so a program can
-tell what it shows. `index.html` shows the grid, every image at full size (a link each), and the summary
-table.
+`grid.png`: a row per prompt and seed, a column per job in sweep order, each column labelled with what
+differs between the jobs (labels.py); a job that failed (or left no image) is a labelled empty cell. Its
+layout (labels, and the box and file of every cell) is stored in the PNG itself, as the text chunk
+`fluxrecipe.grid`, so a program can tell what it shows. Needs Pillow (the preview extra, which made the
+images).
 """
 
 from __future__ import annotations
 
-import html
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from typing import Any
 
-from .preview import PREVIEW_DIR
+from .labels import label
+from .records import OK, Job, sweep_relative
 
-if TYPE_CHECKING:
-    from .sweep import Job, Summary
-
-GRID_PNG, INDEX_HTML = "grid.png", "index.html"
+GRID_PNG = "grid.png"
 GRID_KEY = "fluxrecipe.grid"  # the PNG text chunk that holds the layout
 MAX_CELL = 512  # larger previews are scaled down in the grid (index.html links the full images)
 MIN_COLUMN, ROW_HEADER, PAD, FONT_SIZE = 150, 240, 6, 13
@@ -44,17 +39,16 @@ class Grid:
     cells: list[list[Cell]]  # [row][column]
 
 
-def build(summary: Summary) -> Grid | None:
-    """The grid of the jobs' previews, or None when no job has any."""
-    from .sweep import OK, label
-
-    if not any(j.previews for j in summary.jobs):
+def build(jobs: list[Job], swept: list[str]) -> Grid | None:
+    """The grid of the jobs' previews (a column per job, labelled with its values of the `swept` keys), or
+    None when no job has any."""
+    if not any(j.previews for j in jobs):
         return None
-    rows = list(dict.fromkeys((p["prompt"], p["seed"]) for j in summary.jobs for p in j.previews))
+    rows = list(dict.fromkeys((p["prompt"], p["seed"]) for j in jobs for p in j.previews))
     columns, cells = [], [[] for _ in rows]
-    for job in summary.jobs:
+    for job in jobs:
         status = "" if job.status == OK else f" ({job.status})"
-        columns.append((job, label(summary.swept, job) + status))
+        columns.append((job, (label(swept, job.overrides) or job.name) + status))
         files = {(p["prompt"], p["seed"]): p["file"] for p in job.previews}
         for i, row in enumerate(rows):
             cells[i].append(_cell(job, files.get(row)))
@@ -63,8 +57,6 @@ def build(summary: Summary) -> Grid | None:
 
 def _cell(job: Job, file: Path | None) -> Cell:
     from PIL import Image, UnidentifiedImageError
-
-    from .sweep import OK
 
     if job.status != OK:
         return Cell(None, f"{job.status}: {job.error or ''}".strip(": "))
@@ -82,7 +74,7 @@ def _cell(job: Job, file: Path | None) -> Cell:
     return Cell(file, image=image)
 
 
-def draw(grid: Grid, summary: Summary, path: Path) -> None:
+def draw(grid: Grid, sweep_dir: Path, path: Path) -> None:
     """grid.png, with its layout in the text chunk GRID_KEY."""
     from PIL import Image, ImageDraw
     from PIL.PngImagePlugin import PngInfo
@@ -119,7 +111,7 @@ def draw(grid: Grid, summary: Summary, path: Path) -> None:
                 pen.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], fill=EMPTY)
                 _text(pen, x + PAD, y + PAD, _wrap(measure, cell.note, font, cell_w - 2 * PAD, max(1, min(NOTE_LINES, (cell_h - PAD) // line_h))), font, line_h, FAINT)
                 box = [x, y, cell_w, cell_h]
-            layout_row.append({"box": box, "file": _relative(cell.file, summary.sweep_dir), "note": cell.note})
+            layout_row.append({"box": box, "file": sweep_relative(cell.file, sweep_dir), "note": cell.note})
         layout["cells"].append(layout_row)
     info = PngInfo()
     info.add_text(GRID_KEY, json.dumps(layout, ensure_ascii=False))
@@ -172,61 +164,3 @@ def _wrap(measure, text: str, font, width: int, max_lines: int) -> list[str]:
 def _text(pen, x: int, y: int, lines: list[str], font, line_h: int, color) -> None:
     for i, line in enumerate(lines):
         pen.text((x, y + i * line_h), line, font=font, fill=color)
-
-
-def _relative(file: Path | None, root: Path) -> str | None:
-    if file is None:
-        return None
-    return file.relative_to(root).as_posix() if file.is_relative_to(root) else str(file)
-
-
-# --- index.html -------------------------------------------------------------------------------------------
-
-
-def index_html(summary: Summary, grid: Grid | None) -> str:
-    """The page of the sweep: the grid, every preview (linked at full size), and the summary table."""
-    esc = html.escape
-    ok = len(summary.jobs) - len(summary.failed)
-    parts = [
-        "<!doctype html>",
-        f'<html><head><meta charset="utf-8"><title>Sweep {esc(summary.title)}</title>',
-        "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-        "padding:4px;vertical-align:top;font-size:13px}td.empty{background:#e4e4e4;color:#962828;max-width:16em}"
-        "img.cell{max-width:256px;display:block}img.grid{max-width:100%}</style></head><body>",
-        f"<h1>Sweep {esc(summary.title)}</h1>",
-        f"<p>{len(summary.jobs)} jobs: {ok} ok, {len(summary.failed)} failed or unfinished.</p>",
-    ]
-    if grid is not None:
-        settings = _settings_line(summary)
-        parts += [f"<h2>Previews</h2><p>{esc(settings)}</p>", f'<p><a href="{GRID_PNG}"><img class="grid" src="{GRID_PNG}" alt="grid of previews"></a></p>']
-        parts.append("<table><tr><th>prompt, seed</th>" + "".join(f"<th>{esc(text)}</th>" for _, text in grid.columns) + "</tr>")
-        for (prompt, seed), cells in zip(grid.rows, grid.cells):
-            row = [f"<td>seed {seed}: {esc(prompt)}</td>"]
-            for cell in cells:
-                if cell.file is None:
-                    row.append(f'<td class="empty">{esc(cell.note)}</td>')
-                else:
-                    href = esc(quote(_relative(cell.file, summary.sweep_dir) or ""))
-                    row.append(f'<td><a href="{href}"><img class="cell" src="{href}" alt="{esc(prompt)}, seed {seed}"></a></td>')
-            parts.append("<tr>" + "".join(row) + "</tr>")
-        parts.append("</table>")
-    columns = summary.columns()
-    parts.append("<h2>Summary</h2><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>")
-    parts += ["<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>" for row in summary.rows()]
-    parts.append("</table>")
-    links = [f'<a href="{esc(quote(f.name))}">{esc(f.name)}</a>' for f in summary.files if f.name != INDEX_HTML]
-    parts.append(f"<p>{' · '.join(links)}</p></body></html>")
-    return "\n".join(parts) + "\n"
-
-
-def _settings_line(summary: Summary) -> str:
-    """The preview settings of the jobs (those of the first job that has them; swept ones are in the labels)."""
-    for job in summary.jobs:
-        if job.preview_settings:
-            s = job.preview_settings
-            guidance = f"guidance {s.get('guidance')}" if s.get("guidance") is not None else "no guidance"
-            pipeline = str(s.get("pipeline"))
-            if pipeline.startswith("../"):  # a local folder, relative to the job's previews folder: say it from the sweep's
-                pipeline = os.path.relpath(os.path.normpath(job.folder / PREVIEW_DIR / pipeline), summary.sweep_dir)
-            return f"{s.get('steps')} steps, {guidance}, {s.get('width')}x{s.get('height')}, pipeline {pipeline}"
-    return ""

@@ -1,0 +1,223 @@
+"""The command line as Hydra should see it, and the mistakes Hydra would answer with a page of text (or a
+wrong piece of advice), each turned into one line before Hydra starts.
+
+- `recipe=NAME` is a recipe on the search path, and a mistyped name is one line ("did you mean");
+  `recipe=PATH.yaml` runs that exact file (a whole value that is a file is one path, commas and all); a
+  recipe choice that Hydra would read as something else goes to it quoted (`recipe=2024` is a name);
+- `dryrun=true` or `+dryrun=true`: an option fluxrecipe does not have, named with the closest it has;
+- `recipe.KEY=V` where the recipe has no KEY: a field or setting a recipe may have (`recipe.dtype`,
+  `recipe.rules.2.dtype`) is set (Hydra wants `+` to add it); anything else is a typo, said with the closest
+  name the recipe has (Hydra would advise `+recipe.KEY=V`, which adds a value that changes nothing);
+- `preview=true` is short for `preview.enabled=true`; a launcher or previews whose optional extra is not
+  installed is one line naming the `pip install` that adds it (not an ImportError's traceback);
+- in a multirun, `recipe.KEY=V` applies to every job, whichever recipe it chose (defer_recipe_overrides).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from .. import extras
+from ..catalog import is_recipe_path, recipe_file, recipe_problem
+from ..errors import UsageError
+from ..recipe import BLOCK_OVERRIDES_ENV, LORA_FIELDS, RECIPE_FIELDS, RULE_FIELDS, SOURCE_FIELDS, load_recipe_file
+from .options import default_of, deleted_option, unknown_option
+
+# `recipe.alpha.double_blocks.7=V`, `recipe.loras.style.strength.single_blocks=V`: one block of a schedule
+BLOCK_OVERRIDE = re.compile(
+    r"\+?recipe\.(?P<param>[A-Za-z_][\w-]*|loras\.[A-Za-z_][\w-]*\.strength)\."
+    r"(default|img_in|time_in|guidance_in|vector_in|txt_in|final_layer|(double_blocks|single_blocks)(\.\w+)?)=.*",
+    re.S,
+)
+OVERRIDE = re.compile(r"(\+{0,2})([A-Za-z_][\w-]*(?:\.[\w-]+)*)=(.*)", re.S)
+DELETION = re.compile(r"~([A-Za-z_][\w-]*(?:\.[\w-]+)*)(=.*)?", re.S)
+# Hydra's flags that take the next argument as their value (not an override)
+VALUE_FLAGS = {"-sc", "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package", "--info", "--experimental-rerun"}
+PREVIEW_SWITCH = "preview.enabled"
+LAUNCHER = re.compile(r"hydra/launcher=[\w-]+")
+
+
+def is_multirun(argv: list[str]) -> bool:
+    return any(a in ("-m", "--multirun", "hydra.mode=MULTIRUN") for a in argv)
+
+
+def preview_switch(arg: str) -> str:
+    """`preview=true` is short for `preview.enabled=true` (`preview` also holds the settings, `preview.steps=8`).
+
+    Hydra can neither assign a value to a node that holds settings nor choose a config group by a boolean,
+    so the short form is spelled out before Hydra sees it (a sweep, `preview=true,false`, as well)."""
+    return re.sub(r"^\+{0,2}preview=", f"{PREVIEW_SWITCH}=", arg)
+
+
+def command_line(args: list[str]) -> list[str]:
+    """The overrides as Hydra should see them (see the module's docstring); raises UsageError for a mistake."""
+    multirun = is_multirun(args)
+    recipes = _chosen_recipes(args, multirun)
+    out, blocks = [], []
+    for previous, arg in zip([None, *args], args):
+        if previous in VALUE_FLAGS:
+            out.append(arg)
+            continue
+        arg = preview_switch(arg)
+        if LAUNCHER.fullmatch(arg) and (missing := extras.missing(arg)):
+            raise UsageError(missing)
+        block = BLOCK_OVERRIDE.fullmatch(arg)
+        if block:  # the recipe loader gives this parameter a shape the block can be added to
+            blocks.append(block["param"])
+        m = OVERRIDE.fullmatch(arg)
+        if m and (message := unknown_option(m[2])):
+            raise UsageError(message)
+        deleted = DELETION.fullmatch(arg)
+        if deleted and (default := default_of(deleted[1])) is not None:
+            raise UsageError(deleted_option(deleted[1], default[0]))
+        if m and m[1] == "" and m[2] == "recipe" and not re.match(r"\w+\(", m[3]):  # not a sweep function
+            arg = "recipe=" + ",".join(_recipe_choice(v, multirun) for v in _recipe_values(m[3]))
+        elif m and m[1] == "" and m[2].startswith("recipe.") and not block:
+            arg = _recipe_override(m[2], m[3], recipes)
+        if m and m[2] == PREVIEW_SWITCH and "true" in m[3].lower() and (missing := extras.missing("preview=true")):
+            raise UsageError(missing)
+        out.append(arg)
+    if blocks:
+        os.environ[BLOCK_OVERRIDES_ENV] = ",".join(dict.fromkeys(blocks))
+    return out
+
+
+def _recipe_values(value: str) -> list[str]:
+    """The recipes of `recipe=VALUE`: one file, when the whole value is one (a sweep's job folder has commas
+    in its name), else the comma-separated choices of a sweep."""
+    return [value] if is_recipe_path(value) and recipe_file(value) is not None else value.split(",")
+
+
+def _recipe_choice(value: str, multirun: bool) -> str:
+    """One recipe choice, checked (a sweep's pre-flight reports it with the sweep's other problems), as Hydra
+    should read it."""
+    if not multirun and (problem := recipe_problem(value)):
+        raise UsageError(problem)
+    return _hydra_string(value)
+
+
+def _hydra_string(text: str) -> str:
+    """`text` written so that Hydra's override parser reads back that very string: as it is where it would
+    (a plain name keeps the job folders' names plain), else quoted (a backslash escapes a quote, and itself
+    before a quote or at the end)."""
+    try:
+        if OverridesParser.create().parse_override(f"recipe={text}").value() == text:
+            return text
+    except Exception:  # noqa: BLE001 - any value the parser refuses is quoted
+        pass
+    escaped = re.sub(r"(\\*)('|$)", lambda q: q[1] * 2 + ("\\'" if q[2] else ""), text)
+    return f"'{escaped}'"
+
+
+# --- recipe values on the command line --------------------------------------------------------------------
+
+
+def _chosen_recipes(args: list[str], multirun: bool) -> dict[str, Any]:
+    """Recipe choice -> its values as written (plain data), for every recipe the command line chooses and
+    that can be read (a missing or broken one is said where it is chosen, or in the sweep's pre-flight)."""
+    chosen: dict[str, Any] = {}
+    for previous, arg in zip([None, *args], args):
+        m = OVERRIDE.fullmatch(arg) if previous not in VALUE_FLAGS else None
+        if not m or m[1] or m[2] != "recipe" or re.match(r"\w+\(", m[3]):
+            continue
+        chosen = {}  # the last recipe= wins, as in Hydra
+        for value in _recipe_values(m[3]) if multirun else [m[3]]:
+            file = recipe_file(value)
+            node = load_recipe_file(file) if file is not None else None
+            if node is not None and "__load_error__" not in node:
+                chosen[value] = OmegaConf.to_container(node, resolve=False)
+    return chosen
+
+
+def _recipe_override(key: str, value: str, recipes: dict[str, Any]) -> str:
+    """`recipe.KEY=VALUE` as Hydra should get it: as it is where every chosen recipe has KEY; `++` (add or
+    set) where KEY is a field or setting a recipe may have; a UsageError naming the closest name where the
+    recipe has no such value (a typo)."""
+    path = key.split(".")[1:]
+    added = False
+    for choice, data in recipes.items():
+        missing = _first_missing(data, path)
+        if missing is None:
+            continue
+        where, name, allowed = missing
+        if allowed is None or name in allowed:
+            added = True
+            continue
+        known = sorted({*map(str, _keys(_get(data, where))), *(allowed or ())}, key=str)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        place = "recipe." + ".".join([*where, name])
+        hint = f"did you mean recipe.{'.'.join([*where, close[0]])}?" if close else f"it has: {', '.join(known) or 'nothing there'}"
+        raise UsageError(f"{place}: recipe {choice!r} has no {name!r} ({hint})")
+    return f"++{key}={value}" if added else f"{key}={value}"
+
+
+def _first_missing(data: Any, path: list[str]) -> tuple[list[str], str, tuple[str, ...] | None] | None:
+    """(the path that exists, the first name it lacks, the names a recipe may hold there) or None when the
+    whole path exists. A list index past the end is a missing name with nothing allowed."""
+    node, walked = data, []
+    for name in path:
+        if isinstance(node, dict) and name in node:
+            node = node[name]
+        elif isinstance(node, list) and name.isdigit() and int(name) < len(node):
+            node = node[int(name)]
+        elif isinstance(node, (dict, list)):
+            return walked, name, _allowed(walked)
+        else:
+            return None  # below a value that is not a mapping (a schedule given as a number): the loader says
+        walked.append(name)
+    return None
+
+
+def _allowed(walked: list[str]) -> tuple[str, ...] | None:
+    """What a recipe may hold below `walked` that it need not have yet: a recipe's fields at the top, a
+    source's, LoRA's or rule's fields in one; anything (None) in `config` and deeper (an op's arguments, a
+    schedule's blocks), where the recipe loader checks it; nothing new in the mappings the recipe itself
+    names (its sources, LoRAs, rules and parameters)."""
+    if not walked:
+        return RECIPE_FIELDS
+    if walked[0] == "config" or len(walked) > 2:
+        return None
+    return {"sources": SOURCE_FIELDS, "loras": LORA_FIELDS, "rules": RULE_FIELDS}.get(walked[0], ()) if len(walked) == 2 else ()
+
+
+def _get(data: Any, path: list[str]) -> Any:
+    for name in path:
+        data = data[int(name)] if isinstance(data, list) else data[name]
+    return data
+
+
+def _keys(node: Any) -> list:
+    if isinstance(node, dict):
+        return list(node)
+    return [str(i) for i in range(len(node))] if isinstance(node, list) else []
+
+
+# --- a multirun ---------------------------------------------------------------------------------------------
+
+
+def defer_recipe_overrides(argv: list[str]) -> list[str]:
+    """`-m recipe=a,b recipe.alpha=0.2`: make `recipe.alpha=0.2` a sweep of one value, applied per job.
+
+    Hydra composes a multirun's own config without its sweeps, so where the recipe is swept (on the command
+    line or in a sweep file) that config has no `recipe` node and a plain `recipe.X=V` cannot be applied to
+    it ("Key 'recipe' is not in struct"). As a sweep of one value, `recipe.X=choice(V)`, it is applied to
+    each job's config only, where the recipe is chosen; each job gets exactly `recipe.X=V`.
+    """
+    parser = OverridesParser.create()
+    out = []
+    for arg in argv:
+        if re.match(r"\+*recipe\.", arg):
+            try:
+                o = parser.parse_override(arg)
+            except Exception:  # noqa: BLE001 - not an override we understand: Hydra will say what is wrong
+                o = None
+            if o is not None and not o.is_sweep_override() and not o.is_delete():
+                arg = f"{o.get_key_element()}=choice({o.get_value_element_as_str()})"
+        out.append(arg)
+    return out
