@@ -206,3 +206,12 @@ def test_a_family_s_preview_pipeline_is_one_diffusers_has(name):
         assert issubclass(pipeline, diffusers.ModularPipeline) and preview.not_offered(name).startswith(f"previews are not offered for {name}: ")
     else:
         assert issubclass(pipeline, diffusers.DiffusionPipeline) and preview.not_offered(name) == ""
+
+
+def test_a_diagnostics_block_is_named_as_schedules_name_it():
+    """The sweep's plot labels a block as a schedule names it, in any family: the group's BFL name."""
+    from fluxrecipe.families import schedule_name
+
+    assert [schedule_name(b) for b in ["embedders", "transformer_blocks.7", "single_transformer_blocks.0", "mode_blocks.image_cond.2", "txt_mode_blocks.1", "output"]] == [
+        "embedders", "double_blocks.7", "single_blocks.0", "content_mode_blocks.image_cond.2", "txt_mode_blocks.1", "output"
+    ]

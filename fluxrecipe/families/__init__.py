@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from . import chroma, flux1, flux2, flux3
 from .base import Family, Preview, ShapeError
 
-__all__ = ["FAMILIES", "Family", "Preview", "ShapeError", "by_class", "by_name", "comfyui_prefixes", "diagnostic_order", "recognise", "vocabulary"]
+__all__ = ["FAMILIES", "Family", "Preview", "ShapeError", "by_class", "by_name", "comfyui_prefixes", "diagnostic_order", "recognise", "schedule_name", "vocabulary"]
 
 FAMILIES: tuple[Family, ...] = (flux3.FAMILY, flux2.FAMILY, chroma.FAMILY, flux1.FAMILY)
 
@@ -57,3 +57,11 @@ def diagnostic_order(block: str) -> tuple[int, int]:
     if group in groups and index.isdigit():
         return (1 + groups.index(group), int(index))
     return (1 + len(groups), 0)
+
+
+def schedule_name(block: str) -> str:
+    """A diagnostics block name of any family ('transformer_blocks.7') as recipes' schedules write it
+    ('double_blocks.7'); 'embedders' and 'output' as they are."""
+    group, _, index = block.rpartition(".")
+    bfl = next((g.bfl for f in reversed(FAMILIES) for g in f.bfl.groups if g.canonical == group), None)
+    return f"{bfl}.{index}" if bfl and index.isdigit() else block
