@@ -192,11 +192,27 @@ class LoraTables:
 
 
 @dataclass(frozen=True)
+class Fit:
+    """A number of a preview pipeline's component config that the model's config must match:
+    `component`/config.json `key` (dotted: nested) times `factor` == the model's `model_key`."""
+
+    component: str
+    key: str
+    model_key: str
+    what: str  # for the message: "T5's embeddings"
+    factor: int = 1
+
+
+@dataclass(frozen=True)
 class Preview:
     """How to render a model of the family: the diffusers pipeline class, the default pipeline repo (text
     encoders, VAE, scheduler), and the sampling defaults. `modular`: diffusers offers the family only as a
     ModularPipeline (components loaded by `load_components`, run by blocks that encode their own prompts),
-    which cannot be driven as the other pipelines are: previews are not offered for it."""
+    which cannot be driven as the other pipelines are: previews are not offered for it.
+
+    Prompts are encoded once, by the pipeline's own `encode_prompt` (with `encode_options`), before the
+    transformer is loaded: `text_inputs` names what each of its outputs is passed to the pipeline's call as
+    (None: not passed). `fits`: what of the pipeline must match the model's config."""
 
     pipeline: str
     repo: str
@@ -204,6 +220,9 @@ class Preview:
     guidance: float | None  # None: the model takes no guidance
     max_sequence_length: int
     modular: bool = False
+    text_inputs: tuple[str | None, ...] = ("prompt_embeds",)
+    encode_options: tuple[tuple[str, Any], ...] = ()
+    fits: tuple[Fit, ...] = ()
 
     def not_offered(self, family: str) -> str:
         """The one line that says previews cannot render this model ('' when they can)."""

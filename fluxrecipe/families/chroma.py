@@ -29,7 +29,7 @@ import re
 from typing import Any
 
 from . import flux1
-from .base import BflTable, Family, Group, Norm, Preview, Rename, Shapes, required
+from .base import BflTable, Family, Fit, Group, Norm, Preview, Rename, Shapes, required
 
 WIDTH, DOUBLE, SINGLE = flux1.WIDTH, flux1.DOUBLE, flux1.SINGLE  # Chroma1's size is FLUX.1-schnell's
 GUIDANCE_LAYER = re.compile(r"^distilled_guidance_layer\.layers\.(\d+)\.")
@@ -52,7 +52,17 @@ TABLE = BflTable(
     hidden="img_in.weight",
 )
 
-PREVIEW = Preview("ChromaPipeline", "lodestones/Chroma1-HD", steps=35, guidance=5.0, max_sequence_length=512)  # ChromaPipeline's defaults
+# ChromaPipeline's defaults; its guidance is classifier-free: encode_prompt -> (T5's embeddings, text ids, mask,
+# and the same of the negative prompt, "")
+PREVIEW = Preview(
+    "ChromaPipeline", "lodestones/Chroma1-HD", steps=35, guidance=5.0, max_sequence_length=512,
+    text_inputs=("prompt_embeds", None, "prompt_attention_mask", "negative_prompt_embeds", None, "negative_prompt_attention_mask"),
+    encode_options=(("negative_prompt", ""), ("do_classifier_free_guidance", True)),
+    fits=(
+        Fit("text_encoder", "d_model", "joint_attention_dim", "T5's embeddings"),
+        Fit("vae", "latent_channels", "in_channels", "its VAE's latent channels (2x2 packed)", 4),
+    ),
+)
 
 
 def derive_config(shapes: Shapes, diffusers_version: str | None = None) -> tuple[dict[str, Any], list[str]]:

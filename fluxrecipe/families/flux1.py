@@ -22,7 +22,7 @@ import re
 from typing import Any
 
 from ..text import cut
-from .base import BflTable, Family, Fused, Group, LoraTables, Norm, Preview, Rename, ShapeError, Shapes, Swapped, required
+from .base import BflTable, Family, Fit, Fused, Group, LoraTables, Norm, Preview, Rename, ShapeError, Shapes, Swapped, required
 
 WIDTH, DOUBLE, SINGLE = 3072, 19, 38  # FLUX.1's hidden size and block counts
 HEAD_DIM = 128  # every released FLUX's
@@ -95,8 +95,18 @@ LORA = LoraTables(
 )
 
 GUIDANCE = "time_text_embed.guidance_embedder."
-SCHNELL = Preview("FluxPipeline", "black-forest-labs/FLUX.1-schnell", steps=4, guidance=None, max_sequence_length=256)
-DEV = Preview("FluxPipeline", "black-forest-labs/FLUX.1-schnell", steps=20, guidance=3.5, max_sequence_length=256)  # schnell's encoders and VAE serve dev too
+# FluxPipeline.encode_prompt -> (T5's embeddings, CLIP's pooled one, text ids); 256 T5 tokens: schnell's limit
+PIPELINE = dict(
+    text_inputs=("prompt_embeds", "pooled_prompt_embeds", None),
+    encode_options=(("prompt_2", None),),
+    fits=(
+        Fit("text_encoder_2", "d_model", "joint_attention_dim", "T5's embeddings"),
+        Fit("text_encoder", "hidden_size", "pooled_projection_dim", "CLIP's pooled embedding"),
+        Fit("vae", "latent_channels", "in_channels", "its VAE's latent channels (2x2 packed)", 4),
+    ),
+)
+SCHNELL = Preview("FluxPipeline", "black-forest-labs/FLUX.1-schnell", steps=4, guidance=None, max_sequence_length=256, **PIPELINE)
+DEV = Preview("FluxPipeline", "black-forest-labs/FLUX.1-schnell", steps=20, guidance=3.5, max_sequence_length=256, **PIPELINE)  # schnell's encoders and VAE serve dev too
 
 # The demo's small FLUX.1 models of random weights (demo.py): FLUX.1's design, a few blocks of width 128;
 # schnell-like without and Krea-like with a guidance embedder.

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..text import cut
 from . import flux1
-from .base import BflTable, Family, Group, Preview, Rename, ShapeError, Shapes, required
+from .base import BflTable, Family, Fit, Group, Preview, Rename, ShapeError, Shapes, required
 
 ROPE = [32, 32, 32, 32]  # every FLUX.2 (head dim 128): rope has no weights, so a file cannot tell it
 VARIANTS = {6144: ("dev", 8, 48), 4096: ("klein 9B", 8, 24), 3072: ("klein 4B", 5, 20)}  # width -> name, blocks
@@ -58,11 +58,17 @@ TABLE = BflTable(
     hidden="img_in.weight",
 )
 
-DEV = Preview("Flux2Pipeline", "black-forest-labs/FLUX.2-dev", steps=50, guidance=4.0, max_sequence_length=512)
+# encode_prompt -> (the text encoder's hidden states of 3 layers side by side, text ids)
+VAE_FIT = Fit("vae", "latent_channels", "in_channels", "its VAE's latent channels (2x2 packed)", 4)
+DEV = Preview(
+    "Flux2Pipeline", "black-forest-labs/FLUX.2-dev", steps=50, guidance=4.0, max_sequence_length=512, text_inputs=("prompt_embeds", None),
+    fits=(Fit("text_encoder", "text_config.hidden_size", "joint_attention_dim", "Mistral's hidden states (3 layers)", 3), VAE_FIT),
+)
 # klein: the distilled models' defaults (4 steps, no classifier-free guidance); a base model needs ~50 steps
+KLEIN_FITS = (Fit("text_encoder", "hidden_size", "joint_attention_dim", "Qwen3's hidden states (3 layers)", 3), VAE_FIT)
 KLEIN = {
-    4096: Preview("Flux2KleinPipeline", "black-forest-labs/FLUX.2-klein-9B", steps=4, guidance=None, max_sequence_length=512),
-    3072: Preview("Flux2KleinPipeline", "black-forest-labs/FLUX.2-klein-4B", steps=4, guidance=None, max_sequence_length=512),
+    4096: Preview("Flux2KleinPipeline", "black-forest-labs/FLUX.2-klein-9B", steps=4, guidance=None, max_sequence_length=512, text_inputs=("prompt_embeds", None), fits=KLEIN_FITS),
+    3072: Preview("Flux2KleinPipeline", "black-forest-labs/FLUX.2-klein-4B", steps=4, guidance=None, max_sequence_length=512, text_inputs=("prompt_embeds", None), fits=KLEIN_FITS),
 }
 
 
