@@ -38,7 +38,7 @@ TOP, GROUPS, FINAL = families.vocabulary()  # every family's block names: a reci
 DEFAULT = "default"
 NAMES = (DEFAULT, *TOP, *GROUPS, *FINAL)  # the vocabulary, besides GROUP.N
 INDEXED = re.compile(rf"({'|'.join(map(re.escape, GROUPS))})\.(\d+)")
-RANGE = re.compile(rf"({'|'.join(map(re.escape, GROUPS))})\.(\d+)-(\d+)")  # double_blocks.0-9: blocks 0 to 9, both included
+RANGE = re.compile(rf"({'|'.join(map(re.escape, GROUPS))})\.(\d+)-(\d+)")  # GROUP.0-9: blocks 0 to 9, both included
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Previews: sample images of a merged model, the way people choose between merges.
 
 `preview=true` renders a fixed set of prompts with fixed seeds through the diffusers pipeline of the merged
-model's family (families/: its Preview; FLUX.1: `FluxPipeline`, Chroma: `ChromaPipeline`, ...): the merged
+model's family (families/: its Preview names the pipeline class, its default repo and defaults): the merged
 transformer, loaded from the job's output folder, with the text encoders, tokenizers, VAE and scheduler of
 `preview.pipeline` (a hub repo or a local pipeline folder; by default the family's). The settings that are
 not given follow the merged model, as its family says: FLUX.1: few steps and no guidance for a model without
