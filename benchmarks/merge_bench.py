@@ -57,10 +57,11 @@ HUB_SHARD = 10 * 10**9  # the hub's FLUX.1 shards: 10 GB
 TIMEOUT = -1  # exit code of a run stopped at its time limit
 
 
-def generate(folder: Path, *, double: int, single: int, guidance: bool, seed: int, sparse: bool, base: dict = FLUX) -> None:
+def generate(folder: Path, *, double: int, single: int, guidance: bool | None, seed: int, sparse: bool, base: dict = FLUX) -> None:
     """A diffusers folder of a FLUX-shaped model (FLUX.1's config, or `base`: another family's without its
-    block counts): config.json, shards, index; random bf16 (or sparse zeros)."""
-    config = {**base, "num_layers": double, "num_single_layers": single, "guidance_embeds": guidance}
+    block counts; guidance None: a family whose config has no guidance_embeds): config.json, shards, index;
+    random bf16 (or sparse zeros)."""
+    config = {**base, "num_layers": double, "num_single_layers": single, **({} if guidance is None else {"guidance_embeds": guidance})}
     shapes = expected_parameters(config, "benchmark config")
     total = sum(math.prod(s) * 2 for s in shapes.values())
     shard_size = max(HUB_SHARD * total // (23_800_000_000), 1)  # the hub's shard/model ratio, scaled down

@@ -185,7 +185,7 @@ def lora_notes(summaries: list[LoraSummary]) -> list[str]:
 
 
 def blocks_text(blocks: tuple[str, ...]) -> str:
-    """'double_blocks.0-18, single_blocks.0-37, final_layer': consecutive blocks as ranges."""
+    """Consecutive blocks of a group as ranges: 'GROUP.0-18, OTHER.0-37, BLOCK'."""
     out: list[str] = []
     runs: dict[str, list[list[int]]] = {}
     for block in blocks:

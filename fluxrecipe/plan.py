@@ -608,7 +608,7 @@ def format_plan(plan: Plan) -> str:
             f"{len(matrices)} matrices factored ({exact} by exact SVD, {len(matrices) - exact} by randomized SVD), the relative error of each reported after the run"
         )
     else:
-        flag = f", guidance_embeds: {json.dumps(plan.config['guidance_embeds'])}" if "guidance_embeds" in plan.config else ""
+        flag = "".join(f", {f}: {json.dumps(plan.config[f])}" for f in plan.family.flags if f in plan.config)
         lines.append(f"output: {where}; {r.base}'s architecture ({plan.config.get('_class_name')}{flag})")
     lines.append("rules:")
     width = max(len(repr(x.rule.match)) for x in plan.rule_stats())

@@ -59,9 +59,9 @@ MIXED = {"fp8_mixed": "bf16"}  # a mixed dtype -> the dtype of the tensors the f
 DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled, fp8_mixed"
 FORMATS = tuple(OUTPUT_FORMATS)
 RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format", "loras", "mix_families")
-# Recipe parameters the command line overrides one block of (`recipe.alpha.double_blocks.7=V`), set by the
-# command line (cli/arguments.py) for the recipe loader in this process and the sweep's job processes:
-# numbers among them become `{default: N}`, so that the block can be added to them.
+# Recipe parameters the command line overrides one block of (`recipe.alpha.GROUP.7=V`), set by the command
+# line (cli/arguments.py) for the recipe loader in this process and the sweep's job processes: numbers among
+# them become `{default: N}`, so that the block can be added to them.
 BLOCK_OVERRIDES_ENV = "FLUXRECIPE_BLOCK_OVERRIDES"
 RULE_FIELDS = ("match", "op", "sources", "optional", "dtype")
 SOURCE_FIELDS = ("repo", "revision", "subfolder", "path", "demo", "content_hash")

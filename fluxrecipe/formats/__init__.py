@@ -56,6 +56,12 @@ def recognise(source: str, where: str, entries: dict[str, TensorEntry], metadata
         key = next(k for k in model if LORA_KEY.search(k))
         raise SourceError(f"source '{source}': {where} is a LoRA (it holds '{cut(key)}'), not a model: bake it into the merge with the recipe's `loras:`")
     family = families.recognise(model)
+    refused = family.refusal(model) if family else None
+    if refused:
+        raise SourceError(f"source '{source}': {where} is {refused[0]} (it holds '{refused[1]}'), which fluxrecipe does not merge")
+    if family and any(family.skips(k) for k in model):  # no part of the model: counted with what else the file holds
+        ignored.update(Counter(_group(k) for k in model if family.skips(k)))
+        model = {k: e for k, e in model.items() if not family.skips(k)}
     if family and family.is_bfl(model):
         scales, side, notes = bfl.read_scales(source, where, model, metadata, prefix or "")
         weights = {k: e for k, e in model.items() if k not in set(side)}

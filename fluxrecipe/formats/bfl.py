@@ -64,7 +64,7 @@ def lookup(table: BflTable, file_key: str) -> tuple[str, Mapping, str] | None:
         mapping = group.table.get(m[3])
         return (f"{group.canonical}.{m[2]}.", mapping, m[4]) if mapping else None
     m = TOP_KEY.match(file_key)
-    mapping = (table.top.get(m[1]) or table.final.get(m[1])) if m else None
+    mapping = table.outer(m[1]) if m else None
     return ("", mapping, m[2]) if mapping else None
 
 
@@ -131,11 +131,11 @@ def out_tensors(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], pref
     the family's `table` lays them out. Raises PlanError when a canonical tensor has no place in the layout,
     or a fused tensor would lack a part or mix dtypes."""
     blocks = {(m[1], int(m[2])) for k in shapes if (m := table.canonical_pattern.match(k))}
-    modules: list[tuple[str, str, Mapping]] = [("", name, mapping) for name, mapping in table.top.items()]
+    modules: list[tuple[str, str, Mapping]] = [("", name, mapping) for name, mapping in table.outer_modules(table.top, shapes)]
     for group in table.groups:
         for index in sorted(i for g, i in blocks if g == group.canonical):
             modules += [(f"{group.canonical}.{index}.", f"{group.bfl}.{index}.{name}", mapping) for name, mapping in group.table.items()]
-    modules += [("", name, mapping) for name, mapping in table.final.items()]
+    modules += [("", name, mapping) for name, mapping in table.outer_modules(table.final, shapes)]
     placed: set[str] = set()
     tensors = []
     for canonical_prefix, bfl_module, mapping in modules:

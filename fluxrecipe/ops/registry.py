@@ -359,7 +359,8 @@ def _number_or_schedule(value: Any, where: str) -> float | schedule.Schedule:
 
 
 def block_names() -> str:
-    """Every family's block names as a schedule takes them: 'img_in, ..., double_blocks[.N], ..., default'."""
+    """Every family's block names as a schedule takes them: the blocks before the groups, each group as
+    'GROUP[.N]', the blocks after them, 'default'."""
     from ..schedule import FINAL, GROUPS, TOP
 
     return ", ".join([*TOP, *(f"{g}[.N]" for g in GROUPS), *FINAL, "default"])
