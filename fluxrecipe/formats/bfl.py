@@ -23,7 +23,7 @@ from functools import partial
 from ..errors import PlanError, SourceError
 from ..text import cut
 from ..families.base import BflTable, Family, Mapping, Norm, Swapped, targets
-from .layout import OutTensor, Part, Piece, Scale, TensorRef, row_size, rows
+from .layout import Constant, OutFile, OutTensor, Part, Piece, Scale, TensorRef, row_size, rows
 from .safetensors import ITEMSIZE, TensorEntry, read_bytes, read_scalar
 
 TOP_KEY = re.compile(r"^(.+)\.(weight|bias|scale)$")
@@ -171,6 +171,26 @@ def _out_tensor(name: str, mapping: Mapping, members: list[str], shapes: dict, d
         parts.append(Part(key_of[module], first * width, end * width))
         total += end - first
     return OutTensor(name, kinds.pop(), (total, *tail), tuple(parts))
+
+
+def out_file(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], scaled: set[str], file_name: str, family: Family, prefix: str = "") -> tuple[OutFile]:
+    """The one file of a BFL (prefix '') or ComfyUI output: its tensors in the family's layout; the weights in
+    `scaled` (canonical keys) as scaled fp8 in ComfyUI's newer convention (a scale and a marker per layer, and
+    `_quantization_metadata` in the header)."""
+    tensors, constants, layers = [], [], {}
+    for tensor in out_tensors(shapes, dtypes, prefix, family.bfl):
+        parts = {p.key for p in tensor.parts}
+        if parts & scaled and not parts <= scaled:
+            raise PlanError(f"{tensor.name} is made of {', '.join(sorted(parts))}, which the recipe gives fp8 and fp8_scaled: a fused tensor has one scale, so give them one dtype")
+        if parts & scaled:
+            layer = tensor.name[: -len(".weight")]
+            tensor = OutTensor(tensor.name, tensor.dtype, tensor.shape, tensor.parts, scale_name=layer + SCALE_SUFFIX)
+            marker = quant_marker(tensor.dtype)
+            constants.append(Constant(layer + MARKER_SUFFIX, "U8", (len(marker),), marker))
+            layers[layer] = json.loads(marker)
+        tensors.append(tensor)
+    metadata = (("_quantization_metadata", json.dumps({"format_version": "1.0", "layers": layers})),) if layers else ()
+    return (OutFile(file_name, tuple(tensors), tuple(constants), metadata),)
 
 
 # --- scaled fp8 ------------------------------------------------------------------------------------------
