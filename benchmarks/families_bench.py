@@ -1,11 +1,14 @@
-"""Benchmark: FLUX.2 merges against the I/O floor, each in a memory cgroup, in one run.
+"""Benchmark: merges of the model families beside FLUX.1 against the I/O floor, each in a memory cgroup, in one run.
 
     python benchmarks/families_bench.py --variant dev --double 1 --single 2        # FLUX.2-dev width (6144): lerp + rank-64 extraction
     python benchmarks/families_bench.py --variant klein9b --full --sparse --no-extract   # full-size klein 9B lerp (sparse sources)
+    python benchmarks/families_bench.py --variant chroma --full --sparse --no-extract    # full-size Chroma1 lerp (sparse sources)
+    python benchmarks/families_bench.py --variant flux3 --full --sparse --no-extract     # full-size FLUX.3 (distilled) lerp
     python benchmarks/families_bench.py --variant tiny --double 1 --single 2       # a smoke run of the script (seconds)
 
-Generates two FLUX.2 sources of --variant's width (diffusers layout, hub-like shards: merge_bench.generate;
---full: the variant's own block counts), then, each from a cold page cache (--cache cold, needs root; else
+Generates two sources of --variant (FLUX.2 dev, klein 9B, klein 4B; Chroma1; FLUX.3 distilled) at its width
+(diffusers layout, hub-like shards: merge_bench.generate; --full: the variant's own block counts; FLUX.3's
+--double is its per-mode blocks), then, each from a cold page cache (--cache cold, needs root; else
 warm):
   floor     read both sources, write as many bytes as the output (merge_bench.floor_seconds)
   lerp      python -m fluxrecipe: lerp:0.5 of the two, bf16
@@ -35,6 +38,11 @@ VARIANTS = {  # name -> (config besides the blocks, guidance embedder, the varia
     "klein9b": ({**FLUX2, "num_attention_heads": 32, "joint_attention_dim": 12288}, False, (8, 24)),
     "klein4b": ({**FLUX2, "num_attention_heads": 24, "joint_attention_dim": 7680}, False, (5, 20)),
     "tiny": ({**FLUX2, "in_channels": 16, "attention_head_dim": 32, "num_attention_heads": 4, "joint_attention_dim": 64, "timestep_guidance_channels": 32, "axes_dims_rope": [8, 8, 8, 8]}, True, (2, 4)),
+    # Chroma1-HD's config and Flux3Transformer2DModel's default (a distilled one): configs without guidance_embeds
+    "chroma": ({"_class_name": "ChromaTransformer2DModel", "patch_size": 1, "in_channels": 64, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                "axes_dims_rope": [16, 56, 56], "approximator_num_channels": 64, "approximator_hidden_dim": 5120, "approximator_layers": 5}, None, (19, 38)),
+    "flux3": ({"_class_name": "Flux3Transformer2DModel", "in_channels": 128, "cond_in_channels": 128, "attention_head_dim": 128, "num_attention_heads": 24,
+               "joint_attention_dim": 20480, "timestep_channels": 256, "axes_dims_rope": [32, 32, 32, 32], "flow_map": True}, None, (5, 28)),
 }
 RECIPES = {
     "lerp": "description: families_bench lerp\nsources: {{a: {a}, b: {b}}}\nrules:\n  - match: '.*'\n    op: lerp:0.5\ndtype: bf16\n",
@@ -44,7 +52,7 @@ RECIPES = {
 
 def main() -> None:
     ap = arguments(__doc__)
-    ap.add_argument("--variant", choices=list(VARIANTS), default="dev", help="the FLUX.2 width (and, with --full, blocks)")
+    ap.add_argument("--variant", choices=list(VARIANTS), default="dev", help="the family and width (and, with --full, blocks)")
     ap.add_argument("--rank", type=int, default=64, help="the extraction's LoRA rank")
     ap.add_argument("--no-extract", action="store_true", help="the lerp only")
     args, scratch = parsed(ap)
@@ -63,7 +71,7 @@ def main() -> None:
         sources = [sorted(a.glob("*.safetensors")), sorted(b.glob("*.safetensors"))]
         size = json.loads((a / "diffusion_pytorch_model.safetensors.index.json").read_text())["metadata"]["total_size"]
         width = base["num_attention_heads"] * base["attention_head_dim"]
-        print(f"sources: FLUX.2 {args.variant} width {width}, {args.double} double + {args.single} single blocks, {size / 2e9:.2f} B parameters, "
+        print(f"sources: {base['_class_name']} {args.variant} width {width}, {args.double} double + {args.single} single blocks, {size / 2e9:.2f} B parameters, "
               f"{human_bytes(size)} per source in bf16{' (sparse)' if args.sparse else ''}; cache {args.cache}", flush=True)
         read_seq, read_par, write_s = floor_seconds(sources, size, scratch, args.cache)
         print(f"I/O floor: read both sources {read_par:.1f} s concurrently ({read_seq:.1f} s one after the other); write {human_bytes(size)} {write_s:.1f} s (fsync)")

@@ -23,37 +23,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_bench import FLUX, REPO, arguments, floor_seconds, generate, parsed, prepare_cache, run_measured
+from merge_bench import REPO, arguments, floor_seconds, generate, generate_bfl, parsed, prepare_cache, run_measured
 
 sys.path.insert(0, str(REPO))
-from fluxrecipe import families
-from fluxrecipe.architecture import expected_parameters
-from fluxrecipe.formats import bfl
 from fluxrecipe.plan import human_bytes
-from fluxrecipe.writer import open_safetensors
-
-
-def generate_bfl(path: Path, *, double: int, single: int, guidance: bool, seed: int, sparse: bool) -> None:
-    """One BFL file of a FLUX-shaped model: random bf16 (or sparse zeros)."""
-    config = {**FLUX, "num_layers": double, "num_single_layers": single, "guidance_embeds": guidance}
-    shapes = expected_parameters(config, "benchmark config")
-    tensors = [(t.name, "BF16", t.shape) for t in bfl.out_tensors(shapes, dict.fromkeys(shapes, "BF16"), "", families.recognise(shapes).bfl)]
-    f = open_safetensors(path, tensors, {"format": "pt"})
-    if sparse:
-        header = f.size
-        f.abort()
-        with open(path, "r+b") as raw:
-            raw.truncate(header + sum(math.prod(s) * 2 for _, _, s in tensors))
-        return
-    gen = torch.Generator().manual_seed(seed)
-    for _, _, shape in tensors:
-        n = math.prod(shape)
-        for start in range(0, n, 1 << 24):
-            f.write(torch.randn(min(1 << 24, n - start), generator=gen).mul_(0.02).to(torch.bfloat16).view(torch.uint8).numpy())
-    f.close()
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import package
 from .errors import RecipeError, SourceError, UsageError
-from .formats import OUTPUT_FORMATS
+from . import formats
 from .loras import open_lora
 from .options import Options
 from .plan import Plan, format_plan, make_plan
@@ -58,7 +58,7 @@ def plan(
     output_format = format or recipe.format or "diffusers"
     if output_format not in FORMATS:
         raise UsageError(f"format={output_format}: choose one of {', '.join(FORMATS)}")
-    file_name = Path(output).name if output is not None and OUTPUT_FORMATS[output_format] else f"{recipe.name}.safetensors"
+    file_name = Path(output).name if output is not None and formats.FORMATS[output_format].single_file else f"{recipe.name}.safetensors"
     checkpoints = {name: open_source(spec, download) for name, spec in recipe.sources.items()}
     loras = {name: open_lora(spec) for name, spec in recipe.loras.items()}
     return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name, loras, lora_rank)
@@ -72,9 +72,9 @@ def output_path(output: str | Path, output_format: str) -> Path:
     """The output as an absolute path, checked against the format: a file for a single-file format (named
     .safetensors), a folder otherwise."""
     target = Path(os.path.abspath(os.path.expanduser(str(output))))
-    if OUTPUT_FORMATS[output_format] and target.suffix != ".safetensors":
+    if formats.FORMATS[output_format].single_file and target.suffix != ".safetensors":
         raise UsageError(f"output={output}: format={output_format} writes one file: name it, as output=merged/model.safetensors")
-    if not OUTPUT_FORMATS[output_format] and target.suffix == ".safetensors":
+    if not formats.FORMATS[output_format].single_file and target.suffix == ".safetensors":
         raise UsageError(f"output={output}: format={output_format} writes a folder; for one .safetensors file choose format=bfl, comfyui, lora or lora_peft")
     return target
 
@@ -117,13 +117,13 @@ def write(plan: Plan, output: str | Path, options: Options | None = None):
 def _check_replay(plan: Plan, result) -> None:
     """A recipe pinned by an earlier merge names the content hash of each local source it read: a replay that
     read other bytes there is not that merge, and its output is not kept."""
-    for name, spec in plan.recipe.sources.items():
+    for name, pinned in plan.recipe.content_hashes.items():
         read = result.source_hashes.get(name)
-        if spec.content_hash and read and read != spec.content_hash:
+        if read and read != pinned:
             where = next(s.location for s in plan.sources if s.name == name)
             raise SourceError(
                 f"source '{name}' ({where}) is not what this recipe was made from: its content hash is {read}, the recipe "
-                f"says {spec.content_hash}; nothing was written (remove content_hash from the recipe to merge these files anyway)"
+                f"says {pinned}; nothing was written (remove content_hash from the recipe to merge these files anyway)"
             )
 
 

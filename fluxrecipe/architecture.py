@@ -6,7 +6,7 @@ diffusers and torch takes seconds on a small machine, longer than planning, so e
 fluxrecipe cache, keyed by the diffusers version and the config, and later runs read it from there.
 
 A config comes from a stranger's file or recipe, so it is checked before anything is built from it: every
-value has the type the model class declares (`guidance_embeds: 'false'` is text, and text is true), and its
+value has the type the model class declares (a yes/no field given as `'false'` is text, and text is true), and its
 sizes are bounded by the shapes a model of its family can have (families/: block counts and widths), so that
 a config of 20000 layers cannot make the planner build a huge model.
 """

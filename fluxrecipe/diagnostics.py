@@ -1,7 +1,7 @@
 """Weight-space diagnostics gathered while merging: per block, how far the merge moved from each source.
 
-Blocks are named in canonical keys, as the model's family groups them: 'transformer_blocks.7',
-'single_transformer_blocks.12', 'embedders' (everything before the blocks) and 'output' (after them).
+Blocks are named in canonical keys, as the model's family groups them: a group's canonical name and the
+block's number, 'embedders' (everything before the blocks) and 'output' (after them).
 
 For block B and source S: sqrt(sum ||merged - S||^2) / sqrt(sum ||S||^2) over B's tensors that were read
 from S, the merged tensor being what was written (after rounding). 0 means the block is S's; for

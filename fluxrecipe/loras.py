@@ -24,7 +24,7 @@ from . import schedule
 from .errors import PlanError, SourceError
 from .families import Family
 from .files import NOT_REGULAR
-from .formats import bfl
+from .formats import FORMATS, bfl
 from .formats import lora as lora_format
 from .formats.layout import Constant, OutFile, OutTensor, Part, TensorRef, whole
 from .formats.safetensors import TensorEntry, read_header
@@ -33,7 +33,7 @@ from .sources import file_hash, local_path
 from .schedule import Blocks, Schedule
 from .text import cut
 
-LORA_FORMATS = {"lora": "kohya", "lora_peft": "diffusers"}  # output format -> the key scheme it writes
+LORA_FORMATS = {name: f.lora_scheme for name, f in FORMATS.items() if f.lora_scheme}  # output format -> the key scheme it writes
 LORA_DTYPES = ("BF16", "F16", "F32")
 PEFT_FILE = "pytorch_lora_weights.safetensors"  # what diffusers writes into a LoRA folder
 EXACT_SVD = 1024  # a matrix whose smaller side is at most this is factored by an exact SVD, larger ones by the randomized range finder (ops/lowrank.py)
@@ -185,7 +185,7 @@ def lora_notes(summaries: list[LoraSummary]) -> list[str]:
 
 
 def blocks_text(blocks: tuple[str, ...]) -> str:
-    """'double_blocks.0-18, single_blocks.0-37, final_layer': consecutive blocks as ranges."""
+    """Consecutive blocks of a group as ranges: 'GROUP.0-18, OTHER.0-37, BLOCK'."""
     out: list[str] = []
     runs: dict[str, list[list[int]]] = {}
     for block in blocks:
@@ -264,7 +264,7 @@ def lora_output(
         raise PlanError(f"lora_rank={rank}: must be a whole number above 0")
     if not any(changed.values()):
         raise PlanError(f"{where}: the recipe's result is its base everywhere, so the LoRA would be empty: take another source or bake LoRAs into it")
-    if output_format == "lora":
+    if LORA_FORMATS[output_format] == "kohya":  # BFL module names
         modules = [(t.name[: -len(".weight")], t.parts) for t in bfl.out_tensors(shapes, dict.fromkeys(shapes, dtype), "", family.bfl) if t.name.endswith(".weight") and len(t.shape) == 2]
     else:
         modules = [(k[: -len(".weight")], whole(k, s)) for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2]
@@ -282,7 +282,7 @@ def lora_output(
     factors, tensors, constants = [], [], []
     for module, parts, shape in matrices:
         r = min(rank, *shape)
-        if output_format == "lora":
+        if LORA_FORMATS[output_format] == "kohya":
             down, up, alpha = lora_format.kohya_names(module)
             constants.append(Constant(alpha, "F32", (), struct.pack("<f", float(r))))
         else:
@@ -303,7 +303,7 @@ def as_written(out: OutFile, output_format: str, factors: tuple[Factor, ...], ra
 
 def _own_metadata(output_format: str, factors, rank: int, left_out: Collection[str]) -> tuple[tuple[str, str], ...]:
     """format=lora_peft: PEFT's config (`lora_adapter_metadata`) of the matrices the file holds."""
-    if output_format != "lora_peft":
+    if LORA_FORMATS[output_format] != "diffusers":
         return ()
     ranks = {f.module: f.rank for f in factors if f.rank and f.module not in left_out}
     return (("lora_adapter_metadata", lora_format.peft_metadata(ranks, rank)),)

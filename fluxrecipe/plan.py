@@ -24,11 +24,12 @@ from . import schedule
 from .architecture import config_fields, expected_parameters, mismatch
 from .errors import PlanError
 from .families import Family
-from .formats import OUTPUT_FORMATS, bfl, diffusers
-from .formats.layout import Constant, OutFile, OutTensor, TensorRef
+from .formats import FORMATS, bfl
+from .formats.layout import OutFile, TensorRef
 from .formats.safetensors import ITEMSIZE
-from .loras import LORA_FORMATS, Factor, LoraFile, LoraSummary, Patch, lora_notes, lora_output, plan_patches
-from .recipe import DTYPES, MATCH_SECONDS, MIXED, Recipe, Rule
+from .loras import Factor, LoraFile, LoraSummary, Patch, lora_notes, lora_output, plan_patches
+from .ops import OPS, OpCall, identity_of
+from .recipe import DTYPES, MATCH_SECONDS, MIXED, Recipe, Rule, describe_rule
 from .sources import Checkpoint
 from .text import cut, printable, some_keys
 
@@ -66,9 +67,9 @@ class Step:
 
     @property
     def copies_bytes(self) -> bool:
-        """`take` into the same dtype, unscaled either side: the bytes are copied as they are, never decoded."""
+        """An identity op (`take`) into the same dtype, unscaled either side: the bytes are copied as they are, never decoded."""
         src = self.inputs[0] if self.inputs else None
-        return self.op == "take" and src.dtype == self.dtype and src.scale is None and not self.scaled and not self.patches
+        return OPS[self.op].identity and src.dtype == self.dtype and src.scale is None and not self.scaled and not self.patches
 
     @property
     def bytes_read(self) -> int:
@@ -99,8 +100,44 @@ class SourceSummary:
 
 
 @dataclass(frozen=True)
+class PlannedRule:
+    """A recipe rule as the plan keeps it: what the printed plan, the card and provenance say of it."""
+
+    index: int
+    match: str
+    op: OpCall  # as written
+    sources: tuple[str, ...]
+    dtype: str | None
+    params: dict[str, Any]  # checked, defaults filled in (schedules as schedule.Schedule)
+
+    def describe(self) -> str:
+        return describe_rule(self.index, self.match, self.op)
+
+
+@dataclass(frozen=True)
+class PlannedRecipe:
+    """What the plan keeps of its recipe: plain data, for the printed plan, packaging and provenance."""
+
+    name: str
+    file: str | None
+    description: str
+    base: str
+    dtype: str  # the output dtype by name, for keys whose rule names none
+    params: dict[str, Any]  # named parameters (alpha, ...)
+    rules: tuple[PlannedRule, ...]
+    written: dict[str, Any]  # the recipe as composed, interpolations kept (a pinned recipe is built from it)
+    content_hashes: dict[str, str]  # source -> the content hash the recipe pins (a replay must read the same bytes)
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> PlannedRecipe:
+        rules = tuple(PlannedRule(r.index, r.match, r.op, r.sources, r.dtype, r.params) for r in recipe.rules)
+        hashes = {name: spec.content_hash for name, spec in recipe.sources.items() if spec.content_hash}
+        return cls(recipe.name, recipe.file, recipe.description, recipe.base, recipe.dtype, recipe.params, rules, recipe.written, hashes)
+
+
+@dataclass(frozen=True)
 class RuleStats:
-    rule: Rule
+    rule: PlannedRule
     keys: int
     bytes_read: int
     bytes_written: int
@@ -108,7 +145,7 @@ class RuleStats:
 
 @dataclass(frozen=True)
 class Plan:
-    recipe: Recipe
+    recipe: PlannedRecipe
     format: str  # "diffusers" (a folder); "bfl", "comfyui", "lora" or "lora_peft" (one file)
     sources: tuple[SourceSummary, ...]
     steps: tuple[Step, ...]
@@ -123,7 +160,7 @@ class Plan:
 
     @property
     def single_file(self) -> bool:
-        return OUTPUT_FORMATS[self.format]
+        return FORMATS[self.format].single_file
 
     @property
     def bytes_read(self) -> int:
@@ -183,11 +220,11 @@ def make_plan(
     blocks = schedule.Blocks.of(base.tensors, family)
     _check_schedules(recipe, decided, blocks)
 
-    single = OUTPUT_FORMATS[output_format]
+    single = FORMATS[output_format].single_file
     steps, dropped, notes = [], [], []
     alone: Counter[str] = Counter()  # foreign source -> keys its rules take from the base alone
     for key, rule in decided.items():
-        if rule.op.name == "drop":
+        if not rule.op.spec.writes:
             dropped.append(Dropped(key, f"dropped by {rule.describe()}", rule.index))
             continue
         unshared = [n for n in rule.sources if n in foreign and not _shares(checkpoints[n], base, key)]
@@ -200,7 +237,7 @@ def make_plan(
             raise PlanError(f"{rule.where}: fp8_scaled is written only in the single-file formats (format=bfl or format=comfyui); diffusers cannot load it: use fp8")
         if scaled and not _scalable(key, shape):
             dtype, scaled = "BF16", False  # ComfyUI scales Linear weights; the rest stays in bf16, as its own exports do
-        op, params = ("take", (("source", recipe.base),)) if unshared else (rule.op.name, schedule.resolve(rule.params, key, blocks))
+        op, params = identity_of(recipe.base) if unshared else (rule.op.name, schedule.resolve(rule.params, key, blocks))
         steps.append(Step(key, rule.index, op, params, inputs, dtype, shape, scaled))
     notes += _mix_notes(recipe, checkpoints, foreign, steps, alone)
     dropped += _not_in_base(recipe, checkpoints)
@@ -211,7 +248,7 @@ def make_plan(
         steps = [replace(s, patches=patches[s.key]) if s.key in patches else s for s in steps]
         notes += lora_notes(summaries)
     factors: tuple[Factor, ...] = ()
-    if output_format in LORA_FORMATS:
+    if FORMATS[output_format].lora_scheme:
         file, factors, factor_notes = _lora_file(recipe, steps, checkpoints, output_format, lora_rank, file_name, family)
         files = (file,)
         by_key = {s.key: s for s in steps}
@@ -222,7 +259,7 @@ def make_plan(
         ordered = [s for f in files for s in _steps_of(f, steps)]
 
     return Plan(
-        recipe=recipe,
+        recipe=PlannedRecipe.of(recipe),
         format=output_format,
         sources=tuple(_summary(recipe, c) for c in checkpoints.values()),
         steps=tuple(ordered),
@@ -289,7 +326,7 @@ def _lora_file(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpo
             f"name the base with `base: SOURCE` (one of {', '.join(recipe.sources)})"
         )
     base = recipe.base
-    changed = {s.key: not (s.op == "take" and s.inputs[0].source == base and not s.patches) for s in steps}
+    changed = {s.key: not (OPS[s.op].identity and s.inputs[0].source == base and not s.patches) for s in steps}
     file, factors = lora_output(
         output_format, {s.key: s.shape for s in steps}, changed, checkpoints[base].tensors, rank,
         DTYPES[recipe.dtype][0], file_name, f"recipe '{recipe.name}' (format={output_format})", family,
@@ -312,24 +349,7 @@ def _scalable(key: str, shape: tuple[int, ...]) -> bool:
 def _out_files(steps: list[Step], output_format: str, shard_size: int, file_name: str, family: Family) -> tuple[OutFile, ...]:
     shapes = {s.key: s.shape for s in steps}
     dtypes = {s.key: s.dtype for s in steps}
-    if output_format == "diffusers":
-        return diffusers.out_files(diffusers.out_tensors(shapes, dtypes), shard_size, ())
-    prefix = family.comfyui_prefixes[0] if output_format == "comfyui" else ""
-    scaled = {s.key for s in steps if s.scaled}
-    tensors, constants, layers = [], [], {}
-    for tensor in bfl.out_tensors(shapes, dtypes, prefix, family.bfl):
-        parts = {p.key for p in tensor.parts}
-        if parts & scaled and not parts <= scaled:
-            raise PlanError(f"{tensor.name} is made of {', '.join(sorted(parts))}, which the recipe gives fp8 and fp8_scaled: a fused tensor has one scale, so give them one dtype")
-        if parts & scaled:
-            layer = tensor.name[: -len(".weight")]
-            tensor = OutTensor(tensor.name, tensor.dtype, tensor.shape, tensor.parts, scale_name=layer + bfl.SCALE_SUFFIX)
-            marker = bfl.quant_marker(tensor.dtype)
-            constants.append(Constant(layer + bfl.MARKER_SUFFIX, "U8", (len(marker),), marker))
-            layers[layer] = json.loads(marker)
-        tensors.append(tensor)
-    metadata = (("_quantization_metadata", json.dumps({"format_version": "1.0", "layers": layers})),) if layers else ()
-    return (OutFile(file_name, tuple(tensors), tuple(constants), metadata),)
+    return FORMATS[output_format].write(shapes, dtypes, {s.key for s in steps if s.scaled}, shard_size, file_name, family)
 
 
 def _steps_of(file: OutFile, steps: list[Step]) -> list[Step]:
@@ -566,8 +586,8 @@ def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]
     unscaled = [s.key for s in steps if s.dtype == "BF16" and DTYPES[_rule_dtype(recipe, s.rule)][1]]
     if unscaled:
         notes.append(f"fp8_scaled applies to Linear weights (2-D '.weight' tensors); {len(unscaled)} other tensors of those rules are written in bf16 ({some_keys(unscaled)})")
-    if output_format == "bfl" and any(s.scaled for s in steps):
-        notes.append("fp8_scaled is ComfyUI's convention: readers that do not know it (diffusers' from_single_file, BFL's code) would read the fp8 values unscaled; format=comfyui says what the file is")
+    if FORMATS[output_format].scaled_note and any(s.scaled for s in steps):
+        notes.append(FORMATS[output_format].scaled_note)
     ranges = {"F8_E4M3": "fp8 (+-448)", "F8_E5M2": "fp8_e5m2 (+-57344)"}
     narrow = sorted({ranges[s.dtype] for s in steps if s.dtype in ranges and not s.scaled})
     if narrow:
@@ -608,12 +628,12 @@ def format_plan(plan: Plan) -> str:
             f"{len(matrices)} matrices factored ({exact} by exact SVD, {len(matrices) - exact} by randomized SVD), the relative error of each reported after the run"
         )
     else:
-        flag = f", guidance_embeds: {json.dumps(plan.config['guidance_embeds'])}" if "guidance_embeds" in plan.config else ""
+        flag = "".join(f", {f}: {json.dumps(plan.config[f])}" for f in plan.family.flags if f in plan.config)
         lines.append(f"output: {where}; {r.base}'s architecture ({plan.config.get('_class_name')}{flag})")
     lines.append("rules:")
     width = max(len(repr(x.rule.match)) for x in plan.rule_stats())
     for x in plan.rule_stats():
-        src = f" over {', '.join(x.rule.sources)}" if x.rule.op.name not in ("take", "drop") else ""
+        src = f" over {', '.join(x.rule.sources)}" if x.rule.op.spec.over_rule_sources else ""
         dtype = f" -> {x.rule.dtype}" if x.rule.dtype else ""
         lines.append(
             f"  [{x.rule.index}] {x.rule.match!r:<{width}}  {_op_text(x.rule) + src + dtype:<32} {x.keys:>5} keys"
@@ -652,7 +672,7 @@ def _brief(value: Any) -> str:
     return text if len(text) <= 80 else "per block (values under the rules)"
 
 
-def _op_text(rule: Rule) -> str:
+def _op_text(rule: PlannedRule) -> str:
     """The op as the rules table shows it: a schedule (printed block by block below) as `per block`."""
     scheduled = {n for n, v in rule.params.items() if schedule.schedules_in(v)}
     if not scheduled:
@@ -661,7 +681,7 @@ def _op_text(rule: Rule) -> str:
     return f"{rule.op.name}{{{shown}}}"
 
 
-def _block_values(plan: Plan, rule: Rule) -> list[str]:
+def _block_values(plan: Plan, rule: PlannedRule) -> list[str]:
     """The value each block gets from the rule's scheduled parameters, in model order; a run of blocks with
     the same value on one line."""
     lines = []

@@ -38,7 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import schedule
 from .errors import RecipeError
 from .files import os_error_text, read_small
-from .formats import OUTPUT_FORMATS
+from .formats import FORMATS as _FORMATS
 from .ops import OPS, OpCall, parse_op
 from .ops.registry import check_values
 from .text import printable
@@ -57,11 +57,11 @@ DTYPES = {
 }
 MIXED = {"fp8_mixed": "bf16"}  # a mixed dtype -> the dtype of the tensors the family keeps in high precision
 DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled, fp8_mixed"
-FORMATS = tuple(OUTPUT_FORMATS)
+FORMATS = tuple(_FORMATS)
 RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format", "loras", "mix_families")
-# Recipe parameters the command line overrides one block of (`recipe.alpha.double_blocks.7=V`), set by the
-# command line (cli/arguments.py) for the recipe loader in this process and the sweep's job processes:
-# numbers among them become `{default: N}`, so that the block can be added to them.
+# Recipe parameters the command line overrides one block of (`recipe.alpha.GROUP.7=V`), set by the command
+# line (cli/arguments.py) for the recipe loader in this process and the sweep's job processes: numbers among
+# them become `{default: N}`, so that the block can be added to them.
 BLOCK_OVERRIDES_ENV = "FLUXRECIPE_BLOCK_OVERRIDES"
 RULE_FIELDS = ("match", "op", "sources", "optional", "dtype")
 SOURCE_FIELDS = ("repo", "revision", "subfolder", "path", "demo", "content_hash")
@@ -150,7 +150,7 @@ class Rule:
     budget: MatchBudget = field(default_factory=MatchBudget, compare=False, repr=False)  # shared by the recipe's rules
 
     def describe(self) -> str:
-        return f"rules[{self.index}] (match {self.match!r}, op {self.op})"
+        return describe_rule(self.index, self.match, self.op)
 
     def matches(self, key: str) -> bool:
         """`match` is found in the key (re.search semantics), within MATCH_SECONDS, and within what is left of
@@ -186,6 +186,11 @@ class Rule:
             "model's keys: it backtracks on every key (as (.*)(.*)\\2\\1, or a repetition of a repetition such as (\\w+\\.?)+ does); "
             "write it without that"
         )
+
+
+def describe_rule(index: int, match: str, op: OpCall) -> str:
+    """A rule as messages name it."""
+    return f"rules[{index}] (match {match!r}, op {op})"
 
 
 @dataclass(frozen=True)
@@ -615,10 +620,10 @@ def _rule(index: int, value: Any, written: Any, sources: dict[str, SourceSpec], 
     if names is not None:
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise RecipeError(f"{here.at(('rules', index, 'sources'))}: sources must be a list of source names")
-        if op.name == "take":
-            raise RecipeError(f"{here.at(('rules', index, 'sources'))}: take:NAME chooses its source itself; remove the rule's sources")
-        if op.name == "drop":
-            raise RecipeError(f"{here.at(('rules', index, 'sources'))}: drop reads no source; remove the rule's sources")
+        if op.spec.source_param:
+            raise RecipeError(f"{here.at(('rules', index, 'sources'))}: {op.spec.usage} chooses its source itself; remove the rule's sources")
+        if op.spec.inputs == (0, 0):
+            raise RecipeError(f"{here.at(('rules', index, 'sources'))}: {op.spec.name} reads no source; remove the rule's sources")
     # a fault in the inputs is on the rule's `sources:` line when it names them, else on its op's line
     inputs = _inputs(op, names, sources, here.at(("rules", index, "op" if names is None else "sources")))
     try:

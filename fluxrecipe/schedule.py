@@ -2,18 +2,17 @@
 
 A recipe gives any numeric op parameter (or a recipe parameter an op uses) as
 - a number: every key gets it;
-- a list of 2 or more numbers: a gradient over the blocks in model order (FLUX.1: double_blocks.0..N-1, then
-  single_blocks.0..M-1), the numbers spread evenly over them and interpolated linearly; the keys before the
-  blocks (FLUX.1: img_in, time_in, guidance_in, vector_in, txt_in) take the first number, those after them
-  (final_layer) the last;
-- a mapping from block names (ComfyUI ModelMergeFlux1's for FLUX.1; each family's own, families/), ranges of
-  blocks (double_blocks.0-9, both ends included), the groups (double_blocks, single_blocks), and default, to
-  numbers or lists: the most specific name wins (a block over the narrowest range holding it over its group
-  over default; two overlapping ranges of one width are refused), a list under a group or a range is a
-  gradient over it (under default, over all blocks), and a mapping without default must name every block of
-  the keys it decides. A group may also hold a mapping of block numbers or ranges, `{double_blocks: {7: 0.5}}`,
-  the same as `{double_blocks.7: 0.5}`: that is how Hydra addresses `recipe.alpha.double_blocks.7` on the
-  command line.
+- a list of 2 or more numbers: a gradient over the blocks in model order (each group's blocks GROUP.0..N-1,
+  one group after another, or beside the one before it: families/base.Group), the numbers spread evenly over
+  them and interpolated linearly; the keys before the blocks (the embedders) take the first number, those
+  after them (the final layer) the last;
+- a mapping from block names (each family's own, families/: for FLUX.1, ComfyUI ModelMergeFlux1's), ranges of
+  blocks (GROUP.0-9, both ends included), the groups, and default, to numbers or lists: the most specific
+  name wins (a block over the narrowest range holding it over its group over default; two overlapping ranges
+  of one width are refused), a list under a group or a range is a gradient over it (under default, over all
+  blocks), and a mapping without default must name every block of the keys it decides. A group may also hold
+  a mapping of block numbers or ranges, `{GROUP: {7: 0.5}}`, the same as `{GROUP.7: 0.5}`: that is how Hydra
+  addresses `recipe.alpha.GROUP.7` on the command line (a dotted name nests the same way).
 
 Block names are the same in every layout (canonical keys are diffusers' names; the family's block_of maps
 them). `parse` checks what needs no model (at recipe time: a name of any family's vocabulary); `check_against`
@@ -39,7 +38,7 @@ TOP, GROUPS, FINAL = families.vocabulary()  # every family's block names: a reci
 DEFAULT = "default"
 NAMES = (DEFAULT, *TOP, *GROUPS, *FINAL)  # the vocabulary, besides GROUP.N
 INDEXED = re.compile(rf"({'|'.join(map(re.escape, GROUPS))})\.(\d+)")
-RANGE = re.compile(rf"({'|'.join(map(re.escape, GROUPS))})\.(\d+)-(\d+)")  # double_blocks.0-9: blocks 0 to 9, both included
+RANGE = re.compile(rf"({'|'.join(map(re.escape, GROUPS))})\.(\d+)-(\d+)")  # GROUP.0-9: blocks 0 to 9, both included
 
 
 @dataclass(frozen=True)
@@ -58,9 +57,24 @@ class Blocks:
     def count(self, group: str) -> int:
         return self.counts[self.family.groups.index(group)] if group in self.family.groups else 0
 
+    @cached_property
+    def _starts(self) -> tuple[dict[str, int], int]:
+        """Each group's first depth, and the model's depth: the groups one after another, but a group that
+        runs beside the one before it (another stream of the same stage) starts where that one starts."""
+        starts, start, stage = {}, 0, 0
+        for group, count in zip(self.family.bfl.groups, self.counts):
+            if not group.beside:
+                start, stage = start + stage, 0
+            starts[group.bfl], stage = start, max(stage, count)
+        return starts, start + stage
+
     def position(self, group: str, index: int) -> int:
-        """A block's place among all the model's blocks in model order (the groups one after another)."""
-        return sum(self.counts[: self.family.groups.index(group)]) + index
+        """A block's depth among all the model's blocks in model order (what a gradient over them follows)."""
+        return self._starts[0][group] + index
+
+    def depth(self) -> int:
+        """How many depths the model's blocks span (the positions a gradient over them is spread over)."""
+        return self._starts[1]
 
     def order(self) -> list[str]:
         """Every block name in model order."""
@@ -68,7 +82,8 @@ class Blocks:
         return [*self.family.top_blocks, *indexed, *self.family.final_blocks]
 
     def names(self) -> str:
-        """The model's block vocabulary, for messages: 'img_in, ..., double_blocks.0..18, ..., final_layer'."""
+        """The model's block vocabulary, for messages: its blocks before the groups, 'GROUP.0..N-1' per group,
+        its blocks after them."""
         ranges = [f"{g}.0..{n - 1}" for g, n in zip(self.family.groups, self.counts) if n]
         return ", ".join([*self.family.top_blocks, *ranges, *self.family.final_blocks])
 
@@ -100,7 +115,7 @@ class Schedule:
             if isinstance(value, float):
                 return value
             if m:  # the blocks in model order: one group after another
-                return _along(value, blocks.position(m[1], int(m[2])), sum(blocks.counts))
+                return _along(value, blocks.position(m[1], int(m[2])), blocks.depth())
             return value[-1] if block in blocks.family.final_blocks else value[0]
         raise ValueError(f"gives no value for {block or f'a key outside the {blocks.family.name} blocks'}")
 
@@ -161,7 +176,11 @@ def is_schedule_like(value: Any) -> bool:
 
 
 def _add(name: str, item: Any, entries: dict[str, Any]) -> None:
-    if name in GROUPS and isinstance(item, dict):  # {double_blocks: {default: ..., 7: 0.5}}: blocks under their group
+    if isinstance(item, dict) and name not in GROUPS and any(n.startswith(name + ".") for n in NAMES):
+        for part, value in item.items():  # {A: {B: ...}} for a block or group A.B: a dotted name, nested as Hydra nests it
+            _add(f"{name}.{part}", value, entries)
+        return
+    if name in GROUPS and isinstance(item, dict):  # {GROUP: {default: ..., 7: 0.5}}: blocks under their group
         for index, number in item.items():
             if str(index) == DEFAULT:
                 _add(name, number, entries)
@@ -242,7 +261,7 @@ def number_text(value: float) -> str:
 
 
 def addressable(value: Any) -> Any:
-    """A schedule in the shape Hydra can override one block of (`recipe.alpha.double_blocks.7=V`): mapping
+    """A schedule in the shape Hydra can override one block of (`recipe.alpha.GROUP.7=V`): mapping
     keys as strings (YAML reads `7:` as an int, Hydra looks up '7'), and a gradient, or a group's gradient or
     number, moved under `default` (`[0, 1]` -> `{default: [0, 1]}`), so that `.7` names block 7 rather than
     a list position or a child of a number. The meaning is the same; what is malformed is left for parse()
@@ -261,7 +280,7 @@ def _gradient_like(value: Any) -> bool:
 
 def string_keys(value: Any) -> Any:
     """The same data with every mapping key a string: YAML reads `7:` as the integer 7, but Hydra's
-    `recipe.alpha.double_blocks.7=...` looks up the string '7'."""
+    `recipe.alpha.GROUP.7=...` looks up the string '7'."""
     if isinstance(value, dict):
         return {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: string_keys(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -23,7 +23,7 @@ from . import families
 from .errors import SourceError
 from .families import Family, ShapeError
 from .files import open_regular, os_error_text, read_small
-from .formats import Recognised, diffusers, recognise
+from .formats import FORMATS, Recognised, diffusers, recognise
 from .formats.layout import TensorRef
 from .formats.safetensors import Header, TensorEntry, read_header
 from .recipe import SourceSpec
@@ -178,11 +178,11 @@ def _index(name: str, location: Path, origin: dict[str, str], remote: dict[Path,
         raise SourceError(f"source '{name}': {location} holds no tensors")
     found = recognise(name, str(location), entries, file_metadata)
     ordered = dict(sorted(found.tensors.items(), key=lambda kv: (kv[1].file, kv[1].pieces[0].begin if kv[1].pieces else 0)))
-    config = _config(name, folder) if found.layout == "diffusers" else None
+    config = _config(name, folder) if FORMATS[found.layout].config_file else None
     said = families.by_class(config.get("_class_name")) if config else None
     if said and said is not found.family:
         raise SourceError(f"source '{name}': {folder / 'config.json'} says {said.class_name} ({said.name}), but its tensors are {found.family.name}'s: the config belongs to another model")
-    derived = config is None and (location.is_file() or found.layout != "diffusers")  # a folder needs its config.json
+    derived = config is None and (location.is_file() or not FORMATS[found.layout].config_file)  # a folder needs its config.json
     notes = tuple(found.notes)
     if derived:
         config, derived_notes = _derived_config(name, location, found)

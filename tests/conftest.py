@@ -82,10 +82,17 @@ def make_flux(
     num_single_layers: int = 2,
 ) -> Path:
     """A tiny FLUX transformer with random (non-trivial) weights, saved the way diffusers saves it."""
-    from diffusers import FluxTransformer2DModel
+    config = {**TINY, "num_layers": num_layers, "num_single_layers": num_single_layers, "guidance_embeds": guidance}
+    return build_model("FluxTransformer2DModel", config, folder, seed=seed, shard=shard, dtype=dtype)
+
+
+def build_model(class_name: str, config: dict, folder: Path, *, seed: int, shard: str, dtype: torch.dtype) -> Path:
+    """A model of a diffusers class with random (non-trivial) weights: its own initialisation plus noise, saved
+    the way diffusers saves it, in shards of `shard`."""
+    import diffusers
 
     torch.manual_seed(seed)
-    model = FluxTransformer2DModel(**{**TINY, "num_layers": num_layers, "num_single_layers": num_single_layers}, guidance_embeds=guidance)
+    model = getattr(diffusers, class_name)(**config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=0.05)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import flux_layouts
+from conftest import build_model
 from flux_layouts import blocks, fuse
 
 TINY2 = dict(
@@ -59,15 +60,7 @@ SINGLE_NORMS = {"norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k"
 
 def make_flux2(folder: Path, *, guidance: bool, seed: int, shard: str = "40KB", dtype: torch.dtype = torch.bfloat16, **changes) -> Path:
     """A tiny FLUX.2 transformer with random (non-trivial) weights, saved the way diffusers saves it."""
-    from diffusers import Flux2Transformer2DModel
-
-    torch.manual_seed(seed)
-    model = Flux2Transformer2DModel(**{**TINY2, **changes}, guidance_embeds=guidance)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p), alpha=0.05)
-    model.to(dtype).save_pretrained(folder, max_shard_size=shard)
-    return folder
+    return build_model("Flux2Transformer2DModel", {**TINY2, **changes, "guidance_embeds": guidance}, folder, seed=seed, shard=shard, dtype=dtype)
 
 
 def linear_modules(state: dict) -> list[tuple[str, tuple[str, ...]]]:

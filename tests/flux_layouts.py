@@ -58,18 +58,20 @@ def linear_modules(state: dict, top: dict = TOP, double: dict = DOUBLE, single: 
         modules += [(f"double_blocks.{i}.{b}", tuple(f"transformer_blocks.{i}.{d}" for d in ds)) for b, ds in double.items()]
     for i in blocks(state, "single_transformer_blocks"):
         modules += [(f"single_blocks.{i}.{b}", tuple(f"single_transformer_blocks.{i}.{d}" for d in ds)) for b, ds in single.items()]
-    return modules + [(FINAL_MOD, ("norm_out.linear",))]
+    return modules + ([(FINAL_MOD, ("norm_out.linear",))] if "norm_out.linear.weight" in state else [])  # Chroma has no final modulation
 
 
 def fuse(bfl_module: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    """The rows of a BFL module's tensor from its diffusers modules' rows."""
-    return _swap(parts[0]) if bfl_module == FINAL_MOD else torch.cat(parts)
+    """The rows of a BFL module's tensor from its diffusers modules' rows (a final layer's modulation,
+    `...adaLN_modulation.1` in every family's BFL layout, swapped)."""
+    return _swap(parts[0]) if bfl_module.endswith("adaLN_modulation.1") else torch.cat(parts)
 
 
-def diffusers_to_bfl(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """The inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers."""
+def diffusers_to_bfl(state: dict[str, torch.Tensor], prefix: str = "", modules: list | None = None) -> dict[str, torch.Tensor]:
+    """The inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers (`modules`: another family's
+    linear_modules of the same design, Chroma's)."""
     out: dict[str, torch.Tensor] = {}
-    for bfl, difs in linear_modules(state):
+    for bfl, difs in modules or linear_modules(state):
         for p in ("weight", "bias"):
             out[f"{bfl}.{p}"] = fuse(bfl, [state[f"{d}.{p}"] for d in difs])
     for i in blocks(state, "transformer_blocks"):

@@ -58,9 +58,8 @@ def build_pipeline(folder: Path, architecture: dict = TINY) -> Path:
     Unigram model of words and characters), a VAE with in_channels / 4 latent channels (the transformer takes
     2x2 packed latents), FLUX's scheduler, and a transformer of `architecture` (which previews replace by the
     merge). tests/slurm/ builds one for the demo checkpoints' architecture."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789"))
     scratch = folder.parent / f"{folder.name}-tokenizers"
@@ -70,7 +69,45 @@ def build_pipeline(folder: Path, architecture: dict = TINY) -> Path:
     (scratch / "clip" / "vocab.json").write_text(json.dumps(vocab))
     (scratch / "clip" / "merges.txt").write_text("#version: 0.2\n")
     clip_tokenizer = CLIPTokenizer.from_pretrained(scratch / "clip", model_max_length=77)
+    t5_tokenizer, t5_encoder = _tiny_t5(scratch, architecture["joint_attention_dim"])
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=architecture["pooled_projection_dim"], intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32,
+    ))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(architecture["in_channels"] // 4), text_encoder=clip, tokenizer=clip_tokenizer,
+        text_encoder_2=t5_encoder, tokenizer_2=t5_tokenizer, transformer=FluxTransformer2DModel(**architecture),
+    )
+    pipe.save_pretrained(folder)
+    shutil.rmtree(scratch)
+    return folder
 
+
+def build_chroma_pipeline(folder: Path, config: dict) -> Path:
+    """A tiny ChromaPipeline, built offline as build_pipeline builds FLUX's: T5 alone (Chroma has no CLIP), a
+    VAE of a quarter of the transformer's input channels, FLUX's scheduler, a tiny Chroma transformer of
+    `config`."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    scratch = folder.parent / f"{folder.name}-tokenizers"
+    scratch.mkdir(parents=True)
+    t5_tokenizer, t5_encoder = _tiny_t5(scratch, config["joint_attention_dim"])
+    pipe = ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(config["in_channels"] // 4), text_encoder=t5_encoder,
+        tokenizer=t5_tokenizer, transformer=ChromaTransformer2DModel(**config),
+    )
+    pipe.save_pretrained(folder)
+    shutil.rmtree(scratch)
+    return folder
+
+
+def _tiny_t5(scratch: Path, width: int):
+    """A T5 tokenizer (a Unigram model of WORDS and characters) and a 2-layer T5 encoder `width` wide."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789"))
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
     pieces += [(f"\u2581{w}", -1.0) for w in WORDS] + [(c, -5.0) for c in chars]
     t5 = Tokenizer(models.Unigram(pieces, unk_id=2))
@@ -78,29 +115,23 @@ def build_pipeline(folder: Path, architecture: dict = TINY) -> Path:
     t5.decoder = decoders.Metaspace()
     t5.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
     t5.save(str(scratch / "t5.json"))
-    t5_tokenizer = T5TokenizerFast(tokenizer_file=str(scratch / "t5.json"), extra_ids=0, model_max_length=512)
-
-    torch.manual_seed(0)
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=architecture["pooled_projection_dim"], intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32,
-    ))
-    t5_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(pieces), d_model=architecture["joint_attention_dim"], d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+    tokenizer = T5TokenizerFast(tokenizer_file=str(scratch / "t5.json"), extra_ids=0, model_max_length=512)
+    torch.manual_seed(1)
+    encoder = T5EncoderModel(T5Config(
+        vocab_size=len(pieces), d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
     ))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=architecture["in_channels"] // 4,
+    return tokenizer, encoder
+
+
+def _tiny_vae(latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(2)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=latent_channels,
         norm_num_groups=1, sample_size=32, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
     )
-    transformer = FluxTransformer2DModel(**architecture)
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tokenizer,
-        text_encoder_2=t5_encoder, tokenizer_2=t5_tokenizer, transformer=transformer,
-    )
-    pipe.save_pretrained(folder)
-    shutil.rmtree(scratch)
-    return folder
 
 
 def run_single(overrides: list[str], run_dir: Path):

@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import load_state, make_flux, merge, write_recipe
-from fluxrecipe import execute as execute_module
+from fluxrecipe import ops as ops_module
 from fluxrecipe import writer as writer_module
-from fluxrecipe.execute import _InputFile
+from fluxrecipe.execute import reader as reader_module
+from fluxrecipe.execute.reader import InputFile
 from fluxrecipe.writer import RELEASE_ALIGN
 
 
@@ -53,7 +54,7 @@ class LiveBuffers:
 
     def __init__(self, monkeypatch):
         self.live = self.peak = 0
-        original = execute_module._Reader.read
+        original = reader_module.Reader.read
 
         def read(reader, loc, start, stop):
             buf = original(reader, loc, start, stop)
@@ -62,7 +63,7 @@ class LiveBuffers:
             weakref.finalize(buf, self._died)
             return buf
 
-        monkeypatch.setattr(execute_module._Reader, "read", read)
+        monkeypatch.setattr(reader_module.Reader, "read", read)
 
     def _died(self):
         self.live -= 1
@@ -107,13 +108,13 @@ def test_chunk_elements_is_exact(recipes, schnell, krea, tmp_path, monkeypatch, 
     """A chunk holds exactly `chunk_elements` elements (the last of a tensor fewer): 61, 97 and 1000 are
     three different chunkings, not one rounded-up size."""
     sizes = []
-    original = execute_module._Reader.read
+    original = reader_module.Reader.read
 
     def read(reader, ref, start, stop):
         sizes.append(stop - start)
         return original(reader, ref, start, stop)
 
-    monkeypatch.setattr(execute_module._Reader, "read", read)
+    monkeypatch.setattr(reader_module.Reader, "read", read)
     name = lerp_recipe(recipes, schnell, krea)
     merge([f"recipe={name}", f"output={tmp_path / 'out'}", f"chunk_elements={chunk}", "threads=2"])
     numels = [math.prod(t.shape) for t in load_state(krea).values()]
@@ -160,7 +161,7 @@ def test_take_in_the_same_dtype_copies_bytes_undecoded(recipes, krea, tmp_path, 
     def no_arithmetic(xs, source):
         raise AssertionError("take in the same dtype decoded and computed")
 
-    monkeypatch.setitem(execute_module.OPS, "take", dataclasses.replace(execute_module.OPS["take"], fn=no_arithmetic))
+    monkeypatch.setitem(ops_module.OPS, "take", dataclasses.replace(ops_module.OPS["take"], fn=no_arithmetic))
     write_recipe(recipes, "copy", f"sources: {{odd: {src}}}\nrules: [{{match: '.*', op: 'take:odd'}}]\n")
     out = tmp_path / "out"
     merge(["recipe=copy", f"output={out}", f"diagnostics={str(diagnostics).lower()}", "nonfinite=warn", "chunk_elements=37"])
@@ -176,8 +177,8 @@ def test_input_release_covers_what_was_read_in_any_order_and_is_aligned(monkeypa
     block once all of it is read, whatever the order of the reads (an output layout that is not the
     source's reads ahead and back). Up to READAHEAD_REACH past the read, blocks read before are released
     again (the kernel's read-ahead brings them back), unread ones are not (they are read-ahead to be used)."""
-    monkeypatch.setattr(execute_module, "READAHEAD_REACH", 0)
-    f = _InputFile(fd=-1)
+    monkeypatch.setattr(reader_module, "READAHEAD_REACH", 0)
+    f = InputFile(fd=-1)
     mib = 1 << 20
     released = []
 
@@ -195,7 +196,7 @@ def test_input_release_covers_what_was_read_in_any_order_and_is_aligned(monkeypa
     assert done(mib, 3 * mib) == [(0, 4 * mib)]  # read again (a second pass): its own blocks again
     assert done(20 * mib, 30 * mib) == [(20 * mib, 30 * mib)] and (f.starts, f.ends) == ([0, 20 * mib], [11 * mib, 30 * mib])
 
-    monkeypatch.setattr(execute_module, "READAHEAD_REACH", 16 * mib)
+    monkeypatch.setattr(reader_module, "READAHEAD_REACH", 16 * mib)
     # read-ahead past [0, 2) MiB reaches [2, 11) (read before: released again) and [20, 30) only up to 18 MiB
     assert done(0, 2 * mib) == [(0, 10 * mib)]
     assert done(12 * mib, 14 * mib) == [(12 * mib, 14 * mib), (20 * mib, 30 * mib)]  # the unread gap before 20 MiB stays
@@ -207,10 +208,10 @@ def test_bytes_the_plan_never_reads_count_as_read():
     so without counting them as done no block around them would ever be released."""
     mib = 1 << 20
     planned = [(100, mib), (mib + 4, 3 * mib), (5 * mib, 6 * mib)]  # 4 bytes of an alpha at 1 MiB; a dropped tensor
-    assert execute_module._gaps(planned, 7 * mib) == [(0, 100), (mib, mib + 4), (3 * mib, 5 * mib), (6 * mib, 7 * mib)]
-    assert execute_module._gaps([(0, 10), (5, 20)], 20) == []
-    f = _InputFile(fd=-1)
-    for begin, end in execute_module._gaps(planned, 7 * mib):
+    assert reader_module.gaps(planned, 7 * mib) == [(0, 100), (mib, mib + 4), (3 * mib, 5 * mib), (6 * mib, 7 * mib)]
+    assert reader_module.gaps([(0, 10), (5, 20)], 20) == []
+    f = InputFile(fd=-1)
+    for begin, end in reader_module.gaps(planned, 7 * mib):
         f.done(begin, end)
     assert f.done(100, mib) == []  # [0, 2) MiB still holds unread planned bytes
     assert f.done(mib + 4, 3 * mib) == [(0, 4 * mib)]  # [0, 5) MiB is done now; [4, 6) MiB still holds the planned [5, 6)

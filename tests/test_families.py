@@ -11,11 +11,13 @@ import math
 import pytest
 
 from conftest import TINY as FLUX1_TINY
+import chroma_helpers
+import flux3_helpers
 from flux2_helpers import DEV, KLEIN_4B, KLEIN_9B, TINY2
 from fluxrecipe import families
 from fluxrecipe.architecture import expected_parameters
 from fluxrecipe.errors import SourceError
-from fluxrecipe.families import flux1, flux2
+from fluxrecipe.families import chroma, flux1, flux2, flux3
 from fluxrecipe.formats import bfl
 from fluxrecipe.formats.layout import row_size, rows
 from fluxrecipe.formats.safetensors import TensorEntry
@@ -23,6 +25,8 @@ from fluxrecipe.formats.safetensors import TensorEntry
 TINY = {  # family -> a small config of it (with a guidance embedder where the family has one)
     "FLUX.1": {"_class_name": "FluxTransformer2DModel", **FLUX1_TINY, "num_layers": 2, "num_single_layers": 2, "guidance_embeds": True},
     "FLUX.2": {"_class_name": "Flux2Transformer2DModel", **TINY2, "guidance_embeds": True},
+    "Chroma": {"_class_name": "ChromaTransformer2DModel", **chroma_helpers.TINY_CHROMA},
+    "FLUX.3": {"_class_name": "Flux3Transformer2DModel", **flux3_helpers.TINY3, "flow_map": True},
 }
 FLUX1_REAL = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "axes_dims_rope": [16, 56, 56]}
 FLUX2_REAL = {"_class_name": "Flux2Transformer2DModel", "patch_size": 1, "timestep_guidance_channels": 256, "axes_dims_rope": [32, 32, 32, 32]}
@@ -35,6 +39,9 @@ VARIANTS = [  # (config, what the family says of its shapes)
     ({**FLUX2_REAL, **DEV}, "FLUX.2 dev"),
     ({**FLUX2_REAL, **KLEIN_9B}, "FLUX.2 klein 9B"),
     ({**FLUX2_REAL, **KLEIN_4B}, "FLUX.2 klein 4B"),
+    ({"_class_name": "ChromaTransformer2DModel", **chroma_helpers.REAL}, "Chroma"),
+    ({"_class_name": "Flux3Transformer2DModel", **flux3_helpers.REAL, "flow_map": False}, "FLUX.3 base"),
+    ({"_class_name": "Flux3Transformer2DModel", **flux3_helpers.REAL, "flow_map": True}, "FLUX.3 distilled"),
 ]
 
 
@@ -106,7 +113,7 @@ def test_every_key_has_a_block_and_blocks_sort_in_model_order(name):
     counts = [family.count(shapes, g) for g in family.groups]
     want = [*family.top_blocks, *(f"{g}.{i}" for g, n in zip(family.groups, counts) for i in range(n)), *family.final_blocks]
     assert sorted(blocks, key=family.block_order) == [b for b in want if b in blocks]
-    assert all(family.diagnostic_block(k) in ("embedders", "output") or family.diagnostic_block(k).split(".")[0] in [g.canonical for g in family.bfl.groups] for k in shapes)
+    assert all(family.diagnostic_block(k) in ("embedders", "output") or family.diagnostic_block(k).rpartition(".")[0] in [g.canonical for g in family.bfl.groups] for k in shapes)
 
 
 @pytest.mark.parametrize("config, described", VARIANTS, ids=[d for _, d in VARIANTS])
@@ -131,6 +138,10 @@ def test_a_config_derived_from_shapes_builds_the_same_model(config, described):
      ["transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.proj_mlp.weight"]),
     (flux2.FAMILY, ["double_stream_modulation_img.linear.weight", "single_stream_modulation.linear.weight", "context_embedder.weight", "proj_out.weight", "single_transformer_blocks.0.attn.norm_k.weight"],
      ["single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight", "transformer_blocks.1.ff.linear_in.weight"]),
+    (chroma.FAMILY, ["distilled_guidance_layer.layers.1.linear_2.weight", "distilled_guidance_layer.norms.0.weight", "x_embedder.weight", "context_embedder.weight", "proj_out.weight"],
+     ["transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.1.proj_mlp.weight", "transformer_blocks.1.ff_context.net.2.weight"]),
+    (flux3.FAMILY, ["x_embedders.image_cond.weight", "early_stream_modulations.txt.linear.weight", "target_timestep_embedder.linear_1.weight", "norm_out.linear.weight", "mode_blocks.image.0.attn.norm_q.weight"],
+     ["mode_blocks.image_cond.1.ff.linear_in.weight", "txt_mode_blocks.0.attn.to_q.weight", "single_transformer_blocks.1.attn.to_out.0.weight"]),
 ])
 def test_what_an_fp8_export_keeps_in_high_precision(family, high, low):
     shapes = shapes_of(TINY[family.name])
@@ -161,3 +172,46 @@ def test_a_schedule_names_any_family_s_blocks_at_recipe_time():
     assert blocks.counts == (2, 2) and schedule.value_for(parsed, "single_stream_modulation.linear.weight", blocks) == 0.1
     with pytest.raises(ValueError, match="names vector_in, which a FLUX.2 model does not have"):
         schedule.check_against(parsed, ["x_embedder.weight"], blocks)
+
+
+def test_a_gradient_gives_flux3_s_side_by_side_streams_the_same_value_at_each_depth():
+    """FLUX.3's per-mode blocks (image, image_cond, txt) run side by side, then the joint blocks: a gradient over
+    the model follows depth (2 per-mode + 2 joint blocks: 4 depths), and a dotted block name may be written
+    nested, as Hydra nests `recipe.alpha.content_mode_blocks.image_cond.1=V`."""
+    from fluxrecipe import schedule
+
+    parsed = schedule.parse({"default": [0.0, 3.0], "content_mode_blocks": {"image_cond": {"1": 0.25}}})
+    blocks = schedule.Blocks.of(shapes_of(TINY["FLUX.3"]), flux3.FAMILY)
+    assert {b: parsed.at(b, blocks) for b in blocks.order()} == {
+        **dict.fromkeys(flux3.FAMILY.top_blocks, 0.0),
+        "content_mode_blocks.image.0": 0.0, "content_mode_blocks.image.1": 1.0,
+        "content_mode_blocks.image_cond.0": 0.0, "content_mode_blocks.image_cond.1": 0.25,
+        "txt_mode_blocks.0": 0.0, "txt_mode_blocks.1": 1.0,
+        "single_blocks.0": 2.0, "single_blocks.1": 3.0,
+        "final_layer": 3.0,
+    }
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_a_family_s_preview_pipeline_is_one_diffusers_has(name):
+    """A pipeline class previews can drive (a DiffusionPipeline), or a modular one, for which the family says
+    in one line that previews are not offered (FLUX.3)."""
+    import diffusers
+
+    family = families.by_name(name)
+    config, _ = family.derive_config(shapes_of(TINY[name]), None)
+    preview = family.preview(config)
+    pipeline = getattr(diffusers, preview.pipeline)
+    if preview.modular:
+        assert issubclass(pipeline, diffusers.ModularPipeline) and preview.not_offered(name).startswith(f"previews are not offered for {name}: ")
+    else:
+        assert issubclass(pipeline, diffusers.DiffusionPipeline) and preview.not_offered(name) == ""
+
+
+def test_a_diagnostics_block_is_named_as_schedules_name_it():
+    """The sweep's plot labels a block as a schedule names it, in any family: the group's BFL name."""
+    from fluxrecipe.families import schedule_name
+
+    assert [schedule_name(b) for b in ["embedders", "transformer_blocks.7", "single_transformer_blocks.0", "mode_blocks.image_cond.2", "txt_mode_blocks.1", "output"]] == [
+        "embedders", "double_blocks.7", "single_blocks.0", "content_mode_blocks.image_cond.2", "txt_mode_blocks.1", "output"
+    ]

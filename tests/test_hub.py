@@ -19,6 +19,7 @@ import yaml
 
 from conftest import run_cli, write_recipe
 from fluxrecipe.errors import SourceError
+from fluxrecipe.families import flux1
 
 REPO = "org/flux-mini"
 OLD = "1" * 40  # commit of tag v1.0: schnell-like
@@ -271,7 +272,8 @@ def test_a_preview_pipeline_goes_through_the_hub_access_of_sources(unreachable, 
     model = {"joint_attention_dim": TINY["joint_attention_dim"], "pooled_projection_dim": TINY["pooled_projection_dim"], "in_channels": TINY["in_channels"]}
 
     def settings(pipeline: str) -> preview.PreviewSettings:
-        return preview.PreviewSettings(pipeline, ("a cat",), (0,), 2, None, 32, 32, "none")
+        kind = flux1.FAMILY.preview({"guidance_embeds": False})
+        return preview.PreviewSettings(pipeline, ("a cat",), (0,), 2, None, 32, 32, "none", flux1.FAMILY.class_name, kind)
 
     assert preview.pipeline_problems(settings("org/tiny-pipeline"), model, fetch=False) == []
     problems = preview.pipeline_problems(settings("org/absent"), model, fetch=False)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import compose, load_state, merge, run_cli
+from conftest import compose, load_state, merge, run_cli, write_recipe
 from fluxrecipe.cli.arguments import preview_switch
 from fluxrecipe.cli.commands import summary as summary_command
 from fluxrecipe.cli.exits import EXIT_ERROR
@@ -30,9 +30,11 @@ from fluxrecipe.sweep.page import INDEX_HTML
 from fluxrecipe.sweep import previews as preview
 from fluxrecipe.sweep.summary import SUMMARY_MD
 from fluxrecipe.errors import UsageError
+from fluxrecipe.families import chroma, flux1
 from fluxrecipe.verify import verify_folder
 from sweep_helpers import build_pipeline, run_main, run_single, with_nan, write_recipes
 
+FLUX1, CHROMA = flux1.FAMILY, chroma.FAMILY
 PROMPTS = ["a photo of the cat", "a red house on the hill"]
 SEEDS = [0, 1]
 SIZE = 32
@@ -234,7 +236,7 @@ def test_a_guidance_without_effect_is_refused_before_the_merge(pipeline, single_
     args = ["recipe=tiny", "output=out", "progress=false", *PREVIEW, f"preview.pipeline={pipeline}", "preview.seeds=[0]", "preview.prompts=[a cat]", "preview.guidance=7"]
     assert run_main(args, monkeypatch) == 1
     err = capsys.readouterr().err
-    assert err == "fluxrecipe: error: preview.guidance=7 changes nothing: the merged model has no guidance embedder (guidance_embeds: false); leave preview.guidance out\n"
+    assert err == "fluxrecipe: error: preview.guidance=7 changes nothing: the merged model takes no guidance (FLUX.1, guidance_embeds: false, in_channels 4); leave preview.guidance out\n"
     assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()
 
 
@@ -243,9 +245,10 @@ def test_preview_settings_and_the_switch():
         "-m", "preview.enabled=true", "preview.enabled=false", "preview.enabled=true,false", "preview.steps=3", "~preview"
     ]
     request = previews_of(compose(["recipe=demo", "preview.enabled=true"]))
-    schnell_like, guided = request.for_model(False), request.for_model(True)
+    schnell_like, guided = request.for_model(FLUX1, {"guidance_embeds": False}), request.for_model(FLUX1, {"guidance_embeds": True})
     assert (schnell_like.steps, schnell_like.guidance, guided.steps, guided.guidance) == (4, None, 20, 3.5)
     assert (schnell_like.height, schnell_like.width, schnell_like.seeds, schnell_like.pipeline) == (512, 512, (0, 1), "black-forest-labs/FLUX.1-schnell")
+    assert (schnell_like.kind.pipeline, schnell_like.model_class) == ("FluxPipeline", "FluxTransformer2DModel")
     assert len(schnell_like.images()) == len(schnell_like.prompts) * 2
     for override, message in [
         ("preview.seeds=[0,0]", "lists '0' more than once"),
@@ -257,25 +260,35 @@ def test_preview_settings_and_the_switch():
         ("preview.offload=cpu", "choose none, model"),
     ]:
         with pytest.raises(UsageError, match=message):
-            previews_of(compose(["recipe=demo", "preview.enabled=true", override])).for_model(True)
+            previews_of(compose(["recipe=demo", "preview.enabled=true", override])).for_model(FLUX1, {"guidance_embeds": True})
     with pytest.raises(UsageError, match="preview=yes: choose true or false"):
         previews_of(compose(["recipe=demo", "preview.enabled=yes"]))
     compose([])
 
 
 def test_pipeline_that_does_not_fit_the_model_is_named():
+    kind = FLUX1.preview({"guidance_embeds": False})
+    components = ["scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]  # FluxPipeline's, written here
+    assert sorted(preview.needed_components("FluxPipeline")) == sorted(components)
     configs = {
-        "model_index": {n: ["transformers", "X"] for n in preview.NEEDED_COMPONENTS},
+        "model_index": {n: ["transformers", "X"] for n in components},
         "text_encoder": {"hidden_size": 768},
         "text_encoder_2": {"d_model": 4096},
         "vae": {"latent_channels": 16},
     }
     flux = {"joint_attention_dim": 4096, "pooled_projection_dim": 768, "in_channels": 64}
-    assert preview._fit("p", configs, flux) == []
-    problems = preview._fit("p", configs, {**flux, "joint_attention_dim": 32, "in_channels": 4})
+    assert preview._fit("p", kind, configs, flux) == []
+    problems = preview._fit("p", kind, configs, {**flux, "joint_attention_dim": 32, "in_channels": 4})
     assert len(problems) == 2 and "joint_attention_dim=32" in problems[0] and "in_channels=4" in problems[1]
     del configs["model_index"]["vae"]
-    assert preview._fit("p", configs, flux) == ["preview.pipeline=p has no vae: give a FLUX pipeline (e.g. black-forest-labs/FLUX.1-schnell)"]
+    assert preview._fit("p", kind, configs, flux) == ["preview.pipeline=p has no vae: give a FluxPipeline (e.g. black-forest-labs/FLUX.1-schnell)"]
+    # another family's pipeline: Chroma's has one text encoder (T5) and takes no CLIP
+    chroma_kind = CHROMA.preview({})
+    assert sorted(preview.needed_components("ChromaPipeline")) == ["scheduler", "text_encoder", "tokenizer", "vae"]
+    chroma = {"joint_attention_dim": 4096, "in_channels": 64}
+    t5_only = {"model_index": {n: ["x", "X"] for n in ("scheduler", "vae", "text_encoder", "tokenizer")}, "text_encoder": {"d_model": 4096}, "vae": {"latent_channels": 16}}
+    assert preview._fit("p", chroma_kind, t5_only, chroma) == []
+    assert "joint_attention_dim=2048" in preview._fit("p", chroma_kind, t5_only, {**chroma, "joint_attention_dim": 2048})[0]
 
 
 def test_read_previews_refuses_paths_outside_the_folder(tmp_path):
@@ -284,3 +297,53 @@ def test_read_previews_refuses_paths_outside_the_folder(tmp_path):
     (tmp_path / "previews.json").write_text(json.dumps({"images": [{"prompt": "p", "seed": "zero", "file": "x.png"}]}))
     with pytest.raises(ValueError, match="not \\{prompt, seed, file\\}"):
         preview.read_previews(tmp_path)
+
+
+@pytest.mark.diffusers
+def test_a_chroma_merge_previews_through_chromas_pipeline(tmp_path, monkeypatch):
+    """Previews per family: a Chroma merge is rendered by ChromaPipeline with Chroma's defaults (classifier-free
+    guidance 5.0, a negative prompt ""), its prompts encoded before the transformer is loaded, and the pixels
+    are those of diffusers' own ChromaPipeline run end to end (prompt in, text encoder loaded) on the merge."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel
+
+    from chroma_helpers import TINY_CHROMA, make_chroma
+    from sweep_helpers import build_chroma_pipeline
+
+    a, b = make_chroma(tmp_path / "a", seed=80), make_chroma(tmp_path / "b", seed=81)
+    pipeline = build_chroma_pipeline(tmp_path / "tiny-chroma", TINY_CHROMA)
+    recipes = tmp_path / "recipes"
+    write_recipe(recipes, "chroma_lerp", f"sources: {{a: {a}, b: {b}}}\nbase: a\nrules:\n  - match: '.*'\n    op: lerp:0.5\ndtype: bf16\n")
+    monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(recipes))
+    out = tmp_path / "run" / "model"
+    run_single(["recipe=chroma_lerp", f"output={out}", "progress=false", "preview=true", "preview.prompts=[a photo of the cat]",
+                "preview.seeds=[0]", f"preview.height={SIZE}", f"preview.width={SIZE}", "preview.steps=2", f"preview.pipeline={pipeline}"], tmp_path / "run")
+    compose([])
+    recorded = json.loads((tmp_path / "run" / "previews" / "previews.json").read_text())["settings"]
+    assert (recorded["guidance"], recorded["steps"], recorded["kind"]["pipeline"], recorded["model_class"]) == (5.0, 2, "ChromaPipeline", "ChromaTransformer2DModel")
+
+    transformer = ChromaTransformer2DModel.from_pretrained(out, torch_dtype=torch.bfloat16)
+    pipe = ChromaPipeline.from_pretrained(pipeline, transformer=transformer, torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        image = pipe(prompt="a photo of the cat", num_inference_steps=2, guidance_scale=5.0, height=SIZE, width=SIZE,
+                     generator=torch.Generator("cpu").manual_seed(0), max_sequence_length=512).images[0]
+    assert np.array_equal(pixels(tmp_path / "run" / "previews" / "p0-s0.png"), np.asarray(image.convert("RGB")))
+    assert pixels(tmp_path / "run" / "previews" / "p0-s0.png").std() > 0
+
+
+def test_previews_take_the_familys_pipeline_and_refuse_a_guidance_it_does_not_take():
+    """With preview.pipeline, steps and guidance left null, each family's own: FLUX.2 klein's pipeline of its
+    width and no guidance (a guidance given is refused), Chroma's 35 steps and guidance 5."""
+    from fluxrecipe.families import flux2
+
+    request = previews_of(compose(["recipe=demo", "preview.enabled=true"]))
+    compose([])
+    klein = request.for_model(flux2.FAMILY, {"guidance_embeds": False, "num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 5, "num_single_layers": 20})
+    assert (klein.pipeline, klein.kind.pipeline, klein.steps, klein.guidance, klein.model_class) == (
+        "black-forest-labs/FLUX.2-klein-4B", "Flux2KleinPipeline", 4, None, "Flux2Transformer2DModel")
+    chroma_settings = request.for_model(CHROMA, {})
+    assert (chroma_settings.pipeline, chroma_settings.steps, chroma_settings.guidance) == ("lodestones/Chroma1-HD", 35, 5.0)
+    guided = previews_of(compose(["recipe=demo", "preview.enabled=true", "preview.guidance=2"]))
+    compose([])
+    with pytest.raises(UsageError, match=r"preview.guidance=2 changes nothing: the merged model takes no guidance \(FLUX.2, guidance_embeds: false, width 3072, 5\+20 blocks\)"):
+        guided.for_model(flux2.FAMILY, {"guidance_embeds": False, "num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 5, "num_single_layers": 20})

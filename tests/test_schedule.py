@@ -340,6 +340,21 @@ def test_one_block_of_any_schedule_is_overridden_alone(recipe_dir, tmp_path, sch
         assert set(before.values()) == {others}
 
 
+@pytest.mark.parametrize("block", ["txt_mode_blocks.1", "content_mode_blocks.image.0", "distilled_guidance_layer", "double_blocks.0-1", "single_stream_modulation"])
+def test_a_block_override_in_any_familys_names_is_known_as_one(recipe_dir, schnell, krea, monkeypatch, block):
+    """`recipe.alpha.BLOCK=V` in the block names of FLUX.3, Chroma or FLUX.2, or a range, is one block of a
+    schedule (the recipe loader then gives alpha a shape the block can be added to), as FLUX.1's names are."""
+    import os
+
+    from fluxrecipe.cli.arguments import command_line
+    from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
+
+    monkeypatch.setenv(BLOCK_OVERRIDES_ENV, "")
+    write_recipe(recipe_dir, "shaped", f"sources: {{schnell: {schnell}, krea: {krea}}}\nalpha: 0.5\nrules:\n  - match: '.*'\n    op: lerp:${{recipe.alpha}}\n")
+    command_line(["recipe=shaped", "dry_run=true", f"recipe.alpha.{block}=0.125"])
+    assert os.environ[BLOCK_OVERRIDES_ENV] == "alpha"
+
+
 def test_a_sweep_over_one_block(tmp_path, schnell, krea, state_of):
     """`-m recipe.alpha.double_blocks.1=0,1`: two merges, double block 1 is schnell's in one and Krea's in
     the other; every other tensor is the lerp at 0.5 in both."""

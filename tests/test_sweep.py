@@ -146,7 +146,7 @@ def test_basic_launcher_alpha_sweep_with_failing_jobs(tmp_path, recipes, states)
         assert lines[f"alpha={0 if src == 'schnell' else 1}"] == [0.0] * 6
         half = json.loads((sweep_dir / "alpha=0.5,recipe=tiny" / "transformer" / "diagnostics.json").read_text())["blocks"]
         assert lines["alpha=0.5"] == [by_source[src] for by_source in half.values()]
-    assert [t.get_text() for t in figure.axes[1].get_xticklabels()] == ["embedders", "double.0", "double.1", "single.0", "single.1", "output"]
+    assert [t.get_text() for t in figure.axes[1].get_xticklabels()] == ["embedders", "double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1", "output"]
 
     # `summary` rebuilds the same tables from the files alone
     before = {name: (sweep_dir / name).read_text() for name in (summarize.SUMMARY_CSV, SUMMARY_MD, summarize.BLOCKS_CSV)}

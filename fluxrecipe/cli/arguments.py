@@ -27,12 +27,14 @@ from .. import extras
 from ..catalog import is_recipe_path, recipe_file, recipe_problem
 from ..errors import UsageError
 from ..recipe import BLOCK_OVERRIDES_ENV, LORA_FIELDS, RECIPE_FIELDS, RULE_FIELDS, SOURCE_FIELDS, load_recipe_file
+from ..schedule import DEFAULT, FINAL, GROUPS, TOP
 from .options import default_of, deleted_option, unknown_option
 
-# `recipe.alpha.double_blocks.7=V`, `recipe.loras.style.strength.single_blocks=V`: one block of a schedule
+# `recipe.alpha.GROUP.7=V`, `recipe.loras.style.strength.GROUP=V`: one block (or range, or group) of a
+# schedule, in the block names of any family (schedule's vocabulary)
 BLOCK_OVERRIDE = re.compile(
     r"\+?recipe\.(?P<param>[A-Za-z_][\w-]*|loras\.[A-Za-z_][\w-]*\.strength)\."
-    r"(default|img_in|time_in|guidance_in|vector_in|txt_in|final_layer|(double_blocks|single_blocks)(\.\w+)?)=.*",
+    rf"({'|'.join(map(re.escape, (DEFAULT, *TOP, *FINAL)))}|({'|'.join(map(re.escape, GROUPS))})(\.[\w-]+)?)=.*",
     re.S,
 )
 OVERRIDE = re.compile(r"(\+{0,2})([A-Za-z_][\w-]*(?:\.[\w-]+)*)=(.*)", re.S)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..files import os_errors
+from ..formats import FORMATS
 from ..ops import OPS
 from ..ops.registry import listing
 from ..sweep.records import MULTIRUN_YAML, is_sweep, read_jobs
@@ -59,7 +60,7 @@ def _report_file(file_report: FileReport, hashed: bool) -> int:
         print(f"{PROGRAM} verify: {printable(str(file_report.path))}: {counted(len(file_report.problems), 'problem')}: do not use this file as it is", file=sys.stderr)
         return EXIT_ERROR
     what = "its data matches the sha256 in its metadata and its values are finite" if hashed else "sha256 and values not checked"
-    kind = "a LoRA" if file_report.layout == "lora" else f"a whole {file_report.family} transformer in {file_report.layout} layout"
+    kind = "a LoRA" if FORMATS[file_report.layout].lora_scheme else f"a whole {file_report.family} transformer in {file_report.layout} layout"
     print(printable(f"{file_report.path}: ok: {file_report.tensors} tensors, {kind}; {what}"))
     return 0
 

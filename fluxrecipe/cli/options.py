@@ -48,7 +48,7 @@ OPTIONS = (
     Option("traceback", False, "show the Python traceback of an error"),
     Option("keep_weights", True, "false: delete a job's weights once its previews are done (its recipe.yaml rebuilds them)"),
     Option("preview.enabled", False, "sample images of each merge (preview=true is short for preview.enabled=true); they go into the run folder"),
-    Option("preview.pipeline", "black-forest-labs/FLUX.1-schnell", "preview=true: the text encoders, VAE and scheduler: a hub repo or a local pipeline folder"),
+    Option("preview.pipeline", None, "preview=true: the text encoders, VAE and scheduler: a hub repo or a local pipeline folder; null: the model family's (FLUX.1: black-forest-labs/FLUX.1-schnell)"),
     Option(
         "preview.prompts",
         [
@@ -59,8 +59,8 @@ OPTIONS = (
         "preview=true: the prompts, a list: preview.prompts='[a red fox in snow, a city at night]'",
     ),
     Option("preview.seeds", [0, 1], "preview=true: one image per prompt and seed"),
-    Option("preview.steps", None, "preview=true: denoising steps; null: 4 for a model without guidance embedder (schnell-like), 20 for one with"),
-    Option("preview.guidance", None, "preview=true, a model with a guidance embedder: the guidance; null: 3.5"),
+    Option("preview.steps", None, "preview=true: denoising steps; null: the model family's (FLUX.1: 4 without guidance embedder, schnell-like, 20 with)"),
+    Option("preview.guidance", None, "preview=true, a model that takes guidance: the guidance; null: the model family's (FLUX.1 with a guidance embedder: 3.5)"),
     Option("preview.height", 512, "preview=true: image height, a multiple of 16"),
     Option("preview.width", 512, "preview=true: image width, a multiple of 16"),
     Option("preview.offload", "none", "preview=true, device=cuda: model (diffusers' model CPU offload) or sequential (least GPU memory, slowest)"),

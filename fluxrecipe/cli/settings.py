@@ -27,7 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .. import api
 from ..catalog import recipe_file, recipe_files, recipe_name
 from ..errors import UsageError
-from ..formats import OUTPUT_FORMATS
+from .. import formats
 from ..loras import LORA_FORMATS
 from ..options import Options
 from ..recipe import FORMATS, LoraSpec, Recipe, SourceSpec, load_recipe
@@ -179,7 +179,7 @@ def output_of(cfg: DictConfig, recipe: Recipe, given: set[str], multirun: bool) 
         raise UsageError(f"lora_rank={rank}: must be a whole number above 0 (the rank of a merge written as a LoRA)")
     if "lora_rank" in given and chosen not in LORA_FORMATS:
         raise UsageError(f"lora_rank={rank} changes nothing: format={chosen} writes no LoRA; lora_rank is the rank of format={' or '.join(LORA_FORMATS)}")
-    if "shard_size" in given and OUTPUT_FORMATS[chosen]:
+    if "shard_size" in given and formats.FORMATS[chosen].single_file:
         raise UsageError(f"shard_size={cfg.shard_size} changes nothing: format={chosen} writes one file; shards are for format=diffusers (a folder)")
     path = None
     if cfg.output and not multirun:

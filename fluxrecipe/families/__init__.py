@@ -1,20 +1,20 @@
 """The model families fluxrecipe merges, one module each (base.py says what a family module provides).
 
 FAMILIES is the order in which files are recognised: a family whose files also hold another family's
-fingerprint comes before that family (FLUX.2's files hold FLUX.1's block names; FLUX.1, whose fingerprint
-is any FLUX-shaped key, comes last). To add a family: write its module, put its FAMILY here, add its tests.
+fingerprint comes before that family (FLUX.2's, FLUX.3's and Chroma's files hold FLUX.1's block names;
+FLUX.1, whose fingerprint is any FLUX-shaped key, comes last). To add a family: write its module, put its FAMILY here, add its tests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from . import flux1, flux2
+from . import chroma, flux1, flux2, flux3
 from .base import Family, Preview, ShapeError
 
-__all__ = ["FAMILIES", "Family", "Preview", "ShapeError", "by_class", "by_name", "comfyui_prefixes", "diagnostic_order", "recognise", "vocabulary"]
+__all__ = ["FAMILIES", "Family", "Preview", "ShapeError", "by_class", "by_name", "comfyui_prefixes", "diagnostic_order", "recognise", "schedule_name", "vocabulary"]
 
-FAMILIES: tuple[Family, ...] = (flux2.FAMILY, flux1.FAMILY)
+FAMILIES: tuple[Family, ...] = (flux3.FAMILY, flux2.FAMILY, chroma.FAMILY, flux1.FAMILY)
 
 
 def recognise(keys: Iterable[str]) -> Family | None:
@@ -57,3 +57,11 @@ def diagnostic_order(block: str) -> tuple[int, int]:
     if group in groups and index.isdigit():
         return (1 + groups.index(group), int(index))
     return (1 + len(groups), 0)
+
+
+def schedule_name(block: str) -> str:
+    """A diagnostics block name of any family ('transformer_blocks.7') as recipes' schedules write it
+    ('double_blocks.7'); 'embedders' and 'output' as they are."""
+    group, _, index = block.rpartition(".")
+    bfl = next((g.bfl for f in reversed(FAMILIES) for g in f.bfl.groups if g.canonical == group), None)
+    return f"{bfl}.{index}" if bfl and index.isdigit() else block

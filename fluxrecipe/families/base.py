@@ -7,17 +7,21 @@ family module (flux1.py, flux2.py, ...) builds one `Family` out of plain data an
 - `fingerprints`: regexes one of its files' keys matches (in any layout, ComfyUI's prefix removed), tried in
   the registry's order, so that a family whose files also hold another's fingerprint comes first;
 - `bfl`: its Black Forest Labs layout as one table (renames, rows of fused tensors, a swap of row halves,
-  norms), which serves reading and writing; the block vocabulary (names, groups, model order) and the keys
-  that tell the two layouts apart are derived from it, so each fact has one home;
+  norms; numbered modules outside the block groups, `layers.*.in_layer`), which serves reading and writing;
+  the block vocabulary (names, groups, model order) and the keys that tell the two layouts apart are derived
+  from it, so each fact has one home;
 - `derive_config` and `variant`: the diffusers config and the variant's name from the tensors' shapes
   (ShapeError, one line, for shapes the family cannot have); `summary`: a config's telling values;
-- `preview`: the diffusers pipeline, its default repo and sampling defaults for a model of this family;
+- `preview`: the diffusers pipeline, its default repo and sampling defaults for a model of this family (or
+  that diffusers offers only a modular pipeline, which previews cannot drive);
 - `licences`: its models' licences, for a merge's model card;
 - optional: `lora` (LoRA key schemes of its trainers beyond the generic ones: kohya, ComfyUI, diffusers /
   PEFT and OneTrainer come from the table and the canonical keys), `config_hint` (advice when an output's
   keys do not fit its config), `kept_in_bf16` (what an fp8 export keeps in bf16, the dtype `fp8_mixed`,
   where `high_precision`'s rule does not fit), `comfyui_prefixes`, `max_blocks` / `max_size` (bounds of a
-  config).
+  config), `refused` (models of the family fluxrecipe knows and does not merge, told by a key, refused by
+  name: Chroma1-Radiance), `skipped` (keys its files may hold that are no part of the model: FLUX.3's
+  training-only heads), `flags` (the config's yes/no fields that tell its variants apart, for the plan).
 """
 
 from __future__ import annotations
@@ -62,25 +66,43 @@ class Norm:
 
 
 Mapping = Rename | Fused | Swapped | Norm
+NUMBER = "*"  # in a module name of a table's `top` or `final`: a layer number (Chroma's `layers.*.in_layer`)
 
 
 def targets(mapping: Mapping) -> tuple[str, ...]:
     return mapping.targets if isinstance(mapping, Fused) else (mapping.target,)
 
 
+def numbered(mapping: Mapping, number: str) -> Mapping:
+    """A numbered module's mapping with its number put into its targets."""
+    if isinstance(mapping, Fused):
+        return Fused(tuple(t.replace(NUMBER, number) for t in mapping.targets))
+    return type(mapping)(mapping.target.replace(NUMBER, number))
+
+
+def _number_pattern(name: str, separator: str = ".") -> re.Pattern:
+    """A numbered module name (dots written as `separator`) as a regex whose group 1 is the number."""
+    return re.compile(re.escape(name.replace(".", separator)).replace(re.escape(NUMBER), r"(\d+)"))
+
+
 @dataclass(frozen=True, eq=False)
 class Group:
-    """Numbered blocks: BFL `{bfl}.N.X` holds canonical `{canonical}.N.Y` as `table` says (X -> mapping of Y)."""
+    """Numbered blocks: BFL `{bfl}.N.X` holds canonical `{canonical}.N.Y` as `table` says (X -> mapping of Y).
+    `beside`: the group runs beside the one before it (another stream at the same depth, as FLUX.3's per-mode
+    blocks): a gradient over the model's blocks gives its block N the value of that group's block N."""
 
     bfl: str
     canonical: str
     table: dict[str, Mapping]
+    beside: bool = False
 
 
 @dataclass(frozen=True, eq=False)
 class BflTable:
     """A family's whole BFL layout: the modules before the blocks (in model order), the block groups, the
-    modules after them. `hidden`: the BFL key whose dim 0 is the model's width (it sizes Fused parts)."""
+    modules after them. `hidden`: the BFL key whose dim 0 is the model's width (it sizes Fused parts). A
+    module name of `top` or `final` may hold a layer number, NUMBER, as its targets do: the layers of a
+    module of its own (Chroma's guidance network), however many a model has."""
 
     top: dict[str, Mapping]
     groups: tuple[Group, ...]
@@ -102,6 +124,51 @@ class BflTable:
     def group(self, name: str) -> Group:
         """The group by its BFL or its canonical name."""
         return next(g for g in self.groups if name in (g.bfl, g.canonical))
+
+    @cached_property
+    def _numbered(self) -> tuple[tuple[re.Pattern, str, Mapping], ...]:
+        """The numbered modules outside the groups: (regex of the BFL name, the name, its mapping)."""
+        return tuple((_number_pattern(name), name, m) for t in (self.top, self.final) for name, m in t.items() if NUMBER in name)
+
+    def outer(self, module: str) -> Mapping | None:
+        """The mapping of a BFL module outside the groups (a numbered one's with its number), or None."""
+        found = self.top.get(module) or self.final.get(module)
+        if found:
+            return found
+        return next((numbered(m, match[1]) for rx, _, m in self._numbered if (match := rx.fullmatch(module))), None)
+
+    def outer_modules(self, table: dict[str, Mapping], keys: Iterable[str]) -> list[tuple[str, Mapping]]:
+        """`table`'s modules (top or final) as BFL name -> mapping, a numbered one once per number the
+        canonical `keys` hold, in order."""
+        keys = list(keys)
+        modules = []
+        for name, mapping in table.items():
+            if NUMBER not in name:
+                modules.append((name, mapping))
+                continue
+            rx = _number_pattern(targets(mapping)[0] + ".")
+            numbers = sorted({int(m[1]) for k in keys if (m := rx.match(k))})
+            modules += [(name.replace(NUMBER, str(n)), numbered(mapping, str(n))) for n in numbers]
+        return modules
+
+    @cached_property
+    def _underscored(self) -> tuple[re.Pattern, dict[str, tuple[str, dict[str, str]]], dict[str, str], tuple[tuple[re.Pattern, str], ...]]:
+        """The BFL names with their dots written as `_`: a block key's regex (group, number, module), group ->
+        (its BFL name, its modules), the modules outside the groups, the numbered ones as (regex, name)."""
+        groups = {g.bfl.replace(".", "_"): (g.bfl, {n.replace(".", "_"): n for n in g.table}) for g in self.groups}
+        block = re.compile(rf"({'|'.join(map(re.escape, groups))})_(\d+)_(.+)")
+        outer = {n.replace(".", "_"): n for t in (self.top, self.final) for n in t if NUMBER not in n}
+        return block, groups, outer, tuple((_number_pattern(name, "_"), name) for _, name, _ in self._numbered)
+
+    def from_underscored(self, module: str) -> str | None:
+        """A BFL module name with its dots written as `_` (kohya's LoRA keys) -> the name, or None."""
+        block, groups, outer, numbers = self._underscored
+        m = block.fullmatch(module)
+        if m and m[3] in groups[m[1]][1]:
+            return f"{groups[m[1]][0]}.{m[2]}.{groups[m[1]][1][m[3]]}"
+        if module in outer:
+            return outer[module]
+        return next((name.replace(NUMBER, n[1]) for rx, name in numbers if (n := rx.fullmatch(module))), None)
 
 
 # --- what else a family says ----------------------------------------------------------------------------------
@@ -125,15 +192,43 @@ class LoraTables:
 
 
 @dataclass(frozen=True)
+class Fit:
+    """A number of a preview pipeline's component config that the model's config must match:
+    `component`/config.json `key` (dotted: nested) times `factor` == the model's `model_key`."""
+
+    component: str
+    key: str
+    model_key: str
+    what: str  # for the message: "T5's embeddings"
+    factor: int = 1
+
+
+@dataclass(frozen=True)
 class Preview:
     """How to render a model of the family: the diffusers pipeline class, the default pipeline repo (text
-    encoders, VAE, scheduler), and the sampling defaults."""
+    encoders, VAE, scheduler), and the sampling defaults. `modular`: diffusers offers the family only as a
+    ModularPipeline (components loaded by `load_components`, run by blocks that encode their own prompts),
+    which cannot be driven as the other pipelines are: previews are not offered for it.
+
+    Prompts are encoded once, by the pipeline's own `encode_prompt` (with `encode_options`), before the
+    transformer is loaded: `text_inputs` names what each of its outputs is passed to the pipeline's call as
+    (None: not passed). `fits`: what of the pipeline must match the model's config."""
 
     pipeline: str
     repo: str
     steps: int
     guidance: float | None  # None: the model takes no guidance
     max_sequence_length: int
+    modular: bool = False
+    text_inputs: tuple[str | None, ...] = ("prompt_embeds",)
+    encode_options: tuple[tuple[str, Any], ...] = ()
+    fits: tuple[Fit, ...] = ()
+
+    def not_offered(self, family: str) -> str:
+        """The one line that says previews cannot render this model ('' when they can)."""
+        if not self.modular:
+            return ""
+        return f"previews are not offered for {family}: diffusers offers it only as the modular {self.pipeline}, whose blocks load their own components and encode their own prompts"
 
 
 def required(shapes: Shapes, key: str, dims: int, model: str) -> tuple[int, ...]:
@@ -176,6 +271,11 @@ class Family:
     comfyui_prefixes: tuple[str, ...] = ("model.diffusion_model.", "diffusion_model.")  # the first is written
     max_blocks: int = 100  # a config's block count (num_layers, ...) at most: a bound against hostile configs
     max_size: int = 1 << 16  # any other whole number of a config (a width, a channel count) at most
+    # regex of a key -> the model of the family it marks, which fluxrecipe knows and does not merge
+    refused: dict[str, str] = field(default_factory=dict)
+    # regexes of keys its files may hold that are no part of the model (training-only heads): read past, counted
+    skipped: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()  # the config's yes/no fields that tell its variants apart, shown in the plan
 
     def __str__(self) -> str:
         return self.name
@@ -192,14 +292,24 @@ class Family:
 
     @cached_property
     def bfl_markers(self) -> tuple[str, ...]:
-        """Key prefixes only the BFL layout has: its block groups, its input layer, its final modules."""
+        """Key prefixes only the BFL layout has: its block groups (those named apart from diffusers'), its input
+        layer, its final modules."""
         firsts = [self.bfl.hidden.split(".")[0], *(m.split(".")[0] for m in self.bfl.final)]
-        return tuple(dict.fromkeys([g.bfl + "." for g in self.bfl.groups] + [f + "." for f in firsts]))
+        return tuple(dict.fromkeys([g.bfl + "." for g in self.bfl.groups if g.bfl != g.canonical] + [f + "." for f in firsts]))
 
     @cached_property
     def diffusers_markers(self) -> tuple[str, ...]:
-        """Key prefixes only the diffusers layout has: its block groups and its input layer."""
-        return tuple(g.canonical + "." for g in self.bfl.groups) + (self.hidden_key.rsplit(".", 1)[0] + ".",)
+        """Key prefixes only the diffusers layout has: its block groups (those named apart from BFL's) and its
+        input layer."""
+        return tuple(g.canonical + "." for g in self.bfl.groups if g.bfl != g.canonical) + (self.hidden_key.rsplit(".", 1)[0] + ".",)
+
+    def refusal(self, keys: Iterable[str]) -> tuple[str, str] | None:
+        """(the model, the key that marks it) when keys are a model of the family fluxrecipe does not merge."""
+        return next(((model, k) for k in keys for pattern, model in self.refused.items() if re.search(pattern, k)), None)
+
+    def skips(self, key: str) -> bool:
+        """Whether a key of the family's files is no part of the model (and is read past)."""
+        return any(re.search(pattern, key) for pattern in self.skipped)
 
     def is_bfl(self, keys: Iterable[str]) -> bool:
         return any(k.startswith(self.bfl_markers) for k in keys)
@@ -241,9 +351,10 @@ class Family:
     # --- blocks: the names schedules and messages use (ComfyUI's: the first part of BFL's module names)
 
     @cached_property
-    def _module_blocks(self) -> dict[str, str]:
-        """Canonical module outside the groups -> its block."""
-        return {t: name.split(".")[0] for table in (self.bfl.top, self.bfl.final) for name, m in table.items() for t in targets(m)}
+    def _module_blocks(self) -> tuple[dict[str, str], tuple[tuple[re.Pattern, str], ...]]:
+        """Canonical module outside the groups -> its block; and the numbered ones' as (regex, block)."""
+        modules = [(t, name.split(".")[0]) for table in (self.bfl.top, self.bfl.final) for name, m in table.items() for t in targets(m)]
+        return {t: b for t, b in modules if NUMBER not in t}, tuple((_number_pattern(t), b) for t, b in modules if NUMBER in t)
 
     @cached_property
     def top_blocks(self) -> tuple[str, ...]:
@@ -265,7 +376,9 @@ class Family:
         m = self.bfl.canonical_pattern.match(key)
         if m:
             return f"{self.bfl.group(m[1]).bfl}.{m[2]}"
-        return self._module_blocks.get(key.rsplit(".", 1)[0])
+        module = key.rsplit(".", 1)[0]
+        exact, numbers = self._module_blocks
+        return exact.get(module) or next((b for rx, b in numbers if rx.fullmatch(module)), None)
 
     def block_order(self, block: str) -> tuple[int, int]:
         """Model order: the blocks before the groups, each group's blocks by index, the final blocks."""

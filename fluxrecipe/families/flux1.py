@@ -22,7 +22,7 @@ import re
 from typing import Any
 
 from ..text import cut
-from .base import BflTable, Family, Fused, Group, LoraTables, Norm, Preview, Rename, ShapeError, Shapes, Swapped, required
+from .base import BflTable, Family, Fit, Fused, Group, LoraTables, Norm, Preview, Rename, ShapeError, Shapes, Swapped, required
 
 WIDTH, DOUBLE, SINGLE = 3072, 19, 38  # FLUX.1's hidden size and block counts
 HEAD_DIM = 128  # every released FLUX's
@@ -46,6 +46,18 @@ FINAL = {
     "final_layer.adaLN_modulation.1": Swapped("norm_out.linear"),
 }
 QK_NORMS = {"norm.query_norm": Norm("attn.norm_q"), "norm.key_norm": Norm("attn.norm_k")}  # a single block's
+# The double blocks' GELU MLPs and the single blocks without their modulation: Chroma's blocks are these
+MLP = {
+    "img_mlp.0": Rename("ff.net.0.proj"),
+    "img_mlp.2": Rename("ff.net.2"),
+    "txt_mlp.0": Rename("ff_context.net.0.proj"),
+    "txt_mlp.2": Rename("ff_context.net.2"),
+}
+SINGLE_BLOCK = {
+    "linear1": Fused(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+    "linear2": Rename("proj_out"),
+    **QK_NORMS,
+}
 
 TABLE = BflTable(
     top={
@@ -63,17 +75,9 @@ TABLE = BflTable(
             "img_mod.lin": Rename("norm1.linear"),
             "txt_mod.lin": Rename("norm1_context.linear"),
             **ATTENTION,
-            "img_mlp.0": Rename("ff.net.0.proj"),
-            "img_mlp.2": Rename("ff.net.2"),
-            "txt_mlp.0": Rename("ff_context.net.0.proj"),
-            "txt_mlp.2": Rename("ff_context.net.2"),
+            **MLP,
         }),
-        Group("single_blocks", "single_transformer_blocks", {
-            "modulation.lin": Rename("norm.linear"),
-            "linear1": Fused(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
-            "linear2": Rename("proj_out"),
-            **QK_NORMS,
-        }),
+        Group("single_blocks", "single_transformer_blocks", {"modulation.lin": Rename("norm.linear"), **SINGLE_BLOCK}),
     ),
     final=FINAL,
     hidden="img_in.weight",
@@ -91,8 +95,18 @@ LORA = LoraTables(
 )
 
 GUIDANCE = "time_text_embed.guidance_embedder."
-SCHNELL = Preview("FluxPipeline", "black-forest-labs/FLUX.1-schnell", steps=4, guidance=None, max_sequence_length=256)
-DEV = Preview("FluxPipeline", "black-forest-labs/FLUX.1-schnell", steps=20, guidance=3.5, max_sequence_length=256)  # schnell's encoders and VAE serve dev too
+# FluxPipeline.encode_prompt -> (T5's embeddings, CLIP's pooled one, text ids); 256 T5 tokens: schnell's limit
+PIPELINE = dict(
+    text_inputs=("prompt_embeds", "pooled_prompt_embeds", None),
+    encode_options=(("prompt_2", None),),
+    fits=(
+        Fit("text_encoder_2", "d_model", "joint_attention_dim", "T5's embeddings"),
+        Fit("text_encoder", "hidden_size", "pooled_projection_dim", "CLIP's pooled embedding"),
+        Fit("vae", "latent_channels", "in_channels", "its VAE's latent channels (2x2 packed)", 4),
+    ),
+)
+SCHNELL = Preview("FluxPipeline", "black-forest-labs/FLUX.1-schnell", steps=4, guidance=None, max_sequence_length=256, **PIPELINE)
+DEV = Preview("FluxPipeline", "black-forest-labs/FLUX.1-schnell", steps=20, guidance=3.5, max_sequence_length=256, **PIPELINE)  # schnell's encoders and VAE serve dev too
 
 # The demo's small FLUX.1 models of random weights (demo.py): FLUX.1's design, a few blocks of width 128;
 # schnell-like without and Krea-like with a guidance embedder.
@@ -108,7 +122,7 @@ def derive_config(shapes: Shapes, diffusers_version: str | None = None) -> tuple
 
     Raises ShapeError naming a tensor every FLUX.1 transformer has, when it is missing or not of a shape
     a FLUX.1 transformer can have."""
-    config, notes = flux_config(FAMILY, shapes, diffusers_version, ROPE, _assumed_rope)
+    config, notes = flux_config(FAMILY, shapes, diffusers_version, ROPE, assumed_rope)
     config["guidance_embeds"] = any(k.startswith(GUIDANCE) for k in shapes)
     config["pooled_projection_dim"] = required(shapes, "time_text_embed.text_embedder.linear_1.weight", 2, FAMILY.name)[1]
     return dict(sorted(config.items())), notes
@@ -145,7 +159,7 @@ def flux_config(family: Family, shapes: Shapes, diffusers_version: str | None, r
     return config, notes
 
 
-def _assumed_rope(head_dim: int) -> list[int]:
+def assumed_rope(head_dim: int) -> list[int]:
     """Three even rotary dims, the first about a quarter, as FLUX.1's 16 + 56 + 56 (rotary dims must be even)."""
     first = head_dim // 4 - (head_dim // 4) % 2
     rest = (head_dim - first) // 2 - ((head_dim - first) // 2) % 2
@@ -202,5 +216,6 @@ FAMILY = Family(
     licences="FLUX.1-schnell: Apache-2.0; FLUX.1-dev and FLUX.1-Krea-dev: the FLUX.1 [dev] Non-Commercial License",
     lora=LORA,
     config_hint=guidance_hint,
+    flags=("guidance_embeds",),
 )
 

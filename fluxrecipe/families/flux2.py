@@ -22,7 +22,7 @@ from typing import Any
 
 from ..text import cut
 from . import flux1
-from .base import BflTable, Family, Group, Preview, Rename, ShapeError, Shapes, required
+from .base import BflTable, Family, Fit, Group, Preview, Rename, ShapeError, Shapes, required
 
 ROPE = [32, 32, 32, 32]  # every FLUX.2 (head dim 128): rope has no weights, so a file cannot tell it
 VARIANTS = {6144: ("dev", 8, 48), 4096: ("klein 9B", 8, 24), 3072: ("klein 4B", 5, 20)}  # width -> name, blocks
@@ -58,11 +58,17 @@ TABLE = BflTable(
     hidden="img_in.weight",
 )
 
-DEV = Preview("Flux2Pipeline", "black-forest-labs/FLUX.2-dev", steps=50, guidance=4.0, max_sequence_length=512)
+# encode_prompt -> (the text encoder's hidden states of 3 layers side by side, text ids)
+VAE_FIT = Fit("vae", "latent_channels", "in_channels", "its VAE's latent channels (2x2 packed)", 4)
+DEV = Preview(
+    "Flux2Pipeline", "black-forest-labs/FLUX.2-dev", steps=50, guidance=4.0, max_sequence_length=512, text_inputs=("prompt_embeds", None),
+    fits=(Fit("text_encoder", "text_config.hidden_size", "joint_attention_dim", "Mistral's hidden states (3 layers)", 3), VAE_FIT),
+)
 # klein: the distilled models' defaults (4 steps, no classifier-free guidance); a base model needs ~50 steps
+KLEIN_FITS = (Fit("text_encoder", "hidden_size", "joint_attention_dim", "Qwen3's hidden states (3 layers)", 3), VAE_FIT)
 KLEIN = {
-    4096: Preview("Flux2KleinPipeline", "black-forest-labs/FLUX.2-klein-9B", steps=4, guidance=None, max_sequence_length=512),
-    3072: Preview("Flux2KleinPipeline", "black-forest-labs/FLUX.2-klein-4B", steps=4, guidance=None, max_sequence_length=512),
+    4096: Preview("Flux2KleinPipeline", "black-forest-labs/FLUX.2-klein-9B", steps=4, guidance=None, max_sequence_length=512, text_inputs=("prompt_embeds", None), fits=KLEIN_FITS),
+    3072: Preview("Flux2KleinPipeline", "black-forest-labs/FLUX.2-klein-4B", steps=4, guidance=None, max_sequence_length=512, text_inputs=("prompt_embeds", None), fits=KLEIN_FITS),
 }
 
 
@@ -71,7 +77,7 @@ def derive_config(shapes: Shapes, diffusers_version: str | None = None) -> tuple
 
     Raises ShapeError naming a tensor every FLUX.2 transformer has, when it is missing or not of a shape a
     FLUX.2 transformer can have."""
-    config, notes = flux1.flux_config(FAMILY, shapes, diffusers_version, ROPE, _assumed_rope)
+    config, notes = flux1.flux_config(FAMILY, shapes, diffusers_version, ROPE, assumed_rope)
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     config["guidance_embeds"] = any(k.startswith(GUIDANCE) for k in shapes)
     config["mlp_ratio"] = _mlp_width(shapes, hidden) / hidden
@@ -79,7 +85,7 @@ def derive_config(shapes: Shapes, diffusers_version: str | None = None) -> tuple
     return dict(sorted(config.items())), notes
 
 
-def _assumed_rope(head_dim: int) -> list[int]:
+def assumed_rope(head_dim: int) -> list[int]:
     """Four even rotary dims (as many as FLUX.2's 32 x 4), the last taking the rest."""
     quarter = head_dim // 4 - (head_dim // 4) % 2
     return [quarter] * 3 + [head_dim - 3 * quarter]
@@ -139,6 +145,7 @@ FAMILY = Family(
     summary=summary,
     licences="FLUX.2-dev: the FLUX [dev] Non-Commercial License; FLUX.2 klein 4B: Apache-2.0; FLUX.2 klein 9B: the FLUX Non-Commercial License",
     config_hint=flux1.guidance_hint,
+    flags=("guidance_embeds",),
 )
 
 

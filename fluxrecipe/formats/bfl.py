@@ -23,7 +23,7 @@ from functools import partial
 from ..errors import PlanError, SourceError
 from ..text import cut
 from ..families.base import BflTable, Family, Mapping, Norm, Swapped, targets
-from .layout import OutTensor, Part, Piece, Scale, TensorRef, row_size, rows
+from .layout import Constant, OutFile, OutTensor, Part, Piece, Scale, TensorRef, row_size, rows
 from .safetensors import ITEMSIZE, TensorEntry, read_bytes, read_scalar
 
 TOP_KEY = re.compile(r"^(.+)\.(weight|bias|scale)$")
@@ -64,7 +64,7 @@ def lookup(table: BflTable, file_key: str) -> tuple[str, Mapping, str] | None:
         mapping = group.table.get(m[3])
         return (f"{group.canonical}.{m[2]}.", mapping, m[4]) if mapping else None
     m = TOP_KEY.match(file_key)
-    mapping = (table.top.get(m[1]) or table.final.get(m[1])) if m else None
+    mapping = table.outer(m[1]) if m else None
     return ("", mapping, m[2]) if mapping else None
 
 
@@ -131,11 +131,11 @@ def out_tensors(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], pref
     the family's `table` lays them out. Raises PlanError when a canonical tensor has no place in the layout,
     or a fused tensor would lack a part or mix dtypes."""
     blocks = {(m[1], int(m[2])) for k in shapes if (m := table.canonical_pattern.match(k))}
-    modules: list[tuple[str, str, Mapping]] = [("", name, mapping) for name, mapping in table.top.items()]
+    modules: list[tuple[str, str, Mapping]] = [("", name, mapping) for name, mapping in table.outer_modules(table.top, shapes)]
     for group in table.groups:
         for index in sorted(i for g, i in blocks if g == group.canonical):
             modules += [(f"{group.canonical}.{index}.", f"{group.bfl}.{index}.{name}", mapping) for name, mapping in group.table.items()]
-    modules += [("", name, mapping) for name, mapping in table.final.items()]
+    modules += [("", name, mapping) for name, mapping in table.outer_modules(table.final, shapes)]
     placed: set[str] = set()
     tensors = []
     for canonical_prefix, bfl_module, mapping in modules:
@@ -171,6 +171,26 @@ def _out_tensor(name: str, mapping: Mapping, members: list[str], shapes: dict, d
         parts.append(Part(key_of[module], first * width, end * width))
         total += end - first
     return OutTensor(name, kinds.pop(), (total, *tail), tuple(parts))
+
+
+def out_file(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], scaled: set[str], file_name: str, family: Family, prefix: str = "") -> tuple[OutFile]:
+    """The one file of a BFL (prefix '') or ComfyUI output: its tensors in the family's layout; the weights in
+    `scaled` (canonical keys) as scaled fp8 in ComfyUI's newer convention (a scale and a marker per layer, and
+    `_quantization_metadata` in the header)."""
+    tensors, constants, layers = [], [], {}
+    for tensor in out_tensors(shapes, dtypes, prefix, family.bfl):
+        parts = {p.key for p in tensor.parts}
+        if parts & scaled and not parts <= scaled:
+            raise PlanError(f"{tensor.name} is made of {', '.join(sorted(parts))}, which the recipe gives fp8 and fp8_scaled: a fused tensor has one scale, so give them one dtype")
+        if parts & scaled:
+            layer = tensor.name[: -len(".weight")]
+            tensor = OutTensor(tensor.name, tensor.dtype, tensor.shape, tensor.parts, scale_name=layer + SCALE_SUFFIX)
+            marker = quant_marker(tensor.dtype)
+            constants.append(Constant(layer + MARKER_SUFFIX, "U8", (len(marker),), marker))
+            layers[layer] = json.loads(marker)
+        tensors.append(tensor)
+    metadata = (("_quantization_metadata", json.dumps({"format_version": "1.0", "layers": layers})),) if layers else ()
+    return (OutFile(file_name, tuple(tensors), tuple(constants), metadata),)
 
 
 # --- scaled fp8 ------------------------------------------------------------------------------------------

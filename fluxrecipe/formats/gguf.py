@@ -17,8 +17,8 @@ What the tools expect of a FLUX file (details, with sources, in the wiring notes
 ComfyUI-GGUF's convert.py writes `general.architecture = "flux"` (also for Chroma and FLUX.2, which it
 detects by the same keys), `general.quantization_version = 2`, `general.file_type` (a `LlamaFileType`),
 BFL tensor names without a prefix, shapes as they are (no reshaping for FLUX), alignment 32; it keeps 1-D
-tensors and tensors of at most 1024 elements in F32, and its llama.cpp patch leaves `img_in`, `txt_in`,
-`time_in`, `vector_in`, `guidance_in` and `final_layer` unquantized (their source dtype). Its loader
+tensors and tensors of at most 1024 elements in F32, and its llama.cpp patch leaves the modules before and
+after the blocks (FLUX.1's embedders and final layer) unquantized (their source dtype). Its loader
 accepts the architectures of its IMG_ARCH_LIST ("flux", ...). diffusers' `load_gguf_checkpoint` keeps F32
 and F16 tensors as plain tensors and wraps every other type its dequantizers know (BF16, Q4_0..Q8_0,
 Q2_K..Q6_K, IQ4_NL, IQ4_XS) as `GGUFParameter` holding the raw bytes, then converts BFL names as for a
@@ -377,7 +377,7 @@ def storage_type(shape: Sequence[int], wanted: GGMLQuantizationType, high_precis
     """The type a tensor is stored in when `wanted` is asked for, by ComfyUI-GGUF's convert.py rules: 1-D
     tensors and tensors of at most 1024 elements stay F32; rows that are not whole blocks of `wanted` fall
     back to `high_precision` (llama.cpp's image-model patch falls back likewise). The family's own
-    high-precision layers (img_in, final_layer, ...) are the planner's to name."""
+    high-precision layers (its embedders, its final layer, ...) are the planner's to name."""
     if len(shape) <= 1 or math.prod(shape) <= SMALL_TENSOR_ELEMENTS:
         return GGMLQuantizationType.F32
     if shape[-1] % GGML_QUANT_SIZES[wanted][0]:

@@ -1,11 +1,11 @@
 """Tensor references, both ways: where a canonical tensor's bytes lie in the sources, and which canonical
 tensors make up each tensor of an output file.
 
-Planner and executor see canonical keys only: the parameter names of diffusers' FluxTransformer2DModel.
+Planner and executor see canonical keys only: the parameter names of the model family's diffusers class.
 A format module (diffusers.py, bfl.py) maps the keys of its files to canonical keys when a source is read,
-and canonical keys to the keys of its files when an output is planned. Every mapping FLUX needs is a rename
-or a split/concatenation along dim 0 (BFL's fused q/k/v, its single blocks' linear1, its final layer with
-the two halves swapped), and a dim-0 slice of a row-major tensor is one contiguous byte range: so a source
+and canonical keys to the keys of its files when an output is planned. Every mapping a family needs is a
+rename or a split/concatenation along dim 0 (BFL's fused tensors, its final layer with the two halves
+swapped: families/base.BflTable), and a dim-0 slice of a row-major tensor is one contiguous byte range: so a source
 tensor is a list of byte pieces, and an output tensor a list of element ranges of canonical tensors. No
 format needs arithmetic, except scaled fp8, whose stored values are multiplied by a per-tensor scale.
 """

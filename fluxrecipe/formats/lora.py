@@ -2,23 +2,21 @@
 the tensors of a merge written as a LoRA.
 
 A LoRA module holds down (rank x in) and up (out x rank), and maybe an alpha: it changes a weight W by
-(alpha / rank) * up @ down. The key schemes in the wild, told apart by their keys (diffusers'
-`FluxLoraLoaderMixin.lora_state_dict` and `Flux2LoraLoaderMixin.lora_state_dict` detect the same ones), shown
-with FLUX.1's names (each family's own names come from its tables, families/):
-- kohya sd-scripts: `lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight` / `.lora_down.weight` / `.alpha`,
-  on Black Forest Labs' module names with `_` for `.`;
-- ComfyUI: the same behind `diffusion_model.`, BFL's names with their dots (`lora_up`/`lora_down` or
-  `lora_A`/`lora_B`);
-- diffusers / PEFT: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight` / `lora_B`, on diffusers'
-  names (the canonical ones), alpha absent (= rank), as `.alpha` tensors, or in the header's
-  `lora_adapter_metadata` (PEFT's LoraConfig: lora_alpha, alpha_pattern, use_rslora);
-- OneTrainer: `lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight`: diffusers' names with `_`;
-- XLabs (FLUX.1): `double_blocks.0.processor.qkv_lora1.down.weight` (lora1: image stream, lora2: text), no alpha;
-- BFL's control LoRAs (FLUX.1): `lora_A`/`lora_B` on BFL's names, a `lora_B.bias` (added to the layer's
-  bias), and whole replacement tensors for the q/k norms (`...query_norm.scale`).
+(alpha / rank) * up @ down. The key schemes in the wild, told apart by their keys (diffusers' LoRA loaders,
+`FluxLoraLoaderMixin.lora_state_dict` and its FLUX.2 / FLUX.3 siblings, detect the same ones), on the names of
+the model's family (its tables, families/: BFL = Black Forest Labs' module names, canonical = diffusers'):
+- kohya sd-scripts: `lora_unet_<BFL module, `_` for `.`>.lora_up.weight` / `.lora_down.weight` / `.alpha`;
+- ComfyUI: `diffusion_model.<BFL module>`, with its dots (`lora_up`/`lora_down` or `lora_A`/`lora_B`);
+- diffusers / PEFT: `transformer.<canonical module>.lora_A.weight` / `lora_B`, alpha absent (= rank), as
+  `.alpha` tensors, or in the header's `lora_adapter_metadata` (PEFT's LoraConfig: lora_alpha, alpha_pattern,
+  use_rslora);
+- OneTrainer: `lora_transformer_<canonical module, `_` for `.`>.lora_down.weight`;
+- a family's own (its LoraTables): XLabs' processors (`<BFL block>.processor.qkv_lora1.down.weight`, lora1:
+  image stream, lora2: text, no alpha) and BFL's control LoRAs (`lora_A`/`lora_B` on BFL's names, a
+  `lora_B.bias` added to the layer's bias, whole replacement tensors for the q/k norms) for FLUX.1.
 Text-encoder parts (`lora_te*`, `text_encoder*`) are counted and left alone.
 
-A LoRA on a fused BFL module (`img_attn.qkv`, `linear1`, the final layer) changes the canonical tensors it
+A LoRA on a fused BFL module (q/k/v in one, the final layer's modulation) changes the canonical tensors it
 covers: its up rows are split, renamed and swapped by the family's own table, as that module's weight rows are
 (so the final layer's swap applies to up only), and its down is shared whole. Every change is a TensorRef of
 byte pieces of the LoRA file: nothing here reads tensor data but alphas.
@@ -196,22 +194,15 @@ class _Context:
         self.tables = family.lora
         self.canonical = {k.rsplit(".", 1)[0] for k in shapes}
         self.underscored = {m.replace(".", "_"): m for m in self.canonical}
-        table = family.bfl
-        self.bfl_underscored = {n.replace(".", "_"): n for t in (table.top, table.final) for n in t}
-        # per block kind: `double_blocks_0_linear1` names no module (linear1 is a single block's)
-        self.block_underscored = {g.bfl: {n.replace(".", "_"): n for n in g.table} for g in table.groups}
-        self.kohya_block = re.compile(rf"({'|'.join(re.escape(g) for g in family.groups)})_(\d+)_(.+)")
-        self.find = partial(bfl.lookup, table)
+        self.find = partial(bfl.lookup, family.bfl)
 
     def resolve(self, module: str) -> tuple[str, str, str] | None:
         """A module path -> (scheme, "bfl" or "canonical" or "xlabs", the module in that naming)."""
         if module.startswith(KOHYA_PREFIX):
             rest = module[len(KOHYA_PREFIX):]
-            m = self.kohya_block.fullmatch(rest)
-            if m and m[3] in self.block_underscored[m[1]]:
-                return "kohya", "bfl", f"{m[1]}.{m[2]}.{self.block_underscored[m[1]][m[3]]}"
-            if rest in self.bfl_underscored:
-                return "kohya", "bfl", self.bfl_underscored[rest]
+            bfl_module = self.family.bfl.from_underscored(rest)
+            if bfl_module:
+                return "kohya", "bfl", bfl_module
             return ("kohya", "canonical", self.underscored[rest]) if rest in self.underscored else None
         if module.startswith(ONETRAINER_PREFIX):
             rest = module[len(ONETRAINER_PREFIX):]
@@ -246,7 +237,7 @@ class _Context:
             found.unmatched += [(k, "a bias on lora_A, which no FLUX trainer writes and fluxrecipe does not bake") for k in keys]
             return None
         if naming == "xlabs" and target.endswith(".proj_lora"):
-            found.unmatched += [(k, "XLabs' single-block proj_lora acts on linear2's output, not on a weight") for k in keys]
+            found.unmatched += [(k, "XLabs' single-block proj_lora acts on a block's output, not on a weight") for k in keys]
             return None
         up, down = roles.get("up"), roles.get("down")
         changes: list[Change] = []
@@ -305,8 +296,8 @@ class _Context:
             group, index, processor = self.tables.xlabs.match(target).groups()
             if processor in self.tables.xlabs_double:
                 target = f"{group}.{index}.{self.tables.xlabs_double[processor]}"
-            else:  # single blocks' qkv_lora: rows of linear1's q, k and v
-                target = f"{group}.{index}.linear1_qkv"
+            else:  # a single block's qkv_lora: the rows of its fused projection that hold q, k and v
+                target = f"{group}.{index}.{processor}"
                 prefix = f"{self.family.bfl.group(group).canonical}.{index}."
                 find = lambda k: (prefix, self.tables.xlabs_single_qkv, k.rsplit(".", 1)[1])  # noqa: E731
         try:

@@ -2,6 +2,6 @@
 
 from . import linear  # noqa: F401, I001  (registers the ops: the plain ones first, as listings show them)
 from . import advanced  # noqa: F401
-from .registry import OPS, OpCall, OpSpec, Param, Source, StatPass, TaskWeights, Where, op, parse_op
+from .registry import OPS, OpCall, OpSpec, Param, Source, StatPass, TaskWeights, Where, identity_of, op, parse_op
 
-__all__ = ["OPS", "OpCall", "OpSpec", "Param", "Source", "StatPass", "TaskWeights", "Where", "op", "parse_op"]
+__all__ = ["OPS", "OpCall", "OpSpec", "Param", "Source", "StatPass", "TaskWeights", "Where", "identity_of", "op", "parse_op"]

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # the ops run on torch tensors, but planning (which parses op
     from torch import Tensor
 
 
-@op(inputs=(1, 1), formula="x_source", shorthand=("source",))
+@op(inputs=(1, 1), formula="x_source", shorthand=("source",), identity=True)
 def take(xs: list[Tensor], source: Source) -> Tensor:
     """The named source's tensor, unchanged (its bytes copied as they are when the dtype does not change)."""
     return xs[0]
@@ -52,7 +52,7 @@ def add_difference(xs: list[Tensor], alpha: float) -> Tensor:
     return xs[0] + (xs[1] - xs[2]).mul_(alpha)
 
 
-@op(inputs=(0, 0), formula="(the key is not written)")
+@op(inputs=(0, 0), formula="(the key is not written)", writes=False)
 def drop(xs: list[Tensor]) -> Tensor:
     """The key is not written; the plan still checks that the output loads."""
     raise AssertionError("drop is planned away, never executed")

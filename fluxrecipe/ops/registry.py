@@ -90,6 +90,9 @@ class OpSpec:
     check: Callable[[dict[str, Any], int], str | None] | None = None
     summary: str = ""
     arguments: tuple[tuple[str, str], ...] = ()  # recipe name -> the function's name, where they differ (lambda -> lambda_)
+    # What the plan and the executor treat specially, declared by the op, never tested by its name:
+    identity: bool = False  # returns its one input unchanged (its bytes are copied where the dtype stays)
+    writes: bool = True  # False: the key is not written at all (never executed)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -101,6 +104,16 @@ class OpSpec:
             return self.name
         kinds = [self.param(n) for n in self.shorthand]
         return self.name + ":" + ",".join({"numbers": "W1,W2,...", "source": "NAME"}.get(p.kind, p.name.upper()) for p in kinds)
+
+    @property
+    def source_param(self) -> str | None:
+        """The parameter that names the op's one source (`take:NAME`), if it chooses its source itself."""
+        return next((p.name for p in self.params if p.kind == "source"), None)
+
+    @property
+    def over_rule_sources(self) -> bool:
+        """Whether its inputs are the rule's sources (not one it names, nor none)."""
+        return self.source_param is None and self.inputs != (0, 0)
 
     def wants(self, name: str) -> bool:
         """Whether the function takes `name` (`where`, `stats`): asked per chunk, so read once."""
@@ -119,7 +132,14 @@ class OpSpec:
 OPS: dict[str, OpSpec] = {}
 
 
-def op(*, inputs: tuple[int, int | None], formula: str, shorthand: tuple[str, ...] = (), passes: tuple[StatPass, ...] = (), check=None):
+def identity_of(source: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The op and parameters that take `source`'s tensor unchanged: what a plan gives a key a rule's op cannot
+    compute (mix_families: a tensor the other family lacks)."""
+    spec = next(s for s in OPS.values() if s.identity)
+    return spec.name, ((spec.source_param, source),)
+
+
+def op(*, inputs: tuple[int, int | None], formula: str, shorthand: tuple[str, ...] = (), passes: tuple[StatPass, ...] = (), check=None, identity: bool = False, writes: bool = True):
     """Register the decorated function as an op named after it (a trailing `_` dropped)."""
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -131,7 +151,7 @@ def op(*, inputs: tuple[int, int | None], formula: str, shorthand: tuple[str, ..
         )
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
         renamed = tuple((p.rstrip("_"), p) for p in inspect.signature(fn).parameters if p.endswith("_"))
-        OPS[name] = OpSpec(name, fn, inputs, params, formula, shorthand, passes, check, summary, renamed)
+        OPS[name] = OpSpec(name, fn, inputs, params, formula, shorthand, passes, check, summary, renamed, identity, writes)
         return fn
 
     return register
@@ -359,7 +379,8 @@ def _number_or_schedule(value: Any, where: str) -> float | schedule.Schedule:
 
 
 def block_names() -> str:
-    """Every family's block names as a schedule takes them: 'img_in, ..., double_blocks[.N], ..., default'."""
+    """Every family's block names as a schedule takes them: the blocks before the groups, each group as
+    'GROUP[.N]', the blocks after them, 'default'."""
     from ..schedule import FINAL, GROUPS, TOP
 
     return ", ".join([*TOP, *(f"{g}[.N]" for g in GROUPS), *FINAL, "default"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
-from ..formats import diffusers
+from ..formats import FORMATS, diffusers
 from ..formats.safetensors import encode_header
 from ..loras import as_written
 from ..plan import Plan
@@ -145,7 +145,7 @@ def provenance(plan: Plan, result, listed: int | None = None) -> dict:
     for name, digest in result.source_hashes.items():
         sources[name]["content_hash"] = digest
     for s in plan.sources:
-        if s.layout != "diffusers":
+        if not FORMATS[s.layout].canonical:
             sources[s.name]["layout"] = s.layout
     inputs = {k: v for k, v in result.nonfinite.items() if not k.startswith("output: ")}
     outputs = {k.removeprefix("output: "): v for k, v in result.nonfinite.items() if k.startswith("output: ")}

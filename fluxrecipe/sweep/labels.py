@@ -33,7 +33,7 @@ def differing(jobs: Sequence[Sequence[str]]) -> list[str]:
 
 
 def short_names(keys: Sequence[str]) -> dict[str, str]:
-    """Each key as a label shows it: a recipe value without `recipe.` (`alpha`, `alpha.double_blocks.3`),
+    """Each key as a label shows it: a recipe value without `recipe.` (`alpha`, `alpha.GROUP.3`),
     unless two keys would then read the same."""
     short = {k: k.removeprefix(RECIPE_PREFIX) for k in keys}
     taken = list(short.values())

@@ -9,16 +9,13 @@ from pathlib import Path
 
 from .. import extras
 from ..diagnostics import block_order
+from ..families import schedule_name
 from .labels import differing, label
 from .records import Job
 
 log = logging.getLogger("fluxrecipe")
 
 SUMMARY_PNG = "summary.png"
-
-
-def block_label(block: str) -> str:
-    return block.replace("single_transformer_blocks.", "single.").replace("transformer_blocks.", "double.")
 
 
 def figure(jobs: list[Job], sources: list[str], title: str):
@@ -45,8 +42,8 @@ def figure(jobs: list[Job], sources: list[str], title: str):
         ax.grid(True, alpha=0.3)
     bottom = axes[-1, 0]
     bottom.set_xticks(x)
-    bottom.set_xticklabels([block_label(b) for b in blocks], rotation=90, fontsize=7)
-    bottom.set_xlabel("block (double.N: transformer_blocks.N, single.N: single_transformer_blocks.N)")
+    bottom.set_xticklabels([schedule_name(b) for b in blocks], rotation=90, fontsize=7)
+    bottom.set_xlabel("block (as schedules name it)")
     fig.suptitle(f"Sweep {title}: relative L2 distance of each merge to each source, per block")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="job")

@@ -123,7 +123,7 @@ class PipelineChecks:
         self.done: dict[tuple, list[str]] = {}
 
     def __call__(self, settings: PreviewSettings, config: dict[str, Any], fetch: bool) -> list[str]:
-        key = (settings.pipeline, fetch, *(config.get(k) for k in ("joint_attention_dim", "pooled_projection_dim", "in_channels")))
+        key = (settings.pipeline, settings.kind, fetch, *(config.get(f.model_key) for f in settings.kind.fits))
         if key not in self.done:
             self.done[key] = pipeline_problems(settings, config, fetch)
         return self.done[key]
@@ -152,7 +152,7 @@ def check_job(settings: JobSettings, check: JobCheck, launcher: Launcher | None,
     elif wants_previews and check.job is not None:
         config = check.job.plan.config
         try:
-            check.previews = settings.previews.for_model(bool(config.get("guidance_embeds")))
+            check.previews = settings.previews.for_model(check.job.plan.family, config)
         except UsageError as e:
             problems.append(str(e))
         if check.previews is not None and pipelines is not None:

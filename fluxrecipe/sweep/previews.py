@@ -1,14 +1,15 @@
 """Previews: sample images of a merged model, the way people choose between merges.
 
-`preview=true` renders a fixed set of prompts with fixed seeds through diffusers' `FluxPipeline`: the merged
+`preview=true` renders a fixed set of prompts with fixed seeds through the diffusers pipeline of the merged
+model's family (families/: its Preview names the pipeline class, its default repo and defaults): the merged
 transformer, loaded from the job's output folder, with the text encoders, tokenizers, VAE and scheduler of
-`preview.pipeline` (a hub repo or a local pipeline folder; FLUX.1-schnell's by default). The settings that
-are not given follow the merged model: few steps and no guidance for a model without a guidance embedder
-(schnell-like), guidance 3.5 for one with (`guidance_embeds: true`).
+`preview.pipeline` (a hub repo or a local pipeline folder; by default the family's). The settings that are
+not given follow the merged model, as its family says: FLUX.1: few steps and no guidance for a model without
+a guidance embedder (schnell-like), guidance 3.5 for one with (`guidance_embeds: true`).
 
-The prompts are encoded once per process and the text encoders let go before the transformer is loaded: the
-embeddings do not depend on the transformer, so a sweep run by the basic launcher encodes them once, and the
-GPU never holds T5 and the transformer at once. Every image is drawn from a CPU generator seeded with its
+The prompts are encoded once per process, by the pipeline's own `encode_prompt`, and the text encoders let go
+before the transformer is loaded: the embeddings do not depend on the transformer, so a sweep run by the basic
+launcher encodes them once, and the GPU never holds the text encoders and the transformer at once. Every image is drawn from a CPU generator seeded with its
 seed, so the same settings give the same pixels wherever the latents are then denoised.
 
 Each job writes `previews/`: one PNG per prompt and seed, and `previews.json` (the settings, and the prompt,
@@ -32,6 +33,7 @@ from typing import Any
 
 from .. import extras
 from ..errors import FluxRecipeError, OutputError, UsageError
+from ..families import Family, Preview
 from ..files import os_error_text, read_small
 from ..plan import human_bytes
 from ..writer import replace_json
@@ -40,15 +42,11 @@ log = logging.getLogger("fluxrecipe")
 
 PREVIEW_DIR = "previews"
 PREVIEWS_JSON = "previews.json"
-DEFAULT_STEPS = {False: 4, True: 20}  # by guidance_embeds: schnell is distilled to ~4 steps, dev needs ~20+
-DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's (and diffusers') default distilled guidance
-MAX_SEQUENCE_LENGTH = 256  # T5 tokens per prompt: FLUX.1-schnell's limit, plenty for preview prompts
 OFFLOAD = ("none", "model", "sequential")  # diffusers' enable_model_cpu_offload / enable_sequential_cpu_offload
 MAX_IMAGES = 256  # per job: prompts x seeds
 MAX_STEPS = 500
 MAX_SIDE = 4096
-TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-NEEDED_COMPONENTS = (*TEXT_COMPONENTS, "vae", "scheduler")
+TEXT_COMPONENTS = ("text_encoder", "tokenizer")  # a pipeline component whose name starts so encodes prompts
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
@@ -57,7 +55,7 @@ class PreviewRequest:
     """The previews a job asks for, checked: `steps` and `guidance` None follow the merged model
     (for_model), which is known only once the job is planned."""
 
-    pipeline: str
+    pipeline: str | None  # None: the family's
     prompts: tuple[str, ...]
     seeds: tuple[int, ...]
     steps: int | None
@@ -69,7 +67,7 @@ class PreviewRequest:
 
     def __post_init__(self) -> None:
         """Every setting of its kind and range, whoever builds the request (the command line, or a test)."""
-        if not isinstance(self.pipeline, str) or not self.pipeline.strip():
+        if self.pipeline is not None and (not isinstance(self.pipeline, str) or not self.pipeline.strip()):
             raise UsageError(f"preview.pipeline={self.pipeline}: give a hub repo id (org/name) or a local pipeline folder")
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise UsageError(f"preview.prompts={_show(list(self.prompts))}: give a list of non-empty prompts, e.g. preview.prompts='[a red fox in snow, a city at night]'")
@@ -82,10 +80,10 @@ class PreviewRequest:
         if len(self.prompts) * len(self.seeds) > MAX_IMAGES:
             raise UsageError(f"preview: {len(self.prompts)} prompts x {len(self.seeds)} seeds = {len(self.prompts) * len(self.seeds)} images per job; at most {MAX_IMAGES}")
         if self.steps is not None and (not _whole(self.steps) or not 1 <= self.steps <= MAX_STEPS):
-            raise UsageError(f"preview.steps={self.steps}: a whole number of denoising steps from 1 to {MAX_STEPS} (null: {DEFAULT_STEPS[False]} without guidance embedder, {DEFAULT_STEPS[True]} with)")
+            raise UsageError(f"preview.steps={self.steps}: a whole number of denoising steps from 1 to {MAX_STEPS} (null: the model family's default)")
         guidance = self.guidance
         if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0):
-            raise UsageError(f"preview.guidance={guidance}: a number from 0 (null: {DEFAULT_GUIDANCE} for a model with a guidance embedder)")
+            raise UsageError(f"preview.guidance={guidance}: a number from 0 (null: the model family's default)")
         for side in ("height", "width"):
             value = getattr(self, side)
             if not _whole(value) or not 16 <= value <= MAX_SIDE or value % 16:
@@ -95,18 +93,23 @@ class PreviewRequest:
         if self.offload != "none" and not self.device.startswith("cuda"):
             raise UsageError(f"preview.offload={self.offload} offloads to the CPU from a GPU: use it with device=cuda")
 
-    def for_model(self, guidance_embeds: bool) -> PreviewSettings:
-        """What the job renders for a merged model with (or without) a guidance embedder: few steps and no
-        guidance without one (schnell-like), guidance 3.5 with one. A guidance for a model without an
-        embedder would change nothing, and is refused."""
-        if not guidance_embeds and self.guidance is not None:
+    def for_model(self, family: Family, config: dict[str, Any]) -> PreviewSettings:
+        """What the job renders for a merged model of `family` with this config: the family's pipeline and
+        defaults (FLUX.1: few steps and no guidance without a guidance embedder, guidance 3.5 with one). A
+        guidance for a model that takes none would change nothing, and is refused; so is a family whose
+        pipeline previews cannot drive."""
+        kind = family.preview(config)
+        if message := kind.not_offered(family.name):
+            raise UsageError(message)
+        if kind.guidance is None and self.guidance is not None:
             raise UsageError(
-                f"preview.guidance={self.guidance} changes nothing: the merged model has no guidance embedder (guidance_embeds: false); "
+                f"preview.guidance={self.guidance} changes nothing: the merged model takes no guidance ({family.name}, {family.summary(config)}); "
                 "leave preview.guidance out"
             )
-        guidance = (DEFAULT_GUIDANCE if self.guidance is None else float(self.guidance)) if guidance_embeds else None
-        steps = DEFAULT_STEPS[guidance_embeds] if self.steps is None else self.steps
-        return PreviewSettings(self.pipeline.strip(), tuple(p.strip() for p in self.prompts), self.seeds, steps, guidance, self.height, self.width, self.offload)
+        guidance = None if kind.guidance is None else float(kind.guidance if self.guidance is None else self.guidance)
+        steps = kind.steps if self.steps is None else self.steps
+        pipeline = kind.repo if self.pipeline is None else self.pipeline.strip()
+        return PreviewSettings(pipeline, tuple(p.strip() for p in self.prompts), self.seeds, steps, guidance, self.height, self.width, self.offload, family.class_name, kind)
 
 
 @dataclass(frozen=True)
@@ -117,21 +120,23 @@ class PreviewSettings:
     prompts: tuple[str, ...]
     seeds: tuple[int, ...]
     steps: int
-    guidance: float | None  # None: the model has no guidance embedder, so there is nothing to set
+    guidance: float | None  # None: the model takes no guidance, so there is nothing to set
     height: int
     width: int
     offload: str
+    model_class: str  # the merged transformer's diffusers class
+    kind: Preview  # the family's pipeline class, how it encodes prompts, what must fit
 
     def images(self) -> list[tuple[int, str, int, str]]:
         """(prompt index, prompt, seed, file name) of every image, prompt by prompt, seed by seed."""
         return [(i, prompt, seed, f"p{i}-s{seed}.png") for i, prompt in enumerate(self.prompts) for seed in self.seeds]
 
     def describe(self) -> str:
-        guidance = f"guidance {self.guidance}" if self.guidance is not None else "no guidance (the model has no guidance embedder)"
+        guidance = f"guidance {self.guidance}" if self.guidance is not None else "no guidance (the model takes none)"
         offload = f", offload {self.offload}" if self.offload != "none" else ""
         return (
             f"{len(self.prompts)} prompt(s) x {len(self.seeds)} seed(s), {self.steps} steps, {guidance}, "
-            f"{self.width}x{self.height}{offload}, pipeline {self.pipeline}"
+            f"{self.width}x{self.height}{offload}, {self.kind.pipeline} {self.pipeline}"
         )
 
     @property
@@ -180,8 +185,9 @@ def pipeline_problems(settings: PreviewSettings, config: dict[str, Any], fetch: 
         return [missing]
     try:
         location, revision, local = locate(settings.pipeline)
-        configs = {name: _component_config(location, revision, local, name) for name in ("model_index", "text_encoder", "text_encoder_2", "vae")}
-        problems = _fit(settings.pipeline, configs, config)
+        components = ("model_index", *dict.fromkeys(f.component for f in settings.kind.fits))
+        configs = {name: _component_config(location, revision, local, name) for name in components}
+        problems = _fit(settings.pipeline, settings.kind, configs, config)
         if fetch and not local and not problems:
             pipeline_folder(settings)
     except FluxRecipeError as e:
@@ -189,29 +195,39 @@ def pipeline_problems(settings: PreviewSettings, config: dict[str, Any], fetch: 
     return problems
 
 
-def _fit(spec: str, configs: dict[str, dict], config: dict[str, Any]) -> list[str]:
+def _fit(spec: str, kind: Preview, configs: dict[str, dict], config: dict[str, Any]) -> list[str]:
     index = configs["model_index"]
-    lacking = [name for name in NEEDED_COMPONENTS if not (isinstance(index.get(name), list) and index[name][0])]
+    lacking = [name for name in needed_components(kind.pipeline) if not (isinstance(index.get(name), list) and index[name][0])]
     if lacking:
-        return [f"preview.pipeline={spec} has no {', '.join(lacking)}: give a FLUX pipeline (e.g. black-forest-labs/FLUX.1-schnell)"]
-    pairs = [
-        ("text_encoder_2", "d_model", "joint_attention_dim", "T5's embeddings"),
-        ("text_encoder", "hidden_size", "pooled_projection_dim", "CLIP's pooled embedding"),
-    ]
+        return [f"preview.pipeline={spec} has no {', '.join(lacking)}: give a {kind.pipeline} (e.g. {kind.repo})"]
     problems = []
-    for component, key, model_key, what in pairs:
-        if configs[component].get(key) != config.get(model_key):
+    for fit in kind.fits:
+        value = configs[fit.component]
+        for part in fit.key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not (isinstance(value, int) and not isinstance(value, bool) and value * fit.factor == config.get(fit.model_key)):
+            times = f" x {fit.factor}" if fit.factor != 1 else ""
             problems.append(
-                f"preview.pipeline={spec}: {what} are {configs[component].get(key)} wide ({component}/config.json {key}), "
-                f"the merged transformer takes {model_key}={config.get(model_key)}: give the pipeline of this model's family"
+                f"preview.pipeline={spec}: {fit.what} are {value}{times} wide ({fit.component}/config.json {fit.key}), "
+                f"the merged transformer takes {fit.model_key}={config.get(fit.model_key)}: give the pipeline of this model's family ({kind.pipeline}, e.g. {kind.repo})"
             )
-    channels = configs["vae"].get("latent_channels")
-    if not isinstance(channels, int) or channels * 4 != config.get("in_channels"):
-        problems.append(
-            f"preview.pipeline={spec}: its VAE has {channels} latent channels (vae/config.json), the merged transformer takes "
-            f"in_channels={config.get('in_channels')} (4 x the VAE's): give the pipeline of this model's family"
-        )
     return problems
+
+
+def needed_components(pipeline_class: str) -> list[str]:
+    """The components a diffusers pipeline class cannot be built without, but the transformer (previews put
+    the merge there): its constructor's arguments, less its optional components."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class)
+    optional = set(getattr(cls, "_optional_components", ()))
+    return [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "transformer", *optional)]
+
+
+def _text_components(pipeline_class: str) -> list[str]:
+    return [n for n in needed_components(pipeline_class) if n.startswith(TEXT_COMPONENTS)]
 
 
 def _component_config(location: str, revision: str | None, local: bool, name: str) -> dict:
@@ -244,9 +260,10 @@ def pipeline_folder(settings: PreviewSettings) -> Path:
     hint = f"hf download {location}" + (f" --revision {revision}" if revision else "") + " --exclude 'transformer/*'"
     try:
         with hub_access(where, location, lambda: hint, "give a local pipeline folder") as local_only, _quiet():
-            from diffusers import FluxPipeline
+            import diffusers
 
-            return Path(FluxPipeline.download(location, revision=revision, transformer=None, local_files_only=local_only))
+            pipeline_class = getattr(diffusers, settings.kind.pipeline)
+            return Path(pipeline_class.download(location, revision=revision, transformer=None, local_files_only=local_only))
     except FluxRecipeError:
         raise
     except Exception as e:  # noqa: BLE001 - diffusers' own errors (a file it cannot find, ...): the job cannot render
@@ -255,7 +272,7 @@ def pipeline_folder(settings: PreviewSettings) -> Path:
 
 # --- rendering ---------------------------------------------------------------------------------------------
 
-_embeddings: dict[tuple, list[tuple[Any, Any]]] = {}  # (pipeline, prompts, device) -> per prompt (T5, pooled CLIP)
+_embeddings: dict[tuple, list[dict[str, Any]]] = {}  # (pipeline, prompts, device, ...) -> per prompt the call's text inputs
 
 
 def render(transformer_dir: Path, settings: PreviewSettings, device: str, folder: Path) -> Path:
@@ -263,8 +280,8 @@ def render(transformer_dir: Path, settings: PreviewSettings, device: str, folder
     at all; returns the folder."""
     import torch
 
-    with _quiet():  # transformers warns about optional image backends as FluxPipeline's module is imported
-        from diffusers import FluxPipeline, FluxTransformer2DModel
+    with _quiet():  # transformers warns about optional image backends as the pipelines' modules are imported
+        import diffusers
 
     if folder.exists():
         raise OutputError(f"{folder} already exists: previews are written once per job folder")
@@ -276,26 +293,24 @@ def render(transformer_dir: Path, settings: PreviewSettings, device: str, folder
     embeddings = _prompt_embeddings(settings, location, device, dtype)
     try:
         with _quiet():
-            transformer = FluxTransformer2DModel.from_pretrained(transformer_dir, torch_dtype=dtype)
-            pipe = FluxPipeline.from_pretrained(
-                location, transformer=transformer, torch_dtype=dtype, **dict.fromkeys(TEXT_COMPONENTS)
+            transformer = getattr(diffusers, settings.model_class).from_pretrained(transformer_dir, torch_dtype=dtype)
+            pipe = getattr(diffusers, settings.kind.pipeline).from_pretrained(
+                location, transformer=transformer, torch_dtype=dtype, **dict.fromkeys(_text_components(settings.kind.pipeline))
             )
         _place(pipe, device, settings.offload)
         pipe.set_progress_bar_config(disable=True)
         partial.mkdir(parents=True)
         images = []
         for index, prompt, seed, name in settings.images():
-            t5, pooled = embeddings[index]
             with torch.inference_mode():
                 image = pipe(
-                    prompt_embeds=t5.to(device),
-                    pooled_prompt_embeds=pooled.to(device),
+                    **{name: tensor.to(device) for name, tensor in embeddings[index].items()},
                     num_inference_steps=settings.steps,
                     guidance_scale=settings.guidance if settings.guidance is not None else 0.0,
                     height=settings.height,
                     width=settings.width,
                     generator=torch.Generator("cpu").manual_seed(seed),
-                    max_sequence_length=MAX_SEQUENCE_LENGTH,
+                    max_sequence_length=settings.kind.max_sequence_length,
                 ).images[0]
             image.save(partial / name)
             images.append({"prompt": prompt, "seed": seed, "file": name})
@@ -314,22 +329,27 @@ def render(transformer_dir: Path, settings: PreviewSettings, device: str, folder
     return folder
 
 
-def _prompt_embeddings(settings: PreviewSettings, location: Path, device: str, dtype) -> list[tuple[Any, Any]]:
-    """T5 and pooled CLIP embeddings of every prompt (on the CPU), encoded once per process and pipeline."""
+def _prompt_embeddings(settings: PreviewSettings, location: Path, device: str, dtype) -> list[dict[str, Any]]:
+    """Every prompt's text inputs of the pipeline's call (on the CPU), by its own encode_prompt, encoded once
+    per process and pipeline."""
     import torch
 
     with _quiet():
-        from diffusers import FluxPipeline
+        import diffusers
 
-    key = (location, settings.prompts, device, str(dtype))
+    kind = settings.kind
+    key = (location, kind, settings.prompts, device, str(dtype))
     if key not in _embeddings:
         with _quiet():
-            text = FluxPipeline.from_pretrained(location, transformer=None, vae=None, torch_dtype=dtype)
+            text = getattr(diffusers, kind.pipeline).from_pretrained(location, transformer=None, vae=None, torch_dtype=dtype)
         _place(text, device, settings.offload)
+        encoded = []
         with torch.inference_mode():
-            encoded = [text.encode_prompt(prompt, prompt_2=None, device=torch.device(device), max_sequence_length=MAX_SEQUENCE_LENGTH) for prompt in settings.prompts]
+            for prompt in settings.prompts:
+                outputs = text.encode_prompt(prompt, device=torch.device(device), max_sequence_length=kind.max_sequence_length, **dict(kind.encode_options))
+                encoded.append({name: out.cpu() for name, out in zip(kind.text_inputs, outputs, strict=True) if name is not None})
         _embeddings.clear()  # one set at a time: another sweep's prompts need not stay in memory
-        _embeddings[key] = [(t5.cpu(), pooled.cpu()) for t5, pooled, _ in encoded]
+        _embeddings[key] = encoded
         del text
     return _embeddings[key]
 

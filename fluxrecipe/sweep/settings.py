@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..formats import OUTPUT_FORMATS
+from .. import formats
 from ..options import Options
 from ..recipe import Recipe
 from .previews import PreviewRequest
@@ -19,13 +19,13 @@ class OutputSettings:
     """Where and how a job writes its merge."""
 
     path: Path | None  # absolute; None: in the job's own folder (default_output)
-    format: str  # one of OUTPUT_FORMATS
+    format: str  # one of formats.FORMATS
     shard_size: int  # bytes per shard at most (format=diffusers)
     lora_rank: int  # the rank of a merge written as a LoRA (format=lora, lora_peft)
 
     @property
     def single_file(self) -> bool:
-        return OUTPUT_FORMATS[self.format]
+        return formats.FORMATS[self.format].single_file
 
     def in_folder(self, folder: Path, recipe: Recipe) -> Path:
         """The output: the one asked for, else `transformer` (or RECIPE.safetensors) in the job's folder."""
