@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
 
-.PHONY: demo test clean
+.PHONY: demo test test-slurm clean
 
 $(TORCH_STAMP):
 	@test -x $(VENV)/bin/python || { echo "make: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
@@ -33,6 +33,12 @@ demo: $(DEMO_STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# A real SLURM cluster on this machine (Debian, as root): installs slurm-wlm and munge, runs a sweep through
+# hydra/launcher=slurm, checks it and stops the cluster (tests/slurm/test-slurm.sh). Not part of `make test`.
+# SLURM_ARGS=--keep leaves the cluster running; the script's --help lists the others.
+test-slurm: $(STAMP)
+	tests/slurm/test-slurm.sh $(SLURM_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -52,11 +52,12 @@ def with_nan(source: Path, folder: Path, key: str = "x_embedder.weight") -> Path
     return folder
 
 
-def build_pipeline(folder: Path) -> Path:
+def build_pipeline(folder: Path, architecture: dict = TINY) -> Path:
     """A tiny FLUX pipeline, as diffusers saves one, built offline: CLIP and T5 encoders from transformers
     configs, their tokenizers made here from a small vocabulary (CLIP: characters, BPE without merges; T5: a
-    Unigram model of words and characters), a VAE with one latent channel (the tiny transformer takes 4 =
-    2x2 packed latents), FLUX's scheduler, and a tiny transformer (which previews replace by the merge)."""
+    Unigram model of words and characters), a VAE with in_channels / 4 latent channels (the transformer takes
+    2x2 packed latents), FLUX's scheduler, and a transformer of `architecture` (which previews replace by the
+    merge). tests/slurm/ builds one for the demo checkpoints' architecture."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -68,15 +69,15 @@ def build_pipeline(folder: Path) -> Path:
     (scratch / "clip" / "vocab.json").write_text(json.dumps(vocab))
     (scratch / "clip" / "merges.txt").write_text("#version: 0.2\n")
     clip_tokenizer = CLIPTokenizer.from_pretrained(scratch / "clip", model_max_length=77)
-    t5_tokenizer, t5_encoder = _tiny_t5(scratch, TINY["joint_attention_dim"])
+    t5_tokenizer, t5_encoder = _tiny_t5(scratch, architecture["joint_attention_dim"])
     torch.manual_seed(0)
     clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=TINY["pooled_projection_dim"], intermediate_size=37, num_hidden_layers=2,
+        vocab_size=len(vocab), hidden_size=architecture["pooled_projection_dim"], intermediate_size=37, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32,
     ))
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(TINY["in_channels"] // 4), text_encoder=clip, tokenizer=clip_tokenizer,
-        text_encoder_2=t5_encoder, tokenizer_2=t5_tokenizer, transformer=FluxTransformer2DModel(**TINY),
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(architecture["in_channels"] // 4), text_encoder=clip, tokenizer=clip_tokenizer,
+        text_encoder_2=t5_encoder, tokenizer_2=t5_tokenizer, transformer=FluxTransformer2DModel(**architecture),
     )
     pipe.save_pretrained(folder)
     shutil.rmtree(scratch)

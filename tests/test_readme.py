@@ -345,3 +345,18 @@ def test_the_first_make_says_what_it_does(tmp_path):
     pips = [line for line in planned.splitlines() if "pip install" in line and not line.startswith("echo")]
     assert len(pips) == 2 and not any("--quiet" in line or " -q " in line for line in pips)
     assert planned.count("echo \"make: ") >= 3
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make here")
+def test_the_slurm_script_runs_only_when_asked(tmp_path):
+    """tests/slurm/test-slurm.sh installs packages as root and starts daemons: `make test-slurm` runs it, and
+    neither `make test`, CI's script nor pytest's collection does."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    fake_venv(tmp_path, "torch==2.13.0")
+    planned = {target: subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True, text=True).stdout for target in ("test", "test-slurm")}
+    assert "tests/slurm/test-slurm.sh" in planned["test-slurm"] and "slurm" not in planned["test"]
+    assert "slurm" not in (REPO_ROOT / ".ci" / "run").read_text()
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", str(REPO_ROOT / "tests" / "slurm")],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert collected.returncode == 5 and "no tests collected" in collected.stdout, collected.stdout  # 5: pytest found none

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -263,6 +264,42 @@ def test_a_job_records_a_bug_and_an_interruption(tmp_path, caplog, job_config):
     assert "interrupted" in json.loads((tmp_path / records.JOB_STATUS_NAME).read_text())["error"]
 
 
+def test_a_slurm_job_stopped_at_its_time_limit_says_which_setting(tmp_path, caplog, job_config):
+    """SLURM warns a job signal_delay_s before its time limit and submitit answers inside the job with an
+    UncompletedJobError (seen in a real run on tests/slurm/test-slurm.sh's cluster): the record names the
+    setting to change, in one line, with no traceback (it is not a bug)."""
+    from submitit.core.utils import UncompletedJobError
+
+    cfg = job_config(tmp_path, ["recipe=krea_schnell", "recipe.alpha=0.3"])
+
+    def timed_out(cfg):
+        raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    def timed_out_in_an_import(cfg):  # as diffusers' lazy imports wrap it when the signal comes during one
+        try:
+            timed_out(cfg)
+        except UncompletedJobError as e:
+            raise RuntimeError("Failed to import diffusers.pipelines.flux.pipeline_flux") from e
+
+    for job in (timed_out, timed_out_in_an_import):
+        record = cli_multirun.run_job(cfg, job)
+        assert record["status"] == "failed" and record["error"] == records.TIME_LIMIT and "hydra.launcher.timeout_min" in record["error"]
+        assert json.loads((tmp_path / records.JOB_STATUS_NAME).read_text()) == record
+    assert "Traceback" not in caplog.text
+
+
+def test_a_failed_job_is_recorded_when_the_signal_broke_an_import(tmp_path, job_config, monkeypatch):
+    """A signal that strikes during an import leaves that module unimportable in the job's process (on the
+    one-node cluster: torch's 'Only a single TORCH_LIBRARY ...' on importing fluxrecipe.execute again); the
+    job's record must not need it, or the launcher gets an exception and the sweep ends without a summary."""
+    cfg = job_config(tmp_path, ["recipe=krea_schnell", "recipe.alpha=0.3"])
+    monkeypatch.setitem(sys.modules, "fluxrecipe.execute", None)  # importing it now raises ImportError
+
+    def failed(cfg):
+        raise ValueError("boom")
+
+    assert cli_multirun.run_job(cfg, failed)["error"] == "ValueError: boom"
+    assert json.loads((tmp_path / records.JOB_STATUS_NAME).read_text())["status"] == "failed"
 
 
 @pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/joblib' is validated against ConfigStore schema")  # conf/hydra/launcher/joblib.yaml: on purpose

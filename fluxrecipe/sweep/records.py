@@ -35,6 +35,8 @@ JOB_STATUS_NAME = "fluxrecipe-job.json"
 MULTIRUN_YAML = "multirun.yaml"
 MAX_STATE_FILE = 1 << 20  # a job record or Hydra's overrides.yaml / hydra.yaml is a few KB
 OK, FAILED, DRY_RUN, UNFINISHED = "ok", "failed", "dry_run", "unfinished"
+TIME_LIMIT = ("stopped at its time limit (hydra.launcher.timeout_min, with SLURM's warning hydra.launcher.signal_delay_s "
+              "seconds before): give the jobs more time")
 
 
 # --- one job of a multirun -----------------------------------------------------------------------------
@@ -59,20 +61,37 @@ def run_recorded(job_dir: Path, overrides: list[str], job: Callable[[], Any], sh
     except Exception as e:  # noqa: BLE001 - one job's failure, whatever it is, must not stop the sweep
         user_error = isinstance(e, FluxRecipeError)
         message = str(e) if user_error else f"{type(e).__name__}: {e}"
+        if _near_time_limit(e):  # not a bug either: say what to change
+            user_error, message = True, TIME_LIMIT
         status.update(status=FAILED, error=message)
         log.error(f"fluxrecipe: error in job {job_dir.name}: {message}")
         if show_traceback or not user_error:  # an exception that is not a FluxRecipeError is a bug: show where
             log.error("".join(traceback.format_exception(type(e), e, e.__traceback__)))
-    from ..execute import Result  # here, not at the top: `summary` has no use for torch
-
     status["seconds"] = round(time.monotonic() - started, 3)
-    if isinstance(value, Result):  # a dry run returns the Plan
-        output = os.path.relpath(value.output, job_dir)  # no absolute local path in a file of the sweep
-        status.update(output=output, bytes_read=value.bytes_read, bytes_written=value.bytes_written)
-    elif value is not None:
-        status["status"] = DRY_RUN
+    if value is not None:  # a failed job imports nothing more: a signal that struck during an import broke it
+        from ..execute import Result  # here, not at the top: `summary` has no use for torch
+
+        if isinstance(value, Result):  # a dry run returns the Plan
+            output = os.path.relpath(value.output, job_dir)  # no absolute local path in a file of the sweep
+            status.update(output=output, bytes_read=value.bytes_read, bytes_written=value.bytes_written)
+        else:
+            status["status"] = DRY_RUN
     replace_json(job_dir / JOB_STATUS_NAME, status)
     return status
+
+
+def _near_time_limit(error: BaseException | None) -> bool:
+    """submitit's answer, raised inside a SLURM job, to the signal SLURM sends signal_delay_s before the job's
+    time limit (a merge is not resubmitted: max_num_timeout 0); also where it struck inside a library that
+    wrapped it (diffusers' lazy imports raise a RuntimeError from it)."""
+    utils = sys.modules.get("submitit.core.utils")  # loaded in a submitit job only
+    seen = set()
+    while utils is not None and error is not None and id(error) not in seen:
+        if isinstance(error, utils.UncompletedJobError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 # --- reading a sweep folder ----------------------------------------------------------------------------
