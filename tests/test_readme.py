@@ -354,7 +354,10 @@ def test_the_slurm_script_runs_only_when_asked(tmp_path):
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy(REPO_ROOT / name, tmp_path / name)
     fake_venv(tmp_path, "torch==2.13.0")
-    planned = {target: subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True, text=True).stdout for target in ("test", "test-slurm")}
+    # --no-print-directory: under CI's own `make test` a nested make names its directory, and pytest's tmp_path
+    # holds this test's name
+    planned = {target: subprocess.run(["make", "-n", "--no-print-directory", target], cwd=tmp_path, capture_output=True, text=True).stdout
+               for target in ("test", "test-slurm")}
     assert "tests/slurm/test-slurm.sh" in planned["test-slurm"] and "slurm" not in planned["test"]
     assert "slurm" not in (REPO_ROOT / ".ci" / "run").read_text()
     collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", str(REPO_ROOT / "tests" / "slurm")],
