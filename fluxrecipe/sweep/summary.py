@@ -32,20 +32,43 @@ class Summary:
     def failed(self) -> list[Job]:
         return [j for j in self.jobs if j.status not in (OK, DRY_RUN)]
 
+    @property
+    def score_names(self) -> list[str]:
+        """The scores of the jobs' previews (issue 18: `clip`, `aesthetic`), in the order the records give them."""
+        return list(dict.fromkeys(name for j in self.jobs for name in j.scores))
+
+    def scored(self) -> list[str]:
+        """The score columns: one per score, the objective and the parents comparison where any job has them."""
+        extra = [name for name, has in (("objective", any(j.objective is not None for j in self.jobs)), ("parents", any(j.parents for j in self.jobs))) if has]
+        return [*self.score_names, *extra]
+
+    def best(self) -> Job | None:
+        """The job to look at first: the highest objective, else the highest first score (the earlier job of a
+        tie); None without scores."""
+        ok = [j for j in self.jobs if j.status == OK]
+        first = self.score_names[0] if self.score_names else None
+        values = [j.objective for j in ok] if any(j.objective is not None for j in ok) else [j.scores.get(first) for j in ok]
+        ranked = [(v, -i) for i, v in enumerate(values) if v is not None]
+        return ok[-max(ranked)[1]] if ranked else None
+
     def columns(self) -> list[str]:
         distances = [f"distance_to_{s}" for s in self.sources]
-        return ["job", *self.swept, "status", "seconds", "bytes_written", *distances, "weights", "previews", "output", "overrides", "error"]
+        return ["job", *self.swept, "status", *self.scored(), "seconds", "bytes_written", *distances, "weights", "previews", "output", "overrides", "error"]
 
     def rows(self) -> list[list[str]]:
-        return [self._row(j) for j in self.jobs]
+        scored = self.scored()
+        return [self._row(j, scored) for j in self.jobs]
 
-    def _row(self, job: Job) -> list[str]:
+    def _row(self, job: Job, scored: list[str]) -> list[str]:
         values = job.override_map()
         output = sweep_relative(job.output, self.sweep_dir) or ""
         return [
             job.name,
             *[values.get(k, "") for k in self.swept],
             job.status,
+            *[cell_text(job.scores.get(n)) for n in self.score_names],
+            *([cell_text(job.objective)] if "objective" in scored else []),
+            *([f"{job.parents['better']} of {job.parents['of']}" if job.parents else ""] if "parents" in scored else []),
             cell_text(job.seconds),
             cell_text(job.bytes_written),
             *[cell_text(job.overall.get(s)) for s in self.sources],
