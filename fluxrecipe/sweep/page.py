@@ -35,7 +35,7 @@ h1{font-size:1.5em;margin:.3em 0}h2{font-size:1.2em;margin:1.2em 0 .4em}
 table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:4px;vertical-align:top;font-size:13px;text-align:left}
 table.grid th,td.long{overflow-wrap:anywhere}
-details>summary{cursor:pointer;color:#345}
+details>summary{cursor:pointer;color:#345}details.overrides>summary{white-space:nowrap}
 code{font-size:12px;white-space:pre-wrap;overflow-wrap:anywhere}
 .controls{display:flex;flex-wrap:wrap;gap:.4em 1.2em;align-items:center;margin:.4em 0;font-size:14px}
 table.grid{table-layout:fixed;width:100%}
@@ -306,7 +306,7 @@ def _summary(summary: Summary, best: Job | None) -> list[str]:
         head.append(f'<th{title}><button type="button">{esc(names.get(c, c)).replace("_", "_<wbr>")}</button></th>')
     body = []
     for job, row in zip(summary.jobs, rows):
-        cells = [_summary_cell(c, value, job, best, numeric[i], summary) for i, (c, value) in enumerate(zip(columns, row))]
+        cells = [_summary_cell(c, value, job, best, numeric[i]) for i, (c, value) in enumerate(zip(columns, row))]
         body.append(f"<tr{_best_class(job, best)}>{''.join(cells)}</tr>")
     return [
         '<h2>Summary</h2><p class="muted">Click a column\'s name to sort by it.'
@@ -316,7 +316,7 @@ def _summary(summary: Summary, best: Job | None) -> list[str]:
     ]
 
 
-def _summary_cell(column: str, value: str, job: Job, best: Job | None, numeric: bool, summary: Summary) -> str:
+def _summary_cell(column: str, value: str, job: Job, best: Job | None, numeric: bool) -> str:
     sort = f' data-sort="{esc(value)}"'
     if numeric:
         return f'<td class="num"{sort}>{esc(value)}</td>'
@@ -325,9 +325,9 @@ def _summary_cell(column: str, value: str, job: Job, best: Job | None, numeric: 
         return f"<td{sort}>{esc(value).replace(',', ',<wbr>')}{star}</td>"  # a folder name: break between its values
     if column == "overrides":
         return f'<td class="long"{sort}>{_overrides(job)}</td>' if value else f"<td{sort}></td>"
-    if column == "output" and value and job.output is not None:
-        link = esc(quote(sweep_relative(job.output, summary.sweep_dir) or ""))
-        return f'<td class="long"{sort}><a href="{link}" title="{esc(value)}">{esc(_shorten(value))}</a></td>'
+    if column == "output" and value and job.output is not None:  # shown from its job's folder (the job column names it)
+        shown = job.output.relative_to(job.folder).as_posix() if job.output.is_relative_to(job.folder) else value
+        return f'<td class="long"{sort}><a href="{esc(quote(value))}" title="{esc(value)}">{esc(_shorten(shown))}</a></td>'
     if len(value) > SHORT:
         return f'<td class="long"{sort}><details><summary>{esc(_shorten(value))}</summary>{esc(value)}</details></td>'
     return f"<td{sort}>{esc(value)}</td>"
@@ -335,7 +335,7 @@ def _summary_cell(column: str, value: str, job: Job, best: Job | None, numeric: 
 
 def _overrides(job: Job) -> str:
     """A job's full overrides, folded: one click away."""
-    return f'<details><summary>overrides</summary><code>{esc(" ".join(job.overrides))}</code></details>'
+    return f'<details class="overrides"><summary>overrides</summary><code>{esc(" ".join(job.overrides))}</code></details>'
 
 
 def _best_class(job: Job, best: Job | None) -> str:
