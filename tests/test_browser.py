@@ -70,7 +70,7 @@ def sweep(tmp_path_factory, schnell, krea) -> Path:
     summary written again."""
     pipeline = build_pipeline(tmp_path_factory.mktemp("pipeline") / "tiny-flux")
     env = write_recipes(tmp_path_factory.mktemp("recipes"), schnell, krea, krea)
-    sweep_dir = tmp_path_factory.mktemp("browser-sweep") / "sweep"
+    sweep_dir = tmp_path_factory.mktemp("sweeps") / "tiny_alpha"
     preview = ["preview=true", f"preview.prompts=[{','.join(PROMPTS)}]", "preview.seeds=[0,1]", f"preview.height={SIZE}", f"preview.width={SIZE}", "preview.steps=2"]
     args = ["-m", "recipe=tiny", f"recipe.alpha={','.join(ALPHAS)}", *preview, f"preview.pipeline={pipeline}", "keep_weights=false", "progress=false"]
     r = run_cli([*args, f"hydra.sweep.dir={sweep_dir}"], cwd=sweep_dir.parent, env=env, timeout=900)

@@ -20,7 +20,7 @@ from .labels import short_names
 from .plot import SUMMARY_PNG
 from .previews import PREVIEW_DIR
 from .records import OK, Job, sweep_relative
-from .summary import Summary, cell_text
+from .summary import Summary, cell_text, score_note
 
 INDEX_HTML = "index.html"
 ROW_HEADER = 150  # px: the grid's first column (prompt and seed)
@@ -135,12 +135,12 @@ SCRIPT = r"""
     drawCompare();
   }
 
-  // the summary, sorted by any column: numbers as numbers ('3 of 4' as 0.75), empty cells last
+  // the summary, sorted by any column: numbers as numbers ('3 of 4' as 0.75, '1 (best)' as 1), empty cells last
   const table = $('#summary');
   function key(td) {
     const s = td.dataset.sort;
     if (s === '') return null;
-    const m = /^(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)(?: of (\d+))?$/i.exec(s);
+    const m = /^(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)(?: of (\d+)| \(.*\))?$/i.exec(s);
     return m ? (m[2] ? (+m[2] ? m[1] / m[2] : 0) : +m[1]) : s.toLowerCase();
   }
   $$('thead th', table).forEach((th, i) => th.querySelector('button').addEventListener('click', () => {
@@ -163,7 +163,8 @@ SCRIPT = r"""
 def index_html(summary: Summary, grid: Grid | None) -> str:
     """The page of the sweep: what differs between the jobs, the grid, the comparison of two jobs, the summary."""
     ok = len(summary.jobs) - len(summary.failed)
-    best = summary.best()
+    ranked = summary.ranked()
+    best = {j.name: "Pareto front" if summary.pareto else "best" for j in (ranked if summary.pareto else ranked[:1])}
     parts = [
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -198,7 +199,7 @@ def _differs(summary: Summary) -> str:
     return f"What differs: {', '.join(shown)}."
 
 
-def _grid(summary: Summary, grid: Grid, best: Job | None) -> list[str]:
+def _grid(summary: Summary, grid: Grid, best: dict[str, str]) -> list[str]:
     """The one grid: a row per prompt and seed, a column per job; and the choice of a swept key per axis."""
     sizes = [c.size for row in grid.cells for c in row if c.size] or [(256, 256)]
     width, height = max(w for w, _ in sizes), max(h for _, h in sizes)
@@ -233,14 +234,14 @@ def _grid(summary: Summary, grid: Grid, best: Job | None) -> list[str]:
     ]
 
 
-def _job_head(job: Job, swept: list[str], best: Job | None) -> str:
+def _job_head(job: Job, swept: list[str], best: dict[str, str]) -> str:
     """A grid column's head: the job's label, its status, its scores, and its full overrides one click away."""
     parts = [esc(job_label(job, swept))]
     if job.status != OK:
         parts.append(f'<span class="badge {esc(job.status)}">{esc(job.status)}</span>')
-    if job is best:
-        parts.append('<span class="badge best">&#9733; best</span>')
-    if scores := _scores_text({**job.scores, **({"objective": job.objective} if job.objective is not None else {})}):
+    if job.name in best:
+        parts.append(_badge(job, best))
+    if scores := _scores_text({**job.scores, "objective": job.objective}):
         parts.append(f'<div class="scores">{esc(scores)}</div>')
     parts.append(_overrides(job))
     return " ".join(parts)
@@ -269,16 +270,18 @@ def _image_scores(job: Job, prompt: str, seed: int) -> dict[str, float]:
     return {}
 
 
-def _scores_text(scores: dict[str, float | None]) -> str:
-    return " · ".join(f"{name} {cell_text(value)}" for name, value in scores.items() if value is not None)
+def _scores_text(scores: dict[str, float | list[float] | None]) -> str:
+    """'clip 0.31 · aesthetic 5.2' (a Pareto search's objectives as '0.31 / 5.2')."""
+    shown = {name: " / ".join(map(cell_text, v)) if isinstance(v, list) else cell_text(v) for name, v in scores.items() if v is not None}
+    return " · ".join(f"{name} {value}" for name, value in shown.items())
 
 
-def _compare(grid: Grid, best: Job | None) -> list[str]:
+def _compare(grid: Grid, best: dict[str, str]) -> list[str]:
     """Two jobs on the same prompt and seed, side by side or flipped; the best job and the next one first."""
     shown = [j for j, (job, _) in enumerate(grid.columns) if any(row[j].file for row in grid.cells)]
     if len(shown) < 2:
         return []
-    first = next((j for j in shown if grid.columns[j][0] is best), shown[0])
+    first = next((j for j in shown if grid.columns[j][0].name in best), shown[0])
     second = next(j for j in shown if j != first)
 
     def choice(chosen: int) -> str:
@@ -295,7 +298,7 @@ def _compare(grid: Grid, best: Job | None) -> list[str]:
     ]
 
 
-def _summary(summary: Summary, best: Job | None) -> list[str]:
+def _summary(summary: Summary, best: dict[str, str]) -> list[str]:
     """The summary table: the rows of summary.csv, long values shortened (whole in title=), sortable."""
     columns, rows = summary.columns(), summary.rows()
     names = short_names(summary.swept)
@@ -310,19 +313,19 @@ def _summary(summary: Summary, best: Job | None) -> list[str]:
         body.append(f"<tr{_best_class(job, best)}>{''.join(cells)}</tr>")
     return [
         '<h2>Summary</h2><p class="muted">Click a column\'s name to sort by it.'
-        + (" The best job (highest objective, else highest first score) is marked &#9733;." if best else "") + "</p>",
+        + (f" {esc(score_note(summary))}" if summary.scores else "") + "</p>",
         f'<div class="scroll"><table class="summary" id="summary"><thead><tr>{"".join(head)}</tr></thead>',
         f"<tbody>{''.join(body)}</tbody></table></div>",
     ]
 
 
-def _summary_cell(column: str, value: str, job: Job, best: Job | None, numeric: bool) -> str:
+def _summary_cell(column: str, value: str, job: Job, best: dict[str, str], numeric: bool) -> str:
     sort = f' data-sort="{esc(value)}"'
     if numeric:
         return f'<td class="num"{sort}>{esc(value)}</td>'
     if column == "job":
-        star = ' <span class="badge best">&#9733; best</span>' if job is best else ""
-        return f"<td{sort}>{esc(value).replace(',', ',<wbr>')}{star}</td>"  # a folder name: break between its values
+        badge = f" {_badge(job, best)}" if job.name in best else ""
+        return f"<td{sort}>{esc(value).replace(',', ',<wbr>')}{badge}</td>"  # a folder name: break between its values
     if column == "overrides":
         return f'<td class="long"{sort}>{_overrides(job)}</td>' if value else f"<td{sort}></td>"
     if column == "output" and value and job.output is not None:  # shown from its job's folder (the job column names it)
@@ -338,8 +341,13 @@ def _overrides(job: Job) -> str:
     return f'<details class="overrides"><summary>overrides</summary><code>{esc(" ".join(job.overrides))}</code></details>'
 
 
-def _best_class(job: Job, best: Job | None) -> str:
-    return ' class="best"' if job is best else ""
+def _best_class(job: Job, best: dict[str, str]) -> str:
+    return ' class="best"' if job.name in best else ""
+
+
+def _badge(job: Job, best: dict[str, str]) -> str:
+    """'★ best' (or '★ Pareto front'): the job the scores rank first (or each job of the front)."""
+    return f'<span class="badge best">&#9733; {best[job.name]}</span>'
 
 
 def _shorten(text: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -114,11 +113,10 @@ class Job:
     previews: list[dict[str, Any]] = field(default_factory=list)  # {prompt, seed, file}, from previews/previews.json
     preview_settings: dict[str, Any] = field(default_factory=dict)
     preview_error: str | None = None  # previews.json is there but cannot be read
-    # the scores of its previews (issue 18), as the job record holds them; empty where previews are not scored
-    scores: dict[str, float] = field(default_factory=dict)  # score name -> mean over the job's images
-    image_scores: list[dict[str, Any]] = field(default_factory=list)  # {prompt (its index), seed, score name: value}
-    objective: float | None = None  # what a search maximises
-    parents: dict[str, int] = field(default_factory=dict)  # {"better": N, "of": M}: images better than every parent's
+    scores: dict[str, float] = field(default_factory=dict)  # score -> the mean over the job's images (preview.score)
+    image_scores: list[dict[str, Any]] = field(default_factory=list)  # {prompt (index), seed, score: value, ...}
+    objective: float | list[float] | None = None  # search.objective's value (a list: a Pareto front's objectives)
+    parents: dict[str, int] | None = None  # {better, of}: images better than every unmerged parent (preview.reference)
 
     def override_map(self) -> dict[str, str]:
         return dict(split_override(o) for o in self.overrides)
@@ -163,13 +161,12 @@ def _read_job(sweep_dir: Path, folder: Path) -> Job:
         job.error = f"no {JOB_STATUS_NAME}: the job did not finish (killed, timed out or still running); see {job.name}/fluxrecipe.log, or .submitit/ for submitit and SLURM jobs"
         return job
     try:
-        raw = _load(status_file, json.loads)
-        status = _record(raw, f"{name}/{JOB_STATUS_NAME}")
-        job.scores, job.image_scores, job.objective, job.parents = _scored(raw, f"{name}/{JOB_STATUS_NAME}")
+        status = _record(_load(status_file, json.loads), f"{name}/{JOB_STATUS_NAME}")
     except DamagedFile as e:
         job.status, job.error = FAILED, str(e)
         return job
     job.status, job.error, job.seconds, job.bytes_written = status["status"], status["error"], status["seconds"], status["bytes_written"]
+    job.scores, job.image_scores, job.objective, job.parents = status["scores"] or {}, status["image_scores"] or [], status["objective"], status["parents"]
     if status["output"]:
         job.output = folder / status["output"]  # relative to the job folder (an absolute one: as a job wrote it before)
         if not job.output.exists() and (folder / job.output.name).exists():  # the sweep folder was moved or copied
@@ -221,37 +218,28 @@ def _record(value: Any, where: str) -> dict[str, Any]:
     for key, types in kinds.items():
         if not isinstance(record[key], types) or isinstance(record[key], bool):
             raise DamagedFile(f"{where}: {key} is {json.dumps(record[key])[:80]}, which a job never writes")
+    record.update(_scores_of(value, where))
     if record["status"] not in (OK, FAILED, DRY_RUN):
         raise DamagedFile(f"{where}: status {record['status']!r} is none of {OK}, {FAILED}, {DRY_RUN}")
     return record
 
 
-def _scored(record: dict[str, Any], where: str) -> tuple[dict, list, float | None, dict]:
-    """A job record's scores, image scores, objective and parents comparison, or DamagedFile for values of
-    types a job never writes (a score is a finite number, or null where an image could not be scored)."""
+def _scores_of(value: dict, where: str) -> dict[str, Any]:
+    """A record's scores (scores.py), with the types a job writes, or DamagedFile."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    def number(value: Any, nullable: bool = True) -> bool:
-        if value is None:
-            return nullable
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    def whole(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-    scores, images = record.get("scores") or {}, record.get("image_scores") or []
-    objective, parents = record.get("objective"), record.get("parents") or {}
-    checks = {
-        "scores": isinstance(scores, dict) and all(isinstance(k, str) and number(v) for k, v in scores.items()),
-        "image_scores": isinstance(images, list) and all(
-            isinstance(i, dict) and isinstance(i.get("prompt"), (int, str)) and whole(i.get("seed"))
-            and all(number(v) for k, v in i.items() if k not in ("prompt", "seed")) for i in images),
-        "objective": number(objective),
-        "parents": isinstance(parents, dict) and (not parents or (set(parents) == {"better", "of"} and all(whole(v) for v in parents.values()))),
-    }
-    for key, good in checks.items():
-        if not good:
-            raise DamagedFile(f"{where}: {key} is {json.dumps(record.get(key))[:80]}, which a job never writes")
-    return scores, images, objective, parents
+    out = {key: value.get(key) for key in ("scores", "image_scores", "objective", "parents")}
+    scores, images, objective, parents = out.values()
+    good = (
+        (scores is None or (isinstance(scores, dict) and all(isinstance(k, str) and number(v) for k, v in scores.items())))
+        and (images is None or (isinstance(images, list) and all(isinstance(i, dict) and all(number(v) for v in i.values()) for i in images)))
+        and (objective is None or number(objective) or (isinstance(objective, list) and all(map(number, objective))))
+        and (parents is None or (isinstance(parents, dict) and set(parents) == {"better", "of"} and all(isinstance(v, int) for v in parents.values())))
+    )
+    if not good:
+        raise DamagedFile(f"{where}: its scores are not what a job writes")
+    return out
 
 
 def _diagnostics(path: Path) -> tuple[dict, dict]:
