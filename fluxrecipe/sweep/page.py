@@ -330,7 +330,7 @@ def _summary_cell(column: str, value: str, job: Job, best: dict[str, str], numer
         return f'<td class="long"{sort}>{_overrides(job)}</td>' if value else f"<td{sort}></td>"
     if column == "output" and value and job.output is not None:  # shown from its job's folder (the job column names it)
         shown = job.output.relative_to(job.folder).as_posix() if job.output.is_relative_to(job.folder) else value
-        return f'<td class="long"{sort}><a href="{esc(quote(value))}" title="{esc(value)}">{esc(_shorten(shown))}</a></td>'
+        return f'<td{sort}><a href="{esc(quote(value))}" title="{esc(value)}">{esc(_shorten(shown)).replace("/", "/<wbr>")}</a></td>'
     if len(value) > SHORT:
         return f'<td class="long"{sort}><details><summary>{esc(_shorten(value))}</summary>{esc(value)}</details></td>'
     return f"<td{sort}>{esc(value)}</td>"
