@@ -138,7 +138,7 @@ def test_grid_has_a_column_per_job_and_a_row_per_prompt_and_seed(swept):
     for label in LABELS:
         assert f'data-label="{label.removesuffix(" (failed)")}"' in page
     assert page.count('<img src="alpha') == 8 and "alpha%3D0.5%2Crecipe%3Dtiny/previews/p1-s1.png" in page
-    assert page.count('<td data-sort="alpha=') == 4  # the summary table: a row per job
+    assert page.count('<tr><td data-sort="alpha=') == 4  # the summary table: a row per job
     assert "![previews: a row per prompt and seed, a column per job](grid.png)" in (sweep_dir / SUMMARY_MD).read_text()
 
 
