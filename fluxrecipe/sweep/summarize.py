@@ -13,9 +13,10 @@ from ..text import counted, printable
 from . import grid, page, plot
 from .labels import differing
 from .records import Job, read_jobs
-from .summary import SUMMARY_MD, Summary, cell_text
+from .summary import SUMMARY_MD, Summary, cell_text, score_note
 
 SUMMARY_CSV, BLOCKS_CSV = "summary.csv", "summary_blocks.csv"
+OPTUNA_RESULTS = "optimization_results.yaml"
 
 
 def summarize(sweep_dir: Path, draw: bool = True, jobs: list[Job] | None = None) -> Summary:
@@ -42,6 +43,8 @@ def summarize(sweep_dir: Path, draw: bool = True, jobs: list[Job] | None = None)
         summary.files.append(grid_png)
     elif draw:
         grid_png.unlink(missing_ok=True)  # no job has previews (any more)
+    if (sweep_dir / OPTUNA_RESULTS).is_file():  # hydra/sweeper=optuna's best trial (or Pareto front)
+        summary.files.append(sweep_dir / OPTUNA_RESULTS)
     summary.files.insert(0, sweep_dir / SUMMARY_MD)
     (sweep_dir / SUMMARY_MD).write_text(summary.markdown())
     summary.files.append(sweep_dir / page.INDEX_HTML)
@@ -68,5 +71,6 @@ def report(summary: Summary) -> str:
     lines = [f"fluxrecipe: sweep {summary.sweep_dir}: {counted(len(summary.jobs), 'job')}, {ok} ok, {len(summary.failed)} failed or unfinished"]
     lines += [f"  {j.status}: {j.name}: {j.error}" for j in summary.failed]
     lines += [f"  warning: {j.name}: {j.preview_error}" for j in summary.jobs if j.preview_error and j not in summary.failed]
+    lines += [f"  {score_note(summary)}"] if summary.scores else []
     lines += [f"  summary: {f}" for f in summary.files]
     return "\n".join(printable(line) for line in lines)
