@@ -35,8 +35,7 @@ class PreflightSweeper(BasicSweeper):
 
 
 try:  # the sweep extra's Optuna sweeper (hydra-optuna-sweeper); without it hydra/sweeper=optuna says which extra
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-    from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+    from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper  # optuna itself only once it is chosen
 except ImportError:
     OptunaSweeper = None
 
@@ -48,6 +47,8 @@ if OptunaSweeper is not None:
         Pareto front; every score is better higher)."""
 
         def sweep(self, arguments: list[str]) -> Any:
+            from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides  # imported by the sweeper's __init__
+
             from fluxrecipe.cli.multirun import before_search
 
             impl = self.sweeper

@@ -40,7 +40,7 @@ SCORES_JSON = "scores.json"
 REFERENCE_DIR = "reference"  # the unmerged parents' previews and scores, once per sweep (or run) folder
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 HUB_FILE = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/(?P<file>[\w.-]+\.(pth|pt|safetensors))")
-CLIP_FILES = ("config.json", "preprocessor_config.json")  # CLIPModel's and CLIPProcessor's configs, at least
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # CLIPProcessor's config, as transformers 4 or 5 saves it
 # LAION's improved aesthetic predictor: Linear(d, 1024), Dropout, Linear(1024, 128), Dropout, Linear(128, 64),
 # Dropout, Linear(64, 16), Linear(16, 1): the indices of its nn.Sequential that hold weights
 AESTHETIC_LAYERS = (0, 2, 4, 6, 7)
@@ -105,9 +105,8 @@ def clip_folder(spec: str, download: bool = True) -> Path:
     """The local folder of the CLIP model `spec` (a local folder, or a hub id fetched into the cache)."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        lacking = [f for f in CLIP_FILES if not (path / f).is_file()]
-        if lacking:
-            raise UsageError(f"preview.scorers.clip={spec}: not a CLIP model folder (no {', '.join(lacking)}): give one saved by transformers' CLIPModel and CLIPProcessor")
+        if not (path / "config.json").is_file() or not any((path / f).is_file() for f in PROCESSOR_FILES):
+            raise UsageError(f"preview.scorers.clip={spec}: not a CLIP model folder (no config.json, or no {' or '.join(PROCESSOR_FILES)}): give one saved by transformers' CLIPModel and CLIPProcessor")
         return path.resolve()
     if spec.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(spec):
         raise UsageError(f"preview.scorers.clip={spec}: no such folder, and not a hub repo id (org/name)")
@@ -191,12 +190,13 @@ def _load_head(file: Path, spec: str):
         head.load_state_dict(state)
     except RuntimeError as e:
         raise UsageError(f"preview.scorers.aesthetic={spec}: its layers are not LAION's widths {AESTHETIC_WIDTHS}: {str(e).splitlines()[-1].strip()}") from None
-    return head.eval()
+    return head["layers"].eval()
 
 
 def aesthetic_head(width: int):
     """LAION's improved-aesthetic MLP over a CLIP image embedding `width` wide (768 for ViT-L/14), as its
-    repository defines it (Dropout layers included, so that the state dict's indices match)."""
+    repository defines it (its nn.Sequential `layers`, Dropout included, so that the state dict's names
+    match: layers.0.weight, ...)."""
     from torch import nn
 
     widths = (width, *AESTHETIC_WIDTHS)
@@ -205,7 +205,7 @@ def aesthetic_head(width: int):
         layers.append(nn.Linear(a, b))
         if i < 3:
             layers.append(nn.Dropout((0.2, 0.2, 0.1)[i]))
-    return nn.Sequential(*layers)
+    return nn.ModuleDict({"layers": nn.Sequential(*layers)})
 
 
 # --- scoring ---------------------------------------------------------------------------------------------
