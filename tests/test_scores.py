@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from fluxrecipe.sweep import records, summarize
 from fluxrecipe.sweep.page import INDEX_HTML
 from fluxrecipe.sweep.scores import AESTHETIC_LAYERS, REFERENCE_DIR, SCORES_JSON, aesthetic_head
 from fluxrecipe.sweep.summary import SUMMARY_MD
-from sweep_helpers import build_pipeline, run_main, write_recipes
+from sweep_helpers import build_pipeline, run_main, with_nan, write_recipes
 
 PROMPTS = ["a photo of the cat", "a red house on the hill"]
 SEEDS = [0, 1]
@@ -88,7 +89,7 @@ def aesthetic(tmp_path_factory) -> Path:
 def env(tmp_path_factory, schnell, krea) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("score-recipes")
     write_recipe(folder, "tiny_two", TWO.format(schnell=schnell, krea=krea))
-    return write_recipes(folder, schnell, krea, krea)
+    return write_recipes(folder, schnell, krea, with_nan(krea, tmp_path_factory.mktemp("nan") / "krea"))
 
 
 def scoring(pipeline: Path, clip: Path, aesthetic: Path) -> list[str]:
@@ -195,11 +196,12 @@ def search(tmp_path: Path, monkeypatch, env, args: list[str]) -> tuple[int, Path
 
 def trials(sweep_dir: Path) -> list[tuple[str, str]]:
     with open(sweep_dir / summarize.SUMMARY_CSV, newline="") as f:
-        return [(row["recipe.alpha"], row["recipe.beta"]) for row in csv.DictReader(f)]
+        return [(row["recipe.alpha.double_blocks.1"], row["recipe.beta"]) for row in csv.DictReader(f)]
 
 
 def test_an_optuna_search_records_every_trial_and_reruns_the_same(tmp_path, monkeypatch, env, pipeline, clip, aesthetic):
-    args = ["recipe=tiny_two", "recipe.alpha=interval(0,1)", "recipe.beta=interval(0,1)", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.seed=7",
+    """Two parameters: a recipe's number and one block of a schedule."""
+    args = ["recipe=tiny_two", "recipe.alpha.double_blocks.1=interval(0,1)", "recipe.beta=interval(0,1)", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.seed=7",
             *scoring(pipeline, clip, aesthetic), "search.objective=clip", "keep_weights=false"]
     (tmp_path / "a").mkdir()
     code, first = search(tmp_path / "a", monkeypatch, env, args)
@@ -211,7 +213,7 @@ def test_an_optuna_search_records_every_trial_and_reruns_the_same(tmp_path, monk
     best = yaml.safe_load((first / summarize.OPTUNA_RESULTS).read_text())
     top = max(done, key=lambda j: j.objective)
     assert best["best_value"] == pytest.approx(top.objective)
-    assert {k: str(v) for k, v in best["best_params"].items()} == {k: v for k, v in top.override_map().items() if k in ("recipe.alpha", "recipe.beta")}
+    assert {k: str(v) for k, v in best["best_params"].items()} == {k: v for k, v in top.override_map().items() if k in ("recipe.alpha.double_blocks.1", "recipe.beta")}
     assert "optimization_results.yaml" in (first / INDEX_HTML).read_text()
     (tmp_path / "b").mkdir()
     code, again = search(tmp_path / "b", monkeypatch, env, args)
@@ -230,6 +232,15 @@ def test_a_pareto_search_marks_its_front(tmp_path, monkeypatch, env, pipeline, c
     assert len(yaml.safe_load((sweep_dir / summarize.OPTUNA_RESULTS).read_text())["solutions"]) == len(front)
 
 
+def test_a_failed_trial_does_not_stop_the_search(tmp_path, monkeypatch, env, pipeline, clip, aesthetic, capsys):
+    """A trial whose merge fails (a NaN in a source) is recorded and returns the worst value; the search goes on."""
+    args = ["recipe=tiny_nan", "recipe.alpha=interval(0,1)", "hydra.sweeper.n_trials=2", *scoring(pipeline, clip, aesthetic), "search.objective=clip"]
+    code, sweep_dir = search(tmp_path, monkeypatch, env, args)
+    assert code == 1 and "2 jobs, 0 ok, 2 failed" in capsys.readouterr().err
+    assert [j.status for j in records.read_jobs(sweep_dir)] == ["failed", "failed"]
+    assert yaml.safe_load((sweep_dir / summarize.OPTUNA_RESULTS).read_text())["best_value"] == -math.inf
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -237,10 +248,12 @@ def test_a_pareto_search_marks_its_front(tmp_path, monkeypatch, env, pipeline, c
         (["recipe.alpha=interval(0,1)", "preview.scorers.clip=no-such-clip-folder"], "preview.scorers.clip=no-such-clip-folder"),
         (["recipe.alpha=interval(0,1)", "preview.scorers.aesthetic=no-such-head.pth"], "preview.scorers.aesthetic=no-such-head.pth"),
         (["recipe.alpha=interval(0,1)", "preview.reference=[schnel]"], "preview.reference names schnel"),
+        (["recipe.alpha=interval(0,1)", "search.objective=sharpness"], "search.objective names sharpness, which preview.score"),
     ],
 )
 def test_a_search_is_refused_before_any_trial(tmp_path, monkeypatch, env, pipeline, clip, aesthetic, capsys, change, message):
-    args = ["recipe=tiny", "hydra.sweeper.n_trials=2", *scoring(pipeline, clip, aesthetic), "search.objective=clip", *change]
+    objective = [] if any(c.startswith("search.objective=") for c in change) else ["search.objective=clip"]
+    args = ["recipe=tiny", "hydra.sweeper.n_trials=2", *scoring(pipeline, clip, aesthetic), *objective, *change]
     code, sweep_dir = search(tmp_path, monkeypatch, env, args)
     err = capsys.readouterr().err
     assert code == 1 and message in err and "Traceback" not in err, err
@@ -262,7 +275,6 @@ def test_a_score_setting_that_changes_nothing_is_refused(tmp_path, monkeypatch, 
         (["preview.score=[clip]", "preview.scorers.aesthetic=x.pth"], "preview.scorers.aesthetic=x.pth changes nothing"),
         (["preview.score=[clip]", "search.objective=clip"], "use it with -m"),
         (["preview.score=[clip,clip]"], "each once"),
-        (["preview.score=[clip]", "search.objective=aesthetic"], "does not score"),
     ]:
         assert run_main([*base, *extra], monkeypatch) == 1
         err = capsys.readouterr().err

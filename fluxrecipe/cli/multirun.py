@@ -78,7 +78,7 @@ def before_search(master: DictConfig, loader: Any, space: dict[str, Any], fixed:
     checked as a grid's jobs are; exits (status 1) with one message, as before_launch. Returns Optuna's
     directions (None for a dry run: nothing launched)."""
     problems = []
-    if not space:
+    if all(len(getattr(d, "choices", (None, None))) < 2 for d in space.values()):  # `recipe.alpha=0.5` is a choice of one
         problems.append("hydra/sweeper=optuna: nothing to search: give a parameter a range, e.g. 'recipe.alpha=interval(0,1)' or 'recipe.alpha.double_blocks.3=interval(0,1)'")
     sample = {name: getattr(d, "choices", (getattr(d, "low", None),))[0] for name, d in space.items()}
     job = [f"{name}={value}" for name, value in {**sample, **fixed}.items()]
@@ -186,11 +186,11 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig], Any] | None = None) -> 
 
 
 def _failed_objective(cfg: DictConfig) -> Any:
-    """A failed trial's objective (NaN: Optuna records the trial as failed and the search goes on)."""
+    """A failed trial's objective: the worst (scores.Objective.failed)."""
     try:
         return settings.objective_of(OmegaConf.select(cfg, "search.objective")).failed
     except FluxRecipeError:
-        return float("nan")
+        return float("-inf")
 
 
 def failed() -> int:

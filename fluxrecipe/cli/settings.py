@@ -97,7 +97,8 @@ def check_option_names(cfg: DictConfig) -> None:
     """Every option (and setting of one) is one fluxrecipe has, and none was deleted (`~threads`)."""
     names = [str(name) for name in cfg if name != "hydra"]
     names += [f"{name}.{key}" for name in groups() if isinstance(cfg.get(name), DictConfig) for key in cfg[name]]
-    names += [f"{name}.{sub}" for name in list(names) if isinstance(OmegaConf.select(cfg, name), DictConfig) for sub in OmegaConf.select(cfg, name)]
+    holders = [name for name in names if "." in name and isinstance(OmegaConf.select(cfg, name), DictConfig)]  # preview.scorers
+    names += [f"{name}.{key}" for name in holders for key in OmegaConf.select(cfg, name)]
     for name in names:
         if message := unknown_option(name):
             raise UsageError(message)

@@ -61,8 +61,9 @@ class Objective:
 
     @property
     def failed(self) -> float | list[float]:
-        """What a failed trial returns to the sweeper: NaN, which Optuna records as a failed trial."""
-        return [math.nan] * len(self.terms) if self.pareto else math.nan
+        """What a failed job returns to the sweeper: the worst value, so the search goes on and never picks it
+        (Hydra's Optuna sweeper stops the whole search at a NaN)."""
+        return [-math.inf] * len(self.terms) if self.pareto else -math.inf
 
     def describe(self) -> str:
         if self.pareto:
