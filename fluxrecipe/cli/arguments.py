@@ -42,7 +42,7 @@ DELETION = re.compile(r"~([A-Za-z_][\w-]*(?:\.[\w-]+)*)(=.*)?", re.S)
 # Hydra's flags that take the next argument as their value (not an override)
 VALUE_FLAGS = {"-sc", "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package", "--info", "--experimental-rerun"}
 PREVIEW_SWITCH = "preview.enabled"
-LAUNCHER = re.compile(r"hydra/launcher=[\w-]+")
+LAUNCHER = re.compile(r"hydra/(launcher|sweeper)=[\w-]+")  # a plugin's extra, said before Hydra starts
 
 
 def is_multirun(argv: list[str]) -> bool:

@@ -11,7 +11,10 @@ every deleted file, so a rebuild can be checked against it).
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import logging
+import shutil
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
@@ -22,10 +25,13 @@ from ..files import os_errors
 from ..formats.diffusers import INDEX_NAME
 from ..package import RECIPE_NAME
 from ..plan import Plan, format_plan, human_bytes
-from ..sweep import previews
-from ..sweep.preflight import JobCheck, JobPlan
+from ..recipe import Recipe, load_recipe
+from ..sweep import previews, scores
+from ..sweep.preflight import JobCheck, JobPlan, plan_job
+from ..sweep.settings import JobSettings, OutputSettings
 from ..text import printable
-from ..writer import fsync_dir
+from ..writer import fsync_dir, replace_json
+from .options import BY_NAME
 from .preflight import checked_job, job_folder
 
 if TYPE_CHECKING:
@@ -51,7 +57,43 @@ def run(check: JobCheck) -> Result | Plan:
     finally:
         if not check.keep_weights:
             drop_weights(result)
+    if check.scoring is not None:
+        image_scores = scores.score_previews(check.folder / previews.PREVIEW_DIR, check.scoring, check.device)
+        parents = [parent_scores(check, source) for source in check.scoring.reference]
+        scores.write_scores(check.folder, scores.job_scores(image_scores, check.scoring, parents))
     return result
+
+
+def parent_scores(check: JobCheck, source: str) -> list[dict]:
+    """The scores of the unmerged `source` on the job's prompts and seeds: rendered and scored once per sweep
+    (the first job that needs them, under a lock, others wait and read them), its weights deleted after."""
+    folder = check.references / scores.reference_name(source, check.previews, check.scoring)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = scores.read_scores(folder)
+        if done is None:
+            shutil.rmtree(folder, ignore_errors=True)  # what a job that was stopped half-way left
+            recipe = parent_recipe(check.job.recipe, source)
+            output = OutputSettings(None, "diffusers", api.parse_size(BY_NAME["shard_size"].default), BY_NAME["lora_rank"].default)
+            plan = plan_job(JobSettings(recipe, check.job.options, output, None), folder)
+            log.info(f"preview.reference: rendering and scoring the unmerged {source} into {folder}")
+            with os_errors():
+                result = api.write(plan.plan, plan.output, plan.options)
+            try:
+                previews.render(result.output, check.previews, check.device, folder / previews.PREVIEW_DIR)
+            finally:
+                shutil.rmtree(result.output)
+            done = {"source": source, "image_scores": scores.score_previews(folder / previews.PREVIEW_DIR, check.scoring, check.device)}
+            replace_json(folder / scores.SCORES_JSON, done)
+    return done["image_scores"]
+
+
+def parent_recipe(recipe: Recipe, source: str) -> Recipe:
+    """A recipe that writes `source` alone, unmerged, in the recipe's dtype (the job's parent)."""
+    data = {"sources": {source: recipe.resolved["sources"][source]}, "base": source, "rules": [{"match": ".*", "op": f"take:{source}"}], "dtype": recipe.dtype}
+    alone = load_recipe(data, f"{recipe.name}-{source}")
+    return dataclasses.replace(alone, sources={source: recipe.sources[source]})
 
 
 def print_dry_run(check: JobCheck) -> Plan:

@@ -26,7 +26,7 @@ class Option:
     @property
     def shown_default(self) -> str:
         """The default as the command line would write it (the prompts counted, not quoted)."""
-        if isinstance(self.default, list) and all(isinstance(v, str) for v in self.default):
+        if isinstance(self.default, list) and self.default and all(isinstance(v, str) for v in self.default):
             return f"[{len(self.default)} prompts]"
         return self.default if isinstance(self.default, str) else json.dumps(self.default, separators=(",", ":"))
 
@@ -64,6 +64,11 @@ OPTIONS = (
     Option("preview.height", 512, "preview=true: image height, a multiple of 16"),
     Option("preview.width", 512, "preview=true: image width, a multiple of 16"),
     Option("preview.offload", "none", "preview=true, device=cuda: model (diffusers' model CPU offload) or sequential (least GPU memory, slowest)"),
+    Option("preview.score", [], "preview=true: score every image: [clip, aesthetic] (per image and per job, in the summary, ranked)"),
+    Option("preview.scorers.clip", "openai/clip-vit-large-patch14", "preview.score: the CLIP model (hub id or local folder) of the clip score, and whose image embedding aesthetic reads"),
+    Option("preview.scorers.aesthetic", "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth", "preview.score=[aesthetic]: LAION's aesthetic head, a local .pth/.safetensors or a hub file org/name/FILE"),
+    Option("preview.reference", [], "preview.score: sources of the recipe rendered and scored unmerged too: each job is 'better than both parents on N of M images'"),
+    Option("search.objective", None, "-m with preview.score: what ranks the jobs and what hydra/sweeper=optuna maximises: clip, {clip: 1.0, aesthetic: 0.5}, or a list (a Pareto front)"),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -72,11 +77,11 @@ def defaults() -> dict[str, Any]:
     """The options with their defaults, as a config: `preview` a mapping of its settings."""
     tree: dict[str, Any] = {}
     for option in OPTIONS:
-        head, _, setting = option.name.partition(".")
-        if setting:
-            tree.setdefault(head, {})[setting] = option.default
-        else:
-            tree[head] = option.default
+        *heads, last = option.name.split(".")
+        node = tree
+        for head in heads:  # preview.scorers.clip: preview holds scorers, which holds clip
+            node = node.setdefault(head, {})
+        node[last] = option.default
     return tree
 
 
@@ -121,7 +126,11 @@ def unknown_option(name: str) -> str | None:
     if head in known and rest:
         settings = groups().get(head)
         known = [f"{head}.{k}" for k in settings] if settings else []
+        holders = {k.rpartition(".")[0] for k in known if k.count(".") > 1}  # settings that hold settings: preview.scorers
+        known += sorted(holders)
         name = f"{head}.{rest.partition('.')[0]}"
+        if name in holders and "." in rest:
+            name = ".".join(f"{head}.{rest}".split(".")[:3])
     if name in known:
         return None
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)

@@ -15,6 +15,7 @@ what would work, not silently dropped.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..loras import LORA_FORMATS
 from ..options import Options
 from ..recipe import FORMATS, LoraSpec, Recipe, SourceSpec, load_recipe
 from ..sweep.previews import PreviewRequest
+from ..sweep.scores import Objective, ScoreRequest
 from ..sweep.settings import JobSettings, OutputSettings
 from .options import BY_NAME, defaults, deleted_option, groups, unknown_option
 
@@ -50,11 +52,13 @@ def read_job(cfg: DictConfig, multirun: bool = False) -> JobSettings:
     recipe = recipe_of(cfg, given)
     output = output_of(cfg, recipe, given, multirun)
     previews = previews_of(cfg, given)
+    scoring = scoring_of(cfg, given, multirun) if previews is not None else None
     return JobSettings(
         recipe=recipe,
         options=options,
         output=output,
         previews=previews,
+        scoring=scoring,
         keep_weights=boolean(cfg.keep_weights, "keep_weights"),
         dry_run=dry_run_of(cfg),
     )
@@ -93,6 +97,8 @@ def check_option_names(cfg: DictConfig) -> None:
     """Every option (and setting of one) is one fluxrecipe has, and none was deleted (`~threads`)."""
     names = [str(name) for name in cfg if name != "hydra"]
     names += [f"{name}.{key}" for name in groups() if isinstance(cfg.get(name), DictConfig) for key in cfg[name]]
+    holders = [name for name in names if "." in name and isinstance(OmegaConf.select(cfg, name), DictConfig)]  # preview.scorers
+    names += [f"{name}.{key}" for name in holders for key in OmegaConf.select(cfg, name)]
     for name in names:
         if message := unknown_option(name):
             raise UsageError(message)
@@ -192,7 +198,7 @@ def previews_of(cfg: DictConfig, given: set[str] = frozenset()) -> PreviewReques
     refused."""
     node = cfg.preview
     if not boolean(node.get("enabled") if isinstance(node, DictConfig) else node, "preview"):
-        settings = sorted(k for k in given if k.startswith("preview.") and k != "preview.enabled")
+        settings = sorted(k for k in given if k.startswith(("preview.", "search.")) and k != "preview.enabled")
         if settings:
             shown = ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in settings)
             raise UsageError(f"{shown} changes nothing without preview=true: add preview=true, or leave {' and '.join(settings)} out")
@@ -208,6 +214,46 @@ def previews_of(cfg: DictConfig, given: set[str] = frozenset()) -> PreviewReques
         offload=node.get("offload") or BY_NAME["preview.offload"].default,
         device=str(cfg.device),
     )
+
+
+def scoring_of(cfg: DictConfig, given: set[str] = frozenset(), multirun: bool = False) -> ScoreRequest | None:
+    """The scores asked for (None for preview.score=[]); a scorer, reference or objective that would change
+    nothing is refused."""
+    node = cfg.preview
+    names = tuple(_list(node.get("score"), "score"))
+    reference = tuple(str(r) for r in _list(node.get("reference"), "reference"))
+    objective = objective_of(OmegaConf.select(cfg, "search.objective"))
+    unused = [k for k in ("preview.scorers.clip", "preview.reference", "search.objective") if k in given] if not names else []
+    if "preview.scorers.aesthetic" in given and "aesthetic" not in names:
+        unused.append("preview.scorers.aesthetic")
+    if unused:
+        shown = ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in unused)
+        raise UsageError(f"{shown} changes nothing without its score: add it to preview.score (e.g. preview.score=[clip,aesthetic]), or leave {' and '.join(unused)} out")
+    if objective is not None and not multirun:
+        raise UsageError("search.objective ranks the jobs of a sweep and is what hydra/sweeper=optuna maximises: use it with -m")
+    if not names:
+        return None
+    scorers = node.get("scorers")
+    return ScoreRequest(names, str(scorers.get("clip")), str(scorers.get("aesthetic")), reference, objective)
+
+
+def objective_of(value: Any) -> Objective | None:
+    """`search.objective`: a score (clip), weights of scores ({clip: 1.0, aesthetic: 0.5}) or a list of scores
+    (a Pareto front)."""
+    example = "search.objective=clip, search.objective='{clip: 1.0, aesthetic: 0.5}' or search.objective='[clip,aesthetic]'"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return Objective(((value, 1.0),))
+    if isinstance(value, DictConfig):
+        terms = tuple((str(k), v) for k, v in value.items())
+        if terms and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for _, w in terms):
+            return Objective(tuple((k, float(w)) for k, w in terms))
+    if isinstance(value, ListConfig):
+        names = list(OmegaConf.to_container(value))
+        if len(names) >= 2 and all(isinstance(n, str) for n in names) and len(set(names)) == len(names):
+            return Objective(tuple((n, 1.0) for n in names), pareto=True)
+    raise UsageError(f"search.objective={str(value)[:200]}: give a score, weights of scores or a list of scores: {example}")
 
 
 def _list(value: Any, name: str) -> list:

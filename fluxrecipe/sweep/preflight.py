@@ -29,6 +29,7 @@ from ..recipe import Recipe
 from ..text import counted
 from ..writer import check_target
 from .previews import PREVIEW_DIR, PreviewSettings, pipeline_problems
+from .scores import ScoreRequest, scorer_problems
 from .settings import JobSettings
 
 EXIT_PROBLEMS = 1
@@ -104,6 +105,8 @@ class JobCheck:
     folder: Path | None
     job: JobPlan | None = None  # when the job could be planned
     previews: PreviewSettings | None = None
+    scoring: ScoreRequest | None = None
+    references: Path | None = None  # where the parents' reference previews go (preview.reference): the sweep's folder
     keep_weights: bool = True
     dry_run: bool = False
     device: str = "cpu"
@@ -117,7 +120,8 @@ class JobCheck:
 
 
 class PipelineChecks:
-    """previews.pipeline_problems once per pipeline and model shape: every job of a sweep usually shares them."""
+    """previews.pipeline_problems once per pipeline and model shape, scores.scorer_problems once per set of
+    scorers: every job of a sweep usually shares them."""
 
     def __init__(self) -> None:
         self.done: dict[tuple, list[str]] = {}
@@ -126,6 +130,12 @@ class PipelineChecks:
         key = (settings.pipeline, settings.kind, fetch, *(config.get(f.model_key) for f in settings.kind.fits))
         if key not in self.done:
             self.done[key] = pipeline_problems(settings, config, fetch)
+        return self.done[key]
+
+    def scorers(self, request: ScoreRequest, fetch: bool) -> list[str]:
+        key = ("scorers", request.scores, request.clip, request.aesthetic, fetch)
+        if key not in self.done:
+            self.done[key] = scorer_problems(request, fetch)
         return self.done[key]
 
 
@@ -157,11 +167,24 @@ def check_job(settings: JobSettings, check: JobCheck, launcher: Launcher | None,
             problems.append(str(e))
         if check.previews is not None and pipelines is not None:
             problems += pipelines(check.previews, config, fetch=not settings.dry_run)
+        check.scoring = settings.scoring
+        if settings.scoring is not None:
+            problems += _scoring_problems(settings, pipelines)
         if check.previews is not None and (check.folder / PREVIEW_DIR).exists():
             problems.append(f"{check.folder / PREVIEW_DIR} already exists (an earlier run in this folder): choose another " + ("hydra.sweep.dir" if multirun else "hydra.run.dir"))
     if multirun and not launcher.on_cluster and check.device != "cpu":
         problems += _device_problems(check.device)
     return check
+
+
+def _scoring_problems(settings: JobSettings, pipelines: PipelineChecks | None) -> list[str]:
+    """The scorers' models (where `pipelines` checks models), and preview.reference's names: sources of the recipe."""
+    request = settings.scoring
+    problems = pipelines.scorers(request, fetch=not settings.dry_run) if pipelines is not None else []
+    unknown = [name for name in request.reference if name not in settings.recipe.sources]
+    if unknown:
+        problems.append(f"preview.reference names {', '.join(unknown)}, which recipe '{settings.recipe.name}' has no source of: choose from {', '.join(settings.recipe.sources)}")
+    return problems
 
 
 def _device_problems(device: str) -> list[str]:

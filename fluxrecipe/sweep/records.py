@@ -28,6 +28,7 @@ from ..files import read_small
 from ..writer import replace_json
 from .labels import split_override
 from .previews import PREVIEW_DIR, read_previews
+from .scores import read_scores
 
 log = logging.getLogger("fluxrecipe")
 
@@ -76,6 +77,7 @@ def run_recorded(job_dir: Path, overrides: list[str], job: Callable[[], Any], sh
             status.update(output=output, bytes_read=value.bytes_read, bytes_written=value.bytes_written)
         else:
             status["status"] = DRY_RUN
+    status.update(read_scores(job_dir) or {})  # the job's scores (scores.py), where it was asked for them
     replace_json(job_dir / JOB_STATUS_NAME, status)
     return status
 

@@ -10,6 +10,7 @@ from .. import formats
 from ..options import Options
 from ..recipe import Recipe
 from .previews import PreviewRequest
+from .scores import ScoreRequest
 
 DEFAULT_MODEL_FOLDER = "transformer"  # a job's model in its own folder, where no output is given
 
@@ -42,5 +43,6 @@ class JobSettings:
     options: Options  # how the engine executes the plan
     output: OutputSettings
     previews: PreviewRequest | None  # None: no previews (preview=false)
+    scoring: ScoreRequest | None = None  # None: no scores (preview.score=[])
     keep_weights: bool = True  # false: delete the weights once the previews are done
     dry_run: bool = False  # plan and print, write nothing
