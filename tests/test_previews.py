@@ -133,12 +133,12 @@ def test_grid_has_a_column_per_job_and_a_row_per_prompt_and_seed(swept):
                 assert cell["file"] is None and cell["note"].startswith("failed:") and "NaN" in cell["note"]
                 assert tuple(canvas[y + h - 1, x + w - 1]) == grid.EMPTY and tuple(canvas[y, x]) == grid.EMPTY
 
-    page = (sweep_dir / INDEX_HTML).read_text()
-    assert f'src="{grid.GRID_PNG}"' in page and "holds NaN or Inf" in page
+    page = (sweep_dir / INDEX_HTML).read_text()  # one grid, of the images themselves (tests/test_page.py has the rest)
+    assert f'src="{grid.GRID_PNG}"' not in page and "holds NaN or Inf" in page
     for label in LABELS:
-        assert f"<th>{label}</th>" in page
-    assert page.count('<img class="cell"') == 8 and "alpha%3D0.5%2Crecipe%3Dtiny/previews/p1-s1.png" in page
-    assert page.count("<tr><td>alpha=") == 4  # the summary table: a row per job
+        assert f'data-label="{label.removesuffix(" (failed)")}"' in page
+    assert page.count('<img src="alpha') == 8 and "alpha%3D0.5%2Crecipe%3Dtiny/previews/p1-s1.png" in page
+    assert page.count('<tr><td data-sort="alpha=') == 4  # the summary table: a row per job
     assert "![previews: a row per prompt and seed, a column per job](grid.png)" in (sweep_dir / SUMMARY_MD).read_text()
 
 

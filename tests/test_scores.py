@@ -159,7 +159,7 @@ def test_summary_ranks_the_jobs_and_marks_the_best(scored):
     row = next(r for r in images if r["job"] == JOBS[1] and r["prompt"] == PROMPTS[first["prompt"]] and r["seed"] == str(first["seed"]))
     assert float(row["clip"]) == pytest.approx(first["clip"], rel=1e-5)
     page, markdown = (scored / INDEX_HTML).read_text(), (scored / SUMMARY_MD).read_text()
-    assert "<th>clip</th>" in page and "<th>rank</th>" in page and "1 (best)" in page
+    assert '<button type="button">clip</button>' in page and '<button type="button">rank</button>' in page and "1 (best)" in page  # sortable columns (test_page.py)
     assert f"Best: {order[0]}." in markdown and "| 1 (best) |" in markdown
 
 
