@@ -240,6 +240,35 @@ def test_threads_and_chunk_sizes_do_not_change_a_byte(request, recipe_dir, tmp_p
         assert [p.read_bytes() for p in shard_files(tmp_path / name)] == first, name
 
 
+@pytest.fixture
+def reads(monkeypatch) -> list[int]:
+    """The bytes of every pread the merges make from now on (the reader's own count, summed over its calls)."""
+    from fluxrecipe.execute.reader import Reader
+
+    counted: list[int] = []
+    pread = Reader._pread
+
+    def counting(self, path, offset, view, what):
+        counted.append(len(view))
+        return pread(self, path, offset, view, what)
+
+    monkeypatch.setattr(Reader, "_pread", counting)
+    return counted
+
+
+@pytest.mark.parametrize("chunk", ["1048576", "4096"])
+def test_ties_reads_its_inputs_twice(recipe_dir, tmp_path, krea, half, dev, reads, chunk):
+    """One statistics pass and the output pass (issue 22): the threshold's low bits are counted in the same
+    pass as its high bits, within a window around each chunk's own estimate (ample for chunks of 4096
+    elements of one tensor); lerp, for scale, reads its inputs once."""
+    folders = {"krea": krea, "half": half, "dev": dev}
+    once = merged(recipe_dir, tmp_path / "task", folders, "task_arithmetic", {}, "bf16", f"chunk_elements={chunk}").bytes_read
+    assert sum(reads) == once
+    reads.clear()
+    merged(recipe_dir, tmp_path / "ties", folders, "ties", {"density": 0.3}, "bf16", f"chunk_elements={chunk}")
+    assert sum(reads) == 2 * once
+
+
 def test_single_file_sources_give_the_same_merge(recipe_dir, tmp_path, state_of, krea, half, dev):
     """Statistics are per canonical tensor: TIES and slerp over BFL single files equal the same over diffusers
     folders (the fused qkv and linear1 of BFL are split into their canonical tensors first)."""

@@ -5,7 +5,9 @@ method needs of the whole tensor is gathered in statistics passes before its ele
 depends on how the tensor is cut: slerp's and model stock's dot products are float64 sums over fixed
 segments (a product of two float32 values is exact in float64; segments.py; the segment sums are added
 exactly), TIES' magnitude threshold is the exact k-th largest |tau_i|, found by a radix select over the
-float32 bit patterns with two histograms of exact integer counts. DARE's masks are counter-based: each
+float32 bit patterns with histograms of exact integer counts: the high 16 bits over the whole tensor, the
+low 16 in the same pass within a window around each chunk's own estimate, and in a second statistics pass
+(a third read) only for a tensor whose chunks' windows do not all hold the bin of the threshold. DARE's masks are counter-based: each
 element's draw is a hash of (seed, canonical key, source, element index), so the same seed gives the same
 bytes on any thread count, chunk size or order, and every key and source gets its own mask.
 
@@ -20,6 +22,7 @@ import hashlib
 import math
 import struct
 from fractions import Fraction
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from .registry import StatPass, TaskWeights, Where, op
@@ -31,6 +34,8 @@ SLICE = 1 << 16  # elements per slice of work; a multiple of segments.SEGMENT, s
 COLLINEAR = 0.9995  # slerp: above this |cos| the tensors are too close to parallel; lerp instead
 CANCEL = 1e-6  # model stock: below this 1 + (N - 1) cos the task vectors cancel out; the base
 HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16  # TIES: bins of the high 16 bits of |tau|'s float32 pattern (sign 0), then the low 16
+WINDOW = 16  # TIES: high bins either side of a chunk's own k-th largest whose low bits it counts (1/128 octave each: +-12%)
+MOST_BINS = 4 * WINDOW + 1  # TIES: the widest first window whose low bits are counted (int32 counts: 256 KiB a bin)
 # SplitMix64 (Steele, Lea, Flood 2014) in signed int64 arithmetic: its increment and multipliers.
 GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
 MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -207,44 +212,123 @@ def _kept_count(density: float, n: int) -> int:
     return math.ceil(Fraction(f"{density:.12g}") * n)
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Where one task vector's k-th largest |tau| lies: the high 16 bits of its float32 pattern, its rank
+    among the values with those high bits (1: their largest), and the value itself once it is known."""
+
+    high: int
+    rank: int
+    threshold: float | None = None
+
+
+def _pattern_value(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+
 def _high_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) -> list[tuple]:
-    """Per task vector: a histogram of the high 16 bits of |tau| (exact counts, whatever the chunking)."""
-    return [_histogram(bits >> 16, HIGH_BINS) for bits in _magnitudes(xs)]
+    """Per task vector: a histogram of the high 16 bits of |tau| (exact counts, whatever the chunking), and
+    the chunk's window with exact counts of the low 16 bits of every |tau| in it (sparse: (high - first) *
+    2^16 + low, and their counts). The window: WINDOW high bins either side of those that hold the chunk's
+    own k-th largest give or take four standard deviations of its rank (none of either where the chunk is
+    the whole tensor: its own is the one). A small chunk's window is wide, but it holds few values."""
+    import torch
 
-
-def _high_result(state: list, params: dict) -> tuple[tuple[int, int], ...]:
-    """Per task vector: the high 16 bits of its k-th largest |tau|, and that value's rank among them."""
-    return tuple(_kth_largest_bin(counts, _kept_count(params["density"], int(counts.sum()))) for counts in state)
-
-
-def _low_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) -> tuple[tuple, list[tuple]]:
-    """Per task vector: a histogram of the low 16 bits of the |tau| whose high 16 bits are the k-th largest's
-    (every other |tau| counted in one extra bin, LOW_BINS: no data-dependent selection)."""
+    whole = where.start == 0 and where.total in (None, where.stop)
     parts = []
-    for bits, (high, _) in zip(_magnitudes(xs), stats[0]):
-        other = ((bits >> 16) ^ high).clamp_(max=1)  # 0 where the high bits match, else 1
+    for bits in _magnitudes(xs):
+        high, n = bits >> 16, bits.numel()
+        k = _kept_count(params["density"], n)
+        spread = 0 if whole else math.ceil(4 * math.sqrt(k)) + 1
+        low_rank, high_rank = max(1, k - spread), min(n, k + spread)  # ranks from the largest
+        ordered = [int(high.kthvalue(n - rank + 1).values) for rank in (high_rank, low_rank)] if n else [0, 0]
+        first, last = max(ordered[0] - WINDOW, 0), min(ordered[1] + WINDOW, HIGH_BINS - 1)
+        found, counts = torch.unique(bits[(high >= first) & (high <= last)] - (first << 16), return_counts=True)
+        parts.append((_histogram(high, HIGH_BINS), (first, last, found.long(), counts)))
+    return parts
+
+
+def _high_fold(state: list | None, partial: list[tuple]) -> list:
+    """The high histograms added up; the low counts kept for the bins inside every chunk's window so far
+    (int32: a tensor has fewer than 2^31 elements)."""
+    import torch
+
+    highs = _add_histograms(state[0] if state else None, [histogram for histogram, _ in partial], HIGH_BINS)
+    windows = []
+    for i, (_, window) in enumerate(partial):
+        begin, end, low = (0, -1, None) if state is None else state[1][i]
+        first, last, found, counts = window
+        if (low is None or max(begin, first) > min(end, last)) if state is not None else last - first >= MOST_BINS:
+            windows.append((0, -1, None))  # no bin in every window (or too many to count): the low pass decides
+            continue
+        if state is None:
+            begin, end, low = first, last, torch.zeros((last - first + 1) << 16, dtype=torch.int32)
+        else:
+            low = low[(max(begin, first) - begin) << 16 : (min(end, last) - begin + 1) << 16]
+            begin, end = max(begin, first), min(end, last)
+        keys = found + ((first - begin) << 16)
+        keep = (keys >= 0) & (keys < low.numel())
+        low.index_add_(0, keys[keep], counts[keep].int())
+        windows.append((begin, end, low))
+    return [highs, windows]
+
+
+def _high_result(state: list, params: dict) -> tuple[Selection, ...]:
+    """Per task vector: the high 16 bits of its k-th largest |tau| and that value's rank among them; the
+    value itself where those high bits were inside every chunk's window (then the low pass is not needed)."""
+    selections = []
+    for counts, (begin, end, low) in zip(*state):
+        high, rank = _kth_largest_bin(counts, _kept_count(params["density"], int(counts.sum())))
+        threshold = None
+        if low is not None and begin <= high <= end:
+            bits, _ = _kth_largest_bin(low[(high - begin) << 16 : (high - begin + 1) << 16].long(), rank)
+            threshold = _pattern_value(high << 16 | bits)
+        selections.append(Selection(high, rank, threshold))
+    return tuple(selections)
+
+
+def _low_needed(stats: tuple) -> bool:
+    return any(s.threshold is None for s in stats[0])
+
+
+def _low_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) -> tuple[tuple, list[tuple | None]]:
+    """Per task vector whose threshold is not known yet: a histogram of the low 16 bits of the |tau| whose
+    high 16 bits are the k-th largest's (every other |tau| counted in one extra bin, LOW_BINS: no
+    data-dependent selection)."""
+    parts = []
+    for bits, selection in zip(_magnitudes(xs), stats[0]):
+        if selection.threshold is not None:
+            parts.append(None)
+            continue
+        other = ((bits >> 16) ^ selection.high).clamp_(max=1)  # 0 where the high bits match, else 1
         parts.append(_histogram(((bits & 0xFFFF) | (other << 16)).clamp_(max=LOW_BINS), LOW_BINS + 1))
     return stats[0], parts
 
 
-def _low_fold(state: tuple | None, partial: tuple[tuple, list[tuple]]) -> tuple[tuple, list]:
-    highs, parts = partial
-    return highs, _add_histograms(state[1] if state else None, parts, LOW_BINS + 1)
+def _low_fold(state: tuple | None, partial: tuple[tuple, list[tuple | None]]) -> tuple[tuple, list]:
+    selections, parts = partial
+    needed = [part for part in parts if part is not None]
+    return selections, _add_histograms(state[1] if state else None, needed, LOW_BINS + 1)
 
 
-def _low_result(state: tuple, params: dict) -> tuple[float, ...]:
+def _low_result(state: tuple, params: dict) -> tuple[Selection, ...]:
     """Per task vector: the exact k-th largest |tau| (the threshold: every |tau| at or above it is kept)."""
-    highs, histograms = state
-    thresholds = []
-    for (high, rank), counts in zip(highs, histograms):
-        low, _ = _kth_largest_bin(counts[:LOW_BINS], rank)
-        thresholds.append(struct.unpack("<f", struct.pack("<i", high << 16 | low))[0])
-    return tuple(thresholds)
+    selections, histograms = state
+    found = iter(histograms)
+    done = []
+    for selection in selections:
+        if selection.threshold is None:
+            low, _ = _kth_largest_bin(next(found)[:LOW_BINS], selection.rank)
+            selection = Selection(selection.high, selection.rank, _pattern_value(selection.high << 16 | low))
+        done.append(selection)
+    return tuple(done)
 
 
+# One pass finds the threshold wherever the chunks' windows agree on the bin that holds it (a tensor whose
+# values are alike from chunk to chunk); the low pass, a second read, only where they do not.
 TIES_PASSES = (
-    StatPass(_high_partial, lambda state, partial: _add_histograms(state, partial, HIGH_BINS), _high_result),
-    StatPass(_low_partial, _low_fold, _low_result),
+    StatPass(_high_partial, _high_fold, _high_result),
+    StatPass(_low_partial, _low_fold, _low_result, needed=_low_needed),
 )
 
 
@@ -256,7 +340,7 @@ def _check_density(values: dict, inputs: int) -> str | None:
 @op(inputs=(2, None), formula="base + lambda * disjoint_mean(trim(tau_i, density)); trim keeps |tau_i| >= its ceil(density * n)-th largest; gamma = sign(sum w_i t_i) (count: sign(sum sign t_i)), 0 as +; disjoint_mean = sum(w_i t_i) / sum(w_i) over the t_i of sign gamma (0/0: 0)", shorthand=("density",), passes=TIES_PASSES, check=_check_density)
 def ties(xs: list[Tensor], density: float, weights: TaskWeights | None = None, lambda_: float = 1.0, sign: Literal["sum", "count"] = "sum", stats: tuple = ()) -> Tensor:
     """TIES-merging (Yadav et al. 2023): trim each task vector to its largest magnitudes, elect a sign, average what agrees."""
-    thresholds, w = stats[1], _weights(weights, xs)
+    thresholds, w = [s.threshold for s in stats[-1]], _weights(weights, xs)
 
     def compute(s: list[Tensor], a: int, b: int) -> Tensor:
         taus = []

@@ -53,11 +53,14 @@ class StatPass:
     params)` runs in a worker on a chunk (the inputs in float32, their Where, the results of the passes
     before it, the step's parameters); `fold(state, partial)` combines the partials in the main thread,
     chunks in element order, starting from None; `result(state, params)` turns the fold into the statistic
-    the op receives. A partial must not depend on how the tensor was chunked: sums go through segments.py."""
+    the op receives. The statistic must not depend on how the tensor was chunked: sums go through
+    segments.py. `needed(stats)`, where given, says from the passes before it whether this one must run (a
+    pass that is skipped reads nothing and adds no result: the op finds its statistic in an earlier one)."""
 
     partial: Callable[..., Any]  # (xs, where, stats, params) -> a partial
     fold: Callable[[Any, Any], Any]  # (state or None, partial) -> state
     result: Callable[[Any, dict[str, Any]], Any]  # (state, params) -> the statistic
+    needed: Callable[[tuple], bool] | None = None  # (the results of the passes before) -> whether to run
 
 
 @dataclass(frozen=True)
