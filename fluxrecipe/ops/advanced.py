@@ -207,6 +207,17 @@ def _kth_largest_bin(counts: Tensor, k: int) -> tuple[int, int]:
     return len(counts) - 1 - j, k - (int(above[j - 1]) if j else 0)
 
 
+def _bin_of_rank(histogram: tuple[Tensor | None, Tensor], rank: int) -> int:
+    """The bin of the rank-th largest value counted by _histogram (either form)."""
+    import torch
+
+    found, counts = histogram
+    if found is None:
+        return _kth_largest_bin(counts, rank)[0]
+    above = torch.flip(counts, [0]).cumsum(0)
+    return int(found[len(found) - 1 - int(torch.searchsorted(above, torch.tensor([rank]))[0])])
+
+
 def _kept_count(density: float, n: int) -> int:
     """k = ceil(density * n), with density as its decimal (12 significant digits): 0.1 of 10 keeps 1, not 2."""
     return math.ceil(Fraction(f"{density:.12g}") * n)
@@ -241,10 +252,10 @@ def _high_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) ->
         k = _kept_count(params["density"], n)
         spread = 0 if whole else math.ceil(4 * math.sqrt(k)) + 1
         low_rank, high_rank = max(1, k - spread), min(n, k + spread)  # ranks from the largest
-        ordered = [int(high.kthvalue(n - rank + 1).values) for rank in (high_rank, low_rank)] if n else [0, 0]
-        first, last = max(ordered[0] - WINDOW, 0), min(ordered[1] + WINDOW, HIGH_BINS - 1)
+        histogram = _histogram(high, HIGH_BINS)
+        first, last = (max(_bin_of_rank(histogram, high_rank) - WINDOW, 0), min(_bin_of_rank(histogram, low_rank) + WINDOW, HIGH_BINS - 1)) if n else (0, 0)
         found, counts = torch.unique(bits[(high >= first) & (high <= last)] - (first << 16), return_counts=True)
-        parts.append((_histogram(high, HIGH_BINS), (first, last, found.long(), counts)))
+        parts.append((histogram, (first, last, found.long(), counts)))
     return parts
 
 
