@@ -119,6 +119,7 @@ class Executor:
         for ref, down in out.downs:
             self.downs.put(ref, down)
         seen = [observer.observe(step, read, out) if chunk.kind in observer.kinds else None for observer in self.observers]
+        out.inputs, out.written = [], None  # observed: a chunk waiting for its turn holds only its bytes
         return out, seen
 
     def read(self, chunk: Chunk) -> ChunkIn:
