@@ -486,3 +486,35 @@ def test_a_nan_spoils_its_own_element_only_in_a_method_with_statistics(recipe_di
     run_recipe(recipe_dir, tmp_path / "out", recipe, "nonfinite=warn")
     got = load_state(tmp_path / "out")[key]
     assert int(torch.isnan(got).sum()) <= 1 and torch.isfinite(got.view(-1)[torch.arange(got.numel()) != 5]).all()
+
+
+def threshold_passes(taus: list[torch.Tensor], density: float, chunk: int) -> tuple[list[float], int]:
+    """TIES' statistics passes run as the executor runs them (chunks folded in order, a pass skipped where it
+    is not needed): the thresholds, and how many passes read the inputs."""
+    from fluxrecipe.ops import Where
+    from fluxrecipe.ops.threshold import TIES_PASSES
+
+    base = torch.zeros_like(taus[0])
+    xs, n, stats, passes = [base, *taus], base.numel(), (), 0
+    for stat_pass in TIES_PASSES:
+        if stat_pass.needed is not None and not stat_pass.needed(stats):
+            continue
+        state, passes = None, passes + 1
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            state = stat_pass.fold(state, stat_pass.partial([x[a:b] for x in xs], Where("k", a, b, ("a", "b", "c"), n), stats, {"density": density}))
+        stats += (stat_pass.result(state, {"density": density}),)
+    return [s.threshold for s in stats[-1]], passes
+
+
+def test_ties_threshold_is_exact_in_one_pass_or_two():
+    """Rows alike from chunk to chunk: one pass; rows a thousand times larger in the second half (the chunks'
+    windows cannot agree), or density 1 (the smallest |tau|, whose size varies by octaves from chunk to chunk):
+    a second pass; the exact k-th largest |tau| either way, as torch's kthvalue says."""
+    g = torch.Generator().manual_seed(3)
+    alike = [torch.randn(400_000, generator=g) * 0.01, torch.randn(400_000, generator=g)]
+    unlike = [torch.cat([torch.randn(200_000, generator=g), torch.randn(200_000, generator=g) * 1000]) for _ in range(2)]
+    for taus, density, want_passes in ((alike, 0.05, 1), (alike, 0.3, 1), (alike, 0.7, 1), (alike, 1.0, 2), (unlike, 0.3, 2)):
+        k = math.ceil(density * taus[0].numel())
+        want = [float(t.abs().kthvalue(t.numel() - k + 1).values) for t in taus]
+        assert threshold_passes(taus, density, 100_000) == (want, want_passes), density
