@@ -31,12 +31,12 @@ from .files import read_small
 from .formats.diffusers import INDEX_NAME, WEIGHTS_NAME as DIFFUSERS_WEIGHTS
 from .formats.lora import module_problems
 from .formats.safetensors import ITEMSIZE, Header, read_header
-from .plan import SHOWN, some_keys
-from .text import cut
+from .text import cut, some_keys
 from .package import RECIPE_NAME
 from .writer import MANIFEST_NAME
 
 BLOCK = 16 << 20  # bytes read at a time for the sha256
+SHOWN = 6  # how many keys a message lists before it says "and N more"
 # Files that can run code when they are loaded (pickles) or run: fluxrecipe never writes one.
 CODE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle", ".npy", ".npz", ".joblib", ".py", ".sh", ".bat", ".ps1", ".exe", ".so", ".dll")
 # dtype -> (unsigned view, exponent mask): a value is NaN or Inf where all its exponent bits are set (float8
