@@ -40,9 +40,12 @@ def run_config(cfg: DictConfig, multirun: bool = False) -> Result | Plan:
 
 
 def run(check: JobCheck) -> Result | Plan:
-    """A checked job: its plan printed (dry run), or merged, previewed and its weights dropped if asked."""
+    """A checked job: its plan printed (dry run), or merged, previewed and its weights dropped if asked; a
+    job with previews whose weights are not kept merges in memory, and nothing of its weights is written."""
     if check.dry_run:
         return print_dry_run(check)
+    if check.previews is not None and not check.keep_weights:
+        return run_in_memory(check)
     with os_errors():
         result = merge(check.job)
     try:
@@ -51,6 +54,24 @@ def run(check: JobCheck) -> Result | Plan:
     finally:
         if not check.keep_weights:
             drop_weights(result)
+    return result
+
+
+def run_in_memory(check: JobCheck) -> Result:
+    """Previews of a merge that is never written: the pipeline's text encoders and VAE first (once per process),
+    then the merge into memory, straight into the transformer that renders. The job's model folder holds the
+    rest (recipe.yaml, which writes the weights, and the manifest, with the sha256 of every shard they make)."""
+    job = check.job
+    previews.prepare(check.previews, check.device)
+    log.info(format_plan(job.plan))
+    with os_errors():
+        result, tensors = api.merge_in_memory(job.plan, job.output, job.options)
+    weights = sum(r.size for name, r in result.files.items() if not (result.output / name).exists())
+    rate = job.plan.bytes_written / result.seconds if result.seconds else 0.0
+    log.info(f"merged {len(job.plan.steps)} tensors in memory, {human_bytes(weights)} of weights not written, in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
+    report_counts(job.plan, result)
+    previews.render(previews.InMemoryModel(tensors, job.plan.config), check.previews, check.device, check.folder / previews.PREVIEW_DIR)
+    log.info(f"keep_weights=false: the weights of {result.output} were never written; {rebuild_hint(result)}")
     return result
 
 
@@ -83,6 +104,13 @@ def merge(job: JobPlan) -> Result:
     if plan.factors:
         log.info(format_lora_errors(plan, result))
     log.info(f"wrote {where}, {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
+    report_counts(plan, result)
+    return result
+
+
+def report_counts(plan: Plan, result: Result) -> None:
+    """Warnings for what the merge counted: NaN/Inf read or made, values clamped (listed in the provenance)."""
+    shown = printable(str(result.output))
     report = shown if plan.single_file else f"{shown}/fluxrecipe.json"
     inputs = {k: v for k, v in result.nonfinite.items() if not k.startswith("output: ")}
     if inputs:
@@ -92,7 +120,6 @@ def merge(job: JobPlan) -> Result:
         log.warning(f"warning: {outputs} tensor(s) came out with NaN/Inf values from finite inputs, listed in {report}: do not use the model as it is")
     if result.clamped:
         log.warning(f"warning: {sum(result.clamped.values())} values in {len(result.clamped)} tensor(s) lay beyond their dtype's finite range and were clamped to it, listed in {report}")
-    return result
 
 
 def format_lora_errors(plan: Plan, result: Result) -> str:
@@ -120,6 +147,9 @@ def drop_weights(result: Result) -> None:
         path.unlink()
     fsync_dir(result.output)
     log.info(
-        f"keep_weights=false: deleted the weights of {result.output} ({len(names)} files, {human_bytes(freed)}); "
-        f"its recipe.yaml rebuilds them: fluxrecipe recipe={result.output / RECIPE_NAME} output=DIR"
+        f"keep_weights=false: deleted the weights of {result.output} ({len(names)} files, {human_bytes(freed)}); {rebuild_hint(result)}"
     )
+
+
+def rebuild_hint(result: Result) -> str:
+    return f"its recipe.yaml writes them: fluxrecipe recipe={result.output / RECIPE_NAME} output=DIR"
