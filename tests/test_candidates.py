@@ -146,3 +146,18 @@ def test_a_float32_candidate_renders_as_its_written_merge_loads(tmp_path, monkey
     assert load_state(tmp_path / "kept" / "model")["x_embedder.weight"].dtype == torch.float32
     for name in IMAGES:
         assert np.array_equal(pixels(tmp_path / "memory" / "previews" / name), pixels(tmp_path / "kept" / "previews" / name)), name
+
+
+def test_the_preflight_counts_no_disk_for_candidates(tmp_path, monkeypatch, capsys, recipes, pipeline):
+    """A dry run says which models are merged in memory, and the sweep's disk holds no weights of theirs."""
+    monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(recipes))
+    common = ["-m", "recipe=tiny", "recipe.alpha=0,0.5,1", "dry_run=true", *PREVIEW, f"preview.pipeline={pipeline}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    needs = {}
+    for keep in ("true", "false"):
+        assert run_main([*common, f"keep_weights={keep}"], monkeypatch) == 0
+        out = capsys.readouterr().out
+        needs[keep] = next(line for line in out.splitlines() if line.startswith("  disk: needs"))
+        assert ("3 of the models are merged in memory for their previews, their weights never written" in out) == (keep == "false")
+        assert ("writes 0 B" in out) == (keep == "false")
+    assert needs["true"] != needs["false"]
+    assert not (tmp_path / "sweep").exists()

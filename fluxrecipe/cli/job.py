@@ -3,10 +3,11 @@ then `keep_weights`.
 
 A job runs on the check and plan its pre-flight made (a sweep's before any job starts, a single run's before
 Hydra makes its run folder: cli/preflight.py), so a wrong preview setting or an unreachable pipeline costs
-seconds, not a merge, and nothing is planned twice. `keep_weights=false` deletes the weight files the merge
-wrote once its previews are done (or failed): the folder keeps config.json, the model card, `recipe.yaml`
-(which rebuilds the weights byte for byte), the provenance, the diagnostics and the manifest (the sha256 of
-every deleted file, so a rebuild can be checked against it).
+seconds, not a merge, and nothing is planned twice. `keep_weights=false` with previews merges into memory and
+renders from there (a candidate: its weights are never written); without previews (a sweep), it deletes the
+weight files once written. Either way the folder keeps config.json, the model card, `recipe.yaml` (which
+writes the weights byte for byte), the provenance, the diagnostics and the manifest (the sha256 of every
+weight file, written or not, so a rebuild can be checked against it).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def run(check: JobCheck) -> Result | Plan:
     job with previews whose weights are not kept merges in memory, and nothing of its weights is written."""
     if check.dry_run:
         return print_dry_run(check)
-    if check.previews is not None and not check.keep_weights:
+    if check.in_memory:
         return run_in_memory(check)
     with os_errors():
         result = merge(check.job)
