@@ -2,14 +2,17 @@
 
 `preview=true` renders a fixed set of prompts with fixed seeds through the diffusers pipeline of the merged
 model's family (families/: its Preview names the pipeline class, its default repo and defaults): the merged
-transformer, loaded from the job's output folder, with the text encoders, tokenizers, VAE and scheduler of
+transformer, loaded from the job's output folder or made of a merge's tensors in memory (keep_weights=false:
+the candidate is never written), with the text encoders, tokenizers, VAE and scheduler of
 `preview.pipeline` (a hub repo or a local pipeline folder; by default the family's). The settings that are
 not given follow the merged model, as its family says: FLUX.1: few steps and no guidance for a model without
 a guidance embedder (schnell-like), guidance 3.5 for one with (`guidance_embeds: true`).
 
 The prompts are encoded once per process, by the pipeline's own `encode_prompt`, and the text encoders let go
 before the transformer is loaded: the embeddings do not depend on the transformer, so a sweep run by the basic
-launcher encodes them once, and the GPU never holds the text encoders and the transformer at once. Every image is drawn from a CPU generator seeded with its
+launcher encodes them once, and the GPU never holds the text encoders and the transformer at once. The rest of
+the pipeline (VAE, scheduler) is loaded once per process as well; each job puts its transformer into it and
+takes it out again, so a process holds one transformer at a time. Every image is drawn from a CPU generator seeded with its
 seed, so the same settings give the same pixels wherever the latents are then denoised.
 
 Each job writes `previews/`: one PNG per prompt and seed, and `previews.json` (the settings, and the prompt,
