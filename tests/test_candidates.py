@@ -99,6 +99,7 @@ def test_what_memory_cannot_hold_is_refused(tmp_path, schnell, krea):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.diffusers
 def test_a_sweep_of_candidates_writes_no_weights_and_loads_the_pipeline_once(tmp_path, monkeypatch, recipes, pipeline):
     """Three jobs through the basic launcher (one process): the text encoders and the VAE are loaded once, no
     .safetensors appears anywhere in the sweep folder, and each job's images are those that the written merge
@@ -134,6 +135,7 @@ def test_a_sweep_of_candidates_writes_no_weights_and_loads_the_pipeline_once(tmp
     assert not np.array_equal(pixels(sweep / "alpha=0" / "previews" / IMAGES[0]), pixels(sweep / "alpha=1" / "previews" / IMAGES[0]))
 
 
+@pytest.mark.diffusers
 def test_a_float32_candidate_renders_as_its_written_merge_loads(tmp_path, monkeypatch, recipes, pipeline):
     """An fp32 merge: the written shards hold float32, which from_pretrained converts to the pipeline's bf16;
     the in-memory transformer is converted the same way, so a single run with keep_weights=false (in memory)
