@@ -46,15 +46,16 @@ def run(check: JobCheck) -> Result | Plan:
     if check.dry_run:
         return print_dry_run(check)
     if check.in_memory:
-        return run_in_memory(check)
-    with os_errors():
-        result = merge(check.job)
-    try:
-        if check.previews is not None:
-            previews.render(result.output, check.previews, check.device, check.folder / previews.PREVIEW_DIR)
-    finally:
-        if not check.keep_weights:
-            drop_weights(result)
+        result = run_in_memory(check)
+    else:
+        with os_errors():
+            result = merge(check.job)
+        try:
+            if check.previews is not None:
+                previews.render(result.output, check.previews, check.device, check.folder / previews.PREVIEW_DIR)
+        finally:
+            if not check.keep_weights:
+                drop_weights(result)
     return result
 
 
