@@ -95,7 +95,27 @@ def check_output(plan: Plan, output: str | Path, overwrite: bool = False, dry_ru
 
 def write(plan: Plan, output: str | Path, options: Options | None = None):
     """Execute the plan into `output`, atomically; returns the executor's Result (with `.output`)."""
-    from .execute import check_device, execute  # torch: only a run that merges pays for importing it
+    result, _ = _run(plan, output, options, in_memory=False)
+    result.bytes_written = sum(r.size for r in result.files.values())
+    return result
+
+
+def merge_in_memory(plan: Plan, output: str | Path, options: Options | None = None) -> tuple[Any, dict[str, Any]]:
+    """Execute the plan into memory: returns the Result and the merged transformer's tensors by diffusers
+    parameter name, in the output's dtype, equal to what `write` puts into the shards (the same plan, the same
+    arithmetic, one rounding). No weight file is written: `output` gets the rest of a written merge (config,
+    recipe.yaml, provenance, card, diagnostics, and a manifest with each shard's sha256 as it would be), so
+    that its recipe.yaml writes the weights later, byte for byte as the manifest says."""
+    if plan.single_file:
+        raise UsageError(f"format={plan.format} is one file: a merge in memory keeps the other files of a diffusers folder (format=diffusers)")
+    result, tensors = _run(plan, output, options, in_memory=True)
+    result.bytes_written = sum(r.size for name, r in result.files.items() if (result.output / name).exists())
+    return result, tensors
+
+
+def _run(plan: Plan, output: str | Path, options: Options | None, in_memory: bool) -> tuple[Any, dict[str, Any] | None]:
+    """The merge into `output` (its weights in memory instead of its shards, when asked), atomically."""
+    from .execute import InMemory, check_device, execute  # torch: only a run that merges pays for importing it
 
     options = options or Options(progress=False)
     unread = [s.name for s in plan.sources if not s.downloaded]
@@ -105,13 +125,21 @@ def write(plan: Plan, output: str | Path, options: Options | None = None):
     check_device(options.device)
     local = [s.name for s in plan.sources if "path" in s.origin]
     recorded = package.as_recorded(plan, target)
+    metadata, header_size = package.file_metadata(recorded), package.header_size(recorded)
+    held: list[InMemory] = []
+
+    def in_memory_sink(result) -> InMemory:
+        held.append(InMemory(plan, metadata, header_size, result))
+        return held[0]
+
     with atomic_output(target, options.overwrite, plan.files[0].name if plan.single_file else None) as folder:
-        result = execute(plan, folder, options, package.file_metadata(recorded), package.header_size(recorded), hash_sources=local)
+        result = execute(plan, folder, options, metadata, header_size, hash_sources=local, sink=in_memory_sink if in_memory else None)
         _check_replay(plan, result)
         package.finish(recorded, result, folder)
+        if in_memory:  # the index would name shards that are not there; the manifest lists both
+            (folder / formats.diffusers.INDEX_NAME).unlink()
     result.output = target
-    result.bytes_written = sum(r.size for r in result.files.values())
-    return result
+    return result, held[0].tensors if held else None
 
 
 def _check_replay(plan: Plan, result) -> None:

@@ -75,7 +75,7 @@ def verify_folder(folder: Path, hash_files: bool = True) -> Report:
         folder = folder / "transformer"  # a pipeline folder
     report = Report(folder, manifest=(folder / MANIFEST_NAME).exists())
     if report.manifest and _weights_deleted(folder):
-        report.add(folder, f"its weights were deleted (a sweep job's keep_weights=false); its recipe.yaml rebuilds them byte for byte: `fluxrecipe recipe={folder / RECIPE_NAME} output=DIR`, then verify DIR")
+        report.add(folder, f"its weights were deleted or never written (keep_weights=false); its recipe.yaml rebuilds them byte for byte: `fluxrecipe recipe={folder / RECIPE_NAME} output=DIR`, then verify DIR")
         return report
     _check_manifest(folder, report, hash_files)
     _check_code_files(folder, report)

@@ -101,7 +101,7 @@ def test_sweep_renders_previews_per_job_and_keeps_no_weights(swept):
         assert not list(out.glob("*.safetensors")) and not (out / "diffusion_pytorch_model.safetensors.index.json").exists()
         assert {"recipe.yaml", "config.json", "fluxrecipe.manifest.json", "diagnostics.json"} <= {p.name for p in out.iterdir()}
         deleted = verify_folder(out).problems  # one line that says what happened and how to rebuild, not "missing" x 3
-        assert len(deleted) == 1 and "its weights were deleted" in deleted[0] and f"recipe={out / 'recipe.yaml'} output=DIR" in deleted[0]
+        assert len(deleted) == 1 and "its weights were deleted or never written" in deleted[0] and f"recipe={out / 'recipe.yaml'} output=DIR" in deleted[0]
     # the merge matters: alpha 0 and 0.5 draw different images from the same seeds
     assert not np.array_equal(pixels(sweep_dir / JOBS[0] / "previews" / "p0-s0.png"), pixels(sweep_dir / JOBS[1] / "previews" / "p0-s0.png"))
     for name in JOBS[2:]:

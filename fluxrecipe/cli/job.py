@@ -3,10 +3,11 @@ then `keep_weights`.
 
 A job runs on the check and plan its pre-flight made (a sweep's before any job starts, a single run's before
 Hydra makes its run folder: cli/preflight.py), so a wrong preview setting or an unreachable pipeline costs
-seconds, not a merge, and nothing is planned twice. `keep_weights=false` deletes the weight files the merge
-wrote once its previews are done (or failed): the folder keeps config.json, the model card, `recipe.yaml`
-(which rebuilds the weights byte for byte), the provenance, the diagnostics and the manifest (the sha256 of
-every deleted file, so a rebuild can be checked against it).
+seconds, not a merge, and nothing is planned twice. `keep_weights=false` with previews merges into memory and
+renders from there (a candidate: its weights are never written); without previews (a sweep), it deletes the
+weight files once written. Either way the folder keeps config.json, the model card, `recipe.yaml` (which
+writes the weights byte for byte), the provenance, the diagnostics and the manifest (the sha256 of every
+weight file, written or not, so a rebuild can be checked against it).
 """
 
 from __future__ import annotations
@@ -46,21 +47,43 @@ def run_config(cfg: DictConfig, multirun: bool = False) -> Result | Plan:
 
 
 def run(check: JobCheck) -> Result | Plan:
-    """A checked job: its plan printed (dry run), or merged, previewed and its weights dropped if asked."""
+    """A checked job: its plan printed (dry run), or merged, previewed and its weights dropped if asked; a
+    job with previews whose weights are not kept merges in memory, and nothing of its weights is written."""
     if check.dry_run:
         return print_dry_run(check)
-    with os_errors():
-        result = merge(check.job)
-    try:
-        if check.previews is not None:
-            previews.render(result.output, check.previews, check.device, check.folder / previews.PREVIEW_DIR)
-    finally:
-        if not check.keep_weights:
-            drop_weights(result)
+    if check.in_memory:
+        result = run_in_memory(check)
+    else:
+        with os_errors():
+            result = merge(check.job)
+        try:
+            if check.previews is not None:
+                previews.render(result.output, check.previews, check.device, check.folder / previews.PREVIEW_DIR)
+        finally:
+            if not check.keep_weights:
+                drop_weights(result)
     if check.scoring is not None:
         image_scores = scores.score_previews(check.folder / previews.PREVIEW_DIR, check.scoring, check.device)
         parents = [parent_scores(check, source) for source in check.scoring.reference]
         scores.write_scores(check.folder, scores.job_scores(image_scores, check.scoring, parents))
+    return result
+
+
+def run_in_memory(check: JobCheck) -> Result:
+    """Previews of a merge that is never written: the pipeline's text encoders and VAE first (once per process),
+    then the merge into memory, straight into the transformer that renders. The job's model folder holds the
+    rest (recipe.yaml, which writes the weights, and the manifest, with the sha256 of every shard they make)."""
+    job = check.job
+    previews.prepare(check.previews, check.device)
+    log.info(format_plan(job.plan))
+    with os_errors():
+        result, tensors = api.merge_in_memory(job.plan, job.output, job.options)
+    weights = sum(r.size for name, r in result.files.items() if not (result.output / name).exists())
+    rate = job.plan.bytes_written / result.seconds if result.seconds else 0.0
+    log.info(f"merged {len(job.plan.steps)} tensors in memory, {human_bytes(weights)} of weights not written, in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
+    report_counts(job.plan, result)
+    previews.render(previews.InMemoryModel(tensors, job.plan.config), check.previews, check.device, check.folder / previews.PREVIEW_DIR)
+    log.info(f"keep_weights=false: the weights of {result.output} were never written; {rebuild_hint(result)}")
     return result
 
 
@@ -125,6 +148,13 @@ def merge(job: JobPlan) -> Result:
     if plan.factors:
         log.info(format_lora_errors(plan, result))
     log.info(f"wrote {where}, {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
+    report_counts(plan, result)
+    return result
+
+
+def report_counts(plan: Plan, result: Result) -> None:
+    """Warnings for what the merge counted: NaN/Inf read or made, values clamped (listed in the provenance)."""
+    shown = printable(str(result.output))
     report = shown if plan.single_file else f"{shown}/fluxrecipe.json"
     inputs = {k: v for k, v in result.nonfinite.items() if not k.startswith("output: ")}
     if inputs:
@@ -134,7 +164,6 @@ def merge(job: JobPlan) -> Result:
         log.warning(f"warning: {outputs} tensor(s) came out with NaN/Inf values from finite inputs, listed in {report}: do not use the model as it is")
     if result.clamped:
         log.warning(f"warning: {sum(result.clamped.values())} values in {len(result.clamped)} tensor(s) lay beyond their dtype's finite range and were clamped to it, listed in {report}")
-    return result
 
 
 def format_lora_errors(plan: Plan, result: Result) -> str:
@@ -162,6 +191,9 @@ def drop_weights(result: Result) -> None:
         path.unlink()
     fsync_dir(result.output)
     log.info(
-        f"keep_weights=false: deleted the weights of {result.output} ({len(names)} files, {human_bytes(freed)}); "
-        f"its recipe.yaml rebuilds them: fluxrecipe recipe={result.output / RECIPE_NAME} output=DIR"
+        f"keep_weights=false: deleted the weights of {result.output} ({len(names)} files, {human_bytes(freed)}); {rebuild_hint(result)}"
     )
+
+
+def rebuild_hint(result: Result) -> str:
+    return f"its recipe.yaml writes them: fluxrecipe recipe={result.output / RECIPE_NAME} output=DIR"

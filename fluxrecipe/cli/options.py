@@ -46,7 +46,7 @@ OPTIONS = (
     Option("diagnostics", True, "record the distance of the merge to each source, per block (diagnostics.json)"),
     Option("progress", True, "a progress bar, when on a terminal"),
     Option("traceback", False, "show the Python traceback of an error"),
-    Option("keep_weights", True, "false: delete a job's weights once its previews are done (its recipe.yaml rebuilds them)"),
+    Option("keep_weights", True, "false: with previews, merge each job in memory and never write its weights; without, delete them once written (its recipe.yaml rebuilds them)"),
     Option("preview.enabled", False, "sample images of each merge (preview=true is short for preview.enabled=true); they go into the run folder"),
     Option("preview.pipeline", None, "preview=true: the text encoders, VAE and scheduler: a hub repo or a local pipeline folder; null: the model family's (FLUX.1: black-forest-labs/FLUX.1-schnell)"),
     Option(
