@@ -251,6 +251,46 @@ def test_a_setting_that_would_change_nothing_is_refused(cli, recipes, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]
 
 
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("recipe.alpha.transformer_blocks.0=0.2", "recipe.alpha.transformer_blocks.0: 'transformer_blocks.0' is not a FLUX block name (did you mean"),
+        ("recipe.alpha.double_blocks.1.x=0.2", "recipe.alpha.double_blocks.1.x: 'double_blocks.1.x' is not a FLUX block name"),
+        ("recipe.alpah.double_blocks.1=0.2", "recipe.alpah: recipe 'tiny' has no 'alpah' (did you mean recipe.alpha?)"),
+        ("~recipe.alhpa", "~recipe.alhpa: recipe 'tiny' has no 'alhpa' (did you mean recipe.alpha?)"),
+        ("recipe.rules.0.match.x=1", "recipe.rules.0.match.x: recipe 'tiny' gives recipe.rules.0.match one value ('.*'), not a mapping: set recipe.rules.0.match=VALUE"),
+        ("recipe.base.path=x", "recipe.base.path: recipe 'tiny' gives recipe.base one value ('schnell'), not a mapping: set recipe.base=VALUE"),
+    ],
+    ids=["block-name", "below-a-block", "parameter-typo-of-a-block", "deleted-typo", "below-a-value", "below-a-field"],
+)
+def test_a_recipe_override_hydra_cannot_apply_is_fluxrecipes_own_line(cli, recipes, tmp_path, monkeypatch, override, says):
+    """Each gave Hydra's page: 'To append to your config use +recipe...' (advice that adds a value no rule
+    reads) or 'Could not delete from config'. One line of fluxrecipe's own, naming what would work."""
+    from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
+
+    monkeypatch.setenv(BLOCK_OVERRIDES_ENV, "")
+    line = one_line(cli("recipe=tiny", override, "dry_run=true", "output=out"))
+    assert line == f"fluxrecipe: error: {says}" if says.endswith(("?)", "VALUE")) else says in line
+    assert "+recipe" not in line and "To append" not in line and "Could not" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]
+
+
+@pytest.mark.parametrize("plus", ["+", "++"])
+def test_a_recipe_value_given_with_hydras_plus_is_set(cli, recipes, tmp_path, monkeypatch, schnell, krea, plus):
+    """`+recipe.dtype=fp8_scaled` (Hydra's habit, and its own advice) on a recipe that has a dtype was Hydra's
+    'Could not append to config. An item is already at recipe.dtype', on a single run and in every job of a
+    sweep. A value the recipe has, or may have, is set, with one plus, two, or none."""
+    from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
+
+    monkeypatch.setenv(BLOCK_OVERRIDES_ENV, "")
+    write_recipe(recipes, "blocks", tiny_recipe(schnell, krea).replace("alpha: 0.5", "alpha: {default: 0.5, double_blocks: {1: 0.25}}"))
+    out = ran(cli("recipe=tiny", f"{plus}recipe.alpha=0.3", f"{plus}recipe.dtype=fp16", "dry_run=true", "output=out"))
+    assert "lerp:0.3" in out and "F16" in out
+    out = ran(cli("recipe=blocks", f"{plus}recipe.alpha.double_blocks.1=0.75", "dry_run=true", "output=out"))
+    assert "alpha={default: 0.5, double_blocks.1: 0.75}" in out
+    ran(cli("-m", "recipe=tiny", f"{plus}recipe.alpha=0.1,0.2", f"{plus}recipe.dtype=fp16", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}"))
+
+
 def test_a_recipe_value_a_recipe_may_have_is_set_without_plus(cli, recipes, tmp_path, schnell):
     """recipe.dtype on a recipe that names none (Hydra asks for `+`), a rule's dtype: set as asked."""
     write_recipe(recipes, "nodtype", f"sources: {{a: '{schnell}'}}\nrules: [{{match: 'x_embedder', op: 'take:a', dtype: fp32}}, {{match: '.*', op: 'take:a'}}]\n")

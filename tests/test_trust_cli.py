@@ -194,6 +194,13 @@ def test_help_lists_every_option_with_its_meaning(tmp_path):
         assert methods.returncode == 0 and methods.stdout.startswith("usage: fluxrecipe methods [-h] [NAME ...]"), methods.stderr
 
 
+def test_help_for_a_command_there_is_not_is_one_line(tmp_path):
+    """`fluxrecipe help verfy` printed the whole help and exited 0, as if the command existed."""
+    done = run_cli(["help", "verfy"], cwd=tmp_path)
+    assert done.stdout == ""
+    assert one_error_line(done) == "fluxrecipe: error: help verfy: no command 'verfy' (did you mean verify?); the commands: verify, summary, methods"
+
+
 # --- a full disk on stdout, and a stranger's text in a sweep's summary (issue 21, item 8) ------------------------
 
 

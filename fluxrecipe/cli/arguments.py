@@ -7,7 +7,11 @@ wrong piece of advice), each turned into one line before Hydra starts.
 - `dryrun=true` or `+dryrun=true`: an option fluxrecipe does not have, named with the closest it has;
 - `recipe.KEY=V` where the recipe has no KEY: a field or setting a recipe may have (`recipe.dtype`,
   `recipe.rules.2.dtype`) is set (Hydra wants `+` to add it); anything else is a typo, said with the closest
-  name the recipe has (Hydra would advise `+recipe.KEY=V`, which adds a value that changes nothing);
+  name the recipe has (Hydra would advise `+recipe.KEY=V`, which adds a value that changes nothing), and so
+  is `~recipe.KEY`; a block of a schedule is a block name (schedule's), and below a value that is no mapping
+  (`recipe.base.path=`) nothing can be set;
+- `+recipe.KEY=V` (Hydra's habit) sets KEY where the recipe has it already, as `recipe.KEY=V` does (Hydra
+  would refuse it, with the advice to add a second `+`);
 - `preview=true` is short for `preview.enabled=true`; a launcher or previews whose optional extra is not
   installed is one line naming the `pip install` that adds it (not an ImportError's traceback);
 - in a multirun, `recipe.KEY=V` applies to every job, whichever recipe it chose (defer_recipe_overrides).
@@ -27,7 +31,9 @@ from .. import extras
 from ..catalog import is_recipe_path, recipe_file, recipe_problem
 from ..errors import UsageError
 from ..recipe import BLOCK_OVERRIDES_ENV, LORA_FIELDS, RECIPE_FIELDS, RULE_FIELDS, SOURCE_FIELDS, load_recipe_file
+from .. import schedule
 from ..schedule import DEFAULT, FINAL, GROUPS, TOP
+from ..text import cut, printable
 from .options import default_of, deleted_option, unknown_option
 
 # `recipe.alpha.GROUP.7=V`, `recipe.loras.style.strength.GROUP=V`: one block (or range, or group) of a
@@ -78,10 +84,13 @@ def command_line(args: list[str]) -> list[str]:
         deleted = DELETION.fullmatch(arg)
         if deleted and (default := default_of(deleted[1])) is not None:
             raise UsageError(deleted_option(deleted[1], default[0]))
+        if deleted and deleted[1].startswith("recipe."):
+            _check_recipe_path(deleted[1], recipes, deleting=True)
         if m and m[1] == "" and m[2] == "recipe" and not re.match(r"\w+\(", m[3]):  # not a sweep function
             arg = "recipe=" + ",".join(_recipe_choice(v, multirun) for v in _recipe_values(m[3]))
-        elif m and m[1] == "" and m[2].startswith("recipe.") and not block:
-            arg = _recipe_override(m[2], m[3], recipes)
+        elif m and m[2].startswith("recipe."):
+            added = _check_recipe_path(m[2], recipes, given_plus=bool(m[1]))
+            arg = f"{'++' if added or m[1] else ''}{m[2]}={m[3]}"
         if m and m[2] == PREVIEW_SWITCH and "true" in m[3].lower() and (missing := extras.missing("preview=true")):
             raise UsageError(missing)
         out.append(arg)
@@ -137,43 +146,72 @@ def _chosen_recipes(args: list[str], multirun: bool) -> dict[str, Any]:
     return chosen
 
 
-def _recipe_override(key: str, value: str, recipes: dict[str, Any]) -> str:
-    """`recipe.KEY=VALUE` as Hydra should get it: as it is where every chosen recipe has KEY; `++` (add or
-    set) where KEY is a field or setting a recipe may have; a UsageError naming the closest name where the
-    recipe has no such value (a typo)."""
+def _check_recipe_path(key: str, recipes: dict[str, Any], given_plus: bool = False, deleting: bool = False) -> bool:
+    """Whether `recipe.KEY=V` adds a value some chosen recipe does not have yet (Hydra wants `++` for it); a
+    UsageError where Hydra could not apply it: a name the recipe lacks where it may hold no new one (a typo,
+    said with the closest name it has; with `+` the user adds it on purpose, and the recipe loader checks
+    it), a schedule's block that is no block name, a path below a value that is no mapping."""
     path = key.split(".")[1:]
     added = False
     for choice, data in recipes.items():
-        missing = _first_missing(data, path)
-        if missing is None:
+        walked, node = _walk(data, path)
+        if len(walked) == len(path):
             continue
-        where, name, allowed = missing
-        if allowed is None or name in allowed:
+        rest = path[len(walked):]
+        schedule_at = _schedule_path(data, path)
+        if schedule_at is not None and len(walked) >= schedule_at and not deleting:
+            _check_block_name(key, ".".join(path[schedule_at:]))
             added = True
-            continue
-        known = sorted({*map(str, _keys(_get(data, where))), *(allowed or ())}, key=str)
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        place = "recipe." + ".".join([*where, name])
-        hint = f"did you mean recipe.{'.'.join([*where, close[0]])}?" if close else f"it has: {', '.join(known) or 'nothing there'}"
-        raise UsageError(f"{place}: recipe {choice!r} has no {name!r} ({hint})")
-    return f"++{key}={value}" if added else f"{key}={value}"
+        elif not isinstance(node, (dict, list)) and node is not None:
+            place = "recipe." + ".".join(walked)
+            raise UsageError(f"{key}: recipe {choice!r} gives {place} one value ({cut(printable(str(node)))!r}), not a mapping: set {place}=VALUE")
+        elif not deleting and (given_plus or node is None or _may_hold(walked, rest[0])):
+            added = True
+        else:
+            known = sorted({*map(str, _keys(node)), *(_allowed(walked) or ())}, key=str)
+            close = difflib.get_close_matches(rest[0], known, n=1, cutoff=0.6)
+            hint = f"did you mean recipe.{'.'.join([*walked, close[0]])}?" if close else f"it has: {', '.join(known) or 'nothing there'}"
+            shown = "recipe." + ".".join([*walked, rest[0]])
+            raise UsageError(f"{'~' + shown if deleting else shown}: recipe {choice!r} has no {rest[0]!r} ({hint})")
+    return added
 
 
-def _first_missing(data: Any, path: list[str]) -> tuple[list[str], str, tuple[str, ...] | None] | None:
-    """(the path that exists, the first name it lacks, the names a recipe may hold there) or None when the
-    whole path exists. A list index past the end is a missing name with nothing allowed."""
+def _walk(data: Any, path: list[str]) -> tuple[list[str], Any]:
+    """How far `path` leads into a recipe's data (the names found), and the value it reached there."""
     node, walked = data, []
     for name in path:
         if isinstance(node, dict) and name in node:
             node = node[name]
         elif isinstance(node, list) and name.isdigit() and int(name) < len(node):
             node = node[int(name)]
-        elif isinstance(node, (dict, list)):
-            return walked, name, _allowed(walked)
         else:
-            return None  # below a value that is not a mapping (a schedule given as a number): the loader says
+            break
         walked.append(name)
+    return walked, node
+
+
+def _schedule_path(data: dict, path: list[str]) -> int | None:
+    """The length of the part of `path` that names a schedule the recipe has (a parameter, a LoRA's
+    strength), where `path` goes below it to a block; else None."""
+    if len(path) > 1 and path[0] not in RECIPE_FIELDS and path[0] in data:
+        return 1
+    loras = data.get("loras")
+    if len(path) > 3 and path[0] == "loras" and path[2] == "strength" and isinstance(loras, dict) and path[1] in loras:
+        return 3
     return None
+
+
+def _check_block_name(key: str, name: str) -> None:
+    """A block of a schedule, `recipe.alpha.NAME=V`, named as a schedule names it (schedule's words)."""
+    try:
+        schedule.parse({name: 0.0})
+    except ValueError as e:
+        raise UsageError(f"{key}: {e}") from None
+
+
+def _may_hold(walked: list[str], name: str) -> bool:
+    allowed = _allowed(walked)
+    return allowed is None or name in allowed
 
 
 def _allowed(walked: list[str]) -> tuple[str, ...] | None:
@@ -186,12 +224,6 @@ def _allowed(walked: list[str]) -> tuple[str, ...] | None:
     if walked[0] == "config" or len(walked) > 2:
         return None
     return {"sources": SOURCE_FIELDS, "loras": LORA_FIELDS, "rules": RULE_FIELDS}.get(walked[0], ()) if len(walked) == 2 else ()
-
-
-def _get(data: Any, path: list[str]) -> Any:
-    for name in path:
-        data = data[int(name)] if isinstance(data, list) else data[name]
-    return data
 
 
 def _keys(node: Any) -> list:
