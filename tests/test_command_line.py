@@ -233,10 +233,11 @@ def test_options_are_checked_in_the_composed_config_too():
         (["recipe=tiny", "recipe.rules.3.dtype=fp8"], "recipe.rules.3: recipe 'tiny' has no '3' (it has: 0)"),
         (["recipe=tiny", "lora_rank=8"], "lora_rank=8 changes nothing: format=diffusers writes no LoRA; lora_rank is the rank of format=lora or lora_peft"),
         (["recipe=tiny", "format=bfl", "shard_size=1GB"], "shard_size=1GB changes nothing: format=bfl writes one file; shards are for format=diffusers (a folder)"),
+        (["recipe=tiny", "format=comfyui", "diagnostics=true"], "diagnostics=true changes nothing: format=comfyui writes one file, which carries no diagnostics (none are computed); diagnostics.json is written beside a folder's shards (format=diffusers)"),
         (["recipe=tiny", "preview.steps=8", "preview.height=64"], "preview.height=64, preview.steps=8 changes nothing without preview=true"),
         (["recipe=tiny", "format=diffusers", "+recipe.format=bfl"], "recipe.format=bfl changes nothing: format=diffusers is given as well, and wins"),
     ],
-    ids=["plus-dtype-every-rule-sets", "dtype-every-rule-sets", "parameter-typo", "source-typo", "rule-field-typo", "no-such-rule", "lora-rank-without-lora", "shard-size-one-file", "preview-setting-without-preview", "recipe-format-beside-format"],
+    ids=["plus-dtype-every-rule-sets", "dtype-every-rule-sets", "parameter-typo", "source-typo", "rule-field-typo", "no-such-rule", "lora-rank-without-lora", "shard-size-one-file", "diagnostics-one-file", "preview-setting-without-preview", "recipe-format-beside-format"],
 )
 def test_a_setting_that_would_change_nothing_is_refused(cli, recipes, tmp_path, schnell, args, says):
     """`+recipe.dtype=fp8_scaled` on to_comfyui_fp8, whose every rule set its own dtype (Hydra's own advice for
@@ -244,7 +245,7 @@ def test_a_setting_that_would_change_nothing_is_refused(cli, recipes, tmp_path, 
     preview setting the run ignores did nothing, silently; a typo under recipe. got Hydra's advice to add `+`.
     Each is one line saying why and what would work, and nothing is written."""
     write_recipe(recipes, "every_rule", f"sources: {{model: '{schnell}'}}\nformat: comfyui\nrules:\n  - {{match: 'x_embedder', op: 'take:model', dtype: bf16}}\n  - {{match: '.*', op: 'take:model', dtype: fp8}}\n")
-    one_file = "format=bfl" in args or "recipe=every_rule" in args
+    one_file = "format=bfl" in args or "format=comfyui" in args or "recipe=every_rule" in args
     line = one_line(cli(*args, f"output={'merged.safetensors' if one_file else 'merged'}"))
     assert says in line
     assert "+recipe" not in line and "To append to your config" not in line  # never Hydra's advice to add `+`
@@ -289,6 +290,17 @@ def test_a_recipe_value_given_with_hydras_plus_is_set(cli, recipes, tmp_path, mo
     out = ran(cli("recipe=blocks", f"{plus}recipe.alpha.double_blocks.1=0.75", "dry_run=true", "output=out"))
     assert "alpha={default: 0.5, double_blocks.1: 0.75}" in out
     ran(cli("-m", "recipe=tiny", f"{plus}recipe.alpha=0.1,0.2", f"{plus}recipe.dtype=fp16", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}"))
+
+
+def test_a_single_file_computes_no_diagnostics(recipes, tmp_path):
+    """A single file carries no diagnostics, yet every merge into one computed them (~30% of a merge's time
+    on 2 cores) and threw them away."""
+    from conftest import merge
+
+    result = merge(["recipe=tiny", "format=bfl", f"output={tmp_path / 'm.safetensors'}", "progress=false"])
+    assert result.distances is None and (tmp_path / "m.safetensors").is_file()
+    result = merge(["recipe=tiny", f"output={tmp_path / 'folder'}", "progress=false"])
+    assert result.distances is not None and (tmp_path / "folder" / "diagnostics.json").is_file()
 
 
 def test_a_recipe_value_a_recipe_may_have_is_set_without_plus(cli, recipes, tmp_path, schnell):

@@ -7,7 +7,7 @@ file; a relative path written in a recipe file is found from that recipe file's 
 
 Every option is checked here: its kind (a yes-or-no option is true or false only: Hydra hands `overwrite=no`
 over as the text 'no'), its range, that it exists and was not deleted, and that it changes something: a
-setting the run would ignore (lora_rank without a LoRA format, shard_size with a one-file format, a preview
+setting the run would ignore (lora_rank without a LoRA format, shard_size or diagnostics with a one-file format, a preview
 setting without preview=true, a recipe's format beside format=) is refused in one line that says why and
 what would work, not silently dropped.
 """
@@ -181,6 +181,11 @@ def output_of(cfg: DictConfig, recipe: Recipe, given: set[str], multirun: bool) 
         raise UsageError(f"lora_rank={rank} changes nothing: format={chosen} writes no LoRA; lora_rank is the rank of format={' or '.join(LORA_FORMATS)}")
     if "shard_size" in given and formats.FORMATS[chosen].single_file:
         raise UsageError(f"shard_size={cfg.shard_size} changes nothing: format={chosen} writes one file; shards are for format=diffusers (a folder)")
+    if "diagnostics" in given and formats.FORMATS[chosen].single_file:
+        raise UsageError(
+            f"diagnostics={str(cfg.diagnostics).lower()} changes nothing: format={chosen} writes one file, which carries no diagnostics "
+            "(none are computed); diagnostics.json is written beside a folder's shards (format=diffusers)"
+        )
     path = None
     if cfg.output and not multirun:
         path = Path(os.path.abspath(os.path.expanduser(str(cfg.output))))

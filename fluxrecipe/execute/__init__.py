@@ -50,7 +50,8 @@ def execute(
     if sink is None:
         _check_free_space(folder, plan)
         sink = SafetensorsFiles(plan, folder, metadata or {}, header_size, result)
-    result.distances = Distances(plan.family) if options.diagnostics else None
+    # a single file carries no diagnostics (package writes diagnostics.json beside a folder's shards only)
+    result.distances = Distances(plan.family) if options.diagnostics and not plan.single_file else None
     Executor(plan, options, device, result, sink, set(hash_sources)).run()
     result.bytes_written = sum(r.size for r in result.files.values())
     result.seconds = time.monotonic() - started
