@@ -171,6 +171,14 @@ def test_a_path_on_the_command_line_is_found_from_the_working_folder(tmp_path, s
     assert f"path {schnell.resolve()}" in given.stdout and "guidance_embeds: false" in given.stdout  # schnell's
 
 
+def test_the_readme_states_the_relative_paths_rule_once():
+    """The rule was in docs/recipes.md only; the issue asks for it in the README, once."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert readme.count("Relative paths") == 1
+    rule = " ".join(readme.split("**Relative paths**")[1].split("\n\n")[0].split())
+    assert "command line" in rule and "from the working folder" in rule and "recipe file from that file's folder" in rule
+
+
 # --- help (issue 21, item 15) ----------------------------------------------------------------------------------
 
 
