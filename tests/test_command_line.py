@@ -292,6 +292,29 @@ def test_a_recipe_value_given_with_hydras_plus_is_set(cli, recipes, tmp_path, mo
     ran(cli("-m", "recipe=tiny", f"{plus}recipe.alpha=0.1,0.2", f"{plus}recipe.dtype=fp16", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}"))
 
 
+def test_a_launcher_setting_without_its_launcher_is_refused(cli, recipes, tmp_path):
+    """`hydra.launcher.n_jobs=4` (as the sweeps page says to raise it) without `hydra/launcher=joblib` was
+    Hydra's page, advising `+hydra.launcher.n_jobs=4`: a setting the basic launcher would ignore."""
+    line = one_line(cli("-m", "recipe=tiny", "recipe.alpha=0,1", "hydra.launcher.n_jobs=4", f"hydra.sweep.dir={tmp_path / 'sweep'}"))
+    assert line == (
+        "fluxrecipe: error: hydra.launcher.n_jobs=4 changes nothing: the basic launcher (the default) runs the jobs one at a time "
+        "and has no settings; choose the launcher it belongs to first: hydra/launcher=joblib, submitit_local, submitit_slurm or slurm"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]
+
+
+def test_a_launcher_without_a_sweep_is_refused(cli, recipes, tmp_path):
+    """A single run starts no launcher: `hydra/launcher=joblib` without -m ran one merge, as without it."""
+    line = one_line(cli("recipe=tiny", "hydra/launcher=joblib", "output=out"))
+    assert line == "fluxrecipe: error: hydra/launcher=joblib changes nothing without -m: a launcher runs the jobs of a sweep, and a single run is one job; add -m"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]
+
+
+def test_a_launcher_chosen_with_hydras_plus_is_chosen(cli, recipes, tmp_path):
+    """`+hydra/launcher=joblib` was Hydra's 'Multiple values for hydra/launcher'."""
+    ran(cli("-m", "recipe=tiny", "recipe.alpha=0,1", "+hydra/launcher=joblib", "hydra.launcher.n_jobs=1", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}"))
+
+
 def test_a_single_file_computes_no_diagnostics(recipes, tmp_path):
     """A single file carries no diagnostics, yet every merge into one computed them (~30% of a merge's time
     on 2 cores) and threw them away."""

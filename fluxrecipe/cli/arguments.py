@@ -13,7 +13,9 @@ wrong piece of advice), each turned into one line before Hydra starts.
 - `+recipe.KEY=V` (Hydra's habit) sets KEY where the recipe has it already, as `recipe.KEY=V` does (Hydra
   would refuse it, with the advice to add a second `+`);
 - `preview=true` is short for `preview.enabled=true`; a launcher or previews whose optional extra is not
-  installed is one line naming the `pip install` that adds it (not an ImportError's traceback);
+  installed is one line naming the `pip install` that adds it (not an ImportError's traceback); a launcher
+  is chosen, `+` or not; a launcher without -m, or a launcher's setting (`hydra.launcher.n_jobs=4`) without
+  that launcher, is refused (it would change nothing);
 - in a multirun, `recipe.KEY=V` applies to every job, whichever recipe it chose (defer_recipe_overrides).
 """
 
@@ -48,7 +50,8 @@ DELETION = re.compile(r"~([A-Za-z_][\w-]*(?:\.[\w-]+)*)(=.*)?", re.S)
 # Hydra's flags that take the next argument as their value (not an override)
 VALUE_FLAGS = {"-sc", "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package", "--info", "--experimental-rerun"}
 PREVIEW_SWITCH = "preview.enabled"
-LAUNCHER = re.compile(r"hydra/launcher=[\w-]+")
+LAUNCHER = re.compile(r"\+{0,2}(hydra/launcher=([\w-]+))")
+BASIC_LAUNCHER = "basic"  # Hydra's own: one job after another, no settings
 
 
 def is_multirun(argv: list[str]) -> bool:
@@ -67,20 +70,32 @@ def command_line(args: list[str]) -> list[str]:
     """The overrides as Hydra should see them (see the module's docstring); raises UsageError for a mistake."""
     multirun = is_multirun(args)
     recipes = _chosen_recipes(args, multirun)
+    launchers = {launcher[2] for arg in args if (launcher := LAUNCHER.fullmatch(arg))}
+    sweep_file = any(re.match(r"\+{0,2}sweep=", arg) for arg in args)
     out, blocks = [], []
     for previous, arg in zip([None, *args], args):
         if previous in VALUE_FLAGS:
             out.append(arg)
             continue
         arg = preview_switch(arg)
-        if LAUNCHER.fullmatch(arg) and (missing := extras.missing(arg)):
-            raise UsageError(missing)
+        if launcher := LAUNCHER.fullmatch(arg):
+            arg = launcher[1]  # a choice, not an addition (`+hydra/launcher=` is Hydra's 'Multiple values')
+            if not multirun and launcher[2] != BASIC_LAUNCHER:
+                raise UsageError(f"{arg} changes nothing without -m: a launcher runs the jobs of a sweep, and a single run is one job; add -m")
+            if missing := extras.missing(arg):
+                raise UsageError(missing)
         block = BLOCK_OVERRIDE.fullmatch(arg)
         if block:  # the recipe loader gives this parameter a shape the block can be added to
             blocks.append(block["param"])
         m = OVERRIDE.fullmatch(arg)
         if m and (message := unknown_option(m[2])):
             raise UsageError(message)
+        if m and m[2].startswith("hydra.launcher.") and launchers <= {BASIC_LAUNCHER} and not sweep_file:  # (which may choose one)
+            others = [f.partition("=")[2] for features in extras.EXTRAS.values() for f in features if f.startswith("hydra/launcher=")]
+            raise UsageError(
+                f"{m[2]}={m[3]} changes nothing: the basic launcher (the default) runs the jobs one at a time and has no settings; "
+                f"choose the launcher it belongs to first: hydra/launcher={', '.join(others[:-1])} or {others[-1]}"
+            )
         deleted = DELETION.fullmatch(arg)
         if deleted and (default := default_of(deleted[1])) is not None:
             raise UsageError(deleted_option(deleted[1], default[0]))
