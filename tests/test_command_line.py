@@ -277,6 +277,22 @@ def test_a_recipe_override_hydra_cannot_apply_is_fluxrecipes_own_line(cli, recip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]
 
 
+def test_a_block_range_on_the_command_line(cli, recipes, schnell, krea, monkeypatch):
+    """`recipe.alpha.double_blocks.0-1=0.75` was Hydra's LexerNoViableAltException (a key part may not begin
+    with a digit): it sets the range as the recipe file's `double_blocks: {0-1: 0.75}` does, beside the
+    schedule's other blocks; a value that is not one number (a sweep) is one line naming the form that works."""
+    from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
+
+    monkeypatch.setenv(BLOCK_OVERRIDES_ENV, "")
+    write_recipe(recipes, "blocks", tiny_recipe(schnell, krea).replace("alpha: 0.5", "alpha: {default: 0.5, single_blocks: {1: 0.25}}"))
+    out = ran(cli("recipe=blocks", "recipe.alpha.double_blocks.0-1=0.75", "dry_run=true", "output=out"))
+    assert "alpha={default: 0.5, double_blocks.0-1: 0.75, single_blocks.1: 0.25}" in out
+    out = ran(cli("recipe=tiny", "recipe.alpha.double_blocks.0-1=0.75", "dry_run=true", "output=out"))
+    assert "alpha={default: 0.5, double_blocks.0-1: 0.75}" in out
+    line = one_line(cli("-m", "recipe=tiny", "recipe.alpha.double_blocks.0-1=0.25,0.75", "dry_run=true"))
+    assert line == "fluxrecipe: error: recipe.alpha.double_blocks.0-1=0.25,0.75: Hydra reads no key that begins with a digit and holds '-': write the range in the value, as 'recipe.alpha.double_blocks={0-1: VALUE}'"
+
+
 @pytest.mark.parametrize("plus", ["+", "++"])
 def test_a_recipe_value_given_with_hydras_plus_is_set(cli, recipes, tmp_path, monkeypatch, schnell, krea, plus):
     """`+recipe.dtype=fp8_scaled` (Hydra's habit, and its own advice) on a recipe that has a dtype was Hydra's

@@ -16,6 +16,7 @@ wrong piece of advice), each turned into one line before Hydra starts.
   installed is one line naming the `pip install` that adds it (not an ImportError's traceback); a launcher
   is chosen, `+` or not; a launcher without -m, or a launcher's setting (`hydra.launcher.n_jobs=4`) without
   that launcher, is refused (it would change nothing);
+- a range of blocks, `recipe.alpha.double_blocks.0-9=V`, is set as Hydra can read it (BLOCK_RANGE);
 - in a multirun, `recipe.KEY=V` applies to every job, whichever recipe it chose (defer_recipe_overrides).
 """
 
@@ -41,10 +42,13 @@ from .options import default_of, deleted_option, unknown_option
 # `recipe.alpha.GROUP.7=V`, `recipe.loras.style.strength.GROUP=V`: one block (or range, or group) of a
 # schedule, in the block names of any family (schedule's vocabulary)
 BLOCK_OVERRIDE = re.compile(
-    r"\+?recipe\.(?P<param>[A-Za-z_][\w-]*|loras\.[A-Za-z_][\w-]*\.strength)\."
+    r"\+{0,2}recipe\.(?P<param>[A-Za-z_][\w-]*|loras\.[A-Za-z_][\w-]*\.strength)\."
     rf"({'|'.join(map(re.escape, (DEFAULT, *TOP, *FINAL)))}|({'|'.join(map(re.escape, GROUPS))})(\.[\w-]+)?)=.*",
     re.S,
 )
+# `recipe.alpha.double_blocks.0-9=V`: a range of blocks, which Hydra cannot read as a key (a part that begins
+# with a digit and holds '-'); it is set as `recipe.alpha.double_blocks={0-9: V}`, which Hydra merges in
+BLOCK_RANGE = re.compile(r"(\+{0,2})(recipe\.[\w.-]+)\.(\d+-\d+)=(.*)", re.S)
 OVERRIDE = re.compile(r"(\+{0,2})([A-Za-z_][\w-]*(?:\.[\w-]+)*)=(.*)", re.S)
 DELETION = re.compile(r"~([A-Za-z_][\w-]*(?:\.[\w-]+)*)(=.*)?", re.S)
 # Hydra's flags that take the next argument as their value (not an override)
@@ -84,6 +88,7 @@ def command_line(args: list[str]) -> list[str]:
                 raise UsageError(f"{arg} changes nothing without -m: a launcher runs the jobs of a sweep, and a single run is one job; add -m")
             if missing := extras.missing(arg):
                 raise UsageError(missing)
+        arg = _block_range(arg)
         block = BLOCK_OVERRIDE.fullmatch(arg)
         if block:  # the recipe loader gives this parameter a shape the block can be added to
             blocks.append(block["param"])
@@ -112,6 +117,20 @@ def command_line(args: list[str]) -> list[str]:
     if blocks:
         os.environ[BLOCK_OVERRIDES_ENV] = ",".join(dict.fromkeys(blocks))
     return out
+
+
+def _block_range(arg: str) -> str:
+    """`recipe.P.GROUP.N-M=V` as Hydra can read it: `recipe.P.GROUP={N-M: V}` (see BLOCK_RANGE)."""
+    r = BLOCK_RANGE.fullmatch(arg)
+    if r is None or not BLOCK_OVERRIDE.fullmatch(arg):
+        return arg
+    try:
+        float(r[4])
+    except ValueError:
+        raise UsageError(
+            f"{r[2]}.{r[3]}={r[4]}: Hydra reads no key that begins with a digit and holds '-': write the range in the value, as '{r[2]}={{{r[3]}: VALUE}}'"
+        ) from None
+    return f"{r[1]}{r[2]}={{{r[3]}: {r[4]}}}"
 
 
 def _recipe_values(value: str) -> list[str]:
