@@ -498,8 +498,9 @@ def _refuse_unused_sources(sources: dict[str, SourceSpec], base: str, rules: tup
     for name in sources:
         if name != base and not any(name in rule.sources for rule in rules):
             raise RecipeError(
-                f"{here.at(('sources', name))}: source {name!r} is read by no rule and is not the base: it would change nothing; "
-                f"name it in a rule (take:{name}, or a rule's sources: [...]) or leave it out (on the command line, ~recipe.sources.{name})"
+                f"{here.at(('sources', name))}: source {name!r} is read by no rule and is not the base: it would change nothing; name it "
+                f"in a rule (take:{name}, or a rule's sources: [...]), make it the base (base: {name}, as a LoRA extraction needs), "
+                f"or leave it out (on the command line, ~recipe.sources.{name})"
             )
 
 
