@@ -448,7 +448,6 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
     rules = tuple(_rule(i, r, w, sources, here, budget) for i, (r, w) in enumerate(zip(rules_data, written_rules)))
     loras = _loras(data.get("loras"), here)
     _refuse_unused_parameters(params, written, here)
-    _refuse_unused_sources(sources, base, rules, here)
     if "dtype" in data and all(rule.dtype is not None for rule in rules):
         raise RecipeError(
             f"{here.at(('dtype',))}: dtype {data['dtype']} changes nothing: every rule sets its own dtype; set the dtype of the "
@@ -489,18 +488,6 @@ def _refuse_unused_parameters(params: dict[str, Any], written: dict, here: "_Loc
             raise RecipeError(
                 f"{here.at((name,))}: parameter {name!r} is used by no rule{hint}: it would change nothing; "
                 f"a rule uses a parameter as ${{recipe.{name}}} (on the command line, `~recipe.{name}` removes it)"
-            )
-
-
-def _refuse_unused_sources(sources: dict[str, SourceSpec], base: str, rules: tuple[Rule, ...], here: "_Locator") -> None:
-    """A source that no rule reads and that is not the base changes nothing (`+recipe.sources.x=PATH` beside a
-    recipe whose rules take one model), so it is refused rather than ignored."""
-    for name in sources:
-        if name != base and not any(name in rule.sources for rule in rules):
-            raise RecipeError(
-                f"{here.at(('sources', name))}: source {name!r} is read by no rule and is not the base: it would change nothing; name it "
-                f"in a rule (take:{name}, or a rule's sources: [...]), make it the base (base: {name}, as a LoRA extraction needs), "
-                f"or leave it out (on the command line, ~recipe.sources.{name})"
             )
 
 

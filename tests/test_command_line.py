@@ -233,7 +233,7 @@ def test_options_are_checked_in_the_composed_config_too():
         (["recipe=tiny", "recipe.rules.3.dtype=fp8"], "recipe.rules.3: recipe 'tiny' has no '3' (it has: 0)"),
         (["recipe=tiny", "lora_rank=8"], "lora_rank=8 changes nothing: format=diffusers writes no LoRA; lora_rank is the rank of format=lora or lora_peft"),
         (["recipe=tiny", "format=bfl", "shard_size=1GB"], "shard_size=1GB changes nothing: format=bfl writes one file; shards are for format=diffusers (a folder)"),
-        (["recipe=every_rule", "+recipe.sources.other=elsewhere"], "sources.other: source 'other' is read by no rule and is not the base: it would change nothing; name it in a rule (take:other, or a rule's sources: [...]), make it the base (base: other, as a LoRA extraction needs), or leave it out (on the command line, ~recipe.sources.other)"),
+        (["recipe=every_rule", "+recipe.sources.other=elsewhere"], "recipe.sources.other changes nothing: no rule of recipe 'every_rule' reads source 'other', and it is not the base; name it in a rule (take:other, or a rule's sources), make it the base (recipe.base=other, as a LoRA extraction needs), or leave it out"),
         (["recipe=tiny", "format=comfyui", "diagnostics=true"], "diagnostics=true changes nothing: format=comfyui writes one file, which carries no diagnostics (none are computed); diagnostics.json is written beside a folder's shards (format=diffusers)"),
         (["recipe=tiny", "preview.steps=8", "preview.height=64"], "preview.height=64, preview.steps=8 changes nothing without preview=true"),
         (["recipe=tiny", "format=diffusers", "+recipe.format=bfl"], "recipe.format=bfl changes nothing: format=diffusers is given as well, and wins"),

@@ -107,7 +107,7 @@ def test_a_parameter_no_rule_uses_is_refused(fields, says):
 
 def test_a_parameter_interpolated_into_an_op_is_resolved():
     """`lerp:${recipe.alpha}` as the built-in recipes write it, with the recipe under `recipe` as Hydra composes it."""
-    root = OmegaConf.create({"recipe": {"sources": SOURCES, "alpha": 0.3, "rules": [{"match": ".*", "op": "lerp:${recipe.alpha}", "sources": ["a", "b"]}, {"match": "x", "op": "take:c", "optional": True}]}})
+    root = OmegaConf.create({"recipe": {"sources": SOURCES, "alpha": 0.3, "rules": [{"match": ".*", "op": "lerp:${recipe.alpha}", "sources": ["a", "b"]}]}})
     r = load_recipe(root.recipe, "t")
     assert r.rules[0].params == {"alpha": 0.3}
     assert r.resolved["rules"][0]["op"] == "lerp:0.3"

@@ -157,9 +157,21 @@ def recipe_of(cfg: DictConfig, given: set[str] | None = None) -> Recipe:
         return recipe
     kinds = {m["kind"] for m in named if m["name"] is None}  # recipe.sources={...}: every one of them
     names = {(m["kind"], m["name"]) for m in named}
+    _refuse_unread_sources(recipe, [n for n in recipe.sources if "sources" in kinds or ("sources", n) in names])
     sources = {n: _from_working_folder(s) if "sources" in kinds or ("sources", n) in names else s for n, s in recipe.sources.items()}
     loras = {n: _from_working_folder(s) if "loras" in kinds or ("loras", n) in names else s for n, s in recipe.loras.items()}
     return dataclasses.replace(recipe, sources=sources, loras=loras)
+
+
+def _refuse_unread_sources(recipe: Recipe, given: list[str]) -> None:
+    """A source the command line sets that no rule reads and that is not the base changes nothing
+    (`+recipe.sources.other=PATH` beside a recipe whose rules take one model)."""
+    for name in given:
+        if name != recipe.base and not any(name in rule.sources for rule in recipe.rules):
+            raise UsageError(
+                f"recipe.sources.{name} changes nothing: no rule of recipe '{recipe.name}' reads source '{name}', and it is not the base; "
+                f"name it in a rule (take:{name}, or a rule's sources), make it the base (recipe.base={name}, as a LoRA extraction needs), or leave it out"
+            )
 
 
 def _from_working_folder(spec: SourceSpec | LoraSpec) -> SourceSpec | LoraSpec:
