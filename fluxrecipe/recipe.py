@@ -41,7 +41,7 @@ from .files import os_error_text, read_small
 from .formats import FORMATS as _FORMATS
 from .ops import OPS, OpCall, parse_op
 from .ops.registry import check_values
-from .text import printable
+from .text import cut, printable
 
 # Output dtypes by name -> (safetensors dtype, scaled): fp8 is float8_e4m3fn; fp8_scaled stores value / scale
 # with a per-tensor scale = absmax / 448, as ComfyUI reads it (single-file formats only); fp8_mixed is fp8
@@ -167,7 +167,7 @@ class Rule:
         except TimeoutError:
             if left > MATCH_SECONDS:
                 raise RecipeError(
-                    f"{self.where}.match: {self.match!r} took more than {MATCH_SECONDS} s on the key {key!r}: it backtracks "
+                    f"{self.where}.match: {cut(self.match)!r} took more than {MATCH_SECONDS} s on the key {cut(key)!r}: it backtracks "
                     "catastrophically (a repetition of a repetition, such as (\\w+\\.?)+); write it without nested repetition"
                 ) from None
             raise RecipeError(self._over_budget()) from None
@@ -182,7 +182,7 @@ class Rule:
     def _over_budget(self) -> str:
         (where, match), seconds = max(self.budget.by_rule.items(), key=lambda item: item[1])
         return (
-            f"{where}.match: {match!r} took {seconds:.1f} s of the {MATCH_BUDGET_SECONDS} s all the recipe's regexes may take on the "
+            f"{where}.match: {cut(match)!r} took {seconds:.1f} s of the {MATCH_BUDGET_SECONDS} s all the recipe's regexes may take on the "
             "model's keys: it backtracks on every key (as (.*)(.*)\\2\\1, or a repetition of a repetition such as (\\w+\\.?)+ does); "
             "write it without that"
         )

@@ -43,7 +43,7 @@ OPTIONS = (
     Option("chunk_elements", 1048576, "elements per unit of work"),
     Option("in_flight", "256MB", "work in flight at most (read, being computed, waiting to be written): bounds memory"),
     Option("nonfinite", "error", "NaN/Inf in an input or the merged output: error (stop), or warn (count, report, merge anyway)"),
-    Option("diagnostics", True, "record the distance of the merge to each source, per block (diagnostics.json)"),
+    Option("diagnostics", True, "format=diffusers: record the distance of the merge to each source, per block (diagnostics.json)"),
     Option("progress", True, "a progress bar, when on a terminal"),
     Option("traceback", False, "show the Python traceback of an error"),
     Option("keep_weights", True, "false: with previews, merge each job in memory and never write its weights; without, delete them once written (its recipe.yaml rebuilds them)"),

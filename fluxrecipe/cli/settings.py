@@ -7,7 +7,7 @@ file; a relative path written in a recipe file is found from that recipe file's 
 
 Every option is checked here: its kind (a yes-or-no option is true or false only: Hydra hands `overwrite=no`
 over as the text 'no'), its range, that it exists and was not deleted, and that it changes something: a
-setting the run would ignore (lora_rank without a LoRA format, shard_size with a one-file format, a preview
+setting the run would ignore (lora_rank without a LoRA format, shard_size or diagnostics with a one-file format, a preview
 setting without preview=true, a recipe's format beside format=) is refused in one line that says why and
 what would work, not silently dropped.
 """
@@ -163,9 +163,21 @@ def recipe_of(cfg: DictConfig, given: set[str] | None = None) -> Recipe:
         return recipe
     kinds = {m["kind"] for m in named if m["name"] is None}  # recipe.sources={...}: every one of them
     names = {(m["kind"], m["name"]) for m in named}
+    _refuse_unread_sources(recipe, [n for n in recipe.sources if "sources" in kinds or ("sources", n) in names])
     sources = {n: _from_working_folder(s) if "sources" in kinds or ("sources", n) in names else s for n, s in recipe.sources.items()}
     loras = {n: _from_working_folder(s) if "loras" in kinds or ("loras", n) in names else s for n, s in recipe.loras.items()}
     return dataclasses.replace(recipe, sources=sources, loras=loras)
+
+
+def _refuse_unread_sources(recipe: Recipe, given: list[str]) -> None:
+    """A source the command line sets that no rule reads and that is not the base changes nothing
+    (`+recipe.sources.other=PATH` beside a recipe whose rules take one model)."""
+    for name in given:
+        if name != recipe.base and not any(name in rule.sources for rule in recipe.rules):
+            raise UsageError(
+                f"recipe.sources.{name} changes nothing: no rule of recipe '{recipe.name}' reads source '{name}', and it is not the base; "
+                f"name it in a rule (take:{name}, or a rule's sources), make it the base (recipe.base={name}, as a LoRA extraction needs), or leave it out"
+            )
 
 
 def _from_working_folder(spec: SourceSpec | LoraSpec) -> SourceSpec | LoraSpec:
@@ -187,6 +199,11 @@ def output_of(cfg: DictConfig, recipe: Recipe, given: set[str], multirun: bool) 
         raise UsageError(f"lora_rank={rank} changes nothing: format={chosen} writes no LoRA; lora_rank is the rank of format={' or '.join(LORA_FORMATS)}")
     if "shard_size" in given and formats.FORMATS[chosen].single_file:
         raise UsageError(f"shard_size={cfg.shard_size} changes nothing: format={chosen} writes one file; shards are for format=diffusers (a folder)")
+    if "diagnostics" in given and formats.FORMATS[chosen].single_file:
+        raise UsageError(
+            f"diagnostics={str(cfg.diagnostics).lower()} changes nothing: format={chosen} writes one file, which carries no diagnostics "
+            "(none are computed); diagnostics.json is written beside a folder's shards (format=diffusers)"
+        )
     path = None
     if cfg.output and not multirun:
         path = Path(os.path.abspath(os.path.expanduser(str(cfg.output))))

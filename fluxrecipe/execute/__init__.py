@@ -52,7 +52,8 @@ def execute(
         made = SafetensorsFiles(plan, folder, metadata or {}, header_size, result)
     else:
         made = sink(result)
-    result.distances = Distances(plan.family) if options.diagnostics else None
+    # a single file carries no diagnostics (package writes diagnostics.json beside a folder's shards only)
+    result.distances = Distances(plan.family) if options.diagnostics and not plan.single_file else None
     Executor(plan, options, device, result, made, set(hash_sources)).run()
     result.bytes_written = sum(r.size for r in result.files.values())
     result.seconds = time.monotonic() - started
