@@ -124,11 +124,24 @@ def open_safetensors(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]]
     return f
 
 
+def open_gguf(path: Path, header: bytes, size: int) -> StreamingFile:
+    """A GGUF file of `size` bytes with its `header` (formats.gguf.encode_header's, padded to the data) written;
+    the caller appends the data. The hash is the data's: the header is written again at the end."""
+    f = StreamingFile(path, expected_size=size, unhashed=len(header))
+    f.write(header)
+    return f
+
+
 def rewrite_header(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str], header_size: int) -> None:
     """Replace the header of a file written by `open_safetensors(..., header_size)` with one holding `metadata`."""
     header, _ = encode_header(tensors, metadata, header_size)
     if len(header) != header_size:
         raise OutputError(f"{path}: the metadata ({len(header)} bytes of header) does not fit the {header_size} bytes reserved for it")
+    rewrite_start(path, header)
+
+
+def rewrite_start(path: Path, header: bytes) -> None:
+    """Write `header` over the first bytes of the finished file `path` (a header of the size it was written with)."""
     try:
         fd = os.open(path, os.O_WRONLY)
         try:

@@ -30,6 +30,7 @@ from ..linux import keep_freed_memory
 from ..options import Options
 from ..plan import Plan, human_bytes
 from .executor import Executor
+from .gguf_sink import GGUFFile
 from .result import Result
 from .sink import SafetensorsFiles, Sink
 
@@ -49,7 +50,7 @@ def execute(
     result = Result(files={}, seconds=0.0, bytes_read=plan.bytes_read, bytes_written=0)
     if sink is None:
         _check_free_space(folder, plan)
-        sink = SafetensorsFiles(plan, folder, metadata or {}, header_size, result)
+        sink = (GGUFFile if plan.format == "gguf" else SafetensorsFiles)(plan, folder, metadata or {}, header_size, result)
     result.distances = Distances(plan.family) if options.diagnostics else None
     Executor(plan, options, device, result, sink, set(hash_sources)).run()
     result.bytes_written = sum(r.size for r in result.files.values())
