@@ -223,7 +223,7 @@ def make_plan(
     _check_schedules(recipe, decided, blocks)
 
     single = FORMATS[output_format].single_file
-    whole_file = gguf_model.file_type(gguf_type or gguf_model.DEFAULT_OUTPUT_TYPE.name) if output_format == "gguf" else None
+    whole_file = gguf_model.file_type(gguf_type) if output_format == "gguf" else None
     steps, dropped, notes = [], [], []
     alone: Counter[str] = Counter()  # foreign source -> keys its rules take from the base alone
     for key, rule in decided.items():

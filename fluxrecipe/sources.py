@@ -166,7 +166,7 @@ def _index(name: str, location: Path, origin: dict[str, str], remote: dict[Path,
     entries: dict[str, TensorEntry] = {}
     file_metadata: dict[str, str] = {}
     for path, wanted in files.items():
-        header = remote.get(path) or (gguf_model.source_header if gguf_model.is_gguf(str(path)) else read_header)(str(path))
+        header = remote.get(path) or (gguf_model.source_header if path.suffix == ".gguf" or gguf_model.is_gguf(str(path)) else read_header)(str(path))
         file_metadata.update(header.metadata)
         for key in header.entries if wanted is None else wanted:
             entry = header.entries.get(key)

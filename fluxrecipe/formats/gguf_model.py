@@ -19,7 +19,7 @@ from ..errors import OutputError, PlanError, SourceError
 from ..families import Family
 from ..text import cut, some_keys
 from .gguf import (
-    BLOCK_TYPES, FILE_TYPES, MAGIC, OUTPUT_TYPES, EncodedHeader, encode_header, output_type, read_header, readable_types, storage_type,
+    BLOCK_TYPES, DEFAULT_OUTPUT_TYPE, FILE_TYPES, MAGIC, OUTPUT_TYPES, EncodedHeader, encode_header, output_type, read_header, readable_types, storage_type,
 )
 from . import bfl
 from .layout import OutFile
@@ -69,9 +69,10 @@ def source_header(path: str) -> Header:
 # ---------------------------------------------------------------------------------------------- types
 
 
-def file_type(name: str) -> GGMLQuantizationType:
-    """`gguf_type=` -> the whole file's ggml type (one UsageError line listing the types offered)."""
-    return output_type(name, "gguf_type")
+def file_type(name: str | None) -> GGMLQuantizationType:
+    """`gguf_type=` (None: the default, Q8_0) -> the whole file's ggml type (one UsageError line listing the
+    types offered)."""
+    return DEFAULT_OUTPUT_TYPE if name is None else output_type(name, "gguf_type")
 
 
 def rule_type(name: str, where: str) -> GGMLQuantizationType:
