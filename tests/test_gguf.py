@@ -9,6 +9,7 @@ GGUFQuantizationConfig.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -75,7 +76,9 @@ def test_every_tensor_is_gguf_quantize_of_the_float32_merge(pair, tmp_path, ggml
     assert bytes(fields["general.architecture"].parts[-1]).decode() == "flux"
     assert int(fields["general.file_type"].parts[-1][0]) == int(gguf.LlamaFileType.ALL_F32 if ggml_type == Q.F32 else gguf.LlamaFileType[f"MOSTLY_{ggml_type.name}"])
     assert int(fields["general.quantization_version"].parts[-1][0]) == 2
-    assert "fluxrecipe.provenance" in fields and "fluxrecipe.recipe" in fields
+    provenance = json.loads(bytes(fields["fluxrecipe.provenance"].parts[-1]))
+    assert provenance["format"] == "gguf" and provenance["gguf_type"] == ggml_type.name and provenance["sources"]["a"]["content_hash"].startswith("xxh3-128:")
+    assert json.loads(bytes(fields["fluxrecipe.recipe"].parts[-1]))["rules"] == [{"match": ".*", "op": "lerp:0.3"}]
 
 
 def test_a_rule_dtype_sets_the_type_of_its_tensors(pair, tmp_path):
@@ -282,3 +285,33 @@ def test_to_gguf_then_verify_then_overwrite(pair, tmp_path):
     refused = run_cli(["recipe=to_bfl", f"recipe.sources.model={pair[0]}", f"output={tmp_path / 'x.safetensors'}", "gguf_type=Q4_0"], tmp_path)
     assert refused.returncode != 0 and "gguf_type=Q4_0 changes nothing: format=bfl writes no GGUF file" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_a_gguf_source_bakes_a_lora_as_the_file_of_its_dequantized_values_does(gguf_source, tmp_path):
+    """A LoRA baked into a GGUF source gives what it gives baked into a float32 BFL file of the source's
+    dequantized values, bit for bit: the GGUF source is those values."""
+    from safetensors.torch import load_file, save_file
+
+    from test_readme import lora_stand_in
+
+    path, values, _ = gguf_source
+    plain = tmp_path / "dequantized.safetensors"
+    save_file({k: v.contiguous() for k, v in values.items()}, plain)
+    lora = lora_stand_in(tmp_path / "lora.safetensors")
+    outputs = []
+    for source in (path, plain):
+        out = tmp_path / f"baked-{source.suffix[1:]}.safetensors"
+        recipe = api.load_recipe({"sources": {"m": str(source)}, "rules": [{"match": ".*", "op": "take:m"}], "loras": {"l": {"path": str(lora), "strength": 0.7}}, "dtype": "fp32"}, name="bake")
+        api.merge(recipe, out, format="bfl")
+        outputs.append(load_file(out))
+    changed = [k for k in values if not torch.equal(outputs[0][k], values[k])]
+    assert changed == ["double_blocks.0.img_attn.qkv.weight"]
+    assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in values)
+
+
+def test_the_recipes_own_dtype_is_said_to_be_unused(pair, tmp_path):
+    a, b = pair
+    recipe = api.load_recipe({"sources": {"a": str(a), "b": str(b)}, "rules": [{"match": ".*", "op": "lerp:0.3"}], "dtype": "bf16"}, name="lerp")
+    plan = api.plan(recipe, tmp_path / "x.gguf", format="gguf")
+    assert "format=gguf: the recipe's dtype bf16 is not used; tensors whose rule names no dtype are Q8_0 (gguf_type=), or kept in high precision" in plan.notes
+    assert "format=gguf" not in " ".join(api.plan(lerp_recipe(a, b), tmp_path / "x.gguf", format="gguf").notes)

@@ -169,6 +169,7 @@ def provenance(plan: Plan, result, listed: int | None = None) -> dict:
         "format": plan.format,
         "rules": [_rule(r) for r in plan.recipe.rules],
         "dtype": DTYPES[plan.recipe.dtype][0],
+        **({"gguf_type": plan.gguf_type} if plan.gguf_type else {}),
         "tensors": len(plan.steps),
         "dropped": _listed([{"key": d.key, "reason": d.reason} for d in plan.dropped], listed),
         "notes": list(plan.notes),
