@@ -50,18 +50,23 @@ def load_recipe(recipe: str | Path | dict, name: str | None = None, sources: dic
 
 def plan(
     recipe: Recipe, output: str | Path | None = None, format: str | None = None, shard_size: int | str = "10GB", lora_rank: int = 16, download: bool = True,
+    gguf_type: str | None = None,
 ) -> Plan:
     """Every check a merge makes before reading a tensor: sources and LoRAs opened (headers only), rules
     decided, shapes and the output's architecture checked, the output's files laid out. `lora_rank`: the
     rank of a merge written as a LoRA (format=lora, lora_peft). `download=False` plans hub sources from
-    headers read on the hub, downloading no weights (a plan to look at, not to write: a dry run)."""
+    headers read on the hub, downloading no weights (a plan to look at, not to write: a dry run). `gguf_type`:
+    the whole file's type of format=gguf (Q8_0 by default; a rule's dtype sets its own)."""
     output_format = format or recipe.format or "diffusers"
     if output_format not in FORMATS:
         raise UsageError(f"format={output_format}: choose one of {', '.join(FORMATS)}")
-    file_name = Path(output).name if output is not None and formats.FORMATS[output_format].single_file else f"{recipe.name}.safetensors"
+    if gguf_type is not None and output_format != "gguf":
+        raise UsageError(f"gguf_type={gguf_type} changes nothing: format={output_format} writes no GGUF file; gguf_type is the type of format=gguf")
+    suffix = formats.FORMATS[output_format].suffix
+    file_name = Path(output).name if output is not None and formats.FORMATS[output_format].single_file else f"{recipe.name}{suffix}"
     checkpoints = {name: open_source(spec, download) for name, spec in recipe.sources.items()}
     loras = {name: open_lora(spec) for name, spec in recipe.loras.items()}
-    return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name, loras, lora_rank)
+    return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name, loras, lora_rank, gguf_type)
 
 
 def describe(plan: Plan) -> str:
@@ -72,10 +77,11 @@ def output_path(output: str | Path, output_format: str) -> Path:
     """The output as an absolute path, checked against the format: a file for a single-file format (named
     .safetensors), a folder otherwise."""
     target = Path(os.path.abspath(os.path.expanduser(str(output))))
-    if formats.FORMATS[output_format].single_file and target.suffix != ".safetensors":
-        raise UsageError(f"output={output}: format={output_format} writes one file: name it, as output=merged/model.safetensors")
-    if not formats.FORMATS[output_format].single_file and target.suffix == ".safetensors":
-        raise UsageError(f"output={output}: format={output_format} writes a folder; for one .safetensors file choose format=bfl, comfyui, lora or lora_peft")
+    suffix = formats.FORMATS[output_format].suffix
+    if formats.FORMATS[output_format].single_file and target.suffix != suffix:
+        raise UsageError(f"output={output}: format={output_format} writes one file: name it, as output=merged/model{suffix}")
+    if not formats.FORMATS[output_format].single_file and target.suffix in (".safetensors", ".gguf"):
+        raise UsageError(f"output={output}: format={output_format} writes a folder; for one .safetensors file choose format=bfl, comfyui, lora or lora_peft, for a .gguf file format=gguf")
     return target
 
 
@@ -157,7 +163,7 @@ def _check_replay(plan: Plan, result) -> None:
 
 def merge(
     recipe: Recipe | str | Path | dict, output: str | Path, format: str | None = None, shard_size: int | str = "10GB", dtype: str | None = None,
-    lora_rank: int = 16, sources: dict[str, Any] | None = None, params: dict[str, Any] | None = None, **options: Any,
+    lora_rank: int = 16, sources: dict[str, Any] | None = None, params: dict[str, Any] | None = None, gguf_type: str | None = None, **options: Any,
 ):
     """Load (when given a file or mapping, with `sources`, `params` and `dtype` overriding its own), plan and
     write in one call; `options` are Options' fields (threads=4, in_flight="128MB", ...)."""
@@ -170,7 +176,7 @@ def merge(
         raise UsageError(f"unknown option(s) {', '.join(unknown)} (options: {', '.join(f.name for f in dataclasses.fields(Options))})")
     if isinstance(options.get("in_flight"), str):
         options["in_flight"] = parse_size(options["in_flight"])
-    planned = plan(recipe, output, format, shard_size, lora_rank)
+    planned = plan(recipe, output, format, shard_size, lora_rank, gguf_type=gguf_type)
     return write(planned, output, Options(**{"progress": False, **options}))
 
 

@@ -39,6 +39,7 @@ from . import schedule
 from .errors import RecipeError
 from .files import os_error_text, read_small
 from .formats import FORMATS as _FORMATS
+from .formats.gguf import OUTPUT_TYPES as GGUF_TYPES
 from .ops import OPS, OpCall, parse_op
 from .ops.registry import check_values
 from .text import cut, printable
@@ -54,9 +55,11 @@ DTYPES = {
     "fp8_e5m2": ("F8_E5M2", False), "float8_e5m2": ("F8_E5M2", False),
     "fp8_scaled": ("F8_E4M3", True),
     "fp8_mixed": ("F8_E4M3", False),
+    "f16": ("F16", False), "f32": ("F32", False),
+    **{t.name.lower(): (t.name, False) for t in GGUF_TYPES if t.name not in ("BF16", "F16", "F32")},  # format=gguf only
 }
 MIXED = {"fp8_mixed": "bf16"}  # a mixed dtype -> the dtype of the tensors the family keeps in high precision
-DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled, fp8_mixed"
+DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled, fp8_mixed; with format=gguf " + ", ".join(t.name.lower() for t in GGUF_TYPES)
 FORMATS = tuple(_FORMATS)
 RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format", "loras", "mix_families")
 # Recipe parameters the command line overrides one block of (`recipe.alpha.GROUP.7=V`), set by the command

@@ -111,8 +111,8 @@ def test_a_documented_recipe_runs_and_loads(text, recipe_dir, tmp_path, schnell,
         recipe["loras"] = {name: {"path": str(lora), "strength": spec.get("strength", 1.0)} for name, spec in recipe["loras"].items()}
         text = yaml.safe_dump(recipe, sort_keys=False)
     write_recipe(recipe_dir, "readme", text)
-    single = recipe.get("format") in ("bfl", "comfyui")
-    out = tmp_path / ("out.safetensors" if single else "out")
+    single = recipe.get("format") in ("bfl", "comfyui", "gguf")
+    out = tmp_path / (f"out.{'gguf' if recipe.get('format') == 'gguf' else 'safetensors'}" if single else "out")
     sources = {n: family_stand_ins.get(spec) if isinstance(spec, str) and spec in family_stand_ins else stand_ins.get(n, krea) for n, spec in recipe["sources"].items()}
     merge(["recipe=readme", f"output={out}", "progress=false", *(f"recipe.sources.{n}={path}" for n, path in sources.items())])
     if single:

@@ -197,6 +197,8 @@ def output_of(cfg: DictConfig, recipe: Recipe, given: set[str], multirun: bool) 
         raise UsageError(f"lora_rank={rank}: must be a whole number above 0 (the rank of a merge written as a LoRA)")
     if "lora_rank" in given and chosen not in LORA_FORMATS:
         raise UsageError(f"lora_rank={rank} changes nothing: format={chosen} writes no LoRA; lora_rank is the rank of format={' or '.join(LORA_FORMATS)}")
+    if "gguf_type" in given and chosen != "gguf":
+        raise UsageError(f"gguf_type={cfg.gguf_type} changes nothing: format={chosen} writes no GGUF file; gguf_type is the type of format=gguf")
     if "shard_size" in given and formats.FORMATS[chosen].single_file:
         raise UsageError(f"shard_size={cfg.shard_size} changes nothing: format={chosen} writes one file; shards are for format=diffusers (a folder)")
     if "diagnostics" in given and formats.FORMATS[chosen].single_file:
@@ -207,7 +209,7 @@ def output_of(cfg: DictConfig, recipe: Recipe, given: set[str], multirun: bool) 
     path = None
     if cfg.output and not multirun:
         path = Path(os.path.abspath(os.path.expanduser(str(cfg.output))))
-    return OutputSettings(path, chosen, size_of(cfg.shard_size, "shard_size"), rank)
+    return OutputSettings(path, chosen, size_of(cfg.shard_size, "shard_size"), rank, str(cfg.gguf_type) if chosen == "gguf" else None)
 
 
 def previews_of(cfg: DictConfig, given: set[str] = frozenset()) -> PreviewRequest | None:

@@ -29,6 +29,7 @@ from ..linux import keep_freed_memory
 from ..options import Options
 from ..plan import Plan, human_bytes
 from .executor import Executor
+from .gguf_sink import GGUFFile
 from .result import Result
 from .sink import InMemory, SafetensorsFiles, Sink
 
@@ -49,7 +50,7 @@ def execute(
     result = Result(files={}, seconds=0.0, bytes_read=plan.bytes_read, bytes_written=0)
     if sink is None:
         _check_free_space(folder, plan)
-        made = SafetensorsFiles(plan, folder, metadata or {}, header_size, result)
+        made = (GGUFFile if plan.format == "gguf" else SafetensorsFiles)(plan, folder, metadata or {}, header_size, result)
     else:
         made = sink(result)
     # a single file carries no diagnostics (package writes diagnostics.json beside a folder's shards only)

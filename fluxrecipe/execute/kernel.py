@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from gguf import GGMLQuantizationType
 
 from ..errors import OutputError, SourceError
+from ..formats.gguf import BLOCK_TYPES, dequantize_chunk, quantize_chunk
 from ..formats.layout import TensorRef, row_size, rows
 from ..ops import OPS, Where
 from ..ops.lora import ROWS, product_rows
@@ -35,6 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 LIMITS = {code: float(torch.finfo(dtype).max) for code, dtype in DTYPES.items()}
+LIMITS.update(dict.fromkeys(BLOCK_TYPES, LIMITS["F32"]))  # a block's scale follows its values: none is clamped
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,11 @@ def compute(step: Step, chunk: ChunkIn, checks: Checks) -> ChunkOut:
         out.partial = float(finite.abs().max()) if finite.numel() else 0.0
         return out
     encoded, out.clamped = encode(step, merged, chunk.scale, checks, out)
+    if step.dtype in BLOCK_TYPES:  # whole blocks of a GGUF tensor, quantized once from float32 as gguf.quants does
+        ggml_type = GGMLQuantizationType[step.dtype]
+        out.data = torch.from_numpy(quantize_chunk(encoded.cpu(), ggml_type).reshape(-1))
+        out.written = torch.from_numpy(dequantize_chunk(out.data.numpy(), ggml_type))  # the values a reader gets back
+        return out
     out.written = encoded
     out.data = encoded.cpu().view(torch.uint8)
     return out
@@ -134,6 +142,8 @@ def apply(step: Step, xs: list[torch.Tensor], start: int, stop: int, stats: tupl
 
 
 def decode(raw: torch.Tensor, ref: TensorRef, device: torch.device) -> torch.Tensor:
+    if ref.dtype in BLOCK_TYPES:  # whole blocks of a GGUF tensor, dequantized as gguf.quants does
+        return torch.from_numpy(dequantize_chunk(raw.numpy(), GGMLQuantizationType[ref.dtype])).to(device)
     x = to_float32(raw.view(DTYPES[ref.dtype]).to(device=device))
     return x if ref.scale is None else x.mul_(ref.scale.value)
 
@@ -210,7 +220,7 @@ def encode(step: Step, merged: torch.Tensor, scale: float | None, checks: Checks
         if scale is None:  # a scaled tensor fits by construction, up to one rounding of the division
             clamped = int(((x < -limit) | (x > limit)).sum())
         x = x.clamp(-limit, limit)
-    return x.to(DTYPES[step.dtype]), clamped
+    return x.to(DTYPES.get(step.dtype, torch.float32)), clamped  # a GGUF block type: quantized from float32 by the caller
 
 
 def scale_of(absmax: float, dtype: str) -> float:

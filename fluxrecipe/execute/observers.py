@@ -15,7 +15,7 @@ import torch
 import xxhash
 
 from ..diagnostics import Distances
-from ..formats.safetensors import ITEMSIZE
+from ..formats.layout import stored_bytes
 from ..plan import Step
 from ..segments import Segments, row_sums, split
 from .kernel import ChunkIn, ChunkOut, to_float32
@@ -107,8 +107,7 @@ class HashObserver(Observer):
         partials = []
         for raw, ref in zip(chunk.raws, step.inputs):
             if ref.source in self.sources:
-                size = ITEMSIZE[ref.dtype]
-                partials.append((ref.source, split(raw, chunk.start * size, ref.nbytes, _digests, HASH_BLOCK)))
+                partials.append((ref.source, split(raw, stored_bytes(ref.dtype, chunk.start), ref.nbytes, _digests, HASH_BLOCK)))
         return partials
 
     def fold(self, step: Step, partial: list) -> None:

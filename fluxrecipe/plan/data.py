@@ -10,8 +10,7 @@ from typing import Any
 
 from ..families import Family
 from ..formats import FORMATS
-from ..formats.layout import OutFile, TensorRef
-from ..formats.safetensors import ITEMSIZE
+from ..formats.layout import OutFile, TensorRef, stored_bytes
 from ..loras import Factor, LoraSummary, Patch
 from ..ops import OPS, OpCall
 from ..recipe import Recipe, describe_rule
@@ -39,7 +38,7 @@ class Step:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
+        return stored_bytes(self.dtype, self.numel)
 
     @property
     def values(self) -> dict[str, Any]:
@@ -137,6 +136,7 @@ class Plan:
     factors: tuple[Factor, ...] = ()  # format=lora / lora_peft: the matrices of the LoRA file, in order
     lora_rank: int | None = None  # format=lora / lora_peft: the rank asked for
     family: Family | None = None  # the output's (the base's) model family
+    gguf_type: str | None = None  # format=gguf: the whole file's ggml type (gguf_type=)
 
     @property
     def single_file(self) -> bool:

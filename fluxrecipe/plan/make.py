@@ -17,7 +17,8 @@ from .. import schedule
 from ..architecture import config_fields, expected_parameters, mismatch
 from ..errors import PlanError
 from ..families import Family
-from ..formats import FORMATS, bfl
+from ..formats import FORMATS, bfl, gguf_model
+from ..formats.gguf import BLOCK_TYPES
 from ..formats.layout import OutFile, TensorRef
 from ..loras import Factor, LoraFile, LoraSummary, lora_notes, lora_output, plan_patches
 from ..ops import OPS, identity_of
@@ -31,11 +32,12 @@ MAX_HINT = 200  # characters: a suggested rule longer than this would be no help
 
 def make_plan(
     recipe: Recipe, checkpoints: dict[str, Checkpoint], shard_size: int, output_format: str = "diffusers", file_name: str = "model.safetensors",
-    loras: dict[str, LoraFile] | None = None, lora_rank: int = 16,
+    loras: dict[str, LoraFile] | None = None, lora_rank: int = 16, gguf_type: str | None = None,
 ) -> Plan:
     """Decide every output key and lay out the output's files; raises PlanError when recipe and sources do
     not fit together, or the output could not be loaded as what it claims to be. `loras`: the recipe's
-    LoRAs, opened; `lora_rank`: the rank of a LoRA output (format=lora, lora_peft)."""
+    LoRAs, opened; `lora_rank`: the rank of a LoRA output (format=lora, lora_peft); `gguf_type`: the whole
+    file's type of format=gguf (default Q8_0)."""
     base = checkpoints[recipe.base]
     family = base.family
     foreign = _check_families(recipe, checkpoints)
@@ -60,6 +62,7 @@ def make_plan(
     _check_schedules(recipe, decided, blocks)
 
     single = FORMATS[output_format].single_file
+    whole_file = gguf_model.file_type(gguf_type) if output_format == "gguf" else None
     steps, dropped, notes = [], [], []
     alone: Counter[str] = Counter()  # foreign source -> keys its rules take from the base alone
     for key, rule in decided.items():
@@ -71,7 +74,13 @@ def make_plan(
         inputs = (base.tensors[key],) if unshared else _inputs(rule, key, checkpoints, recipe.base, decided)
         shape = base.tensors[key].shape
         name = rule.dtype or recipe.dtype
-        dtype, scaled = DTYPES[MIXED[name] if name in MIXED and family.high_precision(key, shape) else name]
+        if whole_file is not None:  # a ggml type per tensor: the rule's, or the file's
+            wanted = gguf_model.rule_type(rule.dtype, rule.where) if rule.dtype else whole_file
+            dtype, scaled = gguf_model.wanted_type(key, shape, wanted, rule.dtype is not None, family).name, False
+        else:
+            dtype, scaled = DTYPES[MIXED[name] if name in MIXED and family.high_precision(key, shape) else name]
+        if dtype in BLOCK_TYPES and whole_file is None:
+            raise PlanError(f"{rule.where if rule.dtype else f'recipe {recipe.name!r}'}: dtype {name} is a GGUF type, which only format=gguf writes")
         if scaled and not single:
             raise PlanError(f"{rule.where}: fp8_scaled is written only in the single-file formats (format=bfl or format=comfyui); diffusers cannot load it: use fp8")
         if scaled and not _scalable(key, shape):
@@ -79,6 +88,11 @@ def make_plan(
         op, params = identity_of(recipe.base) if unshared else (rule.op.name, schedule.resolve(rule.params, key, blocks))
         steps.append(Step(key, rule.index, op, params, inputs, dtype, shape, scaled))
     notes += _mix_notes(recipe, checkpoints, foreign, steps, alone)
+    if whole_file is not None:
+        stored = gguf_model.stored_types({s.key: s.shape for s in steps}, {s.key: s.dtype for s in steps}, family)
+        steps = [replace(s, dtype=stored[s.key]) for s in steps]
+    if whole_file is not None and "dtype" in recipe.written:
+        notes.append(f"format=gguf: the recipe's dtype {recipe.dtype} is not used; tensors whose rule names no dtype are {whole_file.name} (gguf_type=), or kept in high precision")
     dropped += _not_in_base(recipe, checkpoints)
     _check_fits_config(recipe, config, steps, family)
     summaries: list[LoraSummary] = []
@@ -110,6 +124,7 @@ def make_plan(
         factors=factors,
         lora_rank=lora_rank if factors else None,
         family=family,
+        gguf_type=whole_file.name if whole_file is not None else None,
     )
 
 

@@ -7,6 +7,7 @@ from collections import defaultdict
 from typing import Any
 
 from .. import schedule
+from ..formats import gguf_model
 from ..text import printable, some_keys
 from .data import Plan, PlannedRule
 
@@ -37,6 +38,9 @@ def format_plan(plan: Plan) -> str:
     else:
         flag = "".join(f", {f}: {json.dumps(plan.config[f])}" for f in plan.family.flags if f in plan.config)
         lines.append(f"output: {where}; {r.base}'s architecture ({plan.config.get('_class_name')}{flag})")
+    if plan.gguf_type:
+        lines.append(f"gguf types (gguf_type={plan.gguf_type}; 1-D and small tensors F32, the family's outer layers BF16, unless a rule names a dtype):")
+        lines += gguf_model.type_lines(plan.files[0])
     lines.append("rules:")
     width = max(len(repr(x.rule.match)) for x in plan.rule_stats())
     for x in plan.rule_stats():

@@ -23,6 +23,7 @@ class OutputSettings:
     format: str  # one of formats.FORMATS
     shard_size: int  # bytes per shard at most (format=diffusers)
     lora_rank: int  # the rank of a merge written as a LoRA (format=lora, lora_peft)
+    gguf_type: str | None = None  # format=gguf: the whole file's type
 
     @property
     def single_file(self) -> bool:
@@ -32,7 +33,7 @@ class OutputSettings:
         """The output: the one asked for, else `transformer` (or RECIPE.safetensors) in the job's folder."""
         if self.path is not None:
             return self.path
-        return folder / (f"{recipe.name}.safetensors" if self.single_file else DEFAULT_MODEL_FOLDER)
+        return folder / (f"{recipe.name}{formats.FORMATS[self.format].suffix}" if self.single_file else DEFAULT_MODEL_FOLDER)
 
 
 @dataclass(frozen=True)
