@@ -9,10 +9,12 @@ differs between them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 
 class PreflightSweeper(BasicSweeper):
@@ -58,4 +60,19 @@ if OptunaSweeper is not None:
             if directions is None:
                 return None  # a dry run: the first trial's job planned and printed, none launched
             impl.direction = directions
-            return super().sweep(arguments)
+            returns = super().sweep(arguments)
+            _unprefixed_results(Path(impl.config.hydra.sweep.dir) / "optimization_results.yaml")
+            return returns
+
+    def _unprefixed_results(path: Path) -> None:
+        """optimization_results.yaml's best parameters named as the user wrote them: the command line adds
+        `++` to a recipe value the recipe lacks (a schedule's block), and Optuna's sweeper names a parameter
+        by its override, prefix included."""
+        if not path.is_file():
+            return
+        results = OmegaConf.load(path)
+        groups = [results.best_params] if "best_params" in results else [s.params for s in results.get("solutions") or []]
+        for params in groups:  # one, or one per solution of a Pareto front
+            for name in [k for k in params if str(k).startswith("+")]:
+                params[str(name).lstrip("+")] = params.pop(name)
+        OmegaConf.save(results, path)
