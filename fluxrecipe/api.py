@@ -49,19 +49,28 @@ def load_recipe(recipe: str | Path | dict, name: str | None = None, sources: dic
 
 
 def plan(
-    recipe: Recipe, output: str | Path | None = None, format: str | None = None, shard_size: int | str = "10GB", lora_rank: int = 16, download: bool = True,
+    recipe: Recipe, output: str | Path | None = None, format: str | None = None, shard_size: int | str = "10GB", lora_rank: int | None = None, download: bool = True,
+    lora_energy: float | None = None,
 ) -> Plan:
     """Every check a merge makes before reading a tensor: sources and LoRAs opened (headers only), rules
     decided, shapes and the output's architecture checked, the output's files laid out. `lora_rank`: the
-    rank of a merge written as a LoRA (format=lora, lora_peft). `download=False` plans hub sources from
-    headers read on the hub, downloading no weights (a plan to look at, not to write: a dry run)."""
+    rank of a merge written as a LoRA (format=lora, lora_peft, lora_comfyui; default 16), or for a recipe of
+    LoRAs alone the rank they are cut to (default: exact); `lora_energy`: the fraction of each module's
+    squared norm that decides its rank, at most `lora_rank` (LoRAs alone). `download=False` plans hub sources
+    from headers read on the hub, downloading no weights (a plan to look at, not to write: a dry run)."""
     output_format = format or recipe.format or "diffusers"
     if output_format not in FORMATS:
         raise UsageError(f"format={output_format}: choose one of {', '.join(FORMATS)}")
     file_name = Path(output).name if output is not None and formats.FORMATS[output_format].single_file else f"{recipe.name}.safetensors"
-    checkpoints = {name: open_source(spec, download) for name, spec in recipe.sources.items()}
     loras = {name: open_lora(spec) for name, spec in recipe.loras.items()}
-    return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name, loras, lora_rank)
+    if not recipe.sources:
+        from .lora_space import plan_lora_space
+
+        return plan_lora_space(recipe, loras, output_format, file_name, lora_rank, lora_energy)
+    if lora_energy is not None:
+        raise UsageError(f"lora_energy={lora_energy} changes nothing: it chooses the ranks of a recipe of LoRAs alone (no sources); a merge of models written as a LoRA takes lora_rank")
+    checkpoints = {name: open_source(spec, download) for name, spec in recipe.sources.items()}
+    return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name, loras, lora_rank or 16)
 
 
 def describe(plan: Plan) -> str:
@@ -104,9 +113,16 @@ def write(plan: Plan, output: str | Path, options: Options | None = None):
     target = check_output(plan, output, options.overwrite)
     check_device(options.device)
     local = [s.name for s in plan.sources if "path" in s.origin]
+    if plan.lora_space:
+        from . import lora_space
+
+        plan = lora_space.settle(plan)
     recorded = package.as_recorded(plan, target)
     with atomic_output(target, options.overwrite, plan.files[0].name if plan.single_file else None) as folder:
-        result = execute(plan, folder, options, package.file_metadata(recorded), package.header_size(recorded), hash_sources=local)
+        if plan.lora_space:
+            result = lora_space.write(plan, folder, package.file_metadata(recorded), package.header_size(recorded))
+        else:
+            result = execute(plan, folder, options, package.file_metadata(recorded), package.header_size(recorded), hash_sources=local)
         _check_replay(plan, result)
         package.finish(recorded, result, folder)
     result.output = target
@@ -129,7 +145,7 @@ def _check_replay(plan: Plan, result) -> None:
 
 def merge(
     recipe: Recipe | str | Path | dict, output: str | Path, format: str | None = None, shard_size: int | str = "10GB", dtype: str | None = None,
-    lora_rank: int = 16, sources: dict[str, Any] | None = None, params: dict[str, Any] | None = None, **options: Any,
+    lora_rank: int | None = None, sources: dict[str, Any] | None = None, params: dict[str, Any] | None = None, lora_energy: float | None = None, **options: Any,
 ):
     """Load (when given a file or mapping, with `sources`, `params` and `dtype` overriding its own), plan and
     write in one call; `options` are Options' fields (threads=4, in_flight="128MB", ...)."""
@@ -142,7 +158,7 @@ def merge(
         raise UsageError(f"unknown option(s) {', '.join(unknown)} (options: {', '.join(f.name for f in dataclasses.fields(Options))})")
     if isinstance(options.get("in_flight"), str):
         options["in_flight"] = parse_size(options["in_flight"])
-    planned = plan(recipe, output, format, shard_size, lora_rank)
+    planned = plan(recipe, output, format, shard_size, lora_rank, lora_energy=lora_energy)
     return write(planned, output, Options(**{"progress": False, **options}))
 
 

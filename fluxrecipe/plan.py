@@ -157,6 +157,7 @@ class Plan:
     factors: tuple[Factor, ...] = ()  # format=lora / lora_peft: the matrices of the LoRA file, in order
     lora_rank: int | None = None  # format=lora / lora_peft: the rank asked for
     family: Family | None = None  # the output's (the base's) model family
+    lora_space: Any = None  # lora_space.LoraSpace: a recipe with loras and no sources, written as a LoRA (no steps)
 
     @property
     def single_file(self) -> bool:
@@ -164,7 +165,8 @@ class Plan:
 
     @property
     def bytes_read(self) -> int:
-        return sum(s.bytes_read for s in self.steps) + sum(b.nbytes for f in self.factors for b, c in zip(f.bases, f.changed) if c)
+        held = sum(c.down.nbytes + sum(r.up.nbytes for r in c.rows) for m in self.lora_space.modules for c in m.contributions) if self.lora_space else 0
+        return sum(s.bytes_read for s in self.steps) + sum(b.nbytes for f in self.factors for b, c in zip(f.bases, f.changed) if c) + held
 
     @property
     def bytes_written(self) -> int:
@@ -612,7 +614,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {r.description}")
     if r.params:
         lines.append("  parameters: " + ", ".join(f"{k}={_brief(v)}" for k, v in r.params.items()))
-    lines.append("sources:")
+    lines += ["sources:"] if plan.sources else []
     for s in plan.sources:
         where = ", ".join(f"{k} {v}" for k, v in s.origin.items())
         mark = "  (base)" if s.name == r.base else ""
@@ -620,7 +622,11 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {'':<12} {s.model}: {s.tensors} tensors ({s.layout} layout), {human_bytes(s.nbytes)}, {'/'.join(s.dtypes)}; {where}")
         lines.append(f"  {'':<12} {s.folder}" + ("" if s.downloaded else "  (headers read on the hub; weights not downloaded)"))
     where = f"one {plan.format} file, {plan.files[0].name}" if plan.single_file else f"a {plan.format} folder"
-    if plan.factors:
+    if plan.lora_space:
+        from .lora_space import describe
+
+        lines.append(f"output: {where}: a LoRA made of LoRAs, no model: {describe(plan.lora_space)}")
+    elif plan.factors:
         matrices = [f for f in plan.factors if f.rank]
         exact = sum(f.exact for f in matrices)
         lines.append(
@@ -630,8 +636,8 @@ def format_plan(plan: Plan) -> str:
     else:
         flag = "".join(f", {f}: {json.dumps(plan.config[f])}" for f in plan.family.flags if f in plan.config)
         lines.append(f"output: {where}; {r.base}'s architecture ({plan.config.get('_class_name')}{flag})")
-    lines.append("rules:")
-    width = max(len(repr(x.rule.match)) for x in plan.rule_stats())
+    lines += ["rules:"] if plan.recipe.rules else []
+    width = max((len(repr(x.rule.match)) for x in plan.rule_stats()), default=0)
     for x in plan.rule_stats():
         src = f" over {', '.join(x.rule.sources)}" if x.rule.op.spec.over_rule_sources else ""
         dtype = f" -> {x.rule.dtype}" if x.rule.dtype else ""
@@ -641,7 +647,7 @@ def format_plan(plan: Plan) -> str:
         )
         lines += _block_values(plan, x.rule)
     if plan.loras:
-        lines.append("loras (added to the rules' result in float32, before the one rounding):")
+        lines.append("loras (combined as LoRAs):" if plan.lora_space else "loras (added to the rules' result in float32, before the one rounding):")
         for lora in plan.loras:
             lines.append(f"  {lora.name:<12} {lora.spec}")
             lines.append(f"  {'':<12} {lora.describe()}")
@@ -653,7 +659,7 @@ def format_plan(plan: Plan) -> str:
         for reason, keys in by_reason.items():
             lines.append(f"  {reason}: {some_keys(keys)}")
     copies = 0 if plan.factors else sum(s.copies_bytes for s in plan.steps)
-    dtypes = "/".join(sorted({s.dtype + (" scaled" if s.scaled else "") for s in plan.steps}))
+    dtypes = "/".join(sorted({s.dtype + (" scaled" if s.scaled else "") for s in plan.steps} | ({plan.lora_space.dtype} if plan.lora_space else set())))
     tensors = sum(len(f.entries()) for f in plan.files)
     lines.append(
         f"total: {tensors} tensors in {len(plan.files)} file(s), {dtypes}; "

@@ -82,6 +82,10 @@ def merge(job: JobPlan) -> Result:
     where = shown if plan.single_file else f"{shown}: {len(plan.steps)} tensors in {len(plan.files)} shard(s)"
     if plan.factors:
         log.info(format_lora_errors(plan, result))
+    if plan.lora_space:
+        from ..lora_space import format_errors
+
+        log.info(format_errors(plan, result))
     log.info(f"wrote {where}, {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
     report = shown if plan.single_file else f"{shown}/fluxrecipe.json"
     inputs = {k: v for k, v in result.nonfinite.items() if not k.startswith("output: ")}

@@ -170,5 +170,6 @@ FORMATS: dict[str, Format] = {
         Format("comfyui", single_file=True, recognises=lambda family, model, prefix: bool(prefix) and family.is_bfl(model), read=_read_bfl, write=partial(_write_bfl, comfyui=True)),
         Format("lora", single_file=True, lora_scheme="kohya"),
         Format("lora_peft", single_file=True, lora_scheme="diffusers"),
+        Format("lora_comfyui", single_file=True, lora_scheme="comfyui"),
     )
 }
