@@ -55,8 +55,8 @@ def plan(
     """Every check a merge makes before reading a tensor: sources and LoRAs opened (headers only), rules
     decided, shapes and the output's architecture checked, the output's files laid out. `lora_rank`: the
     rank of a merge written as a LoRA (format=lora, lora_peft, lora_comfyui; default 16), or for a recipe of
-    LoRAs alone the rank they are cut to (default: exact); `lora_energy`: the fraction of each module's
-    squared norm that decides its rank, at most `lora_rank` (LoRAs alone). `download=False` plans hub sources
+    LoRAs alone the rank they are cut to (default: exact); `lora_energy`: the fraction of each matrix's
+    squared norm that decides its rank, at most `lora_rank`. `download=False` plans hub sources
     from headers read on the hub, downloading no weights (a plan to look at, not to write: a dry run)."""
     output_format = format or recipe.format or "diffusers"
     if output_format not in FORMATS:
@@ -67,10 +67,8 @@ def plan(
         from .lora_space import plan_lora_space
 
         return plan_lora_space(recipe, loras, output_format, file_name, lora_rank, lora_energy)
-    if lora_energy is not None:
-        raise UsageError(f"lora_energy={lora_energy} changes nothing: it chooses the ranks of a recipe of LoRAs alone (no sources); a merge of models written as a LoRA takes lora_rank")
     checkpoints = {name: open_source(spec, download) for name, spec in recipe.sources.items()}
-    return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name, loras, lora_rank or 16)
+    return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name, loras, lora_rank or 16, lora_energy)
 
 
 def describe(plan: Plan) -> str:

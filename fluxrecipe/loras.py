@@ -295,16 +295,28 @@ def lora_output(
     return OutFile(file_name, tuple(tensors), tuple(constants), _own_metadata(output_format, factors, rank, ())), tuple(factors)
 
 
-def as_written(out: OutFile, output_format: str, factors: tuple[Factor, ...], rank: int, left_out: Collection[str]) -> tuple[list[tuple[str, str, tuple[int, ...]]], dict[str, str]]:
-    """A LoRA output's file as written: its header's entries and its own metadata, less the matrices left out
-    (`left_out`: their difference to the base was exactly 0), which PEFT's config then does not name either
-    (diffusers warns of a config that names modules the file lacks)."""
-    return out.entries(without=unwritten(factors, left_out)), dict(_own_metadata(output_format, factors, rank, left_out))
+def as_written(
+    out: OutFile, output_format: str, factors: tuple[Factor, ...], rank: int, left_out: Collection[str], ranks: dict[str, int] | None = None,
+) -> tuple[list[tuple[str, str, tuple[int, ...]]], dict[str, str], list[Constant]]:
+    """A LoRA output's file as written: its header's entries, its own metadata and its constants (the alphas),
+    less the matrices left out (`left_out`: their difference to the base was exactly 0), which PEFT's config
+    then does not name either (diffusers warns of a config that names modules the file lacks); at the ranks
+    the run chose (`ranks`, module -> rank: lora_energy), each alpha that rank."""
+    ranks = ranks or {}
+    shapes, alphas = {}, {}
+    for f in factors:
+        if f.module in ranks:
+            shapes[f.down], shapes[f.up] = (ranks[f.module], f.shape[1]), (f.shape[0], ranks[f.module])
+            alphas[f.alpha] = struct.pack("<f", float(ranks[f.module]))
+    dropped = unwritten(factors, left_out)
+    entries = [(name, dtype, shapes.get(name, shape)) for name, dtype, shape in out.entries(without=dropped)]
+    constants = [Constant(c.name, c.dtype, c.shape, alphas.get(c.name, c.data)) for c in out.constants if c.name not in dropped]
+    return entries, dict(_own_metadata(output_format, factors, rank, left_out, ranks)), constants
 
 
-def _own_metadata(output_format: str, factors, rank: int, left_out: Collection[str]) -> tuple[tuple[str, str], ...]:
-    """format=lora_peft: PEFT's config (`lora_adapter_metadata`) of the matrices the file holds."""
+def _own_metadata(output_format: str, factors, rank: int, left_out: Collection[str], ranks: dict[str, int] | None = None) -> tuple[tuple[str, str], ...]:
+    """format=lora_peft: PEFT's config (`lora_adapter_metadata`) of the matrices the file holds, at their ranks."""
     if LORA_FORMATS[output_format] != "diffusers":
         return ()
-    ranks = {f.module: f.rank for f in factors if f.rank and f.module not in left_out}
-    return (("lora_adapter_metadata", lora_format.peft_metadata(ranks, rank)),)
+    held = {f.module: (ranks or {}).get(f.module, f.rank) for f in factors if f.rank and f.module not in left_out}
+    return (("lora_adapter_metadata", lora_format.peft_metadata(held, rank)),)

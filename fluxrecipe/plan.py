@@ -156,6 +156,7 @@ class Plan:
     loras: tuple[LoraSummary, ...] = ()  # the LoRAs baked in
     factors: tuple[Factor, ...] = ()  # format=lora / lora_peft: the matrices of the LoRA file, in order
     lora_rank: int | None = None  # format=lora / lora_peft: the rank asked for
+    lora_energy: float | None = None  # a LoRA output: each matrix's rank the smallest keeping this fraction of its squared norm, at most lora_rank
     family: Family | None = None  # the output's (the base's) model family
     lora_space: Any = None  # lora_space.LoraSpace: a recipe with loras and no sources, written as a LoRA (no steps)
 
@@ -194,7 +195,7 @@ class Plan:
 
 def make_plan(
     recipe: Recipe, checkpoints: dict[str, Checkpoint], shard_size: int, output_format: str = "diffusers", file_name: str = "model.safetensors",
-    loras: dict[str, LoraFile] | None = None, lora_rank: int = 16,
+    loras: dict[str, LoraFile] | None = None, lora_rank: int = 16, lora_energy: float | None = None,
 ) -> Plan:
     """Decide every output key and lay out the output's files; raises PlanError when recipe and sources do
     not fit together, or the output could not be loaded as what it claims to be. `loras`: the recipe's
@@ -272,6 +273,7 @@ def make_plan(
         loras=tuple(summaries),
         factors=factors,
         lora_rank=lora_rank if factors else None,
+        lora_energy=lora_energy if factors else None,
         family=family,
     )
 
@@ -632,6 +634,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(
             f"output: {where}: a LoRA of rank {plan.lora_rank}, the difference between the recipe's result and base '{r.base}'; "
             f"{len(matrices)} matrices factored ({exact} by exact SVD, {len(matrices) - exact} by randomized SVD), the relative error of each reported after the run"
+            + (f"; each matrix's rank the smallest keeping {plan.lora_energy:g} of its squared norm, at most {plan.lora_rank}" if plan.lora_energy is not None else "")
         )
     else:
         flag = "".join(f", {f}: {json.dumps(plan.config[f])}" for f in plan.family.flags if f in plan.config)

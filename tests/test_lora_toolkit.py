@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from conftest import load_state, run_cli, run_recipe
 from flux_layouts import linear_modules
 from fluxrecipe.errors import PlanError, RecipeError, UsageError
-from test_lora import bake, describe, kohya, per_module, refused
+from test_lora import bake, describe, extract, kohya, per_module, refused, tuned  # noqa: F401 - tuned: a fixture
 
 F32 = torch.float32
 
@@ -193,8 +193,10 @@ def test_comfyui_keys(recipe_dir, tmp_path, pair):
     assert float(written["diffusion_model.single_blocks.1.linear1.alpha"]) == 2.0
 
 
-def test_resize_bytes_do_not_depend_on_threads(tmp_path, pair, monkeypatch):
-    """A merge cut to lora_rank=5 in subprocesses under OMP_NUM_THREADS=1, the default and 4: the same file."""
+@pytest.mark.parametrize("setting", ["lora_rank=5", "lora_energy=0.95"])
+def test_resize_bytes_do_not_depend_on_threads(tmp_path, pair, monkeypatch, setting):
+    """A merge cut to lora_rank=5 (or to the ranks lora_energy=0.95 picks) in subprocesses under
+    OMP_NUM_THREADS=1, the default and 4: the same file."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     recipe = tmp_path / "two.yaml"
@@ -202,10 +204,43 @@ def test_resize_bytes_do_not_depend_on_threads(tmp_path, pair, monkeypatch):
     digests = set()
     for i, env in enumerate(({"OMP_NUM_THREADS": "1"}, {}, {"OMP_NUM_THREADS": "4"})):
         out = tmp_path / f"cut{i}.safetensors"
-        done = run_cli([f"recipe={recipe}", "lora_rank=5", f"output={out}", "progress=false"], cwd=tmp_path, env=env)
+        done = run_cli([f"recipe={recipe}", setting, f"output={out}", "progress=false"], cwd=tmp_path, env=env)
         assert done.returncode == 0, done.stderr
         digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize("fmt", ["lora", "lora_peft"])
+def test_energy_picks_the_ranks_of_an_extraction(recipe_dir, tmp_path, tuned, fmt):  # noqa: F811 - the fixture
+    """Extraction from models with lora_energy=0.9, lora_rank=8 (a difference of rank 3 on every weight, fused
+    modules up to 12): each matrix's rank is the smallest whose singular values (computed here, float64, from the
+    BFL or diffusers matrix) keep 90% of its squared norm, at most 8; the file's shapes, alphas (kohya) and
+    PEFT config say those ranks; the relative error is the singular values' cut away."""
+    from flux_layouts import diffusers_to_bfl
+
+    base, model = tuned
+    out = tmp_path / "energy.safetensors"
+    result = extract(recipe_dir, out, tuned, f"format={fmt}", "lora_rank=8", "lora_energy=0.9")
+    diff = {k: v.double() - load_state(base)[k].double() for k, v in load_state(model).items()}
+    matrices = {k[: -len(".weight")]: v for k, v in (diffusers_to_bfl(diff) if fmt == "lora" else diff).items() if k.endswith(".weight") and v.dim() == 2}
+    written = load_file(out)
+    with safe_open(out, "pt") as f:
+        config = json.loads(f.metadata().get("lora_adapter_metadata", "{}"))
+    seen = set()
+    for module, rank in result.lora_ranks.items():
+        s = torch.linalg.svdvals(matrices[module])
+        energy = torch.cumsum(s.square(), 0) / s.square().sum()
+        want = min(8, int((energy < 0.9).sum()) + 1)
+        assert rank == want, module
+        assert abs(result.lora_errors[module] - float(s[want:].square().sum().sqrt() / s.square().sum().sqrt())) < 1e-5, module
+        if fmt == "lora":
+            key = "lora_unet_" + module.replace(".", "_")
+            assert written[f"{key}.lora_down.weight"].shape[0] == rank == float(written[f"{key}.alpha"])
+        else:
+            assert written[f"transformer.{module}.lora_A.weight"].shape[0] == rank
+            assert config["transformer.rank_pattern"].get(f"^{module}", config["transformer.r"]) == rank
+        seen.add(rank)
+    assert len(seen) > 1
 
 
 # --- refused: one line, nothing written ------------------------------------------------------------------------
@@ -214,7 +249,6 @@ def test_resize_bytes_do_not_depend_on_threads(tmp_path, pair, monkeypatch):
 def test_settings_that_change_nothing_are_refused(recipe_dir, tmp_path, krea, pair):
     out = tmp_path / "x.safetensors"
     refused(UsageError, "lora_energy=0.9 changes nothing: format=diffusers writes no LoRA", lambda: bake(recipe_dir, tmp_path / "m", krea, {"a": str(pair[0])}, "lora_energy=0.9"), tmp_path / "m")
-    refused(UsageError, "lora_energy=0.9 changes nothing: a merge of models written as a LoRA takes lora_rank", lambda: bake(recipe_dir, out, krea, {"a": str(pair[0])}, "format=lora", "lora_energy=0.9"), out)
     refused(UsageError, "lora_energy=1.5: must be a number above 0 and at most 1", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}}, "format=lora", "lora_energy=1.5"), out)
     refused(RecipeError, "rules changes nothing in a recipe without sources", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}, "rules": [{"match": ".*", "op": "take:a"}]}, "format=lora"), out)
     refused(PlanError, "a recipe with loras and no sources writes a LoRA: choose format=lora, lora_peft or lora_comfyui", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}}, "format=bfl"), out)

@@ -36,7 +36,7 @@ OPTIONS = (
     Option("format", None, "diffusers (a folder), bfl or comfyui (one .safetensors file), lora, lora_peft or lora_comfyui (the merge as a LoRA); null: the recipe's, else diffusers"),
     Option("shard_size", "10GB", "format=diffusers: the largest output shard (KB, MB, GB, KiB, MiB, GiB)"),
     Option("lora_rank", 16, "format=lora or lora_peft: the rank of each factored matrix (smaller matrices keep their full rank); format=lora_comfyui too; for a recipe of LoRAs alone the rank they are cut to (unset: exact)"),
-    Option("lora_energy", None, "a recipe of LoRAs alone: per module the smallest rank keeping this fraction (0 < E <= 1) of its squared norm, at most lora_rank"),
+    Option("lora_energy", None, "a LoRA output: per matrix the smallest rank keeping this fraction (0 < E <= 1) of its squared norm, at most lora_rank"),
     Option("overwrite", False, "replace an existing output (atomically; only a model fluxrecipe recognises)"),
     Option("dry_run", False, "print the plan and write nothing"),
     Option("device", "cpu", "where the arithmetic (and the previews) run: cpu, cuda, cuda:1, ..."),

@@ -183,9 +183,8 @@ def output_of(cfg: DictConfig, recipe: Recipe, given: set[str], multirun: bool) 
     if energy is not None:
         if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
             raise UsageError(f"lora_energy={energy}: must be a number above 0 and at most 1 (the fraction of each module's squared norm its rank keeps)")
-        if chosen not in LORA_FORMATS or recipe.sources:
-            why = f"format={chosen} writes no LoRA" if chosen not in LORA_FORMATS else "a merge of models written as a LoRA takes lora_rank"
-            raise UsageError(f"lora_energy={energy} changes nothing: {why}; lora_energy chooses the ranks of a recipe of LoRAs alone (no sources), written as format={' or '.join(LORA_FORMATS)}")
+        if chosen not in LORA_FORMATS:
+            raise UsageError(f"lora_energy={energy} changes nothing: format={chosen} writes no LoRA; lora_energy chooses the ranks of format={' or '.join(LORA_FORMATS)}")
     if "shard_size" in given and formats.FORMATS[chosen].single_file:
         raise UsageError(f"shard_size={cfg.shard_size} changes nothing: format={chosen} writes one file; shards are for format=diffusers (a folder)")
     path = None

@@ -75,7 +75,9 @@ class Factoring:
             raise OutputError(f"'{cut(f.module)}': its difference to the base holds NaN/Inf values (from the inputs): a LoRA cannot be factored from it")
         torch.set_num_threads(self.threads)
         try:
-            up, down = factor(diff, f.rank, f.exact, zlib.crc32(f.module.encode()))
+            up, down = factor(diff, f.rank, f.exact, zlib.crc32(f.module.encode()), self.plan.lora_energy)
+            if self.plan.lora_energy is not None:
+                self.result.lora_ranks[f.module] = up.shape[1]
             up, down = up.to(dtype), down.to(dtype)
             if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
                 raise OutputError(f"'{cut(f.module)}': its LoRA factors do not fit {dtype} (values beyond its range): write the LoRA in fp32 (dtype=fp32)")

@@ -101,7 +101,7 @@ def _finish_file(plan: Plan, result, path: Path) -> None:
     """The single file's header again, now with the provenance and the sha256 of its data."""
     out = plan.files[0]
     metadata = _single_file_metadata(plan, provenance(plan, result, LISTED), result.files[out.name].sha256, result)
-    entries, own = as_written(out, plan.format, plan.factors, plan.lora_rank, result.lora_left_out) if plan.factors else (out.entries(), {})
+    entries, own, _ = as_written(out, plan.format, plan.factors, plan.lora_rank, result.lora_left_out, result.lora_ranks) if plan.factors else (out.entries(), {}, ())
     rewrite_header(path, entries, {**metadata, **own}, header_size(plan))
 
 
@@ -187,9 +187,10 @@ def _lora_output(plan: Plan, result, listed: int | None) -> dict:
     left_out = set(result.lora_left_out)
     return {
         "rank": plan.lora_rank,
+        **({"energy": plan.lora_energy} if plan.lora_energy is not None else {}),
         "base": plan.recipe.base,
         "matrices": {
-            f.module: {"rank": f.rank, "svd": "exact" if f.exact else "randomized", "relative_error": result.lora_errors.get(f.module)}
+            f.module: {"rank": result.lora_ranks.get(f.module, f.rank), "svd": "exact" if f.exact else "randomized", "relative_error": result.lora_errors.get(f.module)}
             for f in plan.factors if f.rank and f.module not in left_out
         },
         "left_out": {"count": len(left_out), "modules": _listed(list(result.lora_left_out), listed)},
@@ -225,6 +226,7 @@ class _NoRun:
     lora_errors: dict = dataclasses.field(default_factory=dict)
     lora_unheld: dict = dataclasses.field(default_factory=dict)
     lora_left_out: list = dataclasses.field(default_factory=list)
+    lora_ranks: dict = dataclasses.field(default_factory=dict)
 
 
 _NO_RUN = _NoRun()
