@@ -243,6 +243,21 @@ def test_energy_picks_the_ranks_of_an_extraction(recipe_dir, tmp_path, tuned, fm
     assert len(seen) > 1
 
 
+def test_a_large_difference_is_factored_from_a_mapped_file(recipe_dir, tmp_path, tuned, monkeypatch):  # noqa: F811 - the fixture
+    """Extraction with every difference over HELD (set to 0 here) kept in a mapped file of the output's folder
+    instead of memory: the same tensors, byte for byte, and no file left behind."""
+    from fluxrecipe.execute import factoring
+
+    held, mapped = tmp_path / "held.safetensors", tmp_path / "mapped" / "mapped.safetensors"
+    mapped.parent.mkdir()
+    extract(recipe_dir, held, tuned, "format=lora", "lora_rank=4")
+    monkeypatch.setattr(factoring, "HELD", 0)
+    extract(recipe_dir, mapped, tuned, "format=lora", "lora_rank=4")
+    a, b = load_file(held), load_file(mapped)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)) for k in a)
+    assert sorted(p.name for p in mapped.parent.iterdir()) == ["mapped.safetensors"]
+
+
 # --- refused: one line, nothing written ------------------------------------------------------------------------
 
 

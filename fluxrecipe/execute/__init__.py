@@ -51,7 +51,7 @@ def execute(
         _check_free_space(folder, plan)
         sink = SafetensorsFiles(plan, folder, metadata or {}, header_size, result)
     result.distances = Distances(plan.family) if options.diagnostics else None
-    Executor(plan, options, device, result, sink, set(hash_sources)).run()
+    Executor(plan, options, device, result, sink, set(hash_sources), folder).run()
     result.bytes_written = sum(r.size for r in result.files.values())
     result.seconds = time.monotonic() - started
     return result
