@@ -72,6 +72,9 @@ def test_an_exact_merge_bakes_as_its_loras(recipe_dir, tmp_path, krea, state_of,
     assert plan.lora_space.how == "merge" and not plan.sources and not plan.steps
     result = run_recipe(recipe_dir, merged, {"loras": loras_of(pair), "dtype": "fp32"}, f"format={fmt}")
     assert max(result.lora_errors.values()) < 1e-6
+    from fluxrecipe.verify import verify_file
+
+    assert verify_file(merged).problems == [] and verify_file(merged).layout == "lora"
     ranks = result.lora_ranks
     if fmt == "lora_peft":
         assert ranks["transformer_blocks.0.attn.to_q"] == 10 and ranks["single_transformer_blocks.0.proj_out"] == 4
@@ -265,5 +268,6 @@ def test_settings_that_change_nothing_are_refused(recipe_dir, tmp_path, krea, pa
     out = tmp_path / "x.safetensors"
     refused(UsageError, "lora_energy=0.9 changes nothing: format=diffusers writes no LoRA", lambda: bake(recipe_dir, tmp_path / "m", krea, {"a": str(pair[0])}, "lora_energy=0.9"), tmp_path / "m")
     refused(UsageError, "lora_energy=1.5: must be a number above 0 and at most 1", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}}, "format=lora", "lora_energy=1.5"), out)
+    refused(UsageError, "threads=2 changes nothing: a recipe of LoRAs alone (no sources) is combined module by module on the CPU", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}}, "format=lora", "threads=2"), out)
     refused(RecipeError, "rules changes nothing in a recipe without sources", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}, "rules": [{"match": ".*", "op": "take:a"}]}, "format=lora"), out)
     refused(PlanError, "a recipe with loras and no sources writes a LoRA: choose format=lora, lora_peft or lora_comfyui", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}}, "format=bfl"), out)

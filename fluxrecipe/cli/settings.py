@@ -37,6 +37,7 @@ from .options import BY_NAME, defaults, deleted_option, groups, unknown_option
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 # a recipe's source or LoRA named by a key the command line sets (recipe.sources.NAME, recipe.loras.NAME.path)
+ENGINE_OPTIONS = ("threads", "chunk_elements", "in_flight", "device", "nonfinite", "diagnostics")  # what only the merge engine reads
 RECIPE_PATH_KEY = re.compile(r"recipe\.(?P<kind>sources|loras)(\.(?P<name>[^.]+))?(\..*)?")
 _MISSING = object()
 
@@ -185,6 +186,10 @@ def output_of(cfg: DictConfig, recipe: Recipe, given: set[str], multirun: bool) 
             raise UsageError(f"lora_energy={energy}: must be a number above 0 and at most 1 (the fraction of each module's squared norm its rank keeps)")
         if chosen not in LORA_FORMATS:
             raise UsageError(f"lora_energy={energy} changes nothing: format={chosen} writes no LoRA; lora_energy chooses the ranks of format={' or '.join(LORA_FORMATS)}")
+    engine = sorted(k for k in ENGINE_OPTIONS if k in given)
+    if engine and not recipe.sources:
+        shown = ", ".join(f"{k}={cfg.get(k)}" for k in engine)
+        raise UsageError(f"{shown} changes nothing: a recipe of LoRAs alone (no sources) is combined module by module on the CPU, not by the merge engine; leave {' and '.join(engine)} out")
     if "shard_size" in given and formats.FORMATS[chosen].single_file:
         raise UsageError(f"shard_size={cfg.shard_size} changes nothing: format={chosen} writes one file; shards are for format=diffusers (a folder)")
     path = None
