@@ -213,7 +213,7 @@ def test_resize_bytes_do_not_depend_on_threads(tmp_path, pair, monkeypatch, sett
     assert len(digests) == 1
 
 
-@pytest.mark.parametrize("fmt", ["lora", "lora_peft"])
+@pytest.mark.parametrize("fmt", ["lora", "lora_peft", "lora_comfyui"])
 def test_energy_picks_the_ranks_of_an_extraction(recipe_dir, tmp_path, tuned, fmt):  # noqa: F811 - the fixture
     """Extraction from models with lora_energy=0.9, lora_rank=8 (a difference of rank 3 on every weight, fused
     modules up to 12): each matrix's rank is the smallest whose singular values (computed here, float64, from the
@@ -225,7 +225,7 @@ def test_energy_picks_the_ranks_of_an_extraction(recipe_dir, tmp_path, tuned, fm
     out = tmp_path / "energy.safetensors"
     result = extract(recipe_dir, out, tuned, f"format={fmt}", "lora_rank=8", "lora_energy=0.9")
     diff = {k: v.double() - load_state(base)[k].double() for k, v in load_state(model).items()}
-    matrices = {k[: -len(".weight")]: v for k, v in (diffusers_to_bfl(diff) if fmt == "lora" else diff).items() if k.endswith(".weight") and v.dim() == 2}
+    matrices = {k[: -len(".weight")]: v for k, v in (diff if fmt == "lora_peft" else diffusers_to_bfl(diff)).items() if k.endswith(".weight") and v.dim() == 2}
     written = load_file(out)
     with safe_open(out, "pt") as f:
         config = json.loads(f.metadata().get("lora_adapter_metadata", "{}"))
@@ -236,8 +236,8 @@ def test_energy_picks_the_ranks_of_an_extraction(recipe_dir, tmp_path, tuned, fm
         want = min(8, int((energy < 0.9).sum()) + 1)
         assert rank == want, module
         assert abs(result.lora_errors[module] - float(s[want:].square().sum().sqrt() / s.square().sum().sqrt())) < 1e-5, module
-        if fmt == "lora":
-            key = "lora_unet_" + module.replace(".", "_")
+        if fmt != "lora_peft":
+            key = "lora_unet_" + module.replace(".", "_") if fmt == "lora" else "diffusion_model." + module
             assert written[f"{key}.lora_down.weight"].shape[0] == rank == float(written[f"{key}.alpha"])
         else:
             assert written[f"transformer.{module}.lora_A.weight"].shape[0] == rank
