@@ -50,25 +50,29 @@ def load_recipe(recipe: str | Path | dict, name: str | None = None, sources: dic
 
 def plan(
     recipe: Recipe, output: str | Path | None = None, format: str | None = None, shard_size: int | str = "10GB", lora_rank: int | None = None, download: bool = True,
-    lora_energy: float | None = None,
+    lora_energy: float | None = None, gguf_type: str | None = None,
 ) -> Plan:
     """Every check a merge makes before reading a tensor: sources and LoRAs opened (headers only), rules
     decided, shapes and the output's architecture checked, the output's files laid out. `lora_rank`: the
     rank of a merge written as a LoRA (format=lora, lora_peft, lora_comfyui; default 16), or for a recipe of
     LoRAs alone the rank they are cut to (default: exact); `lora_energy`: the fraction of each matrix's
     squared norm that decides its rank, at most `lora_rank`. `download=False` plans hub sources
-    from headers read on the hub, downloading no weights (a plan to look at, not to write: a dry run)."""
+    from headers read on the hub, downloading no weights (a plan to look at, not to write: a dry run).
+    `gguf_type`: the whole file's type of format=gguf (Q8_0 by default; a rule's dtype sets its own)."""
     output_format = format or recipe.format or "diffusers"
     if output_format not in FORMATS:
         raise UsageError(f"format={output_format}: choose one of {', '.join(FORMATS)}")
-    file_name = Path(output).name if output is not None and formats.FORMATS[output_format].single_file else f"{recipe.name}.safetensors"
+    if gguf_type is not None and output_format != "gguf":
+        raise UsageError(f"gguf_type={gguf_type} changes nothing: format={output_format} writes no GGUF file; gguf_type is the type of format=gguf")
+    suffix = formats.FORMATS[output_format].suffix
+    file_name = Path(output).name if output is not None and formats.FORMATS[output_format].single_file else f"{recipe.name}{suffix}"
     loras = {name: open_lora(spec) for name, spec in recipe.loras.items()}
     if not recipe.sources:
         from .lora_space import plan_lora_space
 
         return plan_lora_space(recipe, loras, output_format, file_name, lora_rank, lora_energy)
     checkpoints = {name: open_source(spec, download) for name, spec in recipe.sources.items()}
-    return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name, loras, lora_rank or 16, lora_energy)
+    return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name, loras, lora_rank or 16, gguf_type, lora_energy)
 
 
 def describe(plan: Plan) -> str:
@@ -79,10 +83,11 @@ def output_path(output: str | Path, output_format: str) -> Path:
     """The output as an absolute path, checked against the format: a file for a single-file format (named
     .safetensors), a folder otherwise."""
     target = Path(os.path.abspath(os.path.expanduser(str(output))))
-    if formats.FORMATS[output_format].single_file and target.suffix != ".safetensors":
-        raise UsageError(f"output={output}: format={output_format} writes one file: name it, as output=merged/model.safetensors")
-    if not formats.FORMATS[output_format].single_file and target.suffix == ".safetensors":
-        raise UsageError(f"output={output}: format={output_format} writes a folder; for one .safetensors file choose format=bfl, comfyui, lora or lora_peft")
+    suffix = formats.FORMATS[output_format].suffix
+    if formats.FORMATS[output_format].single_file and target.suffix != suffix:
+        raise UsageError(f"output={output}: format={output_format} writes one file: name it, as output=merged/model{suffix}")
+    if not formats.FORMATS[output_format].single_file and target.suffix in (".safetensors", ".gguf"):
+        raise UsageError(f"output={output}: format={output_format} writes a folder; for one .safetensors file choose format=bfl, comfyui, lora or lora_peft, for a .gguf file format=gguf")
     return target
 
 
@@ -102,7 +107,27 @@ def check_output(plan: Plan, output: str | Path, overwrite: bool = False, dry_ru
 
 def write(plan: Plan, output: str | Path, options: Options | None = None):
     """Execute the plan into `output`, atomically; returns the executor's Result (with `.output`)."""
-    from .execute import check_device, execute  # torch: only a run that merges pays for importing it
+    result, _ = _run(plan, output, options, in_memory=False)
+    result.bytes_written = sum(r.size for r in result.files.values())
+    return result
+
+
+def merge_in_memory(plan: Plan, output: str | Path, options: Options | None = None) -> tuple[Any, dict[str, Any]]:
+    """Execute the plan into memory: returns the Result and the merged transformer's tensors by diffusers
+    parameter name, in the output's dtype, equal to what `write` puts into the shards (the same plan, the same
+    arithmetic, one rounding). No weight file is written: `output` gets the rest of a written merge (config,
+    recipe.yaml, provenance, card, diagnostics, and a manifest with each shard's sha256 as it would be), so
+    that its recipe.yaml writes the weights later, byte for byte as the manifest says."""
+    if plan.single_file:
+        raise UsageError(f"format={plan.format} is one file: a merge in memory keeps the other files of a diffusers folder (format=diffusers)")
+    result, tensors = _run(plan, output, options, in_memory=True)
+    result.bytes_written = sum(r.size for name, r in result.files.items() if (result.output / name).exists())
+    return result, tensors
+
+
+def _run(plan: Plan, output: str | Path, options: Options | None, in_memory: bool) -> tuple[Any, dict[str, Any] | None]:
+    """The merge into `output` (its weights in memory instead of its shards, when asked), atomically."""
+    from .execute import InMemory, check_device, execute  # torch: only a run that merges pays for importing it
 
     options = options or Options(progress=False)
     unread = [s.name for s in plan.sources if not s.downloaded]
@@ -116,16 +141,24 @@ def write(plan: Plan, output: str | Path, options: Options | None = None):
 
         plan = lora_space.settle(plan)
     recorded = package.as_recorded(plan, target)
+    metadata, header_size = package.file_metadata(recorded), package.header_size(recorded)
+    held: list[InMemory] = []
+
+    def in_memory_sink(result) -> InMemory:
+        held.append(InMemory(plan, metadata, header_size, result))
+        return held[0]
+
     with atomic_output(target, options.overwrite, plan.files[0].name if plan.single_file else None) as folder:
         if plan.lora_space:
-            result = lora_space.write(plan, folder, package.file_metadata(recorded), package.header_size(recorded))
+            result = lora_space.write(plan, folder, metadata, header_size)
         else:
-            result = execute(plan, folder, options, package.file_metadata(recorded), package.header_size(recorded), hash_sources=local)
+            result = execute(plan, folder, options, metadata, header_size, hash_sources=local, sink=in_memory_sink if in_memory else None)
         _check_replay(plan, result)
         package.finish(recorded, result, folder)
+        if in_memory:  # the index would name shards that are not there; the manifest lists both
+            (folder / formats.diffusers.INDEX_NAME).unlink()
     result.output = target
-    result.bytes_written = sum(r.size for r in result.files.values())
-    return result
+    return result, held[0].tensors if held else None
 
 
 def _check_replay(plan: Plan, result) -> None:
@@ -143,7 +176,8 @@ def _check_replay(plan: Plan, result) -> None:
 
 def merge(
     recipe: Recipe | str | Path | dict, output: str | Path, format: str | None = None, shard_size: int | str = "10GB", dtype: str | None = None,
-    lora_rank: int | None = None, sources: dict[str, Any] | None = None, params: dict[str, Any] | None = None, lora_energy: float | None = None, **options: Any,
+    lora_rank: int | None = None, sources: dict[str, Any] | None = None, params: dict[str, Any] | None = None, lora_energy: float | None = None,
+    gguf_type: str | None = None, **options: Any,
 ):
     """Load (when given a file or mapping, with `sources`, `params` and `dtype` overriding its own), plan and
     write in one call; `options` are Options' fields (threads=4, in_flight="128MB", ...)."""
@@ -156,7 +190,7 @@ def merge(
         raise UsageError(f"unknown option(s) {', '.join(unknown)} (options: {', '.join(f.name for f in dataclasses.fields(Options))})")
     if isinstance(options.get("in_flight"), str):
         options["in_flight"] = parse_size(options["in_flight"])
-    planned = plan(recipe, output, format, shard_size, lora_rank, lora_energy=lora_energy)
+    planned = plan(recipe, output, format, shard_size, lora_rank, lora_energy=lora_energy, gguf_type=gguf_type)
     return write(planned, output, Options(**{"progress": False, **options}))
 
 

@@ -12,10 +12,12 @@ EXTRAS = {
         "hydra/launcher=submitit_local": ("hydra_plugins.hydra_submitit_launcher", "submitit"),
         "hydra/launcher=submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "submitit"),
         "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "submitit"),
+        "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
         "summary.png": ("matplotlib",),
     },
     "preview": {
         "preview=true": ("transformers", "accelerate", "PIL"),
+        "preview.score": ("transformers", "PIL"),
     },
 }
 

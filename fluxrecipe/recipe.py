@@ -39,9 +39,10 @@ from . import schedule
 from .errors import RecipeError
 from .files import os_error_text, read_small
 from .formats import FORMATS as _FORMATS
+from .formats.gguf import OUTPUT_TYPES as GGUF_TYPES
 from .ops import OPS, OpCall, parse_op
 from .ops.registry import check_values
-from .text import printable
+from .text import cut, printable
 
 # Output dtypes by name -> (safetensors dtype, scaled): fp8 is float8_e4m3fn; fp8_scaled stores value / scale
 # with a per-tensor scale = absmax / 448, as ComfyUI reads it (single-file formats only); fp8_mixed is fp8
@@ -54,9 +55,11 @@ DTYPES = {
     "fp8_e5m2": ("F8_E5M2", False), "float8_e5m2": ("F8_E5M2", False),
     "fp8_scaled": ("F8_E4M3", True),
     "fp8_mixed": ("F8_E4M3", False),
+    "f16": ("F16", False), "f32": ("F32", False),
+    **{t.name.lower(): (t.name, False) for t in GGUF_TYPES if t.name not in ("BF16", "F16", "F32")},  # format=gguf only
 }
 MIXED = {"fp8_mixed": "bf16"}  # a mixed dtype -> the dtype of the tensors the family keeps in high precision
-DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled, fp8_mixed"
+DTYPE_NAMES = "bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled, fp8_mixed; with format=gguf " + ", ".join(t.name.lower() for t in GGUF_TYPES)
 FORMATS = tuple(_FORMATS)
 RECIPE_FIELDS = ("description", "sources", "base", "rules", "dtype", "config", "format", "loras", "mix_families")
 # Recipe parameters the command line overrides one block of (`recipe.alpha.GROUP.7=V`), set by the command
@@ -167,7 +170,7 @@ class Rule:
         except TimeoutError:
             if left > MATCH_SECONDS:
                 raise RecipeError(
-                    f"{self.where}.match: {self.match!r} took more than {MATCH_SECONDS} s on the key {key!r}: it backtracks "
+                    f"{self.where}.match: {cut(self.match)!r} took more than {MATCH_SECONDS} s on the key {cut(key)!r}: it backtracks "
                     "catastrophically (a repetition of a repetition, such as (\\w+\\.?)+); write it without nested repetition"
                 ) from None
             raise RecipeError(self._over_budget()) from None
@@ -182,7 +185,7 @@ class Rule:
     def _over_budget(self) -> str:
         (where, match), seconds = max(self.budget.by_rule.items(), key=lambda item: item[1])
         return (
-            f"{where}.match: {match!r} took {seconds:.1f} s of the {MATCH_BUDGET_SECONDS} s all the recipe's regexes may take on the "
+            f"{where}.match: {cut(match)!r} took {seconds:.1f} s of the {MATCH_BUDGET_SECONDS} s all the recipe's regexes may take on the "
             "model's keys: it backtracks on every key (as (.*)(.*)\\2\\1, or a repetition of a repetition such as (\\w+\\.?)+ does); "
             "write it without that"
         )

@@ -2,7 +2,8 @@
 
 A source is a local folder (config.json + *.safetensors, with or without an index), a pipeline folder with a
 `transformer/` sub-folder, a single .safetensors file (diffusers, Black Forest Labs or ComfyUI layout, an
-all-in-one ComfyUI checkpoint included), a hub repo id, or a generated demo checkpoint. The layout is
+all-in-one ComfyUI checkpoint included), a single .gguf file (ComfyUI-GGUF's), a hub repo id, or a generated
+demo checkpoint. The layout is
 recognised from the keys (formats/), never from a file's name. Only headers (and ComfyUI's few bytes of
 quantization markers) are read here; no tensor data.
 """
@@ -23,7 +24,7 @@ from . import families
 from .errors import SourceError
 from .families import Family, ShapeError
 from .files import open_regular, os_error_text, read_small
-from .formats import FORMATS, Recognised, diffusers, recognise
+from .formats import FORMATS, Recognised, diffusers, gguf_model, recognise
 from .formats.layout import TensorRef
 from .formats.safetensors import Header, TensorEntry, read_header
 from .recipe import SourceSpec
@@ -103,7 +104,7 @@ def _classify(spec: SourceSpec) -> tuple[str, str, str | None]:
     text = spec.text.strip()
     if os.path.exists(os.path.expanduser(_beside_recipe(text, spec))):
         return "path", _beside_recipe(text, spec), None
-    looks_local = text.startswith(("/", ".", "~")) or text.endswith(".safetensors")
+    looks_local = text.startswith(("/", ".", "~")) or text.endswith((".safetensors", ".gguf"))
     m = REPO_ID.fullmatch(text)
     if m and not looks_local:
         return "repo", m["repo"], m["revision"]
@@ -148,8 +149,8 @@ def _local_folder(name: str, path: Path, subfolder: str | None) -> Path:
     if not path.exists():
         raise SourceError(f"source '{name}': {path}: no such file or folder")
     if path.is_file():
-        if path.suffix != ".safetensors":
-            raise SourceError(f"source '{name}': {path} is not a .safetensors file")
+        if path.suffix not in (".safetensors", ".gguf"):
+            raise SourceError(f"source '{name}': {path} is not a .safetensors or .gguf file")
         return path
     if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
         return path / "transformer"  # a pipeline folder (the hub's FLUX.1 repos also hold a single-file copy beside it)
@@ -165,7 +166,7 @@ def _index(name: str, location: Path, origin: dict[str, str], remote: dict[Path,
     entries: dict[str, TensorEntry] = {}
     file_metadata: dict[str, str] = {}
     for path, wanted in files.items():
-        header = remote.get(path) or read_header(str(path))
+        header = remote.get(path) or (gguf_model.source_header if path.suffix == ".gguf" or gguf_model.is_gguf(str(path)) else read_header)(str(path))
         file_metadata.update(header.metadata)
         for key in header.entries if wanted is None else wanted:
             entry = header.entries.get(key)

@@ -25,18 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from .errors import FluxRecipeError
 from .files import read_small
 from .formats.diffusers import INDEX_NAME, WEIGHTS_NAME as DIFFUSERS_WEIGHTS
 from .formats.lora import module_problems
-from .formats.safetensors import ITEMSIZE, Header, read_header
-from .plan import SHOWN, some_keys
-from .text import cut
+from .formats import gguf_model
+from .formats.gguf import BLOCK_TYPES, dequantize_chunk, read_header as read_gguf_header
+from .formats.layout import stored_bytes
+from .formats.safetensors import Header, read_header
+from .text import cut, some_keys
 from .package import RECIPE_NAME
 from .writer import MANIFEST_NAME
 
 BLOCK = 16 << 20  # bytes read at a time for the sha256
+SHOWN = 6  # how many keys a message lists before it says "and N more"
 # Files that can run code when they are loaded (pickles) or run: fluxrecipe never writes one.
 CODE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle", ".npy", ".npz", ".joblib", ".py", ".sh", ".bat", ".ps1", ".exe", ".so", ".dll")
 # dtype -> (unsigned view, exponent mask): a value is NaN or Inf where all its exponent bits are set (float8
@@ -75,7 +79,7 @@ def verify_folder(folder: Path, hash_files: bool = True) -> Report:
         folder = folder / "transformer"  # a pipeline folder
     report = Report(folder, manifest=(folder / MANIFEST_NAME).exists())
     if report.manifest and _weights_deleted(folder):
-        report.add(folder, f"its weights were deleted (a sweep job's keep_weights=false); its recipe.yaml rebuilds them byte for byte: `fluxrecipe recipe={folder / RECIPE_NAME} output=DIR`, then verify DIR")
+        report.add(folder, f"its weights were deleted or never written (keep_weights=false); its recipe.yaml rebuilds them byte for byte: `fluxrecipe recipe={folder / RECIPE_NAME} output=DIR`, then verify DIR")
         return report
     _check_manifest(folder, report, hash_files)
     _check_code_files(folder, report)
@@ -167,7 +171,7 @@ def _read(path: Path, header: Header | None = None, offset: int = 0) -> tuple[st
     tensor that has some: one pass over the file, without filling the page cache. A block boundary may cut an
     element; its bytes wait for the next block."""
     digest = hashlib.sha256()
-    floats = (e for e in header.entries.values() if e.nbytes and e.dtype in NONFINITE_BITS) if header else ()  # not U8 markers
+    floats = (e for e in header.entries.values() if e.nbytes and (e.dtype in NONFINITE_BITS or e.dtype in BLOCK_TYPES)) if header else ()  # not U8 markers
     entries = sorted(floats, key=lambda e: e.begin)
     nonfinite: dict[str, int] = {}
     carry: dict[str, bytes] = {}
@@ -181,10 +185,9 @@ def _read(path: Path, header: Header | None = None, offset: int = 0) -> tuple[st
                 if lo >= hi:
                     continue
                 piece = carry.pop(e.name, b"") + chunk[lo - offset : hi - offset]
-                whole = len(piece) - len(piece) % ITEMSIZE[e.dtype]
+                whole = len(piece) - len(piece) % stored_bytes(e.dtype, BLOCK_TYPES.get(e.dtype, (1,))[0])
                 carry[e.name] = piece[whole:]
-                unsigned, mask = NONFINITE_BITS[e.dtype]
-                bad = int(np.count_nonzero(np.frombuffer(piece[:whole], dtype=unsigned) & unsigned(mask) == unsigned(mask)))
+                bad = _nonfinite(piece[:whole], e.dtype)
                 if bad:
                     nonfinite[e.name] = nonfinite.get(e.name, 0) + bad
             os.posix_fadvise(fd, offset, len(chunk), os.POSIX_FADV_DONTNEED)  # a 24 GB check need not fill the page cache
@@ -192,6 +195,14 @@ def _read(path: Path, header: Header | None = None, offset: int = 0) -> tuple[st
     finally:
         os.close(fd)
     return digest.hexdigest(), nonfinite
+
+
+def _nonfinite(data: bytes, dtype: str) -> int:
+    """NaN/Inf values in whole elements (whole blocks of a GGUF block type, dequantized) of `dtype`."""
+    if dtype in BLOCK_TYPES:
+        return int(np.count_nonzero(~np.isfinite(dequantize_chunk(data, GGMLQuantizationType[dtype]))))
+    unsigned, mask = NONFINITE_BITS[dtype]
+    return int(np.count_nonzero(np.frombuffer(data, dtype=unsigned) & unsigned(mask) == unsigned(mask)))
 
 
 def _plain_name(name: object) -> bool:
@@ -279,14 +290,16 @@ def _total_size(index: Path) -> object:
         return None
 
 
-def _check_layout(header: Header, report: Report | FileReport) -> None:
-    """The tensors fill the data area back to back: no gap, nothing after the last one (overlaps: read_header)."""
+def _check_layout(header: Header, report: Report | FileReport, alignment: int = 1) -> None:
+    """The tensors fill the data area back to back (in a GGUF file, each from the next multiple of its
+    `alignment`, as ggml lays them out): no gap, nothing after the last one (overlaps: read_header)."""
     position = header.data_start
     for entry in sorted(header.entries.values(), key=lambda e: (e.begin, e.nbytes)):
+        position = -(-position // alignment) * alignment
         if entry.begin != position:
             report.add(header.path, f"tensor '{cut(entry.name)}' starts at byte {entry.begin}, {entry.begin - position} bytes after the previous one ends: a gap in the data")
         position = entry.begin + entry.nbytes
-    if position != header.size:
+    if -(-position // alignment) * alignment != header.size:
         report.add(header.path, f"{header.size - position} bytes follow the last tensor's data: the file is not what its header describes")
 
 
@@ -350,9 +363,10 @@ def verify_file(path: Path, hash_data: bool = True) -> FileReport:
 
     report = FileReport(path)
     try:
-        header = read_header(str(path))
+        gguf_file = path.suffix == ".gguf" or gguf_model.is_gguf(str(path))
+        header = gguf_model.source_header(str(path)) if gguf_file else read_header(str(path))
         report.tensors = len(header.entries)
-        _check_layout(header, report)
+        _check_layout(header, report, read_gguf_header(str(path)).alignment if gguf_file else 1)
         lora_problems = module_problems(header.entries)
         if lora_problems is not None:  # a merge written as a LoRA (format=lora, lora_peft): its modules, its data
             report.layout = "lora"

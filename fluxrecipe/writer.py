@@ -23,7 +23,7 @@ from typing import Iterator
 from .errors import FluxRecipeError, OutputError
 from .files import name_max, os_errors, read_small
 from .text import counted, some_keys
-from .formats import is_transformer
+from .formats import gguf_model, is_transformer
 from .formats.safetensors import encode_header, read_header
 from .linux import SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, sync_file_range
 
@@ -124,11 +124,24 @@ def open_safetensors(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]]
     return f
 
 
+def open_gguf(path: Path, header: bytes, size: int) -> StreamingFile:
+    """A GGUF file of `size` bytes with its `header` (formats.gguf.encode_header's, padded to the data) written;
+    the caller appends the data. The hash is the data's: the header is written again at the end."""
+    f = StreamingFile(path, expected_size=size, unhashed=len(header))
+    f.write(header)
+    return f
+
+
 def rewrite_header(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str], header_size: int) -> None:
     """Replace the header of a file written by `open_safetensors(..., header_size)` with one holding `metadata`."""
     header, _ = encode_header(tensors, metadata, header_size)
     if len(header) != header_size:
         raise OutputError(f"{path}: the metadata ({len(header)} bytes of header) does not fit the {header_size} bytes reserved for it")
+    rewrite_start(path, header)
+
+
+def rewrite_start(path: Path, header: bytes) -> None:
+    """Write `header` over the first bytes of the finished file `path` (a header of the size it was written with)."""
     try:
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -268,10 +281,11 @@ def _check_model_file(target: Path) -> None:
     """A single-file output replaces only a file fluxrecipe wrote (its metadata says so) or a transformer of a
     family it knows: never a user's LoRA, another kind of model, or a file whose header merely parses."""
     refused = "overwrite=true replaces only a model file (one fluxrecipe wrote, or a FLUX transformer), never other files"
+    gguf_file = target.suffix == ".gguf"
     try:
-        header = read_header(str(target))
+        header = gguf_model.source_header(str(target)) if gguf_file else read_header(str(target))
     except FluxRecipeError:
-        raise OutputError(f"{target} exists and is not a safetensors model: {refused}") from None
+        raise OutputError(f"{target} exists and is not a {'FLUX GGUF' if gguf_file else 'safetensors'} model: {refused}") from None
     if WRITTEN_BY in header.metadata or is_transformer(str(target), header.entries, header.metadata):
         return
     held = f"{counted(len(header.entries), 'tensor')} ({some_keys(list(header.entries), 3)})" if header.entries else "no tensors"

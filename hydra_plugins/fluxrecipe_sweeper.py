@@ -32,3 +32,30 @@ class PreflightSweeper(BasicSweeper):
         jobs = self._checked_jobs
         size = len(jobs) if max_batch_size in (None, -1) else max_batch_size
         return [jobs[i : i + size] for i in range(0, len(jobs), size)]
+
+
+try:  # the sweep extra's Optuna sweeper (hydra-optuna-sweeper); without it hydra/sweeper=optuna says which extra
+    from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper  # optuna itself only once it is chosen
+except ImportError:
+    OptunaSweeper = None
+
+if OptunaSweeper is not None:
+
+    class PreflightOptunaSweeper(OptunaSweeper):
+        """Hydra's Optuna sweeper behind the pre-flight: the search space and one composed job are checked
+        before the first trial, and the directions follow search.objective (one, or one per objective of a
+        Pareto front; every score is better higher)."""
+
+        def sweep(self, arguments: list[str]) -> Any:
+            from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides  # imported by the sweeper's __init__
+
+            from fluxrecipe.cli.multirun import before_search
+
+            impl = self.sweeper
+            impl._process_searchspace_config()
+            space, fixed = create_params_from_overrides([*impl._parse_sweeper_params_config(), *arguments])
+            directions = before_search(impl.config, impl.hydra_context.config_loader, space, fixed, impl.n_trials)
+            if directions is None:
+                return None  # a dry run: the first trial's job planned and printed, none launched
+            impl.direction = directions
+            return super().sweep(arguments)

@@ -233,10 +233,12 @@ def test_options_are_checked_in_the_composed_config_too():
         (["recipe=tiny", "recipe.rules.3.dtype=fp8"], "recipe.rules.3: recipe 'tiny' has no '3' (it has: 0)"),
         (["recipe=tiny", "lora_rank=8"], "lora_rank=8 changes nothing: format=diffusers writes no LoRA; lora_rank is the rank of format=lora or lora_peft or lora_comfyui"),
         (["recipe=tiny", "format=bfl", "shard_size=1GB"], "shard_size=1GB changes nothing: format=bfl writes one file; shards are for format=diffusers (a folder)"),
+        (["recipe=every_rule", "+recipe.sources.other=elsewhere"], "recipe.sources.other changes nothing: no rule of recipe 'every_rule' reads source 'other', and it is not the base; name it in a rule (take:other, or a rule's sources), make it the base (recipe.base=other, as a LoRA extraction needs), or leave it out"),
+        (["recipe=tiny", "format=comfyui", "diagnostics=true"], "diagnostics=true changes nothing: format=comfyui writes one file, which carries no diagnostics (none are computed); diagnostics.json is written beside a folder's shards (format=diffusers)"),
         (["recipe=tiny", "preview.steps=8", "preview.height=64"], "preview.height=64, preview.steps=8 changes nothing without preview=true"),
         (["recipe=tiny", "format=diffusers", "+recipe.format=bfl"], "recipe.format=bfl changes nothing: format=diffusers is given as well, and wins"),
     ],
-    ids=["plus-dtype-every-rule-sets", "dtype-every-rule-sets", "parameter-typo", "source-typo", "rule-field-typo", "no-such-rule", "lora-rank-without-lora", "shard-size-one-file", "preview-setting-without-preview", "recipe-format-beside-format"],
+    ids=["plus-dtype-every-rule-sets", "dtype-every-rule-sets", "parameter-typo", "source-typo", "rule-field-typo", "no-such-rule", "lora-rank-without-lora", "shard-size-one-file", "source-no-rule-reads", "diagnostics-one-file", "preview-setting-without-preview", "recipe-format-beside-format"],
 )
 def test_a_setting_that_would_change_nothing_is_refused(cli, recipes, tmp_path, schnell, args, says):
     """`+recipe.dtype=fp8_scaled` on to_comfyui_fp8, whose every rule set its own dtype (Hydra's own advice for
@@ -244,11 +246,101 @@ def test_a_setting_that_would_change_nothing_is_refused(cli, recipes, tmp_path, 
     preview setting the run ignores did nothing, silently; a typo under recipe. got Hydra's advice to add `+`.
     Each is one line saying why and what would work, and nothing is written."""
     write_recipe(recipes, "every_rule", f"sources: {{model: '{schnell}'}}\nformat: comfyui\nrules:\n  - {{match: 'x_embedder', op: 'take:model', dtype: bf16}}\n  - {{match: '.*', op: 'take:model', dtype: fp8}}\n")
-    one_file = "format=bfl" in args or "recipe=every_rule" in args
+    one_file = "format=bfl" in args or "format=comfyui" in args or "recipe=every_rule" in args
     line = one_line(cli(*args, f"output={'merged.safetensors' if one_file else 'merged'}"))
     assert says in line
     assert "+recipe" not in line and "To append to your config" not in line  # never Hydra's advice to add `+`
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("recipe.alpha.transformer_blocks.0=0.2", "recipe.alpha.transformer_blocks.0: 'transformer_blocks.0' is not a FLUX block name (did you mean"),
+        ("recipe.alpha.double_blocks.1.x=0.2", "recipe.alpha.double_blocks.1.x: 'double_blocks.1.x' is not a FLUX block name"),
+        ("recipe.alpah.double_blocks.1=0.2", "recipe.alpah: recipe 'tiny' has no 'alpah' (did you mean recipe.alpha?)"),
+        ("~recipe.alhpa", "~recipe.alhpa: recipe 'tiny' has no 'alhpa' (did you mean recipe.alpha?)"),
+        ("recipe.rules.0.match.x=1", "recipe.rules.0.match.x: recipe 'tiny' gives recipe.rules.0.match one value ('.*'), not a mapping: set recipe.rules.0.match=VALUE"),
+        ("recipe.base.path=x", "recipe.base.path: recipe 'tiny' gives recipe.base one value ('schnell'), not a mapping: set recipe.base=VALUE"),
+    ],
+    ids=["block-name", "below-a-block", "parameter-typo-of-a-block", "deleted-typo", "below-a-value", "below-a-field"],
+)
+def test_a_recipe_override_hydra_cannot_apply_is_fluxrecipes_own_line(cli, recipes, tmp_path, monkeypatch, override, says):
+    """Each gave Hydra's page: 'To append to your config use +recipe...' (advice that adds a value no rule
+    reads) or 'Could not delete from config'. One line of fluxrecipe's own, naming what would work."""
+    from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
+
+    monkeypatch.setenv(BLOCK_OVERRIDES_ENV, "")
+    line = one_line(cli("recipe=tiny", override, "dry_run=true", "output=out"))
+    assert line == f"fluxrecipe: error: {says}" if says.endswith(("?)", "VALUE")) else says in line
+    assert "+recipe" not in line and "To append" not in line and "Could not" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]
+
+
+def test_a_block_range_on_the_command_line(cli, recipes, schnell, krea, monkeypatch):
+    """`recipe.alpha.double_blocks.0-1=0.75` was Hydra's LexerNoViableAltException (a key part may not begin
+    with a digit): it sets the range as the recipe file's `double_blocks: {0-1: 0.75}` does, beside the
+    schedule's other blocks; a value that is not one number (a sweep) is one line naming the form that works."""
+    from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
+
+    monkeypatch.setenv(BLOCK_OVERRIDES_ENV, "")
+    write_recipe(recipes, "blocks", tiny_recipe(schnell, krea).replace("alpha: 0.5", "alpha: {default: 0.5, single_blocks: {1: 0.25}}"))
+    out = ran(cli("recipe=blocks", "recipe.alpha.double_blocks.0-1=0.75", "dry_run=true", "output=out"))
+    assert "alpha={default: 0.5, double_blocks.0-1: 0.75, single_blocks.1: 0.25}" in out
+    out = ran(cli("recipe=tiny", "recipe.alpha.double_blocks.0-1=0.75", "dry_run=true", "output=out"))
+    assert "alpha={default: 0.5, double_blocks.0-1: 0.75}" in out
+    line = one_line(cli("-m", "recipe=tiny", "recipe.alpha.double_blocks.0-1=0.25,0.75", "dry_run=true"))
+    assert line == "fluxrecipe: error: recipe.alpha.double_blocks.0-1=0.25,0.75: Hydra reads no key that begins with a digit and holds '-': write the range in the value, as 'recipe.alpha.double_blocks={0-1: VALUE}'"
+
+
+@pytest.mark.parametrize("plus", ["+", "++"])
+def test_a_recipe_value_given_with_hydras_plus_is_set(cli, recipes, tmp_path, monkeypatch, schnell, krea, plus):
+    """`+recipe.dtype=fp8_scaled` (Hydra's habit, and its own advice) on a recipe that has a dtype was Hydra's
+    'Could not append to config. An item is already at recipe.dtype', on a single run and in every job of a
+    sweep. A value the recipe has, or may have, is set, with one plus, two, or none."""
+    from fluxrecipe.recipe import BLOCK_OVERRIDES_ENV
+
+    monkeypatch.setenv(BLOCK_OVERRIDES_ENV, "")
+    write_recipe(recipes, "blocks", tiny_recipe(schnell, krea).replace("alpha: 0.5", "alpha: {default: 0.5, double_blocks: {1: 0.25}}"))
+    out = ran(cli("recipe=tiny", f"{plus}recipe.alpha=0.3", f"{plus}recipe.dtype=fp16", "dry_run=true", "output=out"))
+    assert "lerp:0.3" in out and "F16" in out
+    out = ran(cli("recipe=blocks", f"{plus}recipe.alpha.double_blocks.1=0.75", "dry_run=true", "output=out"))
+    assert "alpha={default: 0.5, double_blocks.1: 0.75}" in out
+    ran(cli("-m", "recipe=tiny", f"{plus}recipe.alpha=0.1,0.2", f"{plus}recipe.dtype=fp16", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}"))
+
+
+def test_a_launcher_setting_without_its_launcher_is_refused(cli, recipes, tmp_path):
+    """`hydra.launcher.n_jobs=4` (as the sweeps page says to raise it) without `hydra/launcher=joblib` was
+    Hydra's page, advising `+hydra.launcher.n_jobs=4`: a setting the basic launcher would ignore."""
+    line = one_line(cli("-m", "recipe=tiny", "recipe.alpha=0,1", "hydra.launcher.n_jobs=4", f"hydra.sweep.dir={tmp_path / 'sweep'}"))
+    assert line == (
+        "fluxrecipe: error: hydra.launcher.n_jobs=4 changes nothing: the basic launcher (the default) runs the jobs one at a time "
+        "and has no settings; choose the launcher it belongs to first: hydra/launcher=joblib, submitit_local, submitit_slurm or slurm"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]
+
+
+def test_a_launcher_without_a_sweep_is_refused(cli, recipes, tmp_path):
+    """A single run starts no launcher: `hydra/launcher=joblib` without -m ran one merge, as without it."""
+    line = one_line(cli("recipe=tiny", "hydra/launcher=joblib", "output=out"))
+    assert line == "fluxrecipe: error: hydra/launcher=joblib changes nothing without -m: a launcher runs the jobs of a sweep, and a single run is one job; add -m"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes"]
+
+
+def test_a_launcher_chosen_with_hydras_plus_is_chosen(cli, recipes, tmp_path):
+    """`+hydra/launcher=joblib` was Hydra's 'Multiple values for hydra/launcher'."""
+    ran(cli("-m", "recipe=tiny", "recipe.alpha=0,1", "+hydra/launcher=joblib", "hydra.launcher.n_jobs=1", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}"))
+
+
+def test_a_single_file_computes_no_diagnostics(recipes, tmp_path):
+    """A single file carries no diagnostics, yet every merge into one computed them (~30% of a merge's time
+    on 2 cores) and threw them away."""
+    from conftest import merge
+
+    result = merge(["recipe=tiny", "format=bfl", f"output={tmp_path / 'm.safetensors'}", "progress=false"])
+    assert result.distances is None and (tmp_path / "m.safetensors").is_file()
+    result = merge(["recipe=tiny", f"output={tmp_path / 'folder'}", "progress=false"])
+    assert result.distances is not None and (tmp_path / "folder" / "diagnostics.json").is_file()
 
 
 def test_a_recipe_value_a_recipe_may_have_is_set_without_plus(cli, recipes, tmp_path, schnell):

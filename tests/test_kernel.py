@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fluxrecipe.errors import OutputError, SourceError
-from fluxrecipe.execute.kernel import Checks, ChunkIn, LoraChunk, compute, patch_rows, scale_of
+from fluxrecipe.execute.kernel import Checks, ChunkIn, LoraChunk, compute, patch_rows, scale_of, to_float32
 from fluxrecipe.formats.layout import Piece, TensorRef
 from fluxrecipe.loras import Patch
 from fluxrecipe.ops import OPS
@@ -131,3 +131,13 @@ def test_a_statistics_pass_gives_the_same_partials_whatever_the_chunking():
     merged = compute(step, ChunkIn("value", 0, 3000, [raw(a), raw(b)], stats=(whole,)), CPU)
     halves = [compute(step, ChunkIn("value", lo, hi, [raw(a[lo:hi]), raw(b[lo:hi])], stats=(whole,)), CPU).data for lo, hi in ((0, 1234), (1234, 3000))]
     assert torch.cat(halves).equal(merged.data)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_decodes_to_torchs_float32_bit_for_bit(dtype):
+    """The fast fp8 decode (through float16) gives torch's own conversion for every one of the 256 patterns:
+    zeros of both signs, subnormals, the largest values, infinities (e5m2) and NaN."""
+    patterns = torch.arange(256, dtype=torch.uint8).view(dtype)
+    want, got = patterns.to(torch.float32), to_float32(patterns)
+    assert torch.equal(want.isnan(), got.isnan())
+    assert torch.equal(want[~want.isnan()].view(torch.int32), got[~want.isnan()].view(torch.int32))

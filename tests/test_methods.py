@@ -240,6 +240,35 @@ def test_threads_and_chunk_sizes_do_not_change_a_byte(request, recipe_dir, tmp_p
         assert [p.read_bytes() for p in shard_files(tmp_path / name)] == first, name
 
 
+@pytest.fixture
+def reads(monkeypatch) -> list[int]:
+    """The bytes of every pread the merges make from now on (the reader's own count, summed over its calls)."""
+    from fluxrecipe.execute.reader import Reader
+
+    counted: list[int] = []
+    pread = Reader._pread
+
+    def counting(self, path, offset, view, what):
+        counted.append(len(view))
+        return pread(self, path, offset, view, what)
+
+    monkeypatch.setattr(Reader, "_pread", counting)
+    return counted
+
+
+@pytest.mark.parametrize("chunk", ["1048576", "4096"])
+def test_ties_reads_its_inputs_twice(recipe_dir, tmp_path, krea, half, dev, reads, chunk):
+    """One statistics pass and the output pass (issue 22): the threshold's low bits are counted in the same
+    pass as its high bits, within a window around each chunk's own estimate (ample for chunks of 4096
+    elements of one tensor); lerp, for scale, reads its inputs once."""
+    folders = {"krea": krea, "half": half, "dev": dev}
+    once = merged(recipe_dir, tmp_path / "task", folders, "task_arithmetic", {}, "bf16", f"chunk_elements={chunk}").bytes_read
+    assert sum(reads) == once
+    reads.clear()
+    merged(recipe_dir, tmp_path / "ties", folders, "ties", {"density": 0.3}, "bf16", f"chunk_elements={chunk}")
+    assert sum(reads) == 2 * once
+
+
 def test_single_file_sources_give_the_same_merge(recipe_dir, tmp_path, state_of, krea, half, dev):
     """Statistics are per canonical tensor: TIES and slerp over BFL single files equal the same over diffusers
     folders (the fused qkv and linear1 of BFL are split into their canonical tensors first)."""
@@ -457,3 +486,35 @@ def test_a_nan_spoils_its_own_element_only_in_a_method_with_statistics(recipe_di
     run_recipe(recipe_dir, tmp_path / "out", recipe, "nonfinite=warn")
     got = load_state(tmp_path / "out")[key]
     assert int(torch.isnan(got).sum()) <= 1 and torch.isfinite(got.view(-1)[torch.arange(got.numel()) != 5]).all()
+
+
+def threshold_passes(taus: list[torch.Tensor], density: float, chunk: int) -> tuple[list[float], int]:
+    """TIES' statistics passes run as the executor runs them (chunks folded in order, a pass skipped where it
+    is not needed): the thresholds, and how many passes read the inputs."""
+    from fluxrecipe.ops import Where
+    from fluxrecipe.ops.threshold import TIES_PASSES
+
+    base = torch.zeros_like(taus[0])
+    xs, n, stats, passes = [base, *taus], base.numel(), (), 0
+    for stat_pass in TIES_PASSES:
+        if stat_pass.needed is not None and not stat_pass.needed(stats):
+            continue
+        state, passes = None, passes + 1
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            state = stat_pass.fold(state, stat_pass.partial([x[a:b] for x in xs], Where("k", a, b, ("a", "b", "c"), n), stats, {"density": density}))
+        stats += (stat_pass.result(state, {"density": density}),)
+    return [s.threshold for s in stats[-1]], passes
+
+
+def test_ties_threshold_is_exact_in_one_pass_or_two():
+    """Rows alike from chunk to chunk: one pass; rows a thousand times larger in the second half (the chunks'
+    windows cannot agree), or density 1 (the smallest |tau|, whose size varies by octaves from chunk to chunk):
+    a second pass; the exact k-th largest |tau| either way, as torch's kthvalue says."""
+    g = torch.Generator().manual_seed(3)
+    alike = [torch.randn(400_000, generator=g) * 0.01, torch.randn(400_000, generator=g)]
+    unlike = [torch.cat([torch.randn(200_000, generator=g), torch.randn(200_000, generator=g) * 1000]) for _ in range(2)]
+    for taus, density, want_passes in ((alike, 0.05, 1), (alike, 0.3, 1), (alike, 0.7, 1), (alike, 1.0, 2), (unlike, 0.3, 2)):
+        k = math.ceil(density * taus[0].numel())
+        want = [float(t.abs().kthvalue(t.numel() - k + 1).values) for t in taus]
+        assert threshold_passes(taus, density, 100_000) == (want, want_passes), density

@@ -1,4 +1,4 @@
-"""Planning (plan.py): rules x keys -> one step per output key, and every check before a tensor byte is read.
+"""Planning (plan/): rules x keys -> one step per output key, and every check before a tensor byte is read.
 
 The checkpoints here are made by hand (conftest.fake_checkpoint): the keys and shapes of a tiny FLUX model
 as diffusers builds it from its config, with no file behind them. A plan is plain data, so every decision

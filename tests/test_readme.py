@@ -111,8 +111,8 @@ def test_a_documented_recipe_runs_and_loads(text, recipe_dir, tmp_path, schnell,
         recipe["loras"] = {name: {"path": str(lora), "strength": spec.get("strength", 1.0)} for name, spec in recipe["loras"].items()}
         text = yaml.safe_dump(recipe, sort_keys=False)
     write_recipe(recipe_dir, "readme", text)
-    single = recipe.get("format") in ("bfl", "comfyui")
-    out = tmp_path / ("out.safetensors" if single else "out")
+    single = recipe.get("format") in ("bfl", "comfyui", "gguf")
+    out = tmp_path / (f"out.{'gguf' if recipe.get('format') == 'gguf' else 'safetensors'}" if single else "out")
     sources = {n: family_stand_ins.get(spec) if isinstance(spec, str) and spec in family_stand_ins else stand_ins.get(n, krea) for n, spec in recipe["sources"].items()}
     merge(["recipe=readme", f"output={out}", "progress=false", *(f"recipe.sources.{n}={path}" for n, path in sources.items())])
     if single:
@@ -150,7 +150,8 @@ def jobs(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     choices = [
-        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+        [f"{o.get_key_element()}={o.value().start}"] if o.is_interval_sweep()  # a search's range (hydra/sweeper=optuna): its low end
+        else [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
         for o in OverridesParser.create().parse_overrides(overrides)
     ]
     return [list(job) for job in itertools.product(*choices)]
@@ -247,10 +248,11 @@ def test_every_documented_command_is_one_the_command_line_takes(tmp_path, monkey
 
 
 def reference_rows() -> dict[str, str]:
-    """option -> its default cell, from the tables of docs/cli.md's 'Run options' and 'Previews' sections."""
+    """option -> its default cell, from the tables of docs/cli.md's 'Run options', 'Previews' and 'Scores and
+    search' sections."""
     rows = {}
     for section in re.split(r"^## ", DOCS["cli.md"], flags=re.M):
-        if section.startswith(("Run options", "Previews")):
+        if section.startswith(("Run options", "Previews", "Scores and search")):
             for names, default in re.findall(r"^\| (`[^|]+`) \| ([^|]*) \|", section, re.M):
                 for name in re.findall(r"`([^`]+)`", names):
                     rows[name] = default.strip()
@@ -264,12 +266,14 @@ def test_the_reference_documents_every_option_and_its_default():
 
     config = defaults()
     groups = {next(iter(d)) for d in yaml.safe_load((REPO_ROOT / "conf" / "config.yaml").read_text())["defaults"] if isinstance(d, dict)}
-    options = {k: v for k, v in config.items() if k != "preview"}
-    options |= {f"preview.{k}": v for k, v in config["preview"].items()}
+    def flat(tree: dict, prefix: str = "") -> dict:
+        return {name: v for k, value in tree.items() for name, v in (flat(value, f"{prefix}{k}.") if isinstance(value, dict) else {f"{prefix}{k}": value}).items()}
+
+    options = flat(config)
     rows = reference_rows()
     assert set(rows) == set(options) | groups | {"preview"}
     for name, value in options.items():
-        if value is None or (isinstance(value, list) and not all(isinstance(v, int) for v in value)):
+        if value is None or (isinstance(value, list) and value and not all(isinstance(v, int) for v in value)):
             continue  # described in words: the run folder, the recipe's format, three prompts
         shown = str(value).lower() if isinstance(value, bool) else str(value)
         assert rows[name] == f"`{shown}`", (name, rows[name], value)

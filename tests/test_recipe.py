@@ -57,7 +57,7 @@ def test_dtype_defaults_to_bf16():
     assert recipe().dtype == "bf16"
 
 
-@pytest.mark.parametrize("text", ["int8", "fp4", "f16", "half"])
+@pytest.mark.parametrize("text", ["int8", "fp4", "q4_k", "half"])
 def test_unknown_dtype_is_refused(text):
     refused(f"dtype {text!r} is not one of bf16, fp16, fp32, fp8, fp8_e5m2, fp8_scaled", dtype=text)
 

@@ -171,6 +171,14 @@ def test_a_path_on_the_command_line_is_found_from_the_working_folder(tmp_path, s
     assert f"path {schnell.resolve()}" in given.stdout and "guidance_embeds: false" in given.stdout  # schnell's
 
 
+def test_the_readme_states_the_relative_paths_rule_once():
+    """The rule was in docs/recipes.md only; the issue asks for it in the README, once."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert readme.count("Relative paths") == 1
+    rule = " ".join(readme.split("**Relative paths**")[1].split("\n\n")[0].split())
+    assert "command line" in rule and "from the working folder" in rule and "recipe file from that file's folder" in rule
+
+
 # --- help (issue 21, item 15) ----------------------------------------------------------------------------------
 
 
@@ -192,6 +200,13 @@ def test_help_lists_every_option_with_its_meaning(tmp_path):
     for args in (["methods", "--help"], ["help", "methods"]):
         methods = run_cli(args, cwd=tmp_path)
         assert methods.returncode == 0 and methods.stdout.startswith("usage: fluxrecipe methods [-h] [NAME ...]"), methods.stderr
+
+
+def test_help_for_a_command_there_is_not_is_one_line(tmp_path):
+    """`fluxrecipe help verfy` printed the whole help and exited 0, as if the command existed."""
+    done = run_cli(["help", "verfy"], cwd=tmp_path)
+    assert done.stdout == ""
+    assert one_error_line(done) == "fluxrecipe: error: help verfy: no command 'verfy' (did you mean verify?); the commands: verify, summary, methods"
 
 
 # --- a full disk on stdout, and a stranger's text in a sweep's summary (issue 21, item 8) ------------------------

@@ -13,6 +13,7 @@ the process still exits non-zero at the end.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import os
 import signal
@@ -25,7 +26,7 @@ from omegaconf import DictConfig
 
 from .. import __version__
 from ..catalog import conf_dir, recipe_dirs
-from ..errors import FluxRecipeError
+from ..errors import FluxRecipeError, UsageError
 from ..files import os_errors
 from . import job, multirun, settings
 from .arguments import command_line, defer_recipe_overrides, is_multirun
@@ -43,7 +44,7 @@ def main() -> None:
     sys.stdout = _StandardOutput(sys.stdout)
     args = sys.argv[1:]
     if args[:1] == [HELP]:
-        args = [args[1], "--help"] if args[1:2] and args[1] in COMMANDS else ["--help"]
+        args = _help(args[1:])
     if args and args[0] in COMMANDS:
         sys.exit(COMMANDS[args[0]](args[1:]))
     if "--version" in args:
@@ -68,6 +69,17 @@ def main() -> None:
         sys.exit(EXIT_INTERRUPTED)
     if multirun.failed():
         sys.exit(EXIT_ERROR)
+
+
+def _help(args: list[str]) -> list[str]:
+    """`help` is --help, `help COMMAND` is COMMAND --help; `help` of a command there is not is one line."""
+    if not args:
+        return ["--help"]
+    if args[0] not in COMMANDS:
+        close = difflib.get_close_matches(args[0], COMMANDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        fail(UsageError(f"help {args[0]}: no command {args[0]!r}{hint}; the commands: {', '.join(COMMANDS)}"), False)
+    return [args[0], "--help"]
 
 
 def task(cfg: DictConfig) -> Any:

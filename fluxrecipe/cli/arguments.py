@@ -7,9 +7,16 @@ wrong piece of advice), each turned into one line before Hydra starts.
 - `dryrun=true` or `+dryrun=true`: an option fluxrecipe does not have, named with the closest it has;
 - `recipe.KEY=V` where the recipe has no KEY: a field or setting a recipe may have (`recipe.dtype`,
   `recipe.rules.2.dtype`) is set (Hydra wants `+` to add it); anything else is a typo, said with the closest
-  name the recipe has (Hydra would advise `+recipe.KEY=V`, which adds a value that changes nothing);
+  name the recipe has (Hydra would advise `+recipe.KEY=V`, which adds a value that changes nothing), and so
+  is `~recipe.KEY`; a block of a schedule is a block name (schedule's), and below a value that is no mapping
+  (`recipe.base.path=`) nothing can be set;
+- `+recipe.KEY=V` (Hydra's habit) sets KEY where the recipe has it already, as `recipe.KEY=V` does (Hydra
+  would refuse it, with the advice to add a second `+`);
 - `preview=true` is short for `preview.enabled=true`; a launcher or previews whose optional extra is not
-  installed is one line naming the `pip install` that adds it (not an ImportError's traceback);
+  installed is one line naming the `pip install` that adds it (not an ImportError's traceback); a launcher
+  is chosen, `+` or not; a launcher without -m, or a launcher's setting (`hydra.launcher.n_jobs=4`) without
+  that launcher, is refused (it would change nothing);
+- a range of blocks, `recipe.alpha.double_blocks.0-9=V`, is set as Hydra can read it (BLOCK_RANGE);
 - in a multirun, `recipe.KEY=V` applies to every job, whichever recipe it chose (defer_recipe_overrides).
 """
 
@@ -27,22 +34,29 @@ from .. import extras
 from ..catalog import is_recipe_path, recipe_file, recipe_problem
 from ..errors import UsageError
 from ..recipe import BLOCK_OVERRIDES_ENV, LORA_FIELDS, RECIPE_FIELDS, RULE_FIELDS, SOURCE_FIELDS, load_recipe_file
+from .. import schedule
 from ..schedule import DEFAULT, FINAL, GROUPS, TOP
+from ..text import cut, printable
 from .options import default_of, deleted_option, unknown_option
 
 # `recipe.alpha.GROUP.7=V`, `recipe.loras.style.strength.GROUP=V`: one block (or range, or group) of a
 # schedule, in the block names of any family (schedule's vocabulary)
 BLOCK_OVERRIDE = re.compile(
-    r"\+?recipe\.(?P<param>[A-Za-z_][\w-]*|loras\.[A-Za-z_][\w-]*\.strength)\."
+    r"\+{0,2}recipe\.(?P<param>[A-Za-z_][\w-]*|loras\.[A-Za-z_][\w-]*\.strength)\."
     rf"({'|'.join(map(re.escape, (DEFAULT, *TOP, *FINAL)))}|({'|'.join(map(re.escape, GROUPS))})(\.[\w-]+)?)=.*",
     re.S,
 )
+# `recipe.alpha.double_blocks.0-9=V`: a range of blocks, which Hydra cannot read as a key (a part that begins
+# with a digit and holds '-'); it is set as `recipe.alpha.double_blocks={0-9: V}`, which Hydra merges in
+BLOCK_RANGE = re.compile(r"(\+{0,2})(recipe\.[\w.-]+)\.(\d+-\d+)=(.*)", re.S)
 OVERRIDE = re.compile(r"(\+{0,2})([A-Za-z_][\w-]*(?:\.[\w-]+)*)=(.*)", re.S)
 DELETION = re.compile(r"~([A-Za-z_][\w-]*(?:\.[\w-]+)*)(=.*)?", re.S)
 # Hydra's flags that take the next argument as their value (not an override)
 VALUE_FLAGS = {"-sc", "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-p", "--package", "--info", "--experimental-rerun"}
 PREVIEW_SWITCH = "preview.enabled"
-LAUNCHER = re.compile(r"hydra/launcher=[\w-]+")
+LAUNCHER = re.compile(r"\+{0,2}(hydra/launcher=([\w-]+))")
+BASIC_LAUNCHER = "basic"  # Hydra's own: one job after another, no settings
+SWEEPER = re.compile(r"\+{0,2}(hydra/sweeper=[\w-]+)")  # a plugin's extra, said before Hydra starts
 
 
 def is_multirun(argv: list[str]) -> bool:
@@ -61,33 +75,65 @@ def command_line(args: list[str]) -> list[str]:
     """The overrides as Hydra should see them (see the module's docstring); raises UsageError for a mistake."""
     multirun = is_multirun(args)
     recipes = _chosen_recipes(args, multirun)
+    launchers = {launcher[2] for arg in args if (launcher := LAUNCHER.fullmatch(arg))}
+    sweep_file = any(re.match(r"\+{0,2}sweep=", arg) for arg in args)
     out, blocks = [], []
     for previous, arg in zip([None, *args], args):
         if previous in VALUE_FLAGS:
             out.append(arg)
             continue
         arg = preview_switch(arg)
-        if LAUNCHER.fullmatch(arg) and (missing := extras.missing(arg)):
+        if launcher := LAUNCHER.fullmatch(arg):
+            arg = launcher[1]  # a choice, not an addition (`+hydra/launcher=` is Hydra's 'Multiple values')
+            if not multirun and launcher[2] != BASIC_LAUNCHER:
+                raise UsageError(f"{arg} changes nothing without -m: a launcher runs the jobs of a sweep, and a single run is one job; add -m")
+            if missing := extras.missing(arg):
+                raise UsageError(missing)
+        if (sweeper := SWEEPER.fullmatch(arg)) and (missing := extras.missing(sweeper[1])):
             raise UsageError(missing)
+        arg = _block_range(arg)
         block = BLOCK_OVERRIDE.fullmatch(arg)
         if block:  # the recipe loader gives this parameter a shape the block can be added to
             blocks.append(block["param"])
         m = OVERRIDE.fullmatch(arg)
         if m and (message := unknown_option(m[2])):
             raise UsageError(message)
+        if m and m[2].startswith("hydra.launcher.") and launchers <= {BASIC_LAUNCHER} and not sweep_file:  # (which may choose one)
+            others = [f.partition("=")[2] for features in extras.EXTRAS.values() for f in features if f.startswith("hydra/launcher=")]
+            raise UsageError(
+                f"{m[2]}={m[3]} changes nothing: the basic launcher (the default) runs the jobs one at a time and has no settings; "
+                f"choose the launcher it belongs to first: hydra/launcher={', '.join(others[:-1])} or {others[-1]}"
+            )
         deleted = DELETION.fullmatch(arg)
         if deleted and (default := default_of(deleted[1])) is not None:
             raise UsageError(deleted_option(deleted[1], default[0]))
+        if deleted and deleted[1].startswith("recipe."):
+            _check_recipe_path(deleted[1], recipes, deleting=True)
         if m and m[1] == "" and m[2] == "recipe" and not re.match(r"\w+\(", m[3]):  # not a sweep function
             arg = "recipe=" + ",".join(_recipe_choice(v, multirun) for v in _recipe_values(m[3]))
-        elif m and m[1] == "" and m[2].startswith("recipe.") and not block:
-            arg = _recipe_override(m[2], m[3], recipes)
+        elif m and m[2].startswith("recipe."):
+            added = _check_recipe_path(m[2], recipes, given_plus=bool(m[1]))
+            arg = f"{'++' if added or m[1] else ''}{m[2]}={m[3]}"
         if m and m[2] == PREVIEW_SWITCH and "true" in m[3].lower() and (missing := extras.missing("preview=true")):
             raise UsageError(missing)
         out.append(arg)
     if blocks:
         os.environ[BLOCK_OVERRIDES_ENV] = ",".join(dict.fromkeys(blocks))
     return out
+
+
+def _block_range(arg: str) -> str:
+    """`recipe.P.GROUP.N-M=V` as Hydra can read it: `recipe.P.GROUP={N-M: V}` (see BLOCK_RANGE)."""
+    r = BLOCK_RANGE.fullmatch(arg)
+    if r is None or not BLOCK_OVERRIDE.fullmatch(arg):
+        return arg
+    try:
+        float(r[4])
+    except ValueError:
+        raise UsageError(
+            f"{r[2]}.{r[3]}={r[4]}: Hydra reads no key that begins with a digit and holds '-': write the range in the value, as '{r[2]}={{{r[3]}: VALUE}}'"
+        ) from None
+    return f"{r[1]}{r[2]}={{{r[3]}: {r[4]}}}"
 
 
 def _recipe_values(value: str) -> list[str]:
@@ -137,43 +183,72 @@ def _chosen_recipes(args: list[str], multirun: bool) -> dict[str, Any]:
     return chosen
 
 
-def _recipe_override(key: str, value: str, recipes: dict[str, Any]) -> str:
-    """`recipe.KEY=VALUE` as Hydra should get it: as it is where every chosen recipe has KEY; `++` (add or
-    set) where KEY is a field or setting a recipe may have; a UsageError naming the closest name where the
-    recipe has no such value (a typo)."""
+def _check_recipe_path(key: str, recipes: dict[str, Any], given_plus: bool = False, deleting: bool = False) -> bool:
+    """Whether `recipe.KEY=V` adds a value some chosen recipe does not have yet (Hydra wants `++` for it); a
+    UsageError where Hydra could not apply it: a name the recipe lacks where it may hold no new one (a typo,
+    said with the closest name it has; with `+` the user adds it on purpose, and the recipe loader checks
+    it), a schedule's block that is no block name, a path below a value that is no mapping."""
     path = key.split(".")[1:]
     added = False
     for choice, data in recipes.items():
-        missing = _first_missing(data, path)
-        if missing is None:
+        walked, node = _walk(data, path)
+        if len(walked) == len(path):
             continue
-        where, name, allowed = missing
-        if allowed is None or name in allowed:
+        rest = path[len(walked):]
+        schedule_at = _schedule_path(data, path)
+        if schedule_at is not None and len(walked) >= schedule_at and not deleting:
+            _check_block_name(key, ".".join(path[schedule_at:]))
             added = True
-            continue
-        known = sorted({*map(str, _keys(_get(data, where))), *(allowed or ())}, key=str)
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        place = "recipe." + ".".join([*where, name])
-        hint = f"did you mean recipe.{'.'.join([*where, close[0]])}?" if close else f"it has: {', '.join(known) or 'nothing there'}"
-        raise UsageError(f"{place}: recipe {choice!r} has no {name!r} ({hint})")
-    return f"++{key}={value}" if added else f"{key}={value}"
+        elif not isinstance(node, (dict, list)) and node is not None:
+            place = "recipe." + ".".join(walked)
+            raise UsageError(f"{key}: recipe {choice!r} gives {place} one value ({cut(printable(str(node)))!r}), not a mapping: set {place}=VALUE")
+        elif not deleting and (given_plus or node is None or _may_hold(walked, rest[0])):
+            added = True
+        else:
+            known = sorted({*map(str, _keys(node)), *(_allowed(walked) or ())}, key=str)
+            close = difflib.get_close_matches(rest[0], known, n=1, cutoff=0.6)
+            hint = f"did you mean recipe.{'.'.join([*walked, close[0]])}?" if close else f"it has: {', '.join(known) or 'nothing there'}"
+            shown = "recipe." + ".".join([*walked, rest[0]])
+            raise UsageError(f"{'~' + shown if deleting else shown}: recipe {choice!r} has no {rest[0]!r} ({hint})")
+    return added
 
 
-def _first_missing(data: Any, path: list[str]) -> tuple[list[str], str, tuple[str, ...] | None] | None:
-    """(the path that exists, the first name it lacks, the names a recipe may hold there) or None when the
-    whole path exists. A list index past the end is a missing name with nothing allowed."""
+def _walk(data: Any, path: list[str]) -> tuple[list[str], Any]:
+    """How far `path` leads into a recipe's data (the names found), and the value it reached there."""
     node, walked = data, []
     for name in path:
         if isinstance(node, dict) and name in node:
             node = node[name]
         elif isinstance(node, list) and name.isdigit() and int(name) < len(node):
             node = node[int(name)]
-        elif isinstance(node, (dict, list)):
-            return walked, name, _allowed(walked)
         else:
-            return None  # below a value that is not a mapping (a schedule given as a number): the loader says
+            break
         walked.append(name)
+    return walked, node
+
+
+def _schedule_path(data: dict, path: list[str]) -> int | None:
+    """The length of the part of `path` that names a schedule the recipe has (a parameter, a LoRA's
+    strength), where `path` goes below it to a block; else None."""
+    if len(path) > 1 and path[0] not in RECIPE_FIELDS and path[0] in data:
+        return 1
+    loras = data.get("loras")
+    if len(path) > 3 and path[0] == "loras" and path[2] == "strength" and isinstance(loras, dict) and path[1] in loras:
+        return 3
     return None
+
+
+def _check_block_name(key: str, name: str) -> None:
+    """A block of a schedule, `recipe.alpha.NAME=V`, named as a schedule names it (schedule's words)."""
+    try:
+        schedule.parse({name: 0.0})
+    except ValueError as e:
+        raise UsageError(f"{key}: {e}") from None
+
+
+def _may_hold(walked: list[str], name: str) -> bool:
+    allowed = _allowed(walked)
+    return allowed is None or name in allowed
 
 
 def _allowed(walked: list[str]) -> tuple[str, ...] | None:
@@ -186,12 +261,6 @@ def _allowed(walked: list[str]) -> tuple[str, ...] | None:
     if walked[0] == "config" or len(walked) > 2:
         return None
     return {"sources": SOURCE_FIELDS, "loras": LORA_FIELDS, "rules": RULE_FIELDS}.get(walked[0], ()) if len(walked) == 2 else ()
-
-
-def _get(data: Any, path: list[str]) -> Any:
-    for name in path:
-        data = data[int(name)] if isinstance(data, list) else data[name]
-    return data
 
 
 def _keys(node: Any) -> list:

@@ -26,9 +26,9 @@ def verify(argv: list[str]) -> int:
     """`fluxrecipe verify FOLDER`: check a model folder (or file) before trusting it (verify.py's checks)."""
     parser = argparse.ArgumentParser(
         prog=f"{PROGRAM} verify",
-        description="Check a merged model folder against its manifest (sizes, sha256), its index, its safetensors headers and its config.json.",
+        description="Check a merged model folder against its manifest (sizes, sha256), its index, its safetensors headers and its config.json; or a single .safetensors or .gguf file against its architecture and the sha256 in its metadata.",
     )
-    parser.add_argument("folder", help="the output of a merge: a folder (or a pipeline folder holding transformer/), or a single .safetensors file")
+    parser.add_argument("folder", help="the output of a merge: a folder (or a pipeline folder holding transformer/), or a single .safetensors or .gguf file")
     parser.add_argument("--no-hash", action="store_true", help="compare sizes only, do not read the data for sha256")
     args = parser.parse_args(argv)
     with os_errors():

@@ -7,6 +7,7 @@ into their worker processes.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -93,8 +94,27 @@ def register() -> None:
     plugins.register(RecipeSource)
     plugins.register(RecipeSearchPath)
     ConfigStore.instance().store(name=CONFIG_NAME, node=defaults())
+    _preflight_sweepers()
     OmegaConf.register_new_resolver("fluxrecipe.ignored_recipes", ignored_note, replace=True)
     OmegaConf.register_new_resolver("fluxrecipe.options", options_help, replace=True)
+
+
+def _preflight_sweepers() -> None:
+    """hydra/sweeper=basic (the default) and optuna as fluxrecipe's sweepers (hydra_plugins/fluxrecipe_sweeper.py:
+    Hydra's behind the pre-flight), stored over Hydra's presets of the same names once the plugins registered
+    theirs. (A YAML preset cannot shadow optuna's: its schema has a defaults list.) Optuna maximises: every
+    score is better higher, and search.objective sets how many directions."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeperConf
+
+    store = ConfigStore.instance()
+    basic = dataclasses.make_dataclass("PreflightSweeperConf", [("_target_", str, "hydra_plugins.fluxrecipe_sweeper.PreflightSweeper")], bases=(BasicSweeperConf,))
+    store.store(group="hydra/sweeper", name="basic", node=basic, provider="fluxrecipe")
+    try:
+        from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+    except ImportError:  # the sweep extra is not installed: hydra/sweeper=optuna says so (extras.py)
+        return
+    fields = [("_target_", str, "hydra_plugins.fluxrecipe_sweeper.PreflightOptunaSweeper"), ("direction", Any, "maximize"), ("n_jobs", int, 1)]
+    store.store(group="hydra/sweeper", name="optuna", node=dataclasses.make_dataclass("PreflightOptunaSweeperConf", fields, bases=(OptunaSweeperConf,)), provider="fluxrecipe")
 
 
 # conf/hydra/launcher/joblib.yaml replaces the joblib plugin's preset of the same name (n_jobs 2, not one job

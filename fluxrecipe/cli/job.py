@@ -3,15 +3,19 @@ then `keep_weights`.
 
 A job runs on the check and plan its pre-flight made (a sweep's before any job starts, a single run's before
 Hydra makes its run folder: cli/preflight.py), so a wrong preview setting or an unreachable pipeline costs
-seconds, not a merge, and nothing is planned twice. `keep_weights=false` deletes the weight files the merge
-wrote once its previews are done (or failed): the folder keeps config.json, the model card, `recipe.yaml`
-(which rebuilds the weights byte for byte), the provenance, the diagnostics and the manifest (the sha256 of
-every deleted file, so a rebuild can be checked against it).
+seconds, not a merge, and nothing is planned twice. `keep_weights=false` with previews merges into memory and
+renders from there (a candidate: its weights are never written); without previews (a sweep), it deletes the
+weight files once written. Either way the folder keeps config.json, the model card, `recipe.yaml` (which
+writes the weights byte for byte), the provenance, the diagnostics and the manifest (the sha256 of every
+weight file, written or not, so a rebuild can be checked against it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import logging
+import shutil
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
@@ -22,10 +26,13 @@ from ..files import os_errors
 from ..formats.diffusers import INDEX_NAME
 from ..package import RECIPE_NAME
 from ..plan import Plan, format_plan, human_bytes
-from ..sweep import previews
-from ..sweep.preflight import JobCheck, JobPlan
+from ..recipe import Recipe, load_recipe
+from ..sweep import previews, scores
+from ..sweep.preflight import JobCheck, JobPlan, plan_job
+from ..sweep.settings import JobSettings, OutputSettings
 from ..text import printable
-from ..writer import fsync_dir
+from ..writer import fsync_dir, replace_json
+from .options import BY_NAME
 from .preflight import checked_job, job_folder
 
 if TYPE_CHECKING:
@@ -40,18 +47,76 @@ def run_config(cfg: DictConfig, multirun: bool = False) -> Result | Plan:
 
 
 def run(check: JobCheck) -> Result | Plan:
-    """A checked job: its plan printed (dry run), or merged, previewed and its weights dropped if asked."""
+    """A checked job: its plan printed (dry run), or merged, previewed and its weights dropped if asked; a
+    job with previews whose weights are not kept merges in memory, and nothing of its weights is written."""
     if check.dry_run:
         return print_dry_run(check)
-    with os_errors():
-        result = merge(check.job)
-    try:
-        if check.previews is not None:
-            previews.render(result.output, check.previews, check.device, check.folder / previews.PREVIEW_DIR)
-    finally:
-        if not check.keep_weights:
-            drop_weights(result)
+    if check.in_memory:
+        result = run_in_memory(check)
+    else:
+        with os_errors():
+            result = merge(check.job)
+        try:
+            if check.previews is not None:
+                previews.render(result.output, check.previews, check.device, check.folder / previews.PREVIEW_DIR)
+        finally:
+            if not check.keep_weights:
+                drop_weights(result)
+    if check.scoring is not None:
+        image_scores = scores.score_previews(check.folder / previews.PREVIEW_DIR, check.scoring, check.device)
+        parents = [parent_scores(check, source) for source in check.scoring.reference]
+        scores.write_scores(check.folder, scores.job_scores(image_scores, check.scoring, parents))
     return result
+
+
+def run_in_memory(check: JobCheck) -> Result:
+    """Previews of a merge that is never written: the pipeline's text encoders and VAE first (once per process),
+    then the merge into memory, straight into the transformer that renders. The job's model folder holds the
+    rest (recipe.yaml, which writes the weights, and the manifest, with the sha256 of every shard they make)."""
+    job = check.job
+    previews.prepare(check.previews, check.device)
+    log.info(format_plan(job.plan))
+    with os_errors():
+        result, tensors = api.merge_in_memory(job.plan, job.output, job.options)
+    weights = sum(r.size for name, r in result.files.items() if not (result.output / name).exists())
+    rate = job.plan.bytes_written / result.seconds if result.seconds else 0.0
+    log.info(f"merged {len(job.plan.steps)} tensors in memory, {human_bytes(weights)} of weights not written, in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
+    report_counts(job.plan, result)
+    previews.render(previews.InMemoryModel(tensors, job.plan.config), check.previews, check.device, check.folder / previews.PREVIEW_DIR)
+    log.info(f"keep_weights=false: the weights of {result.output} were never written; {rebuild_hint(result)}")
+    return result
+
+
+def parent_scores(check: JobCheck, source: str) -> list[dict]:
+    """The scores of the unmerged `source` on the job's prompts and seeds: rendered and scored once per sweep
+    (the first job that needs them, under a lock, others wait and read them), its weights deleted after."""
+    folder = check.references / scores.reference_name(source, check.previews, check.scoring)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = scores.read_scores(folder)
+        if done is None:
+            shutil.rmtree(folder, ignore_errors=True)  # what a job that was stopped half-way left
+            recipe = parent_recipe(check.job.recipe, source)
+            output = OutputSettings(None, "diffusers", api.parse_size(BY_NAME["shard_size"].default), BY_NAME["lora_rank"].default)
+            plan = plan_job(JobSettings(recipe, check.job.options, output, None), folder)
+            log.info(f"preview.reference: rendering and scoring the unmerged {source} into {folder}")
+            with os_errors():
+                result = api.write(plan.plan, plan.output, plan.options)
+            try:
+                previews.render(result.output, check.previews, check.device, folder / previews.PREVIEW_DIR)
+            finally:
+                shutil.rmtree(result.output)
+            done = {"source": source, "image_scores": scores.score_previews(folder / previews.PREVIEW_DIR, check.scoring, check.device)}
+            replace_json(folder / scores.SCORES_JSON, done)
+    return done["image_scores"]
+
+
+def parent_recipe(recipe: Recipe, source: str) -> Recipe:
+    """A recipe that writes `source` alone, unmerged, in the recipe's dtype (the job's parent)."""
+    data = {"sources": {source: recipe.resolved["sources"][source]}, "base": source, "rules": [{"match": ".*", "op": f"take:{source}"}], "dtype": recipe.dtype}
+    alone = load_recipe(data, f"{recipe.name}-{source}")
+    return dataclasses.replace(alone, sources={source: recipe.sources[source]})
 
 
 def print_dry_run(check: JobCheck) -> Plan:
@@ -87,6 +152,13 @@ def merge(job: JobPlan) -> Result:
 
         log.info(format_errors(plan, result))
     log.info(f"wrote {where}, {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
+    report_counts(plan, result)
+    return result
+
+
+def report_counts(plan: Plan, result: Result) -> None:
+    """Warnings for what the merge counted: NaN/Inf read or made, values clamped (listed in the provenance)."""
+    shown = printable(str(result.output))
     report = shown if plan.single_file else f"{shown}/fluxrecipe.json"
     inputs = {k: v for k, v in result.nonfinite.items() if not k.startswith("output: ")}
     if inputs:
@@ -96,7 +168,6 @@ def merge(job: JobPlan) -> Result:
         log.warning(f"warning: {outputs} tensor(s) came out with NaN/Inf values from finite inputs, listed in {report}: do not use the model as it is")
     if result.clamped:
         log.warning(f"warning: {sum(result.clamped.values())} values in {len(result.clamped)} tensor(s) lay beyond their dtype's finite range and were clamped to it, listed in {report}")
-    return result
 
 
 def format_lora_errors(plan: Plan, result: Result) -> str:
@@ -124,6 +195,9 @@ def drop_weights(result: Result) -> None:
         path.unlink()
     fsync_dir(result.output)
     log.info(
-        f"keep_weights=false: deleted the weights of {result.output} ({len(names)} files, {human_bytes(freed)}); "
-        f"its recipe.yaml rebuilds them: fluxrecipe recipe={result.output / RECIPE_NAME} output=DIR"
+        f"keep_weights=false: deleted the weights of {result.output} ({len(names)} files, {human_bytes(freed)}); {rebuild_hint(result)}"
     )
+
+
+def rebuild_hint(result: Result) -> str:
+    return f"its recipe.yaml writes them: fluxrecipe recipe={result.output / RECIPE_NAME} output=DIR"

@@ -26,13 +26,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from ..catalog import recipe_problem
+from ..errors import FluxRecipeError
 from ..plan import format_plan
 from ..sweep.labels import folder_names
-from ..sweep.preflight import EXIT_PROBLEMS, JobCheck, Launcher, PipelineChecks, check_sweep
+from ..sweep.preflight import EXIT_PROBLEMS, JobCheck, Launcher, PipelineChecks, SweepReport, check_sweep
 from ..sweep.records import run_recorded
 from ..sweep.summarize import Summary, report, summarize
 from . import settings
@@ -62,19 +63,52 @@ def before_launch(master: DictConfig, loader: Any, all_jobs: list[list[str]]) ->
     """Check every job of the sweep. Exits (status 1) with one message when a check failed; for a dry run
     prints every plan and the totals and returns None (launch nothing); else returns the jobs to launch,
     each with its folder named by what differs between the jobs."""
+    jobs = named_jobs(all_jobs)
+    sweep = _preflight(master, loader, jobs)
+    if sweep is None:
+        return None
+    if launcher_of(master.hydra.launcher).in_process:  # each job runs here, on the plan its check made
+        remember(sweep.jobs)
+    return jobs
+
+
+def before_search(master: DictConfig, loader: Any, space: dict[str, Any], fixed: dict[str, Any], trials: int) -> str | list[str] | None:
+    """A search's pre-flight (hydra/sweeper=optuna, hydra_plugins/fluxrecipe_sweeper.py): the search space, and
+    one job composed from it (each searched parameter at the low end of its range, or its first choice) and
+    checked as a grid's jobs are; exits (status 1) with one message, as before_launch. Returns Optuna's
+    directions (None for a dry run: nothing launched)."""
+    problems = []
+    if all(len(getattr(d, "choices", (None, None))) < 2 for d in space.values()):  # `recipe.alpha=0.5` is a choice of one
+        problems.append("hydra/sweeper=optuna: nothing to search: give a parameter a range, e.g. 'recipe.alpha=interval(0,1)' or 'recipe.alpha.double_blocks.3=interval(0,1)'")
+    sample = {name: getattr(d, "choices", (getattr(d, "low", None),))[0] for name, d in space.items()}
+    job = [f"{name}={value}" for name, value in {**sample, **fixed}.items()]
+    objective = OmegaConf.select(master, "search.objective", default=None)
+    if objective is None:
+        problems.append("hydra/sweeper=optuna maximises search.objective: set it, e.g. search.objective=clip with preview=true preview.score=[clip]")
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        problems.append(f"hydra.sweeper.n_trials={trials}: a whole number of trials from 1")
+    if _preflight(master, loader, [job], problems, f"the search's first trial ({trials} in all)") is None:
+        return None
+    pareto = isinstance(objective, ListConfig)
+    return ["maximize"] * len(objective) if pareto else "maximize"
+
+
+def _preflight(master: DictConfig, loader: Any, jobs: list[list[str]], problems: Sequence[str] = (), dry_run_note: str | None = None) -> SweepReport | None:
+    """Every job checked (and the sweep's own `problems`); exits with one message if any; for a dry run
+    prints every plan and returns None."""
     sweep_dir = Path(str(master.hydra.sweep.dir))
     dry_run = master.get("dry_run") is True  # any other value than true or false: every job says so
     launcher = launcher_of(master.hydra.launcher)
-    jobs = named_jobs(all_jobs)
     try:
         checks = list(_checks(_job_configs(master, loader, jobs), sweep_dir, launcher))
     finally:
         HydraConfig.instance().set_config(master)
     sweep = check_sweep(checks, sweep_dir, launcher)
+    sweep.problems[:0] = problems
     if dry_run:
         for check in sweep.jobs:
             if check.job is not None:
-                print(f"== job {check.num}: {check.name}\n{format_plan(check.job.plan)}")
+                print(f"== job {check.num}: {dry_run_note or check.name}\n{format_plan(check.job.plan)}")
                 if check.previews is not None:
                     print(f"previews: {check.previews.describe()}")
     if dry_run or not sweep.failed:
@@ -85,9 +119,7 @@ def before_launch(master: DictConfig, loader: Any, all_jobs: list[list[str]]) ->
     if dry_run:
         print("dry run: nothing was launched and nothing written")
         return None
-    if launcher.in_process:  # each job runs here, on the plan its check made
-        remember(sweep.jobs)
-    return jobs
+    return sweep
 
 
 def named_jobs(all_jobs: list[list[str]]) -> list[list[str]]:
@@ -148,7 +180,17 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig], Any] | None = None) -> 
     record = run_recorded(Path(hydra.runtime.output_dir), list(hydra.overrides.task), lambda: task(cfg), settings.show_traceback(cfg))
     if record["status"] == "failed":
         _failed_here += 1
+    if OmegaConf.select(cfg, "search.objective", default=None) is not None:  # a search's sweeper reads the job's objective
+        return record.get("objective", _failed_objective(cfg))
     return record
+
+
+def _failed_objective(cfg: DictConfig) -> Any:
+    """A failed trial's objective: the worst (scores.Objective.failed)."""
+    try:
+        return settings.objective_of(OmegaConf.select(cfg, "search.objective")).failed
+    except FluxRecipeError:
+        return float("-inf")
 
 
 def failed() -> int:

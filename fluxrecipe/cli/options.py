@@ -26,15 +26,16 @@ class Option:
     @property
     def shown_default(self) -> str:
         """The default as the command line would write it (the prompts counted, not quoted)."""
-        if isinstance(self.default, list) and all(isinstance(v, str) for v in self.default):
+        if isinstance(self.default, list) and self.default and all(isinstance(v, str) for v in self.default):
             return f"[{len(self.default)} prompts]"
         return self.default if isinstance(self.default, str) else json.dumps(self.default, separators=(",", ":"))
 
 
 OPTIONS = (
-    Option("output", None, "where the merge goes: a folder (format=diffusers) or a .safetensors file; null: the run folder, outputs/DATE/TIME/"),
-    Option("format", None, "diffusers (a folder), bfl or comfyui (one .safetensors file), lora, lora_peft or lora_comfyui (the merge as a LoRA); null: the recipe's, else diffusers"),
+    Option("output", None, "where the merge goes: a folder (format=diffusers), a .safetensors file or (format=gguf) a .gguf file; null: the run folder, outputs/DATE/TIME/"),
+    Option("format", None, "diffusers (a folder), bfl or comfyui (one .safetensors file), lora, lora_peft or lora_comfyui (the merge as a LoRA), gguf (one quantized .gguf file); null: the recipe's, else diffusers"),
     Option("shard_size", "10GB", "format=diffusers: the largest output shard (KB, MB, GB, KiB, MiB, GiB)"),
+    Option("gguf_type", "Q8_0", "format=gguf: the file's type: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, BF16, F16 or F32 (a rule's dtype: sets its own)"),
     Option("lora_rank", 16, "format=lora or lora_peft: the rank of each factored matrix (smaller matrices keep their full rank); format=lora_comfyui too; for a recipe of LoRAs alone the rank they are cut to (unset: exact)"),
     Option("lora_energy", None, "a LoRA output: per matrix the smallest rank keeping this fraction (0 < E <= 1) of its squared norm, at most lora_rank"),
     Option("overwrite", False, "replace an existing output (atomically; only a model fluxrecipe recognises)"),
@@ -44,10 +45,10 @@ OPTIONS = (
     Option("chunk_elements", 1048576, "elements per unit of work"),
     Option("in_flight", "256MB", "work in flight at most (read, being computed, waiting to be written): bounds memory"),
     Option("nonfinite", "error", "NaN/Inf in an input or the merged output: error (stop), or warn (count, report, merge anyway)"),
-    Option("diagnostics", True, "record the distance of the merge to each source, per block (diagnostics.json)"),
+    Option("diagnostics", True, "format=diffusers: record the distance of the merge to each source, per block (diagnostics.json)"),
     Option("progress", True, "a progress bar, when on a terminal"),
     Option("traceback", False, "show the Python traceback of an error"),
-    Option("keep_weights", True, "false: delete a job's weights once its previews are done (its recipe.yaml rebuilds them)"),
+    Option("keep_weights", True, "false: with previews, merge each job in memory and never write its weights; without, delete them once written (its recipe.yaml rebuilds them)"),
     Option("preview.enabled", False, "sample images of each merge (preview=true is short for preview.enabled=true); they go into the run folder"),
     Option("preview.pipeline", None, "preview=true: the text encoders, VAE and scheduler: a hub repo or a local pipeline folder; null: the model family's (FLUX.1: black-forest-labs/FLUX.1-schnell)"),
     Option(
@@ -65,6 +66,11 @@ OPTIONS = (
     Option("preview.height", 512, "preview=true: image height, a multiple of 16"),
     Option("preview.width", 512, "preview=true: image width, a multiple of 16"),
     Option("preview.offload", "none", "preview=true, device=cuda: model (diffusers' model CPU offload) or sequential (least GPU memory, slowest)"),
+    Option("preview.score", [], "preview=true: score every image: [clip, aesthetic] (per image and per job, in the summary, ranked)"),
+    Option("preview.scorers.clip", "openai/clip-vit-large-patch14", "preview.score: the CLIP model (hub id or local folder) of the clip score, and whose image embedding aesthetic reads"),
+    Option("preview.scorers.aesthetic", "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth", "preview.score=[aesthetic]: LAION's aesthetic head, a local .pth/.safetensors or a hub file org/name/FILE"),
+    Option("preview.reference", [], "preview.score: sources of the recipe rendered and scored unmerged too: each job is 'better than both parents on N of M images'"),
+    Option("search.objective", None, "-m with preview.score: what ranks the jobs and what hydra/sweeper=optuna maximises: clip, {clip: 1.0, aesthetic: 0.5}, or a list (a Pareto front)"),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -73,11 +79,11 @@ def defaults() -> dict[str, Any]:
     """The options with their defaults, as a config: `preview` a mapping of its settings."""
     tree: dict[str, Any] = {}
     for option in OPTIONS:
-        head, _, setting = option.name.partition(".")
-        if setting:
-            tree.setdefault(head, {})[setting] = option.default
-        else:
-            tree[head] = option.default
+        *heads, last = option.name.split(".")
+        node = tree
+        for head in heads:  # preview.scorers.clip: preview holds scorers, which holds clip
+            node = node.setdefault(head, {})
+        node[last] = option.default
     return tree
 
 
@@ -122,7 +128,11 @@ def unknown_option(name: str) -> str | None:
     if head in known and rest:
         settings = groups().get(head)
         known = [f"{head}.{k}" for k in settings] if settings else []
+        holders = {k.rpartition(".")[0] for k in known if k.count(".") > 1}  # settings that hold settings: preview.scorers
+        known += sorted(holders)
         name = f"{head}.{rest.partition('.')[0]}"
+        if name in holders and "." in rest:
+            name = ".".join(f"{head}.{rest}".split(".")[:3])
     if name in known:
         return None
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from ..errors import FluxRecipeError, UsageError
 from ..sweep.preflight import JobCheck, Launcher, PipelineChecks, check_job
+from ..sweep.scores import REFERENCE_DIR
 from . import settings
 
 _checked: dict[str, JobCheck] = {}  # job folder -> its pre-flight check, for the job when it runs in this process
@@ -42,6 +43,9 @@ def check_config(cfg: DictConfig, check: JobCheck, launcher: Launcher | None, pi
         check.problems.append(str(e))
         check.cause = e
         return check
+    if check.folder is not None:  # the parents' reference previews: once per sweep, beside its jobs
+        sweep_dir = settings.hydra_value(cfg, "sweep.dir")
+        check.references = Path(os.path.abspath(str(sweep_dir))) / REFERENCE_DIR if multirun and sweep_dir else check.folder / REFERENCE_DIR
     return check_job(job, check, launcher, pipelines)
 
 

@@ -7,7 +7,7 @@ file; a relative path written in a recipe file is found from that recipe file's 
 
 Every option is checked here: its kind (a yes-or-no option is true or false only: Hydra hands `overwrite=no`
 over as the text 'no'), its range, that it exists and was not deleted, and that it changes something: a
-setting the run would ignore (lora_rank without a LoRA format, shard_size with a one-file format, a preview
+setting the run would ignore (lora_rank without a LoRA format, shard_size or diagnostics with a one-file format, a preview
 setting without preview=true, a recipe's format beside format=) is refused in one line that says why and
 what would work, not silently dropped.
 """
@@ -15,6 +15,7 @@ what would work, not silently dropped.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..loras import LORA_FORMATS
 from ..options import Options
 from ..recipe import FORMATS, LoraSpec, Recipe, SourceSpec, load_recipe
 from ..sweep.previews import PreviewRequest
+from ..sweep.scores import Objective, ScoreRequest
 from ..sweep.settings import JobSettings, OutputSettings
 from .options import BY_NAME, defaults, deleted_option, groups, unknown_option
 
@@ -51,11 +53,13 @@ def read_job(cfg: DictConfig, multirun: bool = False) -> JobSettings:
     recipe = recipe_of(cfg, given)
     output = output_of(cfg, recipe, given, multirun)
     previews = previews_of(cfg, given)
+    scoring = scoring_of(cfg, given, multirun) if previews is not None else None
     return JobSettings(
         recipe=recipe,
         options=options,
         output=output,
         previews=previews,
+        scoring=scoring,
         keep_weights=boolean(cfg.keep_weights, "keep_weights"),
         dry_run=dry_run_of(cfg),
     )
@@ -94,6 +98,8 @@ def check_option_names(cfg: DictConfig) -> None:
     """Every option (and setting of one) is one fluxrecipe has, and none was deleted (`~threads`)."""
     names = [str(name) for name in cfg if name != "hydra"]
     names += [f"{name}.{key}" for name in groups() if isinstance(cfg.get(name), DictConfig) for key in cfg[name]]
+    holders = [name for name in names if "." in name and isinstance(OmegaConf.select(cfg, name), DictConfig)]  # preview.scorers
+    names += [f"{name}.{key}" for name in holders for key in OmegaConf.select(cfg, name)]
     for name in names:
         if message := unknown_option(name):
             raise UsageError(message)
@@ -158,9 +164,21 @@ def recipe_of(cfg: DictConfig, given: set[str] | None = None) -> Recipe:
         return recipe
     kinds = {m["kind"] for m in named if m["name"] is None}  # recipe.sources={...}: every one of them
     names = {(m["kind"], m["name"]) for m in named}
+    _refuse_unread_sources(recipe, [n for n in recipe.sources if "sources" in kinds or ("sources", n) in names])
     sources = {n: _from_working_folder(s) if "sources" in kinds or ("sources", n) in names else s for n, s in recipe.sources.items()}
     loras = {n: _from_working_folder(s) if "loras" in kinds or ("loras", n) in names else s for n, s in recipe.loras.items()}
     return dataclasses.replace(recipe, sources=sources, loras=loras)
+
+
+def _refuse_unread_sources(recipe: Recipe, given: list[str]) -> None:
+    """A source the command line sets that no rule reads and that is not the base changes nothing
+    (`+recipe.sources.other=PATH` beside a recipe whose rules take one model)."""
+    for name in given:
+        if name != recipe.base and not any(name in rule.sources for rule in recipe.rules):
+            raise UsageError(
+                f"recipe.sources.{name} changes nothing: no rule of recipe '{recipe.name}' reads source '{name}', and it is not the base; "
+                f"name it in a rule (take:{name}, or a rule's sources), make it the base (recipe.base={name}, as a LoRA extraction needs), or leave it out"
+            )
 
 
 def _from_working_folder(spec: SourceSpec | LoraSpec) -> SourceSpec | LoraSpec:
@@ -190,12 +208,19 @@ def output_of(cfg: DictConfig, recipe: Recipe, given: set[str], multirun: bool) 
     if engine and not recipe.sources:
         shown = ", ".join(f"{k}={cfg.get(k)}" for k in engine)
         raise UsageError(f"{shown} changes nothing: a recipe of LoRAs alone (no sources) is combined module by module on the CPU, not by the merge engine; leave {' and '.join(engine)} out")
+    if "gguf_type" in given and chosen != "gguf":
+        raise UsageError(f"gguf_type={cfg.gguf_type} changes nothing: format={chosen} writes no GGUF file; gguf_type is the type of format=gguf")
     if "shard_size" in given and formats.FORMATS[chosen].single_file:
         raise UsageError(f"shard_size={cfg.shard_size} changes nothing: format={chosen} writes one file; shards are for format=diffusers (a folder)")
+    if "diagnostics" in given and formats.FORMATS[chosen].single_file:
+        raise UsageError(
+            f"diagnostics={str(cfg.diagnostics).lower()} changes nothing: format={chosen} writes one file, which carries no diagnostics "
+            "(none are computed); diagnostics.json is written beside a folder's shards (format=diffusers)"
+        )
     path = None
     if cfg.output and not multirun:
         path = Path(os.path.abspath(os.path.expanduser(str(cfg.output))))
-    return OutputSettings(path, chosen, size_of(cfg.shard_size, "shard_size"), rank if "lora_rank" in given else None, energy)
+    return OutputSettings(path, chosen, size_of(cfg.shard_size, "shard_size"), rank if "lora_rank" in given else None, energy, str(cfg.gguf_type) if chosen == "gguf" else None)
 
 
 def previews_of(cfg: DictConfig, given: set[str] = frozenset()) -> PreviewRequest | None:
@@ -203,7 +228,7 @@ def previews_of(cfg: DictConfig, given: set[str] = frozenset()) -> PreviewReques
     refused."""
     node = cfg.preview
     if not boolean(node.get("enabled") if isinstance(node, DictConfig) else node, "preview"):
-        settings = sorted(k for k in given if k.startswith("preview.") and k != "preview.enabled")
+        settings = sorted(k for k in given if k.startswith(("preview.", "search.")) and k != "preview.enabled")
         if settings:
             shown = ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in settings)
             raise UsageError(f"{shown} changes nothing without preview=true: add preview=true, or leave {' and '.join(settings)} out")
@@ -219,6 +244,46 @@ def previews_of(cfg: DictConfig, given: set[str] = frozenset()) -> PreviewReques
         offload=node.get("offload") or BY_NAME["preview.offload"].default,
         device=str(cfg.device),
     )
+
+
+def scoring_of(cfg: DictConfig, given: set[str] = frozenset(), multirun: bool = False) -> ScoreRequest | None:
+    """The scores asked for (None for preview.score=[]); a scorer, reference or objective that would change
+    nothing is refused."""
+    node = cfg.preview
+    names = tuple(_list(node.get("score"), "score"))
+    reference = tuple(str(r) for r in _list(node.get("reference"), "reference"))
+    objective = objective_of(OmegaConf.select(cfg, "search.objective"))
+    unused = [k for k in ("preview.scorers.clip", "preview.reference", "search.objective") if k in given] if not names else []
+    if "preview.scorers.aesthetic" in given and "aesthetic" not in names:
+        unused.append("preview.scorers.aesthetic")
+    if unused:
+        shown = ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in unused)
+        raise UsageError(f"{shown} changes nothing without its score: add it to preview.score (e.g. preview.score=[clip,aesthetic]), or leave {' and '.join(unused)} out")
+    if objective is not None and not multirun:
+        raise UsageError("search.objective ranks the jobs of a sweep and is what hydra/sweeper=optuna maximises: use it with -m")
+    if not names:
+        return None
+    scorers = node.get("scorers")
+    return ScoreRequest(names, str(scorers.get("clip")), str(scorers.get("aesthetic")), reference, objective)
+
+
+def objective_of(value: Any) -> Objective | None:
+    """`search.objective`: a score (clip), weights of scores ({clip: 1.0, aesthetic: 0.5}) or a list of scores
+    (a Pareto front)."""
+    example = "search.objective=clip, search.objective='{clip: 1.0, aesthetic: 0.5}' or search.objective='[clip,aesthetic]'"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return Objective(((value, 1.0),))
+    if isinstance(value, DictConfig):
+        terms = tuple((str(k), v) for k, v in value.items())
+        if terms and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for _, w in terms):
+            return Objective(tuple((k, float(w)) for k, w in terms))
+    if isinstance(value, ListConfig):
+        names = list(OmegaConf.to_container(value))
+        if len(names) >= 2 and all(isinstance(n, str) for n in names) and len(set(names)) == len(names):
+            return Objective(tuple((n, 1.0) for n in names), pareto=True)
+    raise UsageError(f"search.objective={str(value)[:200]}: give a score, weights of scores or a list of scores: {example}")
 
 
 def _list(value: Any, name: str) -> list:

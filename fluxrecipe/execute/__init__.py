@@ -6,8 +6,7 @@ The parts, each its own module:
   a pure function of tensors and the step;
 - scheduler.py: chunks computed by worker threads under the byte budget, finished in order;
 - observers.py: diagnostics and content hashes, gathered from the chunks outside the kernel;
-- sink.py: where the encoded bytes go (safetensors files here; a GGUF writer or a state dict in memory are
-  other sinks);
+- sink.py: where the encoded bytes go (safetensors files, or the tensors in memory: InMemory);
 - executor.py: the order of a run's work; factoring.py: the work of a merge written as a LoRA.
 
 Every reduction runs over fixed segments (segments.py), so no result depends on the chunking, the threads
@@ -19,7 +18,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -30,17 +29,19 @@ from ..linux import keep_freed_memory
 from ..options import Options
 from ..plan import Plan, human_bytes
 from .executor import Executor
+from .gguf_sink import GGUFFile
 from .result import Result
-from .sink import SafetensorsFiles, Sink
+from .sink import InMemory, SafetensorsFiles, Sink
 
-__all__ = ["Result", "Sink", "check_device", "execute"]
+__all__ = ["InMemory", "Result", "Sink", "check_device", "execute"]
 
 
 def execute(
     plan: Plan, folder: Path | None, options: Options, metadata: dict[str, str] | None = None, header_size: int = 0,
-    hash_sources: Collection[str] = (), sink: Sink | None = None,
+    hash_sources: Collection[str] = (), sink: Callable[[Result], Sink] | None = None,
 ) -> Result:
-    """Write the plan's weight files into `folder` (or hand their bytes to `sink`). `metadata` goes into every
+    """Write the plan's weight files into `folder` (or hand their bytes to the sink that `sink` makes for the
+    run's Result, where its records go). `metadata` goes into every
     file's header (padded to `header_size` when given, for metadata known only at the end); the bytes read
     from `hash_sources` are hashed, so that provenance can prove what was read."""
     started = time.monotonic()
@@ -49,9 +50,12 @@ def execute(
     result = Result(files={}, seconds=0.0, bytes_read=plan.bytes_read, bytes_written=0)
     if sink is None:
         _check_free_space(folder, plan)
-        sink = SafetensorsFiles(plan, folder, metadata or {}, header_size, result)
-    result.distances = Distances(plan.family) if options.diagnostics else None
-    Executor(plan, options, device, result, sink, set(hash_sources), folder).run()
+        made = (GGUFFile if plan.format == "gguf" else SafetensorsFiles)(plan, folder, metadata or {}, header_size, result)
+    else:
+        made = sink(result)
+    # a single file carries no diagnostics (package writes diagnostics.json beside a folder's shards only)
+    result.distances = Distances(plan.family) if options.diagnostics and not plan.single_file else None
+    Executor(plan, options, device, result, made, set(hash_sources), folder).run()
     result.bytes_written = sum(r.size for r in result.files.values())
     result.seconds = time.monotonic() - started
     return result

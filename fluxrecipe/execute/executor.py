@@ -91,13 +91,15 @@ class Executor:
                     yield from (Chunk("value", step, a, b, tensor, index) for a, b in self.ranges(part, step))
 
     def stat_passes(self, step: Step) -> Iterator[Chunk | object]:
-        """The chunks of the step's statistics passes, each pass drained before the next (once per step)."""
+        """The chunks of the step's statistics passes that are needed, each drained before the next (once per step)."""
         passes = OPS[step.op].passes
         if not passes or step.key in self.stats:
             return
         self.stats[step.key] = ()
         whole = Part(step.key, 0, step.numel)
         for i, stat_pass in enumerate(passes):
+            if stat_pass.needed is not None and not stat_pass.needed(self.stats[step.key]):
+                continue
             self.folds[step.key] = None
             yield from (Chunk("stat", step, a, b, pass_index=i) for a, b in self.ranges(whole, step))
             yield DRAIN
@@ -118,6 +120,7 @@ class Executor:
         for ref, down in out.downs:
             self.downs.put(ref, down)
         seen = [observer.observe(step, read, out) if chunk.kind in observer.kinds else None for observer in self.observers]
+        out.inputs, out.written = [], None  # observed: a chunk waiting for its turn holds only its bytes
         return out, seen
 
     def read(self, chunk: Chunk) -> ChunkIn:

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from gguf import GGMLQuantizationType
 
 from ..errors import OutputError, SourceError
+from ..formats.gguf import BLOCK_TYPES, dequantize_chunk, quantize_chunk
 from ..formats.layout import TensorRef, row_size, rows
 from ..ops import OPS, Where
 from ..ops.lora import ROWS, product_rows
@@ -35,6 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 LIMITS = {code: float(torch.finfo(dtype).max) for code, dtype in DTYPES.items()}
+LIMITS.update(dict.fromkeys(BLOCK_TYPES, LIMITS["F32"]))  # a block's scale follows its values: none is clamped
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,11 @@ def compute(step: Step, chunk: ChunkIn, checks: Checks) -> ChunkOut:
         out.partial = float(finite.abs().max()) if finite.numel() else 0.0
         return out
     encoded, out.clamped = encode(step, merged, chunk.scale, checks, out)
+    if step.dtype in BLOCK_TYPES:  # whole blocks of a GGUF tensor, quantized once from float32 as gguf.quants does
+        ggml_type = GGMLQuantizationType[step.dtype]
+        out.data = torch.from_numpy(quantize_chunk(encoded.cpu(), ggml_type).reshape(-1))
+        out.written = torch.from_numpy(dequantize_chunk(out.data.numpy(), ggml_type))  # the values a reader gets back
+        return out
     out.written = encoded
     out.data = encoded.cpu().view(torch.uint8)
     return out
@@ -134,8 +142,27 @@ def apply(step: Step, xs: list[torch.Tensor], start: int, stop: int, stats: tupl
 
 
 def decode(raw: torch.Tensor, ref: TensorRef, device: torch.device) -> torch.Tensor:
-    x = raw.view(DTYPES[ref.dtype]).to(device=device, dtype=torch.float32)
+    if ref.dtype in BLOCK_TYPES:  # whole blocks of a GGUF tensor, dequantized as gguf.quants does
+        return torch.from_numpy(dequantize_chunk(raw.numpy(), GGMLQuantizationType[ref.dtype])).to(device)
+    x = to_float32(raw.view(DTYPES[ref.dtype]).to(device=device))
     return x if ref.scale is None else x.mul_(ref.scale.value)
+
+
+def to_float32(x: torch.Tensor) -> torch.Tensor:
+    """x as float32, exactly. fp8 on the CPU goes through float16, which holds every fp8 value: torch's own
+    fp8 conversion there is some 50 times slower than bf16's, which made reading back an fp8 output for its
+    diagnostics the dearest step of an fp8 merge. e5m2 is float16's high byte; e4m3fn's seven magnitude bits,
+    shifted into float16's place, read as its value / 256 (normal and subnormal alike); its NaN (all seven
+    set) becomes one of float16's."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return x.to(torch.float32)
+    bits = x.view(torch.uint8).to(torch.int16)
+    if x.dtype == torch.float8_e5m2:
+        return bits.bitwise_left_shift_(8).view(torch.float16).to(torch.float32)
+    magnitude = bits & 0x7F
+    nan = (magnitude + 1).bitwise_right_shift_(7).mul_(0x7E00)  # 0x7F -> float16 bits 0x7F80, a NaN
+    half = (bits & 0x80).bitwise_left_shift_(8).bitwise_or_(magnitude.bitwise_left_shift_(7)).bitwise_or_(nan)
+    return half.view(torch.float16).to(torch.float32).mul_(256.0)
 
 
 def patch_rows(step: Step, start: int, stop: int) -> tuple[int, int]:
@@ -193,7 +220,7 @@ def encode(step: Step, merged: torch.Tensor, scale: float | None, checks: Checks
         if scale is None:  # a scaled tensor fits by construction, up to one rounding of the division
             clamped = int(((x < -limit) | (x > limit)).sum())
         x = x.clamp(-limit, limit)
-    return x.to(DTYPES[step.dtype]), clamped
+    return x.to(DTYPES.get(step.dtype, torch.float32)), clamped  # a GGUF block type: quantized from float32 by the caller
 
 
 def scale_of(absmax: float, dtype: str) -> float:

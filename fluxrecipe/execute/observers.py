@@ -8,16 +8,17 @@ by chunk in plan order, and puts the totals into the run's Result. Every total g
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 import xxhash
 
 from ..diagnostics import Distances
-from ..formats.safetensors import ITEMSIZE
+from ..formats.layout import stored_bytes
 from ..plan import Step
 from ..segments import Segments, row_sums, split
-from .kernel import ChunkIn, ChunkOut
+from .kernel import ChunkIn, ChunkOut, to_float32
 from .result import Result
 
 HASH_BLOCK = 1 << 20  # bytes per block of a source tensor's content hash (XXH3-128: ~20 GB/s; sha256 cost a third of a merge)
@@ -61,16 +62,26 @@ class DistanceObserver(Observer):
     def __init__(self, distances: Distances) -> None:
         self.distances = distances
         self.per_tensor = _PerTensor()
+        self.scratch = threading.local()
 
     def observe(self, step: Step, chunk: ChunkIn, out: ChunkOut) -> list:
-        written = out.written.float()  # the written values, upcast only when they are compared
+        written = to_float32(out.written)  # the written values, upcast only when they are compared
         if chunk.scale is not None:
-            written = written * chunk.scale
+            written = written.mul_(chunk.scale) if written is not out.written else written * chunk.scale
+        square = self._scratch(written)
         sums = []
-        for x in out.inputs:
-            distance = torch.nn.functional.mse_loss(written, x, reduction="none")
-            sums.append((split(distance, chunk.start, step.numel, row_sums), split(x.square(), chunk.start, step.numel, row_sums)))
+        for x in out.inputs:  # each square reduced (split copies what it keeps) before the scratch is reused
+            distance = split(torch.sub(written, x, out=square).square_(), chunk.start, step.numel, row_sums)
+            sums.append((distance, split(torch.mul(x, x, out=square), chunk.start, step.numel, row_sums)))
         return sums
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """This worker's buffer of squares, kept from chunk to chunk: a fresh one per square cost more in
+        page faults than the arithmetic."""
+        buffer = getattr(self.scratch, "buffer", None)
+        if buffer is None or buffer.numel() < like.numel() or buffer.device != like.device:
+            buffer = self.scratch.buffer = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+        return buffer[: like.numel()]
 
     def fold(self, step: Step, partial: list) -> None:
         for ref, (distance, norm) in zip(step.inputs, partial):
@@ -96,8 +107,7 @@ class HashObserver(Observer):
         partials = []
         for raw, ref in zip(chunk.raws, step.inputs):
             if ref.source in self.sources:
-                size = ITEMSIZE[ref.dtype]
-                partials.append((ref.source, split(raw, chunk.start * size, ref.nbytes, _digests, HASH_BLOCK)))
+                partials.append((ref.source, split(raw, stored_bytes(ref.dtype, chunk.start), ref.nbytes, _digests, HASH_BLOCK)))
         return partials
 
     def fold(self, step: Step, partial: list) -> None:

@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from ..formats.gguf import BLOCK_TYPES
 from ..formats.layout import OutTensor, Part, TensorRef, row_size
 from ..formats.safetensors import ITEMSIZE
 from ..ops.lora import ROWS
@@ -40,9 +41,9 @@ class Chunk:
         """Memory while in flight: the raw inputs, their float32 copies and a few float32 temporaries, the output;
         for a LoRA, its rows of up (whole blocks) and their product, and its down."""
         n = self.stop - self.start
-        size = n * (sum(ITEMSIZE[t.dtype] + 4 for t in self.step.inputs) + 12 + ITEMSIZE[self.step.dtype])
+        size = n * (sum(_itemsize(t.dtype) + 4 for t in self.step.inputs) + 12 + _itemsize(self.step.dtype))
         if self.base is not None:
-            size += n * (ITEMSIZE[self.base.dtype] + 4)
+            size += n * (_itemsize(self.base.dtype) + 4)
         for p in self.step.patches:
             if p.down is None:  # its values, raw and decoded
                 size += n * (ITEMSIZE[p.tensor.dtype] + 4)
@@ -52,10 +53,20 @@ class Chunk:
         return size
 
 
+def _itemsize(dtype: str) -> int:
+    """Bytes per element at most; a GGUF block type's (de)quantization holds float32 temporaries of its own."""
+    if dtype in BLOCK_TYPES:
+        return 4 * 4
+    return ITEMSIZE[dtype]
+
+
 def ranges(part: Part, step: Step, chunk_elements: int) -> Iterable[tuple[int, int]]:
     """The chunks of a part: chunk_elements each; for a step with a LoRA product, whole blocks of ROWS rows
-    (chunk_elements rounded down to them, at least one), on the tensor's grid of blocks."""
+    (chunk_elements rounded down to them, at least one), on the tensor's grid of blocks; for a step that reads
+    or writes a GGUF block type, whole blocks of it (parts start on rows, and rows are whole blocks)."""
     size = chunk_elements
+    quant = max((BLOCK_TYPES[t][0] for t in (step.dtype, *(r.dtype for r in step.inputs)) if t in BLOCK_TYPES), default=1)
+    size = max(quant, size // quant * quant)  # block sizes are powers of two: the largest is a multiple of the others
     if part.stop == part.start:
         yield part.start, part.stop  # an empty tensor still opens its file
     if any(p.down is not None for p in step.patches):

@@ -9,6 +9,7 @@ bytes come; a scaled-fp8 tensor's scale is in `result.scales` once its first byt
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Protocol
 
 import torch
 
+from ..errors import OutputError, UsageError
 from ..formats.safetensors import ITEMSIZE, encode_header
 from ..loras import as_written
 from ..plan import Plan
-from ..writer import open_safetensors, rewrite_header
+from ..writer import FileRecord, open_safetensors, rewrite_header
+from .kernel import DTYPES
 from .result import Result
 
 
@@ -86,3 +89,73 @@ class SafetensorsFiles:
         if self.file is not None:
             self.file.abort()
             self.file = None
+
+
+class InMemory(SafetensorsFiles):
+    """The plan's output as tensors in memory, by canonical key (the family's diffusers parameter names),
+    in the output's dtype: each output tensor's bytes go to the element ranges of the canonical tensors it is
+    made of (its parts), so any layout without arithmetic (diffusers' as is, BFL's fused tensors split back)
+    lands as the same state dict. No file is written; the records of the files are made all the same (the
+    bytes a file would hold, hashed as they pass), so the output's manifest proves a later written rebuild.
+    Scaled fp8 and a merge written as a LoRA store something else than the tensors' values: refused."""
+
+    def __init__(self, plan: Plan, metadata: dict[str, str], header_size: int, result: Result):
+        scaled = next((t.name for f in plan.files for t in f.tensors if t.scale_name), None)
+        if plan.factors or scaled or any(f.constants for f in plan.files):
+            what = "a LoRA" if plan.factors else f"scaled fp8 ('{scaled}')" if scaled else "ComfyUI's quantization markers"
+            raise UsageError(f"format={plan.format}: this output holds {what}, not the transformer's tensors: a merge in memory takes format=diffusers")
+        super().__init__(plan, Path(), metadata, header_size, result)
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._targets: list[list[torch.Tensor]] = []  # per file: the uint8 views its bytes fill, in order
+        for out in plan.files:
+            views = []
+            for tensor in out.tensors:
+                for part in tensor.parts:
+                    if part.key not in self.tensors:
+                        self.tensors[part.key] = torch.empty(plan.step(part.key).shape, dtype=DTYPES[tensor.dtype])
+                    flat = self.tensors[part.key].view(-1).view(torch.uint8)
+                    size = ITEMSIZE[tensor.dtype]
+                    views.append(flat[part.start * size : part.stop * size])
+            self._targets.append(views)
+        self._view, self._filled = 0, 0  # the view being filled in the current file, and its bytes so far
+
+    def write(self, index: int, data: torch.Tensor) -> None:
+        if index != self.index:
+            self._view, self._filled = 0, 0
+        super().write(index, data)
+        views, done = self._targets[index], 0
+        while done < data.numel():
+            view = views[self._view]
+            n = min(view.numel() - self._filled, data.numel() - done)
+            view[self._filled : self._filled + n].copy_(data[done : done + n])
+            done, self._filled = done + n, self._filled + n
+            if self._filled == view.numel():
+                self._view, self._filled = self._view + 1, 0
+
+    def _open(self, index: int) -> None:
+        self.index = index
+        out = self.plan_files[index]
+        header, data_size = encode_header(out.entries(), {**self.metadata, **dict(out.metadata)}, self.header_size)
+        self.file = _Hashed(len(header) + data_size, len(header) if self.header_size else 0)
+        self.file.write(header)
+
+
+class _Hashed:
+    """A file that is never written: the size and sha256 its bytes would give (writer.StreamingFile's record)."""
+
+    def __init__(self, expected_size: int, unhashed: int):
+        self.expected_size, self.unhashed, self.size = expected_size, unhashed, 0
+        self._hash = hashlib.sha256()
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self._hash.update(view[max(0, min(self.unhashed - self.size, len(view))) :])
+        self.size += len(view)
+
+    def close(self) -> FileRecord:
+        if self.size != self.expected_size:
+            raise OutputError(f"a file held in memory got {self.size} bytes, expected {self.expected_size}")
+        return FileRecord(self.size, self._hash.hexdigest())
+
+    def abort(self) -> None:
+        """Nothing is open."""

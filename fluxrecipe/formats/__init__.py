@@ -4,7 +4,8 @@ recognised and read (canonical tensor refs), and how an output in it is laid out
 
 Each layout is one module: diffusers.py (canonical keys, folders with an index), bfl.py (Black Forest Labs'
 single file, and ComfyUI's, which is BFL behind `model.diffusion_model.`, possibly in scaled fp8), lora.py
-(LoRA files in every trainer's keys, read as changes of canonical tensors; a merge written as a LoRA). Which
+(LoRA files in every trainer's keys, read as changes of canonical tensors; a merge written as a LoRA), gguf.py
+and gguf_model.py (a BFL file in a GGUF container, quantized; gguf.py's reader gives GGUFEntry tensors). Which
 model family a file holds, and what its keys mean in each layout, the families say (families/).
 """
 
@@ -22,6 +23,7 @@ from ..families import Family, ShapeError
 from ..text import cut, some_keys
 from . import bfl, diffusers
 from .layout import OutFile, TensorRef
+from .gguf import BLOCK_TYPES, GGUFEntry
 from .safetensors import FLOAT_ITEMSIZE, TensorEntry
 
 LORA_KEY = re.compile(r"(lora_down|lora_up|lora_A|lora_B|lora\.(down|up)|_lora\d?\.(down|up)|^lora_unet_|^lora_te\d?_|\.alpha$)")
@@ -81,7 +83,7 @@ def is_transformer(path: str, entries: dict[str, TensorEntry], metadata: dict[st
 
 
 def _check_floats(source: str, entries: dict[str, TensorEntry]) -> None:
-    odd = next((e for e in entries.values() if e.dtype not in FLOAT_ITEMSIZE), None)
+    odd = next((e for e in entries.values() if e.dtype not in FLOAT_ITEMSIZE and e.dtype not in BLOCK_TYPES), None)
     if odd:
         raise SourceError(f"source '{source}': {odd.file}: tensor '{cut(odd.name)}': unsupported dtype '{odd.dtype}' (a transformer's weights are floating point)")
 
@@ -127,6 +129,7 @@ class Format:
     config_file: bool = False  # a folder in it holds the model's config.json (else the config is derived from shapes)
     canonical: bool = False  # its keys are the canonical keys (provenance names the layout of other sources)
     scaled_note: str = ""  # the plan's note when it holds scaled fp8
+    suffix: str = ".safetensors"  # of a single-file output's name
 
 
 def _read_diffusers(name, source, where, model, metadata, prefix, family, ignored) -> Recognised:
@@ -148,6 +151,10 @@ def _read_bfl(name, source, where, model, metadata, prefix, family, ignored) -> 
     return Recognised(name, tensors, family, ignored, scaled=len(scales), notes=notes)
 
 
+def _in_gguf(model: dict[str, TensorEntry]) -> bool:
+    return any(isinstance(e, GGUFEntry) for e in model.values())
+
+
 def _write_diffusers(shapes, dtypes, scaled, shard_size, file_name, family) -> tuple[OutFile, ...]:
     return diffusers.out_files(diffusers.out_tensors(shapes, dtypes), shard_size, ())
 
@@ -164,12 +171,14 @@ FORMATS: dict[str, Format] = {
             read=_read_diffusers, write=_write_diffusers, config_file=True, canonical=True,
         ),
         Format(
-            "bfl", single_file=True, recognises=lambda family, model, prefix: not prefix and family.is_bfl(model), read=_read_bfl, write=_write_bfl,
+            "bfl", single_file=True, recognises=lambda family, model, prefix: not prefix and family.is_bfl(model) and not _in_gguf(model), read=_read_bfl, write=_write_bfl,
             scaled_note="fp8_scaled is ComfyUI's convention: readers that do not know it (diffusers' from_single_file, BFL's code) would read the fp8 values unscaled; format=comfyui says what the file is",
         ),
-        Format("comfyui", single_file=True, recognises=lambda family, model, prefix: bool(prefix) and family.is_bfl(model), read=_read_bfl, write=partial(_write_bfl, comfyui=True)),
+        Format("comfyui", single_file=True, recognises=lambda family, model, prefix: bool(prefix) and family.is_bfl(model) and not _in_gguf(model), read=_read_bfl, write=partial(_write_bfl, comfyui=True)),
         Format("lora", single_file=True, lora_scheme="kohya"),
         Format("lora_peft", single_file=True, lora_scheme="diffusers"),
         Format("lora_comfyui", single_file=True, lora_scheme="comfyui"),
+        # BFL's keys in a GGUF file (gguf_model.py): read as BFL, its blocks dequantized by the kernel; written as BFL with ggml types
+        Format("gguf", single_file=True, recognises=lambda family, model, prefix: family.is_bfl(model) and _in_gguf(model), read=_read_bfl, write=_write_bfl, suffix=".gguf"),
     )
 }

@@ -23,8 +23,8 @@ from functools import partial
 from ..errors import PlanError, SourceError
 from ..text import cut
 from ..families.base import BflTable, Family, Mapping, Norm, Swapped, targets
-from .layout import Constant, OutFile, OutTensor, Part, Piece, Scale, TensorRef, row_size, rows
-from .safetensors import ITEMSIZE, TensorEntry, read_bytes, read_scalar
+from .layout import Constant, OutFile, OutTensor, Part, Piece, Scale, TensorRef, row_size, rows, stored_bytes
+from .safetensors import TensorEntry, read_bytes, read_scalar
 
 TOP_KEY = re.compile(r"^(.+)\.(weight|bias|scale)$")
 QUANT_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
@@ -102,10 +102,10 @@ def split(
         sizes.append(total - sum(sizes))
         if sizes[-1] <= 0 or isinstance(mapping, Swapped) and total % 2:
             raise SourceError(f"source '{source}': {entry.file}: '{cut(entry.name)}' {list(entry.shape)} cannot be split into a {model} transformer's tensors (hidden size {hidden})")
-        row_bytes = row_size(entry.shape) * ITEMSIZE[entry.dtype]
+        width = row_size(entry.shape)
         at = 0  # the BFL tensor's row where this run starts
         for module, first, end in _segments(mapping, sizes):
-            piece = Piece(entry.file, entry.begin + at * row_bytes, (end - first) * row_bytes)
+            piece = Piece(entry.file, entry.begin + stored_bytes(entry.dtype, at * width), stored_bytes(entry.dtype, (end - first) * width))
             where = entry.name if end - first == total else f"{entry.name}[{at}:{at + end - first}]"
             runs.setdefault(f"{prefix}{module}.{_canonical_param(mapping, param)}", []).append((first, end, piece, where, file_key))
             at += end - first

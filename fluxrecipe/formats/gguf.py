@@ -81,6 +81,14 @@ FILE_TYPES: dict[GGMLQuantizationType, LlamaFileType] = {
 }
 # ComfyUI-GGUF's convert.py keeps tensors of at most this many elements (and all 1-D tensors) in F32.
 SMALL_TENSOR_ELEMENTS = 1024
+# The ggml types stored in blocks of several elements, by name: (elements, bytes) per block. (F32, F16 and
+# BF16 are one element a block, laid out as in safetensors, and known by the same names.)
+BLOCK_TYPES: dict[str, tuple[int, int]] = {t.name: sizes for t, sizes in GGML_QUANT_SIZES.items() if sizes[0] > 1}
+
+
+class GGUFEntry(TensorEntry):
+    """A tensor of a GGUF file (its dtype a ggml type's name): what tells a GGUF source from a safetensors one
+    whose keys are the same."""
 
 
 @dataclass(frozen=True)
@@ -294,7 +302,7 @@ def _checked_tensor(path: str, name: str, dims: tuple[int, ...], raw_type: int, 
     begin = data_start + offset
     if begin + nbytes > size:
         raise SourceError(f"{where}: {ggml_type.name} {list(shape)} needs {nbytes} bytes from byte {begin}, past the end of the file ({size} bytes): the file is truncated or its header is corrupt")
-    return TensorEntry(path, name, ggml_type.name, shape, begin, nbytes)
+    return GGUFEntry(path, name, ggml_type.name, shape, begin, nbytes)
 
 
 def _ggml_type(raw: int) -> GGMLQuantizationType | None:
@@ -328,7 +336,7 @@ def encode_header(path: str, metadata: dict[str, GGUFValue], tensors: Sequence[t
         offset += _pad(nbytes, alignment)
     data_start = _pad(len(out), alignment)
     out += bytes(data_start - len(out))
-    entries = tuple(TensorEntry(path, name, ggml_type.name, shape, data_start + offset, nbytes) for name, shape, ggml_type, offset, nbytes in placed)
+    entries = tuple(GGUFEntry(path, name, ggml_type.name, shape, data_start + offset, nbytes) for name, shape, ggml_type, offset, nbytes in placed)
     return EncodedHeader(bytes(out), entries, data_start + offset)
 
 

@@ -16,7 +16,17 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from .gguf import BLOCK_TYPES
 from .safetensors import ITEMSIZE
+
+
+def stored_bytes(dtype: str, numel: int) -> int:
+    """Bytes of `numel` elements stored as `dtype`: a safetensors dtype, or a GGUF block type (of whole blocks:
+    every range the plan reads or writes in one starts and ends on a row, and rows are whole blocks)."""
+    if dtype in ITEMSIZE:
+        return numel * ITEMSIZE[dtype]
+    elements, nbytes = BLOCK_TYPES[dtype]
+    return numel // elements * nbytes
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,7 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
+        return stored_bytes(self.dtype, self.numel)
 
     @property
     def file(self) -> str:
@@ -63,8 +73,7 @@ class TensorRef:
 
     def byte_ranges(self, start: int, stop: int) -> list[Piece]:
         """The bytes of elements [start, stop), piece by piece (a range may span the pieces' seams)."""
-        size = ITEMSIZE[self.dtype]
-        begin, end = start * size, stop * size
+        begin, end = stored_bytes(self.dtype, start), stored_bytes(self.dtype, stop)
         ranges, offset = [], 0
         for piece in self.pieces:
             lo, hi = max(begin, offset), min(end, offset + piece.nbytes)
@@ -100,7 +109,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+        return stored_bytes(self.dtype, math.prod(self.shape))
 
 
 @dataclass(frozen=True)
@@ -131,7 +140,7 @@ class OutFile:
 
     @property
     def nbytes(self) -> int:
-        return sum(math.prod(shape) * ITEMSIZE[dtype] for _, dtype, shape in self.entries())
+        return sum(stored_bytes(dtype, math.prod(shape)) for _, dtype, shape in self.entries())
 
 
 def whole(key: str, shape: tuple[int, ...]) -> tuple[Part, ...]:

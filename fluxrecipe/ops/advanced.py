@@ -4,10 +4,10 @@ The base is the rule's first source, the task vectors tau_i = x_i - base (i >= 2
 method needs of the whole tensor is gathered in statistics passes before its element-wise pass, and never
 depends on how the tensor is cut: slerp's and model stock's dot products are float64 sums over fixed
 segments (a product of two float32 values is exact in float64; segments.py; the segment sums are added
-exactly), TIES' magnitude threshold is the exact k-th largest |tau_i|, found by a radix select over the
-float32 bit patterns with two histograms of exact integer counts. DARE's masks are counter-based: each
-element's draw is a hash of (seed, canonical key, source, element index), so the same seed gives the same
-bytes on any thread count, chunk size or order, and every key and source gets its own mask.
+exactly), TIES' magnitude threshold is the exact k-th largest |tau_i| (threshold.py). DARE's masks are
+counter-based: each element's draw is a hash of (seed, canonical key, source, element index), so the same
+seed gives the same bytes on any thread count, chunk size or order, and every key and source gets its own
+mask.
 
 Element-wise work runs in slices of SLICE elements, so the temporaries of a method with several task vectors
 stay a few MB whatever the chunk size. Planning parses these ops without torch: torch is imported where the
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import struct
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from .registry import StatPass, TaskWeights, Where, op
+from .threshold import TIES_PASSES
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 SLICE = 1 << 16  # elements per slice of work; a multiple of segments.SEGMENT, so slices cut no segment
 COLLINEAR = 0.9995  # slerp: above this |cos| the tensors are too close to parallel; lerp instead
 CANCEL = 1e-6  # model stock: below this 1 + (N - 1) cos the task vectors cancel out; the base
-HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16  # TIES: bins of the high 16 bits of |tau|'s float32 pattern (sign 0), then the low 16
 # SplitMix64 (Steele, Lea, Flood 2014) in signed int64 arithmetic: its increment and multipliers.
 GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
 MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -164,89 +163,6 @@ def task_arithmetic(xs: list[Tensor], weights: TaskWeights | None = None, lambda
     return _sliced(xs, lambda s, a, b: _task_sum(s[0], [x - s[0] for x in s[1:]], w, lambda_))
 
 
-def _magnitudes(xs: list[Tensor]) -> list[Tensor]:
-    """Per task vector, the float32 bit pattern of |tau_i| as int32: ordered as the magnitudes are."""
-    import torch
-
-    return [(x - xs[0]).view(torch.int32) & 0x7FFFFFFF for x in xs[1:]]
-
-
-def _histogram(values: Tensor, bins: int) -> tuple[Tensor | None, Tensor]:
-    """Exact counts of the values in [0, bins): (values, counts) when there are few, else (None, dense counts)."""
-    import torch
-
-    if values.numel() * 16 < bins:
-        found, counts = torch.unique(values, return_counts=True)
-        return found.long(), counts
-    return None, torch.bincount(values, minlength=bins)
-
-
-def _add_histograms(state: list | None, partial: list[tuple], bins: int) -> list:
-    import torch
-
-    state = [torch.zeros(bins, dtype=torch.int64) for _ in partial] if state is None else state
-    for counts, (found, n) in zip(state, partial):
-        if found is None:
-            counts += n.cpu()
-        else:
-            counts.index_add_(0, found.cpu(), n.cpu())
-    return state
-
-
-def _kth_largest_bin(counts: Tensor, k: int) -> tuple[int, int]:
-    """The bin of the k-th largest value, and its rank inside that bin (1: the bin's largest)."""
-    import torch
-
-    above = torch.flip(counts, [0]).cumsum(0)  # above[j]: values in the top j + 1 bins
-    j = int(torch.searchsorted(above, torch.tensor([k]))[0])
-    return len(counts) - 1 - j, k - (int(above[j - 1]) if j else 0)
-
-
-def _kept_count(density: float, n: int) -> int:
-    """k = ceil(density * n), with density as its decimal (12 significant digits): 0.1 of 10 keeps 1, not 2."""
-    return math.ceil(Fraction(f"{density:.12g}") * n)
-
-
-def _high_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) -> list[tuple]:
-    """Per task vector: a histogram of the high 16 bits of |tau| (exact counts, whatever the chunking)."""
-    return [_histogram(bits >> 16, HIGH_BINS) for bits in _magnitudes(xs)]
-
-
-def _high_result(state: list, params: dict) -> tuple[tuple[int, int], ...]:
-    """Per task vector: the high 16 bits of its k-th largest |tau|, and that value's rank among them."""
-    return tuple(_kth_largest_bin(counts, _kept_count(params["density"], int(counts.sum()))) for counts in state)
-
-
-def _low_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) -> tuple[tuple, list[tuple]]:
-    """Per task vector: a histogram of the low 16 bits of the |tau| whose high 16 bits are the k-th largest's
-    (every other |tau| counted in one extra bin, LOW_BINS: no data-dependent selection)."""
-    parts = []
-    for bits, (high, _) in zip(_magnitudes(xs), stats[0]):
-        other = ((bits >> 16) ^ high).clamp_(max=1)  # 0 where the high bits match, else 1
-        parts.append(_histogram(((bits & 0xFFFF) | (other << 16)).clamp_(max=LOW_BINS), LOW_BINS + 1))
-    return stats[0], parts
-
-
-def _low_fold(state: tuple | None, partial: tuple[tuple, list[tuple]]) -> tuple[tuple, list]:
-    highs, parts = partial
-    return highs, _add_histograms(state[1] if state else None, parts, LOW_BINS + 1)
-
-
-def _low_result(state: tuple, params: dict) -> tuple[float, ...]:
-    """Per task vector: the exact k-th largest |tau| (the threshold: every |tau| at or above it is kept)."""
-    highs, histograms = state
-    thresholds = []
-    for (high, rank), counts in zip(highs, histograms):
-        low, _ = _kth_largest_bin(counts[:LOW_BINS], rank)
-        thresholds.append(struct.unpack("<f", struct.pack("<i", high << 16 | low))[0])
-    return tuple(thresholds)
-
-
-TIES_PASSES = (
-    StatPass(_high_partial, lambda state, partial: _add_histograms(state, partial, HIGH_BINS), _high_result),
-    StatPass(_low_partial, _low_fold, _low_result),
-)
-
 
 def _check_density(values: dict, inputs: int) -> str | None:
     density = values["density"]
@@ -256,7 +172,7 @@ def _check_density(values: dict, inputs: int) -> str | None:
 @op(inputs=(2, None), formula="base + lambda * disjoint_mean(trim(tau_i, density)); trim keeps |tau_i| >= its ceil(density * n)-th largest; gamma = sign(sum w_i t_i) (count: sign(sum sign t_i)), 0 as +; disjoint_mean = sum(w_i t_i) / sum(w_i) over the t_i of sign gamma (0/0: 0)", shorthand=("density",), passes=TIES_PASSES, check=_check_density)
 def ties(xs: list[Tensor], density: float, weights: TaskWeights | None = None, lambda_: float = 1.0, sign: Literal["sum", "count"] = "sum", stats: tuple = ()) -> Tensor:
     """TIES-merging (Yadav et al. 2023): trim each task vector to its largest magnitudes, elect a sign, average what agrees."""
-    thresholds, w = stats[1], _weights(weights, xs)
+    thresholds, w = [s.threshold for s in stats[-1]], _weights(weights, xs)
 
     def compute(s: list[Tensor], a: int, b: int) -> Tensor:
         taus = []

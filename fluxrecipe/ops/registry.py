@@ -14,6 +14,10 @@ passes over the whole tensor, for slerp's angle or TIES' threshold).
 
 A recipe writes an op as a mapping, `{lerp: {alpha: 0.3}}`, or as shorthand, `lerp:0.3`, whose values fill
 the op's `shorthand` parameters in order. Parsing needs no torch: planning and dry runs never import it.
+
+One module of some 400 lines: the declaration, the parsing and checking of a recipe's op, and the listing
+(`fluxrecipe methods`) all read the same OpSpec and Param; apart, each would restate what a parameter kind
+means.
 """
 
 from __future__ import annotations
@@ -53,11 +57,14 @@ class StatPass:
     params)` runs in a worker on a chunk (the inputs in float32, their Where, the results of the passes
     before it, the step's parameters); `fold(state, partial)` combines the partials in the main thread,
     chunks in element order, starting from None; `result(state, params)` turns the fold into the statistic
-    the op receives. A partial must not depend on how the tensor was chunked: sums go through segments.py."""
+    the op receives. The statistic must not depend on how the tensor was chunked: sums go through
+    segments.py. `needed(stats)`, where given, says from the passes before it whether this one must run (a
+    pass that is skipped reads nothing and adds no result: the op finds its statistic in an earlier one)."""
 
     partial: Callable[..., Any]  # (xs, where, stats, params) -> a partial
     fold: Callable[[Any, Any], Any]  # (state or None, partial) -> state
     result: Callable[[Any, dict[str, Any]], Any]  # (state, params) -> the statistic
+    needed: Callable[[tuple], bool] | None = None  # (the results of the passes before) -> whether to run
 
 
 @dataclass(frozen=True)

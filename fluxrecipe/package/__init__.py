@@ -18,13 +18,13 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
-from ..formats import FORMATS, diffusers
+from ..formats import FORMATS, diffusers, gguf_model
 from ..formats.safetensors import encode_header
 from ..loras import as_written
 from ..plan import Plan
 from ..recipe import DTYPES
 from ..schedule import plain
-from ..writer import MANIFEST_NAME, WRITTEN_BY, rewrite_header, write_file, write_json
+from ..writer import MANIFEST_NAME, WRITTEN_BY, rewrite_header, rewrite_start, write_file, write_json
 from .card import model_card
 
 PROVENANCE_NAME = "fluxrecipe.json"
@@ -64,7 +64,8 @@ def file_metadata(plan: Plan, result=None) -> dict[str, str]:
     recipe = pinned_recipe(plan, result)
     if not plan.single_file:
         recipe["sources"] = {name: {"local": name} if "path" in pin else pin for name, pin in recipe["sources"].items()}
-    return {"format": "pt", WRITTEN_BY: __version__, "fluxrecipe.recipe": json.dumps(recipe, separators=(",", ":"))}
+    container = {} if plan.gguf_type else {"format": "pt"}  # safetensors' own marker (a GGUF file's keys are gguf_model's)
+    return {**container, WRITTEN_BY: __version__, "fluxrecipe.recipe": json.dumps(recipe, separators=(",", ":"))}
 
 
 def header_size(plan: Plan) -> int:
@@ -73,7 +74,10 @@ def header_size(plan: Plan) -> int:
     if not plan.single_file:
         return 0
     out = plan.files[0]
-    header, _ = encode_header(out.entries(), _single_file_metadata(plan, provenance(plan, None, LISTED), DIGEST_PLACEHOLDER))
+    metadata = _single_file_metadata(plan, provenance(plan, None, LISTED), DIGEST_PLACEHOLDER)
+    if plan.gguf_type:  # the data starts at an aligned offset; the room is a multiple of every alignment
+        return gguf_model.encode(out.name, out, _gguf_metadata(plan, metadata)).tensors[0].begin + HEADER_ROOM
+    header, _ = encode_header(out.entries(), metadata)
     return len(header) + HEADER_ROOM
 
 
@@ -101,8 +105,15 @@ def _finish_file(plan: Plan, result, path: Path) -> None:
     """The single file's header again, now with the provenance and the sha256 of its data."""
     out = plan.files[0]
     metadata = _single_file_metadata(plan, provenance(plan, result, LISTED), result.files[out.name].sha256, result)
+    if plan.gguf_type:
+        rewrite_start(path, gguf_model.encode(str(path), out, _gguf_metadata(plan, metadata), header_size(plan)).data)
+        return
     entries, own, _ = as_written(out, plan.format, plan.factors, plan.lora_rank, result.lora_left_out, result.lora_ranks) if plan.factors else (out.entries(), {}, ())
     rewrite_header(path, entries, {**metadata, **own}, header_size(plan))
+
+
+def _gguf_metadata(plan: Plan, strings: dict[str, str]):
+    return gguf_model.metadata(gguf_model.file_type(plan.gguf_type), strings)
 
 
 def _single_file_metadata(plan: Plan, record: dict, data_sha256: str, result=None) -> dict[str, str]:
@@ -159,6 +170,7 @@ def provenance(plan: Plan, result, listed: int | None = None) -> dict:
         "format": plan.format,
         "rules": [_rule(r) for r in plan.recipe.rules],
         "dtype": DTYPES[plan.recipe.dtype][0],
+        **({"gguf_type": plan.gguf_type} if plan.gguf_type else {}),
         "tensors": len(plan.steps),
         "dropped": _listed([{"key": d.key, "reason": d.reason} for d in plan.dropped], listed),
         "notes": list(plan.notes),

@@ -30,6 +30,7 @@ class Cell:
     file: Path | None  # the image, or None: an empty cell
     note: str = ""  # why a cell is empty ("failed: ...", "no image")
     image: Any = None  # the image as drawn in the grid (a PIL image, scaled down to MAX_CELL at most)
+    size: tuple[int, int] | None = None  # the image file's own width and height (index.html shows it so)
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,17 @@ def build(jobs: list[Job], swept: list[str]) -> Grid | None:
     columns, cells = [], [[] for _ in rows]
     for job in jobs:
         status = "" if job.status == OK else f" ({job.status})"
-        columns.append((job, (label(swept, job.overrides) or job.name) + status))
+        columns.append((job, job_label(job, swept) + status))
         files = {(p["prompt"], p["seed"]): p["file"] for p in job.previews}
         for i, row in enumerate(rows):
             cells[i].append(_cell(job, files.get(row)))
     return Grid(columns, rows, cells)
+
+
+def job_label(job: Job, swept: list[str]) -> str:
+    """What a job is called in the grid and on the page: its values of the swept keys (its folder's name in a
+    sweep of one job)."""
+    return label(swept, job.overrides) or job.name
 
 
 def _cell(job: Job, file: Path | None) -> Cell:
@@ -69,9 +76,10 @@ def _cell(job: Job, file: Path | None) -> Cell:
             image = image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         return Cell(None, f"{file.name} cannot be read: {e}")
-    if max(image.size) > MAX_CELL:
+    size = image.size
+    if max(size) > MAX_CELL:
         image.thumbnail((MAX_CELL, MAX_CELL))
-    return Cell(file, image=image)
+    return Cell(file, image=image, size=size)
 
 
 def draw(grid: Grid, sweep_dir: Path, path: Path) -> None:

@@ -3,8 +3,9 @@
 A job is planned (sources opened, rules decided, the output's place checked: `plan_job`), its previews are
 worked out for the merged model and their pipeline checked, and what does not fit together is said (a one-file
 format with previews, keep_weights=false with nothing to keep). A sweep is then checked as a whole: a folder per
-job, the launcher, and the disk of every model it keeps (with `keep_weights=false`, only of those that exist
-at once) against the free space of the sweep folder. Every problem of every job is reported in one message,
+job, the launcher, and the disk of every model it keeps (with `keep_weights=false` and previews, none: those
+are merged in memory; without previews, only those that exist at once) against the free space of the sweep
+folder. Every problem of every job is reported in one message,
 and then nothing is launched and no folder is made.
 
 A single run's pre-flight (before Hydra makes its run folder) and a sweep's (before the launcher gets any job)
@@ -29,6 +30,7 @@ from ..recipe import Recipe
 from ..text import counted
 from ..writer import check_target
 from .previews import PREVIEW_DIR, PreviewSettings, pipeline_problems
+from .scores import ScoreRequest, scorer_problems
 from .settings import JobSettings
 
 EXIT_PROBLEMS = 1
@@ -54,7 +56,7 @@ def plan_job(settings: JobSettings, folder: Path) -> JobPlan:
     with os_errors():
         target = api.output_path(output.in_folder(folder, recipe), output.format)
         check_target(target, options.overwrite, single_file=output.single_file, dry_run=settings.dry_run)  # before any source is fetched
-        plan = api.plan(recipe, target, output.format, output.shard_size, output.lora_rank, download=not settings.dry_run, lora_energy=output.lora_energy)
+        plan = api.plan(recipe, target, output.format, output.shard_size, output.lora_rank, download=not settings.dry_run, lora_energy=output.lora_energy, gguf_type=output.gguf_type)
         api.check_output(plan, target, options.overwrite, dry_run=True)  # apart from every source (the target was checked above)
         return JobPlan(recipe, options, target, plan)
 
@@ -104,6 +106,8 @@ class JobCheck:
     folder: Path | None
     job: JobPlan | None = None  # when the job could be planned
     previews: PreviewSettings | None = None
+    scoring: ScoreRequest | None = None
+    references: Path | None = None  # where the parents' reference previews go (preview.reference): the sweep's folder
     keep_weights: bool = True
     dry_run: bool = False
     device: str = "cpu"
@@ -112,12 +116,21 @@ class JobCheck:
     cause: FluxRecipeError | None = None  # the planner's error, for traceback=true
 
     @property
+    def in_memory(self) -> bool:
+        """Merged into memory for its previews, its weights never written (keep_weights=false: cli/job.py)."""
+        return self.previews is not None and not self.keep_weights
+
+    @property
     def model_bytes(self) -> int:
-        return self.job.plan.bytes_written + SIDE_FILES if self.job is not None else 0
+        """What its model folder takes on disk at most."""
+        if self.job is None:
+            return 0
+        return SIDE_FILES if self.in_memory else self.job.plan.bytes_written + SIDE_FILES
 
 
 class PipelineChecks:
-    """previews.pipeline_problems once per pipeline and model shape: every job of a sweep usually shares them."""
+    """previews.pipeline_problems once per pipeline and model shape, scores.scorer_problems once per set of
+    scorers: every job of a sweep usually shares them."""
 
     def __init__(self) -> None:
         self.done: dict[tuple, list[str]] = {}
@@ -126,6 +139,12 @@ class PipelineChecks:
         key = (settings.pipeline, settings.kind, fetch, *(config.get(f.model_key) for f in settings.kind.fits))
         if key not in self.done:
             self.done[key] = pipeline_problems(settings, config, fetch)
+        return self.done[key]
+
+    def scorers(self, request: ScoreRequest, fetch: bool) -> list[str]:
+        key = ("scorers", request.scores, request.clip, request.aesthetic, fetch)
+        if key not in self.done:
+            self.done[key] = scorer_problems(request, fetch)
         return self.done[key]
 
 
@@ -157,11 +176,24 @@ def check_job(settings: JobSettings, check: JobCheck, launcher: Launcher | None,
             problems.append(str(e))
         if check.previews is not None and pipelines is not None:
             problems += pipelines(check.previews, config, fetch=not settings.dry_run)
+        check.scoring = settings.scoring
+        if settings.scoring is not None:
+            problems += _scoring_problems(settings, pipelines)
         if check.previews is not None and (check.folder / PREVIEW_DIR).exists():
             problems.append(f"{check.folder / PREVIEW_DIR} already exists (an earlier run in this folder): choose another " + ("hydra.sweep.dir" if multirun else "hydra.run.dir"))
     if multirun and not launcher.on_cluster and check.device != "cpu":
         problems += _device_problems(check.device)
     return check
+
+
+def _scoring_problems(settings: JobSettings, pipelines: PipelineChecks | None) -> list[str]:
+    """The scorers' models (where `pipelines` checks models), and preview.reference's names: sources of the recipe."""
+    request = settings.scoring
+    problems = pipelines.scorers(request, fetch=not settings.dry_run) if pipelines is not None else []
+    unknown = [name for name in request.reference if name not in settings.recipe.sources]
+    if unknown:
+        problems.append(f"preview.reference names {', '.join(unknown)}, which recipe '{settings.recipe.name}' has no source of: choose from {', '.join(settings.recipe.sources)}")
+    return problems
 
 
 def _device_problems(device: str) -> list[str]:
@@ -207,15 +239,18 @@ class SweepReport:
     def totals(self) -> str:
         planned = [j for j in self.jobs if j.job is not None]
         read = sum(j.job.plan.bytes_read for j in planned)
-        written = sum(j.job.plan.bytes_written for j in planned)
+        written = sum(j.job.plan.bytes_written for j in planned if not j.in_memory)
         images = sum(len(j.previews.images()) for j in self.jobs if j.previews)
-        dropped = sum(1 for j in planned if not j.keep_weights)
+        dropped = sum(1 for j in planned if not j.keep_weights and not j.in_memory)
+        in_memory = sum(1 for j in planned if j.in_memory)
         lines = [
             f"sweep: {counted(len(self.jobs), 'job')} into {self.sweep_dir}, {self.at_once} at a time; "
             f"reads {human_bytes(read)}, writes {human_bytes(written)}" + (f", renders {images} preview images" if images else ""),
         ]
         if dropped:
             lines.append(f"  keep_weights=false: {dropped} of the models are deleted after their previews")
+        if in_memory:
+            lines.append(f"  keep_weights=false: {in_memory} of the models are merged in memory for their previews, their weights never written")
         if self.free is not None:
             lines.append(f"  disk: needs {human_bytes(self.need)} at most in {self.sweep_dir}, {human_bytes(self.free)} free")
         return "\n".join(lines)
@@ -252,10 +287,11 @@ def _check_folders(report: SweepReport) -> None:
 
 
 def _check_disk(report: SweepReport) -> None:
-    """The sweep's disk at its fullest: every model kept, plus the largest ones that exist at once before their
-    previews are done and their weights deleted (keep_weights=false), plus the previews."""
-    kept = sum(j.model_bytes for j in report.jobs if j.keep_weights)
-    passing = sorted((j.model_bytes for j in report.jobs if not j.keep_weights), reverse=True)[: report.at_once]
+    """The sweep's disk at its fullest: every model kept (of one merged in memory, its folder without weights),
+    plus the largest ones that exist at once before their weights are deleted (keep_weights=false without
+    previews), plus the previews."""
+    kept = sum(j.model_bytes for j in report.jobs if j.keep_weights or j.in_memory)
+    passing = sorted((j.model_bytes for j in report.jobs if not j.keep_weights and not j.in_memory), reverse=True)[: report.at_once]
     report.need = kept + sum(passing) + sum(j.previews.disk_bytes for j in report.jobs if j.previews)
     existing = report.sweep_dir.absolute()
     while not existing.exists() and existing != existing.parent:

@@ -2,14 +2,17 @@
 
 `preview=true` renders a fixed set of prompts with fixed seeds through the diffusers pipeline of the merged
 model's family (families/: its Preview names the pipeline class, its default repo and defaults): the merged
-transformer, loaded from the job's output folder, with the text encoders, tokenizers, VAE and scheduler of
+transformer, loaded from the job's output folder or made of a merge's tensors in memory (keep_weights=false:
+the candidate is never written), with the text encoders, tokenizers, VAE and scheduler of
 `preview.pipeline` (a hub repo or a local pipeline folder; by default the family's). The settings that are
 not given follow the merged model, as its family says: FLUX.1: few steps and no guidance for a model without
 a guidance embedder (schnell-like), guidance 3.5 for one with (`guidance_embeds: true`).
 
 The prompts are encoded once per process, by the pipeline's own `encode_prompt`, and the text encoders let go
 before the transformer is loaded: the embeddings do not depend on the transformer, so a sweep run by the basic
-launcher encodes them once, and the GPU never holds the text encoders and the transformer at once. Every image is drawn from a CPU generator seeded with its
+launcher encodes them once, and the GPU never holds the text encoders and the transformer at once. The rest of
+the pipeline (VAE, scheduler) is loaded once per process as well; each job puts its transformer into it and
+takes it out again, so a process holds one transformer at a time. Every image is drawn from a CPU generator seeded with its
 seed, so the same settings give the same pixels wherever the latents are then denoised.
 
 Each job writes `previews/`: one PNG per prompt and seed, and `previews.json` (the settings, and the prompt,
@@ -273,15 +276,32 @@ def pipeline_folder(settings: PreviewSettings) -> Path:
 # --- rendering ---------------------------------------------------------------------------------------------
 
 _embeddings: dict[tuple, list[dict[str, Any]]] = {}  # (pipeline, prompts, device, ...) -> per prompt the call's text inputs
+_pipelines: dict[tuple, Any] = {}  # (pipeline, class, device, offload, dtype) -> the pipeline without text encoders and transformer
 
 
-def render(transformer_dir: Path, settings: PreviewSettings, device: str, folder: Path) -> Path:
-    """Render every image of `settings` with the transformer in `transformer_dir` into `folder`, whole or not
-    at all; returns the folder."""
+@dataclass(frozen=True)
+class InMemoryModel:
+    """A merged transformer that was never written: its tensors by diffusers parameter name (api.merge_in_memory)
+    and its config. The renderer takes the tensors out of the dict, so the transformer is their only holder."""
+
+    tensors: dict[str, Any]
+    config: dict[str, Any]
+
+
+def prepare(settings: PreviewSettings, device: str) -> None:
+    """What rendering needs besides the transformer, made before a merge in memory (so the text encoders and the
+    merged tensors are never in memory together) and kept for the process's later jobs."""
     import torch
 
-    with _quiet():  # transformers warns about optional image backends as the pipelines' modules are imported
-        import diffusers
+    location = pipeline_folder(settings)
+    _prompt_embeddings(settings, location, device, torch.bfloat16)
+    _pipeline(settings, location, device, torch.bfloat16)
+
+
+def render(model: Path | InMemoryModel, settings: PreviewSettings, device: str, folder: Path) -> Path:
+    """Render every image of `settings` into `folder`, whole or not at all, with the merged transformer: loaded
+    from the folder `model`, or made of a merge's tensors in memory. Returns the folder."""
+    import torch
 
     if folder.exists():
         raise OutputError(f"{folder} already exists: previews are written once per job folder")
@@ -291,14 +311,10 @@ def render(transformer_dir: Path, settings: PreviewSettings, device: str, folder
     location = pipeline_folder(settings)  # local: loading it never asks the hub again
     dtype = torch.bfloat16
     embeddings = _prompt_embeddings(settings, location, device, dtype)
+    pipe = _pipeline(settings, location, device, dtype)
     try:
-        with _quiet():
-            transformer = getattr(diffusers, settings.model_class).from_pretrained(transformer_dir, torch_dtype=dtype)
-            pipe = getattr(diffusers, settings.kind.pipeline).from_pretrained(
-                location, transformer=transformer, torch_dtype=dtype, **dict.fromkeys(_text_components(settings.kind.pipeline))
-            )
+        pipe.transformer = _transformer(model, settings, dtype)
         _place(pipe, device, settings.offload)
-        pipe.set_progress_bar_config(disable=True)
         partial.mkdir(parents=True)
         images = []
         for index, prompt, seed, name in settings.images():
@@ -322,11 +338,57 @@ def render(transformer_dir: Path, settings: PreviewSettings, device: str, folder
         shutil.rmtree(partial, ignore_errors=True)
         raise
     finally:
+        pipe.remove_all_hooks()  # the offload hooks hold the transformer: the pipeline kept for the next job holds none
+        pipe.transformer = None
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     size = sum(f.stat().st_size for f in folder.iterdir())
     log.info(f"previews: {len(images)} image(s) in {folder} ({human_bytes(size)}, {seconds:.1f} s)")
     return folder
+
+
+def _transformer(model: Path | InMemoryModel, settings: PreviewSettings, dtype):
+    """The merged transformer in `dtype`, as diffusers' from_pretrained(torch_dtype=dtype) makes it of the written
+    folder: from a merge in memory, its tensors converted as that loader converts them (none for a bf16 merge:
+    the tensors the merge filled are the parameters), the model built under that default dtype, in eval mode."""
+    import torch
+
+    with _quiet():
+        import diffusers
+
+        model_class = getattr(diffusers, settings.model_class)
+        if isinstance(model, Path):
+            return model_class.from_pretrained(model, torch_dtype=dtype)
+        from accelerate import init_empty_weights
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with init_empty_weights():
+            transformer = model_class.from_config(model.config)
+    finally:
+        torch.set_default_dtype(default)
+    state = {key: model.tensors.pop(key).to(dtype) for key in list(model.tensors)}  # a converted tensor's original goes at once
+    transformer.load_state_dict(state, strict=True, assign=True)
+    return transformer.eval()
+
+
+def _pipeline(settings: PreviewSettings, location: Path, device: str, dtype):
+    """The preview pipeline but its text encoders (the prompts are encoded once: _prompt_embeddings) and its
+    transformer (each job's): the VAE and scheduler, loaded once per process and pipeline."""
+    with _quiet():
+        import diffusers
+
+    key = (location, settings.kind.pipeline, device, settings.offload, str(dtype))
+    if key not in _pipelines:
+        _pipelines.clear()  # one at a time: another pipeline's VAE need not stay in memory
+        with _quiet():
+            pipe = getattr(diffusers, settings.kind.pipeline).from_pretrained(
+                location, transformer=None, torch_dtype=dtype, **dict.fromkeys(_text_components(settings.kind.pipeline))
+            )
+        pipe.set_progress_bar_config(disable=True)
+        _pipelines[key] = pipe
+    return _pipelines[key]
 
 
 def _prompt_embeddings(settings: PreviewSettings, location: Path, device: str, dtype) -> list[dict[str, Any]]:

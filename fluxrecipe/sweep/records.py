@@ -28,6 +28,7 @@ from ..files import read_small
 from ..writer import replace_json
 from .labels import split_override
 from .previews import PREVIEW_DIR, read_previews
+from .scores import read_scores
 
 log = logging.getLogger("fluxrecipe")
 
@@ -76,6 +77,7 @@ def run_recorded(job_dir: Path, overrides: list[str], job: Callable[[], Any], sh
             status.update(output=output, bytes_read=value.bytes_read, bytes_written=value.bytes_written)
         else:
             status["status"] = DRY_RUN
+    status.update(read_scores(job_dir) or {})  # the job's scores (scores.py), where it was asked for them
     replace_json(job_dir / JOB_STATUS_NAME, status)
     return status
 
@@ -113,6 +115,10 @@ class Job:
     previews: list[dict[str, Any]] = field(default_factory=list)  # {prompt, seed, file}, from previews/previews.json
     preview_settings: dict[str, Any] = field(default_factory=dict)
     preview_error: str | None = None  # previews.json is there but cannot be read
+    scores: dict[str, float] = field(default_factory=dict)  # score -> the mean over the job's images (preview.score)
+    image_scores: list[dict[str, Any]] = field(default_factory=list)  # {prompt (index), seed, score: value, ...}
+    objective: float | list[float] | None = None  # search.objective's value (a list: a Pareto front's objectives)
+    parents: dict[str, int] | None = None  # {better, of}: images better than every unmerged parent (preview.reference)
 
     def override_map(self) -> dict[str, str]:
         return dict(split_override(o) for o in self.overrides)
@@ -162,6 +168,7 @@ def _read_job(sweep_dir: Path, folder: Path) -> Job:
         job.status, job.error = FAILED, str(e)
         return job
     job.status, job.error, job.seconds, job.bytes_written = status["status"], status["error"], status["seconds"], status["bytes_written"]
+    job.scores, job.image_scores, job.objective, job.parents = status["scores"] or {}, status["image_scores"] or [], status["objective"], status["parents"]
     if status["output"]:
         job.output = folder / status["output"]  # relative to the job folder (an absolute one: as a job wrote it before)
         if not job.output.exists() and (folder / job.output.name).exists():  # the sweep folder was moved or copied
@@ -213,9 +220,28 @@ def _record(value: Any, where: str) -> dict[str, Any]:
     for key, types in kinds.items():
         if not isinstance(record[key], types) or isinstance(record[key], bool):
             raise DamagedFile(f"{where}: {key} is {json.dumps(record[key])[:80]}, which a job never writes")
+    record.update(_scores_of(value, where))
     if record["status"] not in (OK, FAILED, DRY_RUN):
         raise DamagedFile(f"{where}: status {record['status']!r} is none of {OK}, {FAILED}, {DRY_RUN}")
     return record
+
+
+def _scores_of(value: dict, where: str) -> dict[str, Any]:
+    """A record's scores (scores.py), with the types a job writes, or DamagedFile."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    out = {key: value.get(key) for key in ("scores", "image_scores", "objective", "parents")}
+    scores, images, objective, parents = out.values()
+    good = (
+        (scores is None or (isinstance(scores, dict) and all(isinstance(k, str) and number(v) for k, v in scores.items())))
+        and (images is None or (isinstance(images, list) and all(isinstance(i, dict) and all(number(v) for v in i.values()) for i in images)))
+        and (objective is None or number(objective) or (isinstance(objective, list) and all(map(number, objective))))
+        and (parents is None or (isinstance(parents, dict) and set(parents) == {"better", "of"} and all(isinstance(v, int) for v in parents.values())))
+    )
+    if not good:
+        raise DamagedFile(f"{where}: its scores are not what a job writes")
+    return out
 
 
 def _diagnostics(path: Path) -> tuple[dict, dict]:

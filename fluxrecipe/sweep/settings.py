@@ -10,6 +10,7 @@ from .. import formats
 from ..options import Options
 from ..recipe import Recipe
 from .previews import PreviewRequest
+from .scores import ScoreRequest
 
 DEFAULT_MODEL_FOLDER = "transformer"  # a job's model in its own folder, where no output is given
 
@@ -23,6 +24,7 @@ class OutputSettings:
     shard_size: int  # bytes per shard at most (format=diffusers)
     lora_rank: int | None  # the rank of a LoRA output (format=lora, lora_peft, lora_comfyui); None: not given (16, or LoRAs alone: exact)
     lora_energy: float | None = None  # LoRAs alone: the fraction of each module's squared norm that sets its rank
+    gguf_type: str | None = None  # format=gguf: the whole file's type
 
     @property
     def single_file(self) -> bool:
@@ -32,7 +34,7 @@ class OutputSettings:
         """The output: the one asked for, else `transformer` (or RECIPE.safetensors) in the job's folder."""
         if self.path is not None:
             return self.path
-        return folder / (f"{recipe.name}.safetensors" if self.single_file else DEFAULT_MODEL_FOLDER)
+        return folder / (f"{recipe.name}{formats.FORMATS[self.format].suffix}" if self.single_file else DEFAULT_MODEL_FOLDER)
 
 
 @dataclass(frozen=True)
@@ -43,5 +45,6 @@ class JobSettings:
     options: Options  # how the engine executes the plan
     output: OutputSettings
     previews: PreviewRequest | None  # None: no previews (preview=false)
+    scoring: ScoreRequest | None = None  # None: no scores (preview.score=[])
     keep_weights: bool = True  # false: delete the weights once the previews are done
     dry_run: bool = False  # plan and print, write nothing

@@ -1,205 +1,43 @@
-"""Rules x keys -> a Plan: one step per output tensor. Every check runs here, before any tensor byte is read.
-
-The plan is plain data, in canonical keys (diffusers' names) whatever the sources' and the output's layouts:
-which rule decided each key, which source tensors feed it (byte pieces, dtype, shape), the op and its
-parameters for that key, the dtype it is rounded to; what is dropped and why; the output's files, each
-tensor of which is a list of element ranges of steps (a rename, or BFL's fused and swapped tensors); and the
-config the output carries. It can be printed (`dry_run=true`) and tested without touching a tensor, and
-the executor needs nothing else.
-"""
+"""Rules x keys -> a Plan (make_plan), with every check that needs the sources' headers: which rule decides
+each key, its inputs, the families, the schedules, the output's files and config, the notes. Some 440
+lines: make_plan and the checks it runs in order, each a function of a few lines, read top to bottom (a
+split would separate a check from the one step of make_plan that calls it)."""
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import regex
 
-from . import schedule
-from .architecture import config_fields, expected_parameters, mismatch
-from .errors import PlanError
-from .families import Family
-from .formats import FORMATS, bfl
-from .formats.layout import OutFile, TensorRef
-from .formats.safetensors import ITEMSIZE
-from .loras import Factor, LoraFile, LoraSummary, Patch, lora_notes, lora_output, plan_patches
-from .ops import OPS, OpCall, identity_of
-from .recipe import DTYPES, MATCH_SECONDS, MIXED, Recipe, Rule, describe_rule
-from .sources import Checkpoint
-from .text import cut, printable, some_keys
+from .. import schedule
+from ..architecture import config_fields, expected_parameters, mismatch
+from ..errors import PlanError
+from ..families import Family
+from ..formats import FORMATS, bfl, gguf_model
+from ..formats.gguf import BLOCK_TYPES
+from ..formats.layout import OutFile, TensorRef
+from ..loras import Factor, LoraFile, LoraSummary, lora_notes, lora_output, plan_patches
+from ..ops import OPS, identity_of
+from ..recipe import DTYPES, MATCH_SECONDS, MIXED, Recipe, Rule
+from ..sources import Checkpoint
+from ..text import cut, some_keys
+from .data import Dropped, Plan, PlannedRecipe, SourceSummary, Step
 
-SHOWN = 6  # how many keys a message lists before it says "and N more"
 MAX_HINT = 200  # characters: a suggested rule longer than this would be no help (it would list the keys)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One canonical output tensor: the rule that decided it, its op and parameters (plain numbers: a
-    per-block schedule resolved for this key), its inputs in order, the dtype it is rounded to (scaled: fp8
-    with a per-tensor scale) and its shape."""
-
-    key: str
-    rule: int
-    op: str
-    params: tuple[tuple[str, Any], ...]
-    inputs: tuple[TensorRef, ...]
-    dtype: str
-    shape: tuple[int, ...]
-    scaled: bool = False
-    patches: tuple[Patch, ...] = ()  # the LoRAs baked into this tensor, in order (loras.py)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
-
-    @property
-    def values(self) -> dict[str, Any]:
-        return dict(self.params)
-
-    @property
-    def copies_bytes(self) -> bool:
-        """An identity op (`take`) into the same dtype, unscaled either side: the bytes are copied as they are, never decoded."""
-        src = self.inputs[0] if self.inputs else None
-        return OPS[self.op].identity and src.dtype == self.dtype and src.scale is None and not self.scaled and not self.patches
-
-    @property
-    def bytes_read(self) -> int:
-        return sum(t.nbytes for t in self.inputs) + sum(p.nbytes for p in self.patches)
-
-
-@dataclass(frozen=True)
-class Dropped:
-    key: str
-    reason: str
-    rule: int | None = None  # the drop rule, when a rule dropped it
-
-
-@dataclass(frozen=True)
-class SourceSummary:
-    name: str
-    spec: str
-    origin: dict[str, str]
-    folder: str
-    tensors: int
-    nbytes: int
-    dtypes: tuple[str, ...]
-    layout: str = "diffusers"
-    ignored: tuple[tuple[str, int], ...] = ()  # what its files hold besides the transformer: group, keys
-    location: str = ""  # what was read: the folder, or the single file
-    downloaded: bool = True  # False: planned from headers read on the hub, its weights not downloaded (a dry run)
-    model: str = ""  # its family and variant: 'FLUX.1 schnell', 'FLUX.2 klein 4B'
-
-
-@dataclass(frozen=True)
-class PlannedRule:
-    """A recipe rule as the plan keeps it: what the printed plan, the card and provenance say of it."""
-
-    index: int
-    match: str
-    op: OpCall  # as written
-    sources: tuple[str, ...]
-    dtype: str | None
-    params: dict[str, Any]  # checked, defaults filled in (schedules as schedule.Schedule)
-
-    def describe(self) -> str:
-        return describe_rule(self.index, self.match, self.op)
-
-
-@dataclass(frozen=True)
-class PlannedRecipe:
-    """What the plan keeps of its recipe: plain data, for the printed plan, packaging and provenance."""
-
-    name: str
-    file: str | None
-    description: str
-    base: str
-    dtype: str  # the output dtype by name, for keys whose rule names none
-    params: dict[str, Any]  # named parameters (alpha, ...)
-    rules: tuple[PlannedRule, ...]
-    written: dict[str, Any]  # the recipe as composed, interpolations kept (a pinned recipe is built from it)
-    content_hashes: dict[str, str]  # source -> the content hash the recipe pins (a replay must read the same bytes)
-
-    @classmethod
-    def of(cls, recipe: Recipe) -> PlannedRecipe:
-        rules = tuple(PlannedRule(r.index, r.match, r.op, r.sources, r.dtype, r.params) for r in recipe.rules)
-        hashes = {name: spec.content_hash for name, spec in recipe.sources.items() if spec.content_hash}
-        return cls(recipe.name, recipe.file, recipe.description, recipe.base, recipe.dtype, recipe.params, rules, recipe.written, hashes)
-
-
-@dataclass(frozen=True)
-class RuleStats:
-    rule: PlannedRule
-    keys: int
-    bytes_read: int
-    bytes_written: int
-
-
-@dataclass(frozen=True)
-class Plan:
-    recipe: PlannedRecipe
-    format: str  # "diffusers" (a folder); "bfl", "comfyui", "lora" or "lora_peft" (one file)
-    sources: tuple[SourceSummary, ...]
-    steps: tuple[Step, ...]
-    files: tuple[OutFile, ...]
-    dropped: tuple[Dropped, ...]
-    config: dict[str, Any]
-    notes: tuple[str, ...]
-    loras: tuple[LoraSummary, ...] = ()  # the LoRAs baked in
-    factors: tuple[Factor, ...] = ()  # format=lora / lora_peft: the matrices of the LoRA file, in order
-    lora_rank: int | None = None  # format=lora / lora_peft: the rank asked for
-    lora_energy: float | None = None  # a LoRA output: each matrix's rank the smallest keeping this fraction of its squared norm, at most lora_rank
-    family: Family | None = None  # the output's (the base's) model family
-    lora_space: Any = None  # lora_space.LoraSpace: a recipe with loras and no sources, written as a LoRA (no steps)
-
-    @property
-    def single_file(self) -> bool:
-        return FORMATS[self.format].single_file
-
-    @property
-    def bytes_read(self) -> int:
-        held = sum(c.down.nbytes + sum(r.up.nbytes for r in c.rows) for m in self.lora_space.modules for c in m.contributions) if self.lora_space else 0
-        return sum(s.bytes_read for s in self.steps) + sum(b.nbytes for f in self.factors for b, c in zip(f.bases, f.changed) if c) + held
-
-    @property
-    def bytes_written(self) -> int:
-        return sum(f.nbytes for f in self.files)
-
-    def step(self, key: str) -> Step:
-        return self._by_key()[key]
-
-    def _by_key(self) -> dict[str, Step]:
-        cached = self.__dict__.get("_steps_by_key")
-        if cached is None:
-            cached = {s.key: s for s in self.steps}
-            object.__setattr__(self, "_steps_by_key", cached)
-        return cached
-
-    def rule_stats(self) -> list[RuleStats]:
-        keys, read, written = Counter(), Counter(), Counter()
-        for s in self.steps:
-            keys[s.rule] += 1
-            read[s.rule] += s.bytes_read
-            written[s.rule] += 0 if self.factors else s.nbytes  # a LoRA output writes factors, not steps
-        keys.update(d.rule for d in self.dropped if d.rule is not None)
-        return [RuleStats(r, keys[r.index], read[r.index], written[r.index]) for r in self.recipe.rules]
 
 
 def make_plan(
     recipe: Recipe, checkpoints: dict[str, Checkpoint], shard_size: int, output_format: str = "diffusers", file_name: str = "model.safetensors",
-    loras: dict[str, LoraFile] | None = None, lora_rank: int = 16, lora_energy: float | None = None,
+    loras: dict[str, LoraFile] | None = None, lora_rank: int = 16, gguf_type: str | None = None, lora_energy: float | None = None,
 ) -> Plan:
     """Decide every output key and lay out the output's files; raises PlanError when recipe and sources do
     not fit together, or the output could not be loaded as what it claims to be. `loras`: the recipe's
-    LoRAs, opened; `lora_rank`: the rank of a LoRA output (format=lora, lora_peft)."""
+    LoRAs, opened; `lora_rank`: the rank of a LoRA output (format=lora, lora_peft); `gguf_type`: the whole
+    file's type of format=gguf (default Q8_0)."""
     base = checkpoints[recipe.base]
     family = base.family
     foreign = _check_families(recipe, checkpoints)
@@ -224,6 +62,7 @@ def make_plan(
     _check_schedules(recipe, decided, blocks)
 
     single = FORMATS[output_format].single_file
+    whole_file = gguf_model.file_type(gguf_type) if output_format == "gguf" else None
     steps, dropped, notes = [], [], []
     alone: Counter[str] = Counter()  # foreign source -> keys its rules take from the base alone
     for key, rule in decided.items():
@@ -235,7 +74,13 @@ def make_plan(
         inputs = (base.tensors[key],) if unshared else _inputs(rule, key, checkpoints, recipe.base, decided)
         shape = base.tensors[key].shape
         name = rule.dtype or recipe.dtype
-        dtype, scaled = DTYPES[MIXED[name] if name in MIXED and family.high_precision(key, shape) else name]
+        if whole_file is not None:  # a ggml type per tensor: the rule's, or the file's
+            wanted = gguf_model.rule_type(rule.dtype, rule.where) if rule.dtype else whole_file
+            dtype, scaled = gguf_model.wanted_type(key, shape, wanted, rule.dtype is not None, family).name, False
+        else:
+            dtype, scaled = DTYPES[MIXED[name] if name in MIXED and family.high_precision(key, shape) else name]
+        if dtype in BLOCK_TYPES and whole_file is None:
+            raise PlanError(f"{rule.where if rule.dtype else f'recipe {recipe.name!r}'}: dtype {name} is a GGUF type, which only format=gguf writes")
         if scaled and not single:
             raise PlanError(f"{rule.where}: fp8_scaled is written only in the single-file formats (format=bfl or format=comfyui); diffusers cannot load it: use fp8")
         if scaled and not _scalable(key, shape):
@@ -243,6 +88,11 @@ def make_plan(
         op, params = identity_of(recipe.base) if unshared else (rule.op.name, schedule.resolve(rule.params, key, blocks))
         steps.append(Step(key, rule.index, op, params, inputs, dtype, shape, scaled))
     notes += _mix_notes(recipe, checkpoints, foreign, steps, alone)
+    if whole_file is not None:
+        stored = gguf_model.stored_types({s.key: s.shape for s in steps}, {s.key: s.dtype for s in steps}, family)
+        steps = [replace(s, dtype=stored[s.key]) for s in steps]
+    if whole_file is not None and "dtype" in recipe.written:
+        notes.append(f"format=gguf: the recipe's dtype {recipe.dtype} is not used; tensors whose rule names no dtype are {whole_file.name} (gguf_type=), or kept in high precision")
     dropped += _not_in_base(recipe, checkpoints)
     _check_fits_config(recipe, config, steps, family)
     summaries: list[LoraSummary] = []
@@ -275,6 +125,7 @@ def make_plan(
         lora_rank=lora_rank if factors else None,
         lora_energy=lora_energy if factors else None,
         family=family,
+        gguf_type=whole_file.name if whole_file is not None else None,
     )
 
 
@@ -606,125 +457,3 @@ def _notes(recipe: Recipe, steps: list[Step], checkpoints: dict[str, Checkpoint]
 
 def _rule_dtype(recipe: Recipe, index: int) -> str:
     return recipe.rules[index].dtype or recipe.dtype
-
-
-def format_plan(plan: Plan) -> str:
-    """The plan as a person reads it: sources, per-rule counts and bytes, drops, totals, notes."""
-    r = plan.recipe
-    lines = [f"recipe {r.name}" + (f" ({r.file})" if r.file else "")]
-    if r.description:
-        lines.append(f"  {r.description}")
-    if r.params:
-        lines.append("  parameters: " + ", ".join(f"{k}={_brief(v)}" for k, v in r.params.items()))
-    lines += ["sources:"] if plan.sources else []
-    for s in plan.sources:
-        where = ", ".join(f"{k} {v}" for k, v in s.origin.items())
-        mark = "  (base)" if s.name == r.base else ""
-        lines.append(f"  {s.name:<12} {s.spec}{mark}")
-        lines.append(f"  {'':<12} {s.model}: {s.tensors} tensors ({s.layout} layout), {human_bytes(s.nbytes)}, {'/'.join(s.dtypes)}; {where}")
-        lines.append(f"  {'':<12} {s.folder}" + ("" if s.downloaded else "  (headers read on the hub; weights not downloaded)"))
-    where = f"one {plan.format} file, {plan.files[0].name}" if plan.single_file else f"a {plan.format} folder"
-    if plan.lora_space:
-        from .lora_space import describe
-
-        lines.append(f"output: {where}: a LoRA made of LoRAs, no model: {describe(plan.lora_space)}")
-    elif plan.factors:
-        matrices = [f for f in plan.factors if f.rank]
-        exact = sum(f.exact for f in matrices)
-        lines.append(
-            f"output: {where}: a LoRA of rank {plan.lora_rank}, the difference between the recipe's result and base '{r.base}'; "
-            f"{len(matrices)} matrices factored ({exact} by exact SVD, {len(matrices) - exact} by randomized SVD), the relative error of each reported after the run"
-            + (f"; each matrix's rank the smallest keeping {plan.lora_energy:g} of its squared norm, at most {plan.lora_rank}" if plan.lora_energy is not None else "")
-        )
-    else:
-        flag = "".join(f", {f}: {json.dumps(plan.config[f])}" for f in plan.family.flags if f in plan.config)
-        lines.append(f"output: {where}; {r.base}'s architecture ({plan.config.get('_class_name')}{flag})")
-    lines += ["rules:"] if plan.recipe.rules else []
-    width = max((len(repr(x.rule.match)) for x in plan.rule_stats()), default=0)
-    for x in plan.rule_stats():
-        src = f" over {', '.join(x.rule.sources)}" if x.rule.op.spec.over_rule_sources else ""
-        dtype = f" -> {x.rule.dtype}" if x.rule.dtype else ""
-        lines.append(
-            f"  [{x.rule.index}] {x.rule.match!r:<{width}}  {_op_text(x.rule) + src + dtype:<32} {x.keys:>5} keys"
-            f"  read {human_bytes(x.bytes_read):>9}  write {human_bytes(x.bytes_written):>9}"
-        )
-        lines += _block_values(plan, x.rule)
-    if plan.loras:
-        lines.append("loras (combined as LoRAs):" if plan.lora_space else "loras (added to the rules' result in float32, before the one rounding):")
-        for lora in plan.loras:
-            lines.append(f"  {lora.name:<12} {lora.spec}")
-            lines.append(f"  {'':<12} {lora.describe()}")
-    if plan.dropped:
-        lines.append(f"dropped ({len(plan.dropped)} keys):")
-        by_reason: dict[str, list[str]] = defaultdict(list)
-        for d in plan.dropped:
-            by_reason[d.reason].append(d.key)
-        for reason, keys in by_reason.items():
-            lines.append(f"  {reason}: {some_keys(keys)}")
-    copies = 0 if plan.factors else sum(s.copies_bytes for s in plan.steps)
-    dtypes = "/".join(sorted({s.dtype + (" scaled" if s.scaled else "") for s in plan.steps} | ({plan.lora_space.dtype} if plan.lora_space else set())))
-    tensors = sum(len(f.entries()) for f in plan.files)
-    lines.append(
-        f"total: {tensors} tensors in {len(plan.files)} file(s), {dtypes}; "
-        f"read {human_bytes(plan.bytes_read)}, write {human_bytes(plan.bytes_written)}"
-        + (f"; {copies} tensors copied byte for byte" if copies else "")
-    )
-    lines += [f"note: {n}" for n in plan.notes]
-    return "\n".join(printable(line) for line in lines)
-
-
-def _brief(value: Any) -> str:
-    """A recipe parameter for the plan's header: a long schedule is printed block by block under its rules."""
-    if not isinstance(value, (list, dict)):
-        return str(value)
-    text = str(schedule.parse(value))
-    return text if len(text) <= 80 else "per block (values under the rules)"
-
-
-def _op_text(rule: PlannedRule) -> str:
-    """The op as the rules table shows it: a schedule (printed block by block below) as `per block`."""
-    scheduled = {n for n, v in rule.params.items() if schedule.schedules_in(v)}
-    if not scheduled:
-        return str(rule.op)
-    shown = ", ".join(f"{n}: per block" if n in scheduled else f"{n}: {v}" for n, v in rule.op.params)
-    return f"{rule.op.name}{{{shown}}}"
-
-
-def _block_values(plan: Plan, rule: PlannedRule) -> list[str]:
-    """The value each block gets from the rule's scheduled parameters, in model order; a run of blocks with
-    the same value on one line."""
-    lines = []
-    for name in (n for n, v in rule.params.items() if schedule.schedules_in(v)):
-        per_block = {}
-        for step in plan.steps:
-            if step.rule == rule.index:
-                per_block.setdefault(plan.family.block_of(step.key) or step.key, step.values[name])
-        runs: list[list] = []  # [first block, last block, value]
-        for block in sorted(per_block, key=plan.family.block_order):
-            if runs and runs[-1][2] == per_block[block]:
-                runs[-1][1] = block
-            else:
-                runs.append([block, block, per_block[block]])
-        lines.append(f"      {name} by block:")
-        width = max(len(_run_name(a, b)) for a, b, _ in runs)
-        lines += [f"        {_run_name(a, b):<{width}}  {_number_text(v)}" for a, b, v in runs]
-    return lines
-
-
-def _run_name(first: str, last: str) -> str:
-    return first if first == last else f"{first} .. {last}"
-
-
-def _number_text(value: Any) -> str:
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_number_text(v) for v in value) + "]"
-    return schedule.number_text(value)
-
-
-def human_bytes(n: float) -> str:
-    if n < 1000:
-        return f"{n:.0f} B"
-    for unit in ("KB", "MB", "GB", "TB"):
-        n /= 1000
-        if n < 1000 or unit == "TB":
-            return f"{n:.2f} {unit}"
