@@ -3,6 +3,7 @@
     python benchmarks/lora_bench.py --full --sparse --cap 1024      # FLUX.1's size, two rank-64 LoRAs
     python benchmarks/lora_bench.py --double 1 --single 3           # FLUX width, 0.82 B parameters, real data
     python benchmarks/lora_bench.py --double 1 --single 3 --extract # a merge written as a LoRA (format=lora)
+    python benchmarks/lora_bench.py --full --toolkit --cap 1024     # LoRAs alone: merged, cut, resized
 
 Generates one source the way the hub lays out FLUX.1 (merge_bench.generate) and two kohya LoRAs of rank
 --rank on every Linear module of it (BFL's module names, fused q/k/v and linear1 included; random bf16, always
@@ -14,6 +15,10 @@ fluxrecipe runs in a fresh memory cgroup capped at --cap MiB, page cache include
 With --extract it instead generates a second source (other random weights) and writes what it learned over the
 first as a kohya LoRA of rank --rank (format=lora): every matrix's whole difference is held and factored,
 so its memory is bounded by the largest matrix (BFL's linear1: 21504 x 3072 in float32, 264 MB).
+With --toolkit no model is generated: two rank-64 kohya LoRAs and one of rank 128 (FLUX width, --double and
+--single blocks) are combined with no model, as recipes of LoRAs alone (lora_space.py): the two merged exactly
+(format=lora, rank 128), the two cut to lora_rank=64 (their sum's best rank-64 approximation), and the rank-128
+one resized to lora_rank=32 (recipe=convert_lora); warm cache (the LoRAs were just written).
 `--sparse` writes the source as a sparse file (zeros: no disk space, read at memory speed); the LoRAs and the
 output are real. Prints one Markdown table.
 """
@@ -30,12 +35,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_bench import REPO, arguments, floor_seconds, generate, parsed, prepare_cache, run_measured
+from merge_bench import FLUX, REPO, arguments, floor_seconds, generate, parsed, prepare_cache, run_measured
 
 from fluxrecipe import families
 from fluxrecipe.architecture import expected_parameters
 from fluxrecipe.formats import bfl
-from fluxrecipe.formats.lora import kohya_names
+from fluxrecipe.formats.lora import module_names
 from fluxrecipe.plan import human_bytes
 from fluxrecipe.writer import open_safetensors
 
@@ -51,8 +56,9 @@ def make_lora(path: Path, config: dict, rank: int, seed: int) -> None:
     """A kohya LoRA of `rank` on every Linear module of the model `config` describes, in BFL's module names."""
     entries = []
     for module, (rows, cols) in lora_modules(config):
-        down, up, alpha = kohya_names(module)
-        entries += [(down, "BF16", (rank, cols)), (up, "BF16", (rows, rank)), (alpha, "F32", ())]
+        down, up, alpha = module_names("kohya", module)
+        r = min(rank, rows, cols)  # as a trainer caps it (img_in reads 64 channels)
+        entries += [(down, "BF16", (r, cols)), (up, "BF16", (rows, r)), (alpha, "F32", ())]
     gen = torch.Generator().manual_seed(seed)
     f = open_safetensors(path, entries, {"format": "pt"})
     for _, dtype, shape in entries:
@@ -87,7 +93,15 @@ def main() -> None:
     ap = arguments(__doc__)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--extract", action="store_true", help="write a second source's difference to the first as a LoRA, instead of baking LoRAs in")
+    ap.add_argument("--toolkit", action="store_true", help="merge, cut and resize LoRAs with no model (recipes of LoRAs alone), instead of baking them in")
     args, scratch = parsed(ap)
+    if args.toolkit:
+        try:
+            toolkit(args, scratch)
+        finally:
+            if not args.keep and args.dir is None:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return
     source, recipes = scratch / "model", scratch / "recipes"
     loras = [scratch / "style.safetensors", scratch / "detail.safetensors"]
     try:
@@ -171,6 +185,35 @@ def extract(args, scratch: Path, source: Path, tuned: Path) -> None:
     if errors:
         what = "zeros: no difference" if args.sparse else "random weights: a difference of full rank"
         print(f"relative errors of the {len(errors)} matrices logged last: median {sorted(errors)[len(errors) // 2]:.3e}, largest {max(errors):.3e} ({what})")
+
+
+def toolkit(args, scratch: Path) -> None:
+    """Recipes of LoRAs alone: the two rank-64 LoRAs merged exactly and cut to rank 64, a rank-128 one resized to 32."""
+    config = {**FLUX, "num_layers": args.double, "num_single_layers": args.single, "guidance_embeds": True}
+    style, detail, wide = scratch / "style.safetensors", scratch / "detail.safetensors", scratch / "wide.safetensors"
+    for i, (path, rank) in enumerate(((style, 64), (detail, 64), (wide, 128))):
+        if not path.exists():
+            make_lora(path, config, rank, seed=i + 1)
+    print(f"LoRAs: FLUX width, {args.double} double + {args.single} single blocks, every Linear module (kohya, bf16): two of rank 64 "
+          f"({human_bytes(style.stat().st_size)} each), one of rank 128 ({human_bytes(wide.stat().st_size)}); warm cache", flush=True)
+    runs = [
+        ("merge two rank-64 LoRAs, exact (rank 128)", ["recipe=merge_loras", f"recipe.loras.first.path={style}", f"recipe.loras.second.path={detail}", "recipe.loras.second.strength=0.5"]),
+        ("merge two rank-64 LoRAs, lora_rank=64", ["recipe=merge_loras", f"recipe.loras.first.path={style}", f"recipe.loras.second.path={detail}", "recipe.loras.second.strength=0.5", "lora_rank=64"]),
+        ("resize a rank-128 LoRA to lora_rank=32", ["recipe=convert_lora", f"recipe.loras.lora.path={wide}", "lora_rank=32"]),
+    ]
+    print()
+    print("| run | wall s | merge s | written | peak MiB | exit |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, overrides in runs:
+        out = scratch / "out.safetensors"
+        cmd = [sys.executable, "-m", "fluxrecipe", *overrides, f"output={out}", "progress=false", f"hydra.run.dir={scratch / 'hydra'}", *args.fluxrecipe_args]
+        wall, peak, rc, tail = run_measured(cmd, args.cap, env={"PYTHONPATH": str(REPO)})
+        written = out.stat().st_size if out.exists() else 0
+        out.unlink(missing_ok=True)
+        phase = re.search(r"wrote .* in ([\d.]+) s \(", tail)
+        if rc:
+            print(f"fluxrecipe failed (exit {rc}{', killed for memory' if rc == 137 else ''}):\n{tail}", file=sys.stderr)
+        print(f"| {name}, cap {args.cap} MiB | {wall:.1f} | {phase[1] if phase else '-'} | {human_bytes(written)} | {peak or '-'} | {'ok' if rc == 0 else f'failed ({rc})'} |", flush=True)
 
 
 if __name__ == "__main__":

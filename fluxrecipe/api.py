@@ -49,14 +49,16 @@ def load_recipe(recipe: str | Path | dict, name: str | None = None, sources: dic
 
 
 def plan(
-    recipe: Recipe, output: str | Path | None = None, format: str | None = None, shard_size: int | str = "10GB", lora_rank: int = 16, download: bool = True,
-    gguf_type: str | None = None,
+    recipe: Recipe, output: str | Path | None = None, format: str | None = None, shard_size: int | str = "10GB", lora_rank: int | None = None, download: bool = True,
+    lora_energy: float | None = None, gguf_type: str | None = None,
 ) -> Plan:
     """Every check a merge makes before reading a tensor: sources and LoRAs opened (headers only), rules
     decided, shapes and the output's architecture checked, the output's files laid out. `lora_rank`: the
-    rank of a merge written as a LoRA (format=lora, lora_peft). `download=False` plans hub sources from
-    headers read on the hub, downloading no weights (a plan to look at, not to write: a dry run). `gguf_type`:
-    the whole file's type of format=gguf (Q8_0 by default; a rule's dtype sets its own)."""
+    rank of a merge written as a LoRA (format=lora, lora_peft, lora_comfyui; default 16), or for a recipe of
+    LoRAs alone the rank they are cut to (default: exact); `lora_energy`: the fraction of each matrix's
+    squared norm that decides its rank, at most `lora_rank`. `download=False` plans hub sources
+    from headers read on the hub, downloading no weights (a plan to look at, not to write: a dry run).
+    `gguf_type`: the whole file's type of format=gguf (Q8_0 by default; a rule's dtype sets its own)."""
     output_format = format or recipe.format or "diffusers"
     if output_format not in FORMATS:
         raise UsageError(f"format={output_format}: choose one of {', '.join(FORMATS)}")
@@ -64,9 +66,13 @@ def plan(
         raise UsageError(f"gguf_type={gguf_type} changes nothing: format={output_format} writes no GGUF file; gguf_type is the type of format=gguf")
     suffix = formats.FORMATS[output_format].suffix
     file_name = Path(output).name if output is not None and formats.FORMATS[output_format].single_file else f"{recipe.name}{suffix}"
-    checkpoints = {name: open_source(spec, download) for name, spec in recipe.sources.items()}
     loras = {name: open_lora(spec) for name, spec in recipe.loras.items()}
-    return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name, loras, lora_rank, gguf_type)
+    if not recipe.sources:
+        from .lora_space import plan_lora_space
+
+        return plan_lora_space(recipe, loras, output_format, file_name, lora_rank, lora_energy)
+    checkpoints = {name: open_source(spec, download) for name, spec in recipe.sources.items()}
+    return make_plan(recipe, checkpoints, parse_size(shard_size), output_format, file_name, loras, lora_rank or 16, gguf_type, lora_energy)
 
 
 def describe(plan: Plan) -> str:
@@ -130,6 +136,10 @@ def _run(plan: Plan, output: str | Path, options: Options | None, in_memory: boo
     target = check_output(plan, output, options.overwrite)
     check_device(options.device)
     local = [s.name for s in plan.sources if "path" in s.origin]
+    if plan.lora_space:
+        from . import lora_space
+
+        plan = lora_space.settle(plan)
     recorded = package.as_recorded(plan, target)
     metadata, header_size = package.file_metadata(recorded), package.header_size(recorded)
     held: list[InMemory] = []
@@ -139,7 +149,10 @@ def _run(plan: Plan, output: str | Path, options: Options | None, in_memory: boo
         return held[0]
 
     with atomic_output(target, options.overwrite, plan.files[0].name if plan.single_file else None) as folder:
-        result = execute(plan, folder, options, metadata, header_size, hash_sources=local, sink=in_memory_sink if in_memory else None)
+        if plan.lora_space:
+            result = lora_space.write(plan, folder, metadata, header_size)
+        else:
+            result = execute(plan, folder, options, metadata, header_size, hash_sources=local, sink=in_memory_sink if in_memory else None)
         _check_replay(plan, result)
         package.finish(recorded, result, folder)
         if in_memory:  # the index would name shards that are not there; the manifest lists both
@@ -163,7 +176,8 @@ def _check_replay(plan: Plan, result) -> None:
 
 def merge(
     recipe: Recipe | str | Path | dict, output: str | Path, format: str | None = None, shard_size: int | str = "10GB", dtype: str | None = None,
-    lora_rank: int = 16, sources: dict[str, Any] | None = None, params: dict[str, Any] | None = None, gguf_type: str | None = None, **options: Any,
+    lora_rank: int | None = None, sources: dict[str, Any] | None = None, params: dict[str, Any] | None = None, lora_energy: float | None = None,
+    gguf_type: str | None = None, **options: Any,
 ):
     """Load (when given a file or mapping, with `sources`, `params` and `dtype` overriding its own), plan and
     write in one call; `options` are Options' fields (threads=4, in_flight="128MB", ...)."""
@@ -176,7 +190,7 @@ def merge(
         raise UsageError(f"unknown option(s) {', '.join(unknown)} (options: {', '.join(f.name for f in dataclasses.fields(Options))})")
     if isinstance(options.get("in_flight"), str):
         options["in_flight"] = parse_size(options["in_flight"])
-    planned = plan(recipe, output, format, shard_size, lora_rank, gguf_type=gguf_type)
+    planned = plan(recipe, output, format, shard_size, lora_rank, lora_energy=lora_energy, gguf_type=gguf_type)
     return write(planned, output, Options(**{"progress": False, **options}))
 
 

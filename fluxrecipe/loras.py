@@ -99,6 +99,7 @@ class Patch:
     tensor: TensorRef
     down: TensorRef | None
     scale: float  # strength * alpha / rank
+    module: str = ""  # the LoRA module as the file names it
 
     @property
     def nbytes(self) -> int:
@@ -136,16 +137,18 @@ def strength_of(spec: LoraSpec, key: str, blocks: Blocks) -> float:
     return schedule.value_for(spec.strength, key, blocks)
 
 
-def plan_patches(loras: dict[str, LoraFile], shapes: dict[str, tuple[int, ...]], family: Family) -> tuple[dict[str, tuple[Patch, ...]], list[LoraSummary]]:
-    """Every LoRA read against the output's tensors (a model of `family`): canonical key -> its patches, in the recipe's LoRA order;
-    and a summary per LoRA. Raises PlanError when a LoRA's keys change no tensor of the output (unless the
+def plan_patches(
+    loras: dict[str, LoraFile], shapes: dict[str, tuple[int, ...]], family: Family, hidden: int | None = None,
+) -> tuple[dict[str, tuple[Patch, ...]], list[LoraSummary]]:
+    """Every LoRA read against the output's tensors (a model of `family`; `hidden`: its width, where `shapes`
+    lacks its input layer): canonical key -> its patches, in the recipe's LoRA order; and a summary per LoRA. Raises PlanError when a LoRA's keys change no tensor of the output (unless the
     LoRA says `ignore_unmatched: true`) or the LoRA changes nothing at all."""
     patches: dict[str, list[Patch]] = {}
     summaries = []
     blocks = Blocks.of(shapes, family)
     for name, file in loras.items():
         spec = file.spec
-        found = lora_format.read(name, file.location, file.entries, file.metadata, shapes, family)
+        found = lora_format.read(name, file.location, file.entries, file.metadata, shapes, family, hidden)
         try:
             schedule.check_against(spec.strength, {c.key for c in found.changes}, blocks)
         except ValueError as e:
@@ -161,7 +164,7 @@ def plan_patches(loras: dict[str, LoraFile], shapes: dict[str, tuple[int, ...]],
             if strength == 0.0:
                 continue
             scale = 1.0 if c.kind == "replace" else c.ratio * strength  # as PEFT: (alpha / rank) * scale
-            patches.setdefault(c.key, []).append(Patch(name, c.kind, c.tensor, c.down, scale))
+            patches.setdefault(c.key, []).append(Patch(name, c.kind, c.tensor, c.down, scale, c.module))
             changed.add(c.key)
         if not found.changes:
             raise PlanError(f"{spec.where} ({file.location}): none of its keys changes a tensor of the output ({_unmatched_text(found.unmatched)}): is it a LoRA for {family.name}?")
@@ -264,7 +267,7 @@ def lora_output(
         raise PlanError(f"lora_rank={rank}: must be a whole number above 0")
     if not any(changed.values()):
         raise PlanError(f"{where}: the recipe's result is its base everywhere, so the LoRA would be empty: take another source or bake LoRAs into it")
-    if LORA_FORMATS[output_format] == "kohya":  # BFL module names
+    if LORA_FORMATS[output_format] != "diffusers":  # BFL module names
         modules = [(t.name[: -len(".weight")], t.parts) for t in bfl.out_tensors(shapes, dict.fromkeys(shapes, dtype), "", family.bfl) if t.name.endswith(".weight") and len(t.shape) == 2]
     else:
         modules = [(k[: -len(".weight")], whole(k, s)) for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2]
@@ -282,11 +285,9 @@ def lora_output(
     factors, tensors, constants = [], [], []
     for module, parts, shape in matrices:
         r = min(rank, *shape)
-        if LORA_FORMATS[output_format] == "kohya":
-            down, up, alpha = lora_format.kohya_names(module)
+        down, up, alpha = lora_format.module_names(LORA_FORMATS[output_format], module)
+        if alpha:
             constants.append(Constant(alpha, "F32", (), struct.pack("<f", float(r))))
-        else:
-            (down, up), alpha = lora_format.peft_names(module), None
         tensors += [OutTensor(down, dtype, (r, shape[1]), ()), OutTensor(up, dtype, (shape[0], r), ())]
         factors.append(Factor(module, tuple(parts), tuple(bases[p.key] for p in parts), tuple(changed[p.key] for p in parts), shape, r, down, up, alpha))
     flat = [k for k, s in shapes.items() if len(s) != 2 and changed[k]]
@@ -294,16 +295,28 @@ def lora_output(
     return OutFile(file_name, tuple(tensors), tuple(constants), _own_metadata(output_format, factors, rank, ())), tuple(factors)
 
 
-def as_written(out: OutFile, output_format: str, factors: tuple[Factor, ...], rank: int, left_out: Collection[str]) -> tuple[list[tuple[str, str, tuple[int, ...]]], dict[str, str]]:
-    """A LoRA output's file as written: its header's entries and its own metadata, less the matrices left out
-    (`left_out`: their difference to the base was exactly 0), which PEFT's config then does not name either
-    (diffusers warns of a config that names modules the file lacks)."""
-    return out.entries(without=unwritten(factors, left_out)), dict(_own_metadata(output_format, factors, rank, left_out))
+def as_written(
+    out: OutFile, output_format: str, factors: tuple[Factor, ...], rank: int, left_out: Collection[str], ranks: dict[str, int] | None = None,
+) -> tuple[list[tuple[str, str, tuple[int, ...]]], dict[str, str], list[Constant]]:
+    """A LoRA output's file as written: its header's entries, its own metadata and its constants (the alphas),
+    less the matrices left out (`left_out`: their difference to the base was exactly 0), which PEFT's config
+    then does not name either (diffusers warns of a config that names modules the file lacks); at the ranks
+    the run chose (`ranks`, module -> rank: lora_energy), each alpha that rank."""
+    ranks = ranks or {}
+    shapes, alphas = {}, {}
+    for f in factors:
+        if f.module in ranks:
+            shapes[f.down], shapes[f.up] = (ranks[f.module], f.shape[1]), (f.shape[0], ranks[f.module])
+            alphas[f.alpha] = struct.pack("<f", float(ranks[f.module]))
+    dropped = unwritten(factors, left_out)
+    entries = [(name, dtype, shapes.get(name, shape)) for name, dtype, shape in out.entries(without=dropped)]
+    constants = [Constant(c.name, c.dtype, c.shape, alphas.get(c.name, c.data)) for c in out.constants if c.name not in dropped]
+    return entries, dict(_own_metadata(output_format, factors, rank, left_out, ranks)), constants
 
 
-def _own_metadata(output_format: str, factors, rank: int, left_out: Collection[str]) -> tuple[tuple[str, str], ...]:
-    """format=lora_peft: PEFT's config (`lora_adapter_metadata`) of the matrices the file holds."""
+def _own_metadata(output_format: str, factors, rank: int, left_out: Collection[str], ranks: dict[str, int] | None = None) -> tuple[tuple[str, str], ...]:
+    """format=lora_peft: PEFT's config (`lora_adapter_metadata`) of the matrices the file holds, at their ranks."""
     if LORA_FORMATS[output_format] != "diffusers":
         return ()
-    ranks = {f.module: f.rank for f in factors if f.rank and f.module not in left_out}
-    return (("lora_adapter_metadata", lora_format.peft_metadata(ranks, rank)),)
+    held = {f.module: (ranks or {}).get(f.module, f.rank) for f in factors if f.rank and f.module not in left_out}
+    return (("lora_adapter_metadata", lora_format.peft_metadata(held, rank)),)

@@ -425,6 +425,8 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
     if not isinstance(description, str):
         raise RecipeError(f"{here.at(('description',))}: description must be text")
 
+    if data.get("sources") is None and data.get("loras"):  # LoRAs alone: combined as LoRAs (lora_space.py)
+        return _lora_space(data, written, params, here, description)
     sources = _sources(data.get("sources"), here)
     base = data.get("base", next(iter(sources)))
     if base not in sources:
@@ -472,6 +474,23 @@ def _parse(data: dict, written: dict, mapped: dict, here: "_Locator") -> Recipe:
         written=written,
         loras=loras,
         mix_families=mix_families,
+    )
+
+
+def _lora_space(data: dict, written: dict, params: dict[str, Any], here: "_Locator", description: str) -> Recipe:
+    """A recipe with `loras:` and no `sources:`: the LoRAs combined as one LoRA, no model read. What only a
+    model's tensors would use (rules, a base, config, mix_families) is refused, as are named parameters."""
+    for name in ("rules", "base", "config", "mix_families"):
+        if data.get(name) is not None:
+            raise RecipeError(f"{here.at((name,))}: {name} changes nothing in a recipe without sources: its LoRAs are combined as one LoRA, no model is read; remove it, or name the model in `sources:`")
+    if params:
+        raise RecipeError(f"{here.at((next(iter(params)),))}: parameter {next(iter(params))!r} changes nothing in a recipe without sources and rules; remove it")
+    output_format = data.get("format")
+    if output_format is not None and output_format not in FORMATS:
+        raise RecipeError(f"{here.at(('format',))}: format {output_format!r} is not one of {', '.join(FORMATS)}")
+    return Recipe(
+        name=here.name, file=here.file, description=description, sources={}, base="", rules=(), dtype=_dtype(data.get("dtype", "bf16"), here.at(("dtype",))),
+        format=output_format, resolved=data, written=written, loras=_loras(data.get("loras"), here),
     )
 
 

@@ -123,7 +123,7 @@ def test_a_recipe_named_like_a_value_of_hydra(cli, recipes, schnell, krea, name)
 
 @pytest.mark.parametrize("name", ["null", "true"])
 def test_no_recipe_of_such_a_name_is_one_line(cli, name):
-    assert f"no recipe '{name}' (recipes: bake_lora, demo" in one_line(cli(f"recipe={name}"))
+    assert f"no recipe '{name}' (recipes: bake_lora, convert_lora, demo" in one_line(cli(f"recipe={name}"))
 
 
 def test_a_mistyped_recipe_name_is_one_line(cli):
@@ -155,7 +155,7 @@ def test_a_recipe_file_named_with_an_escape_is_ignored_and_listed(cli, recipes, 
     write_recipe(recipes, "x\x1b[31mRED", tiny_recipe(schnell, krea))
     code, out, _ = cli("--help")
     assert code == 0 and "\x1b" not in out
-    assert "recipe: bake_lora, demo" in out and "tiny, to_bfl, to_comfyui_fp8" in out
+    assert "recipe: bake_lora, convert_lora, demo" in out and "tiny, to_bfl, to_comfyui_fp8" in out
     assert "Ignored (a recipe file's name may hold only A-Z a-z 0-9 _ . -; rename it, or give it as recipe=PATH): 'x\\x1b[31mRED.yaml'" in out
     os.environ["COMP_LINE"] = "fluxrecipe recipe="
     try:
@@ -231,7 +231,7 @@ def test_options_are_checked_in_the_composed_config_too():
         (["recipe=tiny", "recipe.sources.kreaa=x"], "recipe.sources.kreaa: recipe 'tiny' has no 'kreaa' (did you mean recipe.sources.krea?)"),
         (["recipe=tiny", "recipe.rules.0.dtpye=fp8"], "recipe.rules.0.dtpye: recipe 'tiny' has no 'dtpye' (did you mean recipe.rules.0.dtype?)"),
         (["recipe=tiny", "recipe.rules.3.dtype=fp8"], "recipe.rules.3: recipe 'tiny' has no '3' (it has: 0)"),
-        (["recipe=tiny", "lora_rank=8"], "lora_rank=8 changes nothing: format=diffusers writes no LoRA; lora_rank is the rank of format=lora or lora_peft"),
+        (["recipe=tiny", "lora_rank=8"], "lora_rank=8 changes nothing: format=diffusers writes no LoRA; lora_rank is the rank of format=lora or lora_peft or lora_comfyui"),
         (["recipe=tiny", "format=bfl", "shard_size=1GB"], "shard_size=1GB changes nothing: format=bfl writes one file; shards are for format=diffusers (a folder)"),
         (["recipe=every_rule", "+recipe.sources.other=elsewhere"], "recipe.sources.other changes nothing: no rule of recipe 'every_rule' reads source 'other', and it is not the base; name it in a rule (take:other, or a rule's sources), make it the base (recipe.base=other, as a LoRA extraction needs), or leave it out"),
         (["recipe=tiny", "format=comfyui", "diagnostics=true"], "diagnostics=true changes nothing: format=comfyui writes one file, which carries no diagnostics (none are computed); diagnostics.json is written beside a folder's shards (format=diffusers)"),

@@ -79,7 +79,7 @@ def test_an_alias_bomb_in_a_recipe_folder_stalls_nothing(tmp_path):
     write_recipe(tmp_path / "r", "bomb", "\n".join(levels) + "\n")
     env = {"FLUXRECIPE_RECIPE_PATH": str(tmp_path / "r")}
     listed = run_cli(["--help"], cwd=tmp_path, env=env, timeout=120)
-    assert listed.returncode == 0 and "recipe: bake_lora, bomb, demo" in listed.stdout
+    assert listed.returncode == 0 and "recipe: bake_lora, bomb, convert_lora, demo" in listed.stdout
     chosen = run_cli(["recipe=bomb"], cwd=tmp_path, env=env, timeout=120)
     assert "expands to more than" in one_error_line(chosen)
 

@@ -126,7 +126,7 @@ def test_resolvers_are_refused(recipe_dir, out, schnell, krea, how):
 
 
 def test_no_recipe_chosen_lists_the_recipes(out):
-    refused(UsageError, ["no recipe chosen: run `python -m fluxrecipe recipe=NAME` (recipes: bake_lora, demo, extract_lora, krea_schnell, krea_schnell_blocks, krea_schnell_guided, to_bfl, to_comfyui_fp8, to_diffusers, to_gguf)"], lambda: merge([f"output={out}"]), out)
+    refused(UsageError, ["no recipe chosen: run `python -m fluxrecipe recipe=NAME` (recipes: bake_lora, convert_lora, demo, extract_lora, krea_schnell, krea_schnell_blocks, krea_schnell_guided, merge_loras, to_bfl, to_comfyui_fp8, to_diffusers, to_gguf)"], lambda: merge([f"output={out}"]), out)
 
 
 @pytest.mark.parametrize("where", ["the-source", "inside-it", "its-parent"])

@@ -147,6 +147,10 @@ def merge(job: JobPlan) -> Result:
     where = shown if plan.single_file else f"{shown}: {len(plan.steps)} tensors in {len(plan.files)} shard(s)"
     if plan.factors:
         log.info(format_lora_errors(plan, result))
+    if plan.lora_space:
+        from ..lora_space import format_errors
+
+        log.info(format_errors(plan, result))
     log.info(f"wrote {where}, {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
     report_counts(plan, result)
     return result
@@ -170,7 +174,7 @@ def format_lora_errors(plan: Plan, result: Result) -> str:
     """A merge written as a LoRA: the relative error of each factored matrix, and what the LoRA could not hold."""
     lines = [f"lora: rank {plan.lora_rank}; relative error ||difference - up @ down|| / ||difference|| of each matrix, after rounding to {plan.files[0].tensors[0].dtype}:"]
     width = max((len(f.module) for f in plan.factors), default=0)
-    lines += [f"  {f.module:<{width}}  rank {f.rank:>4}  {result.lora_errors[f.module]:.3e}" for f in plan.factors if f.rank]
+    lines += [f"  {f.module:<{width}}  rank {result.lora_ranks.get(f.module, f.rank):>4}  {result.lora_errors[f.module]:.3e}" for f in plan.factors if f.rank]
     differ = {k: v for k, v in result.lora_unheld.items() if v}
     if result.lora_unheld:
         worst = max(differ, key=differ.get, default=None)

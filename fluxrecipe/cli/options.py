@@ -33,10 +33,11 @@ class Option:
 
 OPTIONS = (
     Option("output", None, "where the merge goes: a folder (format=diffusers), a .safetensors file or (format=gguf) a .gguf file; null: the run folder, outputs/DATE/TIME/"),
-    Option("format", None, "diffusers (a folder), bfl or comfyui (one .safetensors file), lora or lora_peft (the merge as a LoRA), gguf (one quantized .gguf file); null: the recipe's, else diffusers"),
+    Option("format", None, "diffusers (a folder), bfl or comfyui (one .safetensors file), lora, lora_peft or lora_comfyui (the merge as a LoRA), gguf (one quantized .gguf file); null: the recipe's, else diffusers"),
     Option("shard_size", "10GB", "format=diffusers: the largest output shard (KB, MB, GB, KiB, MiB, GiB)"),
     Option("gguf_type", "Q8_0", "format=gguf: the file's type: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, BF16, F16 or F32 (a rule's dtype: sets its own)"),
-    Option("lora_rank", 16, "format=lora or lora_peft: the rank of each factored matrix (smaller matrices keep their full rank)"),
+    Option("lora_rank", 16, "format=lora or lora_peft: the rank of each factored matrix (smaller matrices keep their full rank); format=lora_comfyui too; for a recipe of LoRAs alone the rank they are cut to (unset: exact)"),
+    Option("lora_energy", None, "a LoRA output: per matrix the smallest rank keeping this fraction (0 < E <= 1) of its squared norm, at most lora_rank"),
     Option("overwrite", False, "replace an existing output (atomically; only a model fluxrecipe recognises)"),
     Option("dry_run", False, "print the plan and write nothing"),
     Option("device", "cpu", "where the arithmetic (and the previews) run: cpu, cuda, cuda:1, ..."),

@@ -39,6 +39,7 @@ from .options import BY_NAME, defaults, deleted_option, groups, unknown_option
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 # a recipe's source or LoRA named by a key the command line sets (recipe.sources.NAME, recipe.loras.NAME.path)
+ENGINE_OPTIONS = ("threads", "chunk_elements", "in_flight", "device", "nonfinite", "diagnostics")  # what only the merge engine reads
 RECIPE_PATH_KEY = re.compile(r"recipe\.(?P<kind>sources|loras)(\.(?P<name>[^.]+))?(\..*)?")
 _MISSING = object()
 
@@ -197,6 +198,16 @@ def output_of(cfg: DictConfig, recipe: Recipe, given: set[str], multirun: bool) 
         raise UsageError(f"lora_rank={rank}: must be a whole number above 0 (the rank of a merge written as a LoRA)")
     if "lora_rank" in given and chosen not in LORA_FORMATS:
         raise UsageError(f"lora_rank={rank} changes nothing: format={chosen} writes no LoRA; lora_rank is the rank of format={' or '.join(LORA_FORMATS)}")
+    energy = cfg.get("lora_energy")
+    if energy is not None:
+        if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+            raise UsageError(f"lora_energy={energy}: must be a number above 0 and at most 1 (the fraction of each module's squared norm its rank keeps)")
+        if chosen not in LORA_FORMATS:
+            raise UsageError(f"lora_energy={energy} changes nothing: format={chosen} writes no LoRA; lora_energy chooses the ranks of format={' or '.join(LORA_FORMATS)}")
+    engine = sorted(k for k in ENGINE_OPTIONS if k in given)
+    if engine and not recipe.sources:
+        shown = ", ".join(f"{k}={cfg.get(k)}" for k in engine)
+        raise UsageError(f"{shown} changes nothing: a recipe of LoRAs alone (no sources) is combined module by module on the CPU, not by the merge engine; leave {' and '.join(engine)} out")
     if "gguf_type" in given and chosen != "gguf":
         raise UsageError(f"gguf_type={cfg.gguf_type} changes nothing: format={chosen} writes no GGUF file; gguf_type is the type of format=gguf")
     if "shard_size" in given and formats.FORMATS[chosen].single_file:
@@ -209,7 +220,7 @@ def output_of(cfg: DictConfig, recipe: Recipe, given: set[str], multirun: bool) 
     path = None
     if cfg.output and not multirun:
         path = Path(os.path.abspath(os.path.expanduser(str(cfg.output))))
-    return OutputSettings(path, chosen, size_of(cfg.shard_size, "shard_size"), rank, str(cfg.gguf_type) if chosen == "gguf" else None)
+    return OutputSettings(path, chosen, size_of(cfg.shard_size, "shard_size"), rank if "lora_rank" in given else None, energy, str(cfg.gguf_type) if chosen == "gguf" else None)
 
 
 def previews_of(cfg: DictConfig, given: set[str] = frozenset()) -> PreviewRequest | None:

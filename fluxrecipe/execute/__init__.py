@@ -55,7 +55,7 @@ def execute(
         made = sink(result)
     # a single file carries no diagnostics (package writes diagnostics.json beside a folder's shards only)
     result.distances = Distances(plan.family) if options.diagnostics and not plan.single_file else None
-    Executor(plan, options, device, result, made, set(hash_sources)).run()
+    Executor(plan, options, device, result, made, set(hash_sources), folder).run()
     result.bytes_written = sum(r.size for r in result.files.values())
     result.seconds = time.monotonic() - started
     return result

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -33,8 +34,8 @@ from .sink import Sink
 
 
 class Executor:
-    def __init__(self, plan: Plan, options: Options, device: torch.device, result: Result, sink: Sink, hash_sources: set[str]):
-        self.plan, self.options, self.device, self.result, self.sink = plan, options, device, result, sink
+    def __init__(self, plan: Plan, options: Options, device: torch.device, result: Result, sink: Sink, hash_sources: set[str], scratch: Path | None = None):
+        self.plan, self.options, self.device, self.result, self.sink, self.scratch = plan, options, device, result, sink, scratch
         self.reader = Reader(planned_reads(plan))
         self.observers: list[Observer] = []
         if result.distances is not None:
@@ -55,7 +56,7 @@ class Executor:
         torch.set_num_threads(1)  # the workers are the parallelism; torch's own threads would only compete
         self.progress = _progress(self.plan, self.options)
         if self.plan.factors:
-            self.factoring = Factoring(self.plan, self.result, self.device, threads, self.stat_passes, self.ranges, self.sink, self.progress)
+            self.factoring = Factoring(self.plan, self.result, self.device, threads, self.stat_passes, self.ranges, self.sink, self.progress, self.scratch)
         try:
             work = self.factoring.chunks() if self.factoring else self.values()
             peak = run_in_order(work, self.compute, self.finish, self.options.workers, self.options.in_flight, self.options.most_items)

@@ -1,16 +1,22 @@
 """A merge written as a LoRA: the work that turns the recipe's result into factors, in place of values.
 
 Per factor of the plan (one weight matrix of the LoRA file, or a 1-D tensor it cannot hold), "diff" chunks
-fill a float32 buffer with the whole difference between the result and the base (the largest is the
-largest tensor, not the model); with every chunk in, a truncated SVD factors it (ops/lora.py) and its down
-and up go to the sink in plan order. Nothing else is held.
+fill a float32 buffer with the whole difference between the result and the base; with every chunk in, a
+truncated SVD factors it (ops/lora.py) and its down and up go to the sink in plan order. Nothing else is
+held. A buffer over HELD bytes (on the CPU) is a file in the output's folder mapped into memory: the kernel
+writes its pages back and lets them go under memory pressure, and the factoring reads it in blocks of rows
+(ops/lowrank.py's range finder, over fixed float64 blocks), so memory does not grow with the matrix (FLUX.2
+dev's 55296 x 6144 is 1.4 GB in float32).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -25,6 +31,8 @@ from .result import Result
 from .scheduler import DRAIN, Chunk
 from .sink import Sink
 
+HELD = 256 << 20  # bytes: a difference larger than this is mapped from a file, not held in memory
+
 
 class Factoring:
     """The work of a LoRA output: its chunks (after the statistics passes of the steps they need, from
@@ -32,16 +40,16 @@ class Factoring:
 
     def __init__(
         self, plan: Plan, result: Result, device: torch.device, threads: int, stat_passes: Callable[[Step], Iterator[Chunk | object]],
-        ranges: Callable[[Part, Step], Iterator[tuple[int, int]]], sink: Sink, progress,
+        ranges: Callable[[Part, Step], Iterator[tuple[int, int]]], sink: Sink, progress, scratch: Path | None = None,
     ):
-        self.plan, self.result, self.device, self.threads = plan, result, device, threads
+        self.plan, self.result, self.device, self.threads, self.scratch = plan, result, device, threads, scratch
         self.stat_passes, self.ranges, self.sink, self.progress = stat_passes, ranges, sink, progress
         self.buffers: dict[int, torch.Tensor] = {}  # factor -> its difference, being filled
 
     def chunks(self) -> Iterator[Chunk | object]:
         plan, result = self.plan, self.result
         for index, f in enumerate(plan.factors):
-            self.buffers[index] = torch.zeros(f.shape, dtype=torch.float32, device=self.device)
+            self.buffers[index] = self._buffer(f.shape)
             at = 0
             for part, base, changed in zip(f.parts, f.bases, f.changed):
                 if changed:
@@ -64,6 +72,19 @@ class Factoring:
         if len(result.lora_left_out) == sum(1 for f in plan.factors if f.rank):
             raise OutputError(f"every weight matrix of the recipe's result equals the base's ({len(result.lora_left_out)} matrices): the LoRA would be empty, so nothing was written")
 
+    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A zeroed float32 buffer for a difference: in memory, or (over HELD bytes, on the CPU, with a folder to
+        put it in) an unlinked file of the folder, mapped."""
+        numel = math.prod(shape)
+        if numel * 4 <= HELD or self.device.type != "cpu" or self.scratch is None:
+            return torch.zeros(shape, dtype=torch.float32, device=self.device)
+        handle, path = tempfile.mkstemp(prefix=".difference-", dir=self.scratch)
+        try:
+            return torch.from_file(path, shared=True, size=numel, dtype=torch.float32).view(shape)
+        finally:
+            os.close(handle)
+            os.unlink(path)  # the mapping keeps the file until the buffer goes
+
     def finish(self, chunk: Chunk, out: ChunkOut) -> None:
         self.buffers[chunk.factor].view(-1)[chunk.at : chunk.at + chunk.stop - chunk.start] = out.data
 
@@ -75,7 +96,9 @@ class Factoring:
             raise OutputError(f"'{cut(f.module)}': its difference to the base holds NaN/Inf values (from the inputs): a LoRA cannot be factored from it")
         torch.set_num_threads(self.threads)
         try:
-            up, down = factor(diff, f.rank, f.exact, zlib.crc32(f.module.encode()))
+            up, down = factor(diff, f.rank, f.exact, zlib.crc32(f.module.encode()), self.plan.lora_energy)
+            if self.plan.lora_energy is not None:
+                self.result.lora_ranks[f.module] = up.shape[1]
             up, down = up.to(dtype), down.to(dtype)
             if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
                 raise OutputError(f"'{cut(f.module)}': its LoRA factors do not fit {dtype} (values beyond its range): write the LoRA in fp32 (dtype=fp32)")

@@ -25,3 +25,4 @@ class Result:
     lora_errors: dict[str, float] = field(default_factory=dict)  # a LoRA output: module -> relative error of its factors
     lora_unheld: dict[str, float] = field(default_factory=dict)  # a LoRA output: 1-D tensor -> largest |difference| to the base
     lora_left_out: list[str] = field(default_factory=list)  # a LoRA output: the matrices whose difference is exactly 0 (not written)
+    lora_ranks: dict[str, int] = field(default_factory=dict)  # a LoRA made of LoRAs: module -> the rank written

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import OutputError, UsageError
 from ..formats.safetensors import ITEMSIZE, encode_header
-from ..loras import as_written, unwritten
+from ..loras import as_written
 from ..plan import Plan
 from ..writer import FileRecord, open_safetensors, rewrite_header
 from .kernel import DTYPES
@@ -68,18 +68,18 @@ class SafetensorsFiles:
         for tensor in out.tensors:
             if tensor.scale_name:
                 self.file.write(struct.pack("<f", self.result.scales[tensor.name]))
-        left_out = self.result.lora_left_out
-        unwritten_names = unwritten(self.plan.factors, left_out)
-        for constant in out.constants:
-            if constant.name not in unwritten_names:
-                self.file.write(constant.data)
+        left_out, ranks = self.result.lora_left_out, self.result.lora_ranks
+        constants = out.constants
+        if self.lora:
+            entries, own, constants = as_written(out, self.plan.format, self.plan.factors, self.plan.lora_rank, left_out, ranks)
+        for constant in constants:
+            self.file.write(constant.data)
         header = self.file.unhashed
-        if left_out:
-            entries, own = as_written(out, self.plan.format, self.plan.factors, self.plan.lora_rank, left_out)
+        if left_out or ranks:
             self.file.expected_size = header + sum(math.prod(shape) * ITEMSIZE[dtype] for _, dtype, shape in entries)
         self.result.files[out.name] = self.file.close()
         self.file = None
-        if left_out:
+        if left_out or ranks:
             rewrite_header(self.folder / out.name, entries, {**self.metadata, **dict(out.metadata), **own}, header)
 
     def close(self) -> None:

@@ -125,6 +125,15 @@ class BflTable:
         """The group by its BFL or its canonical name."""
         return next(g for g in self.groups if name in (g.bfl, g.canonical))
 
+    def canonical_modules(self, blocks: int) -> set[str]:
+        """Every canonical module the layout names, in blocks 0 to `blocks` - 1 of each group (and as many
+        layers of a numbered module): what a LoRA read without a model may name."""
+        names = {f"{g.canonical}.{i}.{t}" for g in self.groups for i in range(blocks) for m in g.table.values() for t in targets(m)}
+        for name, mapping in {**self.top, **self.final}.items():
+            layers = [numbered(mapping, str(i)) for i in range(blocks)] if NUMBER in name else [mapping]
+            names.update(t for m in layers for t in targets(m))
+        return names
+
     @cached_property
     def _numbered(self) -> tuple[tuple[re.Pattern, str, Mapping], ...]:
         """The numbered modules outside the groups: (regex of the BFL name, the name, its mapping)."""

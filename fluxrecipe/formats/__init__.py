@@ -177,6 +177,7 @@ FORMATS: dict[str, Format] = {
         Format("comfyui", single_file=True, recognises=lambda family, model, prefix: bool(prefix) and family.is_bfl(model) and not _in_gguf(model), read=_read_bfl, write=partial(_write_bfl, comfyui=True)),
         Format("lora", single_file=True, lora_scheme="kohya"),
         Format("lora_peft", single_file=True, lora_scheme="diffusers"),
+        Format("lora_comfyui", single_file=True, lora_scheme="comfyui"),
         # BFL's keys in a GGUF file (gguf_model.py): read as BFL, its blocks dequantized by the kernel; written as BFL with ggml types
         Format("gguf", single_file=True, recognises=lambda family, model, prefix: family.is_bfl(model) and _in_gguf(model), read=_read_bfl, write=_write_bfl, suffix=".gguf"),
     )

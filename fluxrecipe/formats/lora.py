@@ -61,6 +61,7 @@ TEXT = re.compile(r"^(lora_te\d*_|text_encoders?(_\d+)?\.|lora_te\d*\.)")
 UNET = re.compile(r"(^|[._])(input_blocks|output_blocks|middle_block|down_blocks|up_blocks|mid_block)[._]\d")
 DIFFUSERS_PREFIXES = ("transformer.", "base_model.model.")
 KOHYA_PREFIX, ONETRAINER_PREFIX = "lora_unet_", "lora_transformer_"
+COMFYUI_LORA_PREFIX = "diffusion_model."  # what ComfyUI's own LoRA saver writes before BFL's module names
 PEFT_PREFIX = "transformer."
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # LoraConfig's, which diffusers uses when the metadata omits them
 
@@ -102,10 +103,15 @@ class LoraRead:
     ignored: int = 0  # text-encoder keys
 
 
-def read(name: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], family: Family) -> LoraRead:
+def read(
+    name: str, path: str, entries: dict[str, TensorEntry], metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], family: Family,
+    hidden: int | None = None, implied: bool = False,
+) -> LoraRead:
     """The changes a LoRA file makes to a model of `family` whose canonical tensors have `shapes`. Raises SourceError
     when the file is not a LoRA, is a LoRA for another kind of model, or does not fit this model's shapes;
-    keys that fit nowhere are returned (`unmatched`) for the caller to refuse or list."""
+    keys that fit nowhere are returned (`unmatched`) for the caller to refuse or list. `hidden`: the model's
+    width, where `shapes` lacks its input layer. `implied`: there is no model (a merge of LoRAs alone): any
+    module of the family's tables is taken, and `shapes` is filled with the shapes the LoRA gives its tensors."""
     where = f"lora '{name}' ({path})"
     modules, whole = modules_of(entries)
     if not _holds_changes(modules):
@@ -114,7 +120,7 @@ def read(name: str, path: str, entries: dict[str, TensorEntry], metadata: dict[s
     if unet:
         raise SourceError(f"{where} is a LoRA for a Stable Diffusion / SDXL UNet (it holds '{unet}...'), not for {family.name}")
     alphas = _peft_alphas(where, metadata)
-    context = _Context(name, where, shapes, family, alphas)
+    context = _Context(name, where, shapes, family, alphas, hidden, implied)
     found = LoraRead("", [], [])
     schemes: Counter[str] = Counter()
     for module, roles in modules.items():
@@ -188,11 +194,13 @@ def module_problems(entries: dict[str, TensorEntry]) -> list[str] | None:
 class _Context:
     """What resolving a file's modules needs: the model's shapes and names, the file's PEFT alphas."""
 
-    def __init__(self, name: str, where: str, shapes: dict[str, tuple[int, ...]], family: Family, alphas: "_PeftAlphas | None"):
-        self.name, self.where, self.shapes, self.family, self.alphas = name, where, shapes, family, alphas
-        self.hidden = family.width(shapes)
+    def __init__(
+        self, name: str, where: str, shapes: dict[str, tuple[int, ...]], family: Family, alphas: "_PeftAlphas | None", hidden: int | None, implied: bool,
+    ):
+        self.name, self.where, self.shapes, self.family, self.alphas, self.implied = name, where, shapes, family, alphas, implied
+        self.hidden = hidden or family.width(shapes)
         self.tables = family.lora
-        self.canonical = {k.rsplit(".", 1)[0] for k in shapes}
+        self.canonical = family.bfl.canonical_modules(family.max_blocks) if implied else {k.rsplit(".", 1)[0] for k in shapes}
         self.underscored = {m.replace(".", "_"): m for m in self.canonical}
         self.find = partial(bfl.lookup, family.bfl)
 
@@ -313,6 +321,8 @@ class _Context:
         do not fit its tensor means the LoRA is for another model: an error."""
         fitting = []
         for c in changes:
+            if self.implied and c.key not in self.shapes:
+                self.shapes[c.key] = (c.tensor.shape[0], c.down.shape[1]) if c.kind == "product" else c.tensor.shape
             shape = self.shapes.get(c.key)
             if shape is None:
                 found.unmatched.append((c.tensor.file_key, f"it changes '{cut(c.key)}', which the output does not have"))
@@ -407,24 +417,30 @@ def _not_a_lora(keys: list[str]) -> str:
 # --- a merge written as a LoRA -----------------------------------------------------------------------------
 
 
-def kohya_names(bfl_module: str) -> tuple[str, str, str]:
-    """(down, up, alpha) tensor names of a BFL module in kohya's scheme."""
-    base = KOHYA_PREFIX + bfl_module.replace(".", "_")
+def module_names(scheme: str, module: str) -> tuple[str, str, str | None]:
+    """(down, up, alpha) tensor names of a module written in a LoRA key scheme: "kohya" and "comfyui" name
+    BFL modules (kohya's `lora_unet_` and `_` for `.`; ComfyUI's `diffusion_model.` as its LoRA saver writes
+    it), "diffusers" canonical ones (as diffusers' `save_lora_weights` writes them: no alpha tensor, PEFT's
+    config holds the alphas)."""
+    if scheme == "diffusers":
+        return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight", None
+    base = KOHYA_PREFIX + module.replace(".", "_") if scheme == "kohya" else COMFYUI_LORA_PREFIX + module
     return f"{base}.lora_down.weight", f"{base}.lora_up.weight", f"{base}.alpha"
 
 
-def peft_names(module: str) -> tuple[str, str]:
-    """(down, up) tensor names of a canonical module as diffusers' `save_lora_weights` writes them."""
-    return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
-
-
-def peft_metadata(ranks: dict[str, int], rank: int) -> str:
+def peft_metadata(ranks: dict[str, int], rank: int, alphas: dict[str, float] | None = None) -> str:
     """`lora_adapter_metadata` for `load_lora_weights` / `load_lora_adapter`: PEFT's LoraConfig of the
-    transformer (alpha = rank everywhere, so the scale is 1), under diffusers' `transformer.` prefix. Its
+    transformer, under diffusers' `transformer.` prefix: `r` = `rank` and `lora_alpha` = the most common alpha
+    (`alphas`, module -> alpha; none: alpha = rank everywhere, so the scale is 1), the others as patterns. Its
     target_modules is a regex of exactly the modules the file holds: as a list, PEFT would also target every
     module whose name ends in one of them (`proj_out` is also each single block's)."""
-    odd = {f"^{m}": r for m, r in ranks.items() if r != rank}
+    lora_alpha = rank if alphas is None else Counter(alphas.values()).most_common(1)[0][0]
+    alphas = ranks if alphas is None else alphas
+    odd_ranks = {f"^{m}": r for m, r in ranks.items() if r != rank}
+    odd_alphas = {f"^{m}": a for m, a in alphas.items() if a != lora_alpha}
     targets = "^(?:" + "|".join(re.escape(m) for m in sorted(ranks)) + ")$"
-    config = {"r": rank, "lora_alpha": rank, "rank_pattern": odd, "alpha_pattern": odd, "target_modules": targets, "lora_bias": False, "use_dora": False, "use_rslora": False}
+    config = {
+        "r": rank, "lora_alpha": lora_alpha, "rank_pattern": odd_ranks, "alpha_pattern": odd_alphas,
+        "target_modules": targets, "lora_bias": False, "use_dora": False, "use_rslora": False,
+    }
     return json.dumps({f"{PEFT_PREFIX}{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
-

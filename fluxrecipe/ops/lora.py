@@ -28,15 +28,16 @@ def product_rows(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def factor(diff: torch.Tensor, rank: int, exact: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def factor(diff: torch.Tensor, rank: int, exact: bool, seed: int, energy: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down), float32, with up @ down the best rank-`rank` approximation of `diff` (m x n), its singular
     values split evenly between the two: the truncated SVD (exact: LAPACK on the whole matrix) or the
     randomized range finder over its rows, seeded by `seed` (lowrank.py). The same bits whatever the threads:
-    torch's thread count only sets how many blocks of rows are computed at once. On the CPU, wherever diff is."""
+    torch's thread count only sets how many blocks of rows are computed at once. On the CPU, wherever diff is.
+    `energy`: the rank the smallest (at most `rank`) whose singular values keep that fraction of the squared norm."""
     if exact:
-        result = svd_factor(diff, rank)
+        result = svd_factor(diff, rank, energy)
     else:
-        result = streamed_factor(lambda: (diff,), tuple(diff.shape), rank, seed, threads=torch.get_num_threads())
+        result = streamed_factor(lambda: (diff,), tuple(diff.shape), rank, seed, energy=energy, threads=torch.get_num_threads())
     return result.up, result.down
 
 

@@ -108,7 +108,7 @@ def _finish_file(plan: Plan, result, path: Path) -> None:
     if plan.gguf_type:
         rewrite_start(path, gguf_model.encode(str(path), out, _gguf_metadata(plan, metadata), header_size(plan)).data)
         return
-    entries, own = as_written(out, plan.format, plan.factors, plan.lora_rank, result.lora_left_out) if plan.factors else (out.entries(), {})
+    entries, own, _ = as_written(out, plan.format, plan.factors, plan.lora_rank, result.lora_left_out, result.lora_ranks) if plan.factors else (out.entries(), {}, ())
     rewrite_header(path, entries, {**metadata, **own}, header_size(plan))
 
 
@@ -131,7 +131,8 @@ def pinned_recipe(plan: Plan, result=None) -> dict:
     hash of what was read there (given the run's `result`), which a replay must match."""
     recipe = dict(plan.recipe.written)
     hashes = result.source_hashes if result is not None else {}
-    recipe["sources"] = {s.name: _pin(s.origin) | ({"content_hash": hashes[s.name]} if s.name in hashes else {}) for s in plan.sources}
+    if plan.sources:  # a recipe of LoRAs alone has none
+        recipe["sources"] = {s.name: _pin(s.origin) | ({"content_hash": hashes[s.name]} if s.name in hashes else {}) for s in plan.sources}
     if plan.loras:
         written = {name: spec if isinstance(spec, dict) else {} for name, spec in (recipe.get("loras") or {}).items()}
         recipe["loras"] = {
@@ -178,6 +179,7 @@ def provenance(plan: Plan, result, listed: int | None = None) -> dict:
         "clamped": _counts(result.clamped, listed),
         **({"loras": [_lora(s, listed) for s in plan.loras]} if plan.loras else {}),
         **({"lora": _lora_output(plan, result, listed)} if plan.factors else {}),
+        **({"lora": _lora_space_output(plan, result, listed)} if plan.lora_space else {}),
     }
 
 
@@ -197,14 +199,26 @@ def _lora_output(plan: Plan, result, listed: int | None) -> dict:
     left_out = set(result.lora_left_out)
     return {
         "rank": plan.lora_rank,
+        **({"energy": plan.lora_energy} if plan.lora_energy is not None else {}),
         "base": plan.recipe.base,
         "matrices": {
-            f.module: {"rank": f.rank, "svd": "exact" if f.exact else "randomized", "relative_error": result.lora_errors.get(f.module)}
+            f.module: {"rank": result.lora_ranks.get(f.module, f.rank), "svd": "exact" if f.exact else "randomized", "relative_error": result.lora_errors.get(f.module)}
             for f in plan.factors if f.rank and f.module not in left_out
         },
         "left_out": {"count": len(left_out), "modules": _listed(list(result.lora_left_out), listed)},
         "not_held": {f.module: result.lora_unheld.get(f.module) for f in plan.factors if not f.rank},
     }
+
+
+def _lora_space_output(plan: Plan, result, listed: int | None) -> dict:
+    """A LoRA made of LoRAs: how (convert, merge, truncate), the rank and energy asked for, and per module its
+    rank, the LoRA modules it is made of and its relative error ||sum - up @ down|| / ||sum||."""
+    space = plan.lora_space
+    modules = [
+        {"module": m.name, "rank": m.rank, "from": [f"{c.lora}: {', '.join(c.modules)}" for c in m.contributions], "relative_error": result.lora_errors.get(m.name)}
+        for m in space.modules
+    ]
+    return {"how": space.how, "rank": space.rank, "energy": space.energy, "modules": _listed(modules, listed)}
 
 
 def _rule(rule) -> dict:
@@ -224,6 +238,7 @@ class _NoRun:
     lora_errors: dict = dataclasses.field(default_factory=dict)
     lora_unheld: dict = dataclasses.field(default_factory=dict)
     lora_left_out: list = dataclasses.field(default_factory=list)
+    lora_ranks: dict = dataclasses.field(default_factory=dict)
 
 
 _NO_RUN = _NoRun()

@@ -135,8 +135,10 @@ class Plan:
     loras: tuple[LoraSummary, ...] = ()  # the LoRAs baked in
     factors: tuple[Factor, ...] = ()  # format=lora / lora_peft: the matrices of the LoRA file, in order
     lora_rank: int | None = None  # format=lora / lora_peft: the rank asked for
+    lora_energy: float | None = None  # a LoRA output: each matrix's rank the smallest keeping this fraction of its squared norm, at most lora_rank
     family: Family | None = None  # the output's (the base's) model family
     gguf_type: str | None = None  # format=gguf: the whole file's ggml type (gguf_type=)
+    lora_space: Any = None  # lora_space.LoraSpace: a recipe with loras and no sources, written as a LoRA (no steps)
 
     @property
     def single_file(self) -> bool:
@@ -144,7 +146,8 @@ class Plan:
 
     @property
     def bytes_read(self) -> int:
-        return sum(s.bytes_read for s in self.steps) + sum(b.nbytes for f in self.factors for b, c in zip(f.bases, f.changed) if c)
+        held = sum(c.down.nbytes + sum(r.up.nbytes for r in c.rows) for m in self.lora_space.modules for c in m.contributions) if self.lora_space else 0
+        return sum(s.bytes_read for s in self.steps) + sum(b.nbytes for f in self.factors for b, c in zip(f.bases, f.changed) if c) + held
 
     @property
     def bytes_written(self) -> int:

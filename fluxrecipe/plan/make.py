@@ -32,7 +32,7 @@ MAX_HINT = 200  # characters: a suggested rule longer than this would be no help
 
 def make_plan(
     recipe: Recipe, checkpoints: dict[str, Checkpoint], shard_size: int, output_format: str = "diffusers", file_name: str = "model.safetensors",
-    loras: dict[str, LoraFile] | None = None, lora_rank: int = 16, gguf_type: str | None = None,
+    loras: dict[str, LoraFile] | None = None, lora_rank: int = 16, gguf_type: str | None = None, lora_energy: float | None = None,
 ) -> Plan:
     """Decide every output key and lay out the output's files; raises PlanError when recipe and sources do
     not fit together, or the output could not be loaded as what it claims to be. `loras`: the recipe's
@@ -123,6 +123,7 @@ def make_plan(
         loras=tuple(summaries),
         factors=factors,
         lora_rank=lora_rank if factors else None,
+        lora_energy=lora_energy if factors else None,
         family=family,
         gguf_type=whole_file.name if whole_file is not None else None,
     )

@@ -20,7 +20,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {r.description}")
     if r.params:
         lines.append("  parameters: " + ", ".join(f"{k}={_brief(v)}" for k, v in r.params.items()))
-    lines.append("sources:")
+    lines += ["sources:"] if plan.sources else []
     for s in plan.sources:
         where = ", ".join(f"{k} {v}" for k, v in s.origin.items())
         mark = "  (base)" if s.name == r.base else ""
@@ -28,12 +28,17 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {'':<12} {s.model}: {s.tensors} tensors ({s.layout} layout), {human_bytes(s.nbytes)}, {'/'.join(s.dtypes)}; {where}")
         lines.append(f"  {'':<12} {s.folder}" + ("" if s.downloaded else "  (headers read on the hub; weights not downloaded)"))
     where = f"one {plan.format} file, {plan.files[0].name}" if plan.single_file else f"a {plan.format} folder"
-    if plan.factors:
+    if plan.lora_space:
+        from ..lora_space import describe
+
+        lines.append(f"output: {where}: a LoRA made of LoRAs, no model: {describe(plan.lora_space)}")
+    elif plan.factors:
         matrices = [f for f in plan.factors if f.rank]
         exact = sum(f.exact for f in matrices)
         lines.append(
             f"output: {where}: a LoRA of rank {plan.lora_rank}, the difference between the recipe's result and base '{r.base}'; "
             f"{len(matrices)} matrices factored ({exact} by exact SVD, {len(matrices) - exact} by randomized SVD), the relative error of each reported after the run"
+            + (f"; each matrix's rank the smallest keeping {plan.lora_energy:g} of its squared norm, at most {plan.lora_rank}" if plan.lora_energy is not None else "")
         )
     else:
         flag = "".join(f", {f}: {json.dumps(plan.config[f])}" for f in plan.family.flags if f in plan.config)
@@ -41,8 +46,8 @@ def format_plan(plan: Plan) -> str:
     if plan.gguf_type:
         lines.append(f"gguf types (gguf_type={plan.gguf_type}; 1-D and small tensors F32, the family's outer layers BF16, unless a rule names a dtype):")
         lines += gguf_model.type_lines(plan.files[0])
-    lines.append("rules:")
-    width = max(len(repr(x.rule.match)) for x in plan.rule_stats())
+    lines += ["rules:"] if plan.recipe.rules else []
+    width = max((len(repr(x.rule.match)) for x in plan.rule_stats()), default=0)
     for x in plan.rule_stats():
         src = f" over {', '.join(x.rule.sources)}" if x.rule.op.spec.over_rule_sources else ""
         dtype = f" -> {x.rule.dtype}" if x.rule.dtype else ""
@@ -52,7 +57,7 @@ def format_plan(plan: Plan) -> str:
         )
         lines += _block_values(plan, x.rule)
     if plan.loras:
-        lines.append("loras (added to the rules' result in float32, before the one rounding):")
+        lines.append("loras (combined as LoRAs):" if plan.lora_space else "loras (added to the rules' result in float32, before the one rounding):")
         for lora in plan.loras:
             lines.append(f"  {lora.name:<12} {lora.spec}")
             lines.append(f"  {'':<12} {lora.describe()}")
@@ -64,7 +69,7 @@ def format_plan(plan: Plan) -> str:
         for reason, keys in by_reason.items():
             lines.append(f"  {reason}: {some_keys(keys)}")
     copies = 0 if plan.factors else sum(s.copies_bytes for s in plan.steps)
-    dtypes = "/".join(sorted({s.dtype + (" scaled" if s.scaled else "") for s in plan.steps}))
+    dtypes = "/".join(sorted({s.dtype + (" scaled" if s.scaled else "") for s in plan.steps} | ({plan.lora_space.dtype} if plan.lora_space else set())))
     tensors = sum(len(f.entries()) for f in plan.files)
     lines.append(
         f"total: {tensors} tensors in {len(plan.files)} file(s), {dtypes}; "

@@ -56,7 +56,7 @@ def plan_job(settings: JobSettings, folder: Path) -> JobPlan:
     with os_errors():
         target = api.output_path(output.in_folder(folder, recipe), output.format)
         check_target(target, options.overwrite, single_file=output.single_file, dry_run=settings.dry_run)  # before any source is fetched
-        plan = api.plan(recipe, target, output.format, output.shard_size, output.lora_rank, download=not settings.dry_run, gguf_type=output.gguf_type)
+        plan = api.plan(recipe, target, output.format, output.shard_size, output.lora_rank, download=not settings.dry_run, lora_energy=output.lora_energy, gguf_type=output.gguf_type)
         api.check_output(plan, target, options.overwrite, dry_run=True)  # apart from every source (the target was checked above)
         return JobPlan(recipe, options, target, plan)
 

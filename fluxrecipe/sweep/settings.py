@@ -22,7 +22,8 @@ class OutputSettings:
     path: Path | None  # absolute; None: in the job's own folder (default_output)
     format: str  # one of formats.FORMATS
     shard_size: int  # bytes per shard at most (format=diffusers)
-    lora_rank: int  # the rank of a merge written as a LoRA (format=lora, lora_peft)
+    lora_rank: int | None  # the rank of a LoRA output (format=lora, lora_peft, lora_comfyui); None: not given (16, or LoRAs alone: exact)
+    lora_energy: float | None = None  # LoRAs alone: the fraction of each module's squared norm that sets its rank
     gguf_type: str | None = None  # format=gguf: the whole file's type
 
     @property
