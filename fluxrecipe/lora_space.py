@@ -105,6 +105,19 @@ class LoraSpace:
     dtype: str
     settled: bool  # the ranks are final (without lora_energy from the start)
 
+    def describe(self) -> str:
+        """The output line of the printed plan."""
+        ranks = sorted({m.rank for m in self.modules})
+        shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}"
+        what = {
+            "convert": "the LoRA's factors as they are, in another key scheme",
+            "merge": "the exact sum of the LoRAs (their factors concatenated, strengths in them)",
+            "truncate": f"the best rank-{self.rank} approximation of the sum" if self.energy is None else
+                        f"per module the smallest rank keeping {self.energy:g} of the squared norm" + (f", at most {self.rank}" if self.rank else ""),
+        }[self.how]
+        settled = "" if self.settled else " (ranks settled by their singular values before writing; at most as shown)"
+        return f"{what}; {len(self.modules)} modules, {shown}{settled}, {self.dtype}; the relative error of each reported after the run"
+
 
 def plan_lora_space(
     recipe: Recipe, loras: dict[str, LoraFile], output_format: str, file_name: str, rank: int | None, energy: float | None,
@@ -318,20 +331,6 @@ def _notes(space: LoraSpace, family: Family, hidden: int) -> list[str]:
     if padded and space.energy is None:
         notes.append(f"lora_rank={space.rank} is above the rank {len(padded)} modules have: they are written exactly, padded with zero components ({some_keys(padded)})")
     return notes
-
-
-def describe(space: LoraSpace) -> str:
-    """The output line of the printed plan."""
-    ranks = sorted({m.rank for m in space.modules})
-    shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} to {ranks[-1]}"
-    what = {
-        "convert": "the LoRA's factors as they are, in another key scheme",
-        "merge": "the exact sum of the LoRAs (their factors concatenated, strengths in them)",
-        "truncate": f"the best rank-{space.rank} approximation of the sum" if space.energy is None else
-                    f"per module the smallest rank keeping {space.energy:g} of the squared norm" + (f", at most {space.rank}" if space.rank else ""),
-    }[space.how]
-    settled = "" if space.settled else " (ranks settled by their singular values before writing; at most as shown)"
-    return f"{what}; {len(space.modules)} modules, {shown}{settled}, {space.dtype}; the relative error of each reported after the run"
 
 
 # --- the run --------------------------------------------------------------------------------------------------

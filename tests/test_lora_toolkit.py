@@ -150,6 +150,7 @@ def test_resize_and_energy_pick_the_ranks_the_singular_values_say(recipe_dir, tm
         assert all(f.get_tensor(k).shape[0] == want for k in f.keys() if k.endswith("lora_down.weight"))
 
 
+@pytest.mark.diffusers
 def test_kohya_to_peft_to_kohya_is_exact_and_loads_in_diffusers(recipe_dir, tmp_path, krea, state_of, pair):
     """convert_lora: the kohya LoRA (bf16, alpha 2, fused q/k/v and linear1) written as PEFT (split modules,
     each its rows of up and the shared down, alpha in PEFT's config) and back as kohya: the same tensors, byte

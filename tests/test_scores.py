@@ -27,6 +27,8 @@ from fluxrecipe.sweep.scores import AESTHETIC_LAYERS, REFERENCE_DIR, SCORES_JSON
 from fluxrecipe.sweep.summary import SUMMARY_MD
 from sweep_helpers import build_pipeline, run_main, with_nan, write_recipes
 
+pytestmark = pytest.mark.diffusers  # every test here renders through a diffusers pipeline built by its fixtures
+
 PROMPTS = ["a photo of the cat", "a red house on the hill"]
 SEEDS = [0, 1]
 PREVIEW = ["preview=true", f"preview.prompts=[{','.join(PROMPTS)}]", "preview.seeds=[0,1]", "preview.height=32", "preview.width=32", "preview.steps=2", "progress=false"]

@@ -29,9 +29,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {'':<12} {s.folder}" + ("" if s.downloaded else "  (headers read on the hub; weights not downloaded)"))
     where = f"one {plan.format} file, {plan.files[0].name}" if plan.single_file else f"a {plan.format} folder"
     if plan.lora_space:
-        from ..lora_space import describe
-
-        lines.append(f"output: {where}: a LoRA made of LoRAs, no model: {describe(plan.lora_space)}")
+        lines.append(f"output: {where}: a LoRA made of LoRAs, no model: {plan.lora_space.describe()}")
     elif plan.factors:
         matrices = [f for f in plan.factors if f.rank]
         exact = sum(f.exact for f in matrices)
