@@ -28,6 +28,7 @@ from .. import __version__
 from ..catalog import conf_dir, recipe_dirs
 from ..errors import FluxRecipeError, UsageError
 from ..files import os_errors
+from ..recipe import BLOCK_OVERRIDES_ENV
 from . import job, multirun, settings
 from .arguments import command_line, defer_recipe_overrides, is_multirun
 from .commands import COMMANDS, PROGRAM
@@ -67,6 +68,8 @@ def main() -> None:
     except KeyboardInterrupt:
         print("fluxrecipe: interrupted; nothing was left under the output's name", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    finally:  # this command line's blocks (its jobs have read them), not a later load_recipe's in this process
+        os.environ.pop(BLOCK_OVERRIDES_ENV, None)
     if multirun.failed():
         sys.exit(EXIT_ERROR)
 
