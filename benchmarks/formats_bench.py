@@ -57,33 +57,37 @@ def main() -> None:
             ("BFL + diffusers lerp -> BFL", [shards["schnell"], [krea_bfl]], "merged-bfl.safetensors",
              ["recipe=krea_schnell_guided", f"recipe.sources.schnell={schnell}", f"recipe.sources.krea={krea_bfl}", "format=bfl"]),
         ]
-        rows = []
-        for name, sources, out_name, overrides in scenarios:
-            if args.only and not any(o in name for o in args.only):
-                continue
-            out = scratch / out_name
-            dry = run_measured([sys.executable, "-m", "fluxrecipe", *overrides, f"output={out}", "dry_run=true", f"hydra.run.dir={scratch / 'hydra'}"], None, env={"PYTHONPATH": str(REPO)})
-            written = re.search(r"total: .* write ([\d.]+) (KB|MB|GB|TB)", dry[3])
-            out_bytes = int(float(written[1]) * {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[written[2]])
-            read_seq, read_par, write_s = floor_seconds(sources, out_bytes, scratch, args.cache)
-            prepare_cache(args.cache, [p for files in sources for p in files])
-            cmd = [sys.executable, "-m", "fluxrecipe", *overrides, f"output={out}", "progress=false", f"hydra.run.dir={scratch / 'hydra'}", *args.fluxrecipe_args]
-            wall, peak, rc, tail = run_measured(cmd, args.cap, env={"PYTHONPATH": str(REPO)})
-            phase = re.search(r"in ([\d.]+) s \(", tail)
-            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-            if rc:
-                print(f"{name}: fluxrecipe failed (exit {rc}):\n{tail}", file=sys.stderr)
-            rows.append((name, read_seq + write_s, read_par + write_s, wall, float(phase[1]) if phase else math.nan, peak, rc, human_bytes(out_bytes)))
-            print(f"  {name}: floor {read_seq + write_s:.1f} s (sequential) / {read_par + write_s:.1f} s (concurrent), wall {wall:.1f} s, peak {peak} MiB, exit {rc}", flush=True)
-
-        print()
-        print("| scenario | written | floor s (sequential / concurrent) | wall s | wall / floor (seq, conc) | merge s | peak MiB | exit |")
-        print("|---|---:|---:|---:|---:|---:|---:|---|")
-        for name, floor_seq, floor_par, wall, phase, peak, rc, written in rows:
-            print(f"| {name} | {written} | {floor_seq:.1f} / {floor_par:.1f} | {wall:.1f} | {wall / floor_seq:.2f}, {wall / floor_par:.2f} | {phase:.1f} | {peak} | {'ok' if rc == 0 else rc} |")
+        chosen = [(name, sources, scratch / out_name, overrides) for name, sources, out_name, overrides in scenarios if not args.only or any(o in name for o in args.only)]
+        measure_scenarios(chosen, args, scratch)
     finally:
         if not args.keep and args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def measure_scenarios(scenarios: list[tuple[str, list[list[Path]], Path, list[str]]], args, scratch: Path) -> None:
+    """Each scenario (name, the source files it reads, its output, fluxrecipe's overrides): its own I/O floor
+    (the bytes it reads, as many written as its dry run says it writes), then fluxrecipe in a memory cgroup
+    of args.cap MiB; its output deleted after; one Markdown table at the end."""
+    rows = []
+    for name, sources, out, overrides in scenarios:
+        dry = run_measured([sys.executable, "-m", "fluxrecipe", *overrides, f"output={out}", "dry_run=true", f"hydra.run.dir={scratch / 'hydra'}"], None, env={"PYTHONPATH": str(REPO)})
+        written = re.search(r"total: .* write ([\d.]+) (KB|MB|GB|TB)", dry[3])
+        out_bytes = int(float(written[1]) * {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[written[2]])
+        read_seq, read_par, write_s = floor_seconds(sources, out_bytes, scratch, args.cache)
+        prepare_cache(args.cache, [p for files in sources for p in files])
+        cmd = [sys.executable, "-m", "fluxrecipe", *overrides, f"output={out}", "progress=false", f"hydra.run.dir={scratch / 'hydra'}", *args.fluxrecipe_args]
+        wall, peak, rc, tail = run_measured(cmd, args.cap, env={"PYTHONPATH": str(REPO)})
+        phase = re.search(r"in ([\d.]+) s \(", tail)
+        shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+        if rc:
+            print(f"{name}: fluxrecipe failed (exit {rc}):\n{tail}", file=sys.stderr)
+        rows.append((name, read_seq + write_s, read_par + write_s, wall, float(phase[1]) if phase else math.nan, peak, rc, human_bytes(out_bytes)))
+        print(f"  {name}: floor {read_seq + write_s:.1f} s (sequential) / {read_par + write_s:.1f} s (concurrent), wall {wall:.1f} s, peak {peak} MiB, exit {rc}", flush=True)
+    print()
+    print("| scenario | written | floor s (sequential / concurrent) | wall s | wall / floor (seq, conc) | merge s | peak MiB | exit |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, floor_seq, floor_par, wall, phase, peak, rc, written in rows:
+        print(f"| {name} | {written} | {floor_seq:.1f} / {floor_par:.1f} | {wall:.1f} | {wall / floor_seq:.2f}, {wall / floor_par:.2f} | {phase:.1f} | {peak} | {'ok' if rc == 0 else rc} |")
 
 
 if __name__ == "__main__":
