@@ -119,8 +119,6 @@ def command_line(args: list[str]) -> list[str]:
         out.append(arg)
     if blocks:
         os.environ[BLOCK_OVERRIDES_ENV] = ",".join(dict.fromkeys(blocks))
-    else:  # not one left by an earlier command line of this process (a test, a notebook)
-        os.environ.pop(BLOCK_OVERRIDES_ENV, None)
     return out
 
 
