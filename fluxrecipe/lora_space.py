@@ -42,6 +42,7 @@ from .families import FAMILIES, Family
 from .formats import bfl
 from .formats import lora as lora_format
 from .formats.layout import Constant, OutFile, OutTensor, TensorRef
+from .options import Options
 from .loras import LORA_DTYPES, LORA_FORMATS, LoraFile, Patch, plan_patches
 from .plan import Plan, PlannedRecipe
 from .recipe import DTYPES, Recipe
@@ -90,6 +91,12 @@ class OutModule:
     rank: int
     copied: bool
     alpha: float | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory while it is computed (float64): its terms' factors stacked with the written ones, twice over
+        (the copies made on the way)."""
+        return 16 * sum(self.shape) * (sum(c.rank for c in self.contributions) + self.rank)
 
 
 @dataclass(frozen=True)
@@ -349,25 +356,36 @@ def settle(plan: Plan) -> Plan:
     return dataclasses.replace(plan, lora_space=space, files=(out_file(space, plan.files[0].name),))
 
 
-def write(plan: Plan, folder: Path, metadata: dict[str, str], header_size: int):
-    """The LoRA file of a settled plan into `folder`, module by module; the Result holds each module's relative
-    error (after rounding) and the file's record."""
+def write(plan: Plan, folder: Path, metadata: dict[str, str], header_size: int, options: Options):
+    """The LoRA file of a settled plan into `folder`: its modules computed `options.workers` at once (each on
+    one thread: the bytes do not depend on how many) under the `in_flight` budget, written in the file's order;
+    the Result holds each module's relative error (after rounding) and the file's record."""
     import torch
 
     from .execute.kernel import DTYPES as TORCH_DTYPES
     from .execute.result import Result
+    from .execute.scheduler import run_in_order
+    from .ops.lowrank import single_threaded
     from .writer import open_safetensors
 
     started = time.monotonic()
     space, out = plan.lora_space, plan.files[0]
+    dtype = TORCH_DTYPES[space.dtype]
     result = Result(files={}, seconds=0.0, bytes_read=sum(r.up.nbytes for m in space.modules for c in m.contributions for r in c.rows), bytes_written=0)
     file = open_safetensors(folder / out.name, out.entries(), {**metadata, **dict(out.metadata)}, header_size)
+
+    def compute(m: OutModule):
+        with single_threaded():
+            return _factors(m, space, dtype)
+
+    def finish(m: OutModule, factors) -> None:
+        up, down, error = factors
+        result.lora_errors[m.name], result.lora_ranks[m.name] = error, m.rank
+        for t in (down, up):
+            file.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
     try:
-        for m in space.modules:
-            up, down, error = _factors(m, space, TORCH_DTYPES[space.dtype])
-            result.lora_errors[m.name], result.lora_ranks[m.name] = error, m.rank
-            for t in (down, up):
-                file.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        run_in_order(space.modules, compute, finish, options.workers, options.in_flight, options.most_items)
         for constant in out.constants:
             file.write(constant.data)
         result.files[out.name] = file.close()
@@ -409,41 +427,52 @@ def _factors(m: OutModule, space: LoraSpace, dtype):
     """(up, down) of one module in the file's dtype, and the relative error of their product to the sum."""
     import torch
 
-    from .ops.lowrank import Term, concatenate, truncate
+    from .ops.lowrank import concatenate, truncate
 
-    terms = _terms(m)
     if m.copied:
         raw = _terms(m, scaled=False)
         up, down = torch.cat([t.up for t in raw], 1), torch.cat([t.down for t in raw], 0)
-    elif space.how == "truncate":
-        cut_ = truncate(terms, m.rank, space.energy)
-        up, down = cut_.up, cut_.down
+        terms = None
     else:
-        up, down = concatenate(terms)
+        terms = _terms(m)
+        if space.how == "truncate":
+            cut_ = truncate(terms, m.rank, space.energy)
+            up, down = cut_.up, cut_.down
+        else:
+            up, down = concatenate(terms)
     up, down = up.to(dtype), down.to(dtype)
     if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
         raise OutputError(f"'{cut(m.name)}': its factors do not fit {space.dtype} (values beyond its range): write the LoRA in fp32 (dtype=fp32)")
     if m.copied and all(t.dtype == space.dtype for c in m.contributions for t in (c.down, *(r.up for r in c.rows))):
         return up, down, 0.0  # the factors as they were, bytes and alpha: nothing to measure
     ratio = (m.alpha / m.rank) if m.copied and m.alpha is not None else 1.0
-    return up, down, _relative_error(terms, Term(up.to(torch.float64) * ratio, down.to(torch.float64), 1.0))
+    return up, down, _relative_error(terms or _terms(m), up, down, ratio)
 
 
-def _relative_error(terms, written) -> float:
-    """||S - W||_F / ||S||_F for S the sum of the terms and W the written one, from the factors alone: with
-    G = (Up^T Up) * (Down Down^T) over the terms and W stacked (Gram matrices in float64, on one thread, as
-    lowrank.py computes), ||S||^2 is the sum of G's terms block and ||S - W||^2 that of all of G with W's
-    sign flipped; never an out x in matrix. An error far below 1 (a rounding) comes out to about 1e-8 of
-    ||S||."""
+def _relative_error(terms, up, down, ratio: float) -> float:
+    """||S - W||_F / ||S||_F for S the sum of the terms and W = ratio * up @ down the written factors, from the
+    factors alone: with G = (Up^T Up) * (Down Down^T) over the terms and W stacked (Gram matrices in float64,
+    on one thread, as lowrank.py computes), ||S||^2 is the sum of G's terms block and ||S - W||^2 that of all
+    of G with W's sign flipped; never an out x in matrix. An error far below 1 (a rounding) comes out to about
+    1e-8 of ||S||."""
     import torch
 
     from .ops.lowrank import single_threaded
 
+    k = sum(t.up.shape[1] for t in terms)
+    ups = torch.empty(up.shape[0], k + up.shape[1], dtype=torch.float64)
+    downs = torch.empty(k + up.shape[1], down.shape[1], dtype=torch.float64)
     with single_threaded():
-        up = torch.cat([t.up.to(torch.float64) * t.scale for t in terms] + [-written.up], 1)
-        down = torch.cat([t.down.to(torch.float64) for t in terms] + [written.down], 0)
-        gram = (up.mT @ up) * (down @ down.mT)
-        k = up.shape[1] - written.up.shape[1]
+        at = 0
+        for t in terms:  # filled in place: the same values as stacking copies, without the copies
+            end = at + t.up.shape[1]
+            ups[:, at:end] = t.up if t.scale == 1 else t.up.to(torch.float64) * t.scale
+            downs[at:end] = t.down
+            at = end
+        ups[:, k:] = up
+        ups[:, k:] *= -ratio  # -(x * ratio), exactly
+        downs[k:] = down
+        gram = (ups.mT @ ups) * (downs @ downs.mT)
         whole, rest = float(gram[:k, :k].sum()), float(gram.sum())
     return math.sqrt(max(rest, 0.0) / whole) if whole > 0 else 0.0
 
