@@ -139,7 +139,7 @@ def _run(plan: Plan, output: str | Path, options: Options | None, in_memory: boo
     if plan.lora_space:
         from . import lora_space
 
-        plan = lora_space.settle(plan)
+        plan = lora_space.settle(plan, options)
     recorded = package.as_recorded(plan, target)
     metadata, header_size = package.file_metadata(recorded), package.header_size(recorded)
     held: list[InMemory] = []

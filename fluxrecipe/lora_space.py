@@ -343,7 +343,7 @@ def _notes(space: LoraSpace, family: Family, hidden: int) -> list[str]:
 # --- the run --------------------------------------------------------------------------------------------------
 
 
-def settle(plan: Plan) -> Plan:
+def settle(plan: Plan, options: Options) -> Plan:
     """A plan with lora_energy, its ranks chosen by each module's singular values (computed from the factors,
     as the run computes them again): the file laid out at those ranks."""
     from .ops.lowrank import truncate
@@ -351,21 +351,19 @@ def settle(plan: Plan) -> Plan:
     space = plan.lora_space
     if space.settled:
         return plan
-    modules = tuple(dataclasses.replace(m, rank=truncate(_terms(m), m.rank, space.energy).rank) for m in space.modules)
-    space = dataclasses.replace(space, modules=modules, settled=True)
+    settled: list[OutModule] = []
+    _each_module(space, lambda m: truncate(_terms(m), m.rank, space.energy).rank, lambda m, rank: settled.append(dataclasses.replace(m, rank=rank)), options)
+    space = dataclasses.replace(space, modules=tuple(settled), settled=True)
     return dataclasses.replace(plan, lora_space=space, files=(out_file(space, plan.files[0].name),))
 
 
 def write(plan: Plan, folder: Path, metadata: dict[str, str], header_size: int, options: Options):
-    """The LoRA file of a settled plan into `folder`: its modules computed `options.workers` at once (each on
-    one thread: the bytes do not depend on how many) under the `in_flight` budget, written in the file's order;
-    the Result holds each module's relative error (after rounding) and the file's record."""
+    """The LoRA file of a settled plan into `folder`, its modules written in the file's order; the Result holds
+    each module's relative error (after rounding) and the file's record."""
     import torch
 
     from .execute.kernel import DTYPES as TORCH_DTYPES
     from .execute.result import Result
-    from .execute.scheduler import run_in_order
-    from .ops.lowrank import single_threaded
     from .writer import open_safetensors
 
     started = time.monotonic()
@@ -374,10 +372,6 @@ def write(plan: Plan, folder: Path, metadata: dict[str, str], header_size: int, 
     result = Result(files={}, seconds=0.0, bytes_read=sum(r.up.nbytes for m in space.modules for c in m.contributions for r in c.rows), bytes_written=0)
     file = open_safetensors(folder / out.name, out.entries(), {**metadata, **dict(out.metadata)}, header_size)
 
-    def compute(m: OutModule):
-        with single_threaded():
-            return _factors(m, space, dtype)
-
     def finish(m: OutModule, factors) -> None:
         up, down, error = factors
         result.lora_errors[m.name], result.lora_ranks[m.name] = error, m.rank
@@ -385,7 +379,7 @@ def write(plan: Plan, folder: Path, metadata: dict[str, str], header_size: int, 
             file.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
     try:
-        run_in_order(space.modules, compute, finish, options.workers, options.in_flight, options.most_items)
+        _each_module(space, lambda m: _factors(m, space, dtype), finish, options)
         for constant in out.constants:
             file.write(constant.data)
         result.files[out.name] = file.close()
@@ -395,6 +389,19 @@ def write(plan: Plan, folder: Path, metadata: dict[str, str], header_size: int, 
     result.bytes_written = sum(r.size for r in result.files.values())
     result.seconds = time.monotonic() - started
     return result
+
+
+def _each_module(space: LoraSpace, compute, finish, options: Options) -> None:
+    """compute(module) for every module, `options.workers` at once (each on one thread: the bits do not depend
+    on how many) under the `in_flight` budget; finish(module, what it computed) in the file's order."""
+    from .execute.scheduler import run_in_order
+    from .ops.lowrank import single_threaded
+
+    def alone(m: OutModule):
+        with single_threaded():
+            return compute(m)
+
+    run_in_order(space.modules, alone, finish, options.workers, options.in_flight, options.most_items)
 
 
 def _terms(m: OutModule, scaled: bool = True):
