@@ -23,7 +23,8 @@ converters do:
   laid out.
 Each module's relative error ||sum - up @ down|| / ||sum|| after rounding to the file's dtype is computed from
 the factors too (the norm of a difference of low-rank products is that of a small core), reported and recorded.
-One module's factors are in memory at a time; the bytes do not depend on the thread count (lowrank.py).
+`threads` modules are computed at once, each on one thread, within `in_flight`, and written in order; the
+bytes do not depend on the thread count (lowrank.py).
 """
 
 from __future__ import annotations
