@@ -139,7 +139,7 @@ def _run(plan: Plan, output: str | Path, options: Options | None, in_memory: boo
     if plan.lora_space:
         from . import lora_space
 
-        plan = lora_space.settle(plan)
+        plan = lora_space.settle(plan, options)
     recorded = package.as_recorded(plan, target)
     metadata, header_size = package.file_metadata(recorded), package.header_size(recorded)
     held: list[InMemory] = []
@@ -150,7 +150,7 @@ def _run(plan: Plan, output: str | Path, options: Options | None, in_memory: boo
 
     with atomic_output(target, options.overwrite, plan.files[0].name if plan.single_file else None) as folder:
         if plan.lora_space:
-            result = lora_space.write(plan, folder, metadata, header_size)
+            result = lora_space.write(plan, folder, metadata, header_size, options)
         else:
             result = execute(plan, folder, options, metadata, header_size, hash_sources=local, sink=in_memory_sink if in_memory else None)
         _check_replay(plan, result)

@@ -23,7 +23,8 @@ converters do:
   laid out.
 Each module's relative error ||sum - up @ down|| / ||sum|| after rounding to the file's dtype is computed from
 the factors too (the norm of a difference of low-rank products is that of a small core), reported and recorded.
-One module's factors are in memory at a time; the bytes do not depend on the thread count (lowrank.py).
+`threads` modules are computed at once, each on one thread, within `in_flight`, and written in order; the
+bytes do not depend on the thread count (lowrank.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .families import FAMILIES, Family
 from .formats import bfl
 from .formats import lora as lora_format
 from .formats.layout import Constant, OutFile, OutTensor, TensorRef
+from .options import Options
 from .loras import LORA_DTYPES, LORA_FORMATS, LoraFile, Patch, plan_patches
 from .plan import Plan, PlannedRecipe
 from .recipe import DTYPES, Recipe
@@ -90,6 +92,12 @@ class OutModule:
     rank: int
     copied: bool
     alpha: float | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory while it is computed, at most (float64): its terms' factors four times over (read, stacked,
+        their QR's or scaling's copies) and the written ones (measured on BFL's linear1: within 10%)."""
+        return 8 * sum(self.shape) * (4 * sum(c.rank for c in self.contributions) + self.rank)
 
 
 @dataclass(frozen=True)
@@ -336,7 +344,7 @@ def _notes(space: LoraSpace, family: Family, hidden: int) -> list[str]:
 # --- the run --------------------------------------------------------------------------------------------------
 
 
-def settle(plan: Plan) -> Plan:
+def settle(plan: Plan, options: Options) -> Plan:
     """A plan with lora_energy, its ranks chosen by each module's singular values (computed from the factors,
     as the run computes them again): the file laid out at those ranks."""
     from .ops.lowrank import truncate
@@ -344,14 +352,15 @@ def settle(plan: Plan) -> Plan:
     space = plan.lora_space
     if space.settled:
         return plan
-    modules = tuple(dataclasses.replace(m, rank=truncate(_terms(m), m.rank, space.energy).rank) for m in space.modules)
-    space = dataclasses.replace(space, modules=modules, settled=True)
+    settled: list[OutModule] = []
+    _each_module(space, lambda m: truncate(_terms(m), m.rank, space.energy).rank, lambda m, rank: settled.append(dataclasses.replace(m, rank=rank)), options)
+    space = dataclasses.replace(space, modules=tuple(settled), settled=True)
     return dataclasses.replace(plan, lora_space=space, files=(out_file(space, plan.files[0].name),))
 
 
-def write(plan: Plan, folder: Path, metadata: dict[str, str], header_size: int):
-    """The LoRA file of a settled plan into `folder`, module by module; the Result holds each module's relative
-    error (after rounding) and the file's record."""
+def write(plan: Plan, folder: Path, metadata: dict[str, str], header_size: int, options: Options):
+    """The LoRA file of a settled plan into `folder`, its modules written in the file's order; the Result holds
+    each module's relative error (after rounding) and the file's record."""
     import torch
 
     from .execute.kernel import DTYPES as TORCH_DTYPES
@@ -360,14 +369,18 @@ def write(plan: Plan, folder: Path, metadata: dict[str, str], header_size: int):
 
     started = time.monotonic()
     space, out = plan.lora_space, plan.files[0]
+    dtype = TORCH_DTYPES[space.dtype]
     result = Result(files={}, seconds=0.0, bytes_read=sum(r.up.nbytes for m in space.modules for c in m.contributions for r in c.rows), bytes_written=0)
     file = open_safetensors(folder / out.name, out.entries(), {**metadata, **dict(out.metadata)}, header_size)
+
+    def finish(m: OutModule, factors) -> None:
+        up, down, error = factors
+        result.lora_errors[m.name], result.lora_ranks[m.name] = error, m.rank
+        for t in (down, up):
+            file.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
     try:
-        for m in space.modules:
-            up, down, error = _factors(m, space, TORCH_DTYPES[space.dtype])
-            result.lora_errors[m.name], result.lora_ranks[m.name] = error, m.rank
-            for t in (down, up):
-                file.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        _each_module(space, lambda m: _factors(m, space, dtype), finish, options)
         for constant in out.constants:
             file.write(constant.data)
         result.files[out.name] = file.close()
@@ -377,6 +390,19 @@ def write(plan: Plan, folder: Path, metadata: dict[str, str], header_size: int):
     result.bytes_written = sum(r.size for r in result.files.values())
     result.seconds = time.monotonic() - started
     return result
+
+
+def _each_module(space: LoraSpace, compute, finish, options: Options) -> None:
+    """compute(module) for every module, `options.compute_workers` at once (each on one thread: the bits do not depend
+    on how many) under the `in_flight` budget; finish(module, what it computed) in the file's order."""
+    from .execute.scheduler import run_in_order
+    from .ops.lowrank import single_threaded
+
+    def alone(m: OutModule):
+        with single_threaded():
+            return compute(m)
+
+    run_in_order(space.modules, alone, finish, options.compute_workers, options.in_flight, options.most_items)
 
 
 def _terms(m: OutModule, scaled: bool = True):
@@ -409,41 +435,52 @@ def _factors(m: OutModule, space: LoraSpace, dtype):
     """(up, down) of one module in the file's dtype, and the relative error of their product to the sum."""
     import torch
 
-    from .ops.lowrank import Term, concatenate, truncate
+    from .ops.lowrank import concatenate, truncate
 
-    terms = _terms(m)
     if m.copied:
         raw = _terms(m, scaled=False)
         up, down = torch.cat([t.up for t in raw], 1), torch.cat([t.down for t in raw], 0)
-    elif space.how == "truncate":
-        cut_ = truncate(terms, m.rank, space.energy)
-        up, down = cut_.up, cut_.down
+        terms = None
     else:
-        up, down = concatenate(terms)
+        terms = _terms(m)
+        if space.how == "truncate":
+            cut_ = truncate(terms, m.rank, space.energy)
+            up, down = cut_.up, cut_.down
+        else:
+            up, down = concatenate(terms)
     up, down = up.to(dtype), down.to(dtype)
     if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
         raise OutputError(f"'{cut(m.name)}': its factors do not fit {space.dtype} (values beyond its range): write the LoRA in fp32 (dtype=fp32)")
     if m.copied and all(t.dtype == space.dtype for c in m.contributions for t in (c.down, *(r.up for r in c.rows))):
         return up, down, 0.0  # the factors as they were, bytes and alpha: nothing to measure
     ratio = (m.alpha / m.rank) if m.copied and m.alpha is not None else 1.0
-    return up, down, _relative_error(terms, Term(up.to(torch.float64) * ratio, down.to(torch.float64), 1.0))
+    return up, down, _relative_error(terms or _terms(m), up, down, ratio)
 
 
-def _relative_error(terms, written) -> float:
-    """||S - W||_F / ||S||_F for S the sum of the terms and W the written one, from the factors alone: with
-    G = (Up^T Up) * (Down Down^T) over the terms and W stacked (Gram matrices in float64, on one thread, as
-    lowrank.py computes), ||S||^2 is the sum of G's terms block and ||S - W||^2 that of all of G with W's
-    sign flipped; never an out x in matrix. An error far below 1 (a rounding) comes out to about 1e-8 of
-    ||S||."""
+def _relative_error(terms, up, down, ratio: float) -> float:
+    """||S - W||_F / ||S||_F for S the sum of the terms and W = ratio * up @ down the written factors, from the
+    factors alone: with G = (Up^T Up) * (Down Down^T) over the terms and W stacked (Gram matrices in float64,
+    on one thread, as lowrank.py computes), ||S||^2 is the sum of G's terms block and ||S - W||^2 that of all
+    of G with W's sign flipped; never an out x in matrix. An error far below 1 (a rounding) comes out to about
+    1e-8 of ||S||."""
     import torch
 
     from .ops.lowrank import single_threaded
 
+    k = sum(t.up.shape[1] for t in terms)
+    ups = torch.empty(up.shape[0], k + up.shape[1], dtype=torch.float64)
+    downs = torch.empty(k + up.shape[1], down.shape[1], dtype=torch.float64)
     with single_threaded():
-        up = torch.cat([t.up.to(torch.float64) * t.scale for t in terms] + [-written.up], 1)
-        down = torch.cat([t.down.to(torch.float64) for t in terms] + [written.down], 0)
-        gram = (up.mT @ up) * (down @ down.mT)
-        k = up.shape[1] - written.up.shape[1]
+        at = 0
+        for t in terms:  # filled in place: the same values as stacking copies, without the copies
+            end = at + t.up.shape[1]
+            ups[:, at:end] = t.up if t.scale == 1 else t.up.to(torch.float64) * t.scale
+            downs[at:end] = t.down
+            at = end
+        ups[:, k:] = up
+        ups[:, k:] *= -ratio  # -(x * ratio), exactly
+        downs[k:] = down
+        gram = (ups.mT @ ups) * (downs @ downs.mT)
         whole, rest = float(gram[:k, :k].sum()), float(gram.sum())
     return math.sqrt(max(rest, 0.0) / whole) if whole > 0 else 0.0
 

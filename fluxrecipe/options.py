@@ -38,6 +38,12 @@ class Options:
         return self.threads if self.threads > 0 else min(8, (os.cpu_count() or 1) + 2)
 
     @property
+    def compute_workers(self) -> int:
+        """Workers for work that never waits on a read (a recipe of LoRAs alone): one per core, at most 8; a
+        worker beyond them only holds its memory longer."""
+        return self.threads if self.threads > 0 else min(8, os.cpu_count() or 1)
+
+    @property
     def most_items(self) -> int:
         """Units of work in flight at most, however small: beyond a few per worker they only cost bookkeeping."""
         return 4 * self.workers

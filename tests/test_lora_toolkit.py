@@ -197,18 +197,19 @@ def test_comfyui_keys(recipe_dir, tmp_path, pair):
     assert float(written["diffusion_model.single_blocks.1.linear1.alpha"]) == 2.0
 
 
-@pytest.mark.parametrize("setting", ["lora_rank=5", "lora_energy=0.95"])
+@pytest.mark.parametrize("setting", ["lora_rank=5", "lora_energy=0.95", "recipe.dtype=bf16"])
 def test_resize_bytes_do_not_depend_on_threads(tmp_path, pair, monkeypatch, setting):
-    """A merge cut to lora_rank=5 (or to the ranks lora_energy=0.95 picks) in subprocesses under
-    OMP_NUM_THREADS=1, the default and 4: the same file."""
+    """A merge cut to lora_rank=5 (or to the ranks lora_energy=0.95 picks, or exact in bf16) in subprocesses
+    under OMP_NUM_THREADS=1 with threads=1 (one module at a time), the defaults, and OMP_NUM_THREADS=4 with
+    threads=3 (three modules at once): the same file."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     recipe = tmp_path / "two.yaml"
     recipe.write_text(json.dumps({"loras": loras_of(pair), "format": "lora"}))
     digests = set()
-    for i, env in enumerate(({"OMP_NUM_THREADS": "1"}, {}, {"OMP_NUM_THREADS": "4"})):
+    for i, (env, threads) in enumerate((({"OMP_NUM_THREADS": "1"}, ["threads=1"]), ({}, []), ({"OMP_NUM_THREADS": "4"}, ["threads=3"]))):
         out = tmp_path / f"cut{i}.safetensors"
-        done = run_cli([f"recipe={recipe}", setting, f"output={out}", "progress=false"], cwd=tmp_path, env=env)
+        done = run_cli([f"recipe={recipe}", setting, *threads, f"output={out}", "progress=false"], cwd=tmp_path, env=env)
         assert done.returncode == 0, done.stderr
         digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
     assert len(digests) == 1
@@ -269,6 +270,6 @@ def test_settings_that_change_nothing_are_refused(recipe_dir, tmp_path, krea, pa
     out = tmp_path / "x.safetensors"
     refused(UsageError, "lora_energy=0.9 changes nothing: format=diffusers writes no LoRA", lambda: bake(recipe_dir, tmp_path / "m", krea, {"a": str(pair[0])}, "lora_energy=0.9"), tmp_path / "m")
     refused(UsageError, "lora_energy=1.5: must be a number above 0 and at most 1", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}}, "format=lora", "lora_energy=1.5"), out)
-    refused(UsageError, "threads=2 changes nothing: a recipe of LoRAs alone (no sources) is combined module by module on the CPU", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}}, "format=lora", "threads=2"), out)
+    refused(UsageError, "chunk_elements=4096 changes nothing: a recipe of LoRAs alone (no sources) is combined module by module on the CPU", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}}, "format=lora", "chunk_elements=4096"), out)
     refused(RecipeError, "rules changes nothing in a recipe without sources", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}, "rules": [{"match": ".*", "op": "take:a"}]}, "format=lora"), out)
     refused(PlanError, "a recipe with loras and no sources writes a LoRA: choose format=lora, lora_peft or lora_comfyui", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}}, "format=bfl"), out)

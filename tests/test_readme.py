@@ -141,7 +141,7 @@ def deep_stand_ins(tmp_path_factory) -> dict[str, Path]:
 
 def hub_sources(recipe: str) -> dict[str, str]:
     """A built-in recipe's sources that are hub repos: name -> repo."""
-    sources = yaml.safe_load((REPO_ROOT / "recipes" / f"{recipe}.yaml").read_text())["sources"]
+    sources = yaml.safe_load((REPO_ROOT / "recipes" / f"{recipe}.yaml").read_text()).get("sources", {})  # LoRAs alone: none
     return {name: spec for name, spec in sources.items() if isinstance(spec, str) and spec in HUB_MODELS}
 
 

@@ -39,7 +39,7 @@ from .options import BY_NAME, defaults, deleted_option, groups, unknown_option
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 # a recipe's source or LoRA named by a key the command line sets (recipe.sources.NAME, recipe.loras.NAME.path)
-ENGINE_OPTIONS = ("threads", "chunk_elements", "in_flight", "device", "nonfinite", "diagnostics")  # what only the merge engine reads
+ENGINE_OPTIONS = ("chunk_elements", "device", "nonfinite", "diagnostics")  # what only the merge engine reads (threads and in_flight: a recipe of LoRAs alone too)
 RECIPE_PATH_KEY = re.compile(r"recipe\.(?P<kind>sources|loras)(\.(?P<name>[^.]+))?(\..*)?")
 _MISSING = object()
 
