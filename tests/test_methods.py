@@ -518,3 +518,22 @@ def test_ties_threshold_is_exact_in_one_pass_or_two():
         k = math.ceil(density * taus[0].numel())
         want = [float(t.abs().kthvalue(t.numel() - k + 1).values) for t in taus]
         assert threshold_passes(taus, density, 100_000) == (want, want_passes), density
+
+
+def test_ties_threshold_counts_a_crowded_window_densely_and_exactly():
+    """A task vector whose sizes lie within 1% of each other (or all zeros) puts most of a chunk in its window,
+    which is then counted by one bincount instead of a sort: the same exact threshold, in one pass."""
+    from fluxrecipe.ops import Where
+    from fluxrecipe.ops.threshold import _high_partial
+
+    g = torch.Generator().manual_seed(4)
+    def alike() -> torch.Tensor:  # +-0.02 give or take 1%, in 101 steps
+        return (torch.randint(0, 2, (1_200_000,), generator=g) * 2 - 1) * (0.02 + torch.randint(0, 101, (1_200_000,), generator=g) * 2e-6)
+
+    few, zeros = [alike(), alike()], [torch.zeros(1_200_000), alike()]
+    for taus in (few, zeros):
+        window = _high_partial([torch.zeros(400_000), *(t[:400_000] for t in taus)], Where("k", 0, 400_000, ("a", "b", "c"), 1_200_000), (), {"density": 0.3})[0][1]
+        assert window[2] is None  # (first, last, keys, counts): no keys, dense counts
+        k = math.ceil(0.3 * 1_200_000)
+        want = [float(t.abs().kthvalue(t.numel() - k + 1).values) for t in taus]
+        assert threshold_passes(taus, 0.3, 400_000) == (want, 1)

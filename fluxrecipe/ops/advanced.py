@@ -74,11 +74,12 @@ def _disjoint_mean(base: Tensor, taus: list[Tensor], weights: tuple[float, ...],
     """TIES' sign election and disjoint mean: gamma = the sign of sum(w_i tau_i) (`count`: of the sum of the
     signs; 0 counts as +), then the weighted mean of the tau_i whose sign is gamma (0 where none is, or
     where their weights add up to 0); base + lambda * that. (Masks are 0/1 float32 tensors, made with sign
-    and clamp: boolean masks and torch.where are several times slower on the CPU.)"""
-    weighted = [tau * w for tau, w in zip(taus, weights)]
+    and clamp: boolean masks and torch.where are several times slower on the CPU. A product by 1.0, the
+    default weight and lambda, is left out: it changes no bit. The taus are consumed.)"""
+    weighted = [_times(tau, w) for tau, w in zip(taus, weights)]
     if sign == "sum":
-        vote = weighted[0].clone()
-        for term in weighted[1:]:
+        vote = weighted[0] + weighted[1] if len(weighted) > 1 else weighted[0].clone()
+        for term in weighted[2:]:
             vote += term
     else:
         vote = taus[0].sign()
@@ -89,9 +90,14 @@ def _disjoint_mean(base: Tensor, taus: list[Tensor], weights: tuple[float, ...],
     for tau, term, w in zip(taus, weighted, weights):
         agrees = (tau * gamma).sign_().clamp_(min=0.0)  # 1 where tau has gamma's sign, else 0
         total = term.mul_(agrees) if total is None else total.add_(term.mul_(agrees))
-        share = agrees * w if share is None else share.add_(agrees.mul_(w))
+        share = _times(agrees, w) if share is None else share.add_(agrees if w == 1.0 else agrees.mul_(w))
     mean = total.div_(share).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # x / 0: no agreeing weight
-    return base + mean * lambda_
+    return base + _times(mean, lambda_)
+
+
+def _times(values: Tensor, factor: float) -> Tensor:
+    """values * factor, or values themselves where factor is 1.0 (x * 1.0 is x, bit for bit)."""
+    return values if factor == 1.0 else values * factor
 
 
 def _segment_sums(products: Callable[[list[Tensor]], list[Tensor]], result: Callable[[tuple[float, ...], dict], Any]) -> StatPass:
