@@ -178,13 +178,14 @@ def _check_density(values: dict, inputs: int) -> str | None:
 @op(inputs=(2, None), formula="base + lambda * disjoint_mean(trim(tau_i, density)); trim keeps |tau_i| >= its ceil(density * n)-th largest; gamma = sign(sum w_i t_i) (count: sign(sum sign t_i)), 0 as +; disjoint_mean = sum(w_i t_i) / sum(w_i) over the t_i of sign gamma (0/0: 0)", shorthand=("density",), passes=TIES_PASSES, check=_check_density)
 def ties(xs: list[Tensor], density: float, weights: TaskWeights | None = None, lambda_: float = 1.0, sign: Literal["sum", "count"] = "sum", stats: tuple = ()) -> Tensor:
     """TIES-merging (Yadav et al. 2023): trim each task vector to its largest magnitudes, elect a sign, average what agrees."""
-    thresholds, w = [s.threshold for s in stats[-1]], _weights(weights, xs)
+    import torch
+
+    # hardshrink keeps |x| > its limit: the largest float32 below a threshold keeps exactly |x| >= it (the
+    # trimmed values come out +0 where a product by a mask gave -0 to some: no output bit depends on it)
+    limits, w = [float(torch.nextafter(torch.tensor(s.threshold), torch.tensor(-math.inf))) for s in stats[-1]], _weights(weights, xs)
 
     def compute(s: list[Tensor], a: int, b: int) -> Tensor:
-        taus = []
-        for x, threshold in zip(s[1:], thresholds):
-            tau = x - s[0]
-            taus.append(tau.mul_(tau.abs() >= threshold))  # trimmed: 0 below the threshold
+        taus = [torch.nn.functional.hardshrink(x - s[0], limit) for x, limit in zip(s[1:], limits)]  # trimmed: 0 below the threshold
         return _disjoint_mean(s[0], taus, w, lambda_, sign)
 
     return _sliced(xs, compute)
