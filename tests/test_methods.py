@@ -528,12 +528,13 @@ def test_ties_threshold_counts_a_crowded_window_densely_and_exactly():
 
     g = torch.Generator().manual_seed(4)
     def alike() -> torch.Tensor:  # +-0.02 give or take 1%, in 101 steps
-        return (torch.randint(0, 2, (1_200_000,), generator=g) * 2 - 1) * (0.02 + torch.randint(0, 101, (1_200_000,), generator=g) * 2e-6)
+        return (torch.randint(0, 2, (n,), generator=g) * 2 - 1) * (0.02 + torch.randint(0, 101, (n,), generator=g) * 2e-6)
 
-    few, zeros = [alike(), alike()], [torch.zeros(1_200_000), alike()]
+    n, chunk = 3_600_000, 1_200_000
+    few, zeros = [alike(), alike()], [torch.zeros(n), alike()]
     for taus in (few, zeros):
-        window = _high_partial([torch.zeros(400_000), *(t[:400_000] for t in taus)], Where("k", 0, 400_000, ("a", "b", "c"), 1_200_000), (), {"density": 0.3})[0][1]
+        window = _high_partial([torch.zeros(chunk), *(t[:chunk] for t in taus)], Where("k", 0, chunk, ("a", "b", "c"), n), (), {"density": 0.3})[0][1]
         assert window[2] is None  # (first, last, keys, counts): no keys, dense counts
-        k = math.ceil(0.3 * 1_200_000)
+        k = math.ceil(0.3 * n)
         want = [float(t.abs().kthvalue(t.numel() - k + 1).values) for t in taus]
-        assert threshold_passes(taus, 0.3, 400_000) == (want, 1)
+        assert threshold_passes(taus, 0.3, chunk) == (want, 1)

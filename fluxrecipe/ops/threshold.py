@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16  # bins of the high 16 bits of |tau|'s float32 pattern (sign 0), then the low 16
 WINDOW = 16  # high bins either side of a chunk's own k-th largest whose low bits it counts (1/128 octave each: +-12%)
 MOST_BINS = 4 * WINDOW + 1  # the widest first window whose low bits are counted (int32 counts: 256 KiB a bin)
-DENSE_WINDOW = 8  # a window holding at least 1/8 as many values as it has low bins is counted densely
+DENSE_WINDOW = 2  # a window holding at least half as many values as it has low bins is counted densely (int32 counts: at most 2 chunks' bytes)
 
 
 def _magnitudes(xs: list[Tensor]) -> list[Tensor]:
@@ -130,7 +130,7 @@ def _window_counts(bits: Tensor, high: Tensor, histogram: tuple[Tensor | None, T
     span = (last - first + 1) << 16
     if last - first < MOST_BINS and inside * DENSE_WINDOW >= span:
         keys = torch.sub(bits, first << 16).clamp_(-1, span).add_(1)  # 0: below the window, span + 1: above it
-        return None, torch.bincount(keys, minlength=span + 2)[1:-1]
+        return None, torch.bincount(keys, minlength=span + 2)[1:-1].int()
     found, counts = torch.unique(bits[(high >= first) & (high <= last)] - (first << 16), return_counts=True)
     return found.long(), counts
 
@@ -155,7 +155,7 @@ def _high_fold(state: list | None, partial: list[tuple]) -> list:
             begin, end = max(begin, first), min(end, last)
         offset = (first - begin) << 16  # the chunk's window starts this far into the kept one (<= 0)
         if found is None:
-            low += counts[-offset : low.numel() - offset].int()
+            low += counts[-offset : low.numel() - offset]
         else:
             keys = found + offset
             keep = (keys >= 0) & (keys < low.numel())
