@@ -521,8 +521,9 @@ def test_ties_threshold_is_exact_in_one_pass_or_two():
 
 
 def test_ties_threshold_counts_a_crowded_window_densely_and_exactly():
-    """A task vector whose sizes lie within 1% of each other (or all zeros) puts most of a chunk in its window,
-    which is then counted by one bincount instead of a sort: the same exact threshold, in one pass."""
+    """A task vector whose sizes lie within 1% of each other puts most of a chunk in its window, which is then
+    counted by one bincount instead of a sort; a chunk of zeros is counted from one test: the same exact
+    threshold, in one pass (two where chunks of zeros and of values disagree)."""
     from fluxrecipe.ops import Where
     from fluxrecipe.ops.threshold import _high_partial
 
@@ -531,10 +532,10 @@ def test_ties_threshold_counts_a_crowded_window_densely_and_exactly():
         return (torch.randint(0, 2, (n,), generator=g) * 2 - 1) * (0.02 + torch.randint(0, 101, (n,), generator=g) * 2e-6)
 
     n, chunk = 3_600_000, 1_200_000
-    few, zeros = [alike(), alike()], [torch.zeros(n), alike()]
-    for taus in (few, zeros):
+    half = torch.cat([torch.zeros(n // 2), alike()[n // 2 :]])  # zeros, then values: the chunks' windows disagree
+    for taus, dense, passes in (([alike(), alike()], True, 1), ([torch.zeros(n), alike()], False, 1), ([alike(), half], True, 2)):
         window = _high_partial([torch.zeros(chunk), *(t[:chunk] for t in taus)], Where("k", 0, chunk, ("a", "b", "c"), n), (), {"density": 0.3})[0][1]
-        assert window[2] is None  # (first, last, keys, counts): no keys, dense counts
+        assert (window[2] is None) == dense  # (first, last, keys, counts): dense counts; or zeros, counted from one test
         k = math.ceil(0.3 * n)
         want = [float(t.abs().kthvalue(t.numel() - k + 1).values) for t in taus]
-        assert threshold_passes(taus, 0.3, chunk) == (want, 1)
+        assert threshold_passes(taus, 0.3, chunk) == (want, passes)

@@ -103,18 +103,22 @@ def _high_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) ->
     the chunk's window with exact counts of the low 16 bits of every |tau| in it (_window_counts: (high - first) *
     2^16 + low, and their counts). The window: WINDOW high bins either side of those that hold the chunk's
     own k-th largest give or take four standard deviations of its rank (none of either where the chunk is
-    the whole tensor: its own is the one). A small chunk's window is wide, but it holds few values."""
+    the whole tensor: its own is the one). A small chunk's window is wide, but it holds few values. A chunk
+    where tau is 0 throughout (what a source left as the base has it) is counted from one test, not two passes."""
+    import torch
 
     whole = where.start == 0 and where.total in (None, where.stop)
     parts = []
     for bits in _magnitudes(xs):
-        high, n = bits >> 16, bits.numel()
+        n = bits.numel()
+        unchanged = (torch.zeros(1, dtype=torch.long), torch.tensor([n])) if n and not bool(bits.any()) else None  # all in bin 0 (and the window from 0: key 0)
+        high = None if unchanged else bits >> 16
         k = _kept_count(params["density"], n)
         spread = 0 if whole else math.ceil(4 * math.sqrt(k)) + 1
         low_rank, high_rank = max(1, k - spread), min(n, k + spread)  # ranks from the largest
-        histogram = _histogram(high, HIGH_BINS)
+        histogram = unchanged or _histogram(high, HIGH_BINS)
         first, last = (max(_bin_of_rank(histogram, high_rank) - WINDOW, 0), min(_bin_of_rank(histogram, low_rank) + WINDOW, HIGH_BINS - 1)) if n else (0, 0)
-        parts.append((histogram, (first, last, *_window_counts(bits, high, histogram, first, last))))
+        parts.append((histogram, (first, last, *(unchanged or _window_counts(bits, high, histogram, first, last)))))
     return parts
 
 
