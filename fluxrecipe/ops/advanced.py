@@ -186,6 +186,8 @@ def ties(xs: list[Tensor], density: float, weights: TaskWeights | None = None, l
 
     def compute(s: list[Tensor], a: int, b: int) -> Tensor:
         taus = [torch.nn.functional.hardshrink(x - s[0], limit) for x, limit in zip(s[1:], limits)]  # trimmed: 0 below the threshold
+        if not any(bool(tau.any()) for tau in taus):  # nothing kept (a slice no source changed): every mean is 0/0, so 0
+            return s[0] + 0.0 * lambda_
         return _disjoint_mean(s[0], taus, w, lambda_, sign)
 
     return _sliced(xs, compute)
