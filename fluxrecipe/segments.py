@@ -13,9 +13,10 @@ which an output layout visits the tensor's rows.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -71,12 +72,14 @@ class Segments:
     total: int
     reduce: Reduce
     size: int = SEGMENT
-    results: dict[int, Any] = field(default_factory=dict)
+    runs: dict[int, list] = field(default_factory=dict)  # first segment -> the results of a run of segments from it
+    _count: int = 0  # segments with a result
     _pieces: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
 
     def add(self, partial: Partial) -> None:
-        for i, result in enumerate(partial.results, partial.first):
-            self.results[i] = result
+        if partial.results:  # kept as the run it came in (a dict entry per segment cost more than the sums)
+            self.runs[partial.first] = partial.results
+            self._count += len(partial.results)
         for offset, elements in partial.pieces:
             self._add_piece(offset, elements)
 
@@ -90,16 +93,17 @@ class Segments:
             if sum(p.numel() for _, p in pieces) == length:
                 del self._pieces[index]
                 row = torch.cat([p for _, p in sorted(pieces, key=lambda p: p[0])])
-                self.results[index] = self.reduce(row.view(1, -1))[0]
+                self.runs[index] = self.reduce(row.view(1, -1))
+                self._count += 1
             offset, elements = offset + cut, elements[cut:]
 
     @property
     def complete(self) -> bool:
-        return not self._pieces and len(self.results) == -(-self.total // self.size)
+        return not self._pieces and self._count == -(-self.total // self.size)
 
     def ordered(self) -> list:
-        return [self.results[i] for i in range(len(self.results))]
+        return [result for first in sorted(self.runs) for result in self.runs[first]]
 
     def fsum(self) -> float:
         """The exact sum of the segment sums."""
-        return math.fsum(self.results.values())
+        return math.fsum(itertools.chain.from_iterable(self.runs.values()))

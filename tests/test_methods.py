@@ -265,8 +265,8 @@ def test_ties_reads_its_inputs_twice(recipe_dir, tmp_path, krea, half, dev, read
     once = merged(recipe_dir, tmp_path / "task", folders, "task_arithmetic", {}, "bf16", f"chunk_elements={chunk}").bytes_read
     assert sum(reads) == once
     reads.clear()
-    merged(recipe_dir, tmp_path / "ties", folders, "ties", {"density": 0.3}, "bf16", f"chunk_elements={chunk}")
-    assert sum(reads) == 2 * once
+    result = merged(recipe_dir, tmp_path / "ties", folders, "ties", {"density": 0.3}, "bf16", f"chunk_elements={chunk}")
+    assert sum(reads) == 2 * once == result.bytes_read  # the result counts what was read, passes included
 
 
 def test_single_file_sources_give_the_same_merge(recipe_dir, tmp_path, state_of, krea, half, dev):
@@ -518,3 +518,24 @@ def test_ties_threshold_is_exact_in_one_pass_or_two():
         k = math.ceil(density * taus[0].numel())
         want = [float(t.abs().kthvalue(t.numel() - k + 1).values) for t in taus]
         assert threshold_passes(taus, density, 100_000) == (want, want_passes), density
+
+
+def test_ties_threshold_counts_a_crowded_window_densely_and_exactly():
+    """A task vector whose sizes lie within 1% of each other puts most of a chunk in its window, which is then
+    counted by one bincount instead of a sort; a chunk of zeros is counted from one test: the same exact
+    threshold, in one pass (two where chunks of zeros and of values disagree)."""
+    from fluxrecipe.ops import Where
+    from fluxrecipe.ops.threshold import _high_partial
+
+    g = torch.Generator().manual_seed(4)
+    def alike() -> torch.Tensor:  # +-0.02 give or take 1%, in 101 steps
+        return (torch.randint(0, 2, (n,), generator=g) * 2 - 1) * (0.02 + torch.randint(0, 101, (n,), generator=g) * 2e-6)
+
+    n, chunk = 3_600_000, 1_200_000
+    half = torch.cat([torch.zeros(n // 2), alike()[n // 2 :]])  # zeros, then values: the chunks' windows disagree
+    for taus, dense, passes in (([alike(), alike()], True, 1), ([torch.zeros(n), alike()], False, 1), ([alike(), half], True, 2)):
+        window = _high_partial([torch.zeros(chunk), *(t[:chunk] for t in taus)], Where("k", 0, chunk, ("a", "b", "c"), n), (), {"density": 0.3})[0][1]
+        assert (window[2] is None) == dense  # (first, last, keys, counts): dense counts; or zeros, counted from one test
+        k = math.ceil(0.3 * n)
+        want = [float(t.abs().kthvalue(t.numel() - k + 1).values) for t in taus]
+        assert threshold_passes(taus, 0.3, chunk) == (want, passes)

@@ -152,6 +152,8 @@ def merge(job: JobPlan) -> Result:
 
         log.info(format_errors(plan, result))
     log.info(f"wrote {where}, {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)")
+    if plan.bytes_read and result.bytes_read > plan.bytes_read:  # statistics passes (TIES, slerp, ...) read the sources again
+        log.info(f"read {human_bytes(result.bytes_read)} from the sources: {result.bytes_read / plan.bytes_read:.2f} times their bytes")
     report_counts(plan, result)
     return result
 

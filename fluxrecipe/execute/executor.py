@@ -61,6 +61,7 @@ class Executor:
             work = self.factoring.chunks() if self.factoring else self.values()
             peak = run_in_order(work, self.compute, self.finish, self.options.workers, self.options.in_flight, self.options.most_items)
             self.result.peak_in_flight = max(self.result.peak_in_flight, peak)
+            self.result.bytes_read = self.reader.bytes_read
             self.sink.close()
             for observer in self.observers:
                 observer.close()

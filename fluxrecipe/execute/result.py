@@ -13,7 +13,7 @@ from ..writer import FileRecord
 class Result:
     files: dict[str, FileRecord]  # file name -> size and sha256 (the data's, for a header written again)
     seconds: float
-    bytes_read: int
+    bytes_read: int  # from the sources: the plan's bytes once, and again for each statistics pass
     bytes_written: int
     nonfinite: dict[str, int] = field(default_factory=dict)  # "source: key" or "output: key" -> NaN/Inf values
     clamped: dict[str, int] = field(default_factory=dict)  # output tensor -> values beyond its dtype's range

@@ -74,11 +74,12 @@ def _disjoint_mean(base: Tensor, taus: list[Tensor], weights: tuple[float, ...],
     """TIES' sign election and disjoint mean: gamma = the sign of sum(w_i tau_i) (`count`: of the sum of the
     signs; 0 counts as +), then the weighted mean of the tau_i whose sign is gamma (0 where none is, or
     where their weights add up to 0); base + lambda * that. (Masks are 0/1 float32 tensors, made with sign
-    and clamp: boolean masks and torch.where are several times slower on the CPU.)"""
-    weighted = [tau * w for tau, w in zip(taus, weights)]
+    and clamp: boolean masks and torch.where are several times slower on the CPU. A product by 1.0, the
+    default weight and lambda, is left out: it changes no bit. The taus are consumed.)"""
+    weighted = [_times(tau, w) for tau, w in zip(taus, weights)]
     if sign == "sum":
-        vote = weighted[0].clone()
-        for term in weighted[1:]:
+        vote = weighted[0] + weighted[1] if len(weighted) > 1 else weighted[0].clone()
+        for term in weighted[2:]:
             vote += term
     else:
         vote = taus[0].sign()
@@ -89,9 +90,14 @@ def _disjoint_mean(base: Tensor, taus: list[Tensor], weights: tuple[float, ...],
     for tau, term, w in zip(taus, weighted, weights):
         agrees = (tau * gamma).sign_().clamp_(min=0.0)  # 1 where tau has gamma's sign, else 0
         total = term.mul_(agrees) if total is None else total.add_(term.mul_(agrees))
-        share = agrees * w if share is None else share.add_(agrees.mul_(w))
+        share = _times(agrees, w) if share is None else share.add_(agrees if w == 1.0 else agrees.mul_(w))
     mean = total.div_(share).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # x / 0: no agreeing weight
-    return base + mean * lambda_
+    return base + _times(mean, lambda_)
+
+
+def _times(values: Tensor, factor: float) -> Tensor:
+    """values * factor, or values themselves where factor is 1.0 (x * 1.0 is x, bit for bit)."""
+    return values if factor == 1.0 else values * factor
 
 
 def _segment_sums(products: Callable[[list[Tensor]], list[Tensor]], result: Callable[[tuple[float, ...], dict], Any]) -> StatPass:
@@ -172,13 +178,16 @@ def _check_density(values: dict, inputs: int) -> str | None:
 @op(inputs=(2, None), formula="base + lambda * disjoint_mean(trim(tau_i, density)); trim keeps |tau_i| >= its ceil(density * n)-th largest; gamma = sign(sum w_i t_i) (count: sign(sum sign t_i)), 0 as +; disjoint_mean = sum(w_i t_i) / sum(w_i) over the t_i of sign gamma (0/0: 0)", shorthand=("density",), passes=TIES_PASSES, check=_check_density)
 def ties(xs: list[Tensor], density: float, weights: TaskWeights | None = None, lambda_: float = 1.0, sign: Literal["sum", "count"] = "sum", stats: tuple = ()) -> Tensor:
     """TIES-merging (Yadav et al. 2023): trim each task vector to its largest magnitudes, elect a sign, average what agrees."""
-    thresholds, w = [s.threshold for s in stats[-1]], _weights(weights, xs)
+    import torch
+
+    # hardshrink keeps |x| > its limit: the largest float32 below a threshold keeps exactly |x| >= it (the
+    # trimmed values come out +0 where a product by a mask gave -0 to some: no output bit depends on it)
+    limits, w = [float(torch.nextafter(torch.tensor(s.threshold), torch.tensor(-math.inf))) for s in stats[-1]], _weights(weights, xs)
 
     def compute(s: list[Tensor], a: int, b: int) -> Tensor:
-        taus = []
-        for x, threshold in zip(s[1:], thresholds):
-            tau = x - s[0]
-            taus.append(tau.mul_(tau.abs() >= threshold))  # trimmed: 0 below the threshold
+        taus = [torch.nn.functional.hardshrink(x - s[0], limit) for x, limit in zip(s[1:], limits)]  # trimmed: 0 below the threshold
+        if not any(bool(tau.any()) for tau in taus):  # nothing kept (a slice no source changed): every mean is 0/0, so 0
+            return s[0] + 0.0 * lambda_
         return _disjoint_mean(s[0], taus, w, lambda_, sign)
 
     return _sliced(xs, compute)

@@ -27,13 +27,14 @@ if TYPE_CHECKING:
 HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16  # bins of the high 16 bits of |tau|'s float32 pattern (sign 0), then the low 16
 WINDOW = 16  # high bins either side of a chunk's own k-th largest whose low bits it counts (1/128 octave each: +-12%)
 MOST_BINS = 4 * WINDOW + 1  # the widest first window whose low bits are counted (int32 counts: 256 KiB a bin)
+DENSE_WINDOW = 2  # a window holding at least half as many values as it has low bins is counted densely (int32 counts: at most 2 chunks' bytes)
 
 
 def _magnitudes(xs: list[Tensor]) -> list[Tensor]:
     """Per task vector, the float32 bit pattern of |tau_i| as int32: ordered as the magnitudes are."""
     import torch
 
-    return [(x - xs[0]).view(torch.int32) & 0x7FFFFFFF for x in xs[1:]]
+    return [torch.sub(x, xs[0]).view(torch.int32).bitwise_and_(0x7FFFFFFF) for x in xs[1:]]
 
 
 def _histogram(values: Tensor, bins: int) -> tuple[Tensor | None, Tensor]:
@@ -99,24 +100,43 @@ def _pattern_value(bits: int) -> float:
 
 def _high_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) -> list[tuple]:
     """Per task vector: a histogram of the high 16 bits of |tau| (exact counts, whatever the chunking), and
-    the chunk's window with exact counts of the low 16 bits of every |tau| in it (sparse: (high - first) *
+    the chunk's window with exact counts of the low 16 bits of every |tau| in it (_window_counts: (high - first) *
     2^16 + low, and their counts). The window: WINDOW high bins either side of those that hold the chunk's
     own k-th largest give or take four standard deviations of its rank (none of either where the chunk is
-    the whole tensor: its own is the one). A small chunk's window is wide, but it holds few values."""
+    the whole tensor: its own is the one). A small chunk's window is wide, but it holds few values. A chunk
+    where tau is 0 throughout (what a source left as the base has it) is counted from one test, not two passes."""
     import torch
 
     whole = where.start == 0 and where.total in (None, where.stop)
     parts = []
     for bits in _magnitudes(xs):
-        high, n = bits >> 16, bits.numel()
+        n = bits.numel()
+        unchanged = (torch.zeros(1, dtype=torch.long), torch.tensor([n])) if n and not bool(bits.any()) else None  # all in bin 0 (and the window from 0: key 0)
+        high = None if unchanged else bits >> 16
         k = _kept_count(params["density"], n)
         spread = 0 if whole else math.ceil(4 * math.sqrt(k)) + 1
         low_rank, high_rank = max(1, k - spread), min(n, k + spread)  # ranks from the largest
-        histogram = _histogram(high, HIGH_BINS)
+        histogram = unchanged or _histogram(high, HIGH_BINS)
         first, last = (max(_bin_of_rank(histogram, high_rank) - WINDOW, 0), min(_bin_of_rank(histogram, low_rank) + WINDOW, HIGH_BINS - 1)) if n else (0, 0)
-        found, counts = torch.unique(bits[(high >= first) & (high <= last)] - (first << 16), return_counts=True)
-        parts.append((histogram, (first, last, found.long(), counts)))
+        parts.append((histogram, (first, last, *(unchanged or _window_counts(bits, high, histogram, first, last)))))
     return parts
+
+
+def _window_counts(bits: Tensor, high: Tensor, histogram: tuple[Tensor | None, Tensor], first: int, last: int) -> tuple[Tensor | None, Tensor]:
+    """Exact counts of the low 16 bits of the |tau| whose high bits lie in [first, last], keyed (high - first)
+    * 2^16 + low: (keys, counts) where the window holds few of the chunk's values (a sort of those alone),
+    (None, dense counts) where it holds many and is not too wide to be kept (one bincount over the chunk: a tensor of equal values, such as
+    zeros, would make the sort cost 20x the bincount)."""
+    import torch
+
+    found, counts = histogram
+    inside = int(counts[first : last + 1].sum()) if found is None else int(counts[(found >= first) & (found <= last)].sum())
+    span = (last - first + 1) << 16
+    if last - first < MOST_BINS and inside * DENSE_WINDOW >= span:
+        keys = torch.sub(bits, first << 16).clamp_(-1, span).add_(1)  # 0: below the window, span + 1: above it
+        return None, torch.bincount(keys, minlength=span + 2)[1:-1].int()
+    found, counts = torch.unique(bits[(high >= first) & (high <= last)] - (first << 16), return_counts=True)
+    return found.long(), counts
 
 
 def _high_fold(state: list | None, partial: list[tuple]) -> list:
@@ -137,9 +157,13 @@ def _high_fold(state: list | None, partial: list[tuple]) -> list:
         else:
             low = low[(max(begin, first) - begin) << 16 : (min(end, last) - begin + 1) << 16]
             begin, end = max(begin, first), min(end, last)
-        keys = found + ((first - begin) << 16)
-        keep = (keys >= 0) & (keys < low.numel())
-        low.index_add_(0, keys[keep], counts[keep].int())
+        offset = (first - begin) << 16  # the chunk's window starts this far into the kept one (<= 0)
+        if found is None:
+            low += counts[-offset : low.numel() - offset]
+        else:
+            keys = found + offset
+            keep = (keys >= 0) & (keys < low.numel())
+            low.index_add_(0, keys[keep], counts[keep].int())
         windows.append((begin, end, low))
     return [highs, windows]
 
