@@ -25,6 +25,7 @@ import torch
 
 from ..errors import OutputError
 from ..formats.layout import Part
+from ..linux import release_freed_memory
 from ..loras import Factor
 from ..ops.lora import factor, relative_error
 from ..ops.lowrank import block_rows
@@ -36,7 +37,7 @@ from .result import Result
 from .scheduler import DRAIN, Chunk
 from .sink import Sink
 
-HELD = 256 << 20  # bytes: a difference larger than this goes to a scratch file, not memory
+HELD = 32 << 20  # bytes: a difference larger than this goes to a scratch file, not memory
 
 
 class Factoring:
@@ -87,6 +88,7 @@ class Factoring:
         dtype = DTYPES[next(t.dtype for t in self.plan.files[0].tensors if t.name == f.down)]
         if not math.isfinite(diff.largest):
             raise OutputError(f"'{cut(f.module)}': its difference to the base holds NaN/Inf values (from the inputs): a LoRA cannot be factored from it")
+        release_freed_memory()  # the workers' chunk buffers, idle now: the factoring's threads allocate their own
         torch.set_num_threads(self.threads)
         try:
             up, down = factor(diff.rows, f.shape, f.rank, f.exact, zlib.crc32(f.module.encode()), self.plan.lora_energy)
@@ -98,6 +100,7 @@ class Factoring:
             self.result.lora_errors[f.module] = relative_error(diff.rows, f.shape, up.float(), down.float())
         finally:
             torch.set_num_threads(1)
+            release_freed_memory()  # and theirs, before the workers start again
         return down.contiguous().cpu().reshape(-1).view(torch.uint8), up.contiguous().cpu().reshape(-1).view(torch.uint8)  # flat first: a rank-1 factor is "contiguous" with any stride
 
 
