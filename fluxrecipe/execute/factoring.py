@@ -164,7 +164,10 @@ class Difference:
             view, offset = memoryview(block.numpy()).cast("B"), first * width * 4
             done = 0
             while done < len(view):
-                got = os.preadv(self.fd, [view[done:]], offset + done)
+                try:
+                    got = os.preadv(self.fd, [view[done:]], offset + done)
+                except OSError as e:
+                    raise OutputError(f"the scratch file of a difference (in the output's folder): read failed: {e.strerror}") from None
                 if not got:
                     raise OutputError("the scratch file of a difference (in the output's folder) ended early: it was changed during the merge")
                 done += got
