@@ -1,4 +1,4 @@
-"""Two Linux (glibc) calls Python does not expose; each is a no-op where it is not available."""
+"""Linux (glibc) calls Python does not expose; each is a no-op where it is not available."""
 
 from __future__ import annotations
 
@@ -33,3 +33,10 @@ def keep_freed_memory() -> None:
     if _libc is not None and hasattr(_libc, "mallopt") and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         _libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         _libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+
+
+def release_freed_memory() -> None:
+    """Hand the buffers glibc kept (keep_freed_memory: up to M_TRIM_THRESHOLD per thread's arena) back to the
+    kernel: where one phase of work ends and another, on other threads, begins, so the two do not add up."""
+    if _libc is not None and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)

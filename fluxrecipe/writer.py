@@ -49,6 +49,31 @@ class FileRecord:
     sha256: str
 
 
+class WriteBehind:
+    """The page cache of a file written front to back, let go behind the writes: writeback is started per
+    FLUSH_WINDOW and awaited one window later, and those pages are then dropped, so the file holds about two
+    windows of cache whatever its size (the kernel's own writeback would leave it all dirty for a while, and
+    a memory cgroup counts dirty pages it cannot reclaim)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._released = 0  # bytes before this offset are on disk and out of the page cache
+        self._started = 0  # bytes before this offset have had their writeback started
+
+    def written(self, end: int) -> None:
+        """The file is written up to `end` (holes left before it count as written)."""
+        if end - self._started >= FLUSH_WINDOW:
+            if not sync_file_range(self.fd, self._started, end - self._started, SYNC_FILE_RANGE_WRITE):
+                os.fdatasync(self.fd)  # no sync_file_range here: wait for all of it
+            settled = align_down(self._started)
+            if settled > self._released:
+                wait = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+                sync_file_range(self.fd, self._released, settled - self._released, wait)
+                os.posix_fadvise(self.fd, self._released, settled - self._released, os.POSIX_FADV_DONTNEED)
+                self._released = settled
+            self._started = end
+
+
 class StreamingFile:
     """A new file written front to back, hashed on the way, its written pages released as it goes."""
 
@@ -62,8 +87,7 @@ class StreamingFile:
             raise OutputError(f"{path}: cannot create: {e.strerror}") from None
         self.size = 0
         self._hash = hashlib.sha256()
-        self._released = 0  # bytes before this offset are on disk and out of the page cache
-        self._started = 0  # bytes before this offset have had their writeback started
+        self._writeback = WriteBehind(self.fd)
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -76,20 +100,7 @@ class StreamingFile:
         except OSError as e:
             raise OutputError(f"{self.path}: write failed: {e.strerror}") from None
         self.size += len(view)
-        if self.size - self._started >= FLUSH_WINDOW:
-            self._flush_behind()
-
-    def _flush_behind(self) -> None:
-        """Start writeback of what was just written; wait for the window before it and drop it from the cache."""
-        if not sync_file_range(self.fd, self._started, self.size - self._started, SYNC_FILE_RANGE_WRITE):
-            os.fdatasync(self.fd)  # no sync_file_range here: wait for all of it
-        settled = align_down(self._started)
-        if settled > self._released:
-            wait = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
-            sync_file_range(self.fd, self._released, settled - self._released, wait)
-            os.posix_fadvise(self.fd, self._released, settled - self._released, os.POSIX_FADV_DONTNEED)
-            self._released = settled
-        self._started = self.size
+        self._writeback.written(self.size)
 
     def close(self) -> FileRecord:
         """Flush to disk and close; the record is the file's size and sha256."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -248,19 +249,52 @@ def test_energy_picks_the_ranks_of_an_extraction(recipe_dir, tmp_path, tuned, fm
     assert len(seen) > 1
 
 
-def test_a_large_difference_is_factored_from_a_mapped_file(recipe_dir, tmp_path, tuned, monkeypatch):  # noqa: F811 - the fixture
-    """Extraction with every difference over HELD (set to 0 here) kept in a mapped file of the output's folder
-    instead of memory: the same tensors, byte for byte, and no file left behind."""
+def test_a_large_difference_is_factored_from_a_scratch_file(recipe_dir, tmp_path, tuned, monkeypatch):  # noqa: F811 - the fixture
+    """Extraction with every difference over HELD (set to 0 here) written to a scratch file of the output's
+    folder and factored from row blocks read back from it (the range finder on every matrix: EXACT_SVD 0;
+    small blocks: BLOCK_ELEMENTS 256): the same tensors, byte for byte, as with the differences in memory; no
+    block read back is the whole matrix; no file left behind."""
+    from fluxrecipe import loras
     from fluxrecipe.execute import factoring
+    from fluxrecipe.ops import lowrank
 
-    held, mapped = tmp_path / "held.safetensors", tmp_path / "mapped" / "mapped.safetensors"
-    mapped.parent.mkdir()
+    monkeypatch.setattr(loras, "EXACT_SVD", 0)
+    monkeypatch.setattr(lowrank, "BLOCK_ELEMENTS", 256)
+    held, scratch = tmp_path / "held.safetensors", tmp_path / "scratch" / "scratch.safetensors"
+    scratch.parent.mkdir()
     extract(recipe_dir, held, tuned, "format=lora", "lora_rank=4")
     monkeypatch.setattr(factoring, "HELD", 0)
-    extract(recipe_dir, mapped, tuned, "format=lora", "lora_rank=4")
-    a, b = load_file(held), load_file(mapped)
+    blocks, rows = [], factoring.Difference.rows  # (rows of a block read back, of its matrix, the most a block may have)
+    monkeypatch.setattr(factoring.Difference, "rows", lambda self: (blocks.append((b.shape[0], self.shape[0], lowrank.block_rows(self.shape[1]))) or b for b in rows(self)))
+    extract(recipe_dir, scratch, tuned, "format=lora", "lora_rank=4")
+    a, b = load_file(held), load_file(scratch)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)) for k in a)
-    assert sorted(p.name for p in mapped.parent.iterdir()) == ["mapped.safetensors"]
+    assert sorted(p.name for p in scratch.parent.iterdir()) == ["scratch.safetensors"]
+    assert any(height > most for _, height, most in blocks) and all(got <= most for got, _, most in blocks)
+
+
+def test_a_difference_in_a_scratch_file_reads_back_as_put(tmp_path, monkeypatch):
+    """Chunks put in order with a part skipped (a module the recipe leaves as the base's) read back as rows of
+    block_rows each, zeros where nothing was put, on every pass; `largest` is max |element|, NaN once one is."""
+    from fluxrecipe.execute import factoring
+    from fluxrecipe.ops import lowrank
+
+    monkeypatch.setattr(factoring, "HELD", 0)
+    monkeypatch.setattr(lowrank, "BLOCK_ELEMENTS", 300)
+    want = torch.randn(37, 70, generator=torch.Generator().manual_seed(3))
+    want[10:20] = 0
+    with factoring.Difference((37, 70), torch.device("cpu"), tmp_path) as diff:
+        flat = want.reshape(-1)
+        for a in (*range(0, 700, 250), *range(1400, 37 * 70, 250)):
+            diff.put(a, flat[a : min(a + 250, 700 if a < 700 else 37 * 70)])
+        assert diff.held is None and diff.largest == float(want.abs().max())
+        for _ in range(2):
+            got = list(diff.rows())
+            assert [g.shape[0] for g in got] == [4] * 9 + [1] and torch.equal(torch.cat(got), want)
+        diff.put(5, torch.tensor([float("nan")]))
+        diff.put(6, torch.tensor([1e30]))
+        assert math.isnan(diff.largest)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- refused: one line, nothing written ------------------------------------------------------------------------

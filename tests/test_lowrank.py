@@ -273,9 +273,10 @@ def digest(tensors):
 def everything():
     merged = truncate(terms, 20)
     svd = svd_factor(matrix[:300, :200], 12)
-    up, down = factor(matrix, 16, False, 3)
+    rows, small = (lambda: (matrix,)), (lambda: (matrix[:300, :200],))
+    up, down = factor(rows, tuple(matrix.shape), 16, False, 3)
     return digest([*concatenate(terms), merged.up, merged.down, merged.singular_values, merged.relative_error, truncate(terms, 9, energy=0.5).up,
-                   svd.up, svd.down, svd.relative_error, *factor(matrix[:300, :200], 12, True, 0), up, down, relative_error(matrix, up, down),
+                   svd.up, svd.down, svd.relative_error, *factor(small, (300, 200), 12, True, 0), up, down, relative_error(rows, tuple(matrix.shape), up, down),
                    streamed_factor(lambda: (matrix,), tuple(matrix.shape), 16, 5, threads=3).up])
 
 for threads in map(int, sys.argv[1:] or ["0"]):  # 0: as the process started
