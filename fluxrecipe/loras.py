@@ -15,6 +15,7 @@ cannot hold, are Factors of rank 0: measured, listed, not written.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ LORA_FORMATS = {name: f.lora_scheme for name, f in FORMATS.items() if f.lora_sch
 LORA_DTYPES = ("BF16", "F16", "F32")
 PEFT_FILE = "pytorch_lora_weights.safetensors"  # what diffusers writes into a LoRA folder
 EXACT_SVD = 1024  # a matrix whose smaller side is at most this is factored by an exact SVD, larger ones by the randomized range finder (ops/lowrank.py)
+EXACT_SVD_BYTES = 32 << 20  # ... and whose float32 size is at most this: the exact SVD holds the matrix and about 5 times it in float64
 SHOWN = 4
 
 
@@ -240,7 +242,7 @@ class Factor:
 
     @property
     def exact(self) -> bool:
-        return min(self.shape) <= EXACT_SVD
+        return min(self.shape) <= EXACT_SVD and math.prod(self.shape) * 4 <= EXACT_SVD_BYTES  # a tall thin one is streamed too
 
     @property
     def names(self) -> tuple[str, ...]:

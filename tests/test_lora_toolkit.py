@@ -307,3 +307,16 @@ def test_settings_that_change_nothing_are_refused(recipe_dir, tmp_path, krea, pa
     refused(UsageError, "chunk_elements=4096 changes nothing: a recipe of LoRAs alone (no sources) is combined module by module on the CPU", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}}, "format=lora", "chunk_elements=4096"), out)
     refused(RecipeError, "rules changes nothing in a recipe without sources", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}, "rules": [{"match": ".*", "op": "take:a"}]}, "format=lora"), out)
     refused(PlanError, "a recipe with loras and no sources writes a LoRA: choose format=lora, lora_peft or lora_comfyui", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}}, "format=bfl"), out)
+
+
+def test_only_a_small_matrix_is_factored_by_the_exact_svd():
+    """The exact SVD holds its matrix (and about 5 times it in float64): a matrix whose smaller side is small
+    but which is tall (FLUX.2 dev's fused projection cut to 1024 columns would be 226 MB) goes to the range
+    finder over row blocks, which never holds it."""
+    from fluxrecipe.loras import Factor
+
+    def exact(shape: tuple[int, int]) -> bool:
+        return Factor("m", (), (), (), shape, 16).exact
+
+    assert exact((3072, 64)) and exact((6144, 1024)) and exact((8192, 1024))  # 32 MB in float32: the limit
+    assert not exact((8193, 1024)) and not exact((55296, 1024)) and not exact((3072, 3072))
