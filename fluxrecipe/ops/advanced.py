@@ -95,6 +95,15 @@ def _disjoint_mean(base: Tensor, taus: list[Tensor], weights: tuple[float, ...],
     return base + _times(mean, lambda_)
 
 
+def _zero(values: Tensor) -> bool:
+    """Whether every value is 0 (finite values: their least and largest are); aminmax, not any(), which
+    casts to bool first and takes 5 times as long."""
+    import torch
+
+    least, largest = torch.aminmax(values)
+    return not float(least) and not float(largest)
+
+
 def _times(values: Tensor, factor: float) -> Tensor:
     """values * factor, or values themselves where factor is 1.0 (x * 1.0 is x, bit for bit)."""
     return values if factor == 1.0 else values * factor
@@ -186,7 +195,7 @@ def ties(xs: list[Tensor], density: float, weights: TaskWeights | None = None, l
 
     def compute(s: list[Tensor], a: int, b: int) -> Tensor:
         taus = [torch.nn.functional.hardshrink(x - s[0], limit) for x, limit in zip(s[1:], limits)]  # trimmed: 0 below the threshold
-        if not any(bool(tau.any()) for tau in taus):  # nothing kept (a slice no source changed): every mean is 0/0, so 0
+        if all(_zero(tau) for tau in taus):  # nothing kept (a slice no source changed): every mean is 0/0, so 0
             return s[0] + 0.0 * lambda_
         return _disjoint_mean(s[0], taus, w, lambda_, sign)
 

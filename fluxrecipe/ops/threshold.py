@@ -111,7 +111,7 @@ def _high_partial(xs: list[Tensor], where: Where, stats: tuple, params: dict) ->
     parts = []
     for bits in _magnitudes(xs):
         n = bits.numel()
-        unchanged = (torch.zeros(1, dtype=torch.long), torch.tensor([n])) if n and not bool(bits.any()) else None  # all in bin 0 (and the window from 0: key 0)
+        unchanged = (torch.zeros(1, dtype=torch.long), torch.tensor([n])) if n and not int(bits.amax()) else None  # all in bin 0 (and the window from 0: key 0); amax: any() casts to bool, 10x slower
         high = None if unchanged else bits >> 16
         k = _kept_count(params["density"], n)
         spread = 0 if whole else math.ceil(4 * math.sqrt(k)) + 1
