@@ -33,6 +33,7 @@ from ..plan import Plan, Step
 from ..text import cut
 from ..writer import RELEASE_ALIGN, WriteBehind, align_down
 from .kernel import DTYPES, ChunkOut
+from .reader import pread_into
 from .result import Result
 from .scheduler import DRAIN, Chunk
 from .sink import Sink
@@ -162,15 +163,12 @@ class Difference:
         for first in range(0, height, step):
             block = torch.empty(min(step, height - first), width, dtype=torch.float32)
             view, offset = memoryview(block.numpy()).cast("B"), first * width * 4
-            done = 0
-            while done < len(view):
-                try:
-                    got = os.preadv(self.fd, [view[done:]], offset + done)
-                except OSError as e:
-                    raise OutputError(f"the scratch file of a difference (in the output's folder): read failed: {e.strerror}") from None
-                if not got:
-                    raise OutputError("the scratch file of a difference (in the output's folder) ended early: it was changed during the merge")
-                done += got
+            try:
+                whole = pread_into(self.fd, view, offset)
+            except OSError as e:
+                raise OutputError(f"the scratch file of a difference (in the output's folder): read failed: {e.strerror}") from None
+            if not whole:
+                raise OutputError("the scratch file of a difference (in the output's folder) ended early: it was changed during the merge")
             end = align_down(offset + len(view))
             if end - released >= RELEASE_ALIGN:
                 os.posix_fadvise(self.fd, released, end - released, os.POSIX_FADV_DONTNEED)

@@ -64,15 +64,12 @@ class Reader:
 
     def _pread(self, path: str, offset: int, view: memoryview, what: str) -> None:
         f = self._file(path)
-        got = 0
         try:
-            while got < len(view):
-                n = os.preadv(f.fd, [view[got:]], offset + got)
-                if n == 0:
-                    raise SourceError(f"{path}: the file ended while reading '{cut(what)}': it was truncated or changed during the merge")
-                got += n
+            whole = pread_into(f.fd, view, offset)
         except OSError as e:
             raise SourceError(f"{path}: reading '{cut(what)}' failed: {e.strerror}") from None
+        if not whole:
+            raise SourceError(f"{path}: the file ended while reading '{cut(what)}': it was truncated or changed during the merge")
         with self._lock:
             self.bytes_read += len(view)
             release = f.done(offset, offset + len(view))
@@ -83,6 +80,18 @@ class Reader:
         for f in self._files.values():
             os.close(f.fd)
         self._files.clear()
+
+
+def pread_into(fd: int, view: memoryview, offset: int) -> bool:
+    """Fill `view` from byte `offset` of the file (pread, as many calls as it takes); False where the file
+    ends first. An OSError is the caller's to name."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            return False
+        got += n
+    return True
 
 
 @dataclass
