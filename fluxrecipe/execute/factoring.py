@@ -137,7 +137,8 @@ class Difference:
     def put(self, at: int, data: torch.Tensor) -> None:
         """Elements [at, at + data.numel()) of the flattened difference."""
         if data.numel():
-            peak = float(data.abs().max())
+            least, most = torch.aminmax(data)  # no |data| copy; maximum propagates a NaN
+            peak = float(torch.maximum(-least, most))
             if not math.isnan(self.largest) and not peak <= self.largest:  # larger, or NaN (which then stays)
                 self.largest = peak
         if self.held is not None:
