@@ -23,7 +23,7 @@ from . import package
 from .errors import RecipeError, SourceError, UsageError
 from . import formats
 from .loras import open_lora
-from .options import Options
+from .options import Options, refuse_unused
 from .plan import Plan, format_plan, make_plan
 from .recipe import FORMATS, Recipe, load_recipe as _load_data, read_recipe_file
 from .sources import open_source
@@ -191,6 +191,7 @@ def merge(
     if isinstance(options.get("in_flight"), str):
         options["in_flight"] = parse_size(options["in_flight"])
     planned = plan(recipe, output, format, shard_size, lora_rank, lora_energy=lora_energy, gguf_type=gguf_type)
+    refuse_unused(options, not recipe.sources, planned.single_file, planned.format)
     return write(planned, output, Options(**{"progress": False, **options}))
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 
+ENGINE_ONLY = ("chunk_elements", "device", "nonfinite", "diagnostics")  # what only the merge engine reads (threads and in_flight: a recipe of LoRAs alone too)
+
 
 @dataclass(frozen=True)
 class Options:
@@ -47,3 +49,23 @@ class Options:
     def most_items(self) -> int:
         """Units of work in flight at most, however small: beyond a few per worker they only cost bookkeeping."""
         return 4 * self.workers
+
+
+def refuse_unused(given: dict[str, object], lora_alone: bool, single_file: bool, output_format: str) -> None:
+    """Options given (name -> value as the person wrote it) that the run would ignore are refused, whoever
+    gives them (the command line, or the Python API): the merge engine's own for a recipe of LoRAs alone,
+    which is combined module by module on the CPU; diagnostics for a one-file format, which carries none."""
+    engine = sorted(k for k in ENGINE_ONLY if k in given)
+    if engine and lora_alone:
+        shown = ", ".join(f"{k}={_as_written(given[k])}" for k in engine)
+        raise UsageError(f"{shown} changes nothing: a recipe of LoRAs alone (no sources) is combined module by module on the CPU, not by the merge engine; leave {' and '.join(engine)} out")
+    if "diagnostics" in given and single_file:
+        raise UsageError(
+            f"diagnostics={_as_written(given['diagnostics'])} changes nothing: format={output_format} writes one file, which carries no diagnostics "
+            "(none are computed); diagnostics.json is written beside a folder's shards (format=diffusers)"
+        )
+
+
+def _as_written(value: object) -> str:
+    """An option's value as a person writes it on the command line (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -309,6 +309,20 @@ def test_settings_that_change_nothing_are_refused(recipe_dir, tmp_path, krea, pa
     refused(PlanError, "a recipe with loras and no sources writes a LoRA: choose format=lora, lora_peft or lora_comfyui", lambda: run_recipe(recipe_dir, out, {"loras": {"a": str(pair[0])}}, "format=bfl"), out)
 
 
+def test_the_python_api_refuses_what_the_command_line_refuses(tmp_path, krea, pair):
+    """api.merge takes the engine's options as keywords: one that the run would ignore is refused there too,
+    with the command line's message, and nothing is written."""
+    from fluxrecipe import api
+
+    out = tmp_path / "x.safetensors"
+    loras_alone = {"loras": {"a": str(pair[0])}}
+    refused(UsageError, "chunk_elements=4096 changes nothing: a recipe of LoRAs alone (no sources)", lambda: api.merge(loras_alone, out, format="lora", chunk_elements=4096), out)
+    refused(UsageError, "diagnostics=false, nonfinite=warn changes nothing: a recipe of LoRAs alone", lambda: api.merge(loras_alone, out, format="lora", nonfinite="warn", diagnostics=False), out)
+    refused(UsageError, "diagnostics=true changes nothing: format=comfyui writes one file", lambda: api.merge({"sources": {"k": str(krea)}, "rules": [{"match": ".*", "op": "take:k"}]}, out, format="comfyui", diagnostics=True), out)
+    api.merge(loras_alone, out, format="lora", threads=2)  # threads: a recipe of LoRAs alone runs on them too
+    assert out.is_file()
+
+
 def test_only_a_small_matrix_is_factored_by_the_exact_svd():
     """The exact SVD holds its matrix (and about 5 times it in float64): a matrix whose smaller side is small
     but which is tall (FLUX.2 dev's fused projection cut to 1024 columns would be 226 MB) goes to the range

@@ -30,7 +30,7 @@ from ..catalog import recipe_file, recipe_files, recipe_name
 from ..errors import UsageError
 from .. import formats
 from ..loras import LORA_FORMATS
-from ..options import Options
+from ..options import ENGINE_ONLY, Options, refuse_unused
 from ..recipe import FORMATS, LoraSpec, Recipe, SourceSpec, load_recipe
 from ..sweep.previews import PreviewRequest
 from ..sweep.scores import Objective, ScoreRequest
@@ -39,7 +39,6 @@ from .options import BY_NAME, defaults, deleted_option, groups, unknown_option
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 # a recipe's source or LoRA named by a key the command line sets (recipe.sources.NAME, recipe.loras.NAME.path)
-ENGINE_OPTIONS = ("chunk_elements", "device", "nonfinite", "diagnostics")  # what only the merge engine reads (threads and in_flight: a recipe of LoRAs alone too)
 RECIPE_PATH_KEY = re.compile(r"recipe\.(?P<kind>sources|loras)(\.(?P<name>[^.]+))?(\..*)?")
 _MISSING = object()
 
@@ -204,19 +203,11 @@ def output_of(cfg: DictConfig, recipe: Recipe, given: set[str], multirun: bool) 
             raise UsageError(f"lora_energy={energy}: must be a number above 0 and at most 1 (the fraction of each module's squared norm its rank keeps)")
         if chosen not in LORA_FORMATS:
             raise UsageError(f"lora_energy={energy} changes nothing: format={chosen} writes no LoRA; lora_energy chooses the ranks of format={' or '.join(LORA_FORMATS)}")
-    engine = sorted(k for k in ENGINE_OPTIONS if k in given)
-    if engine and not recipe.sources:
-        shown = ", ".join(f"{k}={cfg.get(k)}" for k in engine)
-        raise UsageError(f"{shown} changes nothing: a recipe of LoRAs alone (no sources) is combined module by module on the CPU, not by the merge engine; leave {' and '.join(engine)} out")
+    refuse_unused({k: cfg.get(k) for k in ENGINE_ONLY if k in given}, not recipe.sources, formats.FORMATS[chosen].single_file, chosen)
     if "gguf_type" in given and chosen != "gguf":
         raise UsageError(f"gguf_type={cfg.gguf_type} changes nothing: format={chosen} writes no GGUF file; gguf_type is the type of format=gguf")
     if "shard_size" in given and formats.FORMATS[chosen].single_file:
         raise UsageError(f"shard_size={cfg.shard_size} changes nothing: format={chosen} writes one file; shards are for format=diffusers (a folder)")
-    if "diagnostics" in given and formats.FORMATS[chosen].single_file:
-        raise UsageError(
-            f"diagnostics={str(cfg.diagnostics).lower()} changes nothing: format={chosen} writes one file, which carries no diagnostics "
-            "(none are computed); diagnostics.json is written beside a folder's shards (format=diffusers)"
-        )
     path = None
     if cfg.output and not multirun:
         path = Path(os.path.abspath(os.path.expanduser(str(cfg.output))))
