@@ -191,7 +191,11 @@ def merge(
     if isinstance(options.get("in_flight"), str):
         options["in_flight"] = parse_size(options["in_flight"])
     planned = plan(recipe, output, format, shard_size, lora_rank, lora_energy=lora_energy, gguf_type=gguf_type)
-    refuse_unused(options, not recipe.sources, planned.single_file, planned.format)
+    # what the caller asks of the run: a value other than the default (Python callers pass defaults as they
+    # are), and diagnostics=True where there may be none (turning them off is fine for any output)
+    defaults = {f.name: f.default for f in dataclasses.fields(Options)}
+    asked = {k: v for k, v in options.items() if (v is True if k == "diagnostics" else v != defaults[k])}
+    refuse_unused(asked, not recipe.sources, planned.single_file, planned.format)
     return write(planned, output, Options(**{"progress": False, **options}))
 
 
