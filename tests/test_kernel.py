@@ -141,3 +141,20 @@ def test_fp8_decodes_to_torchs_float32_bit_for_bit(dtype):
     want, got = patterns.to(torch.float32), to_float32(patterns)
     assert torch.equal(want.isnan(), got.isnan())
     assert torch.equal(want[~want.isnan()].view(torch.int32), got[~want.isnan()].view(torch.int32))
+
+
+def test_a_gguf_chunk_is_dequantized_back_only_when_its_written_values_are_observed():
+    """Q8_0 bytes are gguf's quantize of the float32 merge either way; the values as written (what diagnostics
+    compare) are gguf's dequantize of those bytes, computed only for a run that observes them."""
+    import gguf
+    import numpy as np
+
+    a, b = values(5, torch.float32, (4, 64)), values(6, torch.float32, (4, 64))
+    step = Step("w.weight", 0, "lerp", (("alpha", 0.3),), (ref("a", "F32", (4, 64)), ref("b", "F32", (4, 64))), "Q8_0", (4, 64))
+    chunk = ChunkIn("value", 64, 192, [raw(a.view(-1)[64:192]), raw(b.view(-1)[64:192])])
+    want = gguf.quants.quantize((a.view(-1)[64:192] * 0.7 + b.view(-1)[64:192] * 0.3).view(2, 64).numpy(), gguf.GGMLQuantizationType.Q8_0)
+    seen, unseen = compute(step, chunk, CPU), compute(step, chunk, Checks(torch.device("cpu"), "error", observed=False))
+    for out in (seen, unseen):
+        assert np.array_equal(out.data.numpy(), want.reshape(-1))
+    assert unseen.written is None
+    assert np.array_equal(seen.written.numpy(), gguf.quants.dequantize(want, gguf.GGMLQuantizationType.Q8_0).reshape(-1))

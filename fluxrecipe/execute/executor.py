@@ -117,7 +117,8 @@ class Executor:
     def compute(self, chunk: Chunk) -> tuple[ChunkOut, list]:
         step = chunk.step
         read = self.read(chunk)
-        out = compute(step, read, Checks(self.device, self.options.nonfinite, self.rule_texts[step.rule]))
+        observed = any(o.reads_written for o in self.observers)
+        out = compute(step, read, Checks(self.device, self.options.nonfinite, self.rule_texts[step.rule], observed))
         for ref, down in out.downs:
             self.downs.put(ref, down)
         seen = [observer.observe(step, read, out) if chunk.kind in observer.kinds else None for observer in self.observers]

@@ -28,6 +28,7 @@ class Observer:
     """The protocol: kinds of chunk observed, a partial per chunk (worker), folded in order (main thread)."""
 
     kinds: frozenset[str] = frozenset()
+    reads_written: bool = False  # whether `observe` looks at the values as written (ChunkOut.written)
 
     def observe(self, step: Step, chunk: ChunkIn, out: ChunkOut) -> Any:
         raise NotImplementedError
@@ -58,6 +59,7 @@ class DistanceObserver(Observer):
     and the source's squared norm (diagnostics.Distances sums them per block)."""
 
     kinds = frozenset({"value"})
+    reads_written = True
 
     def __init__(self, distances: Distances) -> None:
         self.distances = distances
