@@ -338,6 +338,7 @@ def test_a_flux2_klein_merge_previews_through_the_klein_pipeline(tmp_path, monke
     recorded = lerp_with_a_preview(tmp_path, monkeypatch, a, b, pipeline)
     assert (recorded["guidance"], recorded["steps"], recorded["kind"]["pipeline"], recorded["model_class"]) == (None, 2, "Flux2KleinPipeline", "Flux2Transformer2DModel")
     assert (recorded["kind"]["steps"], recorded["kind"]["guidance"], recorded["kind"]["text_inputs"]) == (4, None, ["prompt_embeds", None])
+    assert recorded["pipeline"] == os.path.relpath(pipeline, tmp_path / "run" / "previews")
     assert_diffusers_draws_the_preview(tmp_path, pipeline, "Flux2KleinPipeline", "Flux2Transformer2DModel", guidance_scale=1.0)
 
 
