@@ -102,6 +102,46 @@ def build_chroma_pipeline(folder: Path, config: dict) -> Path:
     return folder
 
 
+def build_flux2_klein_pipeline(folder: Path, config: dict) -> Path:
+    """A tiny Flux2KleinPipeline (distilled), built offline: a Qwen3 of 27 layers (the pipeline stacks the hidden
+    states of layers 9, 18 and 27: the transformer's joint_attention_dim is 3 x its width) with a byte-level
+    BPE tokenizer made here and a Qwen3-like chat template, FLUX.2's VAE with in_channels / 4 latent channels
+    (packed 2x2), FLUX's scheduler, and a tiny FLUX.2 transformer of `config` without a guidance embedder."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    width, rest = divmod(config["joint_attention_dim"], 3)
+    assert not rest, "FLUX.2 klein's transformer takes 3 of Qwen3's layers side by side"
+    tokenizer = Qwen2TokenizerFast(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    tokenizer.chat_template = QWEN3_TEMPLATE
+    torch.manual_seed(3)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=27, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=width // 2, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+    ))
+    torch.manual_seed(2)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1,
+        latent_channels=config["in_channels"] // 4, norm_num_groups=1, sample_size=32,
+    )
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=qwen3, tokenizer=tokenizer,
+        transformer=Flux2Transformer2DModel(**config, guidance_embeds=False), is_distilled=True,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# Qwen3's chat template, as Flux2KleinPipeline calls it (one user message, a generation prompt, thinking off)
+QWEN3_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
 def _tiny_t5(scratch: Path, width: int):
     """A T5 tokenizer (a Unigram model of WORDS and characters) and a 2-layer T5 encoder `width` wide."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors

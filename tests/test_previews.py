@@ -289,6 +289,13 @@ def test_pipeline_that_does_not_fit_the_model_is_named():
     t5_only = {"model_index": {n: ["x", "X"] for n in ("scheduler", "vae", "text_encoder", "tokenizer")}, "text_encoder": {"d_model": 4096}, "vae": {"latent_channels": 16}}
     assert preview._fit("p", chroma_kind, t5_only, chroma) == []
     assert "joint_attention_dim=2048" in preview._fit("p", chroma_kind, t5_only, {**chroma, "joint_attention_dim": 2048})[0]
+    # FLUX.2 klein's pipeline takes a setting besides its components (is_distilled: a value in model_index.json)
+    from fluxrecipe.families import flux2
+
+    klein_kind = flux2.FAMILY.preview({"guidance_embeds": False})
+    assert sorted(preview.needed_components("Flux2KleinPipeline")) == ["scheduler", "text_encoder", "tokenizer", "vae"]
+    qwen3 = {**t5_only, "model_index": {**t5_only["model_index"], "is_distilled": True}, "text_encoder": {"hidden_size": 2560}, "vae": {"latent_channels": 32}}
+    assert preview._fit("p", klein_kind, qwen3, {"joint_attention_dim": 7680, "in_channels": 128}) == []
 
 
 def test_read_previews_refuses_paths_outside_the_folder(tmp_path):
@@ -304,31 +311,63 @@ def test_a_chroma_merge_previews_through_chromas_pipeline(tmp_path, monkeypatch)
     """Previews per family: a Chroma merge is rendered by ChromaPipeline with Chroma's defaults (classifier-free
     guidance 5.0, a negative prompt ""), its prompts encoded before the transformer is loaded, and the pixels
     are those of diffusers' own ChromaPipeline run end to end (prompt in, text encoder loaded) on the merge."""
-    from diffusers import ChromaPipeline, ChromaTransformer2DModel
-
     from chroma_helpers import TINY_CHROMA, make_chroma
     from sweep_helpers import build_chroma_pipeline
 
     a, b = make_chroma(tmp_path / "a", seed=80), make_chroma(tmp_path / "b", seed=81)
     pipeline = build_chroma_pipeline(tmp_path / "tiny-chroma", TINY_CHROMA)
+    recorded = lerp_with_a_preview(tmp_path, monkeypatch, a, b, pipeline)
+    assert (recorded["guidance"], recorded["steps"], recorded["kind"]["pipeline"], recorded["model_class"]) == (5.0, 2, "ChromaPipeline", "ChromaTransformer2DModel")
+    assert_diffusers_draws_the_preview(tmp_path, pipeline, "ChromaPipeline", "ChromaTransformer2DModel", guidance_scale=5.0)
+
+
+@pytest.mark.diffusers
+def test_a_flux2_klein_merge_previews_through_the_klein_pipeline(tmp_path, monkeypatch):
+    """FLUX.2 end to end: a merge of two klein-shaped models (no guidance embedder) is rendered by
+    Flux2KleinPipeline with klein's defaults (no guidance; its prompts encoded by Qwen3 before the transformer is
+    loaded), with a tiny pipeline given as preview.pipeline (a tiny width is no klein variant's: the pipeline
+    given replaces the family's repo, and its own configs are what must fit), and the pixels are those of
+    diffusers' own Flux2KleinPipeline run end to end on the merge, at the guidance its model card gives distilled
+    klein (1.0: no classifier-free guidance, as the previews' none)."""
+    from flux2_helpers import TINY2, make_flux2
+    from sweep_helpers import build_flux2_klein_pipeline
+
+    klein = {**TINY2, "joint_attention_dim": 24}  # 3 x the tiny Qwen3's width
+    a, b = (make_flux2(tmp_path / name, guidance=False, seed=seed, joint_attention_dim=24) for name, seed in (("a", 90), ("b", 91)))
+    pipeline = build_flux2_klein_pipeline(tmp_path / "tiny-klein", klein)
+    recorded = lerp_with_a_preview(tmp_path, monkeypatch, a, b, pipeline)
+    assert (recorded["guidance"], recorded["steps"], recorded["kind"]["pipeline"], recorded["model_class"]) == (None, 2, "Flux2KleinPipeline", "Flux2Transformer2DModel")
+    assert (recorded["kind"]["steps"], recorded["kind"]["guidance"], recorded["kind"]["text_inputs"]) == (4, None, ["prompt_embeds", None])
+    assert recorded["pipeline"] == os.path.relpath(pipeline, tmp_path / "run" / "previews")
+    assert_diffusers_draws_the_preview(tmp_path, pipeline, "Flux2KleinPipeline", "Flux2Transformer2DModel", guidance_scale=1.0)
+
+
+def lerp_with_a_preview(tmp_path: Path, monkeypatch, a: Path, b: Path, pipeline: Path) -> dict:
+    """`recipe=lerp` (a and b, half each) written to tmp_path/run/model with one preview (PROMPTS[0], seed 0, 2
+    steps) through `pipeline`; returns the settings its previews.json records."""
     recipes = tmp_path / "recipes"
-    write_recipe(recipes, "chroma_lerp", f"sources: {{a: {a}, b: {b}}}\nbase: a\nrules:\n  - match: '.*'\n    op: lerp:0.5\ndtype: bf16\n")
+    write_recipe(recipes, "lerp", f"sources: {{a: {a}, b: {b}}}\nbase: a\nrules:\n  - match: '.*'\n    op: lerp:0.5\ndtype: bf16\n")
     monkeypatch.setenv("FLUXRECIPE_RECIPE_PATH", str(recipes))
-    out = tmp_path / "run" / "model"
-    run_single(["recipe=chroma_lerp", f"output={out}", "progress=false", "preview=true", "preview.prompts=[a photo of the cat]",
+    run_single(["recipe=lerp", f"output={tmp_path / 'run' / 'model'}", "progress=false", "preview=true", f"preview.prompts=[{PROMPTS[0]}]",
                 "preview.seeds=[0]", f"preview.height={SIZE}", f"preview.width={SIZE}", "preview.steps=2", f"preview.pipeline={pipeline}"], tmp_path / "run")
     compose([])
-    recorded = json.loads((tmp_path / "run" / "previews" / "previews.json").read_text())["settings"]
-    assert (recorded["guidance"], recorded["steps"], recorded["kind"]["pipeline"], recorded["model_class"]) == (5.0, 2, "ChromaPipeline", "ChromaTransformer2DModel")
+    return json.loads((tmp_path / "run" / "previews" / "previews.json").read_text())["settings"]
 
-    transformer = ChromaTransformer2DModel.from_pretrained(out, torch_dtype=torch.bfloat16)
-    pipe = ChromaPipeline.from_pretrained(pipeline, transformer=transformer, torch_dtype=torch.bfloat16)
+
+def assert_diffusers_draws_the_preview(tmp_path: Path, pipeline: Path, pipeline_class: str, model_class: str, guidance_scale: float) -> None:
+    """The preview lerp_with_a_preview rendered has the pixels of diffusers' own `pipeline_class` run end to end
+    (prompt in, text encoder loaded) on the merged transformer it wrote, and is not one colour."""
+    import diffusers
+
+    transformer = getattr(diffusers, model_class).from_pretrained(tmp_path / "run" / "model", torch_dtype=torch.bfloat16)
+    pipe = getattr(diffusers, pipeline_class).from_pretrained(pipeline, transformer=transformer, torch_dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
-        image = pipe(prompt="a photo of the cat", num_inference_steps=2, guidance_scale=5.0, height=SIZE, width=SIZE,
+        image = pipe(prompt=PROMPTS[0], num_inference_steps=2, guidance_scale=guidance_scale, height=SIZE, width=SIZE,
                      generator=torch.Generator("cpu").manual_seed(0), max_sequence_length=512).images[0]
-    assert np.array_equal(pixels(tmp_path / "run" / "previews" / "p0-s0.png"), np.asarray(image.convert("RGB")))
-    assert pixels(tmp_path / "run" / "previews" / "p0-s0.png").std() > 0
+    preview_pixels = pixels(tmp_path / "run" / "previews" / "p0-s0.png")
+    assert np.array_equal(preview_pixels, np.asarray(image.convert("RGB")))
+    assert preview_pixels.std() > 0
 
 
 def test_previews_take_the_familys_pipeline_and_refuse_a_guidance_it_does_not_take():
@@ -347,3 +386,4 @@ def test_previews_take_the_familys_pipeline_and_refuse_a_guidance_it_does_not_ta
     compose([])
     with pytest.raises(UsageError, match=r"preview.guidance=2 changes nothing: the merged model takes no guidance \(FLUX.2, guidance_embeds: false, width 3072, 5\+20 blocks\)"):
         guided.for_model(flux2.FAMILY, {"guidance_embeds": False, "num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 5, "num_single_layers": 20})
+

@@ -121,7 +121,8 @@ def variant(shapes: Shapes) -> str:
 
 
 def preview(config: dict[str, Any]) -> Preview:
-    """dev's pipeline for a model with a guidance embedder, klein's (of its width) without."""
+    """dev's pipeline for a model with a guidance embedder, klein's (of its width) without; a width of no klein
+    gets klein 4B's, whose encoder the fit check then finds too wide or narrow (preview.pipeline gives one that fits)."""
     if config.get("guidance_embeds"):
         return DEV
     width = config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)

@@ -219,14 +219,17 @@ def _fit(spec: str, kind: Preview, configs: dict[str, dict], config: dict[str, A
 
 def needed_components(pipeline_class: str) -> list[str]:
     """The components a diffusers pipeline class cannot be built without, but the transformer (previews put
-    the merge there): its constructor's arguments, less its optional components."""
+    the merge there): its constructor's arguments without a default (as diffusers tells modules from settings
+    such as Flux2KleinPipeline's `is_distilled`, which model_index.json holds as a value), less its optional
+    components."""
     import inspect
 
     import diffusers
 
     cls = getattr(diffusers, pipeline_class)
     optional = set(getattr(cls, "_optional_components", ()))
-    return [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "transformer", *optional)]
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name not in ("self", "transformer", *optional)]
 
 
 def _text_components(pipeline_class: str) -> list[str]:
