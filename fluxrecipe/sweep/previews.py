@@ -111,11 +111,12 @@ class PreviewRequest:
         if message := kind.not_offered(family.name):
             raise UsageError(message)
         if kind.guidance is None and self.guidance is not None:
-            others = [s for s in kind.by_pipeline if s.preview.guidance is not None]
-            other = "".join(f"; a pipeline whose model_index.json has {s.key}: {json.dumps(s.value)} (e.g. {s.preview.repo}) takes one, as preview.pipeline" for s in others)
+            others = [s for s in kind.by_pipeline if s.preview.guidance is not None]  # pipelines of other models of these shapes
+            other = f" with the pipeline {pipeline}" if others else ""
+            other += "".join(f"; a pipeline whose model_index.json has {s.key}: {json.dumps(s.value)} (e.g. {s.preview.repo}) takes one, as preview.pipeline" for s in others)
             raise UsageError(
-                f"preview.guidance={self.guidance} changes nothing: the merged model takes no guidance ({family.name}, {family.summary(config)}) "
-                f"with the pipeline {pipeline}{other}; leave preview.guidance out"
+                f"preview.guidance={self.guidance} changes nothing: the merged model takes no guidance ({family.name}, {family.summary(config)}){other}; "
+                "leave preview.guidance out"
             )
         guidance = None if kind.guidance is None else float(kind.guidance if self.guidance is None else self.guidance)
         steps = kind.steps if self.steps is None else self.steps
