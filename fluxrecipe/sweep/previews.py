@@ -24,6 +24,7 @@ at all.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -206,10 +207,11 @@ def pipeline_problems(settings: PreviewSettings, config: dict[str, Any], fetch: 
     return problems
 
 
+@functools.lru_cache(maxsize=64)
 def pipeline_kind(kind: Preview, spec: str) -> Preview:
     """How to render with the pipeline `spec`: `kind`, or the Preview of one of its `by_pipeline` settings that
     the pipeline's model_index.json holds (a setting it lacks has the pipeline class's default, as diffusers
-    builds it)."""
+    builds it). Read once per process: a sweep's jobs share their pipeline."""
     if not kind.by_pipeline:
         return kind
     location, revision, local = locate(spec)
