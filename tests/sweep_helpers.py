@@ -102,8 +102,8 @@ def build_chroma_pipeline(folder: Path, config: dict) -> Path:
     return folder
 
 
-def build_flux2_klein_pipeline(folder: Path, config: dict) -> Path:
-    """A tiny Flux2KleinPipeline (distilled), built offline: a Qwen3 of 27 layers (the pipeline stacks the hidden
+def build_flux2_klein_pipeline(folder: Path, config: dict, is_distilled: bool = True) -> Path:
+    """A tiny Flux2KleinPipeline (a distilled model's, or with `is_distilled` false a base model's), built offline: a Qwen3 of 27 layers (the pipeline stacks the hidden
     states of layers 9, 18 and 27: the transformer's joint_attention_dim is 3 x its width) with a byte-level
     BPE tokenizer made here and a Qwen3-like chat template, FLUX.2's VAE with in_channels / 4 latent channels
     (packed 2x2), FLUX's scheduler, and a tiny FLUX.2 transformer of `config` without a guidance embedder."""
@@ -128,7 +128,7 @@ def build_flux2_klein_pipeline(folder: Path, config: dict) -> Path:
     )
     pipe = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=qwen3, tokenizer=tokenizer,
-        transformer=Flux2Transformer2DModel(**config, guidance_embeds=False), is_distilled=True,
+        transformer=Flux2Transformer2DModel(**config, guidance_embeds=False), is_distilled=is_distilled,
     )
     pipe.save_pretrained(folder)
     return folder

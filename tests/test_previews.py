@@ -342,6 +342,69 @@ def test_a_flux2_klein_merge_previews_through_the_klein_pipeline(tmp_path, monke
     assert_diffusers_draws_the_preview(tmp_path, pipeline, "Flux2KleinPipeline", "Flux2Transformer2DModel", guidance_scale=1.0)
 
 
+@pytest.mark.diffusers
+def test_a_merge_of_klein_base_models_previews_with_cfg_through_a_base_pipeline(tmp_path, monkeypatch):
+    """FLUX.2 klein base end to end: with a pipeline whose model_index.json says is_distilled false, the merge
+    is rendered with the base models' defaults (guidance 4.0: classifier-free guidance against "", whose
+    embeddings are encoded up front with the prompts', as the pipeline loads no text encoder), and the pixels
+    are those of diffusers' own Flux2KleinPipeline run end to end on the merge at that guidance."""
+    from flux2_helpers import TINY2, make_flux2
+    from sweep_helpers import build_flux2_klein_pipeline
+
+    klein = {**TINY2, "joint_attention_dim": 24}
+    a, b = (make_flux2(tmp_path / name, guidance=False, seed=seed, joint_attention_dim=24) for name, seed in (("a", 92), ("b", 93)))
+    pipeline = build_flux2_klein_pipeline(tmp_path / "tiny-klein-base", klein, is_distilled=False)
+    recorded = lerp_with_a_preview(tmp_path, monkeypatch, a, b, pipeline)
+    assert (recorded["guidance"], recorded["steps"], recorded["kind"]["steps"], recorded["kind"]["repo"]) == (4.0, 2, 50, "black-forest-labs/FLUX.2-klein-base-4B")
+    assert recorded["kind"]["negative_inputs"] == ["negative_prompt_embeds", None]
+    assert_diffusers_draws_the_preview(tmp_path, pipeline, "Flux2KleinPipeline", "Flux2Transformer2DModel", guidance_scale=4.0)
+
+
+KLEIN_4B = {"guidance_embeds": False, "num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 5, "num_single_layers": 20}
+
+
+def klein_index(folder: Path, **settings) -> Path:
+    """A pipeline folder of which only model_index.json is read (to tell a klein base pipeline from a distilled one)."""
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline", **settings}))
+    return folder
+
+
+def test_a_klein_base_pipeline_takes_a_guidance_and_a_distilled_one_refuses_it(tmp_path):
+    """The pipeline's model_index.json decides klein's defaults: is_distilled false, the base models' (50 steps,
+    guidance 4.0, or the one given); is_distilled true, the distilled models' (a guidance given is refused in
+    one line that says which pipeline would take it)."""
+    from fluxrecipe.families import flux2
+
+    base = klein_index(tmp_path / "base", is_distilled=False)
+    distilled = klein_index(tmp_path / "distilled", is_distilled=True)
+    settings = previews_of(compose(["recipe=demo", "preview.enabled=true", f"preview.pipeline={base}"])).for_model(flux2.FAMILY, KLEIN_4B)
+    assert (settings.pipeline, settings.steps, settings.guidance, settings.kind.negative_inputs) == (str(base), 50, 4.0, ("negative_prompt_embeds", None))
+    guided = previews_of(compose(["recipe=demo", "preview.enabled=true", f"preview.pipeline={base}", "preview.guidance=2.5"])).for_model(flux2.FAMILY, KLEIN_4B)
+    assert (guided.steps, guided.guidance) == (50, 2.5)
+    request = previews_of(compose(["recipe=demo", "preview.enabled=true", f"preview.pipeline={distilled}", "preview.guidance=2.5"]))
+    compose([])
+    with pytest.raises(UsageError) as refused:
+        request.for_model(flux2.FAMILY, KLEIN_4B)
+    assert str(refused.value) == (
+        f"preview.guidance=2.5 changes nothing: the merged model takes no guidance (FLUX.2, guidance_embeds: false, width 3072, 5+20 blocks) with the pipeline {distilled}; "
+        "a pipeline whose model_index.json has is_distilled: false (e.g. black-forest-labs/FLUX.2-klein-base-4B) takes one, as preview.pipeline; leave preview.guidance out"
+    )
+
+
+@pytest.mark.diffusers
+def test_a_klein_pipeline_without_is_distilled_is_a_base_models_as_diffusers_builds_it(tmp_path):
+    """A model_index.json without is_distilled: Flux2KleinPipeline's default (false), as diffusers loads it."""
+    import inspect
+
+    from diffusers import Flux2KleinPipeline
+
+    from fluxrecipe.families import flux2
+
+    assert inspect.signature(Flux2KleinPipeline.__init__).parameters["is_distilled"].default is False
+    assert preview.pipeline_kind(flux2.FAMILY.preview(KLEIN_4B), str(klein_index(tmp_path / "p"))).guidance == 4.0
+
+
 def lerp_with_a_preview(tmp_path: Path, monkeypatch, a: Path, b: Path, pipeline: Path) -> dict:
     """`recipe=lerp` (a and b, half each) written to tmp_path/run/model with one preview (PROMPTS[0], seed 0, 2
     steps) through `pipeline`; returns the settings its previews.json records."""

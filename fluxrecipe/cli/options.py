@@ -62,7 +62,7 @@ OPTIONS = (
     ),
     Option("preview.seeds", [0, 1], "preview=true: one image per prompt and seed"),
     Option("preview.steps", None, "preview=true: denoising steps; null: the model family's (FLUX.1: 4 without guidance embedder, schnell-like, 20 with)"),
-    Option("preview.guidance", None, "preview=true, a model that takes guidance: the guidance; null: the model family's (FLUX.1 with a guidance embedder: 3.5)"),
+    Option("preview.guidance", None, "preview=true, a model that takes guidance: the guidance; null: the model family's (FLUX.1 with a guidance embedder: 3.5; FLUX.2 klein with a base model's pipeline: 4.0)"),
     Option("preview.height", 512, "preview=true: image height, a multiple of 16"),
     Option("preview.width", 512, "preview=true: image width, a multiple of 16"),
     Option("preview.offload", "none", "preview=true, device=cuda: model (diffusers' model CPU offload) or sequential (least GPU memory, slowest)"),

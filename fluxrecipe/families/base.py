@@ -221,7 +221,11 @@ class Preview:
 
     Prompts are encoded once, by the pipeline's own `encode_prompt` (with `encode_options`), before the
     transformer is loaded: `text_inputs` names what each of its outputs is passed to the pipeline's call as
-    (None: not passed). `fits`: what of the pipeline must match the model's config."""
+    (None: not passed); `negative_inputs`, the same of the empty prompt's, for a pipeline whose call does
+    classifier-free guidance against "" but whose `encode_prompt` encodes no negative prompt (its call would
+    encode it, and previews load no text encoder there). `fits`: what of the pipeline must match the model's
+    config. `by_pipeline`: models of the same shapes that only a setting of the pipeline tells apart, and how
+    to render them (FLUX.2 klein's base models, with another pipeline than the family's default repo)."""
 
     pipeline: str
     repo: str
@@ -231,13 +235,26 @@ class Preview:
     modular: bool = False
     text_inputs: tuple[str | None, ...] = ("prompt_embeds",)
     encode_options: tuple[tuple[str, Any], ...] = ()
+    negative_inputs: tuple[str | None, ...] = ()
     fits: tuple[Fit, ...] = ()
+    by_pipeline: tuple[PipelineSetting, ...] = ()
 
     def not_offered(self, family: str) -> str:
         """The one line that says previews cannot render this model ('' when they can)."""
         if not self.modular:
             return ""
         return f"previews are not offered for {family}: diffusers offers it only as the modular {self.pipeline}, whose blocks load their own components and encode their own prompts"
+
+
+@dataclass(frozen=True)
+class PipelineSetting:
+    """A pipeline whose model_index.json holds `key` = `value` (absent: the pipeline class's default) is made for
+    another model of the same shapes than the family's default repo's, rendered as `preview` says (FLUX.2 klein:
+    `is_distilled` false, a base model: more steps, classifier-free guidance)."""
+
+    key: str
+    value: Any
+    preview: Preview
 
 
 def required(shapes: Shapes, key: str, dims: int, model: str) -> tuple[int, ...]:

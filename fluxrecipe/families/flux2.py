@@ -12,7 +12,8 @@ single_stream_modulation, double_blocks.0-7, single_blocks.0-47, final_layer.
 
 What shapes tell (variant): the width and block counts (dev, klein 9B, klein 4B), and the guidance embedder
 (dev has one, klein none). klein's distilled and base models have the same tensors and shapes: a file cannot
-tell them apart (diffusers' Flux2KleinPipeline says which with `is_distilled`).
+tell them apart (diffusers' Flux2KleinPipeline says which with `is_distilled`: previews take a base model's
+defaults where preview.pipeline's model_index.json says `is_distilled: false`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from ..text import cut
 from . import flux1
-from .base import BflTable, Family, Fit, Group, Preview, Rename, ShapeError, Shapes, required
+from .base import BflTable, Family, Fit, Group, PipelineSetting, Preview, Rename, ShapeError, Shapes, required
 
 ROPE = [32, 32, 32, 32]  # every FLUX.2 (head dim 128): rope has no weights, so a file cannot tell it
 VARIANTS = {6144: ("dev", 8, 48), 4096: ("klein 9B", 8, 24), 3072: ("klein 4B", 5, 20)}  # width -> name, blocks
@@ -64,12 +65,24 @@ DEV = Preview(
     "Flux2Pipeline", "black-forest-labs/FLUX.2-dev", steps=50, guidance=4.0, max_sequence_length=512, text_inputs=("prompt_embeds", None),
     fits=(Fit("text_encoder", "text_config.hidden_size", "joint_attention_dim", "Mistral's hidden states (3 layers)", 3), VAE_FIT),
 )
-# klein: the distilled models' defaults (4 steps, no classifier-free guidance); a base model needs ~50 steps
+# klein: the distilled models' defaults (4 steps, no classifier-free guidance: the default repos); a pipeline
+# whose model_index.json says `is_distilled: false` is a base model's (the model cards: 50 steps, guidance 4.0),
+# whose call does classifier-free guidance against "" (encoded up front: negative_inputs)
 KLEIN_FITS = (Fit("text_encoder", "hidden_size", "joint_attention_dim", "Qwen3's hidden states (3 layers)", 3), VAE_FIT)
-KLEIN = {
-    4096: Preview("Flux2KleinPipeline", "black-forest-labs/FLUX.2-klein-9B", steps=4, guidance=None, max_sequence_length=512, text_inputs=("prompt_embeds", None), fits=KLEIN_FITS),
-    3072: Preview("Flux2KleinPipeline", "black-forest-labs/FLUX.2-klein-4B", steps=4, guidance=None, max_sequence_length=512, text_inputs=("prompt_embeds", None), fits=KLEIN_FITS),
-}
+
+
+def _klein(size: str) -> Preview:
+    base = Preview(
+        "Flux2KleinPipeline", f"black-forest-labs/FLUX.2-klein-base-{size}", steps=50, guidance=4.0, max_sequence_length=512,
+        text_inputs=("prompt_embeds", None), negative_inputs=("negative_prompt_embeds", None), fits=KLEIN_FITS,
+    )
+    return Preview(
+        "Flux2KleinPipeline", f"black-forest-labs/FLUX.2-klein-{size}", steps=4, guidance=None, max_sequence_length=512,
+        text_inputs=("prompt_embeds", None), fits=KLEIN_FITS, by_pipeline=(PipelineSetting("is_distilled", False, base),),
+    )
+
+
+KLEIN = {4096: _klein("9B"), 3072: _klein("4B")}
 
 
 def derive_config(shapes: Shapes, diffusers_version: str | None = None) -> tuple[dict[str, Any], list[str]]:

@@ -172,7 +172,7 @@ def check_job(settings: JobSettings, check: JobCheck, launcher: Launcher | None,
         config = check.job.plan.config
         try:
             check.previews = settings.previews.for_model(check.job.plan.family, config)
-        except UsageError as e:
+        except FluxRecipeError as e:  # reading preview.pipeline's model_index.json: the hub's errors too
             problems.append(str(e))
         if check.previews is not None and pipelines is not None:
             problems += pipelines(check.previews, config, fetch=not settings.dry_run)

@@ -6,7 +6,9 @@ transformer, loaded from the job's output folder or made of a merge's tensors in
 the candidate is never written), with the text encoders, tokenizers, VAE and scheduler of
 `preview.pipeline` (a hub repo or a local pipeline folder; by default the family's). The settings that are
 not given follow the merged model, as its family says: FLUX.1: few steps and no guidance for a model without
-a guidance embedder (schnell-like), guidance 3.5 for one with (`guidance_embeds: true`).
+a guidance embedder (schnell-like), guidance 3.5 for one with (`guidance_embeds: true`); where the models of
+these shapes differ only in their pipeline's settings, as the pipeline given says (FLUX.2 klein: a pipeline whose
+model_index.json has `is_distilled: false` renders as a base model, with more steps and classifier-free guidance).
 
 The prompts are encoded once per process, by the pipeline's own `encode_prompt`, and the text encoders let go
 before the transformer is loaded: the embeddings do not depend on the transformer, so a sweep run by the basic
@@ -22,6 +24,7 @@ at all.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -98,20 +101,26 @@ class PreviewRequest:
 
     def for_model(self, family: Family, config: dict[str, Any]) -> PreviewSettings:
         """What the job renders for a merged model of `family` with this config: the family's pipeline and
-        defaults (FLUX.1: few steps and no guidance without a guidance embedder, guidance 3.5 with one). A
-        guidance for a model that takes none would change nothing, and is refused; so is a family whose
-        pipeline previews cannot drive."""
+        defaults (FLUX.1: few steps and no guidance without a guidance embedder, guidance 3.5 with one), or,
+        where preview.pipeline's model_index.json says it is made for another model of these shapes, that
+        model's (FLUX.2 klein's base models). A guidance for a model that takes none would change nothing, and
+        is refused; so is a family whose pipeline previews cannot drive."""
         kind = family.preview(config)
+        pipeline = kind.repo if self.pipeline is None else self.pipeline.strip()
+        if self.pipeline is not None:
+            kind = pipeline_kind(kind, pipeline)
         if message := kind.not_offered(family.name):
             raise UsageError(message)
         if kind.guidance is None and self.guidance is not None:
+            others = [s for s in kind.by_pipeline if s.preview.guidance is not None]  # pipelines of other models of these shapes
+            other = f" with the pipeline {pipeline}" if others else ""
+            other += "".join(f"; a pipeline whose model_index.json has {s.key}: {json.dumps(s.value)} (e.g. {s.preview.repo}) takes one, as preview.pipeline" for s in others)
             raise UsageError(
-                f"preview.guidance={self.guidance} changes nothing: the merged model takes no guidance ({family.name}, {family.summary(config)}); "
+                f"preview.guidance={self.guidance} changes nothing: the merged model takes no guidance ({family.name}, {family.summary(config)}){other}; "
                 "leave preview.guidance out"
             )
         guidance = None if kind.guidance is None else float(kind.guidance if self.guidance is None else self.guidance)
         steps = kind.steps if self.steps is None else self.steps
-        pipeline = kind.repo if self.pipeline is None else self.pipeline.strip()
         return PreviewSettings(pipeline, tuple(p.strip() for p in self.prompts), self.seeds, steps, guidance, self.height, self.width, self.offload, family.class_name, kind)
 
 
@@ -196,6 +205,34 @@ def pipeline_problems(settings: PreviewSettings, config: dict[str, Any], fetch: 
     except FluxRecipeError as e:
         return [str(e)]
     return problems
+
+
+@functools.lru_cache(maxsize=64)
+def pipeline_kind(kind: Preview, spec: str) -> Preview:
+    """How to render with the pipeline `spec`: `kind`, or the Preview of one of its `by_pipeline` settings that
+    the pipeline's model_index.json holds (a setting it lacks has the pipeline class's default, as diffusers
+    builds it). Read once per process: a sweep's jobs share their pipeline."""
+    if not kind.by_pipeline:
+        return kind
+    location, revision, local = locate(spec)
+    index = _component_config(location, revision, local, "model_index")
+    for setting in kind.by_pipeline:
+        value = index[setting.key] if setting.key in index else _setting_default(kind.pipeline, setting.key)
+        if value == setting.value:
+            return setting.preview
+    return kind
+
+
+def _setting_default(pipeline_class: str, key: str) -> Any:
+    """A setting's default in a diffusers pipeline class's constructor (None: it has no such setting)."""
+    import inspect
+
+    if missing := extras.missing("preview=true"):
+        raise UsageError(missing)
+    import diffusers
+
+    parameter = inspect.signature(getattr(diffusers, pipeline_class).__init__).parameters.get(key)
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def _fit(spec: str, kind: Preview, configs: dict[str, dict], config: dict[str, Any]) -> list[str]:
@@ -408,11 +445,13 @@ def _prompt_embeddings(settings: PreviewSettings, location: Path, device: str, d
         with _quiet():
             text = getattr(diffusers, kind.pipeline).from_pretrained(location, transformer=None, vae=None, torch_dtype=dtype)
         _place(text, device, settings.offload)
-        encoded = []
+        def encode(prompt: str, names: tuple[str | None, ...]) -> dict[str, Any]:
+            outputs = text.encode_prompt(prompt, device=torch.device(device), max_sequence_length=kind.max_sequence_length, **dict(kind.encode_options))
+            return {name: out.cpu() for name, out in zip(names, outputs, strict=True) if name is not None}
+
         with torch.inference_mode():
-            for prompt in settings.prompts:
-                outputs = text.encode_prompt(prompt, device=torch.device(device), max_sequence_length=kind.max_sequence_length, **dict(kind.encode_options))
-                encoded.append({name: out.cpu() for name, out in zip(kind.text_inputs, outputs, strict=True) if name is not None})
+            negative = encode("", kind.negative_inputs) if kind.negative_inputs else {}
+            encoded = [{**encode(prompt, kind.text_inputs), **negative} for prompt in settings.prompts]
         _embeddings.clear()  # one set at a time: another sweep's prompts need not stay in memory
         _embeddings[key] = encoded
         del text
