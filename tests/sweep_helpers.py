@@ -107,7 +107,7 @@ def build_flux2_klein_pipeline(folder: Path, config: dict, is_distilled: bool = 
     states of layers 9, 18 and 27: the transformer's joint_attention_dim is 3 x its width) with a byte-level
     BPE tokenizer made here and a Qwen3-like chat template, FLUX.2's VAE with in_channels / 4 latent channels
     (packed 2x2), FLUX's scheduler, and a tiny FLUX.2 transformer of `config` without a guidance embedder."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
     from tokenizers import pre_tokenizers
     from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -121,13 +121,8 @@ def build_flux2_klein_pipeline(folder: Path, config: dict, is_distilled: bool = 
         vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=27, num_attention_heads=2,
         num_key_value_heads=1, head_dim=width // 2, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
     ))
-    torch.manual_seed(2)
-    vae = AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1,
-        latent_channels=config["in_channels"] // 4, norm_num_groups=1, sample_size=32,
-    )
     pipe = Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=qwen3, tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_flux2_vae(config), text_encoder=qwen3, tokenizer=tokenizer,
         transformer=Flux2Transformer2DModel(**config, guidance_embeds=False), is_distilled=is_distilled,
     )
     pipe.save_pretrained(folder)
@@ -140,6 +135,63 @@ QWEN3_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
+
+
+def build_flux2_dev_pipeline(folder: Path, config: dict) -> Path:
+    """A tiny Flux2Pipeline (FLUX.2 dev's), built offline: a Mistral3ForConditionalGeneration whose language model
+    has 30 layers (the pipeline stacks the hidden states of layers 10, 20 and 30: the transformer's
+    joint_attention_dim is 3 x its width) and a 1-layer Pixtral vision tower, a byte-level BPE tokenizer made here
+    with Mistral's special tokens and a chat template of a system and a user message, FLUX.2's VAE, FLUX's
+    scheduler, and a tiny FLUX.2 transformer of `config` with dev's guidance embedder. The tokenizer stands in for
+    FLUX.2-dev's PixtralProcessor (whose apply_chat_template is the only call the pipeline makes on it): transformers
+    refuses to build a PixtralProcessor without torchvision, which the preview extra does not install."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig, PreTrainedTokenizerFast
+
+    width, rest = divmod(config["joint_attention_dim"], 3)
+    assert not rest, "FLUX.2 dev's transformer takes 3 of Mistral's layers side by side"
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[4:]})
+    tokenizer.chat_template = MISTRAL_TEMPLATE
+    torch.manual_seed(4)
+    mistral = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=MistralConfig(
+            vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=30, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=width // 2, max_position_embeddings=1024, pad_token_id=vocab["<pad>"],
+        ),
+        vision_config=PixtralVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, head_dim=4, image_size=16, patch_size=4),
+        image_token_index=vocab["[IMG]"], spatial_merge_size=2,
+    ))
+    pipe = Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_flux2_vae(config), text_encoder=mistral, tokenizer=tokenizer,
+        transformer=Flux2Transformer2DModel(**config, guidance_embeds=True),
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# Mistral's chat template, as Flux2Pipeline calls it (a system message and a user message, each one text part)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% set text = m.content[0].text %}"
+    "{% if m.role == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]{% else %}[INST]{{ text }}[/INST]{% endif %}{% endfor %}"
+)
+
+
+def _tiny_flux2_vae(config: dict):
+    """FLUX.2's VAE, one block of 4 channels, with the transformer's in_channels / 4 latent channels (packed 2x2)."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(2)
+    return AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1,
+        latent_channels=config["in_channels"] // 4, norm_num_groups=1, sample_size=32,
+    )
 
 
 def _tiny_t5(scratch: Path, width: int):

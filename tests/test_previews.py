@@ -343,6 +343,24 @@ def test_a_flux2_klein_merge_previews_through_the_klein_pipeline(tmp_path, monke
 
 
 @pytest.mark.diffusers
+def test_a_flux2_dev_merge_previews_through_flux2_pipeline(tmp_path, monkeypatch):
+    """FLUX.2 dev end to end: a merge of two dev-shaped models (with the guidance embedder) is rendered by
+    Flux2Pipeline with dev's defaults (embedded guidance 4.0; its prompts encoded by Mistral's layers 10, 20 and 30
+    before the transformer is loaded), with a tiny pipeline given as preview.pipeline, and the pixels are those of
+    diffusers' own Flux2Pipeline run end to end on the merge at guidance 4.0."""
+    from flux2_helpers import TINY2, make_flux2
+    from sweep_helpers import build_flux2_dev_pipeline
+
+    dev = {**TINY2, "joint_attention_dim": 24}  # 3 x the tiny Mistral's width
+    a, b = (make_flux2(tmp_path / name, guidance=True, seed=seed, joint_attention_dim=24) for name, seed in (("a", 92), ("b", 93)))
+    pipeline = build_flux2_dev_pipeline(tmp_path / "tiny-dev", dev)
+    recorded = lerp_with_a_preview(tmp_path, monkeypatch, a, b, pipeline)
+    assert (recorded["guidance"], recorded["steps"], recorded["kind"]["pipeline"], recorded["model_class"]) == (4.0, 2, "Flux2Pipeline", "Flux2Transformer2DModel")
+    assert (recorded["kind"]["steps"], recorded["kind"]["guidance"], recorded["kind"]["text_inputs"]) == (50, 4.0, ["prompt_embeds", None])
+    assert_diffusers_draws_the_preview(tmp_path, pipeline, "Flux2Pipeline", "Flux2Transformer2DModel", guidance_scale=4.0)
+
+
+@pytest.mark.diffusers
 def test_a_merge_of_klein_base_models_previews_with_cfg_through_a_base_pipeline(tmp_path, monkeypatch):
     """FLUX.2 klein base end to end: with a pipeline whose model_index.json says is_distilled false, the merge
     is rendered with the base models' defaults (guidance 4.0: classifier-free guidance against "", whose
