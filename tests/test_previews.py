@@ -266,6 +266,30 @@ def test_preview_settings_and_the_switch():
     compose([])
 
 
+def test_a_pipeline_component_whose_library_backend_is_missing_is_named_before_the_merge(monkeypatch):
+    """transformers stands a class whose backend is not installed in as a placeholder that fails only when used
+    (FLUX.2 dev's PixtralProcessor without torchvision): the fit check names it, before any merge."""
+    import transformers
+    from transformers.utils.import_utils import DummyObject
+
+    from fluxrecipe.families import flux2
+
+    class Placeholder(metaclass=DummyObject):
+        _backends = ["torchvision"]
+
+    monkeypatch.setattr(transformers, "PixtralProcessor", Placeholder, raising=False)
+    dev_kind = flux2.FAMILY.preview({"guidance_embeds": True})
+    index = {"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKLFlux2"],
+             "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"], "tokenizer": ["transformers", "PixtralProcessor"]}
+    configs = {"model_index": index, "text_encoder": {"text_config": {"hidden_size": 5120}}, "vae": {"latent_channels": 32}}
+    dev = {"joint_attention_dim": 15360, "in_channels": 128}
+    assert preview._fit("p", dev_kind, configs, dev) == [
+        "preview.pipeline=p: its tokenizer is transformers' PixtralProcessor, which needs torchvision (not installed): install it (the build that matches your torch)"
+    ]
+    monkeypatch.setattr(transformers, "PixtralProcessor", type("Loadable", (), {}))
+    assert preview._fit("p", dev_kind, configs, dev) == []
+
+
 def test_pipeline_that_does_not_fit_the_model_is_named():
     kind = FLUX1.preview({"guidance_embeds": False})
     components = ["scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]  # FluxPipeline's, written here

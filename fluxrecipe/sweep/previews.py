@@ -237,10 +237,11 @@ def _setting_default(pipeline_class: str, key: str) -> Any:
 
 def _fit(spec: str, kind: Preview, configs: dict[str, dict], config: dict[str, Any]) -> list[str]:
     index = configs["model_index"]
-    lacking = [name for name in needed_components(kind.pipeline) if not (isinstance(index.get(name), list) and index[name][0])]
+    needed = needed_components(kind.pipeline)
+    lacking = [name for name in needed if not (isinstance(index.get(name), list) and index[name][0])]
     if lacking:
         return [f"preview.pipeline={spec} has no {', '.join(lacking)}: give a {kind.pipeline} (e.g. {kind.repo})"]
-    problems = []
+    problems = [f"preview.pipeline={spec}: {problem}" for name in needed if (problem := _unloadable(name, index[name]))]
     for fit in kind.fits:
         value = configs[fit.component]
         for part in fit.key.split("."):
@@ -252,6 +253,23 @@ def _fit(spec: str, kind: Preview, configs: dict[str, dict], config: dict[str, A
                 f"the merged transformer takes {fit.model_key}={config.get(fit.model_key)}: give the pipeline of this model's family ({kind.pipeline}, e.g. {kind.repo})"
             )
     return problems
+
+
+def _unloadable(name: str, entry: list) -> str:
+    """Why a component that model_index.json names (library, class) cannot be loaded here ('' when it can):
+    transformers offers a class whose backend is not installed as a placeholder that fails only when used (FLUX.2
+    dev's PixtralProcessor without torchvision), which would stop the previews after the merge."""
+    library, class_name = (entry + [None, None])[:2]
+    if library != "transformers" or not isinstance(class_name, str):
+        return ""
+    import transformers
+    from transformers.utils.import_utils import DummyObject
+
+    cls = getattr(transformers, class_name, None)
+    if not isinstance(cls, DummyObject):
+        return ""
+    backends = " and ".join(getattr(cls, "_backends", ())) or "a library that is not installed"
+    return f"its {name} is transformers' {class_name}, which needs {backends} (not installed): install it (the build that matches your torch)"
 
 
 def needed_components(pipeline_class: str) -> list[str]:
