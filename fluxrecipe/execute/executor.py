@@ -42,6 +42,7 @@ class Executor:
             self.observers.append(DistanceObserver(result.distances))
         if hash_sources:
             self.observers.append(HashObserver(hash_sources, result))
+        self.written_observed = any(o.reads_written for o in self.observers)
         self.stats: dict[str, tuple] = {}  # step key -> the results of its op's statistics passes
         self.folds: dict[str, object] = {}  # step key -> the statistics pass under way
         self.absmax: dict[str, float] = {}  # output tensor -> the absmax pass under way
@@ -117,8 +118,7 @@ class Executor:
     def compute(self, chunk: Chunk) -> tuple[ChunkOut, list]:
         step = chunk.step
         read = self.read(chunk)
-        observed = any(o.reads_written for o in self.observers)
-        out = compute(step, read, Checks(self.device, self.options.nonfinite, self.rule_texts[step.rule], observed))
+        out = compute(step, read, Checks(self.device, self.options.nonfinite, self.rule_texts[step.rule], self.written_observed))
         for ref, down in out.downs:
             self.downs.put(ref, down)
         seen = [observer.observe(step, read, out) if chunk.kind in observer.kinds else None for observer in self.observers]
