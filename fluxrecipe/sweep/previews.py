@@ -25,6 +25,7 @@ at all.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -225,14 +227,17 @@ def pipeline_kind(kind: Preview, spec: str) -> Preview:
 
 def _setting_default(pipeline_class: str, key: str) -> Any:
     """A setting's default in a diffusers pipeline class's constructor (None: it has no such setting)."""
-    import inspect
-
     if missing := extras.missing("preview=true"):
         raise UsageError(missing)
+    parameter = _constructor(pipeline_class).get(key)
+    return None if parameter is None or parameter.default is parameter.empty else parameter.default
+
+
+def _constructor(pipeline_class: str) -> Mapping[str, inspect.Parameter]:
+    """The parameters of a diffusers pipeline class's constructor: its components and its settings."""
     import diffusers
 
-    parameter = inspect.signature(getattr(diffusers, pipeline_class).__init__).parameters.get(key)
-    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+    return inspect.signature(getattr(diffusers, pipeline_class).__init__).parameters
 
 
 def _fit(spec: str, kind: Preview, configs: dict[str, dict], config: dict[str, Any]) -> list[str]:
@@ -277,14 +282,10 @@ def needed_components(pipeline_class: str) -> list[str]:
     the merge there): its constructor's arguments without a default (as diffusers tells modules from settings
     such as Flux2KleinPipeline's `is_distilled`, which model_index.json holds as a value), less its optional
     components."""
-    import inspect
-
     import diffusers
 
-    cls = getattr(diffusers, pipeline_class)
-    optional = set(getattr(cls, "_optional_components", ()))
-    parameters = inspect.signature(cls.__init__).parameters.values()
-    return [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name not in ("self", "transformer", *optional)]
+    optional = set(getattr(getattr(diffusers, pipeline_class), "_optional_components", ()))
+    return [p.name for p in _constructor(pipeline_class).values() if p.default is p.empty and p.name not in ("self", "transformer", *optional)]
 
 
 def _text_components(pipeline_class: str) -> list[str]:
