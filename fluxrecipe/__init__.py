@@ -1,3 +1,3 @@
-"""fluxrecipe: declarative, streaming merges of FLUX.1 transformer checkpoints."""
+"""fluxrecipe: declarative, streaming merges of FLUX-family transformer checkpoints (FLUX.1, FLUX.2, FLUX.3, Chroma)."""
 
 __version__ = "0.1.0"
