@@ -269,6 +269,18 @@ def test_ties_reads_its_inputs_twice(recipe_dir, tmp_path, krea, half, dev, read
     assert sum(reads) == 2 * once == result.bytes_read  # the result counts what was read, passes included
 
 
+@pytest.mark.parametrize("method, params, names", [("slerp", {"t": 0.6}, ("krea", "half")), ("model_stock", {}, ("krea", "half", "dev"))])
+def test_slerp_and_model_stock_read_their_inputs_twice(recipe_dir, tmp_path, krea, half, dev, reads, method, params, names):
+    """Their per-tensor statistics (slerp's angle, model stock's cosines) come from one pass, then the output
+    pass: twice what an average of the same sources reads (issue 22)."""
+    folders = {n: {"krea": krea, "half": half, "dev": dev}[n] for n in names}
+    once = merged(recipe_dir, tmp_path / "average", folders, "average", {}, "bf16").bytes_read
+    assert sum(reads) == once
+    reads.clear()
+    result = merged(recipe_dir, tmp_path / method, folders, method, params, "bf16")
+    assert sum(reads) == 2 * once == result.bytes_read
+
+
 def test_single_file_sources_give_the_same_merge(recipe_dir, tmp_path, state_of, krea, half, dev):
     """Statistics are per canonical tensor: TIES and slerp over BFL single files equal the same over diffusers
     folders (the fused qkv and linear1 of BFL are split into their canonical tensors first)."""
