@@ -18,8 +18,9 @@ cap the peak shows only that clean page cache fills the cap before the kernel re
 run by what the seed script does (whole shards paired by position, whole merged state dict, save_file).
 Each runs in a fresh memory cgroup (../shared/tools/memcap: page cache included) where it can be made, with
 the page cache dropped before each (--cache cold, needs root) or the inputs pre-read (--cache warm). Prints
-one Markdown table (its "reads" column: the bytes fluxrecipe read from the sources, in times their size, as it
-logs them: 2.00x for TIES' statistics pass and output pass); --hash prints the sha256 of every file each scenario wrote (outputs byte for byte, to
+one Markdown table (its "CPU" column: the command's user + system seconds, all threads, so that a wall above
+CPU / cores shows time waited; its "reads" column: the bytes fluxrecipe read from the sources, in times their
+size, as it logs them: 2.00x for TIES' statistics pass and output pass); --hash prints the sha256 of every file each scenario wrote (outputs byte for byte, to
 compare two versions). `--sparse` writes sources as sparse files (zeros, no disk space, reads at memory
 speed): use it for the full size, where the point is memory, not read speed.
 """
@@ -151,6 +152,15 @@ def run_measured(cmd: list[str], cap_mib: int | None, env: dict | None = None, t
 
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
     return wall, peak, code, output[-2000:]
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every child process waited for so far, all its threads and its own
+    children included (memcap's command too): the difference around a run is the run's CPU."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def floor_seconds(sources: list[list[Path]], out_bytes: int, scratch: Path, cache: str) -> tuple[float, float, float]:
@@ -311,12 +321,14 @@ def main() -> None:
             inputs = [p for files in sources for p in files]
             hashes_of: dict[str, list[str]] = {}
 
-            def merge(cap: int) -> tuple[float, float, int | None, int, float]:
-                walls, phases, peak, rc, reads = [], [], 0, 0, math.nan
+            def merge(cap: int) -> tuple[float, float, int | None, int, float, float]:
+                walls, phases, cpus, peak, rc, reads = [], [], [], 0, 0, math.nan
                 for i in range(args.repeat):
                     prepare_cache(args.cache, inputs)
                     cmd = [sys.executable, "-m", "fluxrecipe", *overrides, f"output={out}", "progress=false", f"hydra.run.dir={scratch / 'hydra'}", *args.fluxrecipe_args]
+                    cpu = children_cpu_seconds()
                     wall, p, rc, tail = run_measured(cmd, cap, env=env)
+                    cpus.append(children_cpu_seconds() - cpu)
                     walls.append(wall)
                     phase = re.search(r"wrote .* in ([\d.]+) s \(", tail)
                     phases.append(float(phase[1]) if phase else math.nan)
@@ -330,31 +342,34 @@ def main() -> None:
                         print(f"{label}: fluxrecipe failed (exit {rc}):\n{tail}", file=sys.stderr)
                         break
                 middle = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]
-                return walls[middle], phases[middle], peak, rc, reads
+                return walls[middle], phases[middle], peak, rc, reads, cpus[middle]
 
             for cap in (args.cap, *((args.free_cap,) if args.free_cap else ())):
-                wall, phase, peak, rc, reads = merge(cap)
-                rows.append((f"{label}, cap {cap} MiB" + (f" (median of {args.repeat})" if args.repeat > 1 else ""), floors, wall, phase, peak, rc, reads))
-                print(f"  {rows[-1][0]}: floor {floors[0]:.1f} / {floors[1]:.1f} s, wall {wall:.1f} s, merge {phase:.1f} s, reads {reads:.2f}x, peak {peak} MiB, exit {rc}", flush=True)
+                wall, phase, peak, rc, reads, cpu = merge(cap)
+                rows.append((f"{label}, cap {cap} MiB" + (f" (median of {args.repeat})" if args.repeat > 1 else ""), floors, wall, phase, peak, rc, reads, cpu))
+                print(f"  {rows[-1][0]}: floor {floors[0]:.1f} / {floors[1]:.1f} s, wall {wall:.1f} s, merge {phase:.1f} s, CPU {cpu:.1f} s, reads {reads:.2f}x, peak {peak} MiB, exit {rc}", flush=True)
             hashes += hashes_of.get(name, [])
             if name == "lerp" and not args.no_baseline:
                 baseline_out = scratch / "baseline"
                 prepare_cache(args.cache, inputs)
+                cpu = children_cpu_seconds()
                 wall, p, brc, err = run_measured([sys.executable, str(REPO / "benchmarks" / "seed_baseline.py"), str(schnell), str(krea), str(baseline_out)], args.baseline_cap, timeout=args.baseline_timeout)
+                cpu = children_cpu_seconds() - cpu
                 shutil.rmtree(baseline_out, ignore_errors=True)
-                rows.append((f"lerp by the seed-style baseline, cap {args.baseline_cap} MiB", floors, wall, math.nan, p, brc, math.nan))
+                rows.append((f"lerp by the seed-style baseline, cap {args.baseline_cap} MiB", floors, wall, math.nan, p, brc, math.nan, cpu))
                 if brc not in (0, TIMEOUT):
                     print(f"baseline failed (exit {brc}{', killed for memory' if brc == 137 else ''}):\n{err[-400:]}", file=sys.stderr)
 
         print()
         print("floor: the scenario's reads (one source after the other / concurrently) + its write (fsync); wall: the whole command")
-        print("(start-up included); merge: the merge itself, as fluxrecipe logs it; reads: the sources' bytes read, in times their size")
-        print("| run | floor s (sequential / concurrent) | wall s | wall / floor (seq, conc) | merge s | merge / floor (conc) | reads | peak MiB | exit |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-        for label, (floor_seq, floor_par), wall, phase, peak, code, reads in rows:
+        print("(start-up included); merge: the merge itself, as fluxrecipe logs it; CPU: the whole command's user + system seconds, all")
+        print(f"threads (on {os.cpu_count()} cores the wall is at least CPU / {os.cpu_count()}); reads: the sources' bytes read, in times their size")
+        print("| run | floor s (sequential / concurrent) | wall s | wall / floor (seq, conc) | merge s | merge / floor (conc) | CPU s | reads | peak MiB | exit |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for label, (floor_seq, floor_par), wall, phase, peak, code, reads, cpu in rows:
             status = {0: "ok", 137: "killed (memory)", TIMEOUT: f"stopped at its time limit ({wall:.0f} s)"}.get(code, f"failed ({code})")
             merge_cols = f"{phase:.1f} | {phase / floor_par:.2f}" if not math.isnan(phase) else "- | -"
-            print(f"| {label} | {floor_seq:.1f} / {floor_par:.1f} | {wall:.1f} | {wall / floor_seq:.2f}, {wall / floor_par:.2f} | {merge_cols} | {'-' if math.isnan(reads) else f'{reads:.2f}x'} | {peak or '-'} | {status} |")
+            print(f"| {label} | {floor_seq:.1f} / {floor_par:.1f} | {wall:.1f} | {wall / floor_seq:.2f}, {wall / floor_par:.2f} | {merge_cols} | {cpu:.1f} | {'-' if math.isnan(reads) else f'{reads:.2f}x'} | {peak or '-'} | {status} |")
         if hashes:
             print()
             print("\n".join(hashes))
