@@ -103,10 +103,11 @@ def build_chroma_pipeline(folder: Path, config: dict) -> Path:
 
 
 def build_flux2_klein_pipeline(folder: Path, config: dict, is_distilled: bool = True) -> Path:
-    """A tiny Flux2KleinPipeline (a distilled model's, or with `is_distilled` false a base model's), built offline: a Qwen3 of 27 layers (the pipeline stacks the hidden
-    states of layers 9, 18 and 27: the transformer's joint_attention_dim is 3 x its width) with a byte-level
-    BPE tokenizer made here and a Qwen3-like chat template, FLUX.2's VAE with in_channels / 4 latent channels
-    (packed 2x2), FLUX's scheduler, and a tiny FLUX.2 transformer of `config` without a guidance embedder."""
+    """A tiny Flux2KleinPipeline (a distilled model's, or with `is_distilled` false a base model's), built
+    offline: a Qwen3 of 27 layers (the pipeline stacks the hidden states of layers 9, 18 and 27: the
+    transformer's joint_attention_dim is 3 x its width) with a byte-level BPE tokenizer made here and a
+    Qwen3-like chat template, FLUX.2's VAE with in_channels / 4 latent channels (packed 2x2), FLUX's scheduler,
+    and a tiny FLUX.2 transformer of `config` without a guidance embedder."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
     from tokenizers import pre_tokenizers
     from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
